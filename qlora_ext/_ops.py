@@ -1,0 +1,50 @@
+"""Thin Python layer over the native ops in torch.ops.qlora_ext: loads the extension and registers the
+fake (meta) implementations that torch.compile and opcheck use to infer output shapes and dtypes."""
+import torch
+
+from . import _C  # noqa: F401  (loading the library registers the ops)
+
+ops = torch.ops.qlora_ext
+
+BLOCKSIZES = (64, 128, 256)
+QUANT_TYPES = ("nf4", "fp4", "int4")
+ABSMAX_CHUNK = 256  # double quantization: one fp32 scale per 256 first-level absmax
+
+
+def _num_blocks(numel, blocksize):
+    return (numel + blocksize - 1) // blocksize
+
+
+@torch.library.register_fake("qlora_ext::quantize_4bit")
+def _quantize_4bit_fake(x, blocksize, quant_type):
+    torch._check(x.dtype in (torch.float32, torch.float16, torch.bfloat16),
+                 lambda: f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    torch._check(blocksize in BLOCKSIZES, lambda: f"blocksize must be 64, 128 or 256, got {blocksize}")
+    numel = x.numel()
+    codes = x.new_empty(((numel + 1) // 2,), dtype=torch.uint8)
+    absmax = x.new_empty((_num_blocks(numel, blocksize),), dtype=torch.float32)
+    nonfinite = x.new_empty((1,), dtype=torch.int32)
+    return codes, absmax, nonfinite
+
+
+@torch.library.register_fake("qlora_ext::quantize_absmax_fp8")
+def _quantize_absmax_fp8_fake(absmax):
+    torch._check(absmax.dtype == torch.float32, lambda: f"absmax must be float32, got {absmax.dtype}")
+    n = absmax.numel()
+    return (absmax.new_empty((n,), dtype=torch.float8_e4m3fn),
+            absmax.new_empty((_num_blocks(n, ABSMAX_CHUNK),)),
+            absmax.new_empty((1,)))
+
+
+@torch.library.register_fake("qlora_ext::dequantize_absmax_fp8")
+def _dequantize_absmax_fp8_fake(codes, scale, mean):
+    torch._check(codes.dtype == torch.float8_e4m3fn, lambda: f"codes must be float8_e4m3fn, got {codes.dtype}")
+    return codes.new_empty(codes.shape, dtype=torch.float32)
+
+
+@torch.library.register_fake("qlora_ext::dequantize_4bit")
+def _dequantize_4bit_fake(codes, absmax, absmax_scale, absmax_mean, blocksize, quant_type, shape, dtype):
+    torch._check(codes.dtype == torch.uint8, lambda: f"codes must be uint8, got {codes.dtype}")
+    torch._check(dtype in (torch.float32, torch.float16, torch.bfloat16),
+                 lambda: f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    return codes.new_empty(shape, dtype=dtype)

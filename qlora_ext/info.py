@@ -1,0 +1,27 @@
+"""`python -m qlora_ext.info`: how the extension was built and what this machine offers it."""
+import torch
+
+import qlora_ext
+
+
+def main() -> None:
+    info = qlora_ext.build_info()
+    print(f"qlora_ext {qlora_ext.__version__}")
+    print(f"  built against torch {info['torch_version']}; running torch {torch.__version__}")
+    if info["cuda"]:
+        rt = info["cuda_runtime_version"]
+        print(f"  CUDA kernels: yes (CUDA {rt // 1000}.{rt % 1000 // 10}, archs {info['cuda_arch_list']})")
+    else:
+        print("  CUDA kernels: no (CPU-only build)")
+    print(f"  CPU AVX2 paths: {'on' if info['cpu_simd'] else 'off'}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            ok = "ok" if (p.major, p.minor) >= (8, 0) else "too old (needs 8.0+)"
+            print(f"  GPU {i}: {p.name}, sm_{p.major}{p.minor} ({ok})")
+    else:
+        print("  GPU: none visible")
+
+
+if __name__ == "__main__":
+    main()
