@@ -31,14 +31,14 @@ def _quantize_4bit_fake(x, blocksize, quant_type):
 def _quantize_absmax_fp8_fake(absmax):
     torch._check(absmax.dtype == torch.float32, lambda: f"absmax must be float32, got {absmax.dtype}")
     n = absmax.numel()
-    return (absmax.new_empty((n,), dtype=torch.float8_e4m3fn),
+    return (absmax.new_empty((n,), dtype=torch.uint8),
             absmax.new_empty((_num_blocks(n, ABSMAX_CHUNK),)),
             absmax.new_empty((1,)))
 
 
 @torch.library.register_fake("qlora_ext::dequantize_absmax_fp8")
 def _dequantize_absmax_fp8_fake(codes, scale, mean):
-    torch._check(codes.dtype == torch.float8_e4m3fn, lambda: f"codes must be float8_e4m3fn, got {codes.dtype}")
+    torch._check(codes.dtype == torch.uint8, lambda: f"codes must be uint8 (FP8 E4M3 bits), got {codes.dtype}")
     return codes.new_empty(codes.shape, dtype=torch.float32)
 
 

@@ -7,8 +7,9 @@
 Format (the canonical layout every kernel reads): the tensor is flattened in row-major order and cut into
 blocks of `blocksize` elements (the last may be partial). codes: uint8 [ceil(numel/2)], element 2i in the
 high nibble of byte i. Each block has one absmax; a value decodes as table[code] * absmax rounded once to
-the output dtype. With double quantization the absmax are stored as float8_e4m3fn around one fp32 mean,
-with one fp32 scale per 256 absmax: absmax = max(0, fp8 * scale + mean).
+the output dtype. With double quantization the absmax are stored as FP8 E4M3 codes (uint8 holding
+torch.float8_e4m3fn bit patterns) around one fp32 mean, with one fp32 scale per 256 absmax:
+absmax = max(0, fp8 * scale + mean).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ class QuantState:
     """A 4-bit quantized tensor: packed codes plus the constants needed to decode them.
 
     codes:        uint8 [ceil(numel/2)]
-    absmax:       float32 [nblocks], or float8_e4m3fn [nblocks] when double quantized
+    absmax:       float32 [nblocks], or uint8 [nblocks] FP8 E4M3 codes when double quantized
     absmax_scale: float32 [ceil(nblocks/256)] (double quantization only)
     absmax_mean:  float32 [1] (double quantization only)
     """

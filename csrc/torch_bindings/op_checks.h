@@ -48,7 +48,7 @@ inline void check_numel(const at::Tensor& t, const char* name, int64_t expected,
 
 inline void check_absmax_fp8_args(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& mean,
                            c10::DeviceType device) {
-  check_dtype(codes, "codes", at::kFloat8_e4m3fn);
+  check_dtype(codes, "codes", at::kByte);
   check_device(codes, "codes", device);
   check_dtype(scale, "scale", at::kFloat);
   check_device(scale, "scale", device);
@@ -86,10 +86,11 @@ inline DequantArgs check_dequantize_args(const at::Tensor& codes, const at::Tens
   check_numel(codes, "codes", packed_bytes(a.numel), "two 4-bit codes per byte for the given shape");
   check_device(absmax, "absmax", device);
   check_numel(absmax, "absmax", a.nblocks, "one per block of blocksize elements");
-  a.double_quant = absmax.scalar_type() == at::kFloat8_e4m3fn;
+  a.double_quant = chunk_scale.has_value() || mean.has_value();
   if (a.double_quant) {
     TORCH_CHECK_VALUE(chunk_scale.has_value() && mean.has_value(),
-                      "absmax is float8_e4m3fn (double quantized): absmax_scale and absmax_mean are required");
+                      "double quantization needs both absmax_scale and absmax_mean");
+    check_dtype(absmax, "absmax (FP8 E4M3 codes, double quantized)", at::kByte);
     check_dtype(*chunk_scale, "absmax_scale", at::kFloat);
     check_device(*chunk_scale, "absmax_scale", device);
     check_numel(*chunk_scale, "absmax_scale", num_chunks(a.nblocks), "one per chunk of 256 absmax");
@@ -98,9 +99,8 @@ inline DequantArgs check_dequantize_args(const at::Tensor& codes, const at::Tens
     check_numel(*mean, "absmax_mean", 1, "one mean per tensor");
   } else {
     TORCH_CHECK_TYPE(absmax.scalar_type() == at::kFloat,
-                     "absmax must be float32, or float8_e4m3fn when double quantized, got ", absmax.scalar_type());
-    TORCH_CHECK_VALUE(!chunk_scale.has_value() && !mean.has_value(),
-                      "absmax_scale and absmax_mean go only with float8_e4m3fn absmax (double quantization)");
+                     "absmax must be float32 (or uint8 FP8 codes with absmax_scale and absmax_mean), got ",
+                     absmax.scalar_type());
   }
   return a;
 }

@@ -45,7 +45,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_absmax_fp8_cpu(const at:
   check_device(absmax, "absmax", c10::DeviceType::CPU);
   const at::Tensor a = absmax.contiguous();
   const int64_t n = a.numel(), nchunks = num_chunks(n);
-  at::Tensor codes = at::empty({n}, a.options().dtype(at::kFloat8_e4m3fn));
+  at::Tensor codes = at::empty({n}, a.options().dtype(at::kByte));  // FP8 E4M3 bits
   at::Tensor scale = at::empty({nchunks}, a.options());
   at::Tensor mean = at::zeros({1}, a.options());
   if (n == 0) return {codes, scale, mean};
