@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The one-shot GPU check, for a lent GPU machine (H200: python3 3.12, torch 2.11 cu130, nvcc 13.0, no
+# network): builds the extension for the GPU, runs every test (CUDA ones included), compute-sanitizer on
+# the native harness and a small CUDA test subset, the benchmarks, and writes a Markdown + JSON report.
+#
+#   bash bench/gpu_check.sh --commit SHA [--only build,tests,sanitizer,bench] [--out DIR]
+#
+# Parts: build (always run when another part needs it), tests, sanitizer, bench. Results go to
+# $OUT (the device tool's output folder) or --out, default bench/out/: gpu_check.md, gpu_check.json,
+# junit.xml, gpu_check.log. Wheels of peers (bitsandbytes) are installed from .whl/ when present
+# (see bench/README.md). Keep the whole run under 5 minutes.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+
+commit="unknown"; only="build,tests,sanitizer,bench"; out="${OUT:-$ROOT/bench/out}"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --commit) commit="$2"; shift 2 ;;
+    --only) only="$2"; shift 2 ;;
+    --out) out="$2"; shift 2 ;;
+    *) echo "unknown argument $1"; exit 2 ;;
+  esac
+done
+mkdir -p "$out"
+log="$out/gpu_check.log"; : > "$log"
+status="$out/status"; mkdir -p "$status"   # one file per part: its exit code and seconds
+want() { case ",$only," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
+part() {  # part NAME TIMEOUT_S COMMAND...: runs a part with a time limit, logs it, records rc and seconds
+  local name=$1 limit=$2; shift 2
+  echo "=== $name ($(date -u +%H:%M:%S))" | tee -a "$log"
+  local t0=$SECONDS
+  timeout "$limit" "$@" >>"$log" 2>&1
+  local rc=$?
+  echo "$rc $((SECONDS - t0))" > "$status/$name"
+  echo "=== $name: rc=$rc in $((SECONDS - t0)) s" | tee -a "$log"
+  return $rc
+}
+
+export PYTHONUNBUFFERED=1 QLORA_CUDA=1 QLORA_CUDA_ARCHS="${QLORA_CUDA_ARCHS:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    >>"$log" 2>&1 && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+{
+  echo "commit: $commit"; date -u +"date: %Y-%m-%dT%H:%M:%SZ"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1 | sed 's/^/gpu: /'
+  python3 -c "import torch,sys; print('python:', sys.version.split()[0]); print('torch:', torch.__version__, 'cuda', torch.version.cuda)"
+  nvcc --version | tail -n 2 | head -n 1 | sed 's/^/nvcc: /'
+} > "$out/env.txt" 2>&1
+cat "$out/env.txt" | tee -a "$log"
+
+if want build || want tests || want bench || want sanitizer; then
+  part build 240 python3 setup.py build_ext --inplace || { echo "build failed: nothing else can run"; }
+fi
+if want tests && [ "$(cut -d' ' -f1 "$status/build")" = 0 ]; then
+  part tests 150 python3 -m pytest tests -q -rs -p no:cacheprovider --junitxml="$out/junit.xml"
+fi
+if want sanitizer && [ "$(cut -d' ' -f1 "$status/build")" = 0 ]; then
+  if command -v compute-sanitizer >/dev/null; then
+    part harness_build 120 bash -c "cmake -S . -B build/cmake -G Ninja -DCMAKE_CUDA_ARCHITECTURES=90 >/dev/null && cmake --build build/cmake"
+    part memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 1 build/cmake/quantize_harness 257 4161 64 --no-bench
+    part racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 1 build/cmake/quantize_harness 65 4161 64 --no-bench
+    part memcheck_pytest 150 compute-sanitizer --tool memcheck --error-exitcode 1 \
+      python3 -m pytest tests/test_quantize.py -q -p no:cacheprovider -k "cuda_matches_cpu and nf4 and bfloat16"
+  else
+    echo "compute-sanitizer: not on this machine, skipped" | tee -a "$log"
+  fi
+fi
+if want bench && [ "$(cut -d' ' -f1 "$status/build")" = 0 ]; then
+  part bench_quantize 120 python3 bench/bench_quantize_cuda.py --json "$out/bench_quantize_cuda.json"
+  [ -x build/cmake/quantize_harness ] && part harness_bench 60 build/cmake/quantize_harness
+fi
+
+python3 bench/gpu_report.py --out "$out" --commit "$commit"
+rm -rf "$status"
