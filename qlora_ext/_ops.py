@@ -48,3 +48,44 @@ def _dequantize_4bit_fake(codes, absmax, absmax_scale, absmax_mean, blocksize, q
     torch._check(dtype in (torch.float32, torch.float16, torch.bfloat16),
                  lambda: f"dtype must be float32, float16 or bfloat16, got {dtype}")
     return codes.new_empty(shape, dtype=dtype)
+
+
+@torch.library.register_fake("qlora_ext::linear_4bit")
+def _linear_4bit_fake(x, codes, absmax, absmax_scale, absmax_mean, bias, blocksize, quant_type, out_features):
+    torch._check(x.dim() >= 1, lambda: "x must have at least one dimension")
+    torch._check(x.shape[-1] % blocksize == 0,
+                 lambda: f"in_features (K = {x.shape[-1]}) must be a multiple of blocksize ({blocksize})")
+    torch._check(codes.numel() * 2 == out_features * x.shape[-1],
+                 lambda: "x's last dimension or out_features does not match the quantized weight")
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.register_fake("qlora_ext::linear_4bit_grad_input")
+def _linear_4bit_grad_input_fake(grad_out, codes, absmax, absmax_scale, absmax_mean, blocksize, quant_type,
+                                 in_features):
+    torch._check(codes.numel() * 2 == grad_out.shape[-1] * in_features,
+                 lambda: "grad_out's last dimension or in_features does not match the quantized weight")
+    return grad_out.new_empty((*grad_out.shape[:-1], in_features))
+
+
+def _linear_4bit_setup_context(ctx, inputs, output):
+    x, codes, absmax, absmax_scale, absmax_mean, bias, blocksize, quant_type, out_features = inputs
+    ctx.save_for_backward(codes, absmax, absmax_scale, absmax_mean)
+    ctx.blocksize, ctx.quant_type, ctx.in_features = blocksize, quant_type, x.shape[-1]
+    ctx.has_bias = bias is not None
+
+
+def _linear_4bit_backward(ctx, grad_out):
+    codes, absmax, absmax_scale, absmax_mean = ctx.saved_tensors
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = ops.linear_4bit_grad_input(grad_out, codes, absmax, absmax_scale, absmax_mean, ctx.blocksize,
+                                            ctx.quant_type, ctx.in_features)
+    if ctx.has_bias and ctx.needs_input_grad[5]:
+        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+    # The quantized weight is frozen: no gradient for codes and constants.
+    return grad_x, None, None, None, None, grad_bias, None, None, None
+
+
+torch.library.register_autograd("qlora_ext::linear_4bit", _linear_4bit_backward,
+                                setup_context=_linear_4bit_setup_context)

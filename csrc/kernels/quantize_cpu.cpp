@@ -22,6 +22,8 @@ inline float load_as_f32(const void* x, FloatFormat fmt, int64_t i) {
   }
 }
 
+inline int64_t element_bytes(FloatFormat fmt) { return fmt == FloatFormat::F32 ? 4 : 2; }
+
 inline void store_from_f32(void* out, FloatFormat fmt, int64_t i, float v) {
   switch (fmt) {
     case FloatFormat::F16: static_cast<uint16_t*>(out)[i] = f32_to_f16_rn(v); break;
@@ -57,12 +59,13 @@ int64_t quantize_block_scalar(const void* x, FloatFormat fmt, int64_t start, int
   return nonfinite;
 }
 
+// Decodes elements [start, start + n) into dst[0 .. n).
 void dequantize_block_scalar(const uint8_t* codes, float amax, int64_t start, int64_t n, const CodeBook& cb,
-                             void* out, FloatFormat fmt) {
+                             void* dst, FloatFormat fmt) {
   for (int64_t i = 0; i < n; ++i) {
     const uint8_t byte = codes[(start + i) / 2];
     const uint32_t code = ((start + i) & 1) ? (byte & 0xFu) : (byte >> 4);
-    store_from_f32(out, fmt, start + i, mul_rn(cb.value[code], amax));
+    store_from_f32(dst, fmt, i, mul_rn(cb.value[code], amax));
   }
 }
 
@@ -137,7 +140,7 @@ __attribute__((target("avx2,f16c"))) int64_t quantize_block_avx2(const void* x, 
 }
 
 __attribute__((target("avx2,f16c"))) void dequantize_block_avx2(const uint8_t* codes, float amax, int64_t start, int n,
-                                                                const CodeBook& cb, void* out, FloatFormat fmt) {
+                                                                const CodeBook& cb, void* dst, FloatFormat fmt) {
   const __m256 table_lo = _mm256_loadu_ps(cb.value), table_hi = _mm256_loadu_ps(cb.value + 8);
   const __m256 scale = _mm256_set1_ps(amax);
   // Byte k of a 32-bit word holds elements 2k (high nibble) and 2k+1 (low nibble).
@@ -150,18 +153,18 @@ __attribute__((target("avx2,f16c"))) void dequantize_block_avx2(const uint8_t* c
     const __m256 lo = _mm256_permutevar8x32_ps(table_lo, idx), hi = _mm256_permutevar8x32_ps(table_hi, idx);
     const __m256 value = _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
     const __m256 v = _mm256_mul_ps(value, scale);
-    const int64_t e = start + i;
+    const int64_t e = i;
     if (fmt == FloatFormat::F32) {
-      _mm256_storeu_ps(static_cast<float*>(out) + e, v);
+      _mm256_storeu_ps(static_cast<float*>(dst) + e, v);
     } else if (fmt == FloatFormat::F16) {
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(out) + e),
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(dst) + e),
                        _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     } else {  // bf16, round to nearest even (no NaN can arise: table and absmax are finite)
       const __m256i bits = _mm256_castps_si256(v);
       const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
       const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
       const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(out) + e), _mm256_castsi256_si128(packed));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(dst) + e), _mm256_castsi256_si128(packed));
     }
   }
 }
@@ -199,22 +202,40 @@ int64_t quantize_4bit_blocks(const void* x, FloatFormat fmt, int64_t numel, int 
   return nonfinite;
 }
 
-void dequantize_4bit_blocks(const uint8_t* codes, const AbsmaxSource& absmax, int64_t numel, int blocksize,
-                            const CodeBook& cb, void* out, FloatFormat fmt, int64_t block_begin, int64_t block_end) {
+namespace {
+// Decodes blocks [block_begin, block_end); element e goes to out[e - out_first_element].
+void dequantize_blocks_to(const uint8_t* codes, const AbsmaxSource& absmax, int64_t numel, int blocksize,
+                          const CodeBook& cb, void* out, int64_t out_first_element, FloatFormat fmt,
+                          int64_t block_begin, int64_t block_end) {
   const bool simd = use_simd();
+  char* out_bytes = static_cast<char*>(out);
   for (int64_t b = block_begin; b < block_end; ++b) {
     const int64_t start = b * blocksize;
     const int64_t n = std::min<int64_t>(blocksize, numel - start);
     const float amax = block_absmax(absmax, b);
+    void* dst = out_bytes + (start - out_first_element) * element_bytes(fmt);
 #if QLORA_X86
     if (simd && n == blocksize) {
-      dequantize_block_avx2(codes, amax, start, blocksize, cb, out, fmt);
+      dequantize_block_avx2(codes, amax, start, blocksize, cb, dst, fmt);
       continue;
     }
 #endif
-    dequantize_block_scalar(codes, amax, start, n, cb, out, fmt);
+    dequantize_block_scalar(codes, amax, start, n, cb, dst, fmt);
   }
   (void)simd;
+}
+}  // namespace
+
+void dequantize_4bit_blocks(const uint8_t* codes, const AbsmaxSource& absmax, int64_t numel, int blocksize,
+                            const CodeBook& cb, void* out, FloatFormat fmt, int64_t block_begin, int64_t block_end) {
+  dequantize_blocks_to(codes, absmax, numel, blocksize, cb, out, 0, fmt, block_begin, block_end);
+}
+
+void dequantize_4bit_rows(const uint8_t* codes, const AbsmaxSource& absmax, int64_t rows, int64_t cols,
+                          int blocksize, const CodeBook& cb, void* out, FloatFormat fmt, int64_t row_begin,
+                          int64_t row_end) {
+  dequantize_blocks_to(codes, absmax, rows * cols, blocksize, cb, out, row_begin * cols, fmt,
+                       row_begin * cols / blocksize, row_end * cols / blocksize);
 }
 
 // ---- double quantization -------------------------------------------------------------------------

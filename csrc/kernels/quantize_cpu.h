@@ -18,6 +18,12 @@ int64_t quantize_4bit_blocks(const void* x, FloatFormat fmt, int64_t numel, int 
 void dequantize_4bit_blocks(const uint8_t* codes, const AbsmaxSource& absmax, int64_t numel, int blocksize,
                             const CodeBook& cb, void* out, FloatFormat fmt, int64_t block_begin, int64_t block_end);
 
+// Dequantizes rows [row_begin, row_end) of a quantized [rows, cols] matrix (cols a multiple of blocksize,
+// so rows start on block boundaries) into out, which holds (row_end - row_begin) * cols elements.
+void dequantize_4bit_rows(const uint8_t* codes, const AbsmaxSource& absmax, int64_t rows, int64_t cols,
+                          int blocksize, const CodeBook& cb, void* out, FloatFormat fmt, int64_t row_begin,
+                          int64_t row_end);
+
 // Double quantization, in three steps whose summation order the CUDA kernels repeat exactly:
 // (1) chunk c's partial sum of absmax[c*256 .. c*256+255] in double, by a pairwise tree over 256 slots;
 double absmax_chunk_sum(const float* absmax, int64_t nblocks, int64_t chunk);

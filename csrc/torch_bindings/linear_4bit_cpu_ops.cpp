@@ -1,0 +1,112 @@
+// CPU implementation of linear_4bit and its input gradient: W is dequantized a tile of rows at a time
+// (about a million elements, so the dense weight never exists whole) and multiplied with ATen's GEMM.
+#include <ATen/Parallel.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "../kernels/quantize_cpu.h"
+#include "linear_4bit_common.h"
+
+namespace qlora::ops {
+namespace {
+
+constexpr int64_t kTileElements = 1 << 20;
+
+// Dequantizes weight rows [r0, r1) into a new [r1 - r0, K] tensor of dtype (float64 via float32).
+class WeightTiles {
+ public:
+  WeightTiles(const at::Tensor& codes, const at::Tensor& absmax, const std::optional<at::Tensor>& scale,
+              const std::optional<at::Tensor>& mean, int64_t blocksize, const Linear4bitArgs& a)
+      : codes_(codes.contiguous()), absmax_(absmax.contiguous()), blocksize_(blocksize), a_(a),
+        cb_(make_codebook(a.quant_type)) {
+    if (a.double_quant) {
+      scale_ = scale->contiguous();
+      mean_value_ = mean->item<float>();
+      src_.fp8 = absmax_.data_ptr<uint8_t>();
+      src_.chunk_scale = scale_.data_ptr<float>();
+      src_.mean = &mean_value_;
+    } else {
+      src_.f32 = absmax_.data_ptr<float>();
+    }
+  }
+
+  int64_t rows_per_tile() const { return std::clamp<int64_t>(kTileElements / a_.k, 1, a_.n); }
+
+  at::Tensor rows(int64_t r0, int64_t r1, at::ScalarType dtype) const {
+    const at::ScalarType dq = dtype == at::kDouble ? at::kFloat : dtype;
+    at::Tensor tile = at::empty({r1 - r0, a_.k}, codes_.options().dtype(dq));
+    const FloatFormat fmt = float_format(dq, "dtype");
+    void* out = tile.data_ptr();
+    const uint8_t* codes = codes_.data_ptr<uint8_t>();
+    // Rows are split over threads; each thread writes its own rows of the tile.
+    at::parallel_for(r0, r1, std::max<int64_t>(1, 65536 / a_.k), [&](int64_t s0, int64_t s1) {
+      char* dst = static_cast<char*>(out) + (s0 - r0) * a_.k * (fmt == FloatFormat::F32 ? 4 : 2);
+      cpu::dequantize_4bit_rows(codes, src_, a_.n, a_.k, int(blocksize_), cb_, dst, fmt, s0, s1);
+    });
+    return dtype == at::kDouble ? tile.to(at::kDouble) : tile;
+  }
+
+ private:
+  at::Tensor codes_, absmax_, scale_;
+  float mean_value_ = 0.0f;
+  AbsmaxSource src_;
+  int64_t blocksize_;
+  Linear4bitArgs a_;
+  CodeBook cb_;
+};
+
+at::Tensor linear_4bit_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& absmax,
+                           const std::optional<at::Tensor>& absmax_scale, const std::optional<at::Tensor>& absmax_mean,
+                           const std::optional<at::Tensor>& bias, int64_t blocksize, const std::string& quant_type,
+                           int64_t out_features) {
+  const Linear4bitArgs a = check_linear_4bit_args(x, "x", codes, absmax, absmax_scale, absmax_mean, blocksize,
+                                                  quant_type, out_features, x.dim() ? x.size(-1) : 0,
+                                                  c10::DeviceType::CPU);
+  check_bias(bias, x, a.n);
+  const at::Tensor x2 = x.reshape({-1, a.k}).contiguous();
+  at::Tensor y = at::empty({x2.size(0), a.n}, x2.options());
+  const WeightTiles w(codes, absmax, absmax_scale, absmax_mean, blocksize, a);
+  for (int64_t r0 = 0; r0 < a.n; r0 += w.rows_per_tile()) {
+    const int64_t r1 = std::min(a.n, r0 + w.rows_per_tile());
+    const at::Tensor tile = w.rows(r0, r1, x2.scalar_type());
+    if (bias.has_value()) {
+      y.narrow(1, r0, r1 - r0).copy_(at::addmm(bias->narrow(0, r0, r1 - r0), x2, tile.t()));
+    } else {
+      y.narrow(1, r0, r1 - r0).copy_(at::mm(x2, tile.t()));
+    }
+  }
+  return y.view(with_last_dim(x, a.n));
+}
+
+at::Tensor linear_4bit_grad_input_cpu(const at::Tensor& grad_out, const at::Tensor& codes, const at::Tensor& absmax,
+                                      const std::optional<at::Tensor>& absmax_scale,
+                                      const std::optional<at::Tensor>& absmax_mean, int64_t blocksize,
+                                      const std::string& quant_type, int64_t in_features) {
+  const Linear4bitArgs a = check_linear_4bit_args(grad_out, "grad_out", codes, absmax, absmax_scale, absmax_mean,
+                                                  blocksize, quant_type, grad_out.dim() ? grad_out.size(-1) : 0,
+                                                  in_features, c10::DeviceType::CPU);
+  const at::Tensor dy = grad_out.reshape({-1, a.n}).contiguous();
+  // Accumulate over the N tiles in float32 (float64 for float64), round once at the end.
+  const at::ScalarType acc_t = dy.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor acc = at::zeros({dy.size(0), a.k}, dy.options().dtype(acc_t));
+  const WeightTiles w(codes, absmax, absmax_scale, absmax_mean, blocksize, a);
+  for (int64_t r0 = 0; r0 < a.n; r0 += w.rows_per_tile()) {
+    const int64_t r1 = std::min(a.n, r0 + w.rows_per_tile());
+    acc.addmm_(dy.narrow(1, r0, r1 - r0).to(acc_t), w.rows(r0, r1, acc_t));
+  }
+  return acc.to(dy.scalar_type()).view(with_last_dim(grad_out, a.k));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qlora_ext, CPU, m) {
+  m.impl("linear_4bit", &linear_4bit_cpu);
+  m.impl("linear_4bit_grad_input", &linear_4bit_grad_input_cpu);
+}
+
+}  // namespace qlora::ops

@@ -1,0 +1,30 @@
+"""y = x @ W^T + b with W stored 4-bit: the functional form used by qlora_ext.nn.Linear4bit."""
+from typing import Optional
+
+import torch
+
+from ._ops import ops
+from .quantize import QuantState
+
+
+def linear_4bit(x: torch.Tensor, weight: QuantState, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x [..., K] (bfloat16/float16/float32; float64 on CPU) @ W^T for W [N, K] quantized in `weight`,
+    plus bias [N]. Returns [..., N] in x's dtype. Differentiable in x and bias (W is frozen).
+
+    Under torch.autocast, x and bias are cast to the autocast dtype first (the weight's constants stay
+    float32)."""
+    if len(weight.shape) != 2:
+        raise ValueError(f"weight must be a quantized 2-D [out_features, in_features] matrix, got shape "
+                         f"{tuple(weight.shape)}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.shape[-1:] != weight.shape[1:]:
+        raise ValueError(f"x's last dimension ({x.shape[-1] if x.dim() else 'scalar'}) must equal in_features "
+                         f"({weight.shape[1]})")
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x = x.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    return ops.linear_4bit(x, weight.codes, weight.absmax, weight.absmax_scale, weight.absmax_mean, bias,
+                           weight.blocksize, weight.quant_type, weight.shape[0])

@@ -1,0 +1,206 @@
+"""Modules: a frozen 4-bit linear layer (Linear4bit), a LoRA adapter (LoRALinear), and prepare_model,
+which turns the nn.Linear layers of any model (Hugging Face transformers models included) into
+4-bit bases with trainable adapters."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .linear import linear_4bit
+from .quantize import QuantState, dequantize, quantize
+
+_QUANT_BUFFERS = ("weight_codes", "weight_absmax", "weight_absmax_scale", "weight_absmax_mean")
+
+
+class Linear4bit(nn.Module):
+    """A frozen linear layer whose weight [out_features, in_features] is stored 4-bit.
+
+    Buffers (plain tensors, so state_dict works with torch.save and safetensors): weight_codes uint8,
+    weight_absmax (float32, or uint8 FP8 codes with double quantization), weight_absmax_scale and
+    weight_absmax_mean (double quantization only). `.to(device)` moves them as they are; `.to(dtype)`
+    and `.half()` leave them alone (they are a storage format, not values). compute_dtype, if set, is the
+    dtype x is cast to before the matmul (e.g. torch.bfloat16 for an fp32 model)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, quant_type: str = "nf4",
+                 blocksize: int = 64, double_quant: bool = True, compute_dtype: Optional[torch.dtype] = None,
+                 weight_dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        if in_features % blocksize:
+            raise ValueError(f"in_features ({in_features}) must be a multiple of blocksize ({blocksize})")
+        self.in_features, self.out_features = in_features, out_features
+        self.quant_type, self.blocksize, self.double_quant = quant_type, blocksize, double_quant
+        self.compute_dtype, self.weight_dtype = compute_dtype, weight_dtype
+        # Placeholder weights (zeros) until from_linear or load_state_dict fills them.
+        q = quantize(torch.zeros(out_features, in_features, device=device), blocksize, quant_type, double_quant)
+        self._set_quant_state(q)
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
+                    compute_dtype: Optional[torch.dtype] = None) -> "Linear4bit":
+        """Quantizes linear's weight (on its device); the bias is kept in its dtype, frozen."""
+        m = cls.__new__(cls)
+        nn.Module.__init__(m)
+        w = linear.weight.detach()
+        m.in_features, m.out_features = linear.in_features, linear.out_features
+        if m.in_features % blocksize:
+            raise ValueError(f"in_features ({m.in_features}) must be a multiple of blocksize ({blocksize})")
+        m.quant_type, m.blocksize, m.double_quant = quant_type, blocksize, double_quant
+        m.compute_dtype, m.weight_dtype = compute_dtype, w.dtype
+        m._set_quant_state(quantize(w, blocksize, quant_type, double_quant))
+        m.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return m
+
+    def _set_quant_state(self, q: QuantState) -> None:
+        for name, t in zip(_QUANT_BUFFERS, (q.codes, q.absmax, q.absmax_scale, q.absmax_mean)):
+            self.register_buffer(name, t)
+
+    @property
+    def weight(self) -> QuantState:
+        """The quantized weight (a view of the buffers, not a copy)."""
+        return QuantState(self.weight_codes, self.weight_absmax, self.weight_absmax_scale, self.weight_absmax_mean,
+                          torch.Size((self.out_features, self.in_features)), self.weight_dtype, self.blocksize,
+                          self.quant_type)
+
+    def dequantized_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        return dequantize(self.weight, dtype or self.weight_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.compute_dtype is not None:
+            x = x.to(self.compute_dtype)
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return linear_4bit(x, self.weight, bias)
+
+    def _apply(self, fn, recurse=True):
+        # nn.Module.to(dtype) would cast the float32 constants of the format: move them, never cast them.
+        kept = {n: self._buffers[n] for n in _QUANT_BUFFERS if self._buffers.get(n) is not None}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = self._buffers[name]
+            if new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        return self
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"quant_type={self.quant_type}, blocksize={self.blocksize}, double_quant={self.double_quant}")
+
+
+class LoRALinear(nn.Module):
+    """base(x) + dropout(x) @ A^T @ B^T * (alpha / r), with the base frozen.
+
+    lora_A [r, in_features] starts Kaiming-uniform, lora_B [out_features, r] starts at zero, so the initial
+    output equals the base's. The adapters are float32 by default; the low-rank product runs in their dtype
+    and is added in the base output's dtype."""
+
+    def __init__(self, base: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+                 adapter_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if r <= 0:
+            raise ValueError(f"r must be a positive integer, got {r}")
+        if not isinstance(base, (nn.Linear, Linear4bit)):
+            raise TypeError(f"base must be nn.Linear or Linear4bit, got {type(base).__name__}")
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        device = base.weight_codes.device if isinstance(base, Linear4bit) else base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=device, dtype=adapter_dtype))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=device, dtype=adapter_dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        h = self.dropout(x).to(self.lora_A.dtype)
+        lora = F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling
+        return y + lora.to(y.dtype)
+
+    @torch.no_grad()
+    def merged_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """base weight + (alpha/r) B @ A as a dense [out_features, in_features] tensor, for export."""
+        if isinstance(self.base, Linear4bit):
+            w = self.base.dequantized_weight(torch.float32)
+        else:
+            w = self.base.weight.float()
+        return (w + (self.lora_B.float() @ self.lora_A.float()) * self.scaling).to(dtype)
+
+
+@dataclasses.dataclass
+class ModelSummary:
+    trainable_params: int
+    total_params: int          # quantized weights count as their original number of elements
+    model_bytes: int           # parameters + buffers as stored
+    quantized_layers: int
+    adapter_layers: int
+
+    def __str__(self) -> str:
+        return (f"trainable params: {self.trainable_params:,} of {self.total_params:,} "
+                f"({100 * self.trainable_params / max(self.total_params, 1):.3f}%); model {self.model_bytes / 2**20:.1f} "
+                f"MiB; {self.quantized_layers} quantized linear layers, {self.adapter_layers} LoRA adapters")
+
+
+def model_summary(model: nn.Module) -> ModelSummary:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    quantized = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    total += sum(m.in_features * m.out_features for m in quantized)
+    nbytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    adapters = sum(isinstance(m, LoRALinear) for m in model.modules())
+    return ModelSummary(trainable, total, nbytes, len(quantized), adapters)
+
+
+def _linear_names(model: nn.Module) -> dict:
+    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = None, r: int = 8,
+                  alpha: float = 16.0, dropout: float = 0.0, quant_type: str = "nf4", double_quant: bool = True,
+                  blocksize: int = 64, compute_dtype: Optional[torch.dtype] = None,
+                  exclude: Iterable[str] = ("lm_head",), verbose: bool = False) -> nn.Module:
+    """Replaces matching nn.Linear layers of model (in place) with LoRALinear(Linear4bit(...)), or with
+    LoRALinear(frozen nn.Linear) when quant_type is "none" (16-bit LoRA), and freezes everything else.
+
+    target_modules: names matched against the last component of each module's name (e.g. "q_proj"), or
+    full dotted names; default: every nn.Linear except those named in `exclude`. Returns the model;
+    model_summary(model) gives trainable/total parameters and bytes."""
+    if quant_type not in ("nf4", "fp4", "int4", "none"):
+        raise ValueError(f"quant_type must be 'nf4', 'fp4', 'int4' or 'none', got {quant_type!r}")
+    linears = _linear_names(model)
+    exclude = set(exclude)
+    if target_modules is None:
+        chosen = [n for n in linears if n.split(".")[-1] not in exclude and n not in exclude]
+    else:
+        targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+        known = {n.split(".")[-1] for n in linears} | set(linears)
+        unknown = [t for t in targets if t not in known]
+        if unknown:
+            raise ValueError(f"target_modules {unknown} match no nn.Linear in the model; its linear layers are "
+                             f"named {sorted({n.split('.')[-1] for n in linears})}")
+        chosen = [n for n in linears if n in targets or n.split(".")[-1] in targets]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in chosen:
+        linear = linears[name]
+        base = linear if quant_type == "none" else Linear4bit.from_linear(
+            linear, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
+            compute_dtype=compute_dtype)
+        adapter = LoRALinear(base, r=r, alpha=alpha, dropout=dropout)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, adapter)
+    if verbose:
+        print(model_summary(model))
+    return model

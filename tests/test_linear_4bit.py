@@ -1,0 +1,166 @@
+"""linear_4bit (y = x @ W^T + b with W 4-bit) forward and backward on CPU and CUDA against an fp32
+reference computed from the dequantized weight; gradcheck, opcheck, autocast, torch.compile."""
+import numpy as np
+import pytest
+import torch
+
+import qlora_ext
+from qlora_ext.linear import linear_4bit
+from tests.conftest import DEVICES, HAS_CUDA
+
+ops = torch.ops.qlora_ext
+
+# (M, N, K): decode-sized and odd M, odd N, K multiples of 64
+SHAPES = [(1, 1, 64), (3, 65, 128), (17, 130, 192), (4097, 65, 64), (5, 1100, 64), (16, 64, 1024)]
+
+
+def make_weight(n, k, quant_type="nf4", double_quant=True, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    return qlora_ext.quantize(w.to(device), quant_type=quant_type, double_quant=double_quant)
+
+
+def rel_err(a, ref):
+    return ((a.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("m,n,k", SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_forward_backward_vs_fp32_reference(device, dtype, m, n, k, bias):
+    q = make_weight(n, k, device=device, seed=m + n)
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(m, k, generator=g).to(device)
+    b = torch.randn(n, generator=g).to(device) if bias else None
+    dy = torch.randn(m, n, generator=g).to(device)
+    w32 = qlora_ext.dequantize(q, torch.float32)
+    # fp32 reference, and plain torch in the low precision on the same dequantized weight
+    ref_y = x @ w32.t() + (b if bias else 0)
+    ref_dx = dy @ w32
+    plain_y = (x.to(dtype) @ w32.to(dtype).t() + (b.to(dtype) if bias else 0)).float()
+    plain_dx = (dy.to(dtype) @ w32.to(dtype)).float()
+
+    xq = x.to(dtype).requires_grad_(True)
+    bq = b.to(dtype).requires_grad_(True) if bias else None
+    y = linear_4bit(xq, q, bq)
+    assert y.dtype == dtype and y.shape == (m, n)
+    y.backward(dy.to(dtype))
+    # plus one rounding of the output dtype, which decides alone when the output has a handful of elements
+    tol = {torch.float32: 1e-6, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}[dtype]
+    assert rel_err(y, ref_y) <= 2 * rel_err(plain_y, ref_y) + tol
+    assert rel_err(xq.grad, ref_dx) <= 2 * rel_err(plain_dx, ref_dx) + tol
+    if bias:
+        want = dy.to(dtype).double().sum(0)
+        assert (bq.grad.double() - want).abs().max() <= 2 * tol * want.abs().max() + 1e-6
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_3d_and_noncontiguous_inputs(device):
+    q = make_weight(72, 128, device=device)
+    w32 = qlora_ext.dequantize(q, torch.float32)
+    x = torch.randn(4, 128, 6, device=device).transpose(1, 2)  # [4, 6, 128], not contiguous
+    assert not x.is_contiguous()
+    x.requires_grad_(True)
+    y = linear_4bit(x, q)
+    assert y.shape == (4, 6, 72)
+    torch.testing.assert_close(y, x @ w32.t(), rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones(4, 6, 72, device=device) @ w32, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_gradcheck_float64_cpu(quant_type, double_quant):
+    q = make_weight(33, 128, quant_type=quant_type, double_quant=double_quant)
+    x = torch.randn(3, 128, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(33, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, b: linear_4bit(x, q, b), (x, b))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    for double_quant in (False, True):
+        q = make_weight(65, 128, double_quant=double_quant, device=device)
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(5, 128, dtype=dtype, device=device, requires_grad=True)
+            b = torch.randn(65, dtype=dtype, device=device, requires_grad=True)
+            args = (x, q.codes, q.absmax, q.absmax_scale, q.absmax_mean, b, 64, "nf4", 65)
+            torch.library.opcheck(ops.linear_4bit, args)
+            dy = torch.randn(5, 65, dtype=dtype, device=device)
+            torch.library.opcheck(ops.linear_4bit_grad_input,
+                                  (dy, q.codes, q.absmax, q.absmax_scale, q.absmax_mean, 64, "nf4", 128))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast(device):
+    q = make_weight(64, 128, device=device)
+    x = torch.randn(3, 128, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        y = linear_4bit(x, q)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, linear_4bit(x.bfloat16(), q))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph_module(device):
+    torch._dynamo.reset()
+    layer = qlora_ext.LoRALinear(qlora_ext.Linear4bit.from_linear(torch.nn.Linear(128, 96).to(device)), r=4)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(7, 128, device=device, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    y_c = compiled(x)
+    y_c.sum().backward()
+    grads_c = [x.grad.clone(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone()]
+    x.grad = layer.lora_A.grad = layer.lora_B.grad = None
+    y = layer(x)
+    y.sum().backward()
+    torch.testing.assert_close(y_c, y)
+    for a, b in zip(grads_c, [x.grad, layer.lora_A.grad, layer.lora_B.grad]):
+        torch.testing.assert_close(a, b)
+
+
+def test_errors():
+    q = make_weight(64, 128)
+    with pytest.raises(ValueError, match=r"x's last dimension \(100\) must equal in_features \(128\)"):
+        linear_4bit(torch.randn(2, 100), q)
+    with pytest.raises(ValueError, match="must be a multiple of blocksize"):
+        ops.linear_4bit(torch.randn(2, 96), q.codes, q.absmax, q.absmax_scale, q.absmax_mean, None, 64, "nf4", 128)
+    with pytest.raises(ValueError, match="does not match the weight"):
+        ops.linear_4bit(torch.randn(2, 128), q.codes, q.absmax, q.absmax_scale, q.absmax_mean, None, 64, "nf4", 32)
+    with pytest.raises(TypeError, match="x must be float32, float16 or bfloat16"):
+        ops.linear_4bit(torch.ones(2, 128, dtype=torch.int64), q.codes, q.absmax, q.absmax_scale, q.absmax_mean,
+                        None, 64, "nf4", 64)
+    with pytest.raises(TypeError, match="bias must have x's dtype"):
+        linear_4bit(torch.randn(2, 128), q, torch.zeros(64, dtype=torch.float16))
+    with pytest.raises(ValueError, match=r"bias must have shape \[64\]"):
+        linear_4bit(torch.randn(2, 128), q, torch.zeros(63))
+    with pytest.raises(ValueError, match="must be a quantized 2-D"):
+        linear_4bit(torch.randn(2, 128), qlora_ext.quantize(torch.randn(4, 4, 128)))
+    with pytest.raises(ValueError, match="in_features .* multiple of blocksize"):
+        qlora_ext.Linear4bit.from_linear(torch.nn.Linear(100, 10))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
+def test_cuda_device_mismatch():
+    q = make_weight(64, 128, device="cuda")
+    with pytest.raises(RuntimeError, match="x must be on cuda"):
+        linear_4bit(torch.randn(2, 128), q)
+    with pytest.raises(RuntimeError, match="bias must be on"):
+        linear_4bit(torch.randn(2, 128, device="cuda"), q, torch.zeros(64))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
+@pytest.mark.parametrize("m", [1, 3, 16, 17, 128, 4097])
+@pytest.mark.parametrize("n,k", [(1, 64), (65, 128), (11008, 256), (256, 4096)])
+def test_cuda_matches_cpu(m, n, k):
+    q = make_weight(n, k, seed=m)
+    x = torch.randn(m, k, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(n))
+    w32 = qlora_ext.dequantize(q, torch.float32)
+    ref = x.float() @ w32.t()
+    plain = (x @ w32.bfloat16().t()).float()
+    y = linear_4bit(x.cuda(), q.to("cuda")).float().cpu()
+    assert rel_err(y, ref) <= 2 * rel_err(plain, ref)

@@ -1,0 +1,161 @@
+"""Linear4bit, LoRALinear and prepare_model: state_dict round trips, moves, LoRA gradients against a
+dense reference, merged weights, and model surgery on a small llama-shaped model."""
+import pytest
+import torch
+from torch import nn
+
+import qlora_ext
+from qlora_ext import Linear4bit, LoRALinear, model_summary, prepare_model
+from tests.conftest import DEVICES, HAS_CUDA
+
+
+class Block(nn.Module):
+    """The linear layers of a llama decoder block, with llama's names."""
+
+    def __init__(self, d=128, f=192):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d, d, bias=False) for _ in range(4))
+        self.gate_proj, self.up_proj = nn.Linear(d, f, bias=False), nn.Linear(d, f, bias=False)
+        self.down_proj = nn.Linear(f, d, bias=False)
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, x):
+        h = self.norm(x)
+        x = x + self.o_proj(self.q_proj(h) * torch.sigmoid(self.k_proj(h)) + self.v_proj(h))
+        return x + self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class TinyLM(nn.Module):
+    def __init__(self, vocab=50, d=128, layers=2):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.layers = nn.ModuleList(Block(d) for _ in range(layers))
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for layer in self.layers:
+            x = layer(x)
+        return self.lm_head(x)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_linear4bit_matches_dequantized_dense(device, double_quant):
+    lin = nn.Linear(128, 70).to(device)
+    q = Linear4bit.from_linear(lin, double_quant=double_quant)
+    x = torch.randn(4, 128, device=device)
+    w = qlora_ext.dequantize(qlora_ext.quantize(lin.weight.detach(), double_quant=double_quant))
+    torch.testing.assert_close(q(x), x @ w.t() + lin.bias.detach(), rtol=1e-5, atol=1e-5)
+    assert not any(p.requires_grad for p in q.parameters())
+
+
+def test_state_dict_round_trip_and_safetensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = Linear4bit.from_linear(nn.Linear(128, 64), quant_type="fp4")
+    sd = src.state_dict()
+    assert set(sd) == {"bias", "weight_codes", "weight_absmax", "weight_absmax_scale", "weight_absmax_mean"}
+    save_file(sd, str(tmp_path / "layer.safetensors"))
+    dst = Linear4bit(128, 64, quant_type="fp4")
+    dst.load_state_dict(load_file(str(tmp_path / "layer.safetensors")))
+    x = torch.randn(3, 128)
+    assert torch.equal(dst(x), src(x))
+    for name, t in sd.items():
+        assert torch.equal(dst.state_dict()[name], t)
+
+
+def test_to_dtype_keeps_the_format():
+    layer = Linear4bit.from_linear(nn.Linear(128, 64))
+    before = {k: v.clone() for k, v in layer.state_dict().items() if k != "bias"}
+    layer.to(torch.bfloat16)
+    layer.half()
+    for k, v in before.items():
+        assert getattr(layer, k).dtype == v.dtype and torch.equal(getattr(layer, k), v)
+    assert layer.bias.dtype == torch.float16
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
+def test_moves_between_devices_without_requantizing():
+    layer = Linear4bit.from_linear(nn.Linear(128, 64))
+    sd = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(5, 128)
+    y = layer(x)
+    layer.cuda()
+    assert layer.weight_codes.is_cuda and layer.weight_absmax_mean.is_cuda
+    torch.testing.assert_close(layer(x.cuda()).cpu(), y, rtol=1e-5, atol=1e-5)
+    layer.cpu()
+    for k, v in sd.items():
+        assert torch.equal(layer.state_dict()[k], v)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lora_starts_at_base_and_gradients_match_dense_reference(device):
+    base = Linear4bit.from_linear(nn.Linear(128, 96).to(device))
+    lora = LoRALinear(base, r=8, alpha=16)
+    x = torch.randn(6, 128, device=device, requires_grad=True)
+    assert torch.equal(lora(x), base(x))  # B = 0
+    with torch.no_grad():
+        lora.lora_B.normal_()
+    w = base.dequantized_weight(torch.float32)
+    a_ref = lora.lora_A.detach().clone().requires_grad_(True)
+    b_ref = lora.lora_B.detach().clone().requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y_ref = x_ref @ w.t() + base.bias + (x_ref @ a_ref.t() @ b_ref.t()) * 2.0
+    y = lora(x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref.backward(dy)
+    for got, want in [(x.grad, x_ref.grad), (lora.lora_A.grad, a_ref.grad), (lora.lora_B.grad, b_ref.grad)]:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert base.bias.grad is None
+
+
+def test_merged_weight():
+    lora = LoRALinear(Linear4bit.from_linear(nn.Linear(128, 64)), r=4, alpha=8)
+    with torch.no_grad():
+        lora.lora_B.normal_()
+    x = torch.randn(3, 128)
+    merged = lora.merged_weight(torch.float32)
+    torch.testing.assert_close(x @ merged.t() + lora.base.bias, lora(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "none"])
+def test_prepare_model_all_linear_but_lm_head(quant_type):
+    model = TinyLM()
+    ids = torch.randint(0, 50, (2, 9))
+    before = model(ids).detach()
+    prepare_model(model, r=4, alpha=8, quant_type=quant_type)
+    adapters = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    assert len(adapters) == 14 and not any("lm_head" in n for n in adapters)
+    assert isinstance(model.lm_head, nn.Linear)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith(("lora_A", "lora_B")) for n in trainable)
+    after = model(ids)
+    if quant_type == "none":
+        torch.testing.assert_close(after, before)  # B = 0: the model is unchanged
+    else:
+        assert (after - before).abs().max() < 0.2 * before.abs().max()
+    after.sum().backward()
+    assert all(model.get_parameter(n).grad is not None for n in trainable)
+    s = model_summary(model)
+    lora_params = sum(4 * (m.in_features + m.out_features) for m in model.modules() if isinstance(m, LoRALinear))
+    assert s.trainable_params == lora_params
+    dense_total = sum(p.numel() for p in TinyLM().parameters())
+    assert s.total_params == dense_total + lora_params
+    assert s.quantized_layers == (0 if quant_type == "none" else 14)
+
+
+def test_prepare_model_targets_and_errors():
+    model = TinyLM()
+    prepare_model(model, target_modules=["q_proj", "v_proj"], r=2)
+    names = {n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    assert names == {"q_proj", "v_proj"}
+    with pytest.raises(ValueError, match=r"target_modules \['qkv'\] match no nn.Linear"):
+        prepare_model(TinyLM(), target_modules=["qkv"])
+    with pytest.raises(ValueError, match="quant_type must be"):
+        prepare_model(TinyLM(), quant_type="nf2")
+    with pytest.raises(ValueError, match="r must be a positive integer"):
+        prepare_model(TinyLM(), r=0)
