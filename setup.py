@@ -67,9 +67,13 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 
 WITH_CUDA = want_cuda(cuda_home)
 
-kernel_cpu_sources = ["csrc/kernels/quantize_cpu.cpp"]
-binding_cpu_sources = sorted(glob.glob("csrc/torch_bindings/*_cpu_ops.cpp")) + ["csrc/torch_bindings/registration.cpp"]
-cuda_sources = sorted(glob.glob("csrc/kernels/*.cu")) + sorted(glob.glob("csrc/torch_bindings/*_cuda_ops.cpp"))
+# Layout: csrc/kernels/*.cpp are torch-free CPU kernels, csrc/kernels/*.cu torch-free CUDA kernels;
+# csrc/torch_bindings/*_cuda_ops.cpp are the CUDA op implementations, every other binding file is
+# device-independent or CPU (schemas are declared with TORCH_LIBRARY_FRAGMENT next to their ops).
+kernel_cpu_sources = sorted(glob.glob("csrc/kernels/*.cpp"))
+cuda_binding_sources = sorted(glob.glob("csrc/torch_bindings/*_cuda_ops.cpp"))
+binding_cpu_sources = sorted(set(glob.glob("csrc/torch_bindings/*.cpp")) - set(cuda_binding_sources))
+cuda_sources = sorted(glob.glob("csrc/kernels/*.cu")) + cuda_binding_sources
 
 # -ffp-contract=off: the CPU kernels must round every product and sum on its own, like the CUDA kernels.
 cxx_flags = ["-O3", "-ffp-contract=off", "-fopenmp"]

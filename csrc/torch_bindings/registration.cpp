@@ -1,5 +1,5 @@
-// Declares the qlora_ext ops once (schemas) and the Python module qlora_ext._C with the build facts.
-// Device implementations live in *_cpu_ops.cpp and *_cuda_ops.cpp.
+// Declares the qlora_ext op library and the Python module qlora_ext._C with the build facts.
+// Schemas live in *_schema.cpp, device implementations in *_cpu_ops.cpp and *_cuda_ops.cpp.
 #include <Python.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -19,28 +19,9 @@
 #define QLORA_STR_(x) #x
 #define QLORA_STR(x) QLORA_STR_(x)
 
-TORCH_LIBRARY(qlora_ext, m) {
-  // Packs x (any shape, float32/float16/bfloat16) into 4-bit codes: codes uint8 [ceil(numel/2)],
-  // absmax float32 [ceil(numel/blocksize)], nonfinite int32 [1] (how many elements were inf/NaN).
-  m.def("quantize_4bit(Tensor x, int blocksize, str quant_type) -> (Tensor codes, Tensor absmax, Tensor nonfinite)");
-  // Double quantization of float32 absmax: codes uint8 [n] holding float8_e4m3fn bit patterns (view them with
-  // .view(torch.float8_e4m3fn)), scale float32 [ceil(n/256)], mean float32 [1].
-  m.def("quantize_absmax_fp8(Tensor absmax) -> (Tensor codes, Tensor scale, Tensor mean)");
-  m.def("dequantize_absmax_fp8(Tensor codes, Tensor scale, Tensor mean) -> Tensor");
-  // absmax is float32 (absmax_scale/absmax_mean None), or uint8 FP8 codes with absmax_scale and absmax_mean.
-  m.def(
-      "dequantize_4bit(Tensor codes, Tensor absmax, Tensor? absmax_scale, Tensor? absmax_mean, int blocksize, "
-      "str quant_type, SymInt[] shape, ScalarType dtype) -> Tensor");
-  // y [..., N] = x [..., K] @ W^T (+ bias [N]), W [N, K] stored as above (K a multiple of blocksize);
-  // y has x's dtype. float32 is computed in float32; float64 is accepted on CPU (gradcheck).
-  m.def(
-      "linear_4bit(Tensor x, Tensor codes, Tensor absmax, Tensor? absmax_scale, Tensor? absmax_mean, "
-      "Tensor? bias, int blocksize, str quant_type, int out_features) -> Tensor");
-  // dx [..., K] = grad_out [..., N] @ W: the input gradient of linear_4bit (W is frozen: no weight gradient).
-  m.def(
-      "linear_4bit_grad_input(Tensor grad_out, Tensor codes, Tensor absmax, Tensor? absmax_scale, "
-      "Tensor? absmax_mean, int blocksize, str quant_type, int in_features) -> Tensor");
-}
+// The library itself; each op family declares its schemas with TORCH_LIBRARY_FRAGMENT in its own
+// *_schema.cpp file, next to its implementations.
+TORCH_LIBRARY(qlora_ext, m) {}
 
 namespace {
 
