@@ -1,0 +1,121 @@
+"""Adapters and resumable checkpoints on disk, all written atomically (temporary name, then os.replace).
+
+    <output_dir>/adapter.safetensors          the trained LoRA tensors (float32), run config in its metadata
+    <output_dir>/config.json                  the run config (TrainConfig as JSON)
+    <output_dir>/checkpoints/step-000050/     adapter.safetensors + trainer_state.pt (optimizer state_dict,
+                                              RNG states, step and data position, loss history)
+    <output_dir>/checkpoints/latest           the name of the newest complete checkpoint
+
+The optimizer is saved through its state_dict only (torch.optim.AdamW's format, which PagedAdamW keeps), so a
+checkpoint does not depend on which optimizer wrote it beyond that format.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from typing import Dict, Optional
+
+import torch
+
+from .config import ConfigError, atomic_write_text
+
+ADAPTER_FILE = "adapter.safetensors"
+STATE_FILE = "trainer_state.pt"
+CONFIG_FILE = "config.json"
+
+
+def adapter_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """The trainable tensors (the LoRA A and B matrices) by parameter name, detached, on the CPU."""
+    return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_adapters(path: str, model: torch.nn.Module, config: dict) -> None:
+    from safetensors.torch import save_file
+
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file(adapter_state(model), tmp, metadata={"format": "qlora_ext-lora", "config": json.dumps(config)})
+    os.replace(tmp, path)
+
+
+def read_adapter_config(path: str) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return json.loads((f.metadata() or {}).get("config", "{}"))
+
+
+def load_adapters(model: torch.nn.Module, path: str) -> None:
+    """Copies the tensors of an adapter file into model's trainable parameters (same names and shapes as
+    when it was saved: apply prepare_model with the same settings first)."""
+    from safetensors.torch import load_file
+
+    if not os.path.exists(path):
+        raise ConfigError(f"adapter file {path!r} does not exist")
+    tensors = load_file(path)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+    if missing or unexpected:
+        raise ConfigError(f"adapter file {path!r} does not fit the model: {len(missing)} missing tensor(s) "
+                          f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]} (were the same "
+                          "target modules and r used?)")
+    with torch.no_grad():
+        for n, p in params.items():
+            if tensors[n].shape != p.shape:
+                raise ConfigError(f"adapter tensor {n}: shape {tuple(tensors[n].shape)} in the file, "
+                                  f"{tuple(p.shape)} in the model")
+            p.copy_(tensors[n])
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(output_dir: str, step: int, model, optimizer, trainer_state: dict, config: dict) -> str:
+    """Writes checkpoints/step-NNNNNN/ through a temporary folder, then points `latest` at it. A crash at
+    any point leaves the previous checkpoint usable."""
+    root = os.path.join(output_dir, "checkpoints")
+    os.makedirs(root, exist_ok=True)
+    name = f"step-{step:06d}"
+    final, tmp = os.path.join(root, name), os.path.join(root, f".{name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_adapters(os.path.join(tmp, ADAPTER_FILE), model, config)
+    state = dict(trainer_state, step=step, optimizer=optimizer.state_dict(), rng=rng_state())
+    torch.save(state, os.path.join(tmp, STATE_FILE))
+    atomic_write_text(os.path.join(tmp, CONFIG_FILE), json.dumps(config, indent=2) + "\n")
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    atomic_write_text(os.path.join(root, "latest"), name + "\n")
+    return final
+
+
+def latest_checkpoint(output_dir: str) -> Optional[str]:
+    pointer = os.path.join(output_dir, "checkpoints", "latest")
+    if not os.path.exists(pointer):
+        return None
+    with open(pointer) as f:
+        path = os.path.join(output_dir, "checkpoints", f.read().strip())
+    return path if os.path.exists(os.path.join(path, STATE_FILE)) else None
+
+
+def load_checkpoint(path: str, model, optimizer) -> dict:
+    """Restores adapters, optimizer state and RNG states from a checkpoint folder; returns the trainer state
+    (step, micro_step, history, ...)."""
+    load_adapters(model, os.path.join(path, ADAPTER_FILE))
+    state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state.pop("optimizer"))
+    set_rng_state(state.pop("rng"))
+    return state

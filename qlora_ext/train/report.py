@@ -1,0 +1,87 @@
+"""The run report: report.json (every number), report.md (a short table for people) and loss.png (train
+loss per step with the eval loss points), written into the run's output folder."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+from .config import atomic_write_text
+
+
+def _gib(n) -> str:
+    return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def markdown(r: dict) -> str:
+    c = r["config"]
+    before, after = r["eval_before"], r["eval_after"]
+    bits = r["base_bits_per_param"]
+    mem = r["memory"]
+    lines = [
+        "# qlora_ext training run", "",
+        f"model `{r['model_dir']}` on {r['device']}, torch {r['torch']}", "",
+        "| | |", "| --- | --- |",
+        f"| base | {c['quant_type']}" + (f" + double quant, blocksize {c['blocksize']}" if c['quant_type'] != 'none'
+                                          and c['double_quant'] else "") + " |",
+        f"| base bits/param (measured) | {'%.3f' % bits if bits is not None else 'dense'} |",
+        f"| LoRA | r={c['r']}, alpha={c['alpha']}, dropout={c['dropout']}, targets "
+        f"{','.join(c['target_modules']) if c['target_modules'] else 'all linear but lm_head'} |",
+        f"| trainable params | {r['trainable_params']:,} of {r['total_params']:,} "
+        f"({100 * r['trainable_params'] / max(r['total_params'], 1):.2f}%) |",
+        f"| data | {r['data']['files']} file(s), {r['data']['tokens']:,} tokens, {r['data']['train_blocks']} train / "
+        f"{r['data']['eval_blocks']} eval blocks of {r['data']['seq_len']} |",
+        f"| steps | {r['steps']} x batch {c['batch_size']} x accum {c['grad_accum']}, lr {c['lr']} "
+        f"({c['schedule']}, warmup {c['warmup_steps']}), optimizer {c['optimizer']} |",
+        f"| tokens/s (training) | {r['tokens_per_s']:.0f} ({r['tokens_trained']:,} tokens in "
+        f"{r['train_seconds']:.0f} s) |",
+        f"| peak memory | {_gib(mem.get('peak'))}" + (
+            f" (torch {_gib(mem.get('cuda_max_allocated'))} + optimizer managed {_gib(mem.get('optimizer_managed'))}; "
+            f"device-wide now {_gib(mem.get('device_used_now'))})" if 'cuda_max_allocated' in mem
+            else " (process peak RSS)") + " |",
+    ]
+    if r.get("dense_eval_loss") is not None:
+        d = r["dense_eval_loss"]
+        lines.append(f"| eval perplexity, dense base | {math.exp(d):.2f} (loss {d:.4f}) |")
+    if before:
+        lines.append(f"| eval perplexity, before training | {before['ppl']:.2f} (loss {before['loss']:.4f}) |")
+    if after:
+        lines.append(f"| eval perplexity, after {after['step']} steps | {after['ppl']:.2f} (loss {after['loss']:.4f}) |")
+    lines += ["", f"adapters: `{r['adapter']}`", "", "![loss](loss.png)", ""]
+    return "\n".join(lines)
+
+
+def plot_loss(r: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    h = r["history"]
+    ax.plot([x["step"] for x in h], [x["loss"] for x in h], lw=1, label="train loss")
+    ev = r["evals"]
+    ax.plot([x["step"] for x in ev], [x["loss"] for x in ev], "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    c = r["config"]
+    ax.set_title(f"{os.path.basename(r['model_dir'].rstrip('/'))}: {c['quant_type']} base, LoRA r={c['r']}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = f"{path}.tmp-{os.getpid()}.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_report(r: dict, output_dir: str) -> dict:
+    """Writes report.json, report.md and loss.png; returns their paths."""
+    paths = {k: os.path.join(output_dir, f) for k, f in
+             (("json", "report.json"), ("markdown", "report.md"), ("plot", "loss.png"))}
+    atomic_write_text(paths["json"], json.dumps(r, indent=2) + "\n")
+    atomic_write_text(paths["markdown"], markdown(r))
+    try:
+        plot_loss(r, paths["plot"])
+    except ImportError:
+        paths["plot"] = None   # matplotlib is optional: the JSON and Markdown are the report
+    return paths

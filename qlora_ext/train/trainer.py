@@ -1,0 +1,285 @@
+"""The training loop: load, quantize and wrap the model, then train the LoRA adapters with gradient
+accumulation, clipping, warmup + cosine/constant schedule and gradient checkpointing; evaluate, save
+resumable checkpoints, and return the run's numbers for the report.
+
+bf16 autocast on CUDA (base weights bf16, adapters and optimizer states fp32); plain fp32 on the CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import resource
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from .. import model_summary, prepare_model
+from ..nn import Linear4bit
+from . import checkpoint as ckpt
+from .config import ConfigError, TrainConfig
+from .data import TokenBlocks, batch_indices, find_text_files, pack, tokenize_files
+from .model import load_model_and_tokenizer, max_positions
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA GPU is visible")
+    return torch.device(name)
+
+
+def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """torch.optim.AdamW, or qlora_ext.optim.PagedAdamW (imported only when asked for)."""
+    kwargs = dict(lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, **kwargs)
+    if name == "paged_adamw":
+        try:
+            from ..optim import PagedAdamW
+        except ImportError as e:
+            raise ConfigError("--optimizer paged_adamw needs qlora_ext.optim.PagedAdamW, which this build of "
+                              f"qlora_ext does not have ({e}); use --optimizer adamw") from e
+        return PagedAdamW(params, **kwargs)
+    raise ConfigError(f"unknown optimizer {name!r}")
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup over warmup_steps, then constant or
+    cosine decay to 0 at the last step. A pure function of the step, so resuming needs no scheduler state."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    span = max(cfg.steps - cfg.warmup_steps, 1)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * (step - cfg.warmup_steps) / span))
+
+
+def autocast_for(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model, blocks: torch.Tensor, batch_size: int, device: torch.device) -> float:
+    """Mean next-token cross-entropy (nats) over all eval blocks (every block has the same length, so the
+    mean of the per-batch means weighted by batch size is the mean over tokens)."""
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, 0
+    for i in range(0, blocks.shape[0], batch_size):
+        ids = blocks[i: i + batch_size].to(device)
+        with autocast_for(device):
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        total += float(loss) * ids.shape[0]
+        n += ids.shape[0]
+    model.train(was_training)
+    return total / n
+
+
+def memory_bytes(device: torch.device, optimizer=None) -> Dict[str, int]:
+    """Peak memory so far. CPU: the process's peak resident set. CUDA: torch's peak allocation, plus the
+    paged optimizer's managed arena (torch.cuda.max_memory_allocated does not see managed memory), plus the
+    device-wide use from cudaMemGetInfo."""
+    out = {"process_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if device.type == "cuda":
+        out["cuda_max_allocated"] = torch.cuda.max_memory_allocated(device)
+        managed = getattr(optimizer, "managed_bytes", None)
+        out["optimizer_managed"] = int(managed()) if callable(managed) else 0
+        out["peak"] = out["cuda_max_allocated"] + out["optimizer_managed"]
+        free, total = torch.cuda.mem_get_info(device)
+        out["device_used_now"] = total - free
+    else:
+        out["peak"] = out["process_peak_rss"]
+    return out
+
+
+def base_bits_per_param(model) -> Optional[float]:
+    """Storage of the quantized base weights, measured from their buffers (None when nothing is quantized)."""
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    if not layers:
+        return None
+    nbytes = sum(m.weight.nbytes() for m in layers)
+    numel = sum(m.in_features * m.out_features for m in layers)
+    return 8.0 * nbytes / numel
+
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+class Trainer:
+    """One run. `Trainer(cfg).run()` returns the result dict that report.write_report turns into files."""
+
+    def __init__(self, cfg: TrainConfig, log: Callable[[str], None] = print):
+        self.cfg = cfg.validate()
+        self.log = log
+        self.device = resolve_device(cfg.device)
+
+    # -- setup ---------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg, dev = self.cfg, self.device
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        t0 = time.perf_counter()
+        files = find_text_files(cfg.data)   # before the model loads: a wrong path fails in a second
+        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        self.model, self.tokenizer, self.model_dir = load_model_and_tokenizer(cfg.model, dtype, dev, self.log)
+        limit = max_positions(self.model)
+        if limit and cfg.seq_len > limit:
+            raise ConfigError(f"--seq-len {cfg.seq_len} is longer than the model allows "
+                              f"(max_position_embeddings = {limit})")
+        self.data: TokenBlocks = pack(tokenize_files(files, self.tokenizer, cfg.max_tokens), cfg.seq_len,
+                                      cfg.eval_blocks, files)
+        self.log(f"data: {self.data.describe()}")
+        if self.data.train.shape[0] < cfg.batch_size:
+            self.log(f"note: only {self.data.train.shape[0]} training blocks for --batch-size {cfg.batch_size}: "
+                     "blocks repeat within a batch")
+        self.dense_eval_loss = None
+        if not cfg.resume:
+            self.dense_eval_loss = evaluate(self.model, self.data.eval, cfg.batch_size, dev)
+        try:
+            prepare_model(self.model, target_modules=cfg.target_modules, r=cfg.r, alpha=cfg.alpha,
+                          dropout=cfg.dropout, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
+                          blocksize=cfg.blocksize, compute_dtype=dtype if dev.type == "cuda" else None)
+        except ValueError as e:   # unknown target module, in_features not a multiple of the blocksize
+            raise ConfigError(f"cannot prepare the model: {e}") from e
+        if cfg.gradient_checkpointing:
+            # transformers >= 5.2x names it activation_checkpointing_enable; older ones gradient_...
+            if hasattr(self.model, "activation_checkpointing_enable"):
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            elif hasattr(self.model, "gradient_checkpointing_enable"):
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.log("note: this model has no gradient_checkpointing_enable(); training without it")
+        if getattr(self.model, "config", None) is not None:
+            self.model.config.use_cache = False
+        self.summary = model_summary(self.model)
+        self.log(f"model: {self.model_dir}: {self.summary}")
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(cfg.optimizer, self.params, cfg.lr, cfg.weight_decay)
+        self.setup_seconds = time.perf_counter() - t0
+
+    # -- loop ----------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg, dev = self.cfg, self.device
+        self.setup()
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        config = cfg.to_dict()
+        state = {"micro_step": 0, "history": [], "evals": [], "train_seconds": 0.0, "tokens": 0,
+                 "dense_eval_loss": self.dense_eval_loss}
+        step = 0
+        if cfg.resume:
+            path = ckpt.latest_checkpoint(cfg.output_dir)
+            if path is None:
+                raise ConfigError(f"--resume: no checkpoint in {cfg.output_dir}/checkpoints")
+            state = ckpt.load_checkpoint(path, self.model, self.optimizer)
+            step = state.pop("step")
+            self.log(f"resumed from {path} at step {step}")
+        else:
+            cfg.save(os.path.join(cfg.output_dir, ckpt.CONFIG_FILE))
+            loss0 = evaluate(self.model, self.data.eval, cfg.batch_size, dev)
+            state["evals"].append({"step": 0, "loss": loss0, "ppl": math.exp(loss0)})
+            self.log(f"eval before training: loss {loss0:.4f}, perplexity {math.exp(loss0):.2f} "
+                     f"(dense base before quantization: {math.exp(self.dense_eval_loss):.2f})")
+
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        self.model.train()
+        tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+        bar = None
+        if cfg.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=cfg.steps, initial=step, desc="train", dynamic_ncols=True)
+        n_train = self.data.train.shape[0]
+        while step < cfg.steps:
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = 0.0
+            for _ in range(cfg.grad_accum):
+                idx = batch_indices(n_train, cfg.batch_size, cfg.seed, state["micro_step"])
+                ids = self.data.train[idx].to(dev, non_blocking=True)
+                with autocast_for(dev):
+                    loss = self.model(input_ids=ids, labels=ids, use_cache=False).loss
+                (loss / cfg.grad_accum).backward()
+                loss_sum += float(loss.detach())
+                state["micro_step"] += 1
+            if cfg.max_grad_norm > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+            else:
+                grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None]))
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            dt = time.perf_counter() - t0
+            step += 1
+            state["train_seconds"] += dt
+            state["tokens"] += tokens_per_step
+            train_loss = loss_sum / cfg.grad_accum
+            if not math.isfinite(train_loss):
+                raise FloatingPointError(f"training loss is {train_loss} at step {step}; lower --lr")
+            state["history"].append({"step": step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm,
+                                     "tokens_per_s": tokens_per_step / dt})
+            if bar is not None:
+                mem = memory_bytes(dev, self.optimizer)["peak"]
+                bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_step / dt:.0f}", mem=_fmt_bytes(mem),
+                                refresh=False)
+                bar.update(1)
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                ev = evaluate(self.model, self.data.eval, cfg.batch_size, dev)
+                state["evals"].append({"step": step, "loss": ev, "ppl": math.exp(ev)})
+                msg = f"step {step}: eval loss {ev:.4f}, perplexity {math.exp(ev):.2f}"
+                bar.write(msg) if bar is not None else self.log(msg)
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                ckpt.save_checkpoint(cfg.output_dir, step, self.model, self.optimizer, state, config)
+        if bar is not None:
+            bar.close()
+        ckpt.save_adapters(os.path.join(cfg.output_dir, ckpt.ADAPTER_FILE), self.model, config)
+        return self.result(state, step)
+
+    def result(self, state: dict, step: int) -> dict:
+        cfg = self.cfg
+        evals = state["evals"]
+        bits = base_bits_per_param(self.model)
+        return {
+            "config": cfg.to_dict(),
+            "model_dir": os.path.abspath(self.model_dir),
+            "device": str(self.device) + (f" ({torch.cuda.get_device_name(self.device)})"
+                                          if self.device.type == "cuda" else ""),
+            "torch": torch.__version__,
+            "data": {"files": len(self.data.files), "tokens": self.data.total_tokens,
+                     "train_blocks": int(self.data.train.shape[0]), "eval_blocks": int(self.data.eval.shape[0]),
+                     "seq_len": cfg.seq_len},
+            "steps": step,
+            "trainable_params": self.summary.trainable_params,
+            "total_params": self.summary.total_params,
+            "model_bytes": self.summary.model_bytes,
+            "quantized_layers": self.summary.quantized_layers,
+            "base_bits_per_param": bits,
+            "tokens_trained": state["tokens"],
+            "train_seconds": state["train_seconds"],
+            "tokens_per_s": state["tokens"] / max(state["train_seconds"], 1e-9),
+            "memory": memory_bytes(self.device, self.optimizer),
+            "dense_eval_loss": state.get("dense_eval_loss"),
+            "eval_before": evals[0] if evals else None,
+            "eval_after": evals[-1] if evals else None,
+            "evals": evals,
+            "history": state["history"],
+            "adapter": os.path.abspath(os.path.join(cfg.output_dir, ckpt.ADAPTER_FILE)),
+        }
+
+
+def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
+    """Runs cfg and writes the report; returns the result dict (with report paths under "report")."""
+    from .report import write_report
+
+    result = Trainer(cfg, log).run()
+    result["report"] = write_report(result, cfg.output_dir)
+    return result
