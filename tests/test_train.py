@@ -170,3 +170,26 @@ def test_schedule_and_batch_order():
     blocks = pack(list(range(100)), 10, 3, ["x"])
     assert blocks.train.shape == (7, 10) and blocks.eval.shape == (3, 10)
     assert sorted(torch.cat([blocks.train, blocks.eval]).flatten().tolist()) == list(range(100))
+
+
+def test_study_nf4_table_and_memory_table():
+    from qlora_ext.train import study
+    assert study.item0_nf4_table(lambda s: None)["max_abs_deviation"] < 1e-6
+    rows = {r["shape"]: r for r in study.item4_memory(None, lambda s: None)["rows"]}
+    assert 6.5e9 < rows["7B"]["params"] < 6.9e9 and 64e9 < rows["65B"]["params"] < 66e9
+    # 4.127 bits per linear weight + bf16 embeddings: 65B's 4-bit model is about 34.5 GB
+    assert 33e9 < rows["65B"]["model_4bit"] < 36e9
+    assert rows["65B"]["full_16bit_finetune"] > 780e9
+
+
+def test_study_gpu_step_code_path_on_a_tiny_shape():
+    """Item 5's builder (meta device, one layer materialized and quantized at a time) and its training
+    step, on the CPU with a tiny llama shape."""
+    from qlora_ext.train import study
+    shape = study.LlamaShape("tiny", hidden=128, ffn=256, layers=2, heads=4, vocab=256)
+    model = study.build_quantized_llama(shape, "cpu", r=4)
+    assert not any(p.is_meta for p in model.parameters()) and not any(b.is_meta for b in model.buffers())
+    s = qlora_ext.model_summary(model)
+    assert s.quantized_layers == 14 and s.trainable_params == shape.lora_params(4)
+    step = study.one_step(model, "cpu", seq=32, optimizer="adamw")
+    assert math.isfinite(step["loss"]) and abs(step["loss"] - math.log(256)) < 0.5
