@@ -190,3 +190,28 @@ def test_study_gpu_step_code_path_on_a_tiny_shape():
     assert s.quantized_layers == 14 and s.trainable_params == shape.lora_params(4)
     step = study.one_step(model, "cpu", seq=32, optimizer="adamw")
     assert math.isfinite(step["loss"]) and abs(step["loss"] - math.log(256)) < 0.5
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (torch.cuda.is_available() and qlora_ext.build_info()["cuda"]),
+                    reason="needs a CUDA GPU and a CUDA build")
+def test_train_on_cuda_bf16_autocast(tiny, tmp_path):
+    """The same tiny run on the GPU (bf16 base and autocast, fp32 adapters), with the paged optimizer when
+    this build has it; then resumed bit-exactly on the GPU."""
+    try:
+        import qlora_ext.optim  # noqa: F401
+        optimizer = "paged_adamw"
+    except ImportError:
+        optimizer = "adamw"
+    out = tmp_path / "run"
+    r = train(_cfg(tiny, out, device="cuda", optimizer=optimizer, steps=6, save_every=3, eval_every=3),
+              log=lambda s: None)
+    assert r["eval_after"]["loss"] < r["eval_before"]["loss"]
+    assert r["memory"]["cuda_max_allocated"] > 0 and r["memory"]["peak"] >= r["memory"]["cuda_max_allocated"]
+    from safetensors.torch import load_file
+    final = load_file(str(out / "adapter.safetensors"))
+    shutil.rmtree(out / "checkpoints" / "step-000006")
+    (out / "checkpoints" / "latest").write_text("step-000003\n")
+    assert cli_main(["--output-dir", str(out), "--resume", "--no-progress"]) == 0
+    resumed = load_file(str(out / "adapter.safetensors"))
+    assert all(torch.equal(resumed[k], final[k]) for k in final)
