@@ -11,6 +11,7 @@ import math
 import os
 import random
 import resource
+import shutil
 import time
 from typing import Callable, Dict, List, Optional
 
@@ -182,6 +183,10 @@ class Trainer:
             step = state.pop("step")
             self.log(f"resumed from {path} at step {step}")
         else:
+            old = os.path.join(cfg.output_dir, "checkpoints")
+            if os.path.isdir(old):   # a new run here: never let --resume mix it with an earlier one
+                self.log(f"new run in {cfg.output_dir}: removing the previous run's checkpoints")
+                shutil.rmtree(old)
             cfg.save(os.path.join(cfg.output_dir, ckpt.CONFIG_FILE))
             loss0 = evaluate(self.model, self.data.eval, cfg.batch_size, dev)
             state["evals"].append({"step": 0, "loss": loss0, "ppl": math.exp(loss0)})
