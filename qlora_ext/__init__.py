@@ -5,10 +5,10 @@ LoRA modules, as CPU and CUDA ops registered under torch.ops.qlora_ext.
 """
 from . import _ops  # noqa: F401  (registers the native ops and their fake implementations)
 from ._C import build_info
-from .linear import linear_4bit
+from .linear import linear_4bit, linear_backend, set_linear_backend
 from .nn import Linear4bit, LoRALinear, model_summary, prepare_model
 from .quantize import QuantState, code_table, dequantize, quantize
 
 __version__ = "0.1.0"
-__all__ = ["Linear4bit", "LoRALinear", "QuantState", "build_info", "code_table", "dequantize", "linear_4bit",
-           "model_summary", "prepare_model", "quantize"]
+__all__ = ["Linear4bit", "LoRALinear", "QuantState", "build_info", "code_table", "dequantize", "linear_4bit", "linear_backend",
+           "model_summary", "prepare_model", "quantize", "set_linear_backend"]
