@@ -71,6 +71,7 @@ if want sanitizer && [ "$(cut -d' ' -f1 "$status/build")" = 0 ]; then
 fi
 if want bench && [ "$(cut -d' ' -f1 "$status/build")" = 0 ]; then
   part bench_quantize 120 python3 bench/bench_quantize_cuda.py --json "$out/bench_quantize_cuda.json"
+  part bench_linear 150 python3 bench/bench_linear_cuda.py --json "$out/bench_linear_cuda.json"
   [ -x build/cmake/quantize_harness ] && part harness_bench 60 build/cmake/quantize_harness
 fi
 
