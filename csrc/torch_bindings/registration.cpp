@@ -14,6 +14,8 @@
 
 #if defined(QLORA_WITH_CUDA)
 #include <cuda_runtime_api.h>
+
+#include "paged_memory.h"
 #endif
 
 #define QLORA_STR_(x) #x
@@ -73,4 +75,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("fp8_e4m3_encode", &fp8_e4m3_encode, "FP8 E4M3 codes of float32 values (numeric core, host)");
   m.def("fp8_e4m3_decode", &fp8_e4m3_decode, "float32 values of FP8 E4M3 codes (numeric core, host)");
   m.def("set_cpu_simd", &qlora::cpu::set_simd_enabled, "Use (True) or bypass (False) the AVX2 CPU paths");
+#if defined(QLORA_WITH_CUDA)
+  qlora::ops::register_paged_memory(m);  // managed-memory arenas of the paged optimizer
+#endif
 }
