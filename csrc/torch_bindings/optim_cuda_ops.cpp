@@ -35,7 +35,7 @@ void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   const int64_t bytes = int64_t(launch.tensors.size() * sizeof(AdamWTensor));
   at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
   std::memcpy(host.data_ptr(), launch.tensors.data(), size_t(bytes));
-  const at::Tensor table = host.to(params[0].device(), /*non_blocking=*/true);
+  const at::Tensor table = host.to(params[0].device(), at::kByte, /*non_blocking=*/true);
   const int sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   C10_CUDA_CHECK(cuda::adamw_step_multi_tensor(static_cast<const AdamWTensor*>(table.data_ptr()),
                                                int(launch.tensors.size()), launch.total_chunks, launch.group,
