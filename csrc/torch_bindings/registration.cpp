@@ -15,6 +15,8 @@
 
 #if defined(QLORA_WITH_CUDA)
 #include <cuda_runtime_api.h>
+
+#include "paged_memory.h"
 #endif
 
 #define QLORA_STR_(x) #x
@@ -78,4 +80,7 @@ PYBIND11_MODULE(_C, m) {
         "'dequant' (dequantize + cuBLAS)", pybind11::arg("backend"));
   m.def("linear_backend", &qlora::ops::linear_backend_name, "The current linear_4bit backend");
   m.def("set_cpu_simd", &qlora::cpu::set_simd_enabled, "Use (True) or bypass (False) the AVX2 CPU paths");
+#if defined(QLORA_WITH_CUDA)
+  qlora::ops::register_paged_memory(m);  // managed-memory arenas of the paged optimizer
+#endif
 }
