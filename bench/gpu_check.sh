@@ -65,12 +65,21 @@ if want sanitizer && [ "$(cut -d' ' -f1 "$status/build")" = 0 ]; then
     part racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 1 build/cmake/quantize_harness 65 4161 64 --no-bench
     part memcheck_pytest 150 compute-sanitizer --tool memcheck --error-exitcode 1 \
       python3 -m pytest tests/test_quantize.py -q -p no:cacheprovider -k "cuda_matches_cpu and nf4 and bfloat16"
+    part memcheck_optim 120 compute-sanitizer --tool memcheck --error-exitcode 1 \
+      python3 -m pytest tests/test_optim.py -q -p no:cacheprovider -k "cuda and (unaligned or page_out or bfloat16-True)"
+    part memcheck_linear 120 compute-sanitizer --tool memcheck --error-exitcode 1 \
+      python3 -m pytest -q -p no:cacheprovider \
+        "tests/test_linear_4bit.py::test_cuda_forward_backward_every_backend[True-65-128-17-torch.bfloat16-fused]" \
+        "tests/test_linear_4bit.py::test_cuda_forward_backward_every_backend[True-97-4160-1-torch.bfloat16-fused]" \
+        "tests/test_linear_4bit.py::test_cuda_forward_backward_every_backend[False-97-4160-64-torch.float16-fused]"
   else
     echo "compute-sanitizer: not on this machine, skipped" | tee -a "$log"
   fi
 fi
 if want bench && [ "$(cut -d' ' -f1 "$status/build")" = 0 ]; then
   part bench_quantize 120 python3 bench/bench_quantize_cuda.py --json "$out/bench_quantize_cuda.json"
+  part bench_linear 150 python3 bench/bench_linear_cuda.py --json "$out/bench_linear_cuda.json"
+  part bench_optim 240 python3 bench/bench_optim.py --device cuda --json "$out/bench_optim.json"
   [ -x build/cmake/quantize_harness ] && part harness_bench 60 build/cmake/quantize_harness
 fi
 

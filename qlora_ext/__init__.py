@@ -1,14 +1,15 @@
 """qlora_ext: QLoRA built from the metal up as a PyTorch extension.
 
-Blockwise NF4/FP4/INT4 quantization with FP8 double quantization, a 4-bit linear op with autograd, and
-LoRA modules, as CPU and CUDA ops registered under torch.ops.qlora_ext.
+Blockwise NF4/FP4/INT4 quantization with FP8 double quantization, a 4-bit linear op with autograd,
+LoRA modules and a paged AdamW optimizer, as CPU and CUDA ops registered under torch.ops.qlora_ext.
 """
 from . import _ops  # noqa: F401  (registers the native ops and their fake implementations)
 from ._C import build_info
-from .linear import linear_4bit
+from .linear import linear_4bit, linear_backend, set_linear_backend
 from .nn import Linear4bit, LoRALinear, model_summary, prepare_model
+from .optim import PagedAdamW
 from .quantize import QuantState, code_table, dequantize, quantize
 
 __version__ = "0.1.0"
-__all__ = ["Linear4bit", "LoRALinear", "QuantState", "build_info", "code_table", "dequantize", "linear_4bit",
-           "model_summary", "prepare_model", "quantize"]
+__all__ = ["Linear4bit", "LoRALinear", "PagedAdamW", "QuantState", "build_info", "code_table", "dequantize",
+           "linear_4bit", "linear_backend", "model_summary", "prepare_model", "quantize", "set_linear_backend"]

@@ -89,3 +89,15 @@ def _linear_4bit_backward(ctx, grad_out):
 
 torch.library.register_autograd("qlora_ext::linear_4bit", _linear_4bit_backward,
                                 setup_context=_linear_4bit_setup_context)
+
+
+@torch.library.register_fake("qlora_ext::adamw_step_")
+def _adamw_step_fake(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay, maximize):
+    torch._check(len(grads) == len(params) and len(exp_avgs) == len(params) and len(exp_avg_sqs) == len(params)
+                 and len(steps) == len(params),
+                 lambda: "params, grads, exp_avgs, exp_avg_sqs and steps must have the same length")
+    for p, m, v in zip(params, exp_avgs, exp_avg_sqs):
+        torch._check(m.dtype == torch.float32 and v.dtype == torch.float32,
+                     lambda: "exp_avgs and exp_avg_sqs must be float32")
+        torch._check(m.shape == p.shape and v.shape == p.shape, lambda: "states must have their params' shapes")
+    return None

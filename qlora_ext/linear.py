@@ -3,8 +3,21 @@ from typing import Optional
 
 import torch
 
+from . import _C
 from ._ops import ops
 from .quantize import QuantState
+
+
+def set_linear_backend(backend: str) -> None:
+    """Chooses the CUDA implementation of linear_4bit for the whole process: "auto" (the dispatcher's
+    choice by shape; today dequantize + cuBLAS everywhere until the fused kernels are validated on a GPU),
+    "fused" (the fused small-M kernels where they apply: M <= 64, bf16/fp16, blocksize 64) or "dequant"
+    (dequantize, then cuBLAS). CPU always dequantizes tiles of W and multiplies them."""
+    _C.set_linear_backend(backend)
+
+
+def linear_backend() -> str:
+    return _C.linear_backend()
 
 
 def linear_4bit(x: torch.Tensor, weight: QuantState, bias: Optional[torch.Tensor] = None) -> torch.Tensor:

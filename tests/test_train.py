@@ -94,9 +94,10 @@ def test_train_end_to_end_loss_falls_and_report_parses(tiny, tmp_path):
     assert math.isclose(evaluate(t.model, t.data.eval, 4, t.device), r["eval_after"]["loss"], rel_tol=1e-6)
 
 
-def test_resume_is_bit_exact(tiny, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "paged_adamw"])
+def test_resume_is_bit_exact(tiny, tmp_path, optimizer):
     out = tmp_path / "run"
-    cfg = _cfg(tiny, out, steps=6, save_every=3, eval_every=3, grad_accum=2, schedule="cosine")
+    cfg = _cfg(tiny, out, steps=6, save_every=3, eval_every=3, grad_accum=2, schedule="cosine", optimizer=optimizer)
     straight = train(cfg, log=lambda s: None)
     from safetensors.torch import load_file
     final = load_file(str(out / "adapter.safetensors"))

@@ -66,7 +66,7 @@ __device__ void load8(const typename Elem<F>::Raw* x, int64_t e, int64_t numel, 
 
 template <FloatFormat F, int GROUP>
 __global__ void __launch_bounds__(kThreads) quantize_4bit_kernel(const typename Elem<F>::Raw* __restrict__ x,
-                                                                 int64_t numel, int blocksize, CodeBook cb_param,
+                                                                 int64_t numel, CodeBook cb_param,
                                                                  uint8_t* __restrict__ codes,
                                                                  float* __restrict__ absmax,
                                                                  int32_t* __restrict__ nonfinite_count) {
@@ -94,7 +94,7 @@ __global__ void __launch_bounds__(kThreads) quantize_4bit_kernel(const typename 
       amax = other > amax ? other : amax;
     }
     if (e >= numel) continue;  // no shuffles below
-    if ((lane & (GROUP - 1)) == 0) absmax[e / blocksize] = amax;
+    if ((lane & (GROUP - 1)) == 0) absmax[e / (GROUP * 8)] = amax;  // GROUP * 8 == blocksize
     const float pre = absmax_prescale(amax), inv = block_inverse(amax);
     uint32_t word = 0;
 #pragma unroll
@@ -115,7 +115,7 @@ __global__ void __launch_bounds__(kThreads) quantize_4bit_kernel(const typename 
 
 template <FloatFormat F, bool kDoubleQuant>
 __global__ void __launch_bounds__(kThreads) dequantize_4bit_kernel(const uint8_t* __restrict__ codes,
-                                                                   AbsmaxSource am, int64_t numel, int blocksize,
+                                                                   AbsmaxSource am, int64_t numel, int block_shift,
                                                                    CodeBook cb_param,
                                                                    typename Elem<F>::Raw* __restrict__ out) {
   using Raw = typename Elem<F>::Raw;
@@ -126,7 +126,7 @@ __global__ void __launch_bounds__(kThreads) dequantize_4bit_kernel(const uint8_t
   const int64_t stride = int64_t(gridDim.x) * kThreads;
   for (int64_t g = int64_t(blockIdx.x) * kThreads + threadIdx.x; g * 8 < numel; g += stride) {
     const int64_t e = g * 8;
-    const int64_t block = e / blocksize;
+    const int64_t block = e >> block_shift;  // blocksize is a power of two: no 64-bit division
     const float amax = kDoubleQuant ? decode_absmax(am.fp8[block], am.chunk_scale[block / kAbsmaxChunk], mean)
                                     : am.f32[block];
     if (e + 8 <= numel) {
@@ -220,13 +220,13 @@ cudaError_t launch_quantize(const void* x, int64_t numel, int blocksize, const C
   const Raw* xr = static_cast<const Raw*>(x);
   switch (blocksize) {
     case 64:
-      quantize_4bit_kernel<F, 8><<<grid, kThreads, 0, stream>>>(xr, numel, blocksize, cb, codes, absmax, nonfinite_count);
+      quantize_4bit_kernel<F, 8><<<grid, kThreads, 0, stream>>>(xr, numel, cb, codes, absmax, nonfinite_count);
       break;
     case 128:
-      quantize_4bit_kernel<F, 16><<<grid, kThreads, 0, stream>>>(xr, numel, blocksize, cb, codes, absmax, nonfinite_count);
+      quantize_4bit_kernel<F, 16><<<grid, kThreads, 0, stream>>>(xr, numel, cb, codes, absmax, nonfinite_count);
       break;
     case 256:
-      quantize_4bit_kernel<F, 32><<<grid, kThreads, 0, stream>>>(xr, numel, blocksize, cb, codes, absmax, nonfinite_count);
+      quantize_4bit_kernel<F, 32><<<grid, kThreads, 0, stream>>>(xr, numel, cb, codes, absmax, nonfinite_count);
       break;
     default: return cudaErrorInvalidValue;
   }
@@ -239,10 +239,11 @@ cudaError_t launch_dequantize(const uint8_t* codes, const AbsmaxSource& am, int6
   using Raw = typename Elem<F>::Raw;
   const unsigned grid = grid_for((numel + 7) / 8, kThreads);
   Raw* o = static_cast<Raw*>(out);
+  const int block_shift = __builtin_ctz(unsigned(blocksize));
   if (am.f32) {
-    dequantize_4bit_kernel<F, false><<<grid, kThreads, 0, stream>>>(codes, am, numel, blocksize, cb, o);
+    dequantize_4bit_kernel<F, false><<<grid, kThreads, 0, stream>>>(codes, am, numel, block_shift, cb, o);
   } else {
-    dequantize_4bit_kernel<F, true><<<grid, kThreads, 0, stream>>>(codes, am, numel, blocksize, cb, o);
+    dequantize_4bit_kernel<F, true><<<grid, kThreads, 0, stream>>>(codes, am, numel, block_shift, cb, o);
   }
   return cudaGetLastError();
 }

@@ -1,6 +1,8 @@
-// CUDA implementation of linear_4bit and its input gradient. Today's path is dequantize + cuBLAS
-// (as bitsandbytes does for training: the dense W exists transiently in x's dtype); the fused
-// dequant-GEMM kernels replace it shape by shape once the benchmarks on a GPU show them faster.
+// CUDA implementation of linear_4bit and its input gradient, with the dispatcher between
+// - the fused small-M kernels (csrc/kernels/linear_4bit_cuda.cu: M <= 64, bf16/fp16, blocksize 64), and
+// - dequantize + cuBLAS (as bitsandbytes does for training: the dense W exists transiently in x's dtype).
+// "auto" routes everything to dequantize + cuBLAS until the fused kernels have been validated and
+// measured faster on a GPU (bench/bench_linear_cuda.py); set_linear_backend("fused") forces them.
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
@@ -9,32 +11,82 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "../kernels/linear_4bit_cuda.h"
 #include "../kernels/quantize_cuda.h"
+#include "linear_backend.h"
 #include "linear_4bit_common.h"
 
 namespace qlora::ops {
 namespace {
 
+AbsmaxSource absmax_source(const at::Tensor& absmax, const std::optional<at::Tensor>& scale,
+                           const std::optional<at::Tensor>& mean, bool double_quant) {
+  AbsmaxSource src;
+  if (double_quant) {
+    src.fp8 = absmax.data_ptr<uint8_t>();
+    src.chunk_scale = scale->data_ptr<float>();
+    src.mean = mean->data_ptr<float>();
+  } else {
+    src.f32 = absmax.data_ptr<float>();
+  }
+  return src;
+}
+
 at::Tensor dequantize_weight(const at::Tensor& codes, const at::Tensor& absmax,
                              const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& mean,
                              int64_t blocksize, const Linear4bitArgs& a, at::ScalarType dtype) {
   const at::Tensor c = codes.contiguous(), am = absmax.contiguous();
-  at::Tensor scale_c, mean_c;
-  AbsmaxSource src;
-  if (a.double_quant) {
-    scale_c = scale->contiguous();
-    mean_c = mean->contiguous();
-    src.fp8 = am.data_ptr<uint8_t>();
-    src.chunk_scale = scale_c.data_ptr<float>();
-    src.mean = mean_c.data_ptr<float>();
-  } else {
-    src.f32 = am.data_ptr<float>();
-  }
+  const at::Tensor scale_c = a.double_quant ? scale->contiguous() : at::Tensor();
+  const at::Tensor mean_c = a.double_quant ? mean->contiguous() : at::Tensor();
+  const AbsmaxSource src = absmax_source(am, scale_c, mean_c, a.double_quant);
   at::Tensor w = at::empty({a.n, a.k}, c.options().dtype(dtype));
   C10_CUDA_CHECK(cuda::dequantize_4bit(c.data_ptr<uint8_t>(), src, a.n * a.k, int(blocksize),
                                        make_codebook(a.quant_type), w.data_ptr(), float_format(dtype, "x"),
                                        at::cuda::getCurrentCUDAStream()));
   return w;
+}
+
+bool use_fused(int64_t m, at::ScalarType dtype, int64_t blocksize) {
+  const bool applies = m >= 1 && m <= cuda::kFusedMaxM && blocksize == 64 &&
+                       (dtype == at::kBFloat16 || dtype == at::kHalf);
+  return applies && linear_backend() == LinearBackend::Fused;
+}
+
+// The inputs of the fused kernels: contiguous, 16-byte aligned activations and constants.
+struct FusedInputs {
+  at::Tensor codes, absmax, scale, mean;
+  cuda::Linear4bitProblem problem;
+  int num_sms = 0;
+};
+
+FusedInputs fused_inputs(const at::Tensor& codes, const at::Tensor& absmax, const std::optional<at::Tensor>& scale,
+                         const std::optional<at::Tensor>& mean, int64_t blocksize, const Linear4bitArgs& a,
+                         int64_t m, at::ScalarType dtype) {
+  FusedInputs f;
+  f.codes = codes.contiguous();  // the kernels read 8-byte words of codes
+  if (reinterpret_cast<uintptr_t>(f.codes.data_ptr()) % 16 != 0) f.codes = f.codes.clone();
+  f.absmax = absmax.contiguous();
+  if (a.double_quant) {
+    f.scale = scale->contiguous();
+    f.mean = mean->contiguous();
+  }
+  cuda::Linear4bitProblem& p = f.problem;
+  p.m = m;
+  p.n = a.n;
+  p.k = a.k;
+  p.blocksize = int(blocksize);
+  p.bf16 = dtype == at::kBFloat16;
+  p.codes = f.codes.data_ptr<uint8_t>();
+  p.absmax = absmax_source(f.absmax, f.scale, f.mean, a.double_quant);
+  p.codebook = make_codebook(a.quant_type);
+  f.num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  return f;
+}
+
+at::Tensor aligned_rows(const at::Tensor& t, int64_t cols) {
+  at::Tensor c = t.reshape({-1, cols}).contiguous();
+  if (reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone();
+  return c;
 }
 
 at::Tensor linear_4bit_cuda(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& absmax,
@@ -46,6 +98,19 @@ at::Tensor linear_4bit_cuda(const at::Tensor& x, const at::Tensor& codes, const 
                                                   c10::DeviceType::CUDA);
   check_bias(bias, x, a.n);
   const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t m = x.numel() / a.k;
+  if (use_fused(m, x.scalar_type(), blocksize)) {
+    const FusedInputs f = fused_inputs(codes, absmax, absmax_scale, absmax_mean, blocksize, a, m, x.scalar_type());
+    const at::Tensor x2 = aligned_rows(x, a.k);
+    const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+    at::Tensor y = at::empty({m, a.n}, x2.options());
+    at::Tensor ws = at::empty({cuda::fused_forward_workspace_bytes(f.problem, f.num_sms) / 4},
+                              x2.options().dtype(at::kFloat));
+    C10_CUDA_CHECK(cuda::fused_linear_forward(f.problem, x2.data_ptr(), b.defined() ? b.data_ptr() : nullptr,
+                                              y.data_ptr(), ws.data_ptr<float>(), f.num_sms,
+                                              at::cuda::getCurrentCUDAStream()));
+    return y.view(with_last_dim(x, a.n));
+  }
   const at::Tensor x2 = x.reshape({-1, a.k});
   const at::Tensor w = dequantize_weight(codes, absmax, absmax_scale, absmax_mean, blocksize, a, x.scalar_type());
   const at::Tensor y = bias.has_value() ? at::addmm(*bias, x2, w.t()) : at::mm(x2, w.t());
@@ -60,6 +125,18 @@ at::Tensor linear_4bit_grad_input_cuda(const at::Tensor& grad_out, const at::Ten
                                                   blocksize, quant_type, grad_out.dim() ? grad_out.size(-1) : 0,
                                                   in_features, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(grad_out.device());
+  const int64_t m = grad_out.numel() / a.n;
+  if (use_fused(m, grad_out.scalar_type(), blocksize)) {
+    const FusedInputs f =
+        fused_inputs(codes, absmax, absmax_scale, absmax_mean, blocksize, a, m, grad_out.scalar_type());
+    const at::Tensor dy2 = grad_out.reshape({-1, a.n}).contiguous();
+    at::Tensor dx = at::empty({m, a.k}, dy2.options());
+    at::Tensor ws = at::empty({cuda::fused_grad_input_workspace_bytes(f.problem, f.num_sms) / 4},
+                              dy2.options().dtype(at::kFloat));
+    C10_CUDA_CHECK(cuda::fused_linear_grad_input(f.problem, dy2.data_ptr(), dx.data_ptr(), ws.data_ptr<float>(),
+                                                 f.num_sms, at::cuda::getCurrentCUDAStream()));
+    return dx.view(with_last_dim(grad_out, a.k));
+  }
   const at::Tensor dy = grad_out.reshape({-1, a.n});
   const at::Tensor w =
       dequantize_weight(codes, absmax, absmax_scale, absmax_mean, blocksize, a, grad_out.scalar_type());

@@ -10,10 +10,13 @@
 #include <vector>
 
 #include "../kernels/quantize_cpu.h"
+#include "linear_backend.h"
 #include "op_checks.h"
 
 #if defined(QLORA_WITH_CUDA)
 #include <cuda_runtime_api.h>
+
+#include "paged_memory.h"
 #endif
 
 #define QLORA_STR_(x) #x
@@ -72,5 +75,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("code_table", &code_table, "The 16 float32 values of a 4-bit code table, by code", pybind11::arg("quant_type"));
   m.def("fp8_e4m3_encode", &fp8_e4m3_encode, "FP8 E4M3 codes of float32 values (numeric core, host)");
   m.def("fp8_e4m3_decode", &fp8_e4m3_decode, "float32 values of FP8 E4M3 codes (numeric core, host)");
+  m.def("set_linear_backend", &qlora::ops::set_linear_backend,
+        "CUDA linear_4bit implementation: 'auto' (by shape), 'fused' (fused kernels where they apply) or "
+        "'dequant' (dequantize + cuBLAS)", pybind11::arg("backend"));
+  m.def("linear_backend", &qlora::ops::linear_backend_name, "The current linear_4bit backend");
   m.def("set_cpu_simd", &qlora::cpu::set_simd_enabled, "Use (True) or bypass (False) the AVX2 CPU paths");
+#if defined(QLORA_WITH_CUDA)
+  qlora::ops::register_paged_memory(m);  // managed-memory arenas of the paged optimizer
+#endif
 }

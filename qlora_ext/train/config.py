@@ -45,7 +45,7 @@ class TrainConfig:
     schedule: str = "cosine"            # cosine (to 0 at the last step) | constant, after linear warmup
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0          # 0 disables clipping
-    optimizer: str = "adamw"            # adamw (torch.optim.AdamW) | paged_adamw (qlora_ext.optim.PagedAdamW)
+    optimizer: str = "paged_adamw"      # paged_adamw (qlora_ext.PagedAdamW) | adamw (torch.optim.AdamW)
     gradient_checkpointing: bool = True
     seed: int = 0
     # bookkeeping

@@ -1,0 +1,51 @@
+"""CUDA-event timing shared by the CUDA benchmarks: the median of many runs, each starting with the L2 cache
+flushed (a 256 MB buffer is zeroed outside the timed region) and, optionally, with the stream padded by a
+~1 ms device-side sleep so the host's launch time stays out of the measurement."""
+import statistics
+import time
+
+import torch
+
+FLUSH_BYTES = 256 << 20  # several times the H200's 60 MB L2
+
+
+class Timer:
+    """Median CUDA-event time of fn() with the L2 flushed (and the stream optionally padded) before each run."""
+
+    def __init__(self, reps: int, warmup: int, pad: bool):
+        self.reps, self.warmup = reps, warmup
+        self.flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+        self.pad_cycles = self._calibrate_pad() if pad else 0
+
+    @staticmethod
+    def _calibrate_pad(target_ms: float = 1.0) -> int:
+        # torch.cuda._sleep spins for a number of clock cycles; find how many make ~target_ms.
+        cycles = 1_000_000
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(cycles)  # warm-up
+        s.record()
+        torch.cuda._sleep(cycles)
+        e.record()
+        torch.cuda.synchronize()
+        ms = max(s.elapsed_time(e), 1e-3)
+        return int(cycles * target_ms / ms)
+
+    def __call__(self, fn) -> dict:
+        for _ in range(self.warmup):
+            fn()
+        torch.cuda.synchronize()
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(self.reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(self.reps)]
+        t0 = time.perf_counter()
+        for i in range(self.reps):
+            self.flush.zero_()  # evict L2; outside the timed region
+            if self.pad_cycles:
+                torch.cuda._sleep(self.pad_cycles)  # keeps the GPU busy while the host queues the timed region
+            starts[i].record()
+            fn()
+            ends[i].record()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+        ms = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+        return {"median_s": statistics.median(ms) / 1e3, "min_s": min(ms) / 1e3, "max_s": max(ms) / 1e3,
+                "runs": self.reps, "loop_wall_s": wall}

@@ -1,0 +1,379 @@
+// Fused 4-bit GEMMs for small M (M <= 64), forward y = x W^T and input gradient dx = dy W, on bf16/fp16
+// tensor cores (mma.sync m16n8k16, sm_80+).
+//
+// Register-direct design: no shared-memory staging of W. Each warp loads packed codes straight from
+// global memory, decodes them (table[code] * absmax, rounded once to bf16/fp16: the numbers dequantize
+// produces) into B fragments and issues mma. This works because a GEMM may sum over k in any order: we
+// choose which k each fragment slot holds so that every thread's codes are contiguous bytes.
+//
+// Forward (reduction over k): per quant block of 64 k, thread (g = lane/4, t = lane%4) owns k offsets
+// 16t .. 16t+15, i.e. 8 contiguous code bytes of weight row g. Mma step j (0..3) puts k = 16t+4j+{0,1}
+// in fragment slots 2t,2t+1 and k = 16t+4j+{2,3} in slots 2t+8,2t+9 -- in both A (x) and B (W).
+// Input gradient (reduction over n): thread g owns output columns 8g..8g+7 of a 64-wide column block,
+// i.e. 4 contiguous code bytes of each of its 4 weight rows (2t, 2t+1, 2t+8, 2t+9 of a 16-row step);
+// mma n-subtile s holds columns 8g+s.
+// Small M leaves too few output tiles to fill the GPU, so the reduction is split over blockIdx.y into
+// fp32 partial sums that a second kernel adds in a fixed order (deterministic, unlike atomics).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "cuda_utils.h"
+#include "linear_4bit_cuda.h"
+
+namespace qlora::cuda {
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kForwardRowsPerWarp = 32;  // NT = 4 n-subtiles of 8
+constexpr int kForwardNT = kForwardRowsPerWarp / 8;
+constexpr int kTargetWarpsPerSm = 32;    // enough loads in flight to stream the weight at full bandwidth
+
+template <bool BF16>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  if constexpr (BF16) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  } else {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+}
+
+template <bool BF16>
+__device__ __forceinline__ float act_to_f32(uint16_t v) {
+  if constexpr (BF16) return __uint_as_float(uint32_t(v) << 16);
+  else return __half2float(__ushort_as_half(v));
+}
+
+template <bool BF16>
+__device__ __forceinline__ uint16_t f32_to_act(float v) {
+  if constexpr (BF16) return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+  else return __half_as_ushort(__float2half_rn(v));
+}
+
+template <bool BF16>
+__device__ __forceinline__ void mma_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                          uint32_t b0, uint32_t b1) {
+  if constexpr (BF16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+}
+
+__device__ __forceinline__ float block_absmax(const AbsmaxSource& am, float mean, int64_t block) {
+  return am.f32 ? am.f32[block] : decode_absmax(am.fp8[block], am.chunk_scale[block / kAbsmaxChunk], mean);
+}
+
+__device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// ---- forward --------------------------------------------------------------------------------------
+template <bool BF16, int MT>
+__global__ void __launch_bounds__(kThreads) fused_forward_kernel(
+    const uint16_t* __restrict__ x, const uint8_t* __restrict__ codes, AbsmaxSource am, CodeBook cb, int64_t M,
+    int64_t N, int64_t K, int64_t blocks_per_split, float* __restrict__ partial, const uint16_t* __restrict__ bias,
+    uint16_t* __restrict__ y) {
+  constexpr int NT = kForwardNT;
+  __shared__ float table[16];
+  if (threadIdx.x < 16) table[threadIdx.x] = cb.value[threadIdx.x];
+  __syncthreads();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int64_t n_base = (int64_t(blockIdx.x) * kWarps + warp) * kForwardRowsPerWarp;
+  if (n_base >= N) return;
+  const int64_t kblocks = K / 64;
+  const int64_t b_begin = int64_t(blockIdx.y) * blocks_per_split;
+  const int64_t b_end = b_begin + blocks_per_split < kblocks ? b_begin + blocks_per_split : kblocks;
+  const float mean = am.f32 ? 0.0f : *am.mean;
+
+  float acc[MT][NT][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.0f;
+
+  for (int64_t b = b_begin; b < b_end; ++b) {
+    uint2 wc[NT];
+    float wam[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int64_t row = n_base + nt * 8 + g;
+      if (row < N) {
+        wc[nt] = *reinterpret_cast<const uint2*>(codes + row * (K / 2) + b * 32 + 8 * t);
+        wam[nt] = block_absmax(am, mean, row * kblocks + b);
+      } else {
+        wc[nt] = make_uint2(0, 0);
+        wam[nt] = 0.0f;
+      }
+    }
+    uint4 xa[MT][2][2];  // [m tile][row g, row g+8][k offsets 16t..16t+7, 16t+8..16t+15]
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t m = mt * 16 + g + 8 * h;
+        if (m < M) {
+          const uint4* p = reinterpret_cast<const uint4*>(x + m * K + b * 64 + 16 * t);
+          xa[mt][h][0] = p[0];
+          xa[mt][h][1] = p[1];
+        } else {
+          xa[mt][h][0] = xa[mt][h][1] = make_uint4(0, 0, 0, 0);
+        }
+      }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      uint32_t b0[NT], b1[NT];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const uint32_t w = j < 2 ? wc[nt].x : wc[nt].y;
+        const uint32_t byte0 = (w >> (16 * (j & 1))) & 0xFFu, byte1 = (w >> (16 * (j & 1) + 8)) & 0xFFu;
+        b0[nt] = pack2<BF16>(mul_rn(table[byte0 >> 4], wam[nt]), mul_rn(table[byte0 & 0xFu], wam[nt]));
+        b1[nt] = pack2<BF16>(mul_rn(table[byte1 >> 4], wam[nt]), mul_rn(table[byte1 & 0xFu], wam[nt]));
+      }
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        // words 2j and 2j+1 of a row's 8 words hold k offsets 4j..4j+1 and 4j+2..4j+3
+        const uint4& r0 = xa[mt][0][j / 2];
+        const uint4& r1 = xa[mt][1][j / 2];
+        const uint32_t a0 = word_of(r0, 2 * (j % 2)), a2 = word_of(r0, 2 * (j % 2) + 1);
+        const uint32_t a1 = word_of(r1, 2 * (j % 2)), a3 = word_of(r1, 2 * (j % 2) + 1);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) mma_16816<BF16>(acc[mt][nt], a0, a1, a2, a3, b0[nt], b1[nt]);
+      }
+    }
+  }
+
+  const bool direct = gridDim.y == 1;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int64_t m = mt * 16 + g + 8 * (i / 2);
+        const int64_t n = n_base + nt * 8 + 2 * t + (i % 2);
+        if (m >= M || n >= N) continue;
+        if (direct) {
+          const float v = bias ? acc[mt][nt][i] + act_to_f32<BF16>(bias[n]) : acc[mt][nt][i];
+          y[m * N + n] = f32_to_act<BF16>(v);
+        } else {
+          partial[(int64_t(blockIdx.y) * M + m) * N + n] = acc[mt][nt][i];
+        }
+      }
+}
+
+// ---- input gradient ---------------------------------------------------------------------------------
+template <bool BF16, int MT>
+__global__ void __launch_bounds__(kThreads) fused_grad_input_kernel(
+    const uint16_t* __restrict__ dy, const uint8_t* __restrict__ codes, AbsmaxSource am, CodeBook cb, int64_t M,
+    int64_t N, int64_t K, int64_t rows_per_split, float* __restrict__ partial, uint16_t* __restrict__ dx) {
+  __shared__ float table[16];
+  if (threadIdx.x < 16) table[threadIdx.x] = cb.value[threadIdx.x];
+  __syncthreads();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int64_t kblocks = K / 64;
+  const int64_t bk = int64_t(blockIdx.x) * kWarps + warp;  // 64-wide column block of dx (= quant block of W)
+  if (bk >= kblocks) return;
+  const int64_t row_begin = int64_t(blockIdx.y) * rows_per_split;
+  const int64_t row_end = row_begin + rows_per_split < N ? row_begin + rows_per_split : N;
+  const float mean = am.f32 ? 0.0f : *am.mean;
+
+  float acc[MT][8][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int s = 0; s < 8; ++s)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[mt][s][i] = 0.0f;
+
+  const int row_offset[4] = {2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9};
+  for (int64_t n0 = row_begin; n0 < row_end; n0 += 16) {
+    uint32_t wc[4];
+    float wam[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int64_t row = n0 + row_offset[i];
+      if (row < row_end) {
+        wc[i] = *reinterpret_cast<const uint32_t*>(codes + row * (K / 2) + bk * 32 + 4 * g);
+        wam[i] = block_absmax(am, mean, row * kblocks + bk);
+      } else {
+        wc[i] = 0;
+        wam[i] = 0.0f;
+      }
+    }
+    uint32_t a[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {  // a0: (row g, n 2t..2t+1), a1: (row g+8, ...), a2/a3: n 2t+8..2t+9
+        const int64_t m = mt * 16 + g + 8 * (q & 1);
+        const int64_t n = n0 + 2 * t + 8 * (q >> 1);
+        const uint16_t lo = (m < M && n < row_end) ? dy[m * N + n] : uint16_t(0);
+        const uint16_t hi = (m < M && n + 1 < row_end) ? dy[m * N + n + 1] : uint16_t(0);
+        a[mt][q] = uint32_t(lo) | (uint32_t(hi) << 16);
+      }
+#pragma unroll
+    for (int s = 0; s < 8; ++s) {
+      float v[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const uint32_t byte = (wc[i] >> (8 * (s / 2))) & 0xFFu;
+        v[i] = mul_rn(table[(s & 1) ? (byte & 0xFu) : (byte >> 4)], wam[i]);
+      }
+      const uint32_t b0 = pack2<BF16>(v[0], v[1]), b1 = pack2<BF16>(v[2], v[3]);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) mma_16816<BF16>(acc[mt][s], a[mt][0], a[mt][1], a[mt][2], a[mt][3], b0, b1);
+    }
+  }
+
+  const bool direct = gridDim.y == 1;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int s = 0; s < 8; ++s)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int64_t m = mt * 16 + g + 8 * (i / 2);
+        const int64_t k = bk * 64 + 8 * (2 * t + (i % 2)) + s;
+        if (m >= M) continue;
+        if (direct) {
+          dx[m * K + k] = f32_to_act<BF16>(acc[mt][s][i]);
+        } else {
+          partial[(int64_t(blockIdx.y) * M + m) * K + k] = acc[mt][s][i];
+        }
+      }
+}
+
+// Sums the split partials in order s = 0, 1, ... (deterministic), adds the bias, rounds once.
+template <bool BF16>
+__global__ void reduce_partials_kernel(const float* __restrict__ partial, int splits, int64_t rows, int64_t cols,
+                                       const uint16_t* __restrict__ bias, uint16_t* __restrict__ out) {
+  const int64_t total = rows * cols;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    float v = 0.0f;
+    for (int s = 0; s < splits; ++s) v += partial[s * total + i];
+    if (bias) v += act_to_f32<BF16>(bias[i % cols]);
+    out[i] = f32_to_act<BF16>(v);
+  }
+}
+
+struct Split {
+  int64_t splits;
+  int64_t per_split;  // forward: quant blocks of k; input gradient: rows of n (a multiple of 16)
+};
+
+// Splits `units` of reduction work so that tiles * splits warps roughly fill the GPU.
+Split choose_split(int64_t tiles, int64_t units, int num_sms) {
+  const int64_t target = int64_t(num_sms) * kTargetWarpsPerSm;
+  int64_t splits = (target + tiles - 1) / tiles;
+  splits = splits < 1 ? 1 : (splits > units ? units : splits);
+  const int64_t per = (units + splits - 1) / splits;
+  return {(units + per - 1) / per, per};
+}
+
+Split forward_split(const Linear4bitProblem& p, int num_sms) {
+  const int64_t tiles = (p.n + kForwardRowsPerWarp - 1) / kForwardRowsPerWarp;
+  return choose_split(tiles, p.k / 64, num_sms);
+}
+
+Split grad_split(const Linear4bitProblem& p, int num_sms) {
+  const Split s = choose_split(p.k / 64, (p.n + 15) / 16, num_sms);
+  return {s.splits, s.per_split * 16};
+}
+
+template <bool BF16>
+cudaError_t launch_forward(const Linear4bitProblem& p, const void* x, const void* bias, void* y, float* ws,
+                           int num_sms, cudaStream_t stream) {
+  const Split sp = forward_split(p, num_sms);
+  const int64_t tiles = (p.n + kForwardRowsPerWarp - 1) / kForwardRowsPerWarp;
+  const dim3 grid(unsigned((tiles + kWarps - 1) / kWarps), unsigned(sp.splits));
+  const auto* xs = static_cast<const uint16_t*>(x);
+  const auto* bs = static_cast<const uint16_t*>(bias);
+  auto* ys = static_cast<uint16_t*>(y);
+  if (p.m <= 16) {
+    fused_forward_kernel<BF16, 1><<<grid, kThreads, 0, stream>>>(xs, p.codes, p.absmax, p.codebook, p.m, p.n, p.k,
+                                                                 sp.per_split, ws, bs, ys);
+  } else if (p.m <= 32) {
+    fused_forward_kernel<BF16, 2><<<grid, kThreads, 0, stream>>>(xs, p.codes, p.absmax, p.codebook, p.m, p.n, p.k,
+                                                                 sp.per_split, ws, bs, ys);
+  } else {
+    fused_forward_kernel<BF16, 4><<<grid, kThreads, 0, stream>>>(xs, p.codes, p.absmax, p.codebook, p.m, p.n, p.k,
+                                                                 sp.per_split, ws, bs, ys);
+  }
+  QLORA_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  if (sp.splits > 1) {
+    reduce_partials_kernel<BF16><<<grid_for(p.m * p.n, 256), 256, 0, stream>>>(ws, int(sp.splits), p.m, p.n, bs, ys);
+  }
+  return cudaGetLastError();
+}
+
+template <bool BF16>
+cudaError_t launch_grad_input(const Linear4bitProblem& p, const void* dy, void* dx, float* ws, int num_sms,
+                              cudaStream_t stream) {
+  const Split sp = grad_split(p, num_sms);
+  const dim3 grid(unsigned((p.k / 64 + kWarps - 1) / kWarps), unsigned(sp.splits));
+  const auto* ds = static_cast<const uint16_t*>(dy);
+  auto* xs = static_cast<uint16_t*>(dx);
+  if (p.m <= 16) {
+    fused_grad_input_kernel<BF16, 1><<<grid, kThreads, 0, stream>>>(ds, p.codes, p.absmax, p.codebook, p.m, p.n,
+                                                                    p.k, sp.per_split, ws, xs);
+  } else if (p.m <= 32) {
+    fused_grad_input_kernel<BF16, 2><<<grid, kThreads, 0, stream>>>(ds, p.codes, p.absmax, p.codebook, p.m, p.n,
+                                                                    p.k, sp.per_split, ws, xs);
+  } else {
+    fused_grad_input_kernel<BF16, 4><<<grid, kThreads, 0, stream>>>(ds, p.codes, p.absmax, p.codebook, p.m, p.n,
+                                                                    p.k, sp.per_split, ws, xs);
+  }
+  QLORA_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  if (sp.splits > 1) {
+    reduce_partials_kernel<BF16><<<grid_for(p.m * p.k, 256), 256, 0, stream>>>(ws, int(sp.splits), p.m, p.k,
+                                                                               nullptr, xs);
+  }
+  return cudaGetLastError();
+}
+
+bool valid(const Linear4bitProblem& p) {
+  return p.blocksize == 64 && p.k % 64 == 0 && p.m >= 1 && p.m <= kFusedMaxM && p.n >= 1;
+}
+
+}  // namespace
+
+int64_t fused_forward_workspace_bytes(const Linear4bitProblem& p, int num_sms) {
+  const Split s = forward_split(p, num_sms);
+  return s.splits > 1 ? s.splits * p.m * p.n * int64_t(sizeof(float)) : 0;
+}
+
+int64_t fused_grad_input_workspace_bytes(const Linear4bitProblem& p, int num_sms) {
+  const Split s = grad_split(p, num_sms);
+  return s.splits > 1 ? s.splits * p.m * p.k * int64_t(sizeof(float)) : 0;
+}
+
+cudaError_t fused_linear_forward(const Linear4bitProblem& p, const void* x, const void* bias, void* y,
+                                 float* workspace, int num_sms, cudaStream_t stream) {
+  QLORA_NVTX_RANGE_FN();
+  if (!valid(p)) return cudaErrorInvalidValue;
+  return p.bf16 ? launch_forward<true>(p, x, bias, y, workspace, num_sms, stream)
+                : launch_forward<false>(p, x, bias, y, workspace, num_sms, stream);
+}
+
+cudaError_t fused_linear_grad_input(const Linear4bitProblem& p, const void* dy, void* dx, float* workspace,
+                                    int num_sms, cudaStream_t stream) {
+  QLORA_NVTX_RANGE_FN();
+  if (!valid(p)) return cudaErrorInvalidValue;
+  return p.bf16 ? launch_grad_input<true>(p, dy, dx, workspace, num_sms, stream)
+                : launch_grad_input<false>(p, dy, dx, workspace, num_sms, stream);
+}
+
+}  // namespace qlora::cuda

@@ -1,0 +1,38 @@
+// Launchers of the fused 4-bit GEMM kernels for small M (decode and small batches): the weight is decoded
+// from its packed codes straight into tensor-core fragments, so the dense W never touches memory.
+// Torch-free: raw pointers and a stream; each returns the first CUDA error.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "numeric_core.h"
+
+namespace qlora::cuda {
+
+// The largest M the small-M kernels take (four 16-row tensor-core tiles).
+constexpr int64_t kFusedMaxM = 64;
+
+struct Linear4bitProblem {
+  int64_t m = 0, n = 0, k = 0;   // x [m, k], W [n, k] (k a multiple of 64), y [m, n]
+  int blocksize = 64;            // must be 64 for these kernels
+  bool bf16 = true;              // activations bf16 (true) or fp16 (false)
+  const uint8_t* codes = nullptr;
+  AbsmaxSource absmax;
+  CodeBook codebook;
+};
+
+// Bytes of fp32 scratch space the launchers need (split-K partial sums), for the given problem.
+int64_t fused_forward_workspace_bytes(const Linear4bitProblem& p, int num_sms);
+int64_t fused_grad_input_workspace_bytes(const Linear4bitProblem& p, int num_sms);
+
+// y [m, n] = x [m, k] @ W^T (+ bias [n]); x, y, bias in the activation dtype, 16-byte aligned x.
+cudaError_t fused_linear_forward(const Linear4bitProblem& p, const void* x, const void* bias, void* y,
+                                 float* workspace, int num_sms, cudaStream_t stream);
+
+// dx [m, k] = dy [m, n] @ W.
+cudaError_t fused_linear_grad_input(const Linear4bitProblem& p, const void* dy, void* dx, float* workspace,
+                                    int num_sms, cudaStream_t stream);
+
+}  // namespace qlora::cuda

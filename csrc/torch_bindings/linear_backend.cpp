@@ -1,0 +1,32 @@
+// The process-wide linear_4bit backend switch (see linear_backend.h).
+#include "linear_backend.h"
+
+#include <c10/util/Exception.h>
+
+#include <atomic>
+
+namespace qlora::ops {
+namespace {
+std::atomic<int> g_backend{static_cast<int>(LinearBackend::Auto)};
+}
+
+LinearBackend linear_backend() { return static_cast<LinearBackend>(g_backend.load(std::memory_order_relaxed)); }
+
+void set_linear_backend(const std::string& name) {
+  LinearBackend b;
+  if (name == "auto") b = LinearBackend::Auto;
+  else if (name == "fused") b = LinearBackend::Fused;
+  else if (name == "dequant") b = LinearBackend::Dequant;
+  else TORCH_CHECK_VALUE(false, "backend must be 'auto', 'fused' or 'dequant', got '", name, "'");
+  g_backend.store(static_cast<int>(b));
+}
+
+std::string linear_backend_name() {
+  switch (linear_backend()) {
+    case LinearBackend::Fused: return "fused";
+    case LinearBackend::Dequant: return "dequant";
+    default: return "auto";
+  }
+}
+
+}  // namespace qlora::ops
