@@ -5,7 +5,8 @@
 #
 #   bash bench/gpu_check.sh --commit SHA [--only build,tests,sanitizer,bench] [--out DIR]
 #
-# Parts: build (always run when another part needs it), tests, sanitizer, bench. Results go to
+# Parts: build (always run when another part needs it), tests, sanitizer, bench (kernels, optimizer and
+# the paper-claims study item 5: one QLoRA step of 7B- and 65B-shaped models). Results go to
 # $OUT (the device tool's output folder) or --out, default bench/out/: gpu_check.md, gpu_check.json,
 # junit.xml, gpu_check.log. Wheels of peers (bitsandbytes) are installed from .whl/ when present
 # (see bench/README.md). Keep the whole run under 5 minutes.
@@ -80,6 +81,7 @@ if want bench && [ "$(cut -d' ' -f1 "$status/build")" = 0 ]; then
   part bench_quantize 120 python3 bench/bench_quantize_cuda.py --json "$out/bench_quantize_cuda.json"
   part bench_linear 150 python3 bench/bench_linear_cuda.py --json "$out/bench_linear_cuda.json"
   part bench_optim 240 python3 bench/bench_optim.py --device cuda --json "$out/bench_optim.json"
+  part train_study_gpu 300 python3 -m qlora_ext.train study --items 5 --out "$out/study" --no-progress
   [ -x build/cmake/quantize_harness ] && part harness_bench 60 build/cmake/quantize_harness
 fi
 
