@@ -8,7 +8,7 @@
 # Parts: build (always run when another part needs it), tests, sanitizer, bench (kernels, optimizer and
 # the paper-claims study item 5: one QLoRA step of 7B- and 65B-shaped models). Results go to
 # $OUT (the device tool's output folder) or --out, default bench/out/: gpu_check.md, gpu_check.json,
-# junit.xml, gpu_check.log. Wheels of peers (bitsandbytes) are installed from .whl/ when present
+# gpu_check.log, the benchmarks' JSON and study/ (8 files: what the device tool brings back). Wheels of peers (bitsandbytes) are installed from .whl/ when present
 # (see bench/README.md). Keep the whole run under 5 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +25,8 @@ while [ $# -gt 0 ]; do
 done
 mkdir -p "$out"
 log="$out/gpu_check.log"; : > "$log"
-status="$out/status"; mkdir -p "$status"   # one file per part: its exit code and seconds
+# Scratch (not $OUT, which brings back 8 files at most): env.txt, junit.xml, status/<part> = "rc seconds".
+scratch=$(mktemp -d); status="$scratch/status"; mkdir -p "$status"
 want() { case ",$only," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 part() {  # part NAME TIMEOUT_S COMMAND...: runs a part with a time limit, logs it, records rc and seconds
   local name=$1 limit=$2; shift 2
@@ -50,14 +51,14 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1 | sed 's/^/gpu: /'
   python3 -c "import torch,sys; print('python:', sys.version.split()[0]); print('torch:', torch.__version__, 'cuda', torch.version.cuda)"
   nvcc --version | tail -n 2 | head -n 1 | sed 's/^/nvcc: /'
-} > "$out/env.txt" 2>&1
-cat "$out/env.txt" | tee -a "$log"
+} > "$scratch/env.txt" 2>&1
+tee -a "$log" < "$scratch/env.txt"
 
 if want build || want tests || want bench || want sanitizer; then
   part build 240 python3 setup.py build_ext --inplace || { echo "build failed: nothing else can run"; }
 fi
 if want tests && [ "$(cut -d' ' -f1 "$status/build")" = 0 ]; then
-  part tests 150 python3 -m pytest tests -q -rs -p no:cacheprovider --junitxml="$out/junit.xml"
+  part tests 150 python3 -m pytest tests -q -rs -p no:cacheprovider --junitxml="$scratch/junit.xml"
 fi
 if want sanitizer && [ "$(cut -d' ' -f1 "$status/build")" = 0 ]; then
   if command -v compute-sanitizer >/dev/null; then
@@ -85,5 +86,5 @@ if want bench && [ "$(cut -d' ' -f1 "$status/build")" = 0 ]; then
   [ -x build/cmake/quantize_harness ] && part harness_bench 60 build/cmake/quantize_harness
 fi
 
-python3 bench/gpu_report.py --out "$out" --commit "$commit"
-rm -rf "$status"
+python3 bench/gpu_report.py --out "$out" --scratch "$scratch" --commit "$commit"
+rm -rf "$scratch"

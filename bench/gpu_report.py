@@ -1,6 +1,7 @@
 """Writes the GPU check's report (gpu_check.md + gpu_check.json) from what bench/gpu_check.sh left in
-its output folder: env.txt, status/<part> ("rc seconds"), junit.xml, gpu_check.log and bench_*.json
-(each with a "goals" dict of {name: {"goal", "value", "met"}})."""
+its scratch folder (env.txt, status/<part> = "rc seconds", junit.xml) and its output folder
+(gpu_check.log, bench_*.json, each with a "goals" dict of {name: {"goal", "value", "met"}}, and
+study/study.md from the paper-claims study's GPU item)."""
 import argparse
 import glob
 import json
@@ -9,9 +10,9 @@ import re
 import xml.etree.ElementTree as ET
 
 
-def read_env(out):
+def read_env(scratch):
     env = {}
-    path = os.path.join(out, "env.txt")
+    path = os.path.join(scratch, "env.txt")
     if os.path.exists(path):
         for line in open(path):
             if ":" in line:
@@ -20,16 +21,16 @@ def read_env(out):
     return env
 
 
-def read_parts(out):
+def read_parts(scratch):
     parts = {}
-    for path in sorted(glob.glob(os.path.join(out, "status", "*"))):
+    for path in sorted(glob.glob(os.path.join(scratch, "status", "*"))):
         rc, seconds = open(path).read().split()
         parts[os.path.basename(path)] = {"rc": int(rc), "seconds": int(seconds)}
     return parts
 
 
-def read_junit(out):
-    path = os.path.join(out, "junit.xml")
+def read_junit(scratch):
+    path = os.path.join(scratch, "junit.xml")
     if not os.path.exists(path):
         return None
     counts = {"passed": 0, "failed": 0, "skipped": 0, "cuda_passed": 0, "cuda_skipped": 0}
@@ -80,10 +81,12 @@ def read_goals(out):
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--scratch", required=True)
     ap.add_argument("--commit", default="unknown")
     args = ap.parse_args()
-    report = {"commit": args.commit, "env": read_env(args.out), "parts": read_parts(args.out),
-              "tests": read_junit(args.out), "sanitizer": read_sanitizer(args.out), "goals": read_goals(args.out)}
+    report = {"commit": args.commit, "env": read_env(args.scratch), "parts": read_parts(args.scratch),
+              "tests": read_junit(args.scratch), "sanitizer": read_sanitizer(args.out),
+              "goals": read_goals(args.out)}
     with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
         json.dump(report, f, indent=2)
 
@@ -110,6 +113,9 @@ def main():
     lines += ["", "## Benchmark goals", "", "| goal | measured | target | met |", "| --- | --- | --- | --- |"]
     lines += [f"| {k} | {g['value']:.3g} | {g['goal']} | {'met' if g['met'] else 'NOT met'} |"
               for k, g in report["goals"].items() if g.get("value") is not None]
+    study = os.path.join(args.out, "study", "study.md")
+    if os.path.exists(study):
+        lines += ["", "## Paper claims on the GPU (qlora-train study --items 5)", "", open(study).read()]
     lines.append("")
     with open(os.path.join(args.out, "gpu_check.md"), "w") as f:
         f.write("\n".join(lines))
