@@ -53,7 +53,7 @@ import time
 
 import torch
 
-from cuda_timer import FLUSH_BYTES, Timer  # bench/ is on sys.path when run as a script
+from cuda_bench import FLUSH_BYTES, Timer, cuda_unavailable_reason  # bench/ is on sys.path when run as a script
 
 BLOCKSIZE = 64
 QUANT_TYPE = "nf4"
@@ -151,24 +151,15 @@ def main(argv=None) -> int:
         ap.error("--reps must be positive, --warmup non-negative")
     shapes = [GOAL_SHAPE] if args.quick else args.shapes
 
-    if not torch.cuda.is_available():
-        print("bench_linear_cuda: no CUDA device is available (torch.cuda.is_available() is False; torch "
-              f"{torch.__version__}, CUDA build {torch.version.cuda}); run it on a machine with an NVIDIA GPU.",
-              file=sys.stderr)
+    reason = cuda_unavailable_reason("bench_linear_cuda")
+    if reason:
+        print(reason, file=sys.stderr)
         return 2
     import qlora_ext
 
     info = qlora_ext.build_info()
-    if not info.get("cuda"):
-        print("bench_linear_cuda: qlora_ext was built without CUDA kernels (CPU-only build); rebuild it with "
-              "CUDA available (pip install --no-build-isolation -e .).", file=sys.stderr)
-        return 2
     dev = torch.device("cuda")
     props = torch.cuda.get_device_properties(dev)
-    if (props.major, props.minor) < (8, 0):
-        print(f"bench_linear_cuda: {props.name} is compute capability {props.major}.{props.minor}; qlora_ext "
-              "needs 8.0+.", file=sys.stderr)
-        return 2
 
     set_backend = getattr(qlora_ext._C, "set_linear_backend", None)
     get_backend = getattr(qlora_ext._C, "linear_backend", None)

@@ -38,7 +38,7 @@ import sys
 
 import torch
 
-from cuda_timer import FLUSH_BYTES, Timer  # bench/ is on sys.path when run as a script
+from cuda_bench import FLUSH_BYTES, Timer, cuda_unavailable_reason  # bench/ is on sys.path when run as a script
 
 DQ_GOAL_PCT = 90.0
 Q_GOAL_PCT = 80.0
@@ -79,24 +79,15 @@ def main(argv=None) -> int:
     if args.size < 1 or args.reps < 1 or args.warmup < 0:
         ap.error("--size and --reps must be positive, --warmup non-negative")
 
-    if not torch.cuda.is_available():
-        print("bench_quantize_cuda: no CUDA device is available (torch.cuda.is_available() is False; torch "
-              f"{torch.__version__}, CUDA build {torch.version.cuda}). Run it on a machine with an NVIDIA GPU; "
-              "bench/bench_quantize_cpu.py is the CPU benchmark.", file=sys.stderr)
+    reason = cuda_unavailable_reason("bench_quantize_cuda")
+    if reason:
+        print(reason, file=sys.stderr)
         return 2
     import qlora_ext
 
     info = qlora_ext.build_info()
-    if not info.get("cuda"):
-        print("bench_quantize_cuda: qlora_ext was built without CUDA kernels (CPU-only build); rebuild it with "
-              "CUDA available (pip install --no-build-isolation -e .).", file=sys.stderr)
-        return 2
     dev = torch.device("cuda")
     props = torch.cuda.get_device_properties(dev)
-    if (props.major, props.minor) < (8, 0):
-        print(f"bench_quantize_cuda: {props.name} is compute capability {props.major}.{props.minor}; qlora_ext "
-              "needs 8.0+.", file=sys.stderr)
-        return 2
 
     bnbF, bnb_version, bnb_err = _load_bnb()
     ops = torch.ops.qlora_ext

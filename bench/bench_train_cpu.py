@@ -11,7 +11,6 @@ Goal (issue 5): qlora_ext >= 1.3x the peer's tokens/s with an eval loss within 1
 """
 import argparse
 import json
-import math
 import os
 import sys
 import time

@@ -1,12 +1,29 @@
-"""CUDA-event timing shared by the CUDA benchmarks: the median of many runs, each starting with the L2 cache
-flushed (a 256 MB buffer is zeroed outside the timed region) and, optionally, with the stream padded by a
-~1 ms device-side sleep so the host's launch time stays out of the measurement."""
+"""Pieces shared by the CUDA benchmarks: the device check, and CUDA-event timing (the median of many runs,
+each starting with the L2 cache flushed by zeroing a 256 MB buffer outside the timed region and, optionally,
+with the stream padded by a ~1 ms device-side sleep so the host's launch time stays out of the measurement)."""
 import statistics
 import time
 
 import torch
 
 FLUSH_BYTES = 256 << 20  # several times the H200's 60 MB L2
+
+
+def cuda_unavailable_reason(name: str):
+    """None when a CUDA device of compute capability 8.0+ and a CUDA build of qlora_ext are there, else the
+    one-line reason the benchmark `name` cannot run."""
+    if not torch.cuda.is_available():
+        return (f"{name}: no CUDA device is available (torch.cuda.is_available() is False; torch "
+                f"{torch.__version__}, CUDA build {torch.version.cuda}); run it on a machine with an NVIDIA GPU.")
+    import qlora_ext
+
+    if not qlora_ext.build_info().get("cuda"):
+        return (f"{name}: qlora_ext was built without CUDA kernels (CPU-only build); rebuild it with CUDA "
+                "available (pip install --no-build-isolation -e .).")
+    props = torch.cuda.get_device_properties(0)
+    if (props.major, props.minor) < (8, 0):
+        return f"{name}: {props.name} is compute capability {props.major}.{props.minor}; qlora_ext needs 8.0+."
+    return None
 
 
 class Timer:
