@@ -13,7 +13,8 @@ def main() -> None:
         print(f"  CUDA kernels: yes (CUDA {rt // 1000}.{rt % 1000 // 10}, archs {info['cuda_arch_list']})")
     else:
         print("  CUDA kernels: no (CPU-only build)")
-    print(f"  CPU AVX2 paths: {'on' if info['cpu_simd'] else 'off'}")
+    print(f"  CPU SIMD paths: AVX2 {'on' if info['cpu_simd'] else 'off'}, "
+          f"AVX-512 {'on' if info['cpu_avx512'] else 'off'}")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)

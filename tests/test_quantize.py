@@ -138,11 +138,13 @@ def test_empty_tensor():
 
 
 def test_cpu_simd_and_scalar_paths_agree(rng):
+    """Scalar, AVX2 and AVX-512 paths (as far as this CPU has them) give the same bits."""
     if not _C.build_info()["cpu_simd"]:
         pytest.skip("no AVX2 on this CPU: only the scalar path exists")
     results = []
-    for simd in (True, False):
+    for simd, avx512 in ((True, True), (True, False), (False, False)):
         _C.set_cpu_simd(simd)
+        _C.set_cpu_avx512(avx512)
         try:
             out = []
             for quant_type in QUANT_TYPES:
@@ -154,9 +156,11 @@ def test_cpu_simd_and_scalar_paths_agree(rng):
             results.append(out)
         finally:
             _C.set_cpu_simd(True)
-    for a, b in zip(*results):
-        for ta, tb in zip(a, b):
-            assert torch.equal(ta, tb)
+            _C.set_cpu_avx512(True)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            for ta, tb in zip(a, b):
+                assert torch.equal(ta, tb)
 
 
 @pytest.mark.cuda

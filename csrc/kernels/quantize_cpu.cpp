@@ -169,19 +169,52 @@ __attribute__((target("avx2,f16c"))) void dequantize_block_avx2(const uint8_t* c
   }
 }
 
+// AVX-512 dequantize: one 16-entry vpermps decodes 16 codes, so a block takes a quarter of the AVX2 steps.
+__attribute__((target("avx512f,avx512bw"))) void dequantize_block_avx512(const uint8_t* codes, float amax,
+                                                                        int64_t start, int n, const CodeBook& cb,
+                                                                        void* dst, FloatFormat fmt) {
+  const __m512 table = _mm512_loadu_ps(cb.value);
+  const __m512 scale = _mm512_set1_ps(amax);
+  const __m128i low_nibbles = _mm_set1_epi8(0x0F);
+  for (int i = 0; i < n; i += 16) {
+    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + (start + i) / 2));
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low_nibbles);
+    const __m128i lo = _mm_and_si128(bytes, low_nibbles);
+    const __m512i idx = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo));  // element order: hi0, lo0, hi1, ...
+    const __m512 v = _mm512_mul_ps(_mm512_permutexvar_ps(idx, table), scale);
+    if (fmt == FloatFormat::F32) {
+      _mm512_storeu_ps(static_cast<float*>(dst) + i, v);
+    } else if (fmt == FloatFormat::F16) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(dst) + i),
+                          _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    } else {  // bf16 by integer rounding (vcvtneps2bf16 would flush subnormals to zero)
+      const __m512i bits = _mm512_castps_si512(v);
+      const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+      const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(dst) + i), _mm512_cvtepi32_epi16(r));
+    }
+  }
+}
+
 bool cpu_has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c"); }
+bool cpu_has_avx512() { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"); }
 #else
 bool cpu_has_avx2() { return false; }
+bool cpu_has_avx512() { return false; }
 #endif
 
 std::atomic<bool> g_simd{true};
+std::atomic<bool> g_avx512{true};
 
 inline bool use_simd() { return g_simd.load(std::memory_order_relaxed) && cpu_has_avx2(); }
+inline bool use_avx512() { return use_simd() && g_avx512.load(std::memory_order_relaxed) && cpu_has_avx512(); }
 
 }  // namespace
 
 bool simd_enabled() { return use_simd(); }
 void set_simd_enabled(bool on) { g_simd.store(on); }
+bool avx512_enabled() { return use_avx512(); }
+void set_avx512_enabled(bool on) { g_avx512.store(on); }
 
 int64_t quantize_4bit_blocks(const void* x, FloatFormat fmt, int64_t numel, int blocksize, const CodeBook& cb,
                              uint8_t* codes, float* absmax, int64_t block_begin, int64_t block_end) {
@@ -207,7 +240,7 @@ namespace {
 void dequantize_blocks_to(const uint8_t* codes, const AbsmaxSource& absmax, int64_t numel, int blocksize,
                           const CodeBook& cb, void* out, int64_t out_first_element, FloatFormat fmt,
                           int64_t block_begin, int64_t block_end) {
-  const bool simd = use_simd();
+  const bool simd = use_simd(), avx512 = use_avx512();
   char* out_bytes = static_cast<char*>(out);
   for (int64_t b = block_begin; b < block_end; ++b) {
     const int64_t start = b * blocksize;
@@ -215,6 +248,10 @@ void dequantize_blocks_to(const uint8_t* codes, const AbsmaxSource& absmax, int6
     const float amax = block_absmax(absmax, b);
     void* dst = out_bytes + (start - out_first_element) * element_bytes(fmt);
 #if QLORA_X86
+    if (avx512 && n == blocksize) {
+      dequantize_block_avx512(codes, amax, start, blocksize, cb, dst, fmt);
+      continue;
+    }
     if (simd && n == blocksize) {
       dequantize_block_avx2(codes, amax, start, blocksize, cb, dst, fmt);
       continue;
@@ -223,6 +260,7 @@ void dequantize_blocks_to(const uint8_t* codes, const AbsmaxSource& absmax, int6
     dequantize_block_scalar(codes, amax, start, n, cb, dst, fmt);
   }
   (void)simd;
+  (void)avx512;
 }
 }  // namespace
 

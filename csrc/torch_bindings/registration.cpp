@@ -44,6 +44,7 @@ pybind11::dict build_info() {
 #endif
   d["torch_version"] = std::string(TORCH_VERSION);
   d["cpu_simd"] = qlora::cpu::simd_enabled();
+  d["cpu_avx512"] = qlora::cpu::avx512_enabled();
   return d;
 }
 
@@ -80,6 +81,7 @@ PYBIND11_MODULE(_C, m) {
         "'dequant' (dequantize + cuBLAS)", pybind11::arg("backend"));
   m.def("linear_backend", &qlora::ops::linear_backend_name, "The current linear_4bit backend");
   m.def("set_cpu_simd", &qlora::cpu::set_simd_enabled, "Use (True) or bypass (False) the AVX2 CPU paths");
+  m.def("set_cpu_avx512", &qlora::cpu::set_avx512_enabled, "Use (True) or bypass (False) the AVX-512 CPU paths");
 #if defined(QLORA_WITH_CUDA)
   qlora::ops::register_paged_memory(m);  // managed-memory arenas of the paged optimizer
 #endif
