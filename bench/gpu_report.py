@@ -1,7 +1,7 @@
 """Writes the GPU check's report (gpu_check.md + gpu_check.json) from what bench/gpu_check.sh left in
 its scratch folder (env.txt, status/<part> = "rc seconds", junit.xml) and its output folder
 (gpu_check.log, bench_*.json, each with a "goals" dict of {name: {"goal", "value", "met"}}, and
-study/study.md from the paper-claims study's GPU item)."""
+the paper-claims study's GPU item, study/study.{md,json} in the scratch folder)."""
 import argparse
 import glob
 import json
@@ -78,6 +78,11 @@ def read_goals(out):
     return goals
 
 
+def read_study(scratch):
+    path = os.path.join(scratch, "study", "study.json")
+    return json.load(open(path)) if os.path.exists(path) else None
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", required=True)
@@ -86,7 +91,7 @@ def main():
     args = ap.parse_args()
     report = {"commit": args.commit, "env": read_env(args.scratch), "parts": read_parts(args.scratch),
               "tests": read_junit(args.scratch), "sanitizer": read_sanitizer(args.out),
-              "goals": read_goals(args.out)}
+              "goals": read_goals(args.out), "study": read_study(args.scratch)}
     with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
         json.dump(report, f, indent=2)
 
@@ -113,7 +118,7 @@ def main():
     lines += ["", "## Benchmark goals", "", "| goal | measured | target | met |", "| --- | --- | --- | --- |"]
     lines += [f"| {k} | {g['value']:.3g} | {g['goal']} | {'met' if g['met'] else 'NOT met'} |"
               for k, g in report["goals"].items() if g.get("value") is not None]
-    study = os.path.join(args.out, "study", "study.md")
+    study = os.path.join(args.scratch, "study", "study.md")
     if os.path.exists(study):
         lines += ["", "## Paper claims on the GPU (qlora-train study --items 5)", "", open(study).read()]
     lines.append("")
