@@ -77,26 +77,17 @@ def dense_llama(s, dev, seed, dtype):
     """The dense model with the weights build_quantized_llama draws for the same seed: built on the meta device,
     each module materialized on `dev` and filled in the same order (decoder layers, embed_tokens, norm, lm_head;
     norms 1, everything else N(0, 0.02) from one generator on `dev`)."""
-    from torch import nn
     from transformers import LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from qlora_ext.train.study import materialize_random_
 
     cfg = llama_config(s)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg).to(dtype)
     g = torch.Generator(device=dev).manual_seed(seed)
-
-    def materialize(module: nn.Module) -> None:
-        module.to_empty(device=dev, recurse=True)
-        with torch.no_grad():
-            for name, p in module.named_parameters():
-                if "norm" in name:
-                    p.fill_(1.0)
-                else:
-                    p.normal_(0.0, 0.02, generator=g)
-
     for module in [*model.model.layers, model.model.embed_tokens, model.model.norm, model.lm_head]:
-        materialize(module)
+        materialize_random_(module, dev, g)
     with torch.device(dev):
         model.model.rotary_emb = LlamaRotaryEmbedding(cfg)
     return model, cfg

@@ -19,7 +19,7 @@ import json
 import math
 import os
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 from torch import nn
@@ -231,6 +231,18 @@ def item4_memory(args, log) -> dict:
 
 
 # -- 5: one step of a 7B/65B-shaped model on the GPU ---------------------------------------------------
+def materialize_random_(module: nn.Module, device, generator: torch.Generator) -> None:
+    """Allocates a meta-device module's parameters on `device` and fills them as the study's random LLaMA:
+    norms 1, every other weight N(0, 0.02) from `generator`, in named_parameters order."""
+    module.to_empty(device=device, recurse=True)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=generator)
+
+
 def build_quantized_llama(s: LlamaShape, device, r: int = 64, seed: int = 0, quant_type: str = "nf4"):
     """A LlamaForCausalLM of shape s with random normal weights (std 0.02), built on the meta device and
     materialized one decoder layer at a time: each layer's bf16 weights are drawn on `device`, quantized
@@ -250,13 +262,7 @@ def build_quantized_llama(s: LlamaShape, device, r: int = 64, seed: int = 0, qua
     g = torch.Generator(device=dev).manual_seed(seed)
 
     def materialize(module: nn.Module) -> None:
-        module.to_empty(device=dev, recurse=True)
-        with torch.no_grad():
-            for name, p in module.named_parameters():
-                if "norm" in name:
-                    p.fill_(1.0)
-                else:
-                    p.normal_(0.0, 0.02, generator=g)
+        materialize_random_(module, dev, g)
 
     for layer in model.model.layers:
         materialize(layer)
