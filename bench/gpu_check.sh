@@ -59,7 +59,7 @@ if want build || want tests || want bench || want sanitizer; then
   part build 240 python3 setup.py build_ext --inplace || { echo "build failed: nothing else can run"; }
 fi
 if want tests && [ "$(cut -d' ' -f1 "$status/build")" = 0 ]; then
-  part tests 150 python3 -m pytest tests -q -rs -p no:cacheprovider --junitxml="$scratch/junit.xml"
+  part tests 200 python3 -m pytest tests -q -rs -p no:cacheprovider --junitxml="$scratch/junit.xml"
 fi
 if want sanitizer && [ "$(cut -d' ' -f1 "$status/build")" = 0 ]; then
   if command -v compute-sanitizer >/dev/null; then

@@ -174,25 +174,27 @@ def test_backend_switch():
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_cuda_forward_backward_every_backend(backend, dtype, m, n, k, double_quant):
     """Fresh inputs each run; outputs poisoned by the allocator fixture; odd M, N and K."""
-    q = make_weight(n, k, seed=m, double_quant=double_quant)
+    q = make_weight(n, k, seed=m, double_quant=double_quant)  # quantized on the CPU (the reference kernels)
     g = torch.Generator().manual_seed(n + k)
-    x = torch.randn(m, k, generator=g).to(dtype)
-    b = torch.randn(n, generator=g).to(dtype)
-    dy = torch.randn(m, n, generator=g).to(dtype)
-    w32 = qlora_ext.dequantize(q, torch.float32)
+    x = torch.randn(m, k, generator=g).to(dtype).cuda()
+    b = torch.randn(n, generator=g).to(dtype).cuda()
+    dy = torch.randn(m, n, generator=g).to(dtype).cuda()
+    # references on the GPU (fp32 without TF32, and plain torch in the low precision), from the CPU dequantization
+    assert not torch.backends.cuda.matmul.allow_tf32
+    w32 = qlora_ext.dequantize(q, torch.float32).cuda()
     ref_y, ref_dx = x.float() @ w32.t() + b.float(), dy.float() @ w32
     plain_y = (x @ w32.to(dtype).t() + b).float()
     plain_dx = (dy @ w32.to(dtype)).float()
     qc = q.to("cuda")
-    y = linear_4bit(x.cuda(), qc, b.cuda())
-    dx = ops.linear_4bit_grad_input(dy.cuda(), qc.codes, qc.absmax, qc.absmax_scale, qc.absmax_mean, 64, "nf4", k)
+    y = linear_4bit(x, qc, b)
+    dx = ops.linear_4bit_grad_input(dy, qc.codes, qc.absmax, qc.absmax_scale, qc.absmax_mean, 64, "nf4", k)
     assert y.shape == (m, n) and dx.shape == (m, k) and y.dtype == dtype and dx.dtype == dtype
     assert torch.isfinite(y).all() and torch.isfinite(dx).all()
     eps = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
-    assert rel_err(y.cpu(), ref_y) <= 2 * rel_err(plain_y, ref_y) + eps
-    assert rel_err(dx.cpu(), ref_dx) <= 2 * rel_err(plain_dx, ref_dx) + eps
+    assert rel_err(y, ref_y) <= 2 * rel_err(plain_y, ref_y) + eps
+    assert rel_err(dx, ref_dx) <= 2 * rel_err(plain_dx, ref_dx) + eps
     # deterministic: the split partial sums are added in a fixed order
-    assert torch.equal(linear_4bit(x.cuda(), qc, b.cuda()), y)
+    assert torch.equal(linear_4bit(x, qc, b), y)
 
 
 @pytest.mark.cuda
