@@ -125,9 +125,11 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        h = self.dropout(x).to(self.lora_A.dtype)
-        lora = F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling
-        return y + lora.to(y.dtype)
+        # alpha/r scales the rank-r intermediate, not the [..., out_features] product: r/out as many multiplies
+        t = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A) * self.scaling
+        if y.dtype == t.dtype:  # add B's product into y inside the GEMM (no separate pass over y)
+            return torch.addmm(y.reshape(-1, y.shape[-1]), t.reshape(-1, self.r), self.lora_B.t()).view(y.shape)
+        return y + F.linear(t, self.lora_B).to(y.dtype)
 
     @torch.no_grad()
     def merged_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

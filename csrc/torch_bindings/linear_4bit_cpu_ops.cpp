@@ -4,7 +4,6 @@
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -69,8 +68,13 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x, const at::Tensor& codes, const a
                                                   c10::DeviceType::CPU);
   check_bias(bias, x, a.n);
   const at::Tensor x2 = x.reshape({-1, a.k}).contiguous();
-  at::Tensor y = at::empty({x2.size(0), a.n}, x2.options());
   const WeightTiles w(codes, absmax, absmax_scale, absmax_mean, blocksize, a);
+  if (w.rows_per_tile() >= a.n) {  // one tile (most layers): the GEMM writes y itself
+    const at::Tensor tile = w.rows(0, a.n, x2.scalar_type());
+    const at::Tensor y = bias.has_value() ? at::addmm(*bias, x2, tile.t()) : at::mm(x2, tile.t());
+    return y.view(with_last_dim(x, a.n));
+  }
+  at::Tensor y = at::empty({x2.size(0), a.n}, x2.options());
   for (int64_t r0 = 0; r0 < a.n; r0 += w.rows_per_tile()) {
     const int64_t r1 = std::min(a.n, r0 + w.rows_per_tile());
     const at::Tensor tile = w.rows(r0, r1, x2.scalar_type());
@@ -93,11 +97,16 @@ at::Tensor linear_4bit_grad_input_cpu(const at::Tensor& grad_out, const at::Tens
   const at::Tensor dy = grad_out.reshape({-1, a.n}).contiguous();
   // Accumulate over the N tiles in float32 (float64 for float64), round once at the end.
   const at::ScalarType acc_t = dy.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor acc = at::zeros({dy.size(0), a.k}, dy.options().dtype(acc_t));
   const WeightTiles w(codes, absmax, absmax_scale, absmax_mean, blocksize, a);
+  at::Tensor acc;  // the first tile's product starts the sum (no zero fill), later tiles add into it
   for (int64_t r0 = 0; r0 < a.n; r0 += w.rows_per_tile()) {
     const int64_t r1 = std::min(a.n, r0 + w.rows_per_tile());
-    acc.addmm_(dy.narrow(1, r0, r1 - r0).to(acc_t), w.rows(r0, r1, acc_t));
+    const at::Tensor dy_tile = dy.narrow(1, r0, r1 - r0).to(acc_t), w_tile = w.rows(r0, r1, acc_t);
+    if (r0 == 0) {
+      acc = at::mm(dy_tile, w_tile);
+    } else {
+      acc.addmm_(dy_tile, w_tile);
+    }
   }
   return acc.to(dy.scalar_type()).view(with_last_dim(grad_out, a.k));
 }
