@@ -15,32 +15,17 @@
 #include "../kernels/quantize_cuda.h"
 #include "linear_backend.h"
 #include "linear_4bit_common.h"
+#include "quantized_tensors.h"
 
 namespace qlora::ops {
 namespace {
 
-AbsmaxSource absmax_source(const at::Tensor& absmax, const std::optional<at::Tensor>& scale,
-                           const std::optional<at::Tensor>& mean, bool double_quant) {
-  AbsmaxSource src;
-  if (double_quant) {
-    src.fp8 = absmax.data_ptr<uint8_t>();
-    src.chunk_scale = scale->data_ptr<float>();
-    src.mean = mean->data_ptr<float>();
-  } else {
-    src.f32 = absmax.data_ptr<float>();
-  }
-  return src;
-}
-
 at::Tensor dequantize_weight(const at::Tensor& codes, const at::Tensor& absmax,
                              const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& mean,
                              int64_t blocksize, const Linear4bitArgs& a, at::ScalarType dtype) {
-  const at::Tensor c = codes.contiguous(), am = absmax.contiguous();
-  const at::Tensor scale_c = a.double_quant ? scale->contiguous() : at::Tensor();
-  const at::Tensor mean_c = a.double_quant ? mean->contiguous() : at::Tensor();
-  const AbsmaxSource src = absmax_source(am, scale_c, mean_c, a.double_quant);
-  at::Tensor w = at::empty({a.n, a.k}, c.options().dtype(dtype));
-  C10_CUDA_CHECK(cuda::dequantize_4bit(c.data_ptr<uint8_t>(), src, a.n * a.k, int(blocksize),
+  const QuantizedTensors q(codes, absmax, scale, mean, a.double_quant);
+  at::Tensor w = at::empty({a.n, a.k}, q.codes.options().dtype(dtype));
+  C10_CUDA_CHECK(cuda::dequantize_4bit(q.codes.data_ptr<uint8_t>(), q.source, a.n * a.k, int(blocksize),
                                        make_codebook(a.quant_type), w.data_ptr(), float_format(dtype, "x"),
                                        at::cuda::getCurrentCUDAStream()));
   return w;
@@ -52,42 +37,27 @@ bool use_fused(int64_t m, at::ScalarType dtype, int64_t blocksize) {
   return applies && linear_backend() == LinearBackend::Fused;
 }
 
-// The inputs of the fused kernels: contiguous, 16-byte aligned activations and constants.
+// The inputs of the fused kernels: the weight's buffers (kept alive) and the problem pointing into them.
 struct FusedInputs {
-  at::Tensor codes, absmax, scale, mean;
+  QuantizedTensors weight;
   cuda::Linear4bitProblem problem;
   int num_sms = 0;
-};
 
-FusedInputs fused_inputs(const at::Tensor& codes, const at::Tensor& absmax, const std::optional<at::Tensor>& scale,
-                         const std::optional<at::Tensor>& mean, int64_t blocksize, const Linear4bitArgs& a,
-                         int64_t m, at::ScalarType dtype) {
-  FusedInputs f;
-  f.codes = codes.contiguous();  // the kernels read 8-byte words of codes
-  if (reinterpret_cast<uintptr_t>(f.codes.data_ptr()) % 16 != 0) f.codes = f.codes.clone();
-  f.absmax = absmax.contiguous();
-  if (a.double_quant) {
-    f.scale = scale->contiguous();
-    f.mean = mean->contiguous();
+  FusedInputs(const at::Tensor& codes, const at::Tensor& absmax, const std::optional<at::Tensor>& scale,
+              const std::optional<at::Tensor>& mean, int64_t blocksize, const Linear4bitArgs& a, int64_t m,
+              at::ScalarType dtype)
+      : weight(codes, absmax, scale, mean, a.double_quant) {
+    problem.m = m;
+    problem.n = a.n;
+    problem.k = a.k;
+    problem.blocksize = int(blocksize);
+    problem.bf16 = dtype == at::kBFloat16;
+    problem.codes = weight.codes.data_ptr<uint8_t>();
+    problem.absmax = weight.source;
+    problem.codebook = make_codebook(a.quant_type);
+    num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   }
-  cuda::Linear4bitProblem& p = f.problem;
-  p.m = m;
-  p.n = a.n;
-  p.k = a.k;
-  p.blocksize = int(blocksize);
-  p.bf16 = dtype == at::kBFloat16;
-  p.codes = f.codes.data_ptr<uint8_t>();
-  p.absmax = absmax_source(f.absmax, f.scale, f.mean, a.double_quant);
-  p.codebook = make_codebook(a.quant_type);
-  f.num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  return f;
-}
-
-at::Tensor aligned_rows(const at::Tensor& t, int64_t cols) {
-  at::Tensor c = t.reshape({-1, cols}).contiguous();
-  if (reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone();
-  return c;
-}
+};
 
 at::Tensor linear_4bit_cuda(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& absmax,
                             const std::optional<at::Tensor>& absmax_scale,
@@ -100,8 +70,8 @@ at::Tensor linear_4bit_cuda(const at::Tensor& x, const at::Tensor& codes, const 
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t m = x.numel() / a.k;
   if (use_fused(m, x.scalar_type(), blocksize)) {
-    const FusedInputs f = fused_inputs(codes, absmax, absmax_scale, absmax_mean, blocksize, a, m, x.scalar_type());
-    const at::Tensor x2 = aligned_rows(x, a.k);
+    const FusedInputs f(codes, absmax, absmax_scale, absmax_mean, blocksize, a, m, x.scalar_type());
+    const at::Tensor x2 = aligned_contiguous(x.reshape({-1, a.k}));
     const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
     at::Tensor y = at::empty({m, a.n}, x2.options());
     at::Tensor ws = at::empty({cuda::fused_forward_workspace_bytes(f.problem, f.num_sms) / 4},
@@ -127,8 +97,7 @@ at::Tensor linear_4bit_grad_input_cuda(const at::Tensor& grad_out, const at::Ten
   const c10::cuda::CUDAGuard guard(grad_out.device());
   const int64_t m = grad_out.numel() / a.n;
   if (use_fused(m, grad_out.scalar_type(), blocksize)) {
-    const FusedInputs f =
-        fused_inputs(codes, absmax, absmax_scale, absmax_mean, blocksize, a, m, grad_out.scalar_type());
+    const FusedInputs f(codes, absmax, absmax_scale, absmax_mean, blocksize, a, m, grad_out.scalar_type());
     const at::Tensor dy2 = grad_out.reshape({-1, a.n}).contiguous();
     at::Tensor dx = at::empty({m, a.k}, dy2.options());
     at::Tensor ws = at::empty({cuda::fused_grad_input_workspace_bytes(f.problem, f.num_sms) / 4},

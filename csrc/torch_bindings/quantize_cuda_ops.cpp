@@ -11,6 +11,7 @@
 
 #include "../kernels/quantize_cuda.h"
 #include "op_checks.h"
+#include "quantized_tensors.h"
 
 namespace qlora::ops {
 namespace {
@@ -20,13 +21,6 @@ void check_compute_capability(const at::Tensor& t) {
   const cudaDeviceProp* p = at::cuda::getDeviceProperties(t.device().index());
   TORCH_CHECK(p->major >= 8, "qlora_ext needs a GPU of compute capability 8.0 or newer (bf16 tensor cores); ",
               p->name, " on ", t.device(), " is ", p->major, ".", p->minor);
-}
-
-// The kernels use 16-byte vector loads and stores: a view with an odd storage offset is copied.
-at::Tensor aligned_contiguous(const at::Tensor& t) {
-  at::Tensor c = t.contiguous();
-  if (reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone();
-  return c;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_4bit_cuda(const at::Tensor& x, int64_t blocksize,
@@ -83,20 +77,9 @@ at::Tensor dequantize_4bit_cuda(const at::Tensor& codes, const at::Tensor& absma
                                               c10::DeviceType::CUDA);
   check_compute_capability(codes);
   const c10::cuda::CUDAGuard guard(codes.device());
-  const at::Tensor c = aligned_contiguous(codes), am = absmax.contiguous();
-  at::Tensor scale_c, mean_c;
-  AbsmaxSource src;
-  if (a.double_quant) {
-    scale_c = chunk_scale->contiguous();
-    mean_c = mean->contiguous();
-    src.fp8 = static_cast<const uint8_t*>(am.data_ptr());
-    src.chunk_scale = scale_c.data_ptr<float>();
-    src.mean = mean_c.data_ptr<float>();
-  } else {
-    src.f32 = am.data_ptr<float>();
-  }
-  at::Tensor out = at::empty(shape, c.options().dtype(dtype));
-  C10_CUDA_CHECK(cuda::dequantize_4bit(c.data_ptr<uint8_t>(), src, a.numel, int(blocksize),
+  const QuantizedTensors q(codes, absmax, chunk_scale, mean, a.double_quant);
+  at::Tensor out = at::empty(shape, q.codes.options().dtype(dtype));
+  C10_CUDA_CHECK(cuda::dequantize_4bit(q.codes.data_ptr<uint8_t>(), q.source, a.numel, int(blocksize),
                                        make_codebook(a.quant_type), out.data_ptr(), a.out_format,
                                        at::cuda::getCurrentCUDAStream()));
   return out;
