@@ -91,6 +91,27 @@ torch.library.register_autograd("qlora_ext::linear_4bit", _linear_4bit_backward,
                                 setup_context=_linear_4bit_setup_context)
 
 
+@torch.library.register_fake("qlora_ext::dropout")
+def _dropout_fake(x, seed, p):
+    torch._check(seed.numel() == 1, lambda: f"seed must have one element, got {seed.numel()}")
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def _dropout_setup_context(ctx, inputs, output):
+    x, seed, p = inputs
+    ctx.save_for_backward(seed)
+    ctx.p = p
+
+
+def _dropout_backward(ctx, grad_out):
+    # The mask is a function of (seed, index): the same call on the gradient applies the same mask and scale.
+    (seed,) = ctx.saved_tensors
+    return ops.dropout(grad_out, seed, ctx.p), None, None
+
+
+torch.library.register_autograd("qlora_ext::dropout", _dropout_backward, setup_context=_dropout_setup_context)
+
+
 @torch.library.register_fake("qlora_ext::adamw_step_")
 def _adamw_step_fake(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay, maximize):
     torch._check(len(grads) == len(params) and len(exp_avgs) == len(params) and len(exp_avg_sqs) == len(params)

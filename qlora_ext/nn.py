@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ._ops import ops
 from .linear import linear_4bit
 from .quantize import QuantState, dequantize, quantize
 
@@ -91,6 +92,30 @@ class Linear4bit(nn.Module):
                 f"quant_type={self.quant_type}, blocksize={self.blocksize}, double_quant={self.double_quant}")
 
 
+class Dropout(nn.Module):
+    """nn.Dropout with a counter-based mask (the qlora_ext::dropout op): the mask is a function of a seed drawn
+    from torch's CPU generator and of the element index, so backward regenerates it instead of storing it, and
+    the CPU kernel generates it with vector code (torch's CPU dropout draws its Bernoulli mask one element at
+    a time: it was a sixth of a LoRA training step on CPU). Same distribution and scaling as nn.Dropout, not
+    the same mask; reproducible under torch.manual_seed and across gradient-checkpoint recomputation, which
+    restores the CPU generator."""
+
+    def __init__(self, p: float = 0.5):
+        super().__init__()
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1], got {p}")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        seed = torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64)
+        return ops.dropout(x, seed, self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 class LoRALinear(nn.Module):
     """base(x) + dropout(x) @ A^T @ B^T * (alpha / r), with the base frozen.
 
@@ -113,7 +138,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=device, dtype=adapter_dtype))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=device, dtype=adapter_dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
 
     @property
     def in_features(self) -> int:
