@@ -68,6 +68,8 @@ if want sanitizer && [ "$(cut -d' ' -f1 "$status/build")" = 0 ]; then
     part racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 1 build/cmake/quantize_harness 65 4161 64 --no-bench
     part memcheck_pytest 150 compute-sanitizer --tool memcheck --error-exitcode 1 \
       python3 -m pytest tests/test_quantize.py -q -p no:cacheprovider -k "cuda_matches_cpu and nf4 and bfloat16"
+    part memcheck_dropout 60 compute-sanitizer --tool memcheck --error-exitcode 1 \
+      python3 -m pytest tests/test_dropout.py -q -p no:cacheprovider -k "cuda and (bit_exact and 4097 or backward)"
     part memcheck_optim 120 compute-sanitizer --tool memcheck --error-exitcode 1 \
       python3 -m pytest tests/test_optim.py -q -p no:cacheprovider -k "cuda and (unaligned or page_out or bfloat16-True)"
     part memcheck_linear 120 compute-sanitizer --tool memcheck --error-exitcode 1 \
