@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Iterable, Optional
 
 import torch
@@ -202,7 +203,9 @@ def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = No
     LoRALinear(frozen nn.Linear) when quant_type is "none" (16-bit LoRA), and freezes everything else.
 
     target_modules: names matched against the last component of each module's name (e.g. "q_proj"), or
-    full dotted names; default: every nn.Linear except those named in `exclude`. Returns the model;
+    full dotted names; default: every nn.Linear except those named in `exclude`. A chosen layer whose
+    in_features is not a multiple of blocksize cannot be quantized (each weight row starts a block): it keeps
+    its dense frozen weight and gets an adapter, with a warning naming it. Returns the model;
     model_summary(model) gives trainable/total parameters and bytes."""
     if quant_type not in ("nf4", "fp4", "int4", "none"):
         raise ValueError(f"quant_type must be 'nf4', 'fp4', 'int4' or 'none', got {quant_type!r}")
@@ -220,14 +223,24 @@ def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = No
         chosen = [n for n in linears if n in targets or n.split(".")[-1] in targets]
     for p in model.parameters():
         p.requires_grad_(False)
+    kept_dense = []
     for name in chosen:
         linear = linears[name]
-        base = linear if quant_type == "none" else Linear4bit.from_linear(
-            linear, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
-            compute_dtype=compute_dtype)
+        if quant_type != "none" and linear.in_features % blocksize:
+            # Each row of W must start a quant block: such a layer stays dense (frozen), with its adapter.
+            kept_dense.append(f"{name} (in_features {linear.in_features})")
+            base = linear
+        else:
+            base = linear if quant_type == "none" else Linear4bit.from_linear(
+                linear, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
+                compute_dtype=compute_dtype)
         adapter = LoRALinear(base, r=r, alpha=alpha, dropout=dropout)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, adapter)
+    if kept_dense:
+        warnings.warn(f"{len(kept_dense)} linear layer(s) kept dense (frozen, with LoRA) because in_features is not "
+                      f"a multiple of blocksize {blocksize}: {', '.join(kept_dense[:5])}"
+                      f"{' ...' if len(kept_dense) > 5 else ''}", stacklevel=2)
     if verbose:
         print(model_summary(model))
     return model

@@ -159,3 +159,15 @@ def test_prepare_model_targets_and_errors():
         prepare_model(TinyLM(), quant_type="nf2")
     with pytest.raises(ValueError, match="r must be a positive integer"):
         prepare_model(TinyLM(), r=0)
+
+
+def test_prepare_model_keeps_layers_with_odd_in_features_dense_with_a_warning():
+    model = nn.Sequential(nn.Linear(128, 96), nn.ReLU(), nn.Linear(96, 64), nn.ReLU(), nn.Linear(64, 8))
+    with pytest.warns(UserWarning, match=r"1 linear layer\(s\) kept dense .*2 \(in_features 96\)"):
+        prepare_model(model, r=2, exclude=())
+    assert isinstance(model[0].base, Linear4bit) and isinstance(model[4].base, Linear4bit)
+    assert isinstance(model[2].base, nn.Linear) and not model[2].base.weight.requires_grad
+    y = model(torch.randn(5, 128))
+    y.sum().backward()
+    assert model[2].lora_A.grad is not None
+    assert model_summary(model).quantized_layers == 2
