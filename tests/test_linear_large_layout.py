@@ -31,8 +31,8 @@ ACT_CPR = C["act_chunks_per_row"]
 TILE = TM * TR
 
 
-def f(name, a, b=0, c=0):
-    return _C.large_gemm_index(name, a, b, c)
+def f(name, a, b=0, c=0, d=0):
+    return _C.large_gemm_index(name, a, b, c, d)
 
 
 @functools.lru_cache(maxsize=None)
@@ -48,11 +48,26 @@ def tables():
     t["dstore"] = np.array([[f("decode_store_chunk", p, s) for s in range(4)] for p in range(4)])
     for cpr, rows in ((ACT_CPR, TM), (C["fwd_w_chunks_per_row"], TN), (C["grad_w_chunks_per_row"], TR)):
         t[("swz", cpr)] = np.array([[f("swizzle", r, c, cpr) for c in range(cpr)] for r in range(rows)])
+    t["lane_a"] = np.array([f("swizzle", f("ldsm_a_row", l), f("ldsm_a_chunk", l), ACT_CPR) for l in range(32)])
+    t["lane_b"] = np.array([f("swizzle", f("ldsm_b_row", l), f("ldsm_b_chunk", l), C["fwd_w_chunks_per_row"])
+                            for l in range(32)])
+    t["lane_bt"] = np.array([f("swizzle", f("ldsm_bt_row", l), f("ldsm_bt_chunk", l), C["grad_w_chunks_per_row"])
+                             for l in range(32)])
     t["wrow0"] = np.array([f("warp_row0", w) for w in range(THREADS // 32)])
     t["wcol0"] = np.array([f("warp_col0", w) for w in range(THREADS // 32)])
     for name in ("ldsm_a_row", "ldsm_a_chunk", "ldsm_b_row", "ldsm_b_chunk", "ldsm_bt_row", "ldsm_bt_chunk"):
         t[name] = np.array([f(name, lane) for lane in range(32)])
     return t
+
+
+@functools.lru_cache(maxsize=None)
+def _moved(lanes, R, Cc, cpr):
+    return np.array([f("swizzle_moved", lane, R, Cc, cpr) for lane in lanes])
+
+
+def moved(lane_offsets, R, Cc, cpr):
+    """The kernel's swizzle_moved applied to every lane's first-tile offset."""
+    return _moved(tuple(int(v) for v in lane_offsets), int(R), int(Cc), cpr)
 
 
 def bank_group(elem_offset):
@@ -139,7 +154,9 @@ def decode_into(wtile, w, tid, n, k, parts, cpr, writes, store_log):
         for b in range(4):
             byte = int(codes[4 * j + b])
             vals[2 * b], vals[2 * b + 1] = w.table[byte >> 4] * am, w.table[byte & 15] * am
-        off = t[("swz", cpr)][row, chunk]
+        # the kernel: swizzle_moved(swizzle(row, 4 * part), 0, chunk - 4 * part)
+        off = f("swizzle_moved", f("swizzle", row, 4 * part, cpr), 0, chunk - 4 * part, cpr)
+        assert off == t[("swz", cpr)][row, chunk], "swizzle_moved disagrees with swizzle"
         wtile[off: off + 8] = vals
         writes[off: off + 8] += 1
         store_log.setdefault(s, {})[tid] = off
@@ -215,17 +232,23 @@ def emulate(act, w, grad, bias=None):
                 for warp in range(THREADS // 32):
                     wr0, wc0 = t["wrow0"][warp], t["wcol0"][warp]
                     for ks in range(TR // 16):
-                        a = [ldmatrix_x4(a_tile, t[("swz", ACT_CPR)][wr0 + mt * 16 + t["ldsm_a_row"],
-                                                                      2 * ks + t["ldsm_a_chunk"]], trans=False)
-                             for mt in range(C["mma_tiles_m"])]
+                        a = []
+                        for mt in range(C["mma_tiles_m"]):
+                            # the kernel: swizzle_moved(a_lane, wr0 + 16 mt, 2 ks); must equal the plain swizzle
+                            addrs = moved(t["lane_a"], wr0 + 16 * mt, 2 * ks, ACT_CPR)
+                            want = t[("swz", ACT_CPR)][wr0 + mt * 16 + t["ldsm_a_row"], 2 * ks + t["ldsm_a_chunk"]]
+                            np.testing.assert_array_equal(addrs, want)
+                            a.append(ldmatrix_x4(a_tile, addrs, trans=False))
                         b = []
                         for npair in range(C["mma_tiles_n"] // 2):
-                            if grad:
-                                addrs = t[("swz", cpr)][16 * ks + t["ldsm_bt_row"],
-                                                        (wc0 + 16 * npair) // 8 + t["ldsm_bt_chunk"]]
-                            else:
-                                addrs = t[("swz", cpr)][wc0 + 16 * npair + t["ldsm_b_row"],
-                                                        2 * ks + t["ldsm_b_chunk"]]
+                            if grad:  # swizzle_moved(b_lane, 16 ks, (wc0 + 16 np) / 8)
+                                addrs = moved(t["lane_bt"], 16 * ks, (wc0 + 16 * npair) // 8, cpr)
+                                want = t[("swz", cpr)][16 * ks + t["ldsm_bt_row"],
+                                                       (wc0 + 16 * npair) // 8 + t["ldsm_bt_chunk"]]
+                            else:  # swizzle_moved(b_lane, wc0 + 16 np, 2 ks)
+                                addrs = moved(t["lane_b"], wc0 + 16 * npair, 2 * ks, cpr)
+                                want = t[("swz", cpr)][wc0 + 16 * npair + t["ldsm_b_row"], 2 * ks + t["ldsm_b_chunk"]]
+                            np.testing.assert_array_equal(addrs, want)
                             r = ldmatrix_x4(wtile, addrs, trans=grad)
                             b += [(r[:, 0], r[:, 1]), (r[:, 2], r[:, 3])]
                         for mt in range(C["mma_tiles_m"]):
@@ -253,6 +276,13 @@ def test_constants_match_the_design():
     assert C["smem_bytes"] == (STAGES + 1) * TILE * 2 <= 48 * 1024 * 2  # 64 KiB: two CTAs fit on sm_80
     assert C["weights_per_decode_thread"] * THREADS == TN * TR
     assert TR == 64  # one quant block per weight row and step (forward)
+
+
+def test_32bit_weight_index_limit():
+    assert f("fits_32bit_weight_index", 65536, 65536)  # 2^31 code bytes
+    assert not f("fits_32bit_weight_index", 65536, 131072)
+    assert not f("fits_32bit_weight_index", 1, 2 ** 31)  # K itself must fit
+    assert f("code_byte", 65535, 65536 - 32, 65536) + 16 <= 2 ** 32
 
 
 def test_swizzle_is_a_permutation_within_rows():

@@ -99,7 +99,9 @@ __device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
 template <bool kVec>
 __device__ __forceinline__ void load_act_tile(uint16_t* stage, const uint16_t* __restrict__ act, int64_t rows,
                                               int64_t cols, int64_t row0, int64_t col0, int tid) {
-#pragma unroll
+  // The plain-load path copies one chunk at a time (not unrolled): its 8 loads per chunk would otherwise
+  // all be in flight together and push the kernel past 128 registers.
+#pragma unroll(kVec ? kActCopiesPerThread : 1)
   for (int i = 0; i < kActCopiesPerThread; ++i) {
     const int r = act_copy_row(tid, i), c = act_copy_chunk(tid, i);
     const int64_t gr = row0 + r, gc = col0 + int64_t(c) * kChunkElems;
@@ -133,11 +135,11 @@ struct WeightFetch {
 };
 
 __device__ __forceinline__ WeightFetch fetch_weights(const uint8_t* __restrict__ codes, const AbsmaxSource& am,
-                                                     int64_t n, int64_t k, int64_t N, int64_t K) {
+                                                     uint32_t n, uint32_t k, uint32_t N, uint32_t K) {
   WeightFetch f;
   if (n < N && k < K) {
-    f.codes = *reinterpret_cast<const uint4*>(codes + code_byte(n, k, K));
-    const int64_t block = absmax_block(n, k, K);
+    f.codes = *reinterpret_cast<const uint4*>(codes + code_byte<uint32_t>(n, k, K));
+    const uint32_t block = absmax_block<uint32_t>(n, k, K);
     if (am.f32) {
       f.absmax_or_scale = am.f32[block];
     } else {
@@ -156,6 +158,7 @@ __device__ __forceinline__ void decode_weights(uint16_t* wtile, const WeightFetc
                                                int chunks_per_row) {
   float absmax = 0.0f;
   if (f.valid) absmax = am.f32 ? f.absmax_or_scale : decode_absmax(uint8_t(f.fp8), f.absmax_or_scale, mean);
+  const int row_offset = swizzle(row, 4 * part, chunks_per_row);
 #pragma unroll
   for (int s = 0; s < 4; ++s) {
     const int chunk = decode_store_chunk(part, s);
@@ -168,7 +171,7 @@ __device__ __forceinline__ void decode_weights(uint16_t* wtile, const WeightFetc
       const uint32_t byte = (w >> (8 * b)) & 0xFFu;
       o[b] = pack2<BF16>(mul_rn(table[byte >> 4], absmax), mul_rn(table[byte & 0xFu], absmax));
     }
-    *reinterpret_cast<uint4*>(wtile + swizzle(row, chunk, chunks_per_row)) = out;
+    *reinterpret_cast<uint4*>(wtile + swizzle_moved(row_offset, 0, chunk - 4 * part, chunks_per_row)) = out;
   }
 }
 
@@ -198,10 +201,11 @@ __global__ void __launch_bounds__(kThreads, 2)
 
   // The weight element a thread fetches at step s: forward row n = c0 + drow, k = 64 s + 32 part;
   // input gradient row n = 64 s + drow, k = c0 + 32 part.
+  // Weight indices in 32 bits (the launcher checks fits_32bit_weight_index; N, K < 2^31).
   auto fetch_step = [&](int s) {
-    const int64_t n = kGrad ? int64_t(s) * kTileR + drow : c0 + drow;
-    const int64_t k = kGrad ? c0 + 32 * dpart : int64_t(s) * kTileR + 32 * dpart;
-    return fetch_weights(codes, am, n, k, N, K);
+    const uint32_t n = kGrad ? uint32_t(s) * kTileR + drow : uint32_t(c0) + drow;
+    const uint32_t k = kGrad ? uint32_t(c0) + 32 * dpart : uint32_t(s) * kTileR + 32 * dpart;
+    return fetch_weights(codes, am, n, k, uint32_t(N), uint32_t(K));
   };
 
   // Prologue: activation stages 0..kStages-2 in flight, the first weight fetch in registers.
@@ -221,6 +225,11 @@ __global__ void __launch_bounds__(kThreads, 2)
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
 
   const int wr0 = warp_row0(warp), wc0 = warp_col0(warp);
+  // Each lane's ldmatrix offsets for the first tile and k step; the others follow by swizzle_moved.
+  const int a_lane = swizzle(ldsm_a_row(lane), ldsm_a_chunk(lane), kActChunksPerRow);
+  const int b_lane = kGrad ? swizzle(ldsm_bt_row(lane), ldsm_bt_chunk(lane), kGradWChunksPerRow)
+                           : swizzle(ldsm_b_row(lane), ldsm_b_chunk(lane), kFwdWChunksPerRow);
+  const uint32_t act_smem = smem_addr(act_stages), w_smem = smem_addr(wtile);
   for (int s = 0; s < steps; ++s) {
     // (1) every warp is done with step s-1: its activation stage and the weight tile may be overwritten
     __syncthreads();
@@ -236,7 +245,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     // (2) activation stage s and the decoded weight tile are visible to every warp
     __syncthreads();
 
-    const uint16_t* a_tile = act_stages + (s % kStages) * kTileElems;
+    const uint32_t a_tile = act_smem + (s % kStages) * kTileElems * 2;
 #pragma unroll
     for (int ks = 0; ks < kTileR / 16; ++ks) {
       // B fragments of the warp's 4 n8 tiles first, then one A fragment at a time (fewer live registers:
@@ -245,13 +254,11 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
       for (int np = 0; np < kMmaTilesN / 2; ++np) {
         uint32_t r[4];
-        if constexpr (kGrad) {
-          ldmatrix_x4_trans(r, smem_addr(wtile + swizzle(16 * ks + ldsm_bt_row(lane),
-                                                         (wc0 + 16 * np) / kChunkElems + ldsm_bt_chunk(lane),
-                                                         kGradWChunksPerRow)));
-        } else {
-          ldmatrix_x4(r, smem_addr(wtile + swizzle(wc0 + 16 * np + ldsm_b_row(lane), 2 * ks + ldsm_b_chunk(lane),
-                                                   kFwdWChunksPerRow)));
+        if constexpr (kGrad) {  // rows n 16 ks.., columns k wc0 + 16 np..
+          ldmatrix_x4_trans(r, w_smem + 2 * swizzle_moved(b_lane, 16 * ks, (wc0 + 16 * np) / kChunkElems,
+                                                          kGradWChunksPerRow));
+        } else {  // rows n wc0 + 16 np.., columns k 16 ks..
+          ldmatrix_x4(r, w_smem + 2 * swizzle_moved(b_lane, wc0 + 16 * np, 2 * ks, kFwdWChunksPerRow));
         }
         b[2 * np][0] = r[0];
         b[2 * np][1] = r[1];
@@ -261,8 +268,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
       for (int mt = 0; mt < kMmaTilesM; ++mt) {
         uint32_t a[4];
-        ldmatrix_x4(a, smem_addr(a_tile + swizzle(wr0 + mt * 16 + ldsm_a_row(lane), 2 * ks + ldsm_a_chunk(lane),
-                                                  kActChunksPerRow)));
+        ldmatrix_x4(a, a_tile + 2 * swizzle_moved(a_lane, wr0 + 16 * mt, 2 * ks, kActChunksPerRow));
 #pragma unroll
         for (int nt = 0; nt < kMmaTilesN; ++nt) mma_16816<BF16>(acc[mt][nt], a, b[nt][0], b[nt][1]);
       }
@@ -311,7 +317,7 @@ cudaError_t launch(const Linear4bitProblem& p, const void* act, const void* bias
 bool valid_large(const Linear4bitProblem& p) {
   // grid.y = M / 128 <= 65535; grid.x = N or K / 128 < 2^31
   return p.blocksize == 64 && p.k % 64 == 0 && p.k >= 64 && p.m >= 1 && p.n >= 1 &&
-         (p.m + kTileM - 1) / kTileM <= 65535 && p.codes != nullptr &&
+         (p.m + kTileM - 1) / kTileM <= 65535 && fits_32bit_weight_index(p.n, p.k) && p.codes != nullptr &&
          reinterpret_cast<uintptr_t>(p.codes) % 16 == 0;
 }
 

@@ -45,6 +45,14 @@ QLORA_HD int swizzle(int row, int chunk, int chunks_per_row) {
   return (row * chunks_per_row + (chunk ^ (row & 7))) * kChunkElems;
 }
 
+// swizzle(row + R, chunk + C, chunks_per_row), given lane_offset = swizzle(row, chunk, chunks_per_row), for R a
+// multiple of 8, C < chunks_per_row and C sharing no bit with chunk: row % 8 is unchanged and chunk + C =
+// chunk ^ C, so the tile offset moves by an XOR and an add the compiler folds into the instruction (the
+// ldmatrix addresses of every m/n tile and k step come from one register per lane).
+QLORA_HD int swizzle_moved(int lane_offset, int R, int C, int chunks_per_row) {
+  return (lane_offset ^ (C * kChunkElems)) + R * chunks_per_row * kChunkElems;
+}
+
 // ---- activation copy (cp.async, 16 bytes each) -----------------------------------------------------
 // Copy i (0..kActCopiesPerThread-1) of thread tid moves chunk act_copy_chunk of tile row act_copy_row:
 // consecutive threads take consecutive chunks of a row (coalesced global reads).
@@ -56,14 +64,22 @@ QLORA_HD int act_copy_chunk(int tid, int i) { return (tid + i * kThreads) % kAct
 // row decode_row, weights 32 * decode_part .. +31 of that row (parts_per_row = 2 forward, 4 grad).
 QLORA_HD int decode_row(int tid, int parts_per_row) { return tid / parts_per_row; }
 QLORA_HD int decode_part(int tid, int parts_per_row) { return tid % parts_per_row; }
-// Step s (0..3) of a thread stores its chunk 4 * part + decode_store_chunk_offset(part, s). The rotation
-// by part / 2 keeps the 8 threads of a store phase in 8 different bank groups when rows have 16 chunks.
-QLORA_HD int decode_store_chunk(int part, int s) { return 4 * part + ((s + 2 * (part >> 1)) & 3); }
+// Step s (0..3) of a thread stores its chunk 4 * part + (s ^ 2 (part / 2)): the rotation by part / 2 keeps the
+// 8 threads of a store phase in 8 different bank groups when rows have 16 chunks; as an XOR, the kernel gets
+// every step's offset from swizzle(row, 4 * part) by swizzle_moved (4 * part shares no bit with s ^ ...).
+QLORA_HD int decode_store_chunk(int part, int s) { return 4 * part + (s ^ (2 * (part >> 1))); }
 
 // Packed codes: element (n, k) of W [N, K] is nibble (k even: high, odd: low) of byte n * K/2 + k/2;
 // its absmax is block n * K/64 + k/64 (blocksize 64 runs along k).
-QLORA_HD int64_t code_byte(int64_t n, int64_t k, int64_t K) { return n * (K / 2) + k / 2; }
-QLORA_HD int64_t absmax_block(int64_t n, int64_t k, int64_t K) { return n * (K / 64) + k / 64; }
+// Index is int64_t in general; the kernel uses uint32_t when the weight has fewer than 2^32 codes bytes
+// (fits_32bit_weight_index), which saves registers in its main loop.
+template <typename Index>
+QLORA_HD Index code_byte(Index n, Index k, Index K) { return n * (K / 2) + k / 2; }
+template <typename Index>
+QLORA_HD Index absmax_block(Index n, Index k, Index K) { return n * (K / 64) + k / 64; }
+QLORA_HD bool fits_32bit_weight_index(int64_t N, int64_t K) {
+  return K < (int64_t(1) << 31) && N * (K / 2) + 16 <= (int64_t(1) << 32);
+}
 
 // ---- warps and ldmatrix ----------------------------------------------------------------------------
 // Warp w owns output rows warp_row0(w) .. +63 and columns warp_col0(w) .. +31 of the CTA tile.

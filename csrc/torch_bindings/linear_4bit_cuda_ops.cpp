@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include "../kernels/linear_4bit_cuda.h"
+#include "../kernels/linear_4bit_large_layout.h"
 #include "../kernels/quantize_cuda.h"
 #include "linear_backend.h"
 #include "linear_4bit_common.h"
@@ -36,10 +37,14 @@ at::Tensor dequantize_weight(const at::Tensor& codes, const at::Tensor& absmax,
 // fused kernels are validated and measured faster on a GPU.
 enum class FusedKind { None, SmallM, LargeM };
 
-FusedKind fused_kind(int64_t m, at::ScalarType dtype, int64_t blocksize) {
+FusedKind fused_kind(int64_t m, at::ScalarType dtype, int64_t blocksize, const Linear4bitArgs& a) {
   const bool applies = m >= 1 && blocksize == 64 && (dtype == at::kBFloat16 || dtype == at::kHalf);
   if (!applies || linear_backend() != LinearBackend::Fused) return FusedKind::None;
-  return m <= cuda::kFusedMaxM ? FusedKind::SmallM : FusedKind::LargeM;
+  if (m <= cuda::kFusedMaxM) return FusedKind::SmallM;
+  // the large-M kernels index the weight in 32 bits and put M / 128 tiles on grid.y
+  const bool large_fits =
+      large::fits_32bit_weight_index(a.n, a.k) && (m + large::kTileM - 1) / large::kTileM <= 65535;
+  return large_fits ? FusedKind::LargeM : FusedKind::None;
 }
 
 // The inputs of the fused kernels: the weight's buffers (kept alive) and the problem pointing into them.
@@ -74,7 +79,7 @@ at::Tensor linear_4bit_cuda(const at::Tensor& x, const at::Tensor& codes, const 
   check_bias(bias, x, a.n);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t m = x.numel() / a.k;
-  const FusedKind kind = fused_kind(m, x.scalar_type(), blocksize);
+  const FusedKind kind = fused_kind(m, x.scalar_type(), blocksize, a);
   if (kind != FusedKind::None) {
     const FusedInputs f(codes, absmax, absmax_scale, absmax_mean, blocksize, a, m, x.scalar_type());
     const at::Tensor x2 = aligned_contiguous(x.reshape({-1, a.k}));
@@ -107,7 +112,7 @@ at::Tensor linear_4bit_grad_input_cuda(const at::Tensor& grad_out, const at::Ten
                                                   in_features, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(grad_out.device());
   const int64_t m = grad_out.numel() / a.n;
-  const FusedKind kind = fused_kind(m, grad_out.scalar_type(), blocksize);
+  const FusedKind kind = fused_kind(m, grad_out.scalar_type(), blocksize, a);
   if (kind != FusedKind::None) {
     const FusedInputs f(codes, absmax, absmax_scale, absmax_mean, blocksize, a, m, grad_out.scalar_type());
     const at::Tensor dy2 = grad_out.reshape({-1, a.n}).contiguous();

@@ -90,7 +90,7 @@ pybind11::dict large_gemm_constants() {
   return d;
 }
 
-int64_t large_gemm_index(const std::string& f, int64_t a, int64_t b, int64_t c) {
+int64_t large_gemm_index(const std::string& f, int64_t a, int64_t b, int64_t c, int64_t d) {
   namespace L = qlora::large;
   const int ia = int(a), ib = int(b), ic = int(c);
   if (f == "swizzle") return L::swizzle(ia, ib, ic);
@@ -99,8 +99,10 @@ int64_t large_gemm_index(const std::string& f, int64_t a, int64_t b, int64_t c) 
   if (f == "decode_row") return L::decode_row(ia, ib);
   if (f == "decode_part") return L::decode_part(ia, ib);
   if (f == "decode_store_chunk") return L::decode_store_chunk(ia, ib);
-  if (f == "code_byte") return L::code_byte(a, b, c);
-  if (f == "absmax_block") return L::absmax_block(a, b, c);
+  if (f == "swizzle_moved") return L::swizzle_moved(ia, ib, ic, int(d));
+  if (f == "code_byte") return L::code_byte<int64_t>(a, b, c);
+  if (f == "absmax_block") return L::absmax_block<int64_t>(a, b, c);
+  if (f == "fits_32bit_weight_index") return L::fits_32bit_weight_index(a, b);
   if (f == "warp_row0") return L::warp_row0(ia);
   if (f == "warp_col0") return L::warp_col0(ia);
   if (f == "ldsm_a_row") return L::ldsm_a_row(ia);
@@ -125,7 +127,8 @@ PYBIND11_MODULE(_C, m) {
         "'dequant' (dequantize + cuBLAS)", pybind11::arg("backend"));
   m.def("large_gemm_constants", &large_gemm_constants, "Test hook: the fused large-M GEMM's tile constants");
   m.def("large_gemm_index", &large_gemm_index, "Test hook: one index formula of the fused large-M GEMM",
-        pybind11::arg("function"), pybind11::arg("a"), pybind11::arg("b") = 0, pybind11::arg("c") = 0);
+        pybind11::arg("function"), pybind11::arg("a"), pybind11::arg("b") = 0, pybind11::arg("c") = 0,
+        pybind11::arg("d") = 0);
   m.def("linear_backend", &qlora::ops::linear_backend_name, "The current linear_4bit backend");
   m.def("set_cpu_simd", &qlora::cpu::set_simd_enabled, "Use (True) or bypass (False) the AVX2 CPU paths");
   m.def("set_cpu_avx512", &qlora::cpu::set_avx512_enabled, "Use (True) or bypass (False) the AVX-512 CPU paths");
