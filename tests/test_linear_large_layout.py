@@ -312,3 +312,47 @@ def test_grad_input_emulation_exact(m, n, k):
     dx, stores = emulate(dy, w, grad=True)
     assert (stores == 1).all()
     np.testing.assert_array_equal(dx, dy @ w.dense)
+
+
+def pipeline_intervals(steps, stages):
+    """The kernel's main loop (large_gemm_kernel) as barrier intervals: for each interval the shared buffers it
+    reads and writes, with cp.async copies counted as writes from their issue until the cp.async.wait_group that
+    retires them. Mirrors the kernel: prologue copies steps 0..stages-2; step s: __syncthreads (1), copy step
+    s + stages - 1 into stage (s + stages - 1) % stages, commit, decode the weight tile, wait_group(stages - 1),
+    __syncthreads (2), mma reading stage s % stages and the weight tile."""
+    intervals = []
+    cur = {"reads": set(), "writes": set()}
+    in_flight = []  # (group, stage, step)
+    content = {}  # stage -> the step whose copy has landed there
+    committed = 0
+    for s in range(min(stages - 1, steps)):
+        in_flight.append((committed, s % stages, s))
+        committed += 1
+    committed = stages - 1  # the kernel commits an (empty) group even when there is no step left
+    for s in range(steps):
+        cur["writes"] |= {("act", g[1]) for g in in_flight}
+        intervals.append(cur)  # __syncthreads (1)
+        cur = {"reads": set(), "writes": {"w"}}
+        nxt = s + stages - 1
+        if nxt < steps:
+            in_flight.append((committed, nxt % stages, nxt))
+        committed += 1
+        cur["writes"] |= {("act", g[1]) for g in in_flight}
+        # cp.async.wait_group(stages - 1): every group but the newest stages - 1 has landed
+        for g in [g for g in in_flight if g[0] < committed - (stages - 1)]:
+            content[g[1]] = g[2]
+            in_flight.remove(g)
+        intervals.append(cur)  # __syncthreads (2)
+        cur = {"reads": {("act", s % stages), "w"}, "writes": set()}
+        assert content.get(s % stages) == s, f"step {s} reads stage {s % stages} holding {content.get(s % stages)}"
+        cur["writes"] |= {("act", g[1]) for g in in_flight}
+    intervals.append(cur)
+    return intervals
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 7])
+def test_pipeline_has_no_shared_memory_hazards(steps):
+    """No barrier interval both reads and writes a buffer (a cp.async in flight counts as a write), and each
+    step's mma reads the stage holding that step's copy."""
+    for iv in pipeline_intervals(steps, STAGES):
+        assert not (iv["reads"] & iv["writes"]), iv
