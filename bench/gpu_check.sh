@@ -76,7 +76,15 @@ if want sanitizer && [ "$(cut -d' ' -f1 "$status/build")" = 0 ]; then
       python3 -m pytest -q -p no:cacheprovider \
         "tests/test_linear_4bit.py::test_cuda_forward_backward_every_backend[True-65-128-17-torch.bfloat16-fused]" \
         "tests/test_linear_4bit.py::test_cuda_forward_backward_every_backend[True-97-4160-1-torch.bfloat16-fused]" \
-        "tests/test_linear_4bit.py::test_cuda_forward_backward_every_backend[False-97-4160-64-torch.float16-fused]"
+        "tests/test_linear_4bit.py::test_cuda_forward_backward_every_backend[False-97-4160-64-torch.float16-fused]" \
+        "tests/test_linear_4bit.py::test_cuda_forward_backward_every_backend[True-65-128-257-torch.bfloat16-fused]" \
+        "tests/test_linear_4bit.py::test_cuda_forward_backward_every_backend[False-97-4160-65-torch.float16-fused]" \
+        "tests/test_linear_4bit.py::test_cuda_fused_large_m_code_books[1-65-72-128-True-fp4-fused]"
+    # the large-M kernels' shared-memory pipeline (cp.async stages, decoded weight tile, two barriers per step)
+    part racecheck_linear 120 compute-sanitizer --tool racecheck --error-exitcode 1 \
+      python3 -m pytest -q -p no:cacheprovider \
+        "tests/test_linear_4bit.py::test_cuda_fused_large_m_code_books[0-257-200-4096-False-int4-fused]" \
+        "tests/test_linear_4bit.py::test_cuda_fused_large_m_code_books[1-65-72-128-True-fp4-fused]"
   else
     echo "compute-sanitizer: not on this machine, skipped" | tee -a "$log"
   fi

@@ -11,7 +11,8 @@ from .quantize import QuantState
 def set_linear_backend(backend: str) -> None:
     """Chooses the CUDA implementation of linear_4bit for the whole process: "auto" (the dispatcher's
     choice by shape; today dequantize + cuBLAS everywhere until the fused kernels are validated on a GPU),
-    "fused" (the fused small-M kernels where they apply: M <= 64, bf16/fp16, blocksize 64) or "dequant"
+    "fused" (the fused kernels where they apply: bf16/fp16, blocksize 64; small-M kernels for M <= 64,
+    large-M kernels above; not yet validated on a GPU) or "dequant"
     (dequantize, then cuBLAS). CPU always dequantizes tiles of W and multiplies them."""
     _C.set_linear_backend(backend)
 

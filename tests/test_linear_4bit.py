@@ -169,7 +169,7 @@ def test_backend_switch():
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
 @pytest.mark.parametrize("backend", ["auto", "fused", "dequant"], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("m", [1, 3, 16, 17, 33, 64, 65, 4097])
+@pytest.mark.parametrize("m", [1, 3, 16, 17, 33, 64, 65, 128, 257, 4097])  # "fused": small-M kernels to 64
 @pytest.mark.parametrize("n,k", [(1, 64), (65, 128), (11008, 256), (256, 4096), (97, 4160)])
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_cuda_forward_backward_every_backend(backend, dtype, m, n, k, double_quant):
@@ -200,11 +200,43 @@ def test_cuda_forward_backward_every_backend(backend, dtype, m, n, k, double_qua
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
 @pytest.mark.parametrize("backend", ["fused"], indirect=True)
-def test_cuda_fused_3d_input_and_autograd(backend):
+@pytest.mark.parametrize("tokens", [5, 100])  # M = 10: small-M kernels; M = 200: large-M kernels
+def test_cuda_fused_3d_input_and_autograd(backend, tokens):
     q = make_weight(200, 256).to("cuda")
-    x = torch.randn(2, 5, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(2, tokens, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     y = linear_4bit(x, q)
     y.float().sum().backward()
     w = qlora_ext.dequantize(q, torch.float32)
     torch.testing.assert_close(y.float(), x.detach().float() @ w.t(), rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(x.grad.float(), torch.ones(2, 5, 200, device="cuda") @ w, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(x.grad.float(), torch.ones(2, tokens, 200, device="cuda") @ w, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
+@pytest.mark.parametrize("backend", ["fused"], indirect=True)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("m,n,k", [(65, 72, 128), (257, 200, 4096), (130, 64, 64)])
+@pytest.mark.parametrize("dy_offset", [0, 1])  # 1: dy starts 2 bytes off a 16-byte boundary (plain-load path)
+def test_cuda_fused_large_m_code_books(backend, quant_type, double_quant, m, n, k, dy_offset):
+    """The large-M kernels for every code book and absmax source, against the fp32 reference."""
+    dtype = torch.bfloat16
+    q = make_weight(n, k, quant_type=quant_type, double_quant=double_quant, seed=m + k)
+    g = torch.Generator().manual_seed(m * n)
+    x = torch.randn(m, k, generator=g).to(dtype).cuda()
+    b = torch.randn(n, generator=g).to(dtype).cuda()
+    dy_buf = torch.randn(m * n + dy_offset, generator=g).to(dtype).cuda()
+    dy = dy_buf[dy_offset:].view(m, n)
+    assert dy.is_contiguous() and (dy.data_ptr() % 16 != 0) == bool(dy_offset)
+    w32 = qlora_ext.dequantize(q, torch.float32).cuda()
+    ref_y, ref_dx = x.float() @ w32.t() + b.float(), dy.float() @ w32
+    plain_y = (x @ w32.to(dtype).t() + b).float()
+    plain_dx = (dy @ w32.to(dtype)).float()
+    qc = q.to("cuda")
+    y = ops.linear_4bit(x, qc.codes, qc.absmax, qc.absmax_scale, qc.absmax_mean, b, 64, quant_type, n)
+    dx = ops.linear_4bit_grad_input(dy, qc.codes, qc.absmax, qc.absmax_scale, qc.absmax_mean, 64, quant_type, k)
+    assert torch.isfinite(y).all() and torch.isfinite(dx).all()
+    eps = 2.0 ** -8
+    assert rel_err(y, ref_y) <= 2 * rel_err(plain_y, ref_y) + eps
+    assert rel_err(dx, ref_dx) <= 2 * rel_err(plain_dx, ref_dx) + eps
+    torch.cuda.synchronize()

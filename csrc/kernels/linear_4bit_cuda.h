@@ -1,6 +1,7 @@
-// Launchers of the fused 4-bit GEMM kernels for small M (decode and small batches): the weight is decoded
-// from its packed codes straight into tensor-core fragments, so the dense W never touches memory.
-// Torch-free: raw pointers and a stream; each returns the first CUDA error.
+// Launchers of the fused 4-bit GEMM kernels: small M (decode and small batches, linear_4bit_cuda.cu) decodes
+// the weight from its packed codes straight into tensor-core fragments; large M (training,
+// linear_4bit_large_cuda.cu) decodes 64 x 128 weight tiles into shared memory. In both the dense W never
+// touches global memory. Torch-free: raw pointers and a stream; each returns the first CUDA error.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -34,5 +35,15 @@ cudaError_t fused_linear_forward(const Linear4bitProblem& p, const void* x, cons
 // dx [m, k] = dy [m, n] @ W.
 cudaError_t fused_linear_grad_input(const Linear4bitProblem& p, const void* dy, void* dx, float* workspace,
                                     int num_sms, cudaStream_t stream);
+
+// Large M (the kernels take any M >= 1; the binding uses them for M > kFusedMaxM): 128 x 128 output tiles,
+// no workspace. x [m, k] contiguous and 16-byte aligned; codes 16-byte aligned; y [m, n], bias [n] or null.
+cudaError_t fused_large_linear_forward(const Linear4bitProblem& p, const void* x, const void* bias, void* y,
+                                       cudaStream_t stream);
+
+// dx [m, k] = dy [m, n] @ W; dy contiguous (any alignment: rows that are not 16-byte aligned, e.g. odd n, take
+// a slower plain-load path).
+cudaError_t fused_large_linear_grad_input(const Linear4bitProblem& p, const void* dy, void* dx,
+                                          cudaStream_t stream);
 
 }  // namespace qlora::cuda

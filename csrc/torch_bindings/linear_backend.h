@@ -1,6 +1,7 @@
 // Which CUDA implementation linear_4bit uses: a process-wide switch, set from Python with
 // qlora_ext.set_linear_backend(). "auto" is the dispatcher's choice by shape; "fused" forces the fused
-// kernels where they apply (M <= 64, bf16/fp16, blocksize 64); "dequant" forces dequantize + cuBLAS.
+// kernels where they apply (bf16/fp16, blocksize 64: small-M kernels for M <= 64, large-M kernels above);
+// "dequant" forces dequantize + cuBLAS.
 #pragma once
 
 #include <string>

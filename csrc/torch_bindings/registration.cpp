@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "../kernels/linear_4bit_large_layout.h"
 #include "../kernels/quantize_cpu.h"
 #include "linear_backend.h"
 #include "op_checks.h"
@@ -68,6 +69,51 @@ std::vector<float> fp8_e4m3_decode(const std::vector<int>& codes) {
   return out;
 }
 
+// Test hook: the index formulas and constants of the fused large-M GEMM (linear_4bit_large_layout.h), so
+// tests/test_linear_large_layout.py emulates the kernel's data movement with the formulas the kernel uses.
+pybind11::dict large_gemm_constants() {
+  namespace L = qlora::large;
+  pybind11::dict d;
+  d["tile_m"] = L::kTileM;
+  d["tile_n"] = L::kTileN;
+  d["tile_r"] = L::kTileR;
+  d["stages"] = L::kStages;
+  d["threads"] = L::kThreads;
+  d["mma_tiles_m"] = L::kMmaTilesM;
+  d["mma_tiles_n"] = L::kMmaTilesN;
+  d["act_chunks_per_row"] = L::kActChunksPerRow;
+  d["act_copies_per_thread"] = L::kActCopiesPerThread;
+  d["fwd_w_chunks_per_row"] = L::kFwdWChunksPerRow;
+  d["grad_w_chunks_per_row"] = L::kGradWChunksPerRow;
+  d["weights_per_decode_thread"] = L::kWeightsPerDecodeThread;
+  d["smem_bytes"] = L::kSmemBytes;
+  return d;
+}
+
+int64_t large_gemm_index(const std::string& f, int64_t a, int64_t b, int64_t c, int64_t d) {
+  namespace L = qlora::large;
+  const int ia = int(a), ib = int(b), ic = int(c);
+  if (f == "swizzle") return L::swizzle(ia, ib, ic);
+  if (f == "act_copy_row") return L::act_copy_row(ia, ib);
+  if (f == "act_copy_chunk") return L::act_copy_chunk(ia, ib);
+  if (f == "decode_row") return L::decode_row(ia, ib);
+  if (f == "decode_part") return L::decode_part(ia, ib);
+  if (f == "decode_store_chunk") return L::decode_store_chunk(ia, ib);
+  if (f == "swizzle_moved") return L::swizzle_moved(ia, ib, ic, int(d));
+  if (f == "code_byte") return L::code_byte<int64_t>(a, b, c);
+  if (f == "absmax_block") return L::absmax_block<int64_t>(a, b, c);
+  if (f == "fits_32bit_weight_index") return L::fits_32bit_weight_index(a, b);
+  if (f == "warp_row0") return L::warp_row0(ia);
+  if (f == "warp_col0") return L::warp_col0(ia);
+  if (f == "ldsm_a_row") return L::ldsm_a_row(ia);
+  if (f == "ldsm_a_chunk") return L::ldsm_a_chunk(ia);
+  if (f == "ldsm_b_row") return L::ldsm_b_row(ia);
+  if (f == "ldsm_b_chunk") return L::ldsm_b_chunk(ia);
+  if (f == "ldsm_bt_row") return L::ldsm_bt_row(ia);
+  if (f == "ldsm_bt_chunk") return L::ldsm_bt_chunk(ia);
+  throw pybind11::value_error("unknown large-GEMM layout function " + f);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -79,6 +125,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_linear_backend", &qlora::ops::set_linear_backend,
         "CUDA linear_4bit implementation: 'auto' (by shape), 'fused' (fused kernels where they apply) or "
         "'dequant' (dequantize + cuBLAS)", pybind11::arg("backend"));
+  m.def("large_gemm_constants", &large_gemm_constants, "Test hook: the fused large-M GEMM's tile constants");
+  m.def("large_gemm_index", &large_gemm_index, "Test hook: one index formula of the fused large-M GEMM",
+        pybind11::arg("function"), pybind11::arg("a"), pybind11::arg("b") = 0, pybind11::arg("c") = 0,
+        pybind11::arg("d") = 0);
   m.def("linear_backend", &qlora::ops::linear_backend_name, "The current linear_4bit backend");
   m.def("set_cpu_simd", &qlora::cpu::set_simd_enabled, "Use (True) or bypass (False) the AVX2 CPU paths");
   m.def("set_cpu_avx512", &qlora::cpu::set_avx512_enabled, "Use (True) or bypass (False) the AVX-512 CPU paths");

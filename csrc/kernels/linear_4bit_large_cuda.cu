@@ -1,0 +1,349 @@
+// Fused 4-bit GEMMs for training-sized M (any M; dispatched for M > kFusedMaxM): forward y = x W^T (+ bias)
+// and input gradient dx = dy W on bf16/fp16 tensor cores (mma.sync m16n8k16, sm_80+, runs on sm_90 too).
+//
+// Classic shared-memory tiled GEMM whose B operand is made on the fly from the packed codes:
+// - a CTA of 8 warps computes a 128 x 128 output tile, 64 reduction values per main-loop step;
+// - the activation tile (x or dy, 128 x 64) arrives through a 3-stage cp.async pipeline into XOR-swizzled
+//   shared memory (zero-filled outside the matrix);
+// - the weight tile (64 x 128 values of W: forward 128 rows n x 64 k, input gradient 64 rows n x 128 k) is
+//   decoded from 16-byte code loads that were issued one step ahead into registers: table[code] * absmax in
+//   fp32, rounded once to bf16/fp16 (the numbers dequantize produces; each thread decodes its absmax once for
+//   its 32 weights), stored K-major in swizzled shared memory. The dense W never exists in global memory.
+// - ldmatrix feeds the fragments: forward reads W rows as B columns directly; the input gradient reduces over
+//   n, so it reads the same K-major tile transposed (ldmatrix .trans): one decoded copy, two orientations.
+// Every index formula lives in linear_4bit_large_layout.h, which the CPU test emulates.
+// Resources (ptxas, CUDA 13.0): 126-128 registers, no spills, on sm_80 and sm_90 (launch bounds: 2 CTAs of 256
+// threads per SM); 64 KiB dynamic shared memory per CTA (3 x 16 KiB activation stages + 16 KiB weight tile),
+// opted in with cudaFuncSetAttribute. Not yet run on a GPU: "auto" keeps dequantize + cuBLAS.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "cuda_utils.h"
+#include "linear_4bit_cuda.h"
+#include "linear_4bit_large_layout.h"
+
+namespace qlora::cuda {
+namespace {
+
+using namespace qlora::large;
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global -> shared copy; only the first src_bytes are read, the rest of the 16 is zero-filled.
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// "memory": shared-memory reads after the wait must not be moved above it.
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+template <bool BF16>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (BF16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+template <bool BF16>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  if constexpr (BF16) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  } else {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+}
+
+template <bool BF16>
+__device__ __forceinline__ float act_to_f32(uint16_t v) {
+  if constexpr (BF16) return __uint_as_float(uint32_t(v) << 16);
+  else return __half2float(__ushort_as_half(v));
+}
+
+template <bool BF16>
+__device__ __forceinline__ uint16_t f32_to_act(float v) {
+  if constexpr (BF16) return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+  else return __half_as_ushort(__float2half_rn(v));
+}
+
+__device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// One activation tile (rows row0.., reduction columns col0..; ld = row stride = reduction length `cols`)
+// into a swizzled stage. kVec: rows are 16-byte aligned (cols % 8 == 0, aligned base) -> cp.async with
+// zero-fill; otherwise plain 2-byte loads (odd N in the input gradient).
+template <bool kVec>
+__device__ __forceinline__ void load_act_tile(uint16_t* stage, const uint16_t* __restrict__ act, int64_t rows,
+                                              int64_t cols, int64_t row0, int64_t col0, int tid) {
+  // The plain-load path copies one chunk at a time (not unrolled): its 8 loads per chunk would otherwise
+  // all be in flight together and push the kernel past 128 registers.
+#pragma unroll(kVec ? kActCopiesPerThread : 1)
+  for (int i = 0; i < kActCopiesPerThread; ++i) {
+    const int r = act_copy_row(tid, i), c = act_copy_chunk(tid, i);
+    const int64_t gr = row0 + r, gc = col0 + int64_t(c) * kChunkElems;
+    uint16_t* dst = stage + swizzle(r, c, kActChunksPerRow);
+    const int64_t left = cols - gc;
+    const int valid = gr < rows ? (left >= kChunkElems ? kChunkElems : (left > 0 ? int(left) : 0)) : 0;
+    if constexpr (kVec) {
+      const uint16_t* src = valid > 0 ? act + gr * cols + gc : act;  // never read when valid == 0
+      cp_async_16(smem_addr(dst), src, 2 * valid);
+    } else {
+      uint16_t v[kChunkElems];
+#pragma unroll
+      for (int e = 0; e < kChunkElems; ++e) v[e] = e < valid ? act[gr * cols + gc + e] : uint16_t(0);
+      uint4 packed;
+      packed.x = uint32_t(v[0]) | (uint32_t(v[1]) << 16);
+      packed.y = uint32_t(v[2]) | (uint32_t(v[3]) << 16);
+      packed.z = uint32_t(v[4]) | (uint32_t(v[5]) << 16);
+      packed.w = uint32_t(v[6]) | (uint32_t(v[7]) << 16);
+      *reinterpret_cast<uint4*>(dst) = packed;
+    }
+  }
+}
+
+// A thread's 32 weights of the next step, fetched one step ahead: raw codes and the raw absmax pieces, so the
+// loads' latency hides behind a step of mma (decoding happens when the step comes).
+struct WeightFetch {
+  uint4 codes = make_uint4(0, 0, 0, 0);
+  float absmax_or_scale = 0.0f;  // fp32 absmax, or the FP8 chunk scale
+  uint32_t fp8 = 0;
+  bool valid = false;
+};
+
+__device__ __forceinline__ WeightFetch fetch_weights(const uint8_t* __restrict__ codes, const AbsmaxSource& am,
+                                                     uint32_t n, uint32_t k, uint32_t N, uint32_t K) {
+  WeightFetch f;
+  if (n < N && k < K) {
+    f.codes = *reinterpret_cast<const uint4*>(codes + code_byte<uint32_t>(n, k, K));
+    const uint32_t block = absmax_block<uint32_t>(n, k, K);
+    if (am.f32) {
+      f.absmax_or_scale = am.f32[block];
+    } else {
+      f.fp8 = am.fp8[block];
+      f.absmax_or_scale = am.chunk_scale[block / kAbsmaxChunk];
+    }
+    f.valid = true;
+  }
+  return f;
+}
+
+// Decodes a fetch into its 4 chunks of the weight tile (row `row`, chunks 4*part..4*part+3).
+template <bool BF16>
+__device__ __forceinline__ void decode_weights(uint16_t* wtile, const WeightFetch& f, const float* table,
+                                               const AbsmaxSource& am, float mean, int row, int part,
+                                               int chunks_per_row) {
+  float absmax = 0.0f;
+  if (f.valid) absmax = am.f32 ? f.absmax_or_scale : decode_absmax(uint8_t(f.fp8), f.absmax_or_scale, mean);
+  const int row_offset = swizzle(row, 4 * part, chunks_per_row);
+#pragma unroll
+  for (int s = 0; s < 4; ++s) {
+    const int chunk = decode_store_chunk(part, s);
+    // word j of the 16 code bytes holds weights 8j..8j+7 of the thread's 32; byte b: 2b (high), 2b+1 (low)
+    const uint32_t w = word_of(f.codes, chunk - 4 * part);
+    uint4 out;
+    uint32_t* o = reinterpret_cast<uint32_t*>(&out);
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {
+      const uint32_t byte = (w >> (8 * b)) & 0xFFu;
+      o[b] = pack2<BF16>(mul_rn(table[byte >> 4], absmax), mul_rn(table[byte & 0xFu], absmax));
+    }
+    *reinterpret_cast<uint4*>(wtile + swizzle_moved(row_offset, 0, chunk - 4 * part, chunks_per_row)) = out;
+  }
+}
+
+// kGrad = false: y [M, N] = x [M, K] W^T (+ bias); output columns n, reduction over k (R = K).
+// kGrad = true:  dx [M, K] = dy [M, N] W;           output columns k, reduction over n (R = N).
+template <bool BF16, bool kGrad, bool kVecAct>
+__global__ void __launch_bounds__(kThreads, 2)
+    large_gemm_kernel(const uint16_t* __restrict__ act, const uint8_t* __restrict__ codes, AbsmaxSource am,
+                      CodeBook cb, int64_t M, int64_t N, int64_t K, const uint16_t* __restrict__ bias,
+                      uint16_t* __restrict__ out) {
+  extern __shared__ __align__(128) uint8_t smem_raw[];
+  uint16_t* act_stages = reinterpret_cast<uint16_t*>(smem_raw);
+  uint16_t* wtile = act_stages + kStages * kTileElems;
+  __shared__ float table[16];
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int64_t R = kGrad ? N : K;                 // reduction length
+  const int64_t out_cols = kGrad ? K : N;
+  const int64_t m0 = int64_t(blockIdx.y) * kTileM, c0 = int64_t(blockIdx.x) * kTileN;
+  const int steps = int((R + kTileR - 1) / kTileR);
+  constexpr int kParts = kGrad ? kGradWChunksPerRow / 4 : kFwdWChunksPerRow / 4;  // decode threads per row
+  constexpr int kWChunks = kGrad ? kGradWChunksPerRow : kFwdWChunksPerRow;
+  const int drow = decode_row(tid, kParts), dpart = decode_part(tid, kParts);
+
+  if (tid < 16) table[tid] = cb.value[tid];
+  const float mean = am.f32 ? 0.0f : *am.mean;
+
+  // The weight element a thread fetches at step s: forward row n = c0 + drow, k = 64 s + 32 part;
+  // input gradient row n = 64 s + drow, k = c0 + 32 part.
+  // Weight indices in 32 bits (the launcher checks fits_32bit_weight_index; N, K < 2^31).
+  auto fetch_step = [&](int s) {
+    const uint32_t n = kGrad ? uint32_t(s) * kTileR + drow : uint32_t(c0) + drow;
+    const uint32_t k = kGrad ? uint32_t(c0) + 32 * dpart : uint32_t(s) * kTileR + 32 * dpart;
+    return fetch_weights(codes, am, n, k, uint32_t(N), uint32_t(K));
+  };
+
+  // Prologue: activation stages 0..kStages-2 in flight, the first weight fetch in registers.
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < steps) load_act_tile<kVecAct>(act_stages + s * kTileElems, act, M, R, m0, int64_t(s) * kTileR, tid);
+    cp_async_commit();
+  }
+  WeightFetch fetched = fetch_step(0);
+
+  float acc[kMmaTilesM][kMmaTilesN][4];
+#pragma unroll
+  for (int i = 0; i < kMmaTilesM; ++i)
+#pragma unroll
+    for (int j = 0; j < kMmaTilesN; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+
+  const int wr0 = warp_row0(warp), wc0 = warp_col0(warp);
+  // Each lane's ldmatrix offsets for the first tile and k step; the others follow by swizzle_moved.
+  const int a_lane = swizzle(ldsm_a_row(lane), ldsm_a_chunk(lane), kActChunksPerRow);
+  const int b_lane = kGrad ? swizzle(ldsm_bt_row(lane), ldsm_bt_chunk(lane), kGradWChunksPerRow)
+                           : swizzle(ldsm_b_row(lane), ldsm_b_chunk(lane), kFwdWChunksPerRow);
+  const uint32_t act_smem = smem_addr(act_stages), w_smem = smem_addr(wtile);
+  for (int s = 0; s < steps; ++s) {
+    // (1) every warp is done with step s-1: its activation stage and the weight tile may be overwritten
+    __syncthreads();
+    const int next = s + kStages - 1;
+    if (next < steps) {
+      load_act_tile<kVecAct>(act_stages + (next % kStages) * kTileElems, act, M, R, m0, int64_t(next) * kTileR,
+                             tid);
+    }
+    cp_async_commit();  // possibly empty: keeps the group count = steps issued
+    decode_weights<BF16>(wtile, fetched, table, am, mean, drow, dpart, kWChunks);
+    if (s + 1 < steps) fetched = fetch_step(s + 1);
+    cp_async_wait<kStages - 1>();  // groups 0..s complete (S - 1 + s + 1 committed)
+    // (2) activation stage s and the decoded weight tile are visible to every warp
+    __syncthreads();
+
+    const uint32_t a_tile = act_smem + (s % kStages) * kTileElems * 2;
+#pragma unroll
+    for (int ks = 0; ks < kTileR / 16; ++ks) {
+      // B fragments of the warp's 4 n8 tiles first, then one A fragment at a time (fewer live registers:
+      // 64 accumulators + 8 B + 4 A words, so the kernel fits 128 registers for 2 CTAs per SM).
+      uint32_t b[kMmaTilesN][2];
+#pragma unroll
+      for (int np = 0; np < kMmaTilesN / 2; ++np) {
+        uint32_t r[4];
+        if constexpr (kGrad) {  // rows n 16 ks.., columns k wc0 + 16 np..
+          ldmatrix_x4_trans(r, w_smem + 2 * swizzle_moved(b_lane, 16 * ks, (wc0 + 16 * np) / kChunkElems,
+                                                          kGradWChunksPerRow));
+        } else {  // rows n wc0 + 16 np.., columns k 16 ks..
+          ldmatrix_x4(r, w_smem + 2 * swizzle_moved(b_lane, wc0 + 16 * np, 2 * ks, kFwdWChunksPerRow));
+        }
+        b[2 * np][0] = r[0];
+        b[2 * np][1] = r[1];
+        b[2 * np + 1][0] = r[2];
+        b[2 * np + 1][1] = r[3];
+      }
+#pragma unroll
+      for (int mt = 0; mt < kMmaTilesM; ++mt) {
+        uint32_t a[4];
+        ldmatrix_x4(a, a_tile + 2 * swizzle_moved(a_lane, wr0 + 16 * mt, 2 * ks, kActChunksPerRow));
+#pragma unroll
+        for (int nt = 0; nt < kMmaTilesN; ++nt) mma_16816<BF16>(acc[mt][nt], a, b[nt][0], b[nt][1]);
+      }
+    }
+  }
+
+  // Epilogue: accumulator (mt, nt, 2h + i) is row g + 8h, column 2t + i of the 16 x 8 mma tile.
+  const int g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int mt = 0; mt < kMmaTilesM; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < kMmaTilesN; ++nt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t row = m0 + wr0 + mt * 16 + g + 8 * h;
+        const int64_t col = c0 + wc0 + nt * 8 + 2 * t;
+        if (row >= M || col >= out_cols) continue;
+        float v0 = acc[mt][nt][2 * h], v1 = acc[mt][nt][2 * h + 1];
+        if (!kGrad && bias) {
+          v0 += act_to_f32<BF16>(bias[col]);
+          if (col + 1 < out_cols) v1 += act_to_f32<BF16>(bias[col + 1]);
+        }
+        uint16_t* dst = out + row * out_cols + col;
+        if (col + 1 < out_cols && out_cols % 2 == 0) {  // 4-byte aligned pair
+          *reinterpret_cast<uint32_t*>(dst) = uint32_t(f32_to_act<BF16>(v0)) | (uint32_t(f32_to_act<BF16>(v1)) << 16);
+        } else {
+          dst[0] = f32_to_act<BF16>(v0);
+          if (col + 1 < out_cols) dst[1] = f32_to_act<BF16>(v1);
+        }
+      }
+}
+
+template <bool BF16, bool kGrad, bool kVecAct>
+cudaError_t launch(const Linear4bitProblem& p, const void* act, const void* bias, void* out, cudaStream_t stream) {
+  auto kernel = large_gemm_kernel<BF16, kGrad, kVecAct>;
+  QLORA_CUDA_RETURN_IF_ERROR(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+  const int64_t out_cols = kGrad ? p.k : p.n;
+  const dim3 grid(unsigned((out_cols + kTileN - 1) / kTileN), unsigned((p.m + kTileM - 1) / kTileM));
+  kernel<<<grid, kThreads, kSmemBytes, stream>>>(static_cast<const uint16_t*>(act), p.codes, p.absmax, p.codebook,
+                                                 p.m, p.n, p.k, static_cast<const uint16_t*>(bias),
+                                                 static_cast<uint16_t*>(out));
+  return cudaGetLastError();
+}
+
+bool valid_large(const Linear4bitProblem& p) {
+  // grid.y = M / 128 <= 65535; grid.x = N or K / 128 < 2^31
+  return p.blocksize == 64 && p.k % 64 == 0 && p.k >= 64 && p.m >= 1 && p.n >= 1 &&
+         (p.m + kTileM - 1) / kTileM <= 65535 && fits_32bit_weight_index(p.n, p.k) && p.codes != nullptr &&
+         reinterpret_cast<uintptr_t>(p.codes) % 16 == 0;
+}
+
+}  // namespace
+
+cudaError_t fused_large_linear_forward(const Linear4bitProblem& p, const void* x, const void* bias, void* y,
+                                       cudaStream_t stream) {
+  QLORA_NVTX_RANGE_FN();
+  if (!valid_large(p) || reinterpret_cast<uintptr_t>(x) % 16 != 0) return cudaErrorInvalidValue;
+  return p.bf16 ? launch<true, false, true>(p, x, bias, y, stream) : launch<false, false, true>(p, x, bias, y, stream);
+}
+
+cudaError_t fused_large_linear_grad_input(const Linear4bitProblem& p, const void* dy, void* dx, cudaStream_t stream) {
+  QLORA_NVTX_RANGE_FN();
+  if (!valid_large(p)) return cudaErrorInvalidValue;
+  const bool vec = p.n % kChunkElems == 0 && reinterpret_cast<uintptr_t>(dy) % 16 == 0;
+  if (p.bf16) {
+    return vec ? launch<true, true, true>(p, dy, nullptr, dx, stream)
+               : launch<true, true, false>(p, dy, nullptr, dx, stream);
+  }
+  return vec ? launch<false, true, true>(p, dy, nullptr, dx, stream)
+             : launch<false, true, false>(p, dy, nullptr, dx, stream);
+}
+
+}  // namespace qlora::cuda

@@ -1,0 +1,103 @@
+// Index formulas of the fused large-M 4-bit GEMMs (linear_4bit_large_cuda.cu): tile sizes, which thread
+// copies or decodes which element, the shared-memory swizzle and the ldmatrix row addresses. Plain
+// __host__ __device__ functions so the kernel and the CPU emulation (tests/test_linear_large_layout.py,
+// through qlora_ext._C.large_gemm_layout) use the very same formulas.
+//
+// Terms: a CTA computes a kTileM x kTileN tile of the output (forward: y rows m, columns n; input
+// gradient: dx rows m, columns k), stepping over the reduction (forward: k; input gradient: n) kTileR at
+// a time. Shared-memory tiles are rows of 16-byte chunks (8 bf16/fp16 values); the physical chunk of a
+// logical (row, chunk) is chunk ^ (row % 8), so the 8 rows an ldmatrix phase reads, or the 8 chunks a
+// copy phase writes, fall in 8 different 16-byte bank groups (no bank conflicts).
+#pragma once
+
+#include <cstdint>
+
+#include "quant_format.h"
+
+namespace qlora::large {
+
+constexpr int kTileM = 128;      // output rows per CTA (rows of x / dy)
+constexpr int kTileN = 128;      // output columns per CTA (forward: n; input gradient: k)
+constexpr int kTileR = 64;       // reduction per main-loop step (forward: k = one quant block; grad: n)
+constexpr int kStages = 3;       // cp.async stages of the activation tile
+constexpr int kWarps = 8;        // 2 (m) x 4 (n) warps, each 64 x 32 of the output
+constexpr int kThreads = kWarps * 32;
+constexpr int kWarpTileM = 64, kWarpTileN = 32;
+constexpr int kWarpsN = kTileN / kWarpTileN;  // 4
+constexpr int kMmaTilesM = kWarpTileM / 16;   // 4 m16 tiles per warp
+constexpr int kMmaTilesN = kWarpTileN / 8;    // 4 n8 tiles per warp
+constexpr int kChunkElems = 8;                // 16-bit values per 16-byte chunk
+
+// Activation tile (x forward, dy input gradient): kTileM rows x kTileR values = 8 chunks per row.
+constexpr int kActChunksPerRow = kTileR / kChunkElems;                        // 8
+constexpr int kActCopiesPerThread = kTileM * kActChunksPerRow / kThreads;     // 4
+// Weight tile in shared memory, K-major (rows n, k contiguous) in both directions:
+// forward kTileN (n) x kTileR (k); input gradient kTileR (n) x kTileN (k).
+constexpr int kFwdWChunksPerRow = kTileR / kChunkElems;   // 8
+constexpr int kGradWChunksPerRow = kTileN / kChunkElems;  // 16
+constexpr int kWeightsPerDecodeThread = kTileN * kTileR / kThreads;  // 32 = 16 code bytes = 4 chunks
+constexpr int kTileElems = kTileM * kTileR;  // activation tile = weight tile = 8192 values
+constexpr int kSmemBytes = (kStages + 1) * kTileElems * 2;  // 3 activation stages + 1 weight tile = 64 KiB
+
+// ---- shared-memory layout ------------------------------------------------------------------------
+// Element offset (in 16-bit values) of logical (row, chunk) in a tile with chunks_per_row chunks per row.
+QLORA_HD int swizzle(int row, int chunk, int chunks_per_row) {
+  return (row * chunks_per_row + (chunk ^ (row & 7))) * kChunkElems;
+}
+
+// swizzle(row + R, chunk + C, chunks_per_row), given lane_offset = swizzle(row, chunk, chunks_per_row), for R a
+// multiple of 8, C < chunks_per_row and C sharing no bit with chunk: row % 8 is unchanged and chunk + C =
+// chunk ^ C, so the tile offset moves by an XOR and an add the compiler folds into the instruction (the
+// ldmatrix addresses of every m/n tile and k step come from one register per lane).
+QLORA_HD int swizzle_moved(int lane_offset, int R, int C, int chunks_per_row) {
+  return (lane_offset ^ (C * kChunkElems)) + R * chunks_per_row * kChunkElems;
+}
+
+// ---- activation copy (cp.async, 16 bytes each) -----------------------------------------------------
+// Copy i (0..kActCopiesPerThread-1) of thread tid moves chunk act_copy_chunk of tile row act_copy_row:
+// consecutive threads take consecutive chunks of a row (coalesced global reads).
+QLORA_HD int act_copy_row(int tid, int i) { return (tid + i * kThreads) / kActChunksPerRow; }
+QLORA_HD int act_copy_chunk(int tid, int i) { return (tid + i * kThreads) % kActChunksPerRow; }
+
+// ---- weight decode ---------------------------------------------------------------------------------
+// Thread tid decodes 32 consecutive weights (16 code bytes, one 16-byte load) of one weight-tile row:
+// row decode_row, weights 32 * decode_part .. +31 of that row (parts_per_row = 2 forward, 4 grad).
+QLORA_HD int decode_row(int tid, int parts_per_row) { return tid / parts_per_row; }
+QLORA_HD int decode_part(int tid, int parts_per_row) { return tid % parts_per_row; }
+// Step s (0..3) of a thread stores its chunk 4 * part + (s ^ 2 (part / 2)): the rotation by part / 2 keeps the
+// 8 threads of a store phase in 8 different bank groups when rows have 16 chunks; as an XOR, the kernel gets
+// every step's offset from swizzle(row, 4 * part) by swizzle_moved (4 * part shares no bit with s ^ ...).
+QLORA_HD int decode_store_chunk(int part, int s) { return 4 * part + (s ^ (2 * (part >> 1))); }
+
+// Packed codes: element (n, k) of W [N, K] is nibble (k even: high, odd: low) of byte n * K/2 + k/2;
+// its absmax is block n * K/64 + k/64 (blocksize 64 runs along k).
+// Index is int64_t in general; the kernel uses uint32_t when the weight has fewer than 2^32 codes bytes
+// (fits_32bit_weight_index), which saves registers in its main loop.
+template <typename Index>
+QLORA_HD Index code_byte(Index n, Index k, Index K) { return n * (K / 2) + k / 2; }
+template <typename Index>
+QLORA_HD Index absmax_block(Index n, Index k, Index K) { return n * (K / 64) + k / 64; }
+QLORA_HD bool fits_32bit_weight_index(int64_t N, int64_t K) {
+  return K < (int64_t(1) << 31) && N * (K / 2) + 16 <= (int64_t(1) << 32);
+}
+
+// ---- warps and ldmatrix ----------------------------------------------------------------------------
+// Warp w owns output rows warp_row0(w) .. +63 and columns warp_col0(w) .. +31 of the CTA tile.
+QLORA_HD int warp_row0(int warp) { return (warp / kWarpsN) * kWarpTileM; }
+QLORA_HD int warp_col0(int warp) { return (warp % kWarpsN) * kWarpTileN; }
+
+// A fragment (m16 x k16) by one ldmatrix.x4: lanes 0-15 address rows 0-15 at chunk 0 (k 0-7), lanes
+// 16-31 rows 0-15 at chunk 1 (k 8-15): matrices 0..3 = a0..a3 of mma.m16n8k16.
+QLORA_HD int ldsm_a_row(int lane) { return lane & 15; }
+QLORA_HD int ldsm_a_chunk(int lane) { return lane >> 4; }
+// Forward B fragments of two n8 tiles by one ldmatrix.x4 (no .trans; W rows n are the B columns):
+// matrix j = lane / 8 is n rows 8 * (j / 2) .. +7 at k chunk j % 2, i.e. b0, b1 of n-tile 0, then of 1.
+QLORA_HD int ldsm_b_row(int lane) { return ((lane >> 4) << 3) + (lane & 7); }
+QLORA_HD int ldsm_b_chunk(int lane) { return (lane >> 3) & 1; }
+// Input-gradient B fragments of two n8 tiles (here: 8 columns k each) by one ldmatrix.x4.trans from the
+// K-major weight tile: matrix j is reduction rows n 8 * (j % 2) .. +7 at k chunk j / 2, transposed on
+// load: b0, b1 of k-tile 0, then of k-tile 1.
+QLORA_HD int ldsm_bt_row(int lane) { return (((lane >> 3) & 1) << 3) + (lane & 7); }
+QLORA_HD int ldsm_bt_chunk(int lane) { return lane >> 4; }
+
+}  // namespace qlora::large
