@@ -30,6 +30,17 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _STATE_ALIGN = 64  # floats (256 bytes): every state in an arena starts aligned for vector access
 
 
+def _dense(t: torch.Tensor) -> bool:
+    """Whether t is non-overlapping and dense (a permutation of a contiguous tensor: its elements fill
+    numel consecutive slots). torch.Tensor has no public method for this."""
+    expected = 1
+    for stride, size in sorted((s, n) for n, s in zip(t.shape, t.stride()) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     return all(n <= 1 or sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()))
 
@@ -124,7 +135,7 @@ class PagedAdamW(torch.optim.Optimizer):
         floats.zero_()  # on the current stream: the pages are first touched, and placed, on the GPU
         for q, off in zip(params, offsets):
             span = -(-self._span(q) // _STATE_ALIGN) * _STATE_ALIGN
-            stride = q.stride() if q.is_non_overlapping_and_dense() else self._contiguous_strides(q.shape)
+            stride = q.stride() if _dense(q) else self._contiguous_strides(q.shape)
             self._slots[q] = (floats.as_strided(q.shape, stride, off), floats.as_strided(q.shape, stride, off + span))
         self._arenas.append(arena)
 
@@ -383,7 +394,7 @@ class PagedAdamW8bit(PagedAdamW):
         arena.zero_()  # on the current stream: the pages are first touched, and placed, on the GPU
         floats = arena.view(torch.float32)
         for q, offsets in layout:
-            stride = q.stride() if q.is_non_overlapping_and_dense() else self._contiguous_strides(q.shape)
+            stride = q.stride() if _dense(q) else self._contiguous_strides(q.shape)
             if len(offsets) == 4:
                 nb = _num_blocks(q.numel())
                 codes1 = arena.as_strided(q.shape, stride, offsets[0])
@@ -499,7 +510,7 @@ class PagedAdamW8bit(PagedAdamW):
             step = float(step.item()) if isinstance(step, torch.Tensor) else float(step)
             state = {"step": torch.tensor(step, dtype=torch.float32)}
             if len(slot) == 4:
-                if eight and all(_same_layout(s[n], p) and s[n].is_non_overlapping_and_dense()
+                if eight and all(_same_layout(s[n], p) and _dense(s[n])
                                  for n in ("state1", "state2")):
                     for dst, n in zip(slot, _STATE_8BIT_KEYS):  # codes: one layout, so one memory order
                         dst.copy_(s[n].reshape(dst.shape))
