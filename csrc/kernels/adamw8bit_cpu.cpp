@@ -1,18 +1,16 @@
 // CPU kernel of the 8-bit-state AdamW step: per 256-element block, dequantize both states into float32
 // scratch, run the 32-bit kernel's update on them (adamw_cpu.h: AVX2 or scalar, the same bits), fold the new
-// absmax and requantize (an AVX2 gather-based binary search or the scalar one, the same codes).
+// absmax and requantize (a bucketed search or adamw8bit_core.h's binary search, the same codes). An AVX2
+// gather version of the binary search was no faster than the scalar one on the AMD EPYC build machine.
 #include "adamw8bit_cpu.h"
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include "adamw_cpu.h"
 #include "quantize_cpu.h"  // simd_enabled()
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define QLORA_X86 1
-#endif
 
 namespace qlora::cpu {
 namespace {
@@ -23,43 +21,56 @@ void encode_scalar(const float* x, int n, const DynamicMap& map, float prescale,
   for (int i = 0; i < n; ++i) codes[i] = dynamic_quantize(x[i], map.mid, prescale, inverse);
 }
 
-#if QLORA_X86
-// dynamic_quantize on 8 lanes: the same two roundings of normalise(), the same midpoint comparisons.
-__attribute__((target("avx2"))) void encode_avx2(const float* x, int n, const DynamicMap& map, float prescale,
-                                                 float inverse, uint8_t* codes) {
-  const __m256 pre = _mm256_set1_ps(prescale), inv = _mm256_set1_ps(inverse);
-  int i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256 s = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), pre), inv);
-    __m256i c = _mm256_setzero_si256();
-    for (int step = 128; step > 0; step >>= 1) {
-      const __m256i idx = _mm256_add_epi32(c, _mm256_set1_epi32(step - 1));
-      const __m256 mid = _mm256_i32gather_ps(map.mid, idx, 4);
-      const __m256i above = _mm256_castps_si256(_mm256_cmp_ps(s, mid, _CMP_GT_OQ));  // false for NaN
-      c = _mm256_add_epi32(c, _mm256_and_si256(above, _mm256_set1_epi32(step)));
-    }
-    // 8 int32 codes (< 256) to 8 bytes
-    const __m256i bytes = _mm256_shuffle_epi8(
-        c, _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 4, 8, 12, -1, -1, -1,
-                            -1, -1, -1, -1, -1, -1, -1, -1, -1));
-    const uint32_t lo = uint32_t(_mm256_extract_epi32(bytes, 0)), hi = uint32_t(_mm256_extract_epi32(bytes, 4));
-    const uint64_t packed = uint64_t(lo) | (uint64_t(hi) << 32);
-    std::memcpy(codes + i, &packed, 8);
+// The same code (the number of midpoints strictly below s) found faster: floats are bucketed by their sign,
+// exponent and top 6 mantissa bits (an order-preserving integer key >> 17); a table gives the number of
+// midpoints below each bucket, and `steps` comparisons count those inside s's bucket (the most midpoints one
+// bucket holds: 1 for the signed map, 2 for the unsigned). Two or three dependent loads instead of eight.
+struct BucketEncoder {
+  static constexpr int kShift = 17;
+  uint8_t start[1u << (32 - kShift)];
+  int steps = 0;
+
+  static uint32_t order_key(float f) {  // monotonic in f (NaN aside); -0 just below +0
+    const uint32_t b = f32_bits(f);
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
   }
-  encode_scalar(x + i, n - i, map, prescale, inverse, codes + i);
+
+  explicit BucketEncoder(const DynamicMap& map) {
+    std::vector<uint32_t> keys;
+    for (int c = 0; c + 1 < kDynamicMapSize; ++c) keys.push_back(order_key(map.mid[c]));  // sorted; mid[255] = inf
+    size_t below = 0;
+    for (uint32_t b = 0; b < (1u << (32 - kShift)); ++b) {
+      const uint64_t lo = uint64_t(b) << kShift, hi = lo + (uint64_t(1) << kShift);
+      while (below < keys.size() && keys[below] < lo) ++below;
+      size_t inside = below;
+      while (inside < keys.size() && keys[inside] < hi) ++inside;
+      start[b] = uint8_t(below);
+      steps = std::max(steps, int(inside - below));
+    }
+  }
+
+  uint8_t encode(float s, const float* mid) const {
+    if (s != s) return 0;  // NaN: code 0, as the binary search gives
+    uint32_t c = start[order_key(s) >> kShift];
+    for (int k = 0; k < steps; ++k) c += s > mid[c] ? 1u : 0u;  // mid[255] = inf stops the count at 255
+    return uint8_t(c);
+  }
+};
+
+const BucketEncoder& bucket_encoder(bool is_signed) {
+  static const BucketEncoder signed_enc(dynamic_map(true)), unsigned_enc(dynamic_map(false));
+  return is_signed ? signed_enc : unsigned_enc;
 }
 
-bool cpu_has_avx2() { return __builtin_cpu_supports("avx2"); }
-#else
-bool cpu_has_avx2() { return false; }
-#endif
+void encode_bucketed(const float* x, int n, const DynamicMap& map, const BucketEncoder& enc, float prescale,
+                     float inverse, uint8_t* codes) {
+  for (int i = 0; i < n; ++i) codes[i] = enc.encode(normalise(x[i], prescale, inverse), map.mid);
+}
 
-void encode(const float* x, int n, const DynamicMap& map, float absmax, uint8_t* codes, bool simd) {
+// simd (set_cpu_simd): the bucketed search, else the shared binary search; both give the same codes.
+void encode(const float* x, int n, const DynamicMap& map, bool is_signed, float absmax, uint8_t* codes, bool simd) {
   const float prescale = absmax_prescale(absmax), inverse = block_inverse(absmax);
-#if QLORA_X86
-  if (simd) return encode_avx2(x, n, map, prescale, inverse, codes);
-#endif
-  (void)simd;
+  if (simd) return encode_bucketed(x, n, map, bucket_encoder(is_signed), prescale, inverse, codes);
   encode_scalar(x, n, map, prescale, inverse, codes);
 }
 
@@ -95,8 +106,8 @@ void step_block(const AdamW8bitTensor& t, const AdamWGroup& group, int64_t b, co
   x.format = t.format;
   adamw_step_range(x, group, 0, n);
   const float absmax1 = block_absmax(m, n), absmax2 = block_absmax(v, n);
-  encode(m, n, map1, absmax1, t.exp_avg_codes + begin, simd);
-  encode(v, n, map2, absmax2, t.exp_avg_sq_codes + begin, simd);
+  encode(m, n, map1, true, absmax1, t.exp_avg_codes + begin, simd);
+  encode(v, n, map2, false, absmax2, t.exp_avg_sq_codes + begin, simd);
   t.exp_avg_absmax[b] = absmax1;
   t.exp_avg_sq_absmax[b] = absmax2;
 }
@@ -111,7 +122,7 @@ const DynamicMap& dynamic_map(bool is_signed) {
 void adamw8bit_step_blocks(const AdamW8bitTensor* tensors, int64_t ntensors, const AdamWGroup& group,
                            int64_t block_begin, int64_t block_end) {
   if (ntensors <= 0 || block_begin >= block_end) return;
-  const bool simd = simd_enabled() && cpu_has_avx2();
+  const bool simd = simd_enabled();
   const DynamicMap &map1 = dynamic_map(true), &map2 = dynamic_map(false);
   // The tensor holding block_begin: the last one whose first block is not after it.
   int64_t t = std::upper_bound(tensors, tensors + ntensors, block_begin,
@@ -127,13 +138,13 @@ void adamw8bit_step_blocks(const AdamW8bitTensor* tensors, int64_t ntensors, con
 
 void quantize_8bit_dynamic_blocks(const float* x, int64_t n, bool is_signed, uint8_t* codes, float* absmax,
                                   int64_t block_begin, int64_t block_end) {
-  const bool simd = simd_enabled() && cpu_has_avx2();
+  const bool simd = simd_enabled();
   const DynamicMap& map = dynamic_map(is_signed);
   for (int64_t b = block_begin; b < block_end; ++b) {
     const int64_t begin = b * kBlock;
     const int len = int(std::min<int64_t>(kBlock, n - begin));
     absmax[b] = block_absmax(x + begin, len);
-    encode(x + begin, len, map, absmax[b], codes + begin, simd);
+    encode(x + begin, len, map, is_signed, absmax[b], codes + begin, simd);
   }
 }
 
