@@ -1,5 +1,5 @@
-"""Benchmark of PagedAdamW's step against torch.optim.AdamW (and bitsandbytes' PagedAdamW when installed), on
-two parameter sets: (a) the LoRA adapters of a LLaMA-7B-shaped model (r=64 on the 7 linear layers of 32
+"""Benchmark of PagedAdamW's and PagedAdamW8bit's steps against torch.optim.AdamW (and bitsandbytes' PagedAdamW /
+PagedAdamW8bit when installed), on two parameter sets: (a) the LoRA adapters of a LLaMA-7B-shaped model (r=64 on the 7 linear layers of 32
 blocks: 448 tensors, ~160M parameters) and (b) one 1B-parameter tensor.
 
     python3 bench/bench_optim.py --device cpu            # this machine: CPU step vs AdamW(foreach=True)
@@ -9,6 +9,8 @@ CUDA (bf16 parameters unless said): resident step time and its bandwidth against
 bandwidth (fp32 states with bf16 params move 22 bytes per parameter: read p, g, m, v = 2+2+4+4, write p, m, v
 = 2+4+4; fp32 params 28; torch's bf16 states 14), the first step after page_out() (migration of the states
 back to the GPU: GB/s), torch.optim.AdamW(fused=True), bitsandbytes.optim.PagedAdamW (32-bit states).
+PagedAdamW8bit (8-bit states, one fp32 absmax per 256) moves 10 bytes per bf16 parameter (p, g, 2 codes read;
+p, 2 codes written) and 16 per fp32 one, plus 1/32 byte of absmax.
 Goals (issue 4): resident >= 85% of copy bandwidth for its bytes; >= 1.0x torch fused with fp32 params on both
 sets; >= 2x bitsandbytes PagedAdamW on (a), >= 1.0x on (b). CPU: >= 1.0x torch foreach, fp32 params.
 """
@@ -22,7 +24,7 @@ import time
 import torch
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
-from qlora_ext import PagedAdamW  # noqa: E402
+from qlora_ext import PagedAdamW, PagedAdamW8bit  # noqa: E402
 
 
 def lora_shapes(blocks=32, r=64, d=4096, ffn=11008):
@@ -134,6 +136,12 @@ def bnb_paged_adamw():
     return lambda ps: bnb.optim.PagedAdamW(ps, lr=1e-4, weight_decay=1e-2, optim_bits=32)
 
 
+def bnb_paged_adamw8bit():
+    import bitsandbytes as bnb  # noqa: F401  (ImportError -> skipped)
+
+    return lambda ps: bnb.optim.PagedAdamW8bit(ps, lr=1e-4, weight_decay=1e-2)
+
+
 def bench_cuda(args, results):
     bw = copy_bandwidth()
     results["copy_GB_per_s"] = bw / 1e9
@@ -161,6 +169,17 @@ def bench_cuda(args, results):
                     key, 22)
         except ImportError as e:
             print(f"  bitsandbytes PagedAdamW: not installed ({e})")
+        run_one("PagedAdamW8bit bf16 (paged, resident)", lambda ps: PagedAdamW8bit(ps, lr=1e-4), shapes, bf, "cuda",
+                reps, results, key, 10, page=True)
+        run_one("PagedAdamW8bit bf16 (unpaged)", lambda ps: PagedAdamW8bit(ps, lr=1e-4, paged=False), shapes, bf,
+                "cuda", reps, results, key, 10)
+        try:
+            make_bnb8 = bnb_paged_adamw8bit()
+            run_one("bitsandbytes PagedAdamW8bit bf16", make_bnb8, shapes, bf, "cuda", reps, results, key, 10)
+        except ImportError as e:
+            print(f"  bitsandbytes PagedAdamW8bit: not installed ({e})")
+        run_one("PagedAdamW8bit fp32", lambda ps: PagedAdamW8bit(ps, lr=1e-4), shapes, f32, "cuda", reps, results,
+                key, 16)
         run_one("PagedAdamW fp32", lambda ps: PagedAdamW(ps, lr=1e-4), shapes, f32, "cuda", reps, results, key, 28)
         run_one("torch AdamW fused fp32", lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True), shapes, f32,
                 "cuda", reps, results, key, 28)
@@ -180,6 +199,13 @@ def bench_cuda(args, results):
         if ours and bnb_row:
             print(f"{key}: bf16 vs bitsandbytes PagedAdamW: {bnb_row['step_ms'] / ours['step_ms']:.2f}x "
                   f"(goal >= {'2.0' if key.startswith('a') else '1.0'}x)")
+        ours8 = by.get("PagedAdamW8bit bf16 (paged, resident)")
+        if ours8:
+            print(f"{key}: 8-bit resident bf16 step at {ours8['GB_per_s'] / results['copy_GB_per_s']:.0%} of copy "
+                  f"bandwidth; {ours['step_ms'] / ours8['step_ms']:.2f}x the 32-bit step" if ours else "")
+        bnb8 = by.get("bitsandbytes PagedAdamW8bit bf16")
+        if ours8 and bnb8:
+            print(f"{key}: 8-bit bf16 vs bitsandbytes PagedAdamW8bit: {bnb8['step_ms'] / ours8['step_ms']:.2f}x")
 
 
 def bench_cpu(args, results):
@@ -194,12 +220,18 @@ def bench_cpu(args, results):
             d = str(dtype).split(".")[1]
             run_one(f"PagedAdamW {d}", lambda ps: PagedAdamW(ps, lr=1e-4), shapes, dtype, "cpu", args.cpu_reps,
                     results, key, bpp)
+            run_one(f"PagedAdamW8bit {d}", lambda ps: PagedAdamW8bit(ps, lr=1e-4), shapes, dtype, "cpu",
+                    args.cpu_reps, results, key, 16 if dtype == torch.float32 else 10)
             run_one(f"torch AdamW foreach {d}", lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=True), shapes,
                     dtype, "cpu", args.cpu_reps, results, key, 28 if dtype == torch.float32 else 14)
         by = {r["name"]: r for r in results[key]}
         for d in ("float32", "bfloat16"):
-            speedup = by[f"torch AdamW foreach {d}"]["step_ms"] / by[f"PagedAdamW {d}"]["step_ms"]
+            torch_ms = by[f"torch AdamW foreach {d}"]["step_ms"]
+            speedup = torch_ms / by[f"PagedAdamW {d}"]["step_ms"]
             print(f"{key}: {d} vs torch foreach: {speedup:.2f}x" + (" (goal >= 1.0x)" if d == "float32" else ""))
+            ms8 = by[f"PagedAdamW8bit {d}"]["step_ms"]
+            print(f"{key}: {d} 8-bit vs torch foreach: {torch_ms / ms8:.2f}x, vs our 32-bit: "
+                  f"{by[f'PagedAdamW {d}']['step_ms'] / ms8:.2f}x")
 
 
 def main():

@@ -7,9 +7,9 @@ from . import _ops  # noqa: F401  (registers the native ops and their fake imple
 from ._C import build_info
 from .linear import linear_4bit, linear_backend, set_linear_backend
 from .nn import Linear4bit, LoRALinear, model_summary, prepare_model
-from .optim import PagedAdamW
+from .optim import PagedAdamW, PagedAdamW8bit
 from .quantize import QuantState, code_table, dequantize, quantize
 
 __version__ = "0.1.0"
-__all__ = ["Linear4bit", "LoRALinear", "PagedAdamW", "QuantState", "build_info", "code_table", "dequantize",
+__all__ = ["Linear4bit", "LoRALinear", "PagedAdamW", "PagedAdamW8bit", "QuantState", "build_info", "code_table", "dequantize",
            "linear_4bit", "linear_backend", "model_summary", "prepare_model", "quantize", "set_linear_backend"]

@@ -9,6 +9,7 @@ ops = torch.ops.qlora_ext
 BLOCKSIZES = (64, 128, 256)
 QUANT_TYPES = ("nf4", "fp4", "int4")
 ABSMAX_CHUNK = 256  # double quantization: one fp32 scale per 256 first-level absmax
+ADAMW8BIT_BLOCK = _C.ADAMW8BIT_BLOCK  # 8-bit optimizer states: one fp32 absmax per 256 elements
 
 
 def _num_blocks(numel, blocksize):
@@ -122,3 +123,34 @@ def _adamw_step_fake(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, bet
                      lambda: "exp_avgs and exp_avg_sqs must be float32")
         torch._check(m.shape == p.shape and v.shape == p.shape, lambda: "states must have their params' shapes")
     return None
+
+
+@torch.library.register_fake("qlora_ext::adamw8bit_step_")
+def _adamw8bit_step_fake(params, grads, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax, steps,
+                         lr, beta1, beta2, eps, weight_decay, maximize):
+    lists = (grads, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax, steps)
+    torch._check(all(len(x) == len(params) for x in lists),
+                 lambda: "params, grads, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax and "
+                         "steps must have the same length")
+    for p, c1, a1, c2, a2 in zip(params, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax):
+        torch._check(c1.dtype == torch.uint8 and c2.dtype == torch.uint8, lambda: "state codes must be uint8")
+        torch._check(c1.shape == p.shape and c2.shape == p.shape, lambda: "state codes must have their params' shapes")
+        torch._check(a1.dtype == torch.float32 and a2.dtype == torch.float32, lambda: "absmax must be float32")
+        torch._check(a1.numel() == _num_blocks(p.numel(), ADAMW8BIT_BLOCK)
+                     and a2.numel() == _num_blocks(p.numel(), ADAMW8BIT_BLOCK),
+                     lambda: "absmax must have one element per block of 256 parameter elements")
+    return None
+
+
+@torch.library.register_fake("qlora_ext::quantize_8bit_dynamic")
+def _quantize_8bit_dynamic_fake(x, is_signed):
+    torch._check(x.dtype == torch.float32, lambda: f"x must be float32, got {x.dtype}")
+    return (x.new_empty(x.shape, dtype=torch.uint8),
+            x.new_empty((_num_blocks(x.numel(), ADAMW8BIT_BLOCK),), dtype=torch.float32))
+
+
+@torch.library.register_fake("qlora_ext::dequantize_8bit_dynamic")
+def _dequantize_8bit_dynamic_fake(codes, absmax, is_signed):
+    torch._check(codes.dtype == torch.uint8, lambda: f"codes must be uint8, got {codes.dtype}")
+    torch._check(absmax.dtype == torch.float32, lambda: f"absmax must be float32, got {absmax.dtype}")
+    return codes.new_empty(codes.shape, dtype=torch.float32)

@@ -30,6 +30,17 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _STATE_ALIGN = 64  # floats (256 bytes): every state in an arena starts aligned for vector access
 
 
+def _dense(t: torch.Tensor) -> bool:
+    """Whether t is non-overlapping and dense (a permutation of a contiguous tensor: its elements fill
+    numel consecutive slots). torch.Tensor has no public method for this."""
+    expected = 1
+    for stride, size in sorted((s, n) for n, s in zip(t.shape, t.stride()) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     return all(n <= 1 or sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()))
 
@@ -124,7 +135,7 @@ class PagedAdamW(torch.optim.Optimizer):
         floats.zero_()  # on the current stream: the pages are first touched, and placed, on the GPU
         for q, off in zip(params, offsets):
             span = -(-self._span(q) // _STATE_ALIGN) * _STATE_ALIGN
-            stride = q.stride() if q.is_non_overlapping_and_dense() else self._contiguous_strides(q.shape)
+            stride = q.stride() if _dense(q) else self._contiguous_strides(q.shape)
             self._slots[q] = (floats.as_strided(q.shape, stride, off), floats.as_strided(q.shape, stride, off + span))
         self._arenas.append(arena)
 
@@ -262,3 +273,280 @@ class PagedAdamW(torch.optim.Optimizer):
     def __repr__(self) -> str:
         return super().__repr__().replace(self.__class__.__name__ + " (",
                                           f"{self.__class__.__name__} (paged={self.paged}, ", 1)
+
+
+# ---- 8-bit states ----------------------------------------------------------------------------------------
+_BLOCK = _C.ADAMW8BIT_BLOCK            # elements per absmax (csrc/kernels/adamw8bit_core.h)
+_SIGNED_ZERO_CODE = _C.dynamic_map(True).index(0.0)   # the code of 0.0 in exp_avg's map (127)
+_STATE_8BIT_KEYS = ("state1", "absmax1", "state2", "absmax2")
+_STATE_32BIT_KEYS = ("exp_avg", "exp_avg_sq")
+_ARENA_ALIGN = 256  # bytes: every state in an arena starts aligned for vector access
+
+
+def _num_blocks(numel: int) -> int:
+    return -(-numel // _BLOCK)
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """The 1-D view of a non-overlapping and dense tensor in its memory order."""
+    return t.as_strided((t.numel(),), (1,), t.storage_offset())
+
+
+def quantize_state(x: torch.Tensor, like: torch.Tensor, signed: bool):
+    """(codes, absmax) of a float state x (any float dtype, `like`'s shape) in the 8-bit format: codes uint8
+    with `like`'s shape and strides, absmax float32 [ceil(numel / 256)] for blocks in `like`'s memory order,
+    both on x's device."""
+    tmp = torch.empty_like(like, dtype=torch.float32, device=x.device)
+    tmp.copy_(x)
+    codes, absmax = ops.quantize_8bit_dynamic(_flat(tmp), signed)
+    out = torch.empty_like(like, dtype=torch.uint8, device=x.device)
+    _flat(out).copy_(codes)
+    return out, absmax
+
+
+def dequantize_state(codes: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch.Tensor:
+    """The float32 state (codes' shape and strides) of 8-bit codes (uint8, non-overlapping and dense) and their
+    block absmax (float32 [ceil(numel / 256)], blocks in codes' memory order)."""
+    flat = ops.dequantize_8bit_dynamic(_flat(codes).contiguous(), absmax.reshape(-1).float(), signed)
+    out = torch.empty_like(codes, dtype=torch.float32)
+    _flat(out).copy_(flat)
+    return out
+
+
+class PagedAdamW8bit(PagedAdamW):
+    """PagedAdamW with blockwise 8-bit states (like bitsandbytes' PagedAdamW8bit): 2 bytes per parameter plus
+    8 bytes per 256 instead of 8 bytes per parameter.
+
+    exp_avg and exp_avg_sq are stored as uint8 codes of the signed and unsigned "dynamic" maps of Dettmers'
+    8-bit optimizers (qlora_ext._C.dynamic_map) times one float32 absmax per block of 256 elements (in the
+    parameter's memory order). Each step dequantizes a block, applies torch.optim.AdamW's update in float32
+    (the same arithmetic as PagedAdamW), updates the parameter (a 16-bit one rounded once) and requantizes
+    the block with its new absmax (nearest code; a value exactly between two codes takes the lower one).
+    Parameters with fewer than min_8bit_size elements (biases, norms, small LoRA tensors) keep PagedAdamW's
+    float32 states, where quantization would save little and cost accuracy.
+
+    Args: as PagedAdamW, and
+        min_8bit_size: parameters with at least this many elements get 8-bit states (bitsandbytes' default,
+            4096).
+
+    State (state_dict()): an 8-bit parameter has "step" (CPU float32 scalar), "state1" (uint8 codes of
+    exp_avg, the parameter's shape), "absmax1" (float32 [ceil(numel / 256)]), "state2" / "absmax2" (the same
+    for exp_avg_sq); a small one has torch.optim.AdamW's "step", "exp_avg", "exp_avg_sq" (float32).
+    load_state_dict() takes this format (resuming bit for bit) or torch.optim.AdamW's / PagedAdamW's (float
+    moments are quantized on load), so a run can switch to this optimizer mid-way; dense_state_dict() gives the
+    dequantized moments in torch.optim.AdamW's format for the way back.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False, paged: bool = True,
+                 prefetch_every_step: bool = True, min_8bit_size: int = 4096):
+        if int(min_8bit_size) < 1:
+            raise ValueError(f"min_8bit_size must be >= 1, got {min_8bit_size}")
+        self.min_8bit_size = int(min_8bit_size)
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                         maximize=maximize, paged=paged, prefetch_every_step=prefetch_every_step)
+
+    def is_8bit(self, p: torch.Tensor) -> bool:
+        """Whether p gets (or has) 8-bit states."""
+        return p.numel() >= self.min_8bit_size
+
+    # ---- state storage ----------------------------------------------------------------------------
+    def _slot(self, p: torch.Tensor):
+        """p's states, initialised to zero: (codes1, absmax1, codes2, absmax2) for an 8-bit parameter,
+        (exp_avg, exp_avg_sq) otherwise. The first call allocates them for every trainable parameter not yet
+        placed, in one arena on CUDA."""
+        if p not in self._slots:
+            todo = [q for g in self.param_groups for q in g["params"]
+                    if q not in self._slots and (q.requires_grad or q is p)]
+            if self._uses_arena(p.device):
+                self._allocate_arena(todo)
+            else:
+                for q in todo:
+                    if self.is_8bit(q):
+                        self._slots[q] = (torch.full_like(q, _SIGNED_ZERO_CODE, dtype=torch.uint8),
+                                          torch.zeros(_num_blocks(q.numel()), dtype=torch.float32, device=q.device),
+                                          torch.zeros_like(q, dtype=torch.uint8),
+                                          torch.zeros(_num_blocks(q.numel()), dtype=torch.float32, device=q.device))
+                    else:
+                        self._slots[q] = tuple(torch.zeros_like(q, dtype=torch.float32) for _ in range(2))
+        return self._slots[p]
+
+    def _allocate_arena(self, params: list) -> None:
+        total = 0
+
+        def take(nbytes):
+            nonlocal total
+            offset = total
+            total += -(-max(nbytes, 1) // _ARENA_ALIGN) * _ARENA_ALIGN
+            return offset
+
+        layout = []
+        for q in params:
+            span = self._span(q)
+            if self.is_8bit(q):
+                nb = _num_blocks(q.numel())
+                layout.append((q, (take(span), take(4 * nb), take(span), take(4 * nb))))
+            else:
+                layout.append((q, (take(4 * span), take(4 * span))))
+        device = params[0].device
+        arena = _C.managed_empty(max(total, 1), device.index if device.index is not None
+                                 else torch.cuda.current_device())
+        arena.zero_()  # on the current stream: the pages are first touched, and placed, on the GPU
+        floats = arena.view(torch.float32)
+        for q, offsets in layout:
+            stride = q.stride() if _dense(q) else self._contiguous_strides(q.shape)
+            if len(offsets) == 4:
+                nb = _num_blocks(q.numel())
+                codes1 = arena.as_strided(q.shape, stride, offsets[0])
+                codes1.fill_(_SIGNED_ZERO_CODE)
+                self._slots[q] = (codes1, floats.as_strided((nb,), (1,), offsets[1] // 4),
+                                  arena.as_strided(q.shape, stride, offsets[2]),
+                                  floats.as_strided((nb,), (1,), offsets[3] // 4))
+            else:
+                self._slots[q] = tuple(floats.as_strided(q.shape, stride, off // 4) for off in offsets)
+        self._arenas.append(arena)
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state held (managed arenas, or the state tensors on CPU / unpaged CUDA)."""
+        if self._arenas:
+            return sum(a.numel() for a in self._arenas)
+        return sum(sum(t.numel() * t.element_size() for t in slot) for slot in self._slots.values())
+
+    # ---- the step ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One AdamW step for every parameter with a gradient (parameters whose grad is None are skipped):
+        per parameter group, one call of adamw8bit_step_ for the 8-bit parameters and one of adamw_step_ for
+        the small ones."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        prefetched = False
+        for group in self.param_groups:
+            big = ([], [], [], [], [], [], [])    # params, grads, codes1, absmax1, codes2, absmax2, steps
+            small = ([], [], [], [], [])          # params, grads, exp_avg, exp_avg_sq, steps
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if grad.is_sparse:
+                    raise RuntimeError("PagedAdamW8bit does not support sparse gradients")
+                if p.device != self._device:
+                    raise ValueError(f"PagedAdamW8bit needs all parameters on one device: a parameter is on "
+                                     f"{p.device}, the others on {self._device}")
+                state = self.state[p]
+                if len(state) == 0:
+                    slot = self._slot(p)
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state.update(zip(_STATE_8BIT_KEYS if len(slot) == 4 else _STATE_32BIT_KEYS, slot))
+                if not _same_layout(grad, p):  # the kernels walk param, grad and states in one memory order
+                    grad = torch.empty_like(p).copy_(grad)
+                if "state1" in state:
+                    for lst, t in zip(big, (p, grad, *(state[k] for k in _STATE_8BIT_KEYS), state["step"])):
+                        lst.append(t)
+                else:
+                    for lst, t in zip(small, (p, grad, state["exp_avg"], state["exp_avg_sq"], state["step"])):
+                        lst.append(t)
+            if not big[0] and not small[0]:
+                continue
+            if not prefetched:
+                self._prefetch_for_step()
+                prefetched = True
+            beta1, beta2 = group["betas"]
+            hyper = (float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
+                     float(group["weight_decay"]), bool(group["maximize"]))
+            if big[0]:
+                ops.adamw8bit_step_(*big, *hyper)
+            if small[0]:
+                ops.adamw_step_(*small, *hyper)
+        return loss
+
+    # ---- checkpoints -------------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Loads a state dict of PagedAdamW8bit (8-bit states copied as they are: a resumed run continues bit
+        for bit), or of torch.optim.AdamW / PagedAdamW (float moments, quantized here for 8-bit parameters).
+        Small parameters take float moments as they are (or dequantized 8-bit ones)."""
+        groups = state_dict["param_groups"]
+        if any(g.get("amsgrad", False) for g in groups):
+            raise ValueError("the state dict comes from an amsgrad optimizer, which PagedAdamW8bit does not support")
+        saved = state_dict["state"]
+        for k, s in saved.items():
+            if "step" in s and all(n in s for n in _STATE_8BIT_KEYS):
+                continue
+            missing = [n for n in ("step",) + _STATE_32BIT_KEYS if n not in s]
+            if missing:
+                raise ValueError(f"the state of parameter {k} has no {', '.join(missing)}: not an AdamW state dict "
+                                 f"(nor an 8-bit one with {', '.join(_STATE_8BIT_KEYS)})")
+        # torch's loader would cast the states to their parameter's dtype: give it the step counts only.
+        stripped = dict(state_dict)
+        stripped["state"] = {k: {n: v for n, v in s.items() if n not in _STATE_8BIT_KEYS + _STATE_32BIT_KEYS}
+                             for k, s in saved.items()}
+        torch.optim.Optimizer.load_state_dict(self, stripped)
+        ids = [i for g in groups for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        id_map = dict(zip(ids, params))
+        for k, s in saved.items():
+            if k not in id_map:
+                continue
+            p = id_map[k]
+            eight = "state1" in s and "exp_avg" not in s
+            if eight:
+                for n in ("state1", "state2"):
+                    if tuple(s[n].shape) != tuple(p.shape):
+                        raise ValueError(f"the {n} of parameter {k} has shape {tuple(s[n].shape)}, but the parameter "
+                                         f"has shape {tuple(p.shape)}")
+                for n in ("absmax1", "absmax2"):
+                    if s[n].numel() != _num_blocks(p.numel()):
+                        raise ValueError(f"the {n} of parameter {k} has {s[n].numel()} elements, but a parameter "
+                                         f"of {p.numel()} elements has {_num_blocks(p.numel())} blocks")
+            else:
+                for n in _STATE_32BIT_KEYS:
+                    if tuple(s[n].shape) != tuple(p.shape):
+                        raise ValueError(f"the {n} of parameter {k} has shape {tuple(s[n].shape)}, but the parameter "
+                                         f"has shape {tuple(p.shape)}")
+            slot = self._slot(p)
+            step = s["step"]
+            step = float(step.item()) if isinstance(step, torch.Tensor) else float(step)
+            state = {"step": torch.tensor(step, dtype=torch.float32)}
+            if len(slot) == 4:
+                if eight and all(_same_layout(s[n], p) and _dense(s[n])
+                                 for n in ("state1", "state2")):
+                    for dst, n in zip(slot, _STATE_8BIT_KEYS):  # codes: one layout, so one memory order
+                        dst.copy_(s[n].reshape(dst.shape))
+                else:
+                    if eight:  # codes in another memory order: through float32
+                        m = dequantize_state(s["state1"], s["absmax1"], True)
+                        v = dequantize_state(s["state2"], s["absmax2"], False)
+                    else:
+                        m, v = s["exp_avg"], s["exp_avg_sq"]
+                    for (codes, absmax), x, signed in (((slot[0], slot[1]), m, True), ((slot[2], slot[3]), v, False)):
+                        c, a = quantize_state(x.to(p.device), codes, signed)
+                        _flat(codes).copy_(_flat(c))
+                        absmax.copy_(a)
+                state.update(zip(_STATE_8BIT_KEYS, slot))
+            else:
+                if eight:
+                    m = dequantize_state(s["state1"], s["absmax1"], True)
+                    v = dequantize_state(s["state2"], s["absmax2"], False)
+                else:
+                    m, v = s["exp_avg"], s["exp_avg_sq"]
+                slot[0].copy_(m)
+                slot[1].copy_(v)
+                state.update(zip(_STATE_32BIT_KEYS, slot))
+            self.state[p] = state
+        self._paged_out = True  # prefetch at the next step whatever the setting
+
+    def dense_state_dict(self) -> dict:
+        """state_dict() with every 8-bit state dequantized to float32 "exp_avg" / "exp_avg_sq" (the parameter's
+        shape, on its device): torch.optim.AdamW's and PagedAdamW's format."""
+        sd = self.state_dict()
+        dense = {}
+        for k, s in sd["state"].items():
+            if "state1" in s:
+                dense[k] = {"step": s["step"], "exp_avg": dequantize_state(s["state1"], s["absmax1"], True),
+                            "exp_avg_sq": dequantize_state(s["state2"], s["absmax2"], False)}
+            else:
+                dense[k] = dict(s)
+        sd["state"] = dense
+        return sd

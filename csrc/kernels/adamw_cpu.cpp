@@ -117,7 +117,19 @@ void step_range(const AdamWTensor& t, const AdamWGroup& h, int64_t begin, int64_
   step_scalar<F>(t, h, begin, end);
 }
 
+void step_range_any(const AdamWTensor& x, const AdamWGroup& group, int64_t begin, int64_t end, bool simd) {
+  switch (x.format) {
+    case FloatFormat::F16: step_range<FloatFormat::F16>(x, group, begin, end, simd); break;
+    case FloatFormat::BF16: step_range<FloatFormat::BF16>(x, group, begin, end, simd); break;
+    default: step_range<FloatFormat::F32>(x, group, begin, end, simd); break;
+  }
+}
+
 }  // namespace
+
+void adamw_step_range(const AdamWTensor& tensor, const AdamWGroup& group, int64_t begin, int64_t end) {
+  step_range_any(tensor, group, begin, end, simd_enabled() && cpu_has_avx2_fma());
+}
 
 void adamw_step_chunks(const AdamWTensor* tensors, int64_t ntensors, const AdamWGroup& group, int64_t chunk_begin,
                        int64_t chunk_end) {
@@ -135,11 +147,7 @@ void adamw_step_chunks(const AdamWTensor* tensors, int64_t ntensors, const AdamW
     if (chunk >= last) continue;
     const int64_t begin = (chunk - x.first_chunk) * kAdamWCpuChunk;
     const int64_t end = std::min(x.numel, (last - x.first_chunk) * kAdamWCpuChunk);
-    switch (x.format) {
-      case FloatFormat::F16: step_range<FloatFormat::F16>(x, group, begin, end, simd); break;
-      case FloatFormat::BF16: step_range<FloatFormat::BF16>(x, group, begin, end, simd); break;
-      default: step_range<FloatFormat::F32>(x, group, begin, end, simd); break;
-    }
+    step_range_any(x, group, begin, end, simd);
     chunk = last;
   }
 }

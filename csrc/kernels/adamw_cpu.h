@@ -16,4 +16,8 @@ constexpr int64_t kAdamWCpuChunk = 16384;
 void adamw_step_chunks(const AdamWTensor* tensors, int64_t ntensors, const AdamWGroup& group, int64_t chunk_begin,
                        int64_t chunk_end);
 
+// Updates elements [begin, end) of one tensor in place (the same paths and bits as adamw_step_chunks; the
+// 8-bit-state kernel runs it on a block's dequantized states).
+void adamw_step_range(const AdamWTensor& tensor, const AdamWGroup& group, int64_t begin, int64_t end);
+
 }  // namespace qlora::cpu

@@ -43,6 +43,68 @@ inline void check_like_param(const at::Tensor& t, const at::Tensor& p, const cha
                     t.strides());
 }
 
+// The hyperparameter checks of both AdamW ops.
+inline void check_adamw_hyperparameters(double lr, double beta1, double beta2, double eps) {
+  TORCH_CHECK_VALUE(lr >= 0.0, "lr must be >= 0, got ", lr);
+  TORCH_CHECK_VALUE(beta1 >= 0.0 && beta1 < 1.0, "beta1 must be in [0, 1), got ", beta1);
+  TORCH_CHECK_VALUE(beta2 >= 0.0 && beta2 < 1.0, "beta2 must be in [0, 1), got ", beta2);
+  TORCH_CHECK_VALUE(eps >= 0.0, "eps must be >= 0, got ", eps);
+}
+
+// The checks of params[i] shared by both AdamW ops (dtype, layout, one device of the expected type).
+inline void check_adamw_param(at::TensorList params, size_t i, c10::DeviceType device) {
+  const at::Tensor& p = params[i];
+  const std::string pname = list_item("params", i);
+  TORCH_CHECK(p.layout() == at::kStrided, pname, " must be a dense (strided) tensor, got layout ", p.layout());
+  TORCH_CHECK_TYPE(!p.is_complex(), pname, " is complex (", p.scalar_type(),
+                   "): complex parameters are not supported");
+  float_format(p.scalar_type(), pname.c_str());
+  check_device(p, pname.c_str(), device);
+  TORCH_CHECK(p.device() == params[0].device(), pname, " is on ", p.device(), " but params[0] is on ",
+              params[0].device(), ": all parameters of a step must be on one device");
+  TORCH_CHECK_VALUE(p.is_non_overlapping_and_dense(), pname,
+                    " must be non-overlapping and dense (a contiguous tensor or a permutation of one), got "
+                    "strides ", p.strides(), " for shape ", p.sizes());
+}
+
+inline void check_adamw_step_count(const at::Tensor& step, size_t i) {
+  const std::string sname = list_item("steps", i);
+  check_device(step, sname.c_str(), c10::DeviceType::CPU);
+  check_dtype(step, sname.c_str(), at::kFloat);
+  check_numel(step, sname.c_str(), 1, "the step count, a scalar");
+}
+
+// A parameter group's float32 constants, computed in double as torch.optim.AdamW computes them in Python.
+inline AdamWGroup make_adamw_group(double lr, double beta1, double beta2, double eps, double weight_decay,
+                                   bool maximize) {
+  AdamWGroup group;
+  group.decay = float(1.0 - lr * weight_decay);
+  // torch's lerp takes the weight as float and switches formula at 0.5 (for accuracy near each end).
+  const float lerp_weight = float(1.0 - beta1);
+  group.lerp_from_grad = !(std::fabs(lerp_weight) < 0.5f);
+  group.lerp_coeff = group.lerp_from_grad ? lerp_weight - 1.0f : lerp_weight;
+  group.beta2 = float(beta2);
+  group.one_minus_beta2 = float(1.0 - beta2);
+  group.eps = float(eps);
+  group.grad_sign = maximize ? -1.0f : 1.0f;
+  return group;
+}
+
+// Increments a step count (CPU float32, as torch keeps it) and returns the tensor's step sizes for it:
+// {-lr / (1 - beta1^t), sqrt(1 - beta2^t)}.
+struct AdamWStepSizes {
+  float neg_step_size;
+  float bias_correction2_sqrt;
+};
+inline AdamWStepSizes advance_step(const at::Tensor& step_tensor, double lr, double beta1, double beta2) {
+  float* step = step_tensor.data_ptr<float>();
+  *step += 1.0f;
+  const double t = double(*step);
+  const double bias_correction1 = 1.0 - std::pow(beta1, t);
+  const double bias_correction2 = 1.0 - std::pow(beta2, t);
+  return {float(-(lr / bias_correction1)), float(std::pow(bias_correction2, 0.5))};
+}
+
 inline AdamWLaunch prepare_adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                                       at::TensorList exp_avg_sqs, at::TensorList steps, double lr, double beta1,
                                       double beta2, double eps, double weight_decay, bool maximize,
@@ -51,23 +113,10 @@ inline AdamWLaunch prepare_adamw_step(at::TensorList params, at::TensorList grad
   TORCH_CHECK_VALUE(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && steps.size() == n,
                     "params, grads, exp_avgs, exp_avg_sqs and steps must have the same length, got ", n, ", ",
                     grads.size(), ", ", exp_avgs.size(), ", ", exp_avg_sqs.size(), " and ", steps.size());
-  TORCH_CHECK_VALUE(lr >= 0.0, "lr must be >= 0, got ", lr);
-  TORCH_CHECK_VALUE(beta1 >= 0.0 && beta1 < 1.0, "beta1 must be in [0, 1), got ", beta1);
-  TORCH_CHECK_VALUE(beta2 >= 0.0 && beta2 < 1.0, "beta2 must be in [0, 1), got ", beta2);
-  TORCH_CHECK_VALUE(eps >= 0.0, "eps must be >= 0, got ", eps);
+  check_adamw_hyperparameters(lr, beta1, beta2, eps);
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
-    const std::string pname = list_item("params", i);
-    TORCH_CHECK(p.layout() == at::kStrided, pname, " must be a dense (strided) tensor, got layout ", p.layout());
-    TORCH_CHECK_TYPE(!p.is_complex(), pname, " is complex (", p.scalar_type(),
-                     "): complex parameters are not supported");
-    float_format(p.scalar_type(), pname.c_str());
-    check_device(p, pname.c_str(), device);
-    TORCH_CHECK(p.device() == params[0].device(), pname, " is on ", p.device(), " but params[0] is on ",
-                params[0].device(), ": all parameters of a step must be on one device");
-    TORCH_CHECK_VALUE(p.is_non_overlapping_and_dense(), pname,
-                      " must be non-overlapping and dense (a contiguous tensor or a permutation of one), got "
-                      "strides ", p.strides(), " for shape ", p.sizes());
+    check_adamw_param(params, i, device);
     check_like_param(grads[i], p, "grads", i);
     TORCH_CHECK_TYPE(grads[i].scalar_type() == p.scalar_type(), "grads[", i, "] must have params[", i,
                      "]'s dtype ", p.scalar_type(), ", got ", grads[i].scalar_type());
@@ -75,29 +124,14 @@ inline AdamWLaunch prepare_adamw_step(at::TensorList params, at::TensorList grad
     check_dtype(exp_avgs[i], list_item("exp_avgs", i).c_str(), at::kFloat);
     check_like_param(exp_avg_sqs[i], p, "exp_avg_sqs", i);
     check_dtype(exp_avg_sqs[i], list_item("exp_avg_sqs", i).c_str(), at::kFloat);
-    const std::string sname = list_item("steps", i);
-    check_device(steps[i], sname.c_str(), c10::DeviceType::CPU);
-    check_dtype(steps[i], sname.c_str(), at::kFloat);
-    check_numel(steps[i], sname.c_str(), 1, "the step count, a scalar");
+    check_adamw_step_count(steps[i], i);
   }
 
   AdamWLaunch launch;
-  launch.group.decay = float(1.0 - lr * weight_decay);
-  // torch's lerp takes the weight as float and switches formula at 0.5 (for accuracy near each end).
-  const float lerp_weight = float(1.0 - beta1);
-  launch.group.lerp_from_grad = !(std::fabs(lerp_weight) < 0.5f);
-  launch.group.lerp_coeff = launch.group.lerp_from_grad ? lerp_weight - 1.0f : lerp_weight;
-  launch.group.beta2 = float(beta2);
-  launch.group.one_minus_beta2 = float(1.0 - beta2);
-  launch.group.eps = float(eps);
-  launch.group.grad_sign = maximize ? -1.0f : 1.0f;
+  launch.group = make_adamw_group(lr, beta1, beta2, eps, weight_decay, maximize);
   launch.tensors.reserve(n);
   for (size_t i = 0; i < n; ++i) {
-    float* step = steps[i].data_ptr<float>();
-    *step += 1.0f;  // torch keeps the count in float32 too
-    const double t = double(*step);
-    const double bias_correction1 = 1.0 - std::pow(beta1, t);
-    const double bias_correction2 = 1.0 - std::pow(beta2, t);
+    const AdamWStepSizes sizes = advance_step(steps[i], lr, beta1, beta2);
     if (params[i].numel() == 0) continue;
     AdamWTensor x;
     x.param = params[i].data_ptr();
@@ -106,8 +140,8 @@ inline AdamWLaunch prepare_adamw_step(at::TensorList params, at::TensorList grad
     x.exp_avg_sq = exp_avg_sqs[i].data_ptr<float>();
     x.numel = params[i].numel();
     x.first_chunk = launch.total_chunks;
-    x.neg_step_size = float(-(lr / bias_correction1));
-    x.bias_correction2_sqrt = float(std::pow(bias_correction2, 0.5));
+    x.neg_step_size = sizes.neg_step_size;
+    x.bias_correction2_sqrt = sizes.bias_correction2_sqrt;
     x.format = float_format(params[i].scalar_type(), "params");
     const uintptr_t vec16 = 4 * uintptr_t(params[i].element_size());  // 4 elements of param and grad
     x.vector_aligned = reinterpret_cast<uintptr_t>(x.param) % vec16 == 0 &&

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "../kernels/adamw8bit_core.h"
 #include "../kernels/linear_4bit_large_layout.h"
 #include "../kernels/quantize_cpu.h"
 #include "linear_backend.h"
@@ -114,6 +115,14 @@ int64_t large_gemm_index(const std::string& f, int64_t a, int64_t b, int64_t c, 
   throw pybind11::value_error("unknown large-GEMM layout function " + f);
 }
 
+// The 256 float32 values of the 8-bit optimizer states' dynamic map, by code (adamw8bit_core.h).
+std::vector<float> dynamic_map(bool is_signed) {
+  std::vector<float> out;
+  out.reserve(qlora::kDynamicMapSize);
+  for (int c = 0; c < qlora::kDynamicMapSize; ++c) out.push_back(qlora::dynamic_map_value(c, is_signed));
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -122,6 +131,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("code_table", &code_table, "The 16 float32 values of a 4-bit code table, by code", pybind11::arg("quant_type"));
   m.def("fp8_e4m3_encode", &fp8_e4m3_encode, "FP8 E4M3 codes of float32 values (numeric core, host)");
   m.def("fp8_e4m3_decode", &fp8_e4m3_decode, "float32 values of FP8 E4M3 codes (numeric core, host)");
+  m.def("dynamic_map", &dynamic_map,
+        "The 256 float32 values of the 8-bit optimizer states' dynamic map by code: signed (exp_avg) or "
+        "unsigned (exp_avg_sq)", pybind11::arg("is_signed"));
+  m.attr("ADAMW8BIT_BLOCK") = qlora::kAdamW8bitBlock;
   m.def("set_linear_backend", &qlora::ops::set_linear_backend,
         "CUDA linear_4bit implementation: 'auto' (by shape), 'fused' (fused kernels where they apply) or "
         "'dequant' (dequantize + cuBLAS)", pybind11::arg("backend"));
