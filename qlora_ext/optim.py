@@ -197,20 +197,7 @@ class PagedAdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                grad = p.grad
-                if grad.is_sparse:
-                    raise RuntimeError("PagedAdamW does not support sparse gradients")
-                if p.device != self._device:
-                    raise ValueError(f"PagedAdamW needs all parameters on one device: a parameter is on "
-                                     f"{p.device}, the others on {self._device}")
-                state = self.state[p]
-                if len(state) == 0:
-                    exp_avg, exp_avg_sq = self._slot(p)
-                    # torch.optim.AdamW's (non-fused) step count: a CPU float32 scalar
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    state["exp_avg"], state["exp_avg_sq"] = exp_avg, exp_avg_sq
-                if not _same_layout(grad, p):  # the kernel walks param, grad and states in one memory order
-                    grad = torch.empty_like(p).copy_(grad)
+                grad, state = self._step_inputs(p)
                 params.append(p)
                 grads.append(grad)
                 exp_avgs.append(state["exp_avg"])
@@ -225,6 +212,26 @@ class PagedAdamW(torch.optim.Optimizer):
             ops.adamw_step_(params, grads, exp_avgs, exp_avg_sqs, steps, float(group["lr"]), float(beta1),
                             float(beta2), float(group["eps"]), float(group["weight_decay"]), bool(group["maximize"]))
         return loss
+
+    def _init_state(self, p: torch.Tensor, state: dict) -> None:
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)  # torch.optim.AdamW's (non-fused) step count
+        state["exp_avg"], state["exp_avg_sq"] = self._slot(p)
+
+    def _step_inputs(self, p: torch.Tensor):
+        """(grad, state) of p for this step: the gradient checked and in p's memory layout (the kernels walk
+        param, grad and states in one memory order), p's state initialised on its first step."""
+        name, grad = type(self).__name__, p.grad
+        if grad.is_sparse:
+            raise RuntimeError(f"{name} does not support sparse gradients")
+        if p.device != self._device:
+            raise ValueError(f"{name} needs all parameters on one device: a parameter is on {p.device}, the "
+                             f"others on {self._device}")
+        state = self.state[p]
+        if len(state) == 0:
+            self._init_state(p, state)
+        if not _same_layout(grad, p):
+            grad = torch.empty_like(p).copy_(grad)
+        return grad, state
 
     def _prefetch_for_step(self) -> None:
         if self._arenas and (self.prefetch_every_step or self._paged_out):
@@ -413,6 +420,11 @@ class PagedAdamW8bit(PagedAdamW):
         return sum(sum(t.numel() * t.element_size() for t in slot) for slot in self._slots.values())
 
     # ---- the step ----------------------------------------------------------------------------------
+    def _init_state(self, p: torch.Tensor, state: dict) -> None:
+        slot = self._slot(p)
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state.update(zip(_STATE_8BIT_KEYS if len(slot) == 4 else _STATE_32BIT_KEYS, slot))
+
     @torch.no_grad()
     def step(self, closure=None):
         """One AdamW step for every parameter with a gradient (parameters whose grad is None are skipped):
@@ -429,19 +441,7 @@ class PagedAdamW8bit(PagedAdamW):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                grad = p.grad
-                if grad.is_sparse:
-                    raise RuntimeError("PagedAdamW8bit does not support sparse gradients")
-                if p.device != self._device:
-                    raise ValueError(f"PagedAdamW8bit needs all parameters on one device: a parameter is on "
-                                     f"{p.device}, the others on {self._device}")
-                state = self.state[p]
-                if len(state) == 0:
-                    slot = self._slot(p)
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    state.update(zip(_STATE_8BIT_KEYS if len(slot) == 4 else _STATE_32BIT_KEYS, slot))
-                if not _same_layout(grad, p):  # the kernels walk param, grad and states in one memory order
-                    grad = torch.empty_like(p).copy_(grad)
+                grad, state = self._step_inputs(p)
                 if "state1" in state:
                     for lst, t in zip(big, (p, grad, *(state[k] for k in _STATE_8BIT_KEYS), state["step"])):
                         lst.append(t)

@@ -46,17 +46,13 @@ inline AdamW8bitLaunch prepare_adamw8bit_step(at::TensorList params, at::TensorL
   check_adamw_hyperparameters(lr, beta1, beta2, eps);
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
-    check_adamw_param(params, i, device);
-    check_like_param(grads[i], p, "grads", i);
-    TORCH_CHECK_TYPE(grads[i].scalar_type() == p.scalar_type(), "grads[", i, "] must have params[", i,
-                     "]'s dtype ", p.scalar_type(), ", got ", grads[i].scalar_type());
+    check_param_grad_step(params, grads, steps, i, device);
     check_like_param(exp_avg_codes[i], p, "exp_avg_codes", i);
     check_dtype(exp_avg_codes[i], list_item("exp_avg_codes", i).c_str(), at::kByte);
     check_like_param(exp_avg_sq_codes[i], p, "exp_avg_sq_codes", i);
     check_dtype(exp_avg_sq_codes[i], list_item("exp_avg_sq_codes", i).c_str(), at::kByte);
     check_absmax_list(exp_avg_absmax[i], p, "exp_avg_absmax", i);
     check_absmax_list(exp_avg_sq_absmax[i], p, "exp_avg_sq_absmax", i);
-    check_adamw_step_count(steps[i], i);
   }
 
   AdamW8bitLaunch launch;

@@ -105,6 +105,17 @@ inline AdamWStepSizes advance_step(const at::Tensor& step_tensor, double lr, dou
   return {float(-(lr / bias_correction1)), float(std::pow(bias_correction2, 0.5))};
 }
 
+// params[i] (float, dense, on `device`), its gradient (like it, same dtype) and its step count.
+inline void check_param_grad_step(at::TensorList params, at::TensorList grads, at::TensorList steps, size_t i,
+                                  c10::DeviceType device) {
+  const at::Tensor& p = params[i];
+  check_adamw_param(params, i, device);
+  check_like_param(grads[i], p, "grads", i);
+  TORCH_CHECK_TYPE(grads[i].scalar_type() == p.scalar_type(), "grads[", i, "] must have params[", i,
+                   "]'s dtype ", p.scalar_type(), ", got ", grads[i].scalar_type());
+  check_adamw_step_count(steps[i], i);
+}
+
 inline AdamWLaunch prepare_adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                                       at::TensorList exp_avg_sqs, at::TensorList steps, double lr, double beta1,
                                       double beta2, double eps, double weight_decay, bool maximize,
@@ -116,15 +127,11 @@ inline AdamWLaunch prepare_adamw_step(at::TensorList params, at::TensorList grad
   check_adamw_hyperparameters(lr, beta1, beta2, eps);
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
-    check_adamw_param(params, i, device);
-    check_like_param(grads[i], p, "grads", i);
-    TORCH_CHECK_TYPE(grads[i].scalar_type() == p.scalar_type(), "grads[", i, "] must have params[", i,
-                     "]'s dtype ", p.scalar_type(), ", got ", grads[i].scalar_type());
+    check_param_grad_step(params, grads, steps, i, device);
     check_like_param(exp_avgs[i], p, "exp_avgs", i);
     check_dtype(exp_avgs[i], list_item("exp_avgs", i).c_str(), at::kFloat);
     check_like_param(exp_avg_sqs[i], p, "exp_avg_sqs", i);
     check_dtype(exp_avg_sqs[i], list_item("exp_avg_sqs", i).c_str(), at::kFloat);
-    check_adamw_step_count(steps[i], i);
   }
 
   AdamWLaunch launch;
