@@ -11,7 +11,7 @@ from typing import List, Optional
 DEFAULT_MODEL = "smollm2"          # the embedded SmolLM2-135M-Instruct (see qlora_ext.train.model)
 QUANT_TYPES = ("nf4", "fp4", "int4", "none")
 SCHEDULES = ("cosine", "constant")
-OPTIMIZERS = ("adamw", "paged_adamw")
+OPTIMIZERS = ("adamw", "paged_adamw", "paged_adamw8bit")
 
 
 class ConfigError(ValueError):
@@ -45,7 +45,7 @@ class TrainConfig:
     schedule: str = "cosine"            # cosine (to 0 at the last step) | constant, after linear warmup
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0          # 0 disables clipping
-    optimizer: str = "paged_adamw"      # paged_adamw (qlora_ext.PagedAdamW) | adamw (torch.optim.AdamW)
+    optimizer: str = "paged_adamw"      # paged_adamw | paged_adamw8bit (qlora_ext.PagedAdamW[8bit]) | adamw (torch)
     gradient_checkpointing: bool = True
     seed: int = 0
     # bookkeeping

@@ -34,17 +34,19 @@ def resolve_device(name: str) -> torch.device:
 
 
 def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """torch.optim.AdamW, or qlora_ext.optim.PagedAdamW (imported only when asked for)."""
+    """torch.optim.AdamW, or qlora_ext.optim.PagedAdamW / PagedAdamW8bit (imported only when asked for)."""
     kwargs = dict(lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(params, **kwargs)
-    if name == "paged_adamw":
+    classes = {"paged_adamw": "PagedAdamW", "paged_adamw8bit": "PagedAdamW8bit"}
+    if name in classes:
         try:
-            from ..optim import PagedAdamW
-        except ImportError as e:
-            raise ConfigError("--optimizer paged_adamw needs qlora_ext.optim.PagedAdamW, which this build of "
+            from .. import optim
+            cls = getattr(optim, classes[name])
+        except (ImportError, AttributeError) as e:
+            raise ConfigError(f"--optimizer {name} needs qlora_ext.optim.{classes[name]}, which this build of "
                               f"qlora_ext does not have ({e}); use --optimizer adamw") from e
-        return PagedAdamW(params, **kwargs)
+        return cls(params, **kwargs)
     raise ConfigError(f"unknown optimizer {name!r}")
 
 
