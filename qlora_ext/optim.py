@@ -463,6 +463,16 @@ class PagedAdamW8bit(PagedAdamW):
         return loss
 
     # ---- checkpoints -------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """torch.optim.Optimizer.state_dict(), except that states living in a managed arena are returned as
+        copies (same device, shape and strides): the arena holds uint8 codes and float32 absmax side by side,
+        and torch.save refuses tensors of different dtypes that view one storage."""
+        sd = super().state_dict()
+        if self._arenas:
+            sd["state"] = {k: {n: (v.clone() if n != "step" and torch.is_tensor(v) else v) for n, v in s.items()}
+                           for k, s in sd["state"].items()}
+        return sd
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Loads a state dict of PagedAdamW8bit (8-bit states copied as they are: a resumed run continues bit
         for bit), or of torch.optim.AdamW / PagedAdamW (float moments, quantized here for 8-bit parameters).
