@@ -7,13 +7,14 @@ bf16 autocast on CUDA (base weights bf16, adapters and optimizer states fp32); p
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 import os
 import random
 import resource
 import shutil
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -41,7 +42,9 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.o
     classes = {"paged_adamw": "PagedAdamW", "paged_adamw8bit": "PagedAdamW8bit"}
     if name in classes:
         try:
-            from .. import optim
+            # import_module, not `from .. import optim`: that would take the package attribute and miss a
+            # module blocked or missing in sys.modules (as in a build without the optimizer)
+            optim = importlib.import_module("qlora_ext.optim")
             cls = getattr(optim, classes[name])
         except (ImportError, AttributeError) as e:
             raise ConfigError(f"--optimizer {name} needs qlora_ext.optim.{classes[name]}, which this build of "
