@@ -193,6 +193,7 @@ def main(argv=None) -> int:
 
     gen = torch.Generator(device=dev).manual_seed(args.seed)
     prec = torch.get_float32_matmul_precision()
+    interrupted = False
     try:
         with torch.no_grad():
             for n, k in shapes:
@@ -317,6 +318,9 @@ def main(argv=None) -> int:
                 print()
                 del w, q, qargs, w4, qs, w_ref, w_deq16
                 torch.cuda.empty_cache()
+    except KeyboardInterrupt:  # bench/gpu_check.sh's time limit (SIGINT): summarise what was measured
+        interrupted = True
+        print("\n!!!!! interrupted (time limit): the summary and goals below cover what was measured so far")
     finally:
         torch.set_float32_matmul_precision(prec)
         if set_backend is not None:
@@ -416,7 +420,7 @@ def main(argv=None) -> int:
             "shapes": [list(s) for s in shapes], "ms": args.ms, "dtype": "bfloat16", "blocksize": BLOCKSIZE,
             "quant_type": QUANT_TYPE, "double_quant": True, "backends": list(backends),
             "fused_max_m": FUSED_MAX_M, "reps": args.reps, "warmup": args.warmup, "padded": not args.no_pad,
-            "seed": args.seed, "wall_s": wall,
+            "seed": args.seed, "wall_s": wall, "interrupted": interrupted,
             "device": {"name": props.name, "capability": [props.major, props.minor],
                        "memory_bytes": props.total_memory, "sms": props.multi_processor_count},
             "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "qlora_ext": qlora_ext.__version__,

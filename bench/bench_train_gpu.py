@@ -344,9 +344,13 @@ def main(argv=None) -> int:
         log(f"{name}:")
         try:
             r = run(name, builders[name], batches, dev, log)
-        except Exception as e:  # noqa: BLE001  (keep the other side's numbers)
+        except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001  (keep the other side's numbers)
+            # KeyboardInterrupt: bench/gpu_check.sh's time limit (SIGINT); the JSON still gets written
             print(f"{name}: failed: {type(e).__name__}: {e}")
             r = {"name": name, "error": f"{type(e).__name__}: {e}"}
+            if isinstance(e, KeyboardInterrupt):
+                results.append(r)
+                break
         gc.collect()  # after the except block, whose traceback holds the failed side's frames (and tensors)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
