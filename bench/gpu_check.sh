@@ -1,102 +1,178 @@
 #!/usr/bin/env bash
-# The one-shot GPU check, for a lent GPU machine (H200: python3 3.12, torch 2.11 cu130, nvcc 13.0, no
-# network): builds the extension for the GPU, runs every test (CUDA ones included), compute-sanitizer on
-# the native harness and a small CUDA test subset, the benchmarks, and writes a Markdown + JSON report.
+# The GPU check, for a lent GPU machine (H200: python3 3.12, torch 2.11 cu130, nvcc 13.0, no network): builds
+# the extension for the GPU, runs the tests (the ~1070 CUDA ones first; the CPU ones alongside, in the
+# background), compute-sanitizer on the native harness and on a small CUDA test subset, the benchmarks, and
+# writes a Markdown + JSON report.
 #
-#   bash bench/gpu_check.sh --commit SHA [--only build,tests,sanitizer,bench] [--out DIR]
+#   bash bench/gpu_check.sh --commit SHA [--only build,tests,sanitizer,bench] [--budget SECONDS] [--out DIR]
 #
-# Parts: build (always run when another part needs it), tests, sanitizer, bench (kernels, optimizer and
-# the paper-claims study item 5: one QLoRA step of 7B- and 65B-shaped models). Results go to
-# $OUT (the device tool's output folder) or --out, default bench/out/: gpu_check.md, gpu_check.json,
-# gpu_check.log and the benchmarks' JSON (7 files; the device tool brings back 8 at most).
-# Wheels of the peers (bitsandbytes, peft) are installed from .whl/ when present: see bench/README.md.
-# Budget: about 5 minutes with the wheels (the issues allow up to 8); each part has its own time limit.
+# The device session has 15 minutes in all and 10 per command, so run it as two calls (bench/README.md):
+#   1. --only build,tests,sanitizer --budget 300     (device tool: timeout_s 360)
+#   2. --only bench --budget 330                     (timeout_s 390; at once, while the machine is warm: the
+#                                                      build of call 1 is reused, else it is redone)
+# --budget is the wall time of the whole script: each part runs under min(its own limit, what is left of the
+# budget less 30 s for stopping and the report); a part with under 10 s left is skipped. A part stopped at its
+# limit gets SIGINT first (pytest then writes its junit results, the benchmarks their JSON), SIGKILL 20 s later.
+# The report is written in every case, also after a failed build.
+#
+# Parts: build (always run when another part needs it), tests (tests_cuda; tests_cpu in the background),
+# sanitizer (harness_build in the background, memcheck/racecheck of the harness, memcheck_pytest,
+# racecheck_linear), bench (ceilings, bench_quantize, bench_linear, bench_optim, bench_train_gpu, the
+# paper-claims study item 5 on 7B/65B shapes, harness_bench).
+# Results go to $OUT (the device tool's output folder) or --out, default bench/out/: gpu_check.md,
+# gpu_check.json, gpu_check.log and the benchmarks' JSON (7 files; the device tool brings back 8 at most).
+# Wheels of the peers (bitsandbytes, peft) are installed from .whl/ into /tmp/site for the bench part: see
+# bench/README.md.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 ROOT=$(pwd)
 
-commit="unknown"; only="build,tests,sanitizer,bench"; out="${OUT:-$ROOT/bench/out}"
+commit="unknown"; only="build,tests,sanitizer,bench"; out="${OUT:-$ROOT/bench/out}"; budget=300
 while [ $# -gt 0 ]; do
   case "$1" in
     --commit) commit="$2"; shift 2 ;;
     --only) only="$2"; shift 2 ;;
     --out) out="$2"; shift 2 ;;
+    --budget) budget="$2"; shift 2 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "unknown argument $1"; exit 2 ;;
   esac
 done
+for p in ${only//,/ }; do
+  case "$p" in build|tests|sanitizer|bench) ;; *) echo "--only: unknown part '$p' (build, tests, sanitizer, bench)"; exit 2 ;; esac
+done
+case "$budget" in ''|*[!0-9]*) echo "--budget must be a number of seconds, got '$budget'"; exit 2 ;; esac
 mkdir -p "$out"
 log="$out/gpu_check.log"; : > "$log"
-# Scratch (not $OUT, which brings back 8 files at most): env.txt, junit.xml, status/<part> = "rc seconds".
+# Scratch (not $OUT, which brings back 8 files at most): env.txt, junit_*.xml, ceilings.json, study/,
+# status/<part> = "rc seconds limit" (or "skipped 0 limit", "running").
 scratch=$(mktemp -d); status="$scratch/status"; mkdir -p "$status"
+deadline=$((SECONDS + budget))
+RESERVE=${GPU_CHECK_RESERVE:-30}  # seconds kept for SIGKILL's grace period and the report
+GRACE=${GPU_CHECK_GRACE:-20}      # seconds between a part's SIGINT/SIGTERM and its SIGKILL
 want() { case ",$only," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
-part() {  # part NAME TIMEOUT_S COMMAND...: runs a part with a time limit, logs it, records rc and seconds
+ok() { [ -f "$status/$1" ] && [ "$(cut -d' ' -f1 "$status/$1")" = 0 ]; }
+# part NAME LIMIT COMMAND...: runs a part under min(LIMIT, the budget left), records "rc seconds limit".
+# PART_LOG (default the main log) and PART_SIGNAL (default INT) may be set for one call.
+part() {
   local name=$1 limit=$2; shift 2
-  echo "=== $name ($(date -u +%H:%M:%S))" | tee -a "$log"
+  local plog=${PART_LOG:-$log} sig=${PART_SIGNAL:-INT}
+  local left=$((deadline - SECONDS - RESERVE))
+  if [ "$left" -lt 10 ]; then
+    echo "skipped 0 $limit" > "$status/$name"
+    echo "=== $name: skipped, the time budget is spent" | tee -a "$log"
+    return 125
+  fi
+  [ "$left" -lt "$limit" ] && limit=$left
+  echo "running 0 $limit" > "$status/$name"
+  echo "=== $name ($(date -u +%H:%M:%S), limit $limit s)" | tee -a "$plog"
   local t0=$SECONDS
-  timeout "$limit" "$@" >>"$log" 2>&1
+  timeout -s "$sig" -k "$GRACE" "$limit" "$@" >>"$plog" 2>&1
   local rc=$?
-  echo "$rc $((SECONDS - t0))" > "$status/$name"
-  echo "=== $name: rc=$rc in $((SECONDS - t0)) s" | tee -a "$log"
+  echo "$rc $((SECONDS - t0)) $limit" > "$status/$name"
+  echo "=== $name: rc=$rc in $((SECONDS - t0)) s" | tee -a "$plog"
   return $rc
+}
+# bg_part NAME LIMIT COMMAND...: part in the background with its own log (appended to the main log by
+# bg_wait NAME). SIGTERM, not SIGINT: background jobs of a script ignore SIGINT; tests/conftest.py turns
+# SIGTERM into KeyboardInterrupt when QLORA_SIGTERM_INTERRUPTS=1, so pytest still writes its junit.
+declare -A bg_pid
+bg_part() {
+  local name=$1
+  PART_LOG="$scratch/$name.log" PART_SIGNAL=TERM part "$@" >/dev/null &
+  bg_pid[$name]=$!
+}
+bg_wait() {
+  local name=$1
+  [ -n "${bg_pid[$name]:-}" ] || return 1
+  wait "${bg_pid[$name]}"
+  [ -f "$scratch/$name.log" ] && cat "$scratch/$name.log" >> "$log"
+  unset "bg_pid[$name]"
+  ok "$name"
 }
 
 export PYTHONUNBUFFERED=1 QLORA_CUDA=1 QLORA_CUDA_ARCHS="${QLORA_CUDA_ARCHS:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+export QLORA_SIGTERM_INTERRUPTS=1
+if want bench && [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     >>"$log" 2>&1 && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 {
-  echo "commit: $commit"; date -u +"date: %Y-%m-%dT%H:%M:%SZ"
-  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1 | sed 's/^/gpu: /'
+  echo "commit: $commit"; date -u +"date: %Y-%m-%dT%H:%M:%SZ"; echo "only: $only"; echo "budget: $budget"
+  nvidia-smi --query-gpu=name --format=csv,noheader 2>&1 | head -n 1 | sed 's/^/gpu: /'
+  nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>&1 | head -n 1 | sed 's/^/driver: /'
+  nvidia-smi --query-gpu=memory.total,clocks.max.sm --format=csv,noheader 2>&1 | head -n 1 | sed 's/^/gpu_memory: /'
   python3 -c "import torch,sys; print('python:', sys.version.split()[0]); print('torch:', torch.__version__, 'cuda', torch.version.cuda)"
   nvcc --version | tail -n 2 | head -n 1 | sed 's/^/nvcc: /'
+  command -v compute-sanitizer >/dev/null || echo "sanitizer: compute-sanitizer is not on this machine"
 } > "$scratch/env.txt" 2>&1
 tee -a "$log" < "$scratch/env.txt"
 
 if want build || want tests || want bench || want sanitizer; then
-  part build 240 python3 setup.py build_ext --inplace || { echo "build failed: nothing else can run"; }
+  part build 240 python3 setup.py build_ext --inplace || echo "build failed: nothing else can run" | tee -a "$log"
 fi
-if want tests && [ "$(cut -d' ' -f1 "$status/build")" = 0 ]; then
-  part tests 200 python3 -m pytest tests -q -rs -p no:cacheprovider --junitxml="$scratch/junit.xml"
+if want tests && ok build; then
+  OMP_NUM_THREADS=4 bg_part tests_cpu 240 python3 -m pytest tests -q -rs -p no:cacheprovider -m "not cuda" \
+    --junitxml="$scratch/junit_tests_cpu.xml"
 fi
-if want sanitizer && [ "$(cut -d' ' -f1 "$status/build")" = 0 ]; then
-  if command -v compute-sanitizer >/dev/null; then
-    part harness_build 120 bash -c "cmake -S . -B build/cmake -G Ninja -DCMAKE_CUDA_ARCHITECTURES=90 >/dev/null && cmake --build build/cmake"
-    part memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 1 build/cmake/quantize_harness 257 4161 64 --no-bench
-    part racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 1 build/cmake/quantize_harness 65 4161 64 --no-bench
-    part memcheck_pytest 150 compute-sanitizer --tool memcheck --error-exitcode 1 \
-      python3 -m pytest tests/test_quantize.py -q -p no:cacheprovider -k "cuda_matches_cpu and nf4 and bfloat16"
-    part memcheck_dropout 60 compute-sanitizer --tool memcheck --error-exitcode 1 \
-      python3 -m pytest tests/test_dropout.py -q -p no:cacheprovider -k "cuda and (bit_exact and 4097 or backward)"
-    part memcheck_optim 120 compute-sanitizer --tool memcheck --error-exitcode 1 \
-      python3 -m pytest tests/test_optim.py -q -p no:cacheprovider -k "cuda and (unaligned or page_out or bfloat16-True)"
-    part memcheck_linear 120 compute-sanitizer --tool memcheck --error-exitcode 1 \
-      python3 -m pytest -q -p no:cacheprovider \
-        "tests/test_linear_4bit.py::test_cuda_forward_backward_every_backend[True-65-128-17-torch.bfloat16-fused]" \
-        "tests/test_linear_4bit.py::test_cuda_forward_backward_every_backend[True-97-4160-1-torch.bfloat16-fused]" \
-        "tests/test_linear_4bit.py::test_cuda_forward_backward_every_backend[False-97-4160-64-torch.float16-fused]" \
-        "tests/test_linear_4bit.py::test_cuda_forward_backward_every_backend[True-65-128-257-torch.bfloat16-fused]" \
-        "tests/test_linear_4bit.py::test_cuda_forward_backward_every_backend[False-97-4160-65-torch.float16-fused]" \
-        "tests/test_linear_4bit.py::test_cuda_fused_large_m_code_books[1-65-72-128-True-fp4-fused]"
-    # the large-M kernels' shared-memory pipeline (cp.async stages, decoded weight tile, two barriers per step)
-    part racecheck_linear 120 compute-sanitizer --tool racecheck --error-exitcode 1 \
-      python3 -m pytest -q -p no:cacheprovider \
-        "tests/test_linear_4bit.py::test_cuda_fused_large_m_code_books[0-257-200-4096-False-int4-fused]" \
-        "tests/test_linear_4bit.py::test_cuda_fused_large_m_code_books[1-65-72-128-True-fp4-fused]"
-  else
-    echo "compute-sanitizer: not on this machine, skipped" | tee -a "$log"
+sanitize=0
+if want sanitizer && ok build && command -v compute-sanitizer >/dev/null; then
+  sanitize=1
+  bg_part harness_build 150 bash -c "cmake -S . -B build/cmake -G Ninja -DCMAKE_CUDA_ARCHITECTURES=90 >/dev/null && cmake --build build/cmake"
+fi
+if want tests && ok build; then
+  part tests_cuda 240 python3 -m pytest tests -q -rs -p no:cacheprovider -m cuda --junitxml="$scratch/junit_tests_cuda.xml"
+fi
+if [ "$sanitize" = 1 ]; then
+  if bg_wait harness_build; then
+    part memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 1 build/cmake/quantize_harness 257 4161 64 --no-bench
+    part racecheck 60 compute-sanitizer --tool racecheck --error-exitcode 1 build/cmake/quantize_harness 65 4161 64 --no-bench
   fi
+  # one pytest process (torch's start under the sanitizer is paid once): quantize, dropout, both optimizers,
+  # the small-M and large-M fused GEMMs
+  part memcheck_pytest 240 compute-sanitizer --tool memcheck --error-exitcode 1 \
+    python3 -m pytest -q -p no:cacheprovider \
+      "tests/test_quantize.py::test_cuda_matches_cpu_bit_for_bit[4097-torch.bfloat16-nf4]" \
+      "tests/test_quantize.py::test_cuda_matches_cpu_bit_for_bit[255255-torch.bfloat16-nf4]" \
+      "tests/test_quantize.py::test_cuda_unaligned_view_and_current_stream" \
+      "tests/test_dropout.py::test_bit_exact_against_reference[4097-dtype0-cuda]" \
+      "tests/test_dropout.py::test_bit_exact_against_reference[4097-dtype3-cuda]" \
+      "tests/test_dropout.py::test_backward_applies_the_forward_mask[dtype1-cuda]" \
+      "tests/test_optim.py::test_cuda_unaligned_params_take_the_scalar_path" \
+      "tests/test_optim.py::test_cuda_page_out_then_step_matches_resident" \
+      "tests/test_optim.py::test_cuda_matches_cpu_bit_for_bit[True-torch.bfloat16]" \
+      "tests/test_optim_8bit.py::test_cuda_unaligned_params_take_the_scalar_path" \
+      "tests/test_optim_8bit.py::test_cuda_quantize_ops_match_cpu[True]" \
+      "tests/test_optim_8bit.py::test_cuda_matches_cpu_bit_for_bit[True-torch.bfloat16]" \
+      "tests/test_linear_4bit.py::test_cuda_forward_backward_every_backend[True-65-128-17-torch.bfloat16-fused]" \
+      "tests/test_linear_4bit.py::test_cuda_forward_backward_every_backend[True-97-4160-1-torch.bfloat16-fused]" \
+      "tests/test_linear_4bit.py::test_cuda_forward_backward_every_backend[False-97-4160-64-torch.float16-fused]" \
+      "tests/test_linear_4bit.py::test_cuda_forward_backward_every_backend[True-65-128-257-torch.bfloat16-fused]" \
+      "tests/test_linear_4bit.py::test_cuda_forward_backward_every_backend[False-97-4160-65-torch.float16-fused]" \
+      "tests/test_linear_4bit.py::test_cuda_fused_large_m_code_books[1-65-72-128-True-fp4-fused]"
+  # the large-M kernels' shared-memory pipeline (cp.async stages, decoded weight tile, two barriers per step)
+  part racecheck_linear 150 compute-sanitizer --tool racecheck --error-exitcode 1 \
+    python3 -m pytest -q -p no:cacheprovider \
+      "tests/test_linear_4bit.py::test_cuda_fused_large_m_code_books[0-257-200-4096-False-int4-fused]" \
+      "tests/test_linear_4bit.py::test_cuda_fused_large_m_code_books[1-65-72-128-True-fp4-fused]"
+elif want sanitizer; then
+  echo "compute-sanitizer: not run (no successful build, or not on this machine)" | tee -a "$log"
 fi
-if want bench && [ "$(cut -d' ' -f1 "$status/build")" = 0 ]; then
-  part bench_quantize 120 python3 bench/bench_quantize_cuda.py --json "$out/bench_quantize_cuda.json"
+bg_wait tests_cpu
+if want bench && ok build; then
+  part ceilings 60 python3 bench/ceilings_cuda.py --json "$scratch/ceilings.json"
+  part bench_quantize 90 python3 bench/bench_quantize_cuda.py --json "$out/bench_quantize_cuda.json"
   part bench_linear 150 python3 bench/bench_linear_cuda.py --json "$out/bench_linear_cuda.json"
-  part bench_optim 240 python3 bench/bench_optim.py --device cuda --json "$out/bench_optim.json"
-  part bench_train_gpu 240 python3 bench/bench_train_gpu.py --json "$out/bench_train_gpu.json"
-  part train_study_gpu 300 python3 -m qlora_ext.train study --items 5 --out "$scratch/study" --no-progress
+  part bench_optim 150 python3 bench/bench_optim.py --device cuda --json "$out/bench_optim.json"
+  part bench_train_gpu 200 python3 bench/bench_train_gpu.py --json "$out/bench_train_gpu.json"
+  part train_study_gpu 200 python3 -m qlora_ext.train study --items 5 --out "$scratch/study" --no-progress
   [ -x build/cmake/quantize_harness ] && part harness_bench 60 build/cmake/quantize_harness
 fi
+# anything still in the background has had its time limit; wait for it before the report
+for name in "${!bg_pid[@]}"; do bg_wait "$name"; done
 
-python3 bench/gpu_report.py --out "$out" --scratch "$scratch" --commit "$commit"
+python3 bench/gpu_report.py --out "$out" --scratch "$scratch" --commit "$commit" || {
+  echo "gpu_report.py failed; the raw status:" | tee -a "$log"; cat "$status"/* "$scratch/env.txt" | tee -a "$log"; }
 rm -rf "$scratch"

@@ -1,5 +1,7 @@
 """Shared fixtures: the devices to test (CUDA tests are skipped without a GPU and run in
 bench/gpu_check.sh), fresh random inputs, and a poisoned CUDA allocator."""
+import os
+import signal
 import zlib
 
 import numpy as np
@@ -9,6 +11,16 @@ import torch
 import qlora_ext
 
 HAS_CUDA = torch.cuda.is_available() and qlora_ext.build_info()["cuda"]
+
+
+def _sigterm_interrupts(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}: time limit")
+
+
+if os.environ.get("QLORA_SIGTERM_INTERRUPTS") == "1":
+    # bench/gpu_check.sh stops a background pytest at its time limit with SIGTERM (background jobs ignore
+    # SIGINT): as KeyboardInterrupt, pytest still writes the junit results of the tests that ran.
+    signal.signal(signal.SIGTERM, _sigterm_interrupts)
 
 DEVICES = [
     "cpu",

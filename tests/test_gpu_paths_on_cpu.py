@@ -79,8 +79,181 @@ def test_8bit_arena_state_dict_copies_do_not_alias_the_arena(monkeypatch):
     assert dense["state"][0]["exp_avg"].dtype == torch.float32
 
 
+# ---- bench/gpu_check.sh and bench/gpu_report.py, with every GPU tool faked --------------------------------
+_FAKE_PYTHON = r'''#!{python}
+"""Stands in for the GPU machine's python3: fakes the build, pytest, the benchmarks and the study; runs the
+report and `-c` snippets with the real interpreter."""
+import json, os, sys, time
+REAL = {python!r}
+args = sys.argv[1:]
+if args[:1] == ["-c"] or any(a.endswith("gpu_report.py") for a in args):
+    os.execv(REAL, [REAL] + args)
+def arg_after(flag):
+    return args[args.index(flag) + 1] if flag in args else None
+def write(path, data):
+    with open(path, "w") as f:
+        json.dump(data, f)
+if "setup.py" in args:
+    print("fake build"); sys.exit(int(os.environ.get("FAKE_BUILD_RC", "0")))
+if args[:2] == ["-m", "pytest"]:
+    suite = "cuda" if "cuda" in args[args.index("-m", 2) + 1:][:1] else "cpu"
+    time.sleep(float(os.environ.get("FAKE_PYTEST_SLEEP_" + suite.upper(), "0")))
+    junit = [a.split("=", 1)[1] for a in args if a.startswith("--junitxml=")]
+    if junit:
+        with open(junit[0], "w") as f:
+            f.write('<?xml version="1.0"?><testsuites><testsuite>'
+                    f'<testcase classname="tests.test_{{suite}}" name="test_ok_{{suite}}"/>'
+                    f'<testcase classname="tests.test_{{suite}}" name="test_bad_{{suite}}">'
+                    '<failure message="assert 1 == 2">trace</failure></testcase>'
+                    f'<testcase classname="tests.test_{{suite}}" name="test_skip"><skipped message="s"/></testcase>'
+                    '</testsuite></testsuites>')
+    print("1 failed, 1 passed, 1 skipped"); sys.exit(1)
+script = os.path.basename(args[0]) if args else ""
+out = arg_after("--json")
+if script == "ceilings_cuda.py":
+    write(out, {{"copy_GB_per_s": 4300.0, "bf16_matmul_TFLOP_per_s": 780.0}})
+elif script == "bench_quantize_cuda.py":
+    write(out, {{"copy_bandwidth_Bps": 4.2e12, "goals": {{"dequantize_pct_of_copy": {{"goal": 90.0, "value": 93.5, "met": True}}}}}})
+elif script == "bench_linear_cuda.py":
+    write(out, {{"rows": [{{"method": "cuBLAS bf16", "tflops": 701.0}}, {{"method": "ours auto", "tflops": 650.0}}],
+                "goals": {{"fwd_M1_cublas_over_auto": {{"goal": 3.3, "value": 2.9, "met": False, "ceiling": 3.88,
+                                                     "fraction_of_ceiling": 0.75}},
+                          "must_fwd_auto_vs_bnb": {{"goal": 0.98, "value": None, "met": False}}}}}})
+elif script == "bench_optim.py":
+    write(out, {{"cuda": {{"copy_GB_per_s": 4100.0}}, "goals": {{"a_lora_7b_r64_fp32_vs_torch_fused": {{"goal": 1.0, "value": 1.2, "met": True}}}}}})
+elif script == "bench_train_gpu.py":
+    write(out, {{"goals": {{"tokens_per_s_vs_peft_bnb": {{"goal": 1.3, "value": None, "met": None, "not_evaluated": "peft missing"}}}}}})
+elif args[:3] == ["-m", "qlora_ext.train", "study"]:
+    d = arg_after("--out"); os.makedirs(d, exist_ok=True)
+    open(os.path.join(d, "study.md"), "w").write("65B: measured peak 40.1 GB (below 48 GB)\n")
+    write(os.path.join(d, "study.json"), {{"item5": {{"rows": []}}}})
+else:
+    print("fake python3: unexpected", args); sys.exit(3)
+'''
+
+_FAKE_TOOLS = {
+    "nvidia-smi": '#!/bin/bash\ncase "$*" in *driver_version*) echo 580.159.04 ;; *memory.total*) echo "143771 MiB, 1980 MHz" ;;'
+                  ' *) echo "NVIDIA H200" ;; esac\n',
+    "nvcc": '#!/bin/bash\necho "Cuda compilation tools, release 13.0, V13.0.88"\necho "Build cuda_13.0"\n',
+    "compute-sanitizer": '#!/bin/bash\necho "========= COMPUTE-SANITIZER"\n'
+                         'if [ -n "${FAKE_SANITIZER_ERRORS:-}" ]; then echo "========= Invalid __global__ write of size 4 bytes";'
+                         ' echo "========= ERROR SUMMARY: 1 error"; exit 1; fi\necho "========= ERROR SUMMARY: 0 errors"\n',
+    "cmake": '#!/bin/bash\nif [ "$1" = --build ]; then mkdir -p build/cmake && printf "#!/bin/bash\\necho harness\\n"'
+             ' > build/cmake/quantize_harness && chmod +x build/cmake/quantize_harness; fi\n',
+}
+
+
+def _fake_gpu_machine(tmp_path):
+    root = tmp_path / "repo"
+    (root / "bench").mkdir(parents=True)
+    for name in ("gpu_check.sh", "gpu_report.py"):
+        (root / "bench" / name).write_text(open(os.path.join(ROOT, "bench", name)).read())
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    tools = dict(_FAKE_TOOLS, python3=_FAKE_PYTHON.format(python=sys.executable))
+    for name, text in tools.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    return root, bin_dir
+
+
+def _gpu_check(tmp_path, *args, timeout=120, **env):
+    root, bin_dir = _fake_gpu_machine(tmp_path)
+    out = tmp_path / "out"
+    e = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", OUT=str(out), GPU_CHECK_RESERVE="2",
+             GPU_CHECK_GRACE="2", **env)
+    p = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh"), "--commit", "abc1234", *args], env=e,
+                       capture_output=True, text=True, timeout=timeout)
+    md = (out / "gpu_check.md").read_text() if (out / "gpu_check.md").exists() else ""
+    report = json.loads((out / "gpu_check.json").read_text()) if (out / "gpu_check.json").exists() else None
+    return p, md, report
+
+
+def test_gpu_check_full_run_report_has_what_the_issues_ask_for(tmp_path):
+    p, md, report = _gpu_check(tmp_path, "--budget", "100")
+    assert p.returncode == 0, p.stdout + p.stderr
+    for want in ("NVIDIA H200", "driver 580.159.04", "abc1234", "torch: 2.", "release 13.0",
+                 "tests_cuda: 1 passed, 1 failed, 1 skipped", "FAILED `tests.test_cuda::test_bad_cuda`: assert 1 == 2",
+                 "tests_cpu: 1 passed, 1 failed, 1 skipped", "memcheck_pytest: 0 errors", "racecheck_linear: 0 errors",
+                 "4300 GB/s (ceilings_cuda.py", "780 TFLOP/s (ceilings_cuda.py", "701 TFLOP/s (bench_linear_cuda",
+                 "| quantize_cuda: dequantize_pct_of_copy | 93.5 | 90 | met |",
+                 "| linear_cuda: fwd_M1_cublas_over_auto | 2.9 (75% of the ceiling 3.88) | 3.3 | NOT met |",
+                 "| linear_cuda: must_fwd_auto_vs_bnb | not measured | 0.98 | not evaluated |",
+                 "optim: a_lora_7b_r64_fp32_vs_torch_fused", "not evaluated (peft missing)",
+                 "65B: measured peak 40.1 GB"):
+        assert want in md, want
+    states = {k: v["state"] for k, v in report["parts"].items()}
+    assert states["build"] == "ok" and states["tests_cuda"] == "FAILED" and states["harness_bench"] == "ok"
+    assert list(states)[:1] == ["build"] and "train_study_gpu" in states
+    assert sorted(os.listdir(tmp_path / "out")) == ["bench_linear_cuda.json", "bench_optim.json",
+                                                     "bench_quantize_cuda.json", "bench_train_gpu.json",
+                                                     "gpu_check.json", "gpu_check.log", "gpu_check.md"]
+
+
+def test_gpu_check_failed_build_still_reports(tmp_path):
+    p, md, report = _gpu_check(tmp_path, "--only", "build,tests,sanitizer", FAKE_BUILD_RC="1")
+    assert report["parts"]["build"]["state"] == "FAILED" and list(report["parts"]) == ["build"]
+    assert "End of the log of `build` (FAILED)" in md and "fake build" in md
+    assert "no junit results: not run" in md and "## Benchmark goals" in md
+
+
+def test_gpu_check_sanitizer_findings_are_reported(tmp_path):
+    p, md, report = _gpu_check(tmp_path, "--only", "sanitizer", FAKE_SANITIZER_ERRORS="1")
+    assert "- memcheck: 1 errors" in md and "Invalid __global__ write of size 4 bytes" in md
+    assert "tests_cuda" not in report["parts"]
+
+
+def test_gpu_check_budget_stops_a_part_and_skips_the_rest(tmp_path):
+    """tests_cuda runs past the budget: it is stopped at the budget (SIGINT), the parts after it are skipped,
+    the background CPU tests are stopped too, and the report is written with what there is."""
+    p, md, report = _gpu_check(tmp_path, "--only", "tests,sanitizer,bench", "--budget", "16",
+                               FAKE_PYTEST_SLEEP_CUDA="60", FAKE_PYTEST_SLEEP_CPU="60", timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+    parts = report["parts"]
+    assert parts["tests_cuda"]["state"] == "TIMED OUT" and parts["tests_cpu"]["state"] == "TIMED OUT"
+    assert parts["memcheck_pytest"]["state"].startswith("skipped") and parts["bench_linear"]["state"].startswith("skipped")
+    assert "| tests_cuda | TIMED OUT | 124 |" in md
+
+
+def test_gpu_report_reads_an_interrupted_junit_and_damaged_inputs(tmp_path):
+    """pytest stopped at its time limit writes a nameless <testcase/>; a benchmark killed mid-write leaves
+    broken JSON; a status file may be half written: the report says so and is written all the same."""
+    scratch, out = tmp_path / "scratch", tmp_path / "out"
+    (scratch / "status").mkdir(parents=True)
+    out.mkdir()
+    (scratch / "status" / "tests_cuda").write_text("124 230 230\n")
+    (scratch / "status" / "bench_linear").write_text("")
+    (scratch / "junit_tests_cuda.xml").write_text(
+        '<?xml version="1.0"?><testsuites><testsuite><testcase classname="tests.test_a" name="test_x[cuda]"/>'
+        '<testcase time="0.000" /></testsuite></testsuites>')
+    (scratch / "junit_tests_cpu.xml").write_text("<testsuites><testsuite><testcase")  # cut off
+    (out / "bench_linear_cuda.json").write_text('{"goals": {"fwd')
+    (out / "bench_optim.json").write_text(json.dumps({"goals": {"x": {"goal": 1.0, "value": True, "met": True}},
+                                                      "interrupted": True}))
+    (out / "gpu_check.log").write_text("=== tests_cuda (12:00:00, limit 230 s)\nKeyboardInterrupt\n")
+    subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_report.py"), "--out", str(out),
+                    "--scratch", str(scratch), "--commit", "c0ffee"], check=True, capture_output=True)
+    md = (out / "gpu_check.md").read_text()
+    assert "| tests_cuda | TIMED OUT | 124 | 230 | 230 |" in md
+    assert "tests_cuda: 1 passed, 0 failed, 0 skipped, stopped during one more (part TIMED OUT" in md
+    assert "tests_cpu: unreadable junit_tests_cpu.xml" in md
+    assert "bench_linear_cuda.json: unreadable" in md and "bench_optim.json: the benchmark was interrupted" in md
+    assert "| optim: x | True | 1 | met |" in md and "End of the log of `tests_cuda` (TIMED OUT)" in md
+    assert "no GPU found" in md  # no env.txt: nvidia-smi never ran
+
+
+def test_gpu_report_with_nothing_at_all(tmp_path):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "o").mkdir()
+    subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_report.py"), "--out", str(tmp_path / "o"),
+                    "--scratch", str(tmp_path / "s")], check=True, capture_output=True)
+    md = (tmp_path / "o" / "gpu_check.md").read_text()
+    assert "(none ran)" in md and "not measured" in md and "no junit results: not run" in md
+
+
 # ---- the CUDA benchmarks without a GPU -----------------------------------------------------------------
-BENCH_SCRIPTS = ["bench_quantize_cuda.py", "bench_linear_cuda.py", "bench_optim.py", "bench_train_gpu.py"]
+BENCH_SCRIPTS = ["bench_quantize_cuda.py", "bench_linear_cuda.py", "bench_optim.py", "bench_train_gpu.py",
+                 "ceilings_cuda.py", "gpu_report.py"]
 
 
 def _bench(*args, timeout=300):
@@ -95,7 +268,8 @@ def test_bench_scripts_parse_their_arguments(script):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU exit")
-@pytest.mark.parametrize("script", ["bench_quantize_cuda.py", "bench_linear_cuda.py", "bench_train_gpu.py"])
+@pytest.mark.parametrize("script", ["bench_quantize_cuda.py", "bench_linear_cuda.py", "ceilings_cuda.py",
+                                    "bench_train_gpu.py"])
 def test_cuda_benchmarks_exit_2_with_one_line_without_a_gpu(script):
     p = _bench(os.path.join("bench", script))
     assert p.returncode == 2 and "no CUDA device" in p.stderr, p.stdout + p.stderr
