@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, for a lent GPU machine (H200: python3 3.12, torch 2.11 cu130, nvcc 13.0, no network): builds
-# the extension for the GPU, runs the tests (the ~1070 CUDA ones first; the CPU ones alongside, in the
-# background), compute-sanitizer on the native harness and on a small CUDA test subset, the benchmarks, and
-# writes a Markdown + JSON report.
+# the extension for the GPU, runs the tests (the ~1070 CUDA ones; the CPU ones alongside, in the background),
+# compute-sanitizer on the native harness and on a small CUDA test subset (also alongside), the benchmarks,
+# and writes a Markdown + JSON report.
 #
 #   bash bench/gpu_check.sh --commit SHA [--only build,tests,sanitizer,bench] [--budget SECONDS] [--out DIR]
 #
@@ -16,8 +16,8 @@
 # The report is written in every case, also after a failed build.
 #
 # Parts: build (always run when another part needs it), tests (tests_cuda; tests_cpu in the background),
-# sanitizer (harness_build in the background, memcheck/racecheck of the harness, memcheck_pytest,
-# racecheck_linear), bench (ceilings, bench_quantize, bench_linear, bench_optim, bench_train_gpu, the
+# sanitizer (in the background beside tests_cuda: harness_build, memcheck/racecheck of the harness,
+# memcheck_pytest, racecheck_linear), bench (ceilings, bench_quantize, bench_linear, bench_optim, bench_train_gpu, the
 # paper-claims study item 5 on 7B/65B shapes, harness_bench).
 # Results go to $OUT (the device tool's output folder) or --out, default bench/out/: gpu_check.md,
 # gpu_check.json, gpu_check.log and the benchmarks' JSON (7 files; the device tool brings back 8 at most).
@@ -73,22 +73,58 @@ part() {
   echo "=== $name: rc=$rc in $((SECONDS - t0)) s" | tee -a "$plog"
   return $rc
 }
-# bg_part NAME LIMIT COMMAND...: part in the background with its own log (appended to the main log by
-# bg_wait NAME). SIGTERM, not SIGINT: background jobs of a script ignore SIGINT; tests/conftest.py turns
-# SIGTERM into KeyboardInterrupt when QLORA_SIGTERM_INTERRUPTS=1, so pytest still writes its junit.
+# bg NAME COMMAND...: runs COMMAND (part itself, or a function of parts) in the background with its own log,
+# appended to the main log by bg_wait NAME. Its parts are stopped with SIGTERM, not SIGINT: background jobs of
+# a script ignore SIGINT; tests/conftest.py turns SIGTERM into KeyboardInterrupt when
+# QLORA_SIGTERM_INTERRUPTS=1, so pytest still writes its junit.
 declare -A bg_pid
-bg_part() {
-  local name=$1
-  PART_LOG="$scratch/$name.log" PART_SIGNAL=TERM part "$@" >/dev/null &
+bg() {
+  local name=$1; shift
+  PART_LOG="$scratch/$name.log" PART_SIGNAL=TERM "$@" >/dev/null &
   bg_pid[$name]=$!
 }
 bg_wait() {
-  local name=$1
+  local name=$1 rc
   [ -n "${bg_pid[$name]:-}" ] || return 1
-  wait "${bg_pid[$name]}"
+  wait "${bg_pid[$name]}"; rc=$?
   [ -f "$scratch/$name.log" ] && cat "$scratch/$name.log" >> "$log"
   unset "bg_pid[$name]"
-  ok "$name"
+  return $rc
+}
+# The compute-sanitizer parts, one after the other (in the background, beside the CUDA tests).
+sanitizer_parts() {
+  part harness_build 150 bash -c "cmake -S . -B build/cmake -G Ninja -DCMAKE_CUDA_ARCHITECTURES=90 >/dev/null && cmake --build build/cmake"
+  if ok harness_build; then
+    part memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 1 build/cmake/quantize_harness 257 4161 64 --no-bench
+    part racecheck 60 compute-sanitizer --tool racecheck --error-exitcode 1 build/cmake/quantize_harness 65 4161 64 --no-bench
+  fi
+  # one pytest process (torch's start under the sanitizer is paid once): quantize, dropout, both optimizers,
+  # the small-M and large-M fused GEMMs
+  part memcheck_pytest 240 compute-sanitizer --tool memcheck --error-exitcode 1 \
+    python3 -m pytest -q -p no:cacheprovider --basetemp="$scratch/pytest_memcheck" \
+      "tests/test_quantize.py::test_cuda_matches_cpu_bit_for_bit[4097-torch.bfloat16-nf4]" \
+      "tests/test_quantize.py::test_cuda_matches_cpu_bit_for_bit[255255-torch.bfloat16-nf4]" \
+      "tests/test_quantize.py::test_cuda_unaligned_view_and_current_stream" \
+      "tests/test_dropout.py::test_bit_exact_against_reference[4097-dtype0-cuda]" \
+      "tests/test_dropout.py::test_bit_exact_against_reference[4097-dtype3-cuda]" \
+      "tests/test_dropout.py::test_backward_applies_the_forward_mask[dtype1-cuda]" \
+      "tests/test_optim.py::test_cuda_unaligned_params_take_the_scalar_path" \
+      "tests/test_optim.py::test_cuda_page_out_then_step_matches_resident" \
+      "tests/test_optim.py::test_cuda_matches_cpu_bit_for_bit[True-torch.bfloat16]" \
+      "tests/test_optim_8bit.py::test_cuda_unaligned_params_take_the_scalar_path" \
+      "tests/test_optim_8bit.py::test_cuda_quantize_ops_match_cpu[True]" \
+      "tests/test_optim_8bit.py::test_cuda_matches_cpu_bit_for_bit[True-torch.bfloat16]" \
+      "tests/test_linear_4bit.py::test_cuda_forward_backward_every_backend[True-65-128-17-torch.bfloat16-fused]" \
+      "tests/test_linear_4bit.py::test_cuda_forward_backward_every_backend[True-97-4160-1-torch.bfloat16-fused]" \
+      "tests/test_linear_4bit.py::test_cuda_forward_backward_every_backend[False-97-4160-64-torch.float16-fused]" \
+      "tests/test_linear_4bit.py::test_cuda_forward_backward_every_backend[True-65-128-257-torch.bfloat16-fused]" \
+      "tests/test_linear_4bit.py::test_cuda_forward_backward_every_backend[False-97-4160-65-torch.float16-fused]" \
+      "tests/test_linear_4bit.py::test_cuda_fused_large_m_code_books[1-65-72-128-True-fp4-fused]"
+  # the large-M kernels' shared-memory pipeline (cp.async stages, decoded weight tile, two barriers per step)
+  part racecheck_linear 150 compute-sanitizer --tool racecheck --error-exitcode 1 \
+    python3 -m pytest -q -p no:cacheprovider --basetemp="$scratch/pytest_racecheck" \
+      "tests/test_linear_4bit.py::test_cuda_fused_large_m_code_books[0-257-200-4096-False-int4-fused]" \
+      "tests/test_linear_4bit.py::test_cuda_fused_large_m_code_books[1-65-72-128-True-fp4-fused]"
 }
 
 export PYTHONUNBUFFERED=1 QLORA_CUDA=1 QLORA_CUDA_ARCHS="${QLORA_CUDA_ARCHS:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
@@ -113,53 +149,22 @@ tee -a "$log" < "$scratch/env.txt"
 if want build || want tests || want bench || want sanitizer; then
   part build 240 python3 setup.py build_ext --inplace || echo "build failed: nothing else can run" | tee -a "$log"
 fi
+# Beside the CUDA tests, in the background: the CPU tests (CPU only) and the sanitizer parts (other processes
+# on the GPU; the sanitizer's slowdown is theirs alone).
 if want tests && ok build; then
-  OMP_NUM_THREADS=4 bg_part tests_cpu 240 python3 -m pytest tests -q -rs -p no:cacheprovider -m "not cuda" \
-    --junitxml="$scratch/junit_tests_cpu.xml"
+  OMP_NUM_THREADS=4 bg tests_cpu part tests_cpu 240 python3 -m pytest tests -q -rs -p no:cacheprovider -m "not cuda" \
+    --basetemp="$scratch/pytest_cpu" --junitxml="$scratch/junit_tests_cpu.xml"
 fi
-sanitize=0
 if want sanitizer && ok build && command -v compute-sanitizer >/dev/null; then
-  sanitize=1
-  bg_part harness_build 150 bash -c "cmake -S . -B build/cmake -G Ninja -DCMAKE_CUDA_ARCHITECTURES=90 >/dev/null && cmake --build build/cmake"
-fi
-if want tests && ok build; then
-  part tests_cuda 240 python3 -m pytest tests -q -rs -p no:cacheprovider -m cuda --junitxml="$scratch/junit_tests_cuda.xml"
-fi
-if [ "$sanitize" = 1 ]; then
-  if bg_wait harness_build; then
-    part memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 1 build/cmake/quantize_harness 257 4161 64 --no-bench
-    part racecheck 60 compute-sanitizer --tool racecheck --error-exitcode 1 build/cmake/quantize_harness 65 4161 64 --no-bench
-  fi
-  # one pytest process (torch's start under the sanitizer is paid once): quantize, dropout, both optimizers,
-  # the small-M and large-M fused GEMMs
-  part memcheck_pytest 240 compute-sanitizer --tool memcheck --error-exitcode 1 \
-    python3 -m pytest -q -p no:cacheprovider \
-      "tests/test_quantize.py::test_cuda_matches_cpu_bit_for_bit[4097-torch.bfloat16-nf4]" \
-      "tests/test_quantize.py::test_cuda_matches_cpu_bit_for_bit[255255-torch.bfloat16-nf4]" \
-      "tests/test_quantize.py::test_cuda_unaligned_view_and_current_stream" \
-      "tests/test_dropout.py::test_bit_exact_against_reference[4097-dtype0-cuda]" \
-      "tests/test_dropout.py::test_bit_exact_against_reference[4097-dtype3-cuda]" \
-      "tests/test_dropout.py::test_backward_applies_the_forward_mask[dtype1-cuda]" \
-      "tests/test_optim.py::test_cuda_unaligned_params_take_the_scalar_path" \
-      "tests/test_optim.py::test_cuda_page_out_then_step_matches_resident" \
-      "tests/test_optim.py::test_cuda_matches_cpu_bit_for_bit[True-torch.bfloat16]" \
-      "tests/test_optim_8bit.py::test_cuda_unaligned_params_take_the_scalar_path" \
-      "tests/test_optim_8bit.py::test_cuda_quantize_ops_match_cpu[True]" \
-      "tests/test_optim_8bit.py::test_cuda_matches_cpu_bit_for_bit[True-torch.bfloat16]" \
-      "tests/test_linear_4bit.py::test_cuda_forward_backward_every_backend[True-65-128-17-torch.bfloat16-fused]" \
-      "tests/test_linear_4bit.py::test_cuda_forward_backward_every_backend[True-97-4160-1-torch.bfloat16-fused]" \
-      "tests/test_linear_4bit.py::test_cuda_forward_backward_every_backend[False-97-4160-64-torch.float16-fused]" \
-      "tests/test_linear_4bit.py::test_cuda_forward_backward_every_backend[True-65-128-257-torch.bfloat16-fused]" \
-      "tests/test_linear_4bit.py::test_cuda_forward_backward_every_backend[False-97-4160-65-torch.float16-fused]" \
-      "tests/test_linear_4bit.py::test_cuda_fused_large_m_code_books[1-65-72-128-True-fp4-fused]"
-  # the large-M kernels' shared-memory pipeline (cp.async stages, decoded weight tile, two barriers per step)
-  part racecheck_linear 150 compute-sanitizer --tool racecheck --error-exitcode 1 \
-    python3 -m pytest -q -p no:cacheprovider \
-      "tests/test_linear_4bit.py::test_cuda_fused_large_m_code_books[0-257-200-4096-False-int4-fused]" \
-      "tests/test_linear_4bit.py::test_cuda_fused_large_m_code_books[1-65-72-128-True-fp4-fused]"
+  bg sanitizer sanitizer_parts
 elif want sanitizer; then
   echo "compute-sanitizer: not run (no successful build, or not on this machine)" | tee -a "$log"
 fi
+if want tests && ok build; then
+  part tests_cuda 240 python3 -m pytest tests -q -rs -p no:cacheprovider -m cuda --basetemp="$scratch/pytest_cuda" \
+    --junitxml="$scratch/junit_tests_cuda.xml"
+fi
+bg_wait sanitizer
 bg_wait tests_cpu
 if want bench && ok build; then
   part ceilings 60 python3 bench/ceilings_cuda.py --json "$scratch/ceilings.json"

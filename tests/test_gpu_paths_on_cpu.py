@@ -204,14 +204,16 @@ def test_gpu_check_sanitizer_findings_are_reported(tmp_path):
 
 
 def test_gpu_check_budget_stops_a_part_and_skips_the_rest(tmp_path):
-    """tests_cuda runs past the budget: it is stopped at the budget (SIGINT), the parts after it are skipped,
-    the background CPU tests are stopped too, and the report is written with what there is."""
+    """tests_cuda runs past the budget: it is stopped at the budget (SIGINT), the background CPU tests too
+    (SIGTERM), the sanitizer parts (beside them, quick here) have run, the bench parts after them are
+    skipped, and the report is written with what there is."""
     p, md, report = _gpu_check(tmp_path, "--only", "tests,sanitizer,bench", "--budget", "16",
                                FAKE_PYTEST_SLEEP_CUDA="60", FAKE_PYTEST_SLEEP_CPU="60", timeout=60)
     assert p.returncode == 0, p.stdout + p.stderr
     parts = report["parts"]
     assert parts["tests_cuda"]["state"] == "TIMED OUT" and parts["tests_cpu"]["state"] == "TIMED OUT"
-    assert parts["memcheck_pytest"]["state"].startswith("skipped") and parts["bench_linear"]["state"].startswith("skipped")
+    assert parts["memcheck_pytest"]["state"] == "ok" and "memcheck_pytest: 0 errors" in md
+    assert parts["ceilings"]["state"].startswith("skipped") and parts["bench_linear"]["state"].startswith("skipped")
     assert "| tests_cuda | TIMED OUT | 124 |" in md
 
 
