@@ -180,4 +180,9 @@ for name in "${!bg_pid[@]}"; do bg_wait "$name"; done
 
 python3 bench/gpu_report.py --out "$out" --scratch "$scratch" --commit "$commit" || {
   echo "gpu_report.py failed; the raw status:" | tee -a "$log"; cat "$status"/* "$scratch/env.txt" | tee -a "$log"; }
+# The device tool brings back files of up to 16 MiB: keep a huge log's head and tail.
+if [ "$(wc -c < "$log")" -gt $((12 << 20)) ]; then
+  { head -c $((4 << 20)) "$log"; printf '\n\n[... gpu_check.sh cut the middle of this log to fit 16 MiB ...]\n\n'
+    tail -c $((6 << 20)) "$log"; } > "$log.cut" && mv "$log.cut" "$log"
+fi
 rm -rf "$scratch"
