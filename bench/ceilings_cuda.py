@@ -39,13 +39,10 @@ def measure(reps: int = 10) -> dict:
     src = torch.empty(COPY_BYTES // 2, dtype=torch.bfloat16, device="cuda").normal_(generator=g)
     dst = torch.empty_like(src)
     copy_ms = _median_ms(lambda: dst.copy_(src), reps)
-    del src, dst
     n = MATMUL_N
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16, generator=g)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16, generator=g)
     mm_ms = _median_ms(lambda: torch.matmul(a, b), reps)
-    del a, b
-    torch.cuda.empty_cache()
     props = torch.cuda.get_device_properties(0)
     return {"benchmark": "ceilings_cuda", "device": props.name, "sms": props.multi_processor_count,
             "torch": torch.__version__, "cuda": torch.version.cuda, "reps": reps,
