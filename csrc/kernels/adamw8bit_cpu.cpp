@@ -1,7 +1,9 @@
 // CPU kernel of the 8-bit-state AdamW step: per 256-element block, dequantize both states into float32
 // scratch, run the 32-bit kernel's update on them (adamw_cpu.h: AVX2 or scalar, the same bits), fold the new
-// absmax and requantize (a bucketed search or adamw8bit_core.h's binary search, the same codes). An AVX2
-// gather version of the binary search was no faster than the scalar one on the AMD EPYC build machine.
+// absmax and requantize (a bucketed search or adamw8bit_core.h's binary search, the same codes). With AVX-512
+// (set_cpu_avx512) a full block runs in 16 lanes instead, decode, update and absmax fused in one pass and the
+// bucketed search done with gathers: the same bits again. An AVX2 gather version of the binary search was no
+// faster than the scalar one on the AMD EPYC build machine.
 #include "adamw8bit_cpu.h"
 
 #include <algorithm>
@@ -9,8 +11,12 @@
 #include <vector>
 
 #include "adamw_cpu.h"
-#include "quantize_cpu.h"  // simd_enabled()
+#include "quantize_cpu.h"  // simd_enabled(), avx512_enabled()
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define QLORA_X86 1
+#endif
 
 namespace qlora::cpu {
 namespace {
@@ -22,12 +28,14 @@ void encode_scalar(const float* x, int n, const DynamicMap& map, float prescale,
 }
 
 // The same code (the number of midpoints strictly below s) found faster: floats are bucketed by their sign,
-// exponent and top 6 mantissa bits (an order-preserving integer key >> 17); a table gives the number of
+// exponent and top 7 mantissa bits (an order-preserving integer key >> 16); a table gives the number of
 // midpoints below each bucket, and `steps` comparisons count those inside s's bucket (the most midpoints one
-// bucket holds: 1 for the signed map, 2 for the unsigned). Two or three dependent loads instead of eight.
+// bucket holds: 1 for both maps; 2 for the unsigned map with 6 mantissa bits). Two dependent loads instead
+// of eight.
 struct BucketEncoder {
-  static constexpr int kShift = 17;
-  uint8_t start[1u << (32 - kShift)];
+  static constexpr int kShift = 16;
+  static constexpr uint32_t kBuckets = 1u << (32 - kShift);
+  alignas(64) uint8_t start[kBuckets];
   int steps = 0;
 
   static uint32_t order_key(float f) {  // monotonic in f (NaN aside); -0 just below +0
@@ -39,7 +47,7 @@ struct BucketEncoder {
     std::vector<uint32_t> keys;
     for (int c = 0; c + 1 < kDynamicMapSize; ++c) keys.push_back(order_key(map.mid[c]));  // sorted; mid[255] = inf
     size_t below = 0;
-    for (uint32_t b = 0; b < (1u << (32 - kShift)); ++b) {
+    for (uint32_t b = 0; b < kBuckets; ++b) {
       const uint64_t lo = uint64_t(b) << kShift, hi = lo + (uint64_t(1) << kShift);
       while (below < keys.size() && keys[below] < lo) ++below;
       size_t inside = below;
@@ -112,6 +120,143 @@ void step_block(const AdamW8bitTensor& t, const AdamWGroup& group, int64_t b, co
   t.exp_avg_sq_absmax[b] = absmax2;
 }
 
+
+#if QLORA_X86
+// ---- AVX-512 path: a full block in two passes of 16 lanes, the scalar path's operations and bits ----------
+// Pass 1 decodes both states (the map lookup is a 16-lane gather from the 1 KiB value table), runs the update
+// (adamw_core.h's operations in its order: the same two FMAs, nothing else fused), stores the parameter and
+// folds both absmax as lane-wise maxima (vmaxps(a, acc) is `a > acc ? a : acc`, absmax_fold's rule, and the
+// maximum of non-NaN values does not depend on the order). Pass 2 encodes both states with the bucket table
+// (one gather of the bucket's first code, then one gather and compare per midpoint a bucket can hold).
+#define QLORA_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,f16c,fma")))
+
+// GCC 12 warns (falsely) that the plain forms of many AVX-512 intrinsics use an uninitialized value; their
+// maskz / mask forms with all 16 lanes set are the same instructions without the warning.
+constexpr __mmask16 kAll16 = 0xFFFF;
+
+QLORA_AVX512 inline __m512 decode16(const uint8_t* codes, const float* value, __m512 absmax) {
+  const __m512i idx = _mm512_maskz_cvtepu8_epi32(kAll16, _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
+  return _mm512_mul_ps(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), kAll16, idx, value, 4), absmax);
+}
+
+template <FloatFormat F>
+QLORA_AVX512 inline __m512 load16(const void* x, int i) {
+  if constexpr (F == FloatFormat::F32) {
+    return _mm512_loadu_ps(static_cast<const float*>(x) + i);
+  } else {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(x) + i));
+    if constexpr (F == FloatFormat::F16) return _mm512_maskz_cvtph_ps(kAll16, h);
+    return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(kAll16, _mm512_maskz_cvtepu16_epi32(kAll16, h), 16));  // bf16: exact widening
+  }
+}
+
+template <FloatFormat F>
+QLORA_AVX512 inline void store16(void* x, int i, __m512 v) {
+  if constexpr (F == FloatFormat::F32) {
+    _mm512_storeu_ps(static_cast<float*>(x) + i, v);
+  } else if constexpr (F == FloatFormat::F16) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(x) + i),
+                        _mm512_maskz_cvtps_ph(kAll16, v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  } else {
+    // bf16 as f32_to_bf16_rn: add 0x7FFF + lsb and truncate; NaN keeps its top bits and is made quiet.
+    const __m512i bits = _mm512_castps_si512(v);
+    const __m512i top = _mm512_maskz_srli_epi32(kAll16, bits, 16);
+    const __m512i lsb = _mm512_and_si512(top, _mm512_set1_epi32(1));
+    const __m512i rounded =
+        _mm512_maskz_srli_epi32(kAll16, _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+    const __mmask16 is_nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    const __m512i r = _mm512_mask_or_epi32(rounded, is_nan, top, _mm512_set1_epi32(0x40));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(x) + i), _mm512_maskz_cvtepi32_epi16(kAll16, r));
+  }
+}
+
+// Codes of 16 normalised values: BucketEncoder::encode on 16 lanes.
+QLORA_AVX512 inline __m128i encode16(__m512 s, const BucketEncoder& enc, const float* mid) {
+  const __m512i b = _mm512_castps_si512(s);
+  // order_key: ~b for negative b, b | sign bit otherwise, i.e. b ^ ((b >> 31 arithmetic) | sign bit)
+  const __m512i key = _mm512_xor_si512(b, _mm512_or_si512(_mm512_maskz_srai_epi32(kAll16, b, 31), _mm512_set1_epi32(INT32_MIN)));
+  const __m512i bucket = _mm512_maskz_srli_epi32(kAll16, key, BucketEncoder::kShift);
+  // start[bucket]: the aligned 4 bytes holding it, shifted (an unaligned gather would split cache lines,
+  // which made it three times slower on the AMD EPYC build machine)
+  const __m512i word = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), kAll16, _mm512_maskz_srli_epi32(kAll16, bucket, 2), enc.start, 4);
+  const __m512i shift = _mm512_maskz_slli_epi32(kAll16, _mm512_and_si512(bucket, _mm512_set1_epi32(3)), 3);
+  __m512i c = _mm512_and_si512(_mm512_maskz_srlv_epi32(kAll16, word, shift), _mm512_set1_epi32(0xFF));
+  // The midpoints are increasing, so counting s > mid[c0 + k] for k < steps at once (independent gathers; the
+  // index clamped to 255, whose midpoint is +inf) gives the scalar loop's count.
+  const __m512i c0 = c;
+  for (int k = 0; k < enc.steps; ++k) {
+    const __m512i idx = _mm512_maskz_min_epi32(kAll16, _mm512_add_epi32(c0, _mm512_set1_epi32(k)), _mm512_set1_epi32(255));
+    const __mmask16 above = _mm512_cmp_ps_mask(s, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), kAll16, idx, mid, 4), _CMP_GT_OQ);
+    c = _mm512_mask_add_epi32(c, above, c, _mm512_set1_epi32(1));
+  }
+  c = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(s, s, _CMP_ORD_Q), c);  // NaN: code 0
+  return _mm512_maskz_cvtepi32_epi8(kAll16, c);
+}
+
+QLORA_AVX512 void encode_block_avx512(const float* x, const DynamicMap& map, const BucketEncoder& enc,
+                                      float absmax, uint8_t* codes) {
+  const __m512 prescale = _mm512_set1_ps(absmax_prescale(absmax)), inverse = _mm512_set1_ps(block_inverse(absmax));
+  for (int i = 0; i < kBlock; i += 16) {
+    const __m512 s = _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(x + i), prescale), inverse);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), encode16(s, enc, map.mid));
+  }
+}
+
+QLORA_AVX512 inline float reduce_max(__m512 acc) {
+  // all lanes are >= +0 and not NaN, so any order of maxima gives the scalar fold's result
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, acc);
+  float r = 0.0f;
+  for (float a : lanes) r = a > r ? a : r;
+  return r;
+}
+
+// Block b (full, kBlock elements) of one tensor: step_block's bits.
+template <FloatFormat F>
+QLORA_AVX512 void step_block_avx512(const AdamW8bitTensor& t, const AdamWGroup& h, int64_t b, const DynamicMap& map1,
+                                    const DynamicMap& map2) {
+  alignas(64) float m_buf[kBlock], v_buf[kBlock];
+  const int64_t begin = b * kBlock;
+  const int64_t es = element_size(F);
+  void* param = static_cast<char*>(t.param) + begin * es;
+  const void* grad = static_cast<const char*>(t.grad) + begin * es;
+  uint8_t* codes1 = t.exp_avg_codes + begin;
+  uint8_t* codes2 = t.exp_avg_sq_codes + begin;
+  const __m512 absmax1_in = _mm512_set1_ps(t.exp_avg_absmax[b]), absmax2_in = _mm512_set1_ps(t.exp_avg_sq_absmax[b]);
+  const __m512 grad_sign = _mm512_set1_ps(h.grad_sign), decay = _mm512_set1_ps(h.decay);
+  const __m512 lerp_coeff = _mm512_set1_ps(h.lerp_coeff), beta2 = _mm512_set1_ps(h.beta2);
+  const __m512 omb2 = _mm512_set1_ps(h.one_minus_beta2), eps = _mm512_set1_ps(h.eps);
+  const __m512 neg_step = _mm512_set1_ps(t.neg_step_size), bc2 = _mm512_set1_ps(t.bias_correction2_sqrt);
+  __m512 acc1 = _mm512_setzero_ps(), acc2 = _mm512_setzero_ps();
+  for (int i = 0; i < kBlock; i += 16) {
+    __m512 m = decode16(codes1 + i, map1.value, absmax1_in);
+    __m512 v = decode16(codes2 + i, map2.value, absmax2_in);
+    const __m512 g = _mm512_mul_ps(load16<F>(grad, i), grad_sign);
+    __m512 p = _mm512_mul_ps(load16<F>(param, i), decay);
+    m = _mm512_fmadd_ps(lerp_coeff, _mm512_sub_ps(g, m), h.lerp_from_grad ? g : m);   // fma_rn, as adamw_update
+    v = _mm512_fmadd_ps(_mm512_mul_ps(omb2, g), g, _mm512_mul_ps(v, beta2));          // fma_rn, as adamw_update
+    const __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_maskz_sqrt_ps(kAll16, v), bc2), eps);
+    p = _mm512_add_ps(p, _mm512_div_ps(_mm512_mul_ps(neg_step, m), denom));
+    store16<F>(param, i, p);
+    _mm512_store_ps(m_buf + i, m);
+    _mm512_store_ps(v_buf + i, v);
+    acc1 = _mm512_maskz_max_ps(kAll16, _mm512_abs_ps(m), acc1);
+    acc2 = _mm512_maskz_max_ps(kAll16, _mm512_abs_ps(v), acc2);
+  }
+  const float absmax1 = reduce_max(acc1), absmax2 = reduce_max(acc2);
+  encode_block_avx512(m_buf, map1, bucket_encoder(true), absmax1, codes1);
+  encode_block_avx512(v_buf, map2, bucket_encoder(false), absmax2, codes2);
+  t.exp_avg_absmax[b] = absmax1;
+  t.exp_avg_sq_absmax[b] = absmax2;
+}
+
+bool cpu_has_avx512_step() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
+}
+#endif
+
 }  // namespace
 
 const DynamicMap& dynamic_map(bool is_signed) {
@@ -123,6 +268,9 @@ void adamw8bit_step_blocks(const AdamW8bitTensor* tensors, int64_t ntensors, con
                            int64_t block_begin, int64_t block_end) {
   if (ntensors <= 0 || block_begin >= block_end) return;
   const bool simd = simd_enabled();
+#if QLORA_X86
+  const bool avx512 = avx512_enabled() && cpu_has_avx512_step();
+#endif
   const DynamicMap &map1 = dynamic_map(true), &map2 = dynamic_map(false);
   // The tensor holding block_begin: the last one whose first block is not after it.
   int64_t t = std::upper_bound(tensors, tensors + ntensors, block_begin,
@@ -132,7 +280,20 @@ void adamw8bit_step_blocks(const AdamW8bitTensor* tensors, int64_t ntensors, con
   for (; t < ntensors && block < block_end; ++t) {
     const AdamW8bitTensor& x = tensors[t];
     const int64_t last = std::min(block_end, x.first_block + adamw8bit_blocks(x.numel));
-    for (; block < last; ++block) step_block(x, group, block - x.first_block, map1, map2, simd);
+    for (; block < last; ++block) {
+      const int64_t b = block - x.first_block;
+#if QLORA_X86
+      if (avx512 && (b + 1) * kBlock <= x.numel) {  // full blocks; a tensor's last, partial one goes below
+        switch (x.format) {
+          case FloatFormat::F16: step_block_avx512<FloatFormat::F16>(x, group, b, map1, map2); break;
+          case FloatFormat::BF16: step_block_avx512<FloatFormat::BF16>(x, group, b, map1, map2); break;
+          default: step_block_avx512<FloatFormat::F32>(x, group, b, map1, map2); break;
+        }
+        continue;
+      }
+#endif
+      step_block(x, group, b, map1, map2, simd);
+    }
   }
 }
 
