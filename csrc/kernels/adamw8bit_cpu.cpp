@@ -120,7 +120,6 @@ void step_block(const AdamW8bitTensor& t, const AdamWGroup& group, int64_t b, co
   t.exp_avg_sq_absmax[b] = absmax2;
 }
 
-
 #if QLORA_X86
 // ---- AVX-512 path: a full block in two passes of 16 lanes, the scalar path's operations and bits ----------
 // Pass 1 decodes both states (the map lookup is a 16-lane gather from the 1 KiB value table), runs the update
@@ -134,9 +133,16 @@ void step_block(const AdamW8bitTensor& t, const AdamWGroup& group, int64_t b, co
 // maskz / mask forms with all 16 lanes set are the same instructions without the warning.
 constexpr __mmask16 kAll16 = 0xFFFF;
 
+QLORA_AVX512 inline __m512 gather_f32(const float* table, __m512i idx) {
+  return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), kAll16, idx, table, 4);
+}
+
+QLORA_AVX512 inline __m512i widen_u8(const uint8_t* x) {
+  return _mm512_maskz_cvtepu8_epi32(kAll16, _mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
+}
+
 QLORA_AVX512 inline __m512 decode16(const uint8_t* codes, const float* value, __m512 absmax) {
-  const __m512i idx = _mm512_maskz_cvtepu8_epi32(kAll16, _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
-  return _mm512_mul_ps(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), kAll16, idx, value, 4), absmax);
+  return _mm512_mul_ps(gather_f32(value, widen_u8(codes)), absmax);
 }
 
 template <FloatFormat F>
@@ -146,7 +152,8 @@ QLORA_AVX512 inline __m512 load16(const void* x, int i) {
   } else {
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(x) + i));
     if constexpr (F == FloatFormat::F16) return _mm512_maskz_cvtph_ps(kAll16, h);
-    return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(kAll16, _mm512_maskz_cvtepu16_epi32(kAll16, h), 16));  // bf16: exact widening
+    const __m512i wide = _mm512_maskz_cvtepu16_epi32(kAll16, h);
+    return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(kAll16, wide, 16));  // bf16: exact widening
   }
 }
 
@@ -154,39 +161,43 @@ template <FloatFormat F>
 QLORA_AVX512 inline void store16(void* x, int i, __m512 v) {
   if constexpr (F == FloatFormat::F32) {
     _mm512_storeu_ps(static_cast<float*>(x) + i, v);
-  } else if constexpr (F == FloatFormat::F16) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(x) + i),
-                        _mm512_maskz_cvtps_ph(kAll16, v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    return;
+  }
+  __m256i half;
+  if constexpr (F == FloatFormat::F16) {
+    half = _mm512_maskz_cvtps_ph(kAll16, v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   } else {
     // bf16 as f32_to_bf16_rn: add 0x7FFF + lsb and truncate; NaN keeps its top bits and is made quiet.
     const __m512i bits = _mm512_castps_si512(v);
     const __m512i top = _mm512_maskz_srli_epi32(kAll16, bits, 16);
-    const __m512i lsb = _mm512_and_si512(top, _mm512_set1_epi32(1));
-    const __m512i rounded =
-        _mm512_maskz_srli_epi32(kAll16, _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+    const __m512i bias = _mm512_add_epi32(_mm512_and_si512(top, _mm512_set1_epi32(1)), _mm512_set1_epi32(0x7FFF));
+    const __m512i rounded = _mm512_maskz_srli_epi32(kAll16, _mm512_add_epi32(bits, bias), 16);
     const __mmask16 is_nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    const __m512i r = _mm512_mask_or_epi32(rounded, is_nan, top, _mm512_set1_epi32(0x40));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(x) + i), _mm512_maskz_cvtepi32_epi16(kAll16, r));
+    half = _mm512_maskz_cvtepi32_epi16(kAll16, _mm512_mask_or_epi32(rounded, is_nan, top, _mm512_set1_epi32(0x40)));
   }
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(x) + i), half);
 }
 
 // Codes of 16 normalised values: BucketEncoder::encode on 16 lanes.
 QLORA_AVX512 inline __m128i encode16(__m512 s, const BucketEncoder& enc, const float* mid) {
   const __m512i b = _mm512_castps_si512(s);
   // order_key: ~b for negative b, b | sign bit otherwise, i.e. b ^ ((b >> 31 arithmetic) | sign bit)
-  const __m512i key = _mm512_xor_si512(b, _mm512_or_si512(_mm512_maskz_srai_epi32(kAll16, b, 31), _mm512_set1_epi32(INT32_MIN)));
+  const __m512i sign_fill = _mm512_maskz_srai_epi32(kAll16, b, 31);
+  const __m512i key = _mm512_xor_si512(b, _mm512_or_si512(sign_fill, _mm512_set1_epi32(INT32_MIN)));
   const __m512i bucket = _mm512_maskz_srli_epi32(kAll16, key, BucketEncoder::kShift);
-  // start[bucket]: the aligned 4 bytes holding it, shifted (an unaligned gather would split cache lines,
-  // which made it three times slower on the AMD EPYC build machine)
-  const __m512i word = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), kAll16, _mm512_maskz_srli_epi32(kAll16, bucket, 2), enc.start, 4);
-  const __m512i shift = _mm512_maskz_slli_epi32(kAll16, _mm512_and_si512(bucket, _mm512_set1_epi32(3)), 3);
-  __m512i c = _mm512_and_si512(_mm512_maskz_srlv_epi32(kAll16, word, shift), _mm512_set1_epi32(0xFF));
-  // The midpoints are increasing, so counting s > mid[c0 + k] for k < steps at once (independent gathers; the
-  // index clamped to 255, whose midpoint is +inf) gives the scalar loop's count.
-  const __m512i c0 = c;
+  // start[bucket]: a gather of the aligned 4 bytes holding it, then a shift (an unaligned gather splits cache
+  // lines and was 2-3x slower on the AMD EPYC build machine)
+  const __m512i word_index = _mm512_maskz_srli_epi32(kAll16, bucket, 2);
+  const __m512i word = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), kAll16, word_index, enc.start, 4);
+  const __m512i byte_shift = _mm512_maskz_slli_epi32(kAll16, _mm512_and_si512(bucket, _mm512_set1_epi32(3)), 3);
+  const __m512i c0 = _mm512_and_si512(_mm512_maskz_srlv_epi32(kAll16, word, byte_shift), _mm512_set1_epi32(0xFF));
+  // The midpoints increase, so counting s > mid[c0 + k] for all k < steps at once (independent gathers, the
+  // index clamped to 255 whose midpoint is +inf) gives the scalar loop's count.
+  __m512i c = c0;
   for (int k = 0; k < enc.steps; ++k) {
-    const __m512i idx = _mm512_maskz_min_epi32(kAll16, _mm512_add_epi32(c0, _mm512_set1_epi32(k)), _mm512_set1_epi32(255));
-    const __mmask16 above = _mm512_cmp_ps_mask(s, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), kAll16, idx, mid, 4), _CMP_GT_OQ);
+    const __m512i idx = _mm512_maskz_min_epi32(kAll16, _mm512_add_epi32(c0, _mm512_set1_epi32(k)),
+                                               _mm512_set1_epi32(kDynamicMapSize - 1));
+    const __mmask16 above = _mm512_cmp_ps_mask(s, gather_f32(mid, idx), _CMP_GT_OQ);
     c = _mm512_mask_add_epi32(c, above, c, _mm512_set1_epi32(1));
   }
   c = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(s, s, _CMP_ORD_Q), c);  // NaN: code 0
@@ -250,6 +261,21 @@ QLORA_AVX512 void step_block_avx512(const AdamW8bitTensor& t, const AdamWGroup& 
   t.exp_avg_sq_absmax[b] = absmax2;
 }
 
+// quantize_8bit_dynamic_blocks on one full block: returns its absmax.
+QLORA_AVX512 float quantize_block_avx512(const float* x, const DynamicMap& map, const BucketEncoder& enc,
+                                         uint8_t* codes) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int i = 0; i < kBlock; i += 16) acc = _mm512_maskz_max_ps(kAll16, _mm512_abs_ps(_mm512_loadu_ps(x + i)), acc);
+  const float absmax = reduce_max(acc);
+  encode_block_avx512(x, map, enc, absmax, codes);
+  return absmax;
+}
+
+QLORA_AVX512 void decode_block_avx512(const uint8_t* codes, const DynamicMap& map, float absmax, float* out) {
+  const __m512 scale = _mm512_set1_ps(absmax);
+  for (int i = 0; i < kBlock; i += 16) _mm512_storeu_ps(out + i, decode16(codes + i, map.value, scale));
+}
+
 bool cpu_has_avx512_step() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma") &&
@@ -300,10 +326,19 @@ void adamw8bit_step_blocks(const AdamW8bitTensor* tensors, int64_t ntensors, con
 void quantize_8bit_dynamic_blocks(const float* x, int64_t n, bool is_signed, uint8_t* codes, float* absmax,
                                   int64_t block_begin, int64_t block_end) {
   const bool simd = simd_enabled();
+#if QLORA_X86
+  const bool avx512 = avx512_enabled() && cpu_has_avx512_step();
+#endif
   const DynamicMap& map = dynamic_map(is_signed);
   for (int64_t b = block_begin; b < block_end; ++b) {
     const int64_t begin = b * kBlock;
     const int len = int(std::min<int64_t>(kBlock, n - begin));
+#if QLORA_X86
+    if (avx512 && len == kBlock) {
+      absmax[b] = quantize_block_avx512(x + begin, map, bucket_encoder(is_signed), codes + begin);
+      continue;
+    }
+#endif
     absmax[b] = block_absmax(x + begin, len);
     encode(x + begin, len, map, is_signed, absmax[b], codes + begin, simd);
   }
@@ -311,10 +346,20 @@ void quantize_8bit_dynamic_blocks(const float* x, int64_t n, bool is_signed, uin
 
 void dequantize_8bit_dynamic_blocks(const uint8_t* codes, const float* absmax, int64_t n, bool is_signed, float* out,
                                     int64_t block_begin, int64_t block_end) {
+#if QLORA_X86
+  const bool avx512 = avx512_enabled() && cpu_has_avx512_step();
+#endif
   const DynamicMap& map = dynamic_map(is_signed);
   for (int64_t b = block_begin; b < block_end; ++b) {
     const int64_t begin = b * kBlock;
-    decode(codes + begin, int(std::min<int64_t>(kBlock, n - begin)), map, absmax[b], out + begin);
+    const int len = int(std::min<int64_t>(kBlock, n - begin));
+#if QLORA_X86
+    if (avx512 && len == kBlock) {
+      decode_block_avx512(codes + begin, map, absmax[b], out + begin);
+      continue;
+    }
+#endif
+    decode(codes + begin, len, map, absmax[b], out + begin);
   }
 }
 
