@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <stdexcept>
 #include <vector>
 
 #include "adamw_cpu.h"
@@ -28,22 +29,22 @@ void encode_scalar(const float* x, int n, const DynamicMap& map, float prescale,
 }
 
 // The same code (the number of midpoints strictly below s) found faster: floats are bucketed by their sign,
-// exponent and top 7 mantissa bits (an order-preserving integer key >> 16); a table gives the number of
-// midpoints below each bucket, and `steps` comparisons count those inside s's bucket (the most midpoints one
-// bucket holds: 1 for both maps; 2 for the unsigned map with 6 mantissa bits). Two dependent loads instead
-// of eight.
+// exponent and top 7 mantissa bits (an order-preserving integer key >> 16), so that no bucket holds more than
+// one midpoint (checked when the table is built). A bucket's 32-bit entry is the number of midpoints below it
+// (high half) and the low 16 bits of the key of the midpoint inside it (0xFFFF when none): the code is the
+// first plus one if s's low key bits are above the second. One load instead of eight dependent ones.
 struct BucketEncoder {
   static constexpr int kShift = 16;
   static constexpr uint32_t kBuckets = 1u << (32 - kShift);
-  alignas(64) uint8_t start[kBuckets];
-  int steps = 0;
+  static constexpr uint32_t kLowMask = (1u << kShift) - 1;
+  std::vector<uint32_t> entry;
 
-  static uint32_t order_key(float f) {  // monotonic in f (NaN aside); -0 just below +0
+  static uint32_t order_key(float f) {  // monotonic in f (NaN aside); -0 just below +0 (no midpoint is 0)
     const uint32_t b = f32_bits(f);
     return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
   }
 
-  explicit BucketEncoder(const DynamicMap& map) {
+  explicit BucketEncoder(const DynamicMap& map) : entry(kBuckets) {
     std::vector<uint32_t> keys;
     for (int c = 0; c + 1 < kDynamicMapSize; ++c) keys.push_back(order_key(map.mid[c]));  // sorted; mid[255] = inf
     size_t below = 0;
@@ -52,16 +53,15 @@ struct BucketEncoder {
       while (below < keys.size() && keys[below] < lo) ++below;
       size_t inside = below;
       while (inside < keys.size() && keys[inside] < hi) ++inside;
-      start[b] = uint8_t(below);
-      steps = std::max(steps, int(inside - below));
+      if (inside - below > 1) throw std::logic_error("BucketEncoder: two midpoints in one bucket");
+      entry[b] = uint32_t(below) << kShift | (inside > below ? keys[below] & kLowMask : kLowMask);
     }
   }
 
-  uint8_t encode(float s, const float* mid) const {
+  uint8_t encode(float s) const {
     if (s != s) return 0;  // NaN: code 0, as the binary search gives
-    uint32_t c = start[order_key(s) >> kShift];
-    for (int k = 0; k < steps; ++k) c += s > mid[c] ? 1u : 0u;  // mid[255] = inf stops the count at 255
-    return uint8_t(c);
+    const uint32_t key = order_key(s), e = entry[key >> kShift];
+    return uint8_t((e >> kShift) + ((key & kLowMask) > (e & kLowMask) ? 1u : 0u));
   }
 };
 
@@ -72,7 +72,7 @@ const BucketEncoder& bucket_encoder(bool is_signed) {
 
 void encode_bucketed(const float* x, int n, const DynamicMap& map, const BucketEncoder& enc, float prescale,
                      float inverse, uint8_t* codes) {
-  for (int i = 0; i < n; ++i) codes[i] = enc.encode(normalise(x[i], prescale, inverse), map.mid);
+  for (int i = 0; i < n; ++i) codes[i] = enc.encode(normalise(x[i], prescale, inverse));
 }
 
 // simd (set_cpu_simd): the bucketed search, else the shared binary search; both give the same codes.
@@ -126,7 +126,7 @@ void step_block(const AdamW8bitTensor& t, const AdamWGroup& group, int64_t b, co
 // (adamw_core.h's operations in its order: the same two FMAs, nothing else fused), stores the parameter and
 // folds both absmax as lane-wise maxima (vmaxps(a, acc) is `a > acc ? a : acc`, absmax_fold's rule, and the
 // maximum of non-NaN values does not depend on the order). Pass 2 encodes both states with the bucket table
-// (one gather of the bucket's first code, then one gather and compare per midpoint a bucket can hold).
+// (one gather of the buckets' entries and a compare).
 #define QLORA_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,f16c,fma")))
 
 // GCC 12 warns (falsely) that the plain forms of many AVX-512 intrinsics use an uninitialized value; their
@@ -179,37 +179,26 @@ QLORA_AVX512 inline void store16(void* x, int i, __m512 v) {
 }
 
 // Codes of 16 normalised values: BucketEncoder::encode on 16 lanes.
-QLORA_AVX512 inline __m128i encode16(__m512 s, const BucketEncoder& enc, const float* mid) {
+QLORA_AVX512 inline __m128i encode16(__m512 s, const BucketEncoder& enc) {
   const __m512i b = _mm512_castps_si512(s);
   // order_key: ~b for negative b, b | sign bit otherwise, i.e. b ^ ((b >> 31 arithmetic) | sign bit)
   const __m512i sign_fill = _mm512_maskz_srai_epi32(kAll16, b, 31);
   const __m512i key = _mm512_xor_si512(b, _mm512_or_si512(sign_fill, _mm512_set1_epi32(INT32_MIN)));
   const __m512i bucket = _mm512_maskz_srli_epi32(kAll16, key, BucketEncoder::kShift);
-  // start[bucket]: a gather of the aligned 4 bytes holding it, then a shift (an unaligned gather splits cache
-  // lines and was 2-3x slower on the AMD EPYC build machine)
-  const __m512i word_index = _mm512_maskz_srli_epi32(kAll16, bucket, 2);
-  const __m512i word = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), kAll16, word_index, enc.start, 4);
-  const __m512i byte_shift = _mm512_maskz_slli_epi32(kAll16, _mm512_and_si512(bucket, _mm512_set1_epi32(3)), 3);
-  const __m512i c0 = _mm512_and_si512(_mm512_maskz_srlv_epi32(kAll16, word, byte_shift), _mm512_set1_epi32(0xFF));
-  // The midpoints increase, so counting s > mid[c0 + k] for all k < steps at once (independent gathers, the
-  // index clamped to 255 whose midpoint is +inf) gives the scalar loop's count.
-  __m512i c = c0;
-  for (int k = 0; k < enc.steps; ++k) {
-    const __m512i idx = _mm512_maskz_min_epi32(kAll16, _mm512_add_epi32(c0, _mm512_set1_epi32(k)),
-                                               _mm512_set1_epi32(kDynamicMapSize - 1));
-    const __mmask16 above = _mm512_cmp_ps_mask(s, gather_f32(mid, idx), _CMP_GT_OQ);
-    c = _mm512_mask_add_epi32(c, above, c, _mm512_set1_epi32(1));
-  }
+  const __m512i e = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), kAll16, bucket, enc.entry.data(), 4);
+  const __m512i low_mask = _mm512_set1_epi32(BucketEncoder::kLowMask);
+  const __mmask16 above = _mm512_cmpgt_epu32_mask(_mm512_and_si512(key, low_mask), _mm512_and_si512(e, low_mask));
+  __m512i c = _mm512_maskz_srli_epi32(kAll16, e, BucketEncoder::kShift);
+  c = _mm512_mask_add_epi32(c, above, c, _mm512_set1_epi32(1));
   c = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(s, s, _CMP_ORD_Q), c);  // NaN: code 0
   return _mm512_maskz_cvtepi32_epi8(kAll16, c);
 }
 
-QLORA_AVX512 void encode_block_avx512(const float* x, const DynamicMap& map, const BucketEncoder& enc,
-                                      float absmax, uint8_t* codes) {
+QLORA_AVX512 void encode_block_avx512(const float* x, const BucketEncoder& enc, float absmax, uint8_t* codes) {
   const __m512 prescale = _mm512_set1_ps(absmax_prescale(absmax)), inverse = _mm512_set1_ps(block_inverse(absmax));
   for (int i = 0; i < kBlock; i += 16) {
     const __m512 s = _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(x + i), prescale), inverse);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), encode16(s, enc, map.mid));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), encode16(s, enc));
   }
 }
 
@@ -255,19 +244,18 @@ QLORA_AVX512 void step_block_avx512(const AdamW8bitTensor& t, const AdamWGroup& 
     acc2 = _mm512_maskz_max_ps(kAll16, _mm512_abs_ps(v), acc2);
   }
   const float absmax1 = reduce_max(acc1), absmax2 = reduce_max(acc2);
-  encode_block_avx512(m_buf, map1, bucket_encoder(true), absmax1, codes1);
-  encode_block_avx512(v_buf, map2, bucket_encoder(false), absmax2, codes2);
+  encode_block_avx512(m_buf, bucket_encoder(true), absmax1, codes1);
+  encode_block_avx512(v_buf, bucket_encoder(false), absmax2, codes2);
   t.exp_avg_absmax[b] = absmax1;
   t.exp_avg_sq_absmax[b] = absmax2;
 }
 
 // quantize_8bit_dynamic_blocks on one full block: returns its absmax.
-QLORA_AVX512 float quantize_block_avx512(const float* x, const DynamicMap& map, const BucketEncoder& enc,
-                                         uint8_t* codes) {
+QLORA_AVX512 float quantize_block_avx512(const float* x, const BucketEncoder& enc, uint8_t* codes) {
   __m512 acc = _mm512_setzero_ps();
   for (int i = 0; i < kBlock; i += 16) acc = _mm512_maskz_max_ps(kAll16, _mm512_abs_ps(_mm512_loadu_ps(x + i)), acc);
   const float absmax = reduce_max(acc);
-  encode_block_avx512(x, map, enc, absmax, codes);
+  encode_block_avx512(x, enc, absmax, codes);
   return absmax;
 }
 
@@ -335,7 +323,7 @@ void quantize_8bit_dynamic_blocks(const float* x, int64_t n, bool is_signed, uin
     const int len = int(std::min<int64_t>(kBlock, n - begin));
 #if QLORA_X86
     if (avx512 && len == kBlock) {
-      absmax[b] = quantize_block_avx512(x + begin, map, bucket_encoder(is_signed), codes + begin);
+      absmax[b] = quantize_block_avx512(x + begin, bucket_encoder(is_signed), codes + begin);
       continue;
     }
 #endif
