@@ -121,28 +121,40 @@ void step_block(const AdamW8bitTensor& t, const AdamWGroup& group, int64_t b, co
 }
 
 #if QLORA_X86
-// ---- AVX-512 path: a full block in two passes of 16 lanes, the scalar path's operations and bits ----------
-// Pass 1 decodes both states (the map lookup is a 16-lane gather from the 1 KiB value table), runs the update
-// (adamw_core.h's operations in its order: the same two FMAs, nothing else fused), stores the parameter and
-// folds both absmax as lane-wise maxima (vmaxps(a, acc) is `a > acc ? a : acc`, absmax_fold's rule, and the
-// maximum of non-NaN values does not depend on the order). Pass 2 encodes both states with the bucket table
-// (one gather of the buckets' entries and a compare).
+// ---- AVX-512 path: a full block in passes of 16 lanes, the scalar path's operations and bits --------------
+// Both states are decoded into scratch (map lookups in registers); one pass runs the update (adamw_core.h's
+// operations in its order: the same two FMAs, nothing else fused), stores the parameter and folds both absmax
+// as lane-wise maxima (vmaxps(a, acc) is `a > acc ? a : acc`, absmax_fold's rule, and the maximum of non-NaN
+// values does not depend on the order); then both states are encoded with the bucket table (one gather of the
+// buckets' entries and a compare per 16 codes).
 #define QLORA_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,f16c,fma")))
 
 // GCC 12 warns (falsely) that the plain forms of many AVX-512 intrinsics use an uninitialized value; their
 // maskz / mask forms with all 16 lanes set are the same instructions without the warning.
 constexpr __mmask16 kAll16 = 0xFFFF;
 
-QLORA_AVX512 inline __m512 gather_f32(const float* table, __m512i idx) {
-  return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), kAll16, idx, table, 4);
-}
-
 QLORA_AVX512 inline __m512i widen_u8(const uint8_t* x) {
   return _mm512_maskz_cvtepu8_epi32(kAll16, _mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
 }
 
-QLORA_AVX512 inline __m512 decode16(const uint8_t* codes, const float* value, __m512 absmax) {
-  return _mm512_mul_ps(gather_f32(value, widen_u8(codes)), absmax);
+// A full block's decode: map[code] * absmax. The 256-entry lookup is done in registers: vpermt2ps picks from
+// each 32-entry piece of the map by the code's low 5 bits, and three rounds of blends by bits 5, 6 and 7 keep
+// the right piece (about 3x faster than a 16-lane gather from the map on the AMD EPYC build machine).
+QLORA_AVX512 void decode_block_avx512(const uint8_t* codes, const DynamicMap& map, float absmax, float* out) {
+  __m512 table[16];
+  for (int k = 0; k < 16; ++k) table[k] = _mm512_loadu_ps(map.value + 16 * k);
+  const __m512 scale = _mm512_set1_ps(absmax);
+  for (int i = 0; i < kBlock; i += 16) {
+    const __m512i idx = widen_u8(codes + i);
+    __m512 piece[8];
+    for (int k = 0; k < 8; ++k) piece[k] = _mm512_permutex2var_ps(table[2 * k], idx, table[2 * k + 1]);
+    const __mmask16 bit5 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(32));
+    const __mmask16 bit6 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(64));
+    const __mmask16 bit7 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(128));
+    for (int k = 0; k < 4; ++k) piece[k] = _mm512_mask_blend_ps(bit5, piece[2 * k], piece[2 * k + 1]);
+    for (int k = 0; k < 2; ++k) piece[k] = _mm512_mask_blend_ps(bit6, piece[2 * k], piece[2 * k + 1]);
+    _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_mask_blend_ps(bit7, piece[0], piece[1]), scale));
+  }
 }
 
 template <FloatFormat F>
@@ -222,15 +234,16 @@ QLORA_AVX512 void step_block_avx512(const AdamW8bitTensor& t, const AdamWGroup& 
   const void* grad = static_cast<const char*>(t.grad) + begin * es;
   uint8_t* codes1 = t.exp_avg_codes + begin;
   uint8_t* codes2 = t.exp_avg_sq_codes + begin;
-  const __m512 absmax1_in = _mm512_set1_ps(t.exp_avg_absmax[b]), absmax2_in = _mm512_set1_ps(t.exp_avg_sq_absmax[b]);
+  decode_block_avx512(codes1, map1, t.exp_avg_absmax[b], m_buf);
+  decode_block_avx512(codes2, map2, t.exp_avg_sq_absmax[b], v_buf);
   const __m512 grad_sign = _mm512_set1_ps(h.grad_sign), decay = _mm512_set1_ps(h.decay);
   const __m512 lerp_coeff = _mm512_set1_ps(h.lerp_coeff), beta2 = _mm512_set1_ps(h.beta2);
   const __m512 omb2 = _mm512_set1_ps(h.one_minus_beta2), eps = _mm512_set1_ps(h.eps);
   const __m512 neg_step = _mm512_set1_ps(t.neg_step_size), bc2 = _mm512_set1_ps(t.bias_correction2_sqrt);
   __m512 acc1 = _mm512_setzero_ps(), acc2 = _mm512_setzero_ps();
   for (int i = 0; i < kBlock; i += 16) {
-    __m512 m = decode16(codes1 + i, map1.value, absmax1_in);
-    __m512 v = decode16(codes2 + i, map2.value, absmax2_in);
+    __m512 m = _mm512_load_ps(m_buf + i);
+    __m512 v = _mm512_load_ps(v_buf + i);
     const __m512 g = _mm512_mul_ps(load16<F>(grad, i), grad_sign);
     __m512 p = _mm512_mul_ps(load16<F>(param, i), decay);
     m = _mm512_fmadd_ps(lerp_coeff, _mm512_sub_ps(g, m), h.lerp_from_grad ? g : m);   // fma_rn, as adamw_update
@@ -257,11 +270,6 @@ QLORA_AVX512 float quantize_block_avx512(const float* x, const BucketEncoder& en
   const float absmax = reduce_max(acc);
   encode_block_avx512(x, enc, absmax, codes);
   return absmax;
-}
-
-QLORA_AVX512 void decode_block_avx512(const uint8_t* codes, const DynamicMap& map, float absmax, float* out) {
-  const __m512 scale = _mm512_set1_ps(absmax);
-  for (int i = 0; i < kBlock; i += 16) _mm512_storeu_ps(out + i, decode16(codes + i, map.value, scale));
 }
 
 bool cpu_has_avx512_step() {
