@@ -1,9 +1,9 @@
 // CPU kernel of the 8-bit-state AdamW step: per 256-element block, dequantize both states into float32
 // scratch, run the 32-bit kernel's update on them (adamw_cpu.h: AVX2 or scalar, the same bits), fold the new
 // absmax and requantize (a bucketed search or adamw8bit_core.h's binary search, the same codes). With AVX-512
-// (set_cpu_avx512) a full block runs in 16 lanes instead, decode, update and absmax fused in one pass and the
-// bucketed search done with gathers: the same bits again. An AVX2 gather version of the binary search was no
-// faster than the scalar one on the AMD EPYC build machine.
+// (set_cpu_avx512) a full block runs in 16 lanes instead: map lookups in registers, the update and both absmax
+// in one pass, the bucketed search as one gather per 16 codes; the same bits again. An AVX2 gather version of
+// the binary search was no faster than the scalar one on the AMD EPYC build machine.
 #include "adamw8bit_cpu.h"
 
 #include <algorithm>
@@ -70,15 +70,15 @@ const BucketEncoder& bucket_encoder(bool is_signed) {
   return is_signed ? signed_enc : unsigned_enc;
 }
 
-void encode_bucketed(const float* x, int n, const DynamicMap& map, const BucketEncoder& enc, float prescale,
-                     float inverse, uint8_t* codes) {
+void encode_bucketed(const float* x, int n, const BucketEncoder& enc, float prescale, float inverse,
+                     uint8_t* codes) {
   for (int i = 0; i < n; ++i) codes[i] = enc.encode(normalise(x[i], prescale, inverse));
 }
 
 // simd (set_cpu_simd): the bucketed search, else the shared binary search; both give the same codes.
 void encode(const float* x, int n, const DynamicMap& map, bool is_signed, float absmax, uint8_t* codes, bool simd) {
   const float prescale = absmax_prescale(absmax), inverse = block_inverse(absmax);
-  if (simd) return encode_bucketed(x, n, map, bucket_encoder(is_signed), prescale, inverse, codes);
+  if (simd) return encode_bucketed(x, n, bucket_encoder(is_signed), prescale, inverse, codes);
   encode_scalar(x, n, map, prescale, inverse, codes);
 }
 
