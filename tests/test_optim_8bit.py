@@ -155,6 +155,101 @@ def test_cpu_simd_and_scalar_paths_same_bits():
         assert torch.equal(a, b)
 
 
+# The CPU paths: scalar (simd off), AVX2 + bucketed encode (AVX-512 off) and AVX-512 (full blocks).
+CPU_PATHS = {"scalar": (False, False), "avx2": (True, False), "avx512": (True, True)}
+AWKWARD_SIZES = [1, 255, 256, 257, 4097, 65537]
+
+
+def on_cpu_path(path, fn):
+    simd, avx512 = CPU_PATHS[path]
+    _C.set_cpu_simd(simd)
+    _C.set_cpu_avx512(avx512)
+    try:
+        return fn()
+    finally:
+        _C.set_cpu_simd(True)
+        _C.set_cpu_avx512(True)
+
+
+def bits(t):
+    """A tensor's bit patterns (so NaN payloads and signed zeros count too)."""
+    t = t.detach().contiguous()
+    return t.view({4: torch.int32, 2: torch.int16, 1: torch.uint8}[t.element_size()]).clone()
+
+
+def awkward_values(rng, n, scale_exponents=(-30, 30)):
+    """float32 [n]: normals times powers of ten in a wide range, with zeros, -0.0, subnormals and huge values."""
+    x = rng.standard_normal(n) * 10.0 ** rng.integers(*scale_exponents, size=n)
+    x[rng.random(n) < 0.1] = 0.0
+    x[rng.random(n) < 0.05] = -0.0
+    x[rng.random(n) < 0.05] = rng.standard_normal() * 1e-42
+    return x.astype(np.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_cpu_paths_same_bits_on_awkward_sizes(dtype, rng):
+    """The op on one call of tensors of awkward sizes (partial and single blocks, several threads' ranges):
+    parameters, codes and absmax bit for bit equal on every CPU path, over three steps. Blocks are all-zero,
+    subnormal, tiny or huge; gradients hold zeros, tiny and huge values and a NaN (its code is 0)."""
+    start = []
+    for n in AWKWARD_SIZES:
+        nb = (n + 255) // 256
+        p = torch.from_numpy(awkward_values(rng, n, (-3, 3))).to(dtype)
+        c1 = torch.from_numpy(rng.integers(0, 256, n, dtype=np.uint8))
+        c2 = torch.from_numpy(rng.integers(0, 256, n, dtype=np.uint8))
+        a1 = torch.from_numpy((10.0 ** rng.uniform(-30, 30, nb)).astype(np.float32))
+        a2 = torch.from_numpy((10.0 ** rng.uniform(-38, 30, nb)).astype(np.float32))
+        a1[0] = 0.0                     # an all-zero block
+        a2[-1] = 1e-40                  # a subnormal one
+        a1[-1] = 3e38 if nb > 1 else a1[-1]
+        grads = [torch.from_numpy(awkward_values(rng, n, (-20, 20))).to(dtype) for _ in range(3)]
+        if n > 300:
+            grads[1][300] = float("nan")
+        start.append((p, c1, a1, c2, a2, grads))
+
+    def steps():
+        ts = [[x.clone() for x in t[:5]] for t in start]
+        step_counts = [torch.tensor(0.0) for _ in ts]
+        for k in range(3):
+            ops.adamw8bit_step_([t[0] for t in ts], [s[5][k] for s in start], [t[1] for t in ts],
+                                [t[2] for t in ts], [t[3] for t in ts], [t[4] for t in ts], step_counts, 1e-2,
+                                0.9 if k < 2 else 0.3, 0.999, 1e-8, 0.1, k == 2)  # step 3: lerp from g, maximize
+        return [bits(x) for t in ts for x in t]
+
+    want = on_cpu_path("scalar", steps)
+    for path in ("avx2", "avx512"):
+        got = on_cpu_path(path, steps)
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert torch.equal(a, b), (path, AWKWARD_SIZES[i // 5], ["param", "codes1", "absmax1", "codes2",
+                                                                        "absmax2"][i % 5])
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_cpu_paths_same_bits_quantize_dequantize(signed, rng):
+    """quantize/dequantize_8bit_dynamic on every CPU path: exact midpoints (absmax-1 blocks), one ulp either
+    side, zeros, -0.0, subnormal and huge blocks; codes, absmax and decoded values bit for bit."""
+    mids = ref.midpoints(ref.dynamic_map(signed))
+    exact = np.concatenate([[1.0], mids, [1.0], np.nextafter(mids, np.float32(np.inf)),
+                            [-1.0 if signed else 1.0], np.nextafter(mids, np.float32(-np.inf))]).astype(np.float32)
+    for n in AWKWARD_SIZES + [len(exact) + 3]:
+        x = awkward_values(rng, n)
+        if n == len(exact) + 3:
+            x[:len(exact)] = exact
+        if not signed:
+            x = np.abs(x)
+        xt = torch.from_numpy(x)
+        res = {path: on_cpu_path(path, lambda: ops.quantize_8bit_dynamic(xt, signed)) for path in CPU_PATHS}
+        for path, (codes, absmax) in res.items():
+            assert torch.equal(codes, res["scalar"][0]), (path, n)
+            assert torch.equal(bits(absmax), bits(res["scalar"][1])), (path, n)
+            back = [bits(on_cpu_path(q, lambda: ops.dequantize_8bit_dynamic(codes, absmax, signed))) for q in CPU_PATHS]
+            assert all(torch.equal(b, back[0]) for b in back), (path, n)
+        if n == len(exact) + 3:
+            codes = res["avx512"][0].numpy()
+            assert np.array_equal(codes[1:256], np.arange(255))       # on a midpoint: the lower code
+            assert np.array_equal(codes[257:512], np.arange(1, 256))  # one ulp above: the upper one
+
+
 def test_thread_count_does_not_change_the_bits():
     results = []
     before = torch.get_num_threads()

@@ -157,7 +157,9 @@ def test_cli_prints_errors_without_traceback(tiny, tmp_path, capsys):
 
 def test_paged_adamw_missing_is_a_clear_error(tiny, tmp_path, monkeypatch):
     import sys
+    import qlora_ext
     monkeypatch.setitem(sys.modules, "qlora_ext.optim", None)   # as in a build without the optimizer
+    monkeypatch.delattr(qlora_ext, "optim", raising=False)      # else `from .. import optim` finds the attribute
     with pytest.raises(ConfigError, match="--optimizer paged_adamw needs qlora_ext.optim.PagedAdamW"):
         Trainer(_cfg(tiny, tmp_path / "run", optimizer="paged_adamw"), log=lambda s: None).setup()
 

@@ -14,7 +14,7 @@ const DynamicMap& dynamic_map(bool is_signed);
 
 // Updates blocks [block_begin, block_end) of tensors[0 .. ntensors) (sorted by first_block) in place: params
 // and both states' codes and absmax. The arithmetic is adamw_core.h's (the 32-bit kernel's AVX2 or scalar
-// path, same bits) on states dequantized with adamw8bit_core.h.
+// path, or this kernel's AVX-512 one, same bits) on states dequantized with adamw8bit_core.h.
 void adamw8bit_step_blocks(const AdamW8bitTensor* tensors, int64_t ntensors, const AdamWGroup& group,
                            int64_t block_begin, int64_t block_end);
 

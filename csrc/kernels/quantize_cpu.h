@@ -40,7 +40,8 @@ void absmax_decode(const uint8_t* codes, const float* chunk_scale, float mean, i
 // that both paths give the same bits.
 bool simd_enabled();
 void set_simd_enabled(bool on);
-// Whether dequantize also uses its AVX-512 path (AVX-512F/BW CPUs, and only while SIMD is on).
+// Whether dequantize and the 8-bit AdamW kernels (adamw8bit_cpu.h) also use their AVX-512 paths (AVX-512F/BW
+// CPUs, and only while SIMD is on).
 bool avx512_enabled();
 void set_avx512_enabled(bool on);
 
