@@ -240,6 +240,17 @@ class PagedAdamW(torch.optim.Optimizer):
         self._paged_out = False
 
     # ---- checkpoints -------------------------------------------------------------------------------
+    def _load_step_counts(self, state_dict: dict, moment_keys: tuple) -> list:
+        """Loads state_dict without the moments (torch.optim.Optimizer's loader restores groups and step counts)
+        and returns (param, saved state) for each saved state, for the caller to copy the moments itself."""
+        saved = state_dict["state"]
+        stripped = dict(state_dict)
+        stripped["state"] = {k: {n: v for n, v in s.items() if n not in moment_keys} for k, s in saved.items()}
+        torch.optim.Optimizer.load_state_dict(self, stripped)
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        id_map = dict(zip(ids, (p for g in self.param_groups for p in g["params"])))
+        return [(id_map[k], s) for k, s in saved.items() if k in id_map]
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Loads a state dict of PagedAdamW or torch.optim.AdamW. The moments go into this optimizer's float32
         states (upcast from bf16/fp16 if torch saved them so; into the managed arena on CUDA)."""
@@ -253,17 +264,7 @@ class PagedAdamW(torch.optim.Optimizer):
                 raise ValueError(f"the state of parameter {k} has no {', '.join(missing)}: not an AdamW state dict")
         # torch's loader casts each state to its parameter's dtype (bf16 moments for a bf16 parameter): give
         # it the step counts only and copy the moments into our float32 states ourselves.
-        stripped = dict(state_dict)
-        stripped["state"] = {k: {n: v for n, v in s.items() if n not in ("exp_avg", "exp_avg_sq")}
-                             for k, s in saved.items()}
-        super().load_state_dict(stripped)
-        ids = [i for g in groups for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        id_map = dict(zip(ids, params))
-        for k, s in saved.items():
-            if k not in id_map:
-                continue
-            p = id_map[k]
+        for p, s in self._load_step_counts(state_dict, ("exp_avg", "exp_avg_sq")):
             for n in ("exp_avg", "exp_avg_sq"):
                 if tuple(s[n].shape) != tuple(p.shape):
                     raise ValueError(f"the {n} of parameter {k} has shape {tuple(s[n].shape)}, but the parameter "
@@ -489,17 +490,7 @@ class PagedAdamW8bit(PagedAdamW):
                 raise ValueError(f"the state of parameter {k} has no {', '.join(missing)}: not an AdamW state dict "
                                  f"(nor an 8-bit one with {', '.join(_STATE_8BIT_KEYS)})")
         # torch's loader would cast the states to their parameter's dtype: give it the step counts only.
-        stripped = dict(state_dict)
-        stripped["state"] = {k: {n: v for n, v in s.items() if n not in _STATE_8BIT_KEYS + _STATE_32BIT_KEYS}
-                             for k, s in saved.items()}
-        torch.optim.Optimizer.load_state_dict(self, stripped)
-        ids = [i for g in groups for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        id_map = dict(zip(ids, params))
-        for k, s in saved.items():
-            if k not in id_map:
-                continue
-            p = id_map[k]
+        for p, s in self._load_step_counts(state_dict, _STATE_8BIT_KEYS + _STATE_32BIT_KEYS):
             eight = "state1" in s and "exp_avg" not in s
             if eight:
                 for n in ("state1", "state2"):
