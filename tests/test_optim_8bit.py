@@ -558,7 +558,7 @@ def test_bad_optimizer_arguments_and_state_dicts():
     sd["state"][0]["absmax1"] = torch.zeros(3)
     with pytest.raises(ValueError, match="absmax1 of parameter 0 has 3 elements"):
         PagedAdamW8bit([torch.zeros(5000, requires_grad=True)]).load_state_dict(sd)
-    p.grad = torch.sparse_coo_tensor(torch.tensor([[0]]), torch.ones(1), (5000,))
+    p.grad = torch.sparse_coo_tensor(torch.tensor([[0]]), torch.ones(1), (5000,), check_invariants=True)
     with pytest.raises(RuntimeError, match="sparse gradients"):
         opt.step()
 
