@@ -109,7 +109,8 @@ sanitizer_parts() {
       "tests/test_dropout.py::test_bit_exact_against_reference[4097-dtype3-cuda]" \
       "tests/test_dropout.py::test_backward_applies_the_forward_mask[dtype1-cuda]" \
       "tests/test_optim.py::test_cuda_unaligned_params_take_the_scalar_path" \
-      "tests/test_optim.py::test_cuda_page_out_then_step_matches_resident" \
+      "tests/test_optim.py::test_cuda_page_out_then_step_matches_resident[PagedAdamW]" \
+      "tests/test_optim.py::test_cuda_page_out_then_step_matches_resident[PagedAdamW8bit]" \
       "tests/test_optim.py::test_cuda_matches_cpu_bit_for_bit[True-torch.bfloat16]" \
       "tests/test_optim_8bit.py::test_cuda_unaligned_params_take_the_scalar_path" \
       "tests/test_optim_8bit.py::test_cuda_quantize_ops_match_cpu[True]" \

@@ -656,33 +656,6 @@ def test_cuda_states_are_cuda_tensors_in_one_managed_arena():
 
 @pytest.mark.cuda
 @needs_cuda
-def test_cuda_page_out_then_step_matches_resident():
-    p_res = make_params([(4096, 64)] * 8 + [(1000,)], torch.bfloat16, "cuda")
-    p_pag = [p.detach().clone().requires_grad_() for p in p_res]
-    resident, paged = PagedAdamW8bit(p_res), PagedAdamW8bit(p_pag)
-    moved = False
-    for s in range(6):
-        for ps in (p_res, p_pag):
-            for p, g in zip(ps, make_grads(ps, s)):
-                p.grad = g
-        resident.step()
-        if s % 2 == 0:
-            moved = paged.page_out()
-            if moved:
-                assert paged.state_location() == [-1]
-            if s == 2:
-                paged.page_in()
-        paged.step()
-        if moved:
-            assert paged.state_location() == [p_pag[0].device.index]
-    for a, b in zip(p_res, p_pag):
-        assert torch.equal(a, b)
-        for k in resident.state[a]:
-            assert torch.equal(resident.state[a][k], paged.state[b][k])
-
-
-@pytest.mark.cuda
-@needs_cuda
 def test_cuda_step_does_not_synchronize():
     ps = make_params([(4096, 64)] * 50 + [(100,)] * 5, torch.bfloat16, "cuda")
     opt = PagedAdamW8bit(ps)
