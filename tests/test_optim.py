@@ -417,9 +417,10 @@ def test_cuda_page_out_then_step_matches_resident(optimizer):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
-def test_cuda_step_does_not_synchronize():
-    ps = make_params([(4096, 64)] * 50, torch.bfloat16, "cuda")
-    opt = PagedAdamW(ps)
+@pytest.mark.parametrize("optimizer", ["PagedAdamW", "PagedAdamW8bit"])
+def test_cuda_step_does_not_synchronize(optimizer):
+    ps = make_params([(4096, 64)] * 50 + [(100,)] * 5, torch.bfloat16, "cuda")
+    opt = getattr(qlora_ext.optim, optimizer)(ps)
     for p, g in zip(ps, make_grads(ps, 0)):
         p.grad = g
     opt.step()  # the first step allocates the arena (allowed to synchronize)

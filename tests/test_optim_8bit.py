@@ -656,24 +656,6 @@ def test_cuda_states_are_cuda_tensors_in_one_managed_arena():
 
 @pytest.mark.cuda
 @needs_cuda
-def test_cuda_step_does_not_synchronize():
-    ps = make_params([(4096, 64)] * 50 + [(100,)] * 5, torch.bfloat16, "cuda")
-    opt = PagedAdamW8bit(ps)
-    for p, g in zip(ps, make_grads(ps, 0)):
-        p.grad = g
-    opt.step()  # the first step allocates the arena (allowed to synchronize)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        opt.step()
-        opt.step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    torch.cuda.synchronize()
-
-
-@pytest.mark.cuda
-@needs_cuda
 def test_cuda_managed_memory_is_freed_and_load_fills_the_arena():
     gc.collect()
     before = _C.managed_live_bytes()
