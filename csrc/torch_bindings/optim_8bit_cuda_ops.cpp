@@ -6,16 +6,14 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <cstring>
 #include <tuple>
 
 #include "../kernels/adamw8bit_cuda.h"
+#include "device_table.h"
 #include "optim_8bit_common.h"
 
 namespace qlora::ops {
 namespace {
-
-int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
 void adamw8bit_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avg_codes,
                          at::TensorList exp_avg_absmax, at::TensorList exp_avg_sq_codes,
@@ -27,15 +25,10 @@ void adamw8bit_step_cuda(at::TensorList params, at::TensorList grads, at::Tensor
   if (launch.tensors.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  // copy_ with non_blocking records an event on the pinned block, so the caching host allocator does not
-  // reuse it before the copy has run.
-  const int64_t bytes = int64_t(launch.tensors.size() * sizeof(AdamW8bitTensor));
-  at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  std::memcpy(host.data_ptr(), launch.tensors.data(), size_t(bytes));
-  const at::Tensor table = host.to(params[0].device(), at::kByte, /*non_blocking=*/true);
+  const at::Tensor table = upload_table(launch.tensors, params[0].device());
   C10_CUDA_CHECK(cuda::adamw8bit_step_multi_tensor(static_cast<const AdamW8bitTensor*>(table.data_ptr()),
                                                    int(launch.tensors.size()), launch.total_blocks, launch.group,
-                                                   sm_count(), stream));
+                                                   current_sm_count(), stream));
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_8bit_dynamic_cuda(const at::Tensor& x_in, bool is_signed) {
@@ -46,7 +39,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_8bit_dynamic_cuda(const at::Tensor& 
   at::Tensor absmax = at::empty({adamw8bit_blocks(n)}, x.options());
   C10_CUDA_CHECK(cuda::quantize_8bit_dynamic(x.data_ptr<float>(), n, is_signed,
                                              static_cast<uint8_t*>(codes.data_ptr()), absmax.data_ptr<float>(),
-                                             sm_count(), at::cuda::getCurrentCUDAStream()));
+                                             current_sm_count(), at::cuda::getCurrentCUDAStream()));
   return {codes, absmax};
 }
 
@@ -59,7 +52,7 @@ at::Tensor dequantize_8bit_dynamic_cuda(const at::Tensor& codes_in, const at::Te
   at::Tensor out = at::empty(codes.sizes(), codes.options().dtype(at::kFloat));
   C10_CUDA_CHECK(cuda::dequantize_8bit_dynamic(static_cast<const uint8_t*>(codes.data_ptr()),
                                                absmax.data_ptr<float>(), codes.numel(), is_signed,
-                                               out.data_ptr<float>(), sm_count(), at::cuda::getCurrentCUDAStream()));
+                                               out.data_ptr<float>(), current_sm_count(), at::cuda::getCurrentCUDAStream()));
   return out;
 }
 

@@ -11,10 +11,9 @@
 #include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
 
-#include <cstring>
-
 #include "../kernels/adamw_cuda.h"
 #include "../kernels/paged_memory_cuda.h"
+#include "device_table.h"
 #include "optim_common.h"
 #include "paged_memory.h"
 
@@ -30,16 +29,10 @@ void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   if (launch.tensors.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  // The per-tensor table goes to the device through pinned memory: copy_ with non_blocking records an event
-  // on the pinned block, so the caching host allocator does not reuse it before the copy has run.
-  const int64_t bytes = int64_t(launch.tensors.size() * sizeof(AdamWTensor));
-  at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  std::memcpy(host.data_ptr(), launch.tensors.data(), size_t(bytes));
-  const at::Tensor table = host.to(params[0].device(), at::kByte, /*non_blocking=*/true);
-  const int sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const at::Tensor table = upload_table(launch.tensors, params[0].device());
   C10_CUDA_CHECK(cuda::adamw_step_multi_tensor(static_cast<const AdamWTensor*>(table.data_ptr()),
                                                int(launch.tensors.size()), launch.total_chunks, launch.group,
-                                               sm_count, stream));
+                                               current_sm_count(), stream));
 }
 
 at::Tensor managed_empty(int64_t nbytes, int64_t device) {
