@@ -26,6 +26,8 @@ start from the same dense weights.
          lora_dropout=0, target_modules=the 7 projections, task_type=CAUSAL_LM)) (fp32 adapters, peft's
          default) and bnb.optim.PagedAdamW (32-bit states, paged). No prepare_model_for_kbit_training
          (it would upcast the embeddings and lm_head to fp32 on the peer's side only).
+  loss:  ours the trainer's (qlora_ext.train.loss.causal_lm_loss: the lm_head's cross-entropy a chunk of
+         tokens at a time, no [tokens, vocab] logits); the peer transformers' (model(..., labels=ids).loss).
   both:  gradient checkpointing (non-reentrant), bf16 autocast, use_cache off, lr 2e-4 constant, weight
          decay 0, gradient clipping at 1.0 (TrainConfig's defaults), the same random token batches
          (batch x seq-len, labels = inputs).
@@ -101,9 +103,15 @@ def enable_checkpointing(model):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def hf_loss(model, ids):
+    """transformers' loss: the full [tokens, vocab] logits, then cross-entropy."""
+    return model(input_ids=ids, labels=ids, use_cache=False).loss
+
+
 def build_ours(s, dev, seed, r, alpha):
     from qlora_ext.nn import Linear4bit, LoRALinear
     from qlora_ext.optim import PagedAdamW
+    from qlora_ext.train.loss import causal_lm_loss
     from qlora_ext.train.study import build_quantized_llama
 
     model = build_quantized_llama(s, dev, r=r, seed=seed, quant_type="nf4")
@@ -117,7 +125,8 @@ def build_ours(s, dev, seed, r, alpha):
     enable_checkpointing(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = PagedAdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    info = {"optimizer": f"qlora_ext.optim.PagedAdamW (paged={opt.paged and dev.type == 'cuda'})",
+    info = {"loss_fn": causal_lm_loss,
+            "optimizer": f"qlora_ext.optim.PagedAdamW (paged={opt.paged and dev.type == 'cuda'})",
             "attn_implementation": getattr(model.config, "_attn_implementation", None),
             "adapter_dtype": str(adapters[0].lora_A.dtype)}
     return model, params, opt, info
@@ -172,7 +181,7 @@ def build_peer(s, dev, seed, r, alpha, load, tmpdir, attn):
     else:  # CPU debug run: bnb's paged optimizers need CUDA
         opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
         opt_name = "torch.optim.AdamW (CPU debug run)"
-    info = {"optimizer": opt_name, "load": how,
+    info = {"loss_fn": hf_loss, "optimizer": opt_name, "load": how,
             "attn_implementation": getattr(model.config, "_attn_implementation", None),
             "adapter_dtype": str(params[0].dtype), "bnb_linear4bit_layers": n4}
     return model, params, opt, info
@@ -210,6 +219,8 @@ def run(name, build, batches, dev, log):
     torch.manual_seed(0)
     t0 = time.perf_counter()
     model, params, opt, info = build()
+    loss_fn = info.pop("loss_fn")
+    info["loss"] = f"{loss_fn.__module__}.{loss_fn.__name__}"
     sync()
     build_s = time.perf_counter() - t0
     gc.collect()
@@ -231,7 +242,7 @@ def run(name, build, batches, dev, log):
         sync()
         t = time.perf_counter()
         with autocast:
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss = loss_fn(model, ids)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
         opt.step()

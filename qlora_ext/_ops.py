@@ -1,5 +1,7 @@
 """Thin Python layer over the native ops in torch.ops.qlora_ext: loads the extension and registers the
 fake (meta) implementations that torch.compile and opcheck use to infer output shapes and dtypes."""
+import math
+
 import torch
 
 from . import _C  # noqa: F401  (loading the library registers the ops)
@@ -154,3 +156,32 @@ def _dequantize_8bit_dynamic_fake(codes, absmax, is_signed):
     torch._check(codes.dtype == torch.uint8, lambda: f"codes must be uint8, got {codes.dtype}")
     torch._check(absmax.dtype == torch.float32, lambda: f"absmax must be float32, got {absmax.dtype}")
     return codes.new_empty(codes.shape, dtype=torch.float32)
+
+
+@torch.library.register_fake("qlora_ext::linear_cross_entropy")
+def _linear_cross_entropy_fake(hidden, weight, bias, labels, ignore_index, compute_grad, chunk_rows=0):
+    torch._check(hidden.dim() == 2 and weight.dim() == 2 and weight.shape[1] == hidden.shape[1],
+                 lambda: "hidden must be [tokens, hidden_size] and weight [vocab, hidden_size]")
+    torch._check(labels.dim() == 1 and labels.shape[0] == hidden.shape[0], lambda: "labels must be [tokens]")
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    grad_shape = hidden.shape if compute_grad else (0, hidden.shape[1])
+    return hidden.new_empty((), dtype=acc), hidden.new_empty(grad_shape)
+
+
+def _linear_cross_entropy_setup_context(ctx, inputs, output):
+    ctx.compute_grad = inputs[5]
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(output[1])
+
+
+def _linear_cross_entropy_backward(ctx, grad_loss, _grad_of_grad):
+    if not ctx.compute_grad:
+        raise RuntimeError("linear_cross_entropy was called with compute_grad=False: it has no gradient to give")
+    (grad_hidden,) = ctx.saved_tensors
+    # The forward pass computed d(loss)/d(hidden); chain rule with the incoming scalar gradient.
+    return grad_hidden * grad_loss.to(grad_hidden.dtype), None, None, None, None, None, None
+
+
+torch.library.register_autograd("qlora_ext::linear_cross_entropy", _linear_cross_entropy_backward,
+                                setup_context=_linear_cross_entropy_setup_context)
+

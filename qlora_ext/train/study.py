@@ -282,6 +282,7 @@ def build_quantized_llama(s: LlamaShape, device, r: int = 64, seed: int = 0, qua
 def one_step(model, device, seq: int = 512, batch: int = 1, optimizer: str = "paged_adamw") -> dict:
     """One training step (gradient checkpointing, bf16 autocast on CUDA); returns the optimizer used, the
     loss and the step's seconds."""
+    from .loss import causal_lm_loss
     from .trainer import autocast_for, make_optimizer
     dev = torch.device(device)
     if hasattr(model, "activation_checkpointing_enable"):
@@ -300,7 +301,7 @@ def one_step(model, device, seq: int = 512, batch: int = 1, optimizer: str = "pa
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=dev)
     t0 = time.perf_counter()
     with autocast_for(dev):
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss = causal_lm_loss(model, ids)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)

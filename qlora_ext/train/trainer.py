@@ -23,6 +23,7 @@ from ..nn import Linear4bit
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig
 from .data import TokenBlocks, batch_indices, find_text_files, pack, tokenize_files
+from .loss import causal_lm_loss
 from .model import load_model_and_tokenizer, max_positions
 
 
@@ -80,7 +81,7 @@ def evaluate(model, blocks: torch.Tensor, batch_size: int, device: torch.device)
     for i in range(0, blocks.shape[0], batch_size):
         ids = blocks[i: i + batch_size].to(device)
         with autocast_for(device):
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss = causal_lm_loss(model, ids)
         total += float(loss) * ids.shape[0]
         n += ids.shape[0]
     model.train(was_training)
@@ -217,7 +218,7 @@ class Trainer:
                 idx = batch_indices(n_train, cfg.batch_size, cfg.seed, state["micro_step"])
                 ids = self.data.train[idx].to(dev, non_blocking=True)
                 with autocast_for(dev):
-                    loss = self.model(input_ids=ids, labels=ids, use_cache=False).loss
+                    loss = causal_lm_loss(self.model, ids)
                 (loss / cfg.grad_accum).backward()
                 loss_sum += float(loss.detach())
                 state["micro_step"] += 1

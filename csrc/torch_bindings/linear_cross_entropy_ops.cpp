@@ -1,0 +1,112 @@
+// Cross-entropy of a linear head (an LM's lm_head) without the [tokens, vocab] logits: the rows are taken a
+// chunk at a time (about 8M logits, 32 MB in fp32), and each chunk's loss and gradient with respect to the
+// hidden states are computed before the next chunk's logits overwrite it. The usual path keeps the whole
+// logits tensor, its log-softmax and their gradients (4 x 100 MB for SmolLM2 at 512 tokens); here one chunk
+// exists at a time. The gradient is computed in the forward pass (when asked for) and scaled in backward.
+//
+// Built from ATen ops only, so one implementation serves CPU and CUDA (registered for both keys). It is
+// numerically the path of a Hugging Face causal LM: logits in the input dtype (bf16 under autocast), loss
+// in float32 (float64 for float64 input), mean over the labels that are not ignore_index.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+namespace qlora::ops {
+namespace {
+
+constexpr int64_t kChunkLogits = int64_t(1) << 23;
+
+void check_args(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                const at::Tensor& labels, int64_t chunk_rows) {
+  const at::ScalarType t = hidden.scalar_type();
+  TORCH_CHECK_TYPE(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
+                   "hidden must be float32, float64, float16 or bfloat16, got ", t);
+  TORCH_CHECK_VALUE(hidden.dim() == 2, "hidden must be 2-D [tokens, hidden_size], got shape ", hidden.sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == hidden.size(1),
+                    "weight must be [vocab, hidden_size] with hidden_size = ", hidden.size(1), ", got shape ",
+                    weight.sizes());
+  TORCH_CHECK_VALUE(weight.size(0) > 0, "weight must have at least one row (vocab > 0)");
+  TORCH_CHECK_TYPE(weight.scalar_type() == t, "weight must have hidden's dtype ", t, ", got ",
+                   weight.scalar_type());
+  TORCH_CHECK(weight.device() == hidden.device(), "weight must be on hidden's device ", hidden.device(), ", got ",
+              weight.device());
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), "bias must be [vocab] = [",
+                      weight.size(0), "], got shape ", bias->sizes());
+    TORCH_CHECK_TYPE(bias->scalar_type() == t, "bias must have hidden's dtype ", t, ", got ", bias->scalar_type());
+    TORCH_CHECK(bias->device() == hidden.device(), "bias must be on hidden's device ", hidden.device(), ", got ",
+                bias->device());
+  }
+  TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong, "labels must be int64, got ", labels.scalar_type());
+  TORCH_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == hidden.size(0), "labels must be 1-D [tokens] = [",
+                    hidden.size(0), "], got shape ", labels.sizes());
+  TORCH_CHECK(labels.device() == hidden.device(), "labels must be on hidden's device ", hidden.device(), ", got ",
+              labels.device());
+  TORCH_CHECK_VALUE(chunk_rows >= 0, "chunk_rows must be >= 0 (0: automatic), got ", chunk_rows);
+}
+
+// Returns (mean loss, d(mean loss)/d(hidden)); the gradient is [0, hidden_size] when compute_grad is false.
+std::tuple<at::Tensor, at::Tensor> linear_cross_entropy(const at::Tensor& hidden, const at::Tensor& weight,
+                                                        const std::optional<at::Tensor>& bias,
+                                                        const at::Tensor& labels, int64_t ignore_index,
+                                                        bool compute_grad, int64_t chunk_rows) {
+  check_args(hidden, weight, bias, labels, chunk_rows);
+  const int64_t tokens = hidden.size(0), vocab = weight.size(0);
+  const at::ScalarType acc = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor valid = labels.ne(ignore_index);
+  // Out-of-range labels would index past the logits row: refuse them (one host sync per call).
+  const bool bad = valid.logical_and(labels.lt(0).logical_or(labels.ge(vocab))).any().item<bool>();
+  TORCH_CHECK_VALUE(!bad, "labels must be in [0, vocab = ", vocab, ") or ignore_index (", ignore_index, ")");
+  const at::Tensor safe_labels = labels.masked_fill(valid.logical_not(), 0);
+  const at::Tensor valid_f = valid.to(acc);
+  const at::Tensor count = valid_f.sum();
+  // Every valid row's gradient is scaled by 1/count in float32, before the cast to the input dtype (as the
+  // usual path does); with no valid label the loss is NaN (0/0, as torch's mean cross-entropy) and the
+  // gradient zero.
+  const at::Tensor row_scale = valid_f * count.clamp_min(1).reciprocal();
+  at::Tensor loss_sum = at::zeros({}, hidden.options().dtype(acc));
+  at::Tensor grad = compute_grad ? at::empty_like(hidden, at::MemoryFormat::Contiguous)
+                                 : at::empty({0, hidden.size(1)}, hidden.options());
+  const at::Tensor weight_t = weight.t();
+  const int64_t rows = chunk_rows > 0 ? chunk_rows : std::max<int64_t>(1, kChunkLogits / vocab);
+  for (int64_t r0 = 0; r0 < tokens; r0 += rows) {
+    const int64_t n = std::min(rows, tokens - r0);
+    const at::Tensor h = hidden.narrow(0, r0, n);
+    at::Tensor logits = bias.has_value() ? at::addmm(*bias, h, weight_t) : at::mm(h, weight_t);
+    if (logits.scalar_type() != acc) logits = logits.to(acc);
+    const at::Tensor label = safe_labels.narrow(0, r0, n).unsqueeze(1);
+    const at::Tensor scale = row_scale.narrow(0, r0, n).unsqueeze(1);
+    const at::Tensor row_max = at::amax(logits, {1}, /*keepdim=*/true);
+    const at::Tensor target = logits.gather(1, label);
+    logits.sub_(row_max).exp_();  // in place: the chunk becomes exp(logit - max)
+    const at::Tensor sum_exp = logits.sum(1, /*keepdim=*/true);
+    // -log softmax[label] = log(sum exp(logit - max)) + max - logit[label]
+    loss_sum.add_((sum_exp.log().add_(row_max).sub_(target)).mul_(valid_f.narrow(0, r0, n).unsqueeze(1)).sum());
+    if (compute_grad) {
+      // d loss / d logits = (softmax - onehot(label)) / count, zero on ignored rows
+      logits.mul_(scale / sum_exp);
+      logits.scatter_add_(1, label, scale.neg());
+      at::Tensor grad_rows = grad.narrow(0, r0, n);  // contiguous rows: the GEMM writes them in place
+      at::mm_out(grad_rows, logits.to(hidden.scalar_type()), weight);
+    }
+  }
+  return {loss_sum / count, grad};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(qlora_ext, m) {
+  // Mean cross-entropy of softmax(hidden @ weight^T + bias) against labels, rows whose label is ignore_index
+  // left out, without materializing the logits; with compute_grad, also its gradient with respect to hidden
+  // ([0, hidden_size] otherwise). hidden [tokens, hidden_size] float32/float64/float16/bfloat16, weight
+  // [vocab, hidden_size] and bias [vocab] of the same dtype, labels [tokens] int64; chunk_rows 0 picks
+  // the chunk size (rows per chunk) itself. No gradient for weight or bias.
+  m.def("linear_cross_entropy(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, int ignore_index, "
+        "bool compute_grad, int chunk_rows=0) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(qlora_ext, CPU, m) { m.impl("linear_cross_entropy", &linear_cross_entropy); }
+TORCH_LIBRARY_IMPL(qlora_ext, CUDA, m) { m.impl("linear_cross_entropy", &linear_cross_entropy); }
+
+}  // namespace qlora::ops

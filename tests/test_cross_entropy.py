@@ -1,0 +1,244 @@
+"""qlora_ext.linear_cross_entropy (the chunked lm_head cross-entropy op) against a float64 reference,
+chunking, ignore_index, gradcheck, opcheck, torch.compile, autocast, bad inputs; and the trainer's
+causal_lm_loss against transformers' own loss on a tiny Llama."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qlora_ext
+from qlora_ext import linear_cross_entropy
+from tests.conftest import DEVICES
+
+ops = torch.ops.qlora_ext
+IGNORE = -100
+
+
+def make_inputs(rng, tokens, hidden, vocab, dtype, device, ignore_every=0, bias=False):
+    h = torch.from_numpy(rng.standard_normal((tokens, hidden))).to(dtype).to(device)
+    w = torch.from_numpy(rng.standard_normal((vocab, hidden)) / math.sqrt(hidden) * 3).to(dtype).to(device)
+    b = torch.from_numpy(rng.standard_normal(vocab)).to(dtype).to(device) if bias else None
+    labels = torch.from_numpy(rng.integers(0, vocab, tokens)).to(device)
+    if ignore_every:
+        labels[::ignore_every] = IGNORE
+    return h, w, b, labels
+
+
+def reference(h, w, b, labels):
+    """Mean cross-entropy and its gradient in float64 on the upcast inputs (no chunking, torch's own ops)."""
+    h64 = h.detach().double().requires_grad_()
+    logits = F.linear(h64, w.double(), None if b is None else b.double())
+    loss = F.cross_entropy(logits, labels, ignore_index=IGNORE)
+    loss.backward()
+    return loss.detach(), h64.grad
+
+
+def usual_path(h, w, b, labels):
+    """What a transformers model computes: logits in the input dtype, then the loss in float32."""
+    hh = h.detach().clone().requires_grad_()
+    loss = F.cross_entropy(F.linear(hh, w, b).float(), labels, ignore_index=IGNORE)
+    loss.backward()
+    return loss.detach(), hh.grad
+
+
+def ours(h, w, b, labels, chunk_rows=0):
+    hh = h.detach().clone().requires_grad_()
+    loss = linear_cross_entropy(hh, w, labels, bias=b, chunk_rows=chunk_rows)
+    loss.backward()
+    return loss.detach(), hh.grad
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("tokens,vocab", [(1, 97), (63, 1), (65, 97), (97, 4097), (300, 65)])
+@pytest.mark.parametrize("chunk_rows", [0, 1, 17])
+def test_float32_matches_float64_reference(device, tokens, vocab, chunk_rows, rng):
+    h, w, b, labels = make_inputs(rng, tokens, 64, vocab, torch.float32, device, ignore_every=5, bias=True)
+    if (labels == IGNORE).all():  # tokens == 1: keep one label
+        labels[0] = 0
+    loss, grad = ours(h, w, b, labels, chunk_rows)
+    want_loss, want_grad = reference(h, w, b, labels)
+    assert loss.dtype == torch.float32 and grad.dtype == torch.float32 and grad.shape == h.shape
+    torch.testing.assert_close(loss.double().cpu(), want_loss.cpu(), rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(grad.double().cpu(), want_grad.cpu(), rtol=1e-4, atol=1e-6)
+    assert torch.all(grad[labels == IGNORE] == 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_error_at_most_twice_the_usual_path(device, dtype, rng):
+    h, w, b, labels = make_inputs(rng, 97, 128, 4097, dtype, device, ignore_every=7)
+    want_loss, want_grad = reference(h, w, b, labels)
+    usual_loss, usual_grad = usual_path(h, w, b, labels)
+    loss, grad = ours(h, w, b, labels, chunk_rows=13)
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    usual_err = (usual_grad.double().cpu() - want_grad.cpu()).abs().max()
+    err = (grad.double().cpu() - want_grad.cpu()).abs().max()
+    assert err <= 2 * usual_err + 1e-7, (err, usual_err)
+    assert abs(float(loss) - float(want_loss)) <= 2 * abs(float(usual_loss) - float(want_loss)) + 1e-6
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_float64(device, rng):
+    h, w, b, labels = make_inputs(rng, 9, 8, 11, torch.float64, device, ignore_every=4, bias=True)
+    h.requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: linear_cross_entropy(x, w, labels, bias=b, chunk_rows=4), (h,))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_three_dim_hidden_and_chunking_give_the_same_result(device, rng):
+    h, w, _, labels = make_inputs(rng, 2 * 33, 32, 50, torch.float32, device)
+    flat = linear_cross_entropy(h, w, labels)
+    batched = linear_cross_entropy(h.view(2, 33, 32), w, labels.view(2, 33), chunk_rows=5)
+    torch.testing.assert_close(batched, flat, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_label_ignored_gives_nan_loss_and_zero_gradient(device, rng):
+    h, w, _, labels = make_inputs(rng, 5, 16, 7, torch.float32, device)
+    labels[:] = IGNORE
+    loss, grad = ours(h, w, None, labels)
+    assert math.isnan(float(loss))
+    assert torch.all(grad == 0)
+    assert math.isnan(float(F.cross_entropy(F.linear(h, w), labels, ignore_index=IGNORE)))  # torch agrees
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_grad_skips_the_gradient(device, rng):
+    h, w, _, labels = make_inputs(rng, 8, 16, 7, torch.float32, device)
+    loss, grad = ops.linear_cross_entropy(h, w, None, labels, IGNORE, False)
+    assert grad.shape == (0, 16)
+    torch.testing.assert_close(loss, F.cross_entropy(F.linear(h, w), labels), rtol=2e-6, atol=0)
+    with torch.no_grad():
+        assert torch.equal(linear_cross_entropy(h.requires_grad_(), w, labels), loss)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_incoming_gradient_scales_the_result(device, rng):
+    h, w, _, labels = make_inputs(rng, 12, 16, 9, torch.float32, device)
+    h1, h2 = h.clone().requires_grad_(), h.clone().requires_grad_()
+    linear_cross_entropy(h1, w, labels).backward()
+    (linear_cross_entropy(h2, w, labels) * 0.25).backward()
+    torch.testing.assert_close(h2.grad, h1.grad * 0.25)
+
+
+def test_autocast_casts_like_nn_linear(rng):
+    h, w, _, labels = make_inputs(rng, 33, 64, 97, torch.float32, "cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = linear_cross_entropy(h, w, labels)
+    want = linear_cross_entropy(h.bfloat16(), w.bfloat16(), labels)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device, rng):
+    for dtype in (torch.float32, torch.bfloat16):
+        h, w, b, labels = make_inputs(rng, 33, 16, 29, dtype, device, ignore_every=3, bias=True)
+        torch.library.opcheck(ops.linear_cross_entropy, (h, w, b, labels, IGNORE, False, 0))
+        torch.library.opcheck(ops.linear_cross_entropy, (h.requires_grad_(), w, None, labels, IGNORE, True, 8))
+
+
+def test_torch_compile_fullgraph(rng):
+    h, w, _, labels = make_inputs(rng, 24, 32, 40, torch.float32, "cpu")
+    proj = torch.nn.Linear(32, 32)
+
+    def step(x):
+        return linear_cross_entropy(torch.tanh(proj(x)), w, labels)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    x1, x2 = h.clone().requires_grad_(), h.clone().requires_grad_()
+    step(x1).backward()
+    compiled(x2).backward()
+    torch.testing.assert_close(x2.grad, x1.grad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_inputs_give_clear_errors(device, rng):
+    h, w, _, labels = make_inputs(rng, 6, 16, 7, torch.float32, device)
+    bad = labels.clone()
+    bad[2] = 7
+    with pytest.raises(ValueError, match=r"labels must be in \[0, vocab = 7\)"):
+        linear_cross_entropy(h, w, bad)
+    bad[2] = -1
+    with pytest.raises(ValueError, match="labels must be in"):
+        linear_cross_entropy(h, w, bad)
+    with pytest.raises(TypeError, match="weight must have hidden's dtype"):
+        linear_cross_entropy(h, w.double(), labels)
+    with pytest.raises(TypeError, match="labels must be int64"):
+        linear_cross_entropy(h, w, labels.int())
+    with pytest.raises(ValueError, match="labels must have hidden's leading shape"):
+        linear_cross_entropy(h, w, labels[:5])
+    with pytest.raises(ValueError, match=r"weight must be \[vocab, hidden_size\]"):
+        linear_cross_entropy(h, w[:, :8], labels)
+    with pytest.raises(TypeError, match="hidden must be float32"):
+        linear_cross_entropy(h.int(), w, labels)
+    with pytest.raises(ValueError, match="weight requires grad"):
+        linear_cross_entropy(h, w.clone().requires_grad_(), labels)
+    with pytest.raises(ValueError, match="chunk_rows must be >= 0"):
+        linear_cross_entropy(h, w, labels, chunk_rows=-1)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (torch.cuda.is_available() and qlora_ext.build_info()["cuda"]), reason="needs a CUDA GPU")
+def test_device_mismatch_is_an_error(rng):
+    h, w, _, labels = make_inputs(rng, 6, 16, 7, torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match="weight must be on hidden's device"):
+        linear_cross_entropy(h.cuda(), w, labels.cuda())
+    with pytest.raises(RuntimeError, match="labels must be on hidden's device"):
+        linear_cross_entropy(h.cuda(), w.cuda(), labels)
+
+
+# ---- the trainer's loss on a real transformers model ----------------------------------------------------
+
+def tiny_llama(tie=True):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=301, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=tie)
+    return LlamaForCausalLM(cfg).float()
+
+
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_causal_lm_loss_matches_transformers(tie, checkpointing):
+    pytest.importorskip("transformers")
+    from qlora_ext.train.loss import causal_lm_loss, fused_head
+    model = tiny_llama(tie)
+    qlora_ext.prepare_model(model, r=4, alpha=8, dropout=0.0)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    assert fused_head(model) is not None
+    ids = torch.randint(0, 301, (3, 17), generator=torch.Generator().manual_seed(1))
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:  # lora_B starts at zero: give it values so that every gradient is non-trivial
+        if p.abs().max() == 0:
+            torch.nn.init.normal_(p, std=0.02)
+    want = model(input_ids=ids, labels=ids, use_cache=False).loss
+    want_grads = torch.autograd.grad(want, params)
+    got = causal_lm_loss(model, ids)
+    got_grads = torch.autograd.grad(got, params)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7)
+
+
+def test_causal_lm_loss_falls_back_when_the_head_is_adapted_or_unknown():
+    pytest.importorskip("transformers")
+    from qlora_ext.train.loss import causal_lm_loss, fused_head
+    model = tiny_llama(tie=False)
+    qlora_ext.prepare_model(model, target_modules=["q_proj", "lm_head"], r=4, alpha=8, quant_type="none")
+    assert fused_head(model) is None  # lm_head is a LoRALinear now: its adapter needs the logits' gradient
+    ids = torch.randint(0, 301, (2, 9), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(causal_lm_loss(model, ids), model(input_ids=ids, labels=ids).loss)
+
+    class Wrapper(torch.nn.Module):  # not a transformers class with a plain head
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.model, self.lm_head = inner, inner.model, torch.nn.Linear(64, 301)
+
+        def forward(self, **kw):
+            return self.inner(**kw)
+
+    assert fused_head(Wrapper(tiny_llama())) is None
