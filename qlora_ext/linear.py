@@ -42,3 +42,33 @@ def linear_4bit(x: torch.Tensor, weight: QuantState, bias: Optional[torch.Tensor
         bias = bias.to(dtype) if bias is not None else None
     return ops.linear_4bit(x, weight.codes, weight.absmax, weight.absmax_scale, weight.absmax_mean, bias,
                            weight.blocksize, weight.quant_type, weight.shape[0])
+
+
+def lora_linear_4bit(x: torch.Tensor, weight: QuantState, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                     scaling: float, dropout_p: float = 0.0, seed: Optional[torch.Tensor] = None,
+                     bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x @ W^T + bias + scaling * dropout(x) @ lora_A^T @ lora_B^T as one op (what qlora_ext.nn.LoRALinear
+    computes on a Linear4bit base): W [N, K] quantized in `weight`, lora_A [r, K], lora_B [N, r].
+    Differentiable in x, lora_A, lora_B and bias; W is frozen. The adapter's arithmetic runs in the adapters'
+    dtype, y has x's dtype. dropout_p > 0 needs `seed` (a CPU int64 tensor of one element): the mask is the
+    qlora_ext::dropout op's for that seed, regenerated in the backward pass rather than stored.
+
+    Under torch.autocast, x, bias and the adapters are cast to the autocast dtype first (as F.linear's
+    inputs would be)."""
+    if x.shape[-1:] != weight.shape[1:]:
+        raise ValueError(f"x's last dimension ({x.shape[-1] if x.dim() else 'scalar'}) must equal in_features "
+                         f"({weight.shape[1]})")
+    if dropout_p > 0.0 and seed is None:
+        raise ValueError("dropout_p > 0 needs a seed (a CPU int64 tensor of one element)")
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, lora_A, lora_B = x.to(dtype), lora_A.to(dtype), lora_B.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    y, _, _ = ops.lora_linear_4bit(x, weight.codes, weight.absmax, weight.absmax_scale, weight.absmax_mean, bias,
+                                   lora_A, lora_B, _NO_SEED if seed is None else seed, weight.blocksize,
+                                   weight.quant_type, weight.shape[0], float(scaling), float(dropout_p))
+    return y
+
+
+_NO_SEED = torch.zeros(1, dtype=torch.int64)  # the seed argument when there is no dropout (never read)

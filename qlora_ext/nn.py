@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ._ops import ops
-from .linear import linear_4bit
+from .linear import linear_4bit, lora_linear_4bit
 from .quantize import QuantState, dequantize, quantize
 
 _QUANT_BUFFERS = ("weight_codes", "weight_absmax", "weight_absmax_scale", "weight_absmax_mean")
@@ -93,6 +93,11 @@ class Linear4bit(nn.Module):
                 f"quant_type={self.quant_type}, blocksize={self.blocksize}, double_quant={self.double_quant}")
 
 
+def draw_seed() -> torch.Tensor:
+    """A dropout seed: one int64 from torch's CPU generator (so torch.manual_seed makes masks reproducible)."""
+    return torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64)
+
+
 class Dropout(nn.Module):
     """nn.Dropout with a counter-based mask (the qlora_ext::dropout op): the mask is a function of a seed drawn
     from torch's CPU generator and of the element index, so backward regenerates it instead of storing it, and
@@ -110,8 +115,7 @@ class Dropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        seed = torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64)
-        return ops.dropout(x, seed, self.p)
+        return ops.dropout(x, draw_seed(), self.p)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -150,7 +154,16 @@ class LoRALinear(nn.Module):
         return self.base.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        base = self.base
+        if isinstance(base, Linear4bit) and base.compute_dtype in (None, x.dtype) and isinstance(
+                self.dropout, (Dropout, nn.Identity)):
+            # One op for base and adapter (qlora_ext::lora_linear_4bit): one autograd node instead of five,
+            # the same numbers. The seed is drawn exactly when Dropout would draw it.
+            p = self.dropout.p if isinstance(self.dropout, Dropout) and self.dropout.training else 0.0
+            return lora_linear_4bit(x, base.weight, self.lora_A, self.lora_B, self.scaling, p,
+                                    draw_seed() if p > 0.0 else None,
+                                    None if base.bias is None else base.bias.to(x.dtype))
+        y = base(x)
         # alpha/r scales the rank-r intermediate, not the [..., out_features] product: r/out as many multiplies
         t = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A) * self.scaling
         if y.dtype == t.dtype:  # add B's product into y inside the GEMM (no separate pass over y)
