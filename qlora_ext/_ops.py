@@ -213,28 +213,5 @@ def _lora_linear_4bit_backward_fake(grad_y, lora_input, lora_hidden, codes, absm
     dx = grad_y.new_empty((*grad_y.shape[:-1], in_features)) if grad_x else grad_y.new_empty((0,))
     return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
 
-
-def _lora_linear_4bit_setup_context(ctx, inputs, output):
-    (x, codes, absmax, absmax_scale, absmax_mean, bias, lora_A, lora_B, seed, blocksize, quant_type, out_features,
-     scaling, dropout_p) = inputs
-    _, lora_input, lora_hidden = output
-    ctx.mark_non_differentiable(lora_input, lora_hidden)
-    saved_input = lora_input if _owns_lora_input(x, lora_A, dropout_p) else x
-    ctx.save_for_backward(saved_input, lora_hidden, codes, absmax, absmax_scale, absmax_mean, lora_A, lora_B, seed)
-    ctx.blocksize, ctx.quant_type, ctx.in_features = blocksize, quant_type, x.shape[-1]
-    ctx.scaling, ctx.dropout_p, ctx.has_bias = scaling, dropout_p, bias is not None
-
-
-def _lora_linear_4bit_backward(ctx, grad_y, _grad_lora_input, _grad_lora_hidden):
-    lora_input, lora_hidden, codes, absmax, absmax_scale, absmax_mean, lora_A, lora_B, seed = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    grad_x, grad_A, grad_B = ops.lora_linear_4bit_backward(
-        grad_y, lora_input, lora_hidden, codes, absmax, absmax_scale, absmax_mean, lora_A, lora_B, seed,
-        ctx.blocksize, ctx.quant_type, ctx.in_features, ctx.scaling, ctx.dropout_p, need[0])
-    grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0) if ctx.has_bias and need[5] else None
-    return (grad_x if need[0] else None, None, None, None, None, grad_bias, grad_A if need[6] else None,
-            grad_B if need[7] else None, None, None, None, None, None, None)
-
-
-torch.library.register_autograd("qlora_ext::lora_linear_4bit", _lora_linear_4bit_backward,
-                                setup_context=_lora_linear_4bit_setup_context)
+# Its autograd is registered in C++ (csrc/torch_bindings/lora_linear_4bit_ops.cpp): the backward is the
+# lora_linear_4bit_backward op above.

@@ -9,6 +9,7 @@
 // The numbers are those of the separate ops, in the same order (tests/test_lora_linear.py).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -141,6 +142,81 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_4bit_backward(
   return {dx.view(dx_shape), grad_A, grad_B};
 }
 
+// The autograd of lora_linear_4bit, in C++: the torch.library Python wrapper cost ~37 us a call, about
+// 1% of a CPU training step over 210 adapted layers. The forward saves what the backward op needs; the
+// backward is the lora_linear_4bit_backward op (which torch.compile traces like any other op).
+class LoraLinear4bitFunction : public torch::autograd::Function<LoraLinear4bitFunction> {
+ public:
+  static torch::autograd::variable_list forward(
+      torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& codes, const at::Tensor& absmax,
+      const OptTensor& absmax_scale, const OptTensor& absmax_mean, const OptTensor& bias, const at::Tensor& lora_A,
+      const at::Tensor& lora_B, const at::Tensor& seed, int64_t blocksize, const std::string& quant_type,
+      int64_t out_features, double scaling, double dropout_p) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("qlora_ext::lora_linear_4bit", "")
+                               .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                                   const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
+                                   const OptTensor&, const OptTensor&, const at::Tensor&, const at::Tensor&,
+                                   const at::Tensor&, int64_t, const std::string&, int64_t, double, double)>();
+    auto [y, lora_input, lora_hidden] = op.call(x, codes, absmax, absmax_scale, absmax_mean, bias, lora_A, lora_B,
+                                                seed, blocksize, quant_type, out_features, scaling, dropout_p);
+    ctx->mark_non_differentiable({lora_input, lora_hidden});
+    const bool owns = owns_lora_input(x, lora_A, dropout_p);
+    ctx->save_for_backward({owns ? lora_input : x, lora_hidden, codes, absmax, absmax_scale.value_or(at::Tensor()),
+                            absmax_mean.value_or(at::Tensor()), lora_A, lora_B, seed});
+    ctx->saved_data["blocksize"] = blocksize;
+    ctx->saved_data["quant_type"] = quant_type;
+    ctx->saved_data["in_features"] = x.size(-1);
+    ctx->saved_data["scaling"] = scaling;
+    ctx->saved_data["dropout_p"] = dropout_p;
+    // which inputs want a gradient (needs_input_grad counts only the defined tensor inputs, so its indices
+    // move with the optional ones: ask the inputs themselves)
+    ctx->saved_data["x_grad"] = x.requires_grad();
+    ctx->saved_data["bias_grad"] = bias.has_value() && bias->requires_grad();
+    ctx->saved_data["lora_A_grad"] = lora_A.requires_grad();
+    ctx->saved_data["lora_B_grad"] = lora_B.requires_grad();
+    return {y, lora_input, lora_hidden};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    const auto optional = [](const at::Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); };
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("qlora_ext::lora_linear_4bit_backward", "")
+                               .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                                   const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                   const at::Tensor&, const OptTensor&, const OptTensor&, const at::Tensor&,
+                                   const at::Tensor&, const at::Tensor&, int64_t, const std::string&, int64_t,
+                                   double, double, bool)>();
+    const at::Tensor& grad_y = grad_outputs[0];
+    const bool need_x = ctx->saved_data["x_grad"].toBool();
+    auto [grad_x, grad_A, grad_B] =
+        op.call(grad_y, saved[0], saved[1], saved[2], saved[3], optional(saved[4]), optional(saved[5]), saved[6],
+                saved[7], saved[8], ctx->saved_data["blocksize"].toInt(), ctx->saved_data["quant_type"].toStringRef(),
+                ctx->saved_data["in_features"].toInt(), ctx->saved_data["scaling"].toDouble(),
+                ctx->saved_data["dropout_p"].toDouble(), need_x);
+    at::Tensor grad_bias;
+    if (ctx->saved_data["bias_grad"].toBool()) grad_bias = grad_y.reshape({-1, grad_y.size(-1)}).sum(0);
+    // one entry per forward argument; the quantized weight, the seed and the scalars get none
+    return {need_x ? grad_x : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), grad_bias,
+            ctx->saved_data["lora_A_grad"].toBool() ? grad_A : at::Tensor(),
+            ctx->saved_data["lora_B_grad"].toBool() ? grad_B : at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_4bit_autograd(
+    const at::Tensor& x, const at::Tensor& codes, const at::Tensor& absmax, const OptTensor& absmax_scale,
+    const OptTensor& absmax_mean, const OptTensor& bias, const at::Tensor& lora_A, const at::Tensor& lora_B,
+    const at::Tensor& seed, int64_t blocksize, const std::string& quant_type, int64_t out_features, double scaling,
+    double dropout_p) {
+  auto out = LoraLinear4bitFunction::apply(x, codes, absmax, absmax_scale, absmax_mean, bias, lora_A, lora_B, seed,
+                                           blocksize, quant_type, out_features, scaling, dropout_p);
+  return {out[0], out[1], out[2]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(qlora_ext, m) {
@@ -168,5 +244,6 @@ TORCH_LIBRARY_IMPL(qlora_ext, CUDA, m) {
   m.impl("lora_linear_4bit", &lora_linear_4bit);
   m.impl("lora_linear_4bit_backward", &lora_linear_4bit_backward);
 }
+TORCH_LIBRARY_IMPL(qlora_ext, Autograd, m) { m.impl("lora_linear_4bit", &lora_linear_4bit_autograd); }
 
 }  // namespace qlora::ops
