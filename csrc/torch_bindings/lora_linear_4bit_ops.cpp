@@ -6,7 +6,8 @@
 // autograd nodes (dropout, A, the scaling, B added into y, the base) each saving its own inputs; here the
 // forward saves the dropped input and the [M, r] product, the backward is one node whose input gradient
 // adds the adapter's part into the base's in place, and the dropout mask is regenerated from its seed.
-// The numbers are those of the separate ops, in the same order (tests/test_lora_linear.py).
+// The forward's numbers are those of the separate ops, in the same order; the gradients equal theirs up
+// to GEMM rounding (tests/test_lora_linear.py). The autograd is registered here too, in C++.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
