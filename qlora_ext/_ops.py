@@ -1,5 +1,6 @@
 """Thin Python layer over the native ops in torch.ops.qlora_ext: loads the extension and registers the
-fake (meta) implementations that torch.compile and opcheck use to infer output shapes and dtypes."""
+fake (meta) implementations that torch.compile and opcheck use to infer output shapes and dtypes, and the
+autograd of the ops whose backward is written in Python."""
 import math
 
 import torch
@@ -213,5 +214,6 @@ def _lora_linear_4bit_backward_fake(grad_y, lora_input, lora_hidden, codes, absm
     dx = grad_y.new_empty((*grad_y.shape[:-1], in_features)) if grad_x else grad_y.new_empty((0,))
     return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
 
-# Its autograd is registered in C++ (csrc/torch_bindings/lora_linear_4bit_ops.cpp): the backward is the
-# lora_linear_4bit_backward op above.
+
+# lora_linear_4bit's autograd is registered in C++ (csrc/torch_bindings/lora_linear_4bit_ops.cpp): its backward
+# is the lora_linear_4bit_backward op above.

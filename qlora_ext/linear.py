@@ -44,6 +44,9 @@ def linear_4bit(x: torch.Tensor, weight: QuantState, bias: Optional[torch.Tensor
                            weight.blocksize, weight.quant_type, weight.shape[0])
 
 
+_NO_SEED = torch.zeros(1, dtype=torch.int64)  # the seed argument when there is no dropout (never read)
+
+
 def lora_linear_4bit(x: torch.Tensor, weight: QuantState, lora_A: torch.Tensor, lora_B: torch.Tensor,
                      scaling: float, dropout_p: float = 0.0, seed: Optional[torch.Tensor] = None,
                      bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -69,6 +72,3 @@ def lora_linear_4bit(x: torch.Tensor, weight: QuantState, lora_A: torch.Tensor, 
                                    lora_A, lora_B, _NO_SEED if seed is None else seed, weight.blocksize,
                                    weight.quant_type, weight.shape[0], float(scaling), float(dropout_p))
     return y
-
-
-_NO_SEED = torch.zeros(1, dtype=torch.int64)  # the seed argument when there is no dropout (never read)
