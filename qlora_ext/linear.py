@@ -21,6 +21,12 @@ def linear_backend() -> str:
     return _C.linear_backend()
 
 
+def _check_in_features(x: torch.Tensor, weight: QuantState) -> None:
+    if x.shape[-1:] != weight.shape[1:]:
+        raise ValueError(f"x's last dimension ({x.shape[-1] if x.dim() else 'scalar'}) must equal in_features "
+                         f"({weight.shape[1]})")
+
+
 def linear_4bit(x: torch.Tensor, weight: QuantState, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x [..., K] (bfloat16/float16/float32; float64 on CPU) @ W^T for W [N, K] quantized in `weight`,
     plus bias [N]. Returns [..., N] in x's dtype. Differentiable in x and bias (W is frozen).
@@ -32,9 +38,7 @@ def linear_4bit(x: torch.Tensor, weight: QuantState, bias: Optional[torch.Tensor
                          f"{tuple(weight.shape)}")
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.shape[-1:] != weight.shape[1:]:
-        raise ValueError(f"x's last dimension ({x.shape[-1] if x.dim() else 'scalar'}) must equal in_features "
-                         f"({weight.shape[1]})")
+    _check_in_features(x, weight)
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
@@ -58,9 +62,7 @@ def lora_linear_4bit(x: torch.Tensor, weight: QuantState, lora_A: torch.Tensor, 
 
     Under torch.autocast, x, bias and the adapters are cast to the autocast dtype first (as F.linear's
     inputs would be)."""
-    if x.shape[-1:] != weight.shape[1:]:
-        raise ValueError(f"x's last dimension ({x.shape[-1] if x.dim() else 'scalar'}) must equal in_features "
-                         f"({weight.shape[1]})")
+    _check_in_features(x, weight)
     if dropout_p > 0.0 and seed is None:
         raise ValueError("dropout_p > 0 needs a seed (a CPU int64 tensor of one element)")
     device_type = x.device.type

@@ -116,9 +116,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_4bit_backward(
     int64_t in_features, double scaling, double dropout_p, bool grad_x) {
   TORCH_CHECK_VALUE(grad_y.dim() >= 1, "grad_y must have at least one dimension, got a scalar");
   const int64_t n = grad_y.size(-1);
-  check_adapters(lora_input.reshape({-1, in_features}), lora_A, lora_B, n, dropout_p);
-  const at::Tensor dy = grad_y.reshape({-1, n});
+  // reshaped once: when the forward did not own the adapter's input this is x, and a non-contiguous x
+  // would be copied by every reshape
   const at::Tensor input = lora_input.reshape({-1, in_features});
+  check_adapters(input, lora_A, lora_B, n, dropout_p);
+  const at::Tensor dy = grad_y.reshape({-1, n});
   TORCH_CHECK_VALUE(input.size(0) == dy.size(0) && lora_hidden.dim() == 2 && lora_hidden.size(0) == dy.size(0) &&
                         lora_hidden.size(1) == lora_A.size(0),
                     "lora_input [M, in_features] and lora_hidden [M, r] must match grad_y's M = ", dy.size(0));
