@@ -2,7 +2,8 @@
 
 Build switches (environment variables):
   QLORA_CUDA=1|0          force the CUDA build on or off (default: on when torch is a CUDA build and nvcc is found)
-  QLORA_CUDA_ARCHS="..."  the CUDA arch list, in TORCH_CUDA_ARCH_LIST syntax (default "8.0;9.0+PTX")
+  QLORA_CUDA_ARCHS="..."  the CUDA arch list, in TORCH_CUDA_ARCH_LIST syntax (default "8.0+PTX;9.0a": SASS for
+                          sm_80 and for Hopper with its sm_90a features (the wgmma kernels), PTX for newer GPUs)
   CUDA_HOME               the CUDA toolkit root (default: found from nvcc, following wrapper scripts)
 Install with `pip install --no-build-isolation .` so the build uses the torch already installed.
 """
@@ -15,7 +16,10 @@ import sys
 
 from setuptools import find_packages, setup
 
-DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+# 9.0a, not 9.0: Hopper's wgmma exists only in sm_90a images (their SASS runs on sm_90 GPUs alone, hence
+# the PTX of 8.0 for anything newer). A list with 9.0 instead still works: the wgmma kernels then report
+# themselves unavailable (qlora_ext.fused_large_kernel()) and mma.sync serves Hopper.
+DEFAULT_CUDA_ARCHS = "8.0+PTX;9.0a"
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 

@@ -9,7 +9,9 @@ Shapes (N, K): (8192, 8192) and the Llama-7B MLP (11008, 4096) and (4096, 11008)
   ours auto         torch.ops.qlora_ext.linear_4bit / linear_4bit_grad_input (the raw ops: no autograd
                     overhead) with qlora_ext._C.set_linear_backend("auto"), the dispatcher's own choice
   ours fused        the same with backend "fused": the fused small-M kernels for M <= 64, the fused large-M
-                    kernels (128 x 128 tiles, weight tiles decoded into shared memory, mma.sync) above
+                    kernels (128 x 128 tiles, weight tiles decoded into shared memory) above: wgmma on Hopper
+                    with an sm_90a build (qlora_ext.fused_large_kernel() says which), mma.sync elsewhere
+  ours fused_mma    the same with backend "fused_mma": the mma.sync large-M kernels on any GPU (M > 64 only)
   ours dequant      the same with backend "dequant" (dequantize to bf16, then cuBLAS)
   bnb               bitsandbytes (if importable), weight from bnb.functional.quantize_4bit(w, blocksize=64,
                     quant_type="nf4", compress_statistics=True); forward bnb.matmul_4bit(x, w4.t(),
@@ -61,7 +63,7 @@ FUSED_MAX_M = 64  # cuda::kFusedMaxM: the "fused" backend's small-M kernels up t
 
 DEFAULT_SHAPES = ((8192, 8192), (11008, 4096), (4096, 11008))
 DEFAULT_MS = (1, 16, 128, 4096, 16384)
-BACKENDS = ("auto", "fused", "dequant")
+BACKENDS = ("auto", "fused", "fused_mma", "dequant")
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64  # 4-bit codes + one FP8 absmax per 64 weights
 BF16_BYTES = 2
 
@@ -177,6 +179,8 @@ def main(argv=None) -> int:
     print(f"  {props.name} (sm_{props.major}{props.minor}, {props.multi_processor_count} SMs, "
           f"{props.total_memory / 2**30:.0f} GiB), torch {torch.__version__}, CUDA {torch.version.cuda}, "
           f"qlora_ext {qlora_ext.__version__} (built for {info.get('cuda_arch_list')})")
+    large_kernel = qlora_ext.fused_large_kernel() if hasattr(qlora_ext, "fused_large_kernel") else "mma.sync"
+    print(f"  backend \"fused\" runs the {large_kernel} large-M kernels on this GPU")
     if set_backend is None:
         print("  qlora_ext._C.set_linear_backend is missing (older build): only the default backend is measured")
     print(f"  bitsandbytes: {bnb_version}" if bnb is not None else
@@ -217,7 +221,8 @@ def main(argv=None) -> int:
                 for m in args.ms:
                     x = torch.randn(m, k, generator=gen, device=dev, dtype=torch.float32).to(torch.bfloat16)
                     dy = torch.randn(m, n, generator=gen, device=dev, dtype=torch.float32).to(torch.bfloat16)
-                    ours = list(backends)  # "fused" covers every M (small-M and large-M kernels)
+                    # "fused" covers every M (small-M and large-M kernels); "fused_mma" differs above FUSED_MAX_M
+                    ours = [b for b in backends if b != "fused_mma" or m > FUSED_MAX_M]
 
                     fwd = lambda: ops.linear_4bit(x, *qargs, None, BLOCKSIZE, QUANT_TYPE, n)  # noqa: E731
                     bwd = lambda: ops.linear_4bit_grad_input(dy, *qargs, BLOCKSIZE, QUANT_TYPE, k)  # noqa: E731
@@ -338,7 +343,7 @@ def main(argv=None) -> int:
         return f"{v:{width}.2f}" if v is not None else f"{'-':>{width}}"
 
     print("Summary: cuBLAS bf16 time / time (above 1: faster than cuBLAS); ceil = the ceiling of that ratio")
-    print(f"  {'shape':<12}{'dir':<5}{'M':>6}{'auto':>8}{'fused':>8}{'dequant':>8}{'bnb':>8}{'ceil':>8}"
+    print(f"  {'shape':<12}{'dir':<5}{'M':>6}{'auto':>8}{'fused':>8}{'mma':>8}{'dequant':>8}{'bnb':>8}{'ceil':>8}"
           f"{'auto/ceil':>10}")
     for n, k in shapes:
         for d in ("fwd", "bwd"):
@@ -346,7 +351,8 @@ def main(argv=None) -> int:
                 a = speedup(n, k, d, m, "ours auto")
                 c = ceiling(n, k, m)
                 print(f"  {f'{n}x{k}':<12}{d:<5}{m:>6}{fmt(a)}{fmt(speedup(n, k, d, m, 'ours fused'))}"
-                      f"{fmt(speedup(n, k, d, m, 'ours dequant'))}{fmt(speedup(n, k, d, m, 'bnb'))}{c:8.2f}"
+                      f"{fmt(speedup(n, k, d, m, 'ours fused_mma'))}{fmt(speedup(n, k, d, m, 'ours dequant'))}"
+                      f"{fmt(speedup(n, k, d, m, 'bnb'))}{c:8.2f}"
                       f"{fmt(a / c if a is not None else None, 10)}")
     print()
 
@@ -419,7 +425,7 @@ def main(argv=None) -> int:
             "benchmark": "bench_linear_cuda",
             "shapes": [list(s) for s in shapes], "ms": args.ms, "dtype": "bfloat16", "blocksize": BLOCKSIZE,
             "quant_type": QUANT_TYPE, "double_quant": True, "backends": list(backends),
-            "fused_max_m": FUSED_MAX_M, "reps": args.reps, "warmup": args.warmup, "padded": not args.no_pad,
+            "fused_max_m": FUSED_MAX_M, "fused_large_kernel": large_kernel, "reps": args.reps, "warmup": args.warmup, "padded": not args.no_pad,
             "seed": args.seed, "wall_s": wall, "interrupted": interrupted,
             "device": {"name": props.name, "capability": [props.major, props.minor],
                        "memory_bytes": props.total_memory, "sms": props.multi_processor_count},

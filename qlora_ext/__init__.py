@@ -6,12 +6,12 @@ LoRA modules and a paged AdamW optimizer, as CPU and CUDA ops registered under t
 from . import _ops  # noqa: F401  (registers the native ops and their fake implementations)
 from ._C import build_info
 from .cross_entropy import linear_cross_entropy
-from .linear import linear_4bit, linear_backend, set_linear_backend
+from .linear import fused_large_kernel, linear_4bit, linear_backend, set_linear_backend
 from .nn import Linear4bit, LoRALinear, model_summary, prepare_model
 from .optim import PagedAdamW, PagedAdamW8bit
 from .quantize import QuantState, code_table, dequantize, quantize
 
 __version__ = "0.1.0"
 __all__ = ["Linear4bit", "LoRALinear", "PagedAdamW", "PagedAdamW8bit", "QuantState", "build_info", "code_table",
-           "dequantize", "linear_4bit", "linear_backend", "linear_cross_entropy", "model_summary", "prepare_model",
-           "quantize", "set_linear_backend"]
+           "dequantize", "fused_large_kernel", "linear_4bit", "linear_backend", "linear_cross_entropy",
+           "model_summary", "prepare_model", "quantize", "set_linear_backend"]

@@ -12,9 +12,19 @@ def set_linear_backend(backend: str) -> None:
     """Chooses the CUDA implementation of linear_4bit for the whole process: "auto" (the dispatcher's
     choice by shape; today dequantize + cuBLAS everywhere until the fused kernels are validated on a GPU),
     "fused" (the fused kernels where they apply: bf16/fp16, blocksize 64; small-M kernels for M <= 64,
-    large-M kernels above; not yet validated on a GPU) or "dequant"
+    large-M kernels above: wgmma on Hopper when the build has sm_90a, mma.sync otherwise; not yet validated
+    on a GPU), "fused_mma" ("fused" with the mma.sync large-M kernels on every GPU) or "dequant"
     (dequantize, then cuBLAS). CPU always dequantizes tiles of W and multiplies them."""
     _C.set_linear_backend(backend)
+
+
+def fused_large_kernel(device=None) -> str:
+    """Which large-M kernel backend "fused" runs on a CUDA device (default: the current one): "wgmma" (Hopper,
+    with the build's sm_90a image loaded) or "mma.sync"; "none" in a build without CUDA kernels."""
+    if not hasattr(_C, "fused_large_kernel"):
+        return "none"
+    index = None if device is None else torch.device(device).index
+    return _C.fused_large_kernel(torch.cuda.current_device() if index is None else index)
 
 
 def linear_backend() -> str:

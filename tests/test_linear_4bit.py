@@ -161,19 +161,25 @@ def backend(request):
 
 def test_backend_switch():
     assert qlora_ext.linear_backend() == "auto"
-    with pytest.raises(ValueError, match="backend must be 'auto', 'fused' or 'dequant'"):
+    with pytest.raises(ValueError, match="backend must be 'auto', 'fused', 'fused_mma' or 'dequant'"):
         qlora_ext.set_linear_backend("fast")
+    for name in ("fused", "fused_mma", "dequant", "auto"):
+        qlora_ext.set_linear_backend(name)
+        assert qlora_ext.linear_backend() == name
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
-@pytest.mark.parametrize("backend", ["auto", "fused", "dequant"], indirect=True)
+@pytest.mark.parametrize("backend", ["auto", "fused", "fused_mma", "dequant"], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("m", [1, 3, 16, 17, 33, 64, 65, 128, 257, 4097])  # "fused": small-M kernels to 64
 @pytest.mark.parametrize("n,k", [(1, 64), (65, 128), (11008, 256), (256, 4096), (97, 4160)])
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_cuda_forward_backward_every_backend(backend, dtype, m, n, k, double_quant):
-    """Fresh inputs each run; outputs poisoned by the allocator fixture; odd M, N and K."""
+    """Fresh inputs each run; outputs poisoned by the allocator fixture; odd M, N and K. On Hopper "fused" runs
+    the wgmma large-M kernels and "fused_mma" the mma.sync ones."""
+    if backend == "fused_mma" and m <= 64:
+        pytest.skip("M <= 64: the same small-M kernels as 'fused'")
     q = make_weight(n, k, seed=m, double_quant=double_quant)  # quantized on the CPU (the reference kernels)
     g = torch.Generator().manual_seed(n + k)
     x = torch.randn(m, k, generator=g).to(dtype).cuda()
@@ -199,6 +205,22 @@ def test_cuda_forward_backward_every_backend(backend, dtype, m, n, k, double_qua
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
+def test_cuda_hopper_runs_the_wgmma_kernels():
+    """A Hopper GPU with a build that has sm_90a must get the wgmma kernels under "fused" (else the tests above
+    would test mma.sync twice without saying so); any other GPU or build gets mma.sync."""
+    archs = qlora_ext.build_info()["cuda_arch_list"].replace("+PTX", "").split(";")
+    hopper = torch.cuda.get_device_capability() == (9, 0) and "9.0a" in archs and "9.0" not in archs
+    kernel = qlora_ext.fused_large_kernel()
+    if hopper:
+        assert kernel == "wgmma"
+    elif torch.cuda.get_device_capability() != (9, 0):
+        assert kernel == "mma.sync"
+    else:  # both sm_90 and sm_90a images: which one the driver loads decides, and the probe reports it
+        assert kernel in ("wgmma", "mma.sync")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
 @pytest.mark.parametrize("backend", ["fused"], indirect=True)
 @pytest.mark.parametrize("tokens", [5, 100])  # M = 10: small-M kernels; M = 200: large-M kernels
 def test_cuda_fused_3d_input_and_autograd(backend, tokens):
@@ -213,13 +235,14 @@ def test_cuda_fused_3d_input_and_autograd(backend, tokens):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
-@pytest.mark.parametrize("backend", ["fused"], indirect=True)
+@pytest.mark.parametrize("backend", ["fused", "fused_mma"], indirect=True)
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
 @pytest.mark.parametrize("double_quant", [True, False])
 @pytest.mark.parametrize("m,n,k", [(65, 72, 128), (257, 200, 4096), (130, 64, 64)])
 @pytest.mark.parametrize("dy_offset", [0, 1])  # 1: dy starts 2 bytes off a 16-byte boundary (plain-load path)
 def test_cuda_fused_large_m_code_books(backend, quant_type, double_quant, m, n, k, dy_offset):
-    """The large-M kernels for every code book and absmax source, against the fp32 reference."""
+    """The large-M kernels (wgmma on Hopper under "fused", mma.sync under "fused_mma") for every code book and
+    absmax source, against the fp32 reference."""
     dtype = torch.bfloat16
     q = make_weight(n, k, quant_type=quant_type, double_quant=double_quant, seed=m + k)
     g = torch.Generator().manual_seed(m * n)

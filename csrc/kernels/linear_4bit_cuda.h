@@ -1,7 +1,8 @@
 // Launchers of the fused 4-bit GEMM kernels: small M (decode and small batches, linear_4bit_cuda.cu) decodes
-// the weight from its packed codes straight into tensor-core fragments; large M (training,
-// linear_4bit_large_cuda.cu) decodes 64 x 128 weight tiles into shared memory. In both the dense W never
-// touches global memory. Torch-free: raw pointers and a stream; each returns the first CUDA error.
+// the weight from its packed codes straight into tensor-core fragments; large M (training) decodes 64 x 128
+// weight tiles into shared memory, for mma.sync (linear_4bit_large_cuda.cu, sm_80+) or wgmma
+// (linear_4bit_hopper_cuda.cu, sm_90a). In all the dense W never touches global memory. Torch-free: raw
+// pointers and a stream; each returns the first CUDA error.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -45,5 +46,13 @@ cudaError_t fused_large_linear_forward(const Linear4bitProblem& p, const void* x
 // a slower plain-load path).
 cudaError_t fused_large_linear_grad_input(const Linear4bitProblem& p, const void* dy, void* dx,
                                           cudaStream_t stream);
+
+// Hopper (wgmma) versions of the two large-M kernels, same contracts. Available when `device` has compute
+// capability 9.0 and the image loaded for it has sm_90a features (asked once per device by a probe kernel on
+// `stream`, which is synchronized that once).
+bool hopper_gemm_available(int device, cudaStream_t stream);
+cudaError_t hopper_linear_forward(const Linear4bitProblem& p, const void* x, const void* bias, void* y,
+                                  cudaStream_t stream);
+cudaError_t hopper_linear_grad_input(const Linear4bitProblem& p, const void* dy, void* dx, cudaStream_t stream);
 
 }  // namespace qlora::cuda

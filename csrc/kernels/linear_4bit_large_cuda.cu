@@ -21,27 +21,14 @@
 #include "cuda_utils.h"
 #include "linear_4bit_cuda.h"
 #include "linear_4bit_large_layout.h"
+#include "linear_4bit_large_tiles.cuh"
 #include "tensor_core_utils.cuh"
 
 namespace qlora::cuda {
 namespace {
 
 using namespace qlora::large;
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte global -> shared copy; only the first src_bytes are read, the rest of the 16 is zero-filled.
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-// "memory": shared-memory reads after the wait must not be moved above it.
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
-}
+using namespace qlora::cuda::large_tiles;
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
@@ -52,88 +39,6 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t add
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
-}
-
-// One activation tile (rows row0.., reduction columns col0..; ld = row stride = reduction length `cols`)
-// into a swizzled stage. kVec: rows are 16-byte aligned (cols % 8 == 0, aligned base) -> cp.async with
-// zero-fill; otherwise plain 2-byte loads (odd N in the input gradient).
-template <bool kVec>
-__device__ __forceinline__ void load_act_tile(uint16_t* stage, const uint16_t* __restrict__ act, int64_t rows,
-                                              int64_t cols, int64_t row0, int64_t col0, int tid) {
-  // The plain-load path copies one chunk at a time (not unrolled): its 8 loads per chunk would otherwise
-  // all be in flight together and push the kernel past 128 registers.
-#pragma unroll(kVec ? kActCopiesPerThread : 1)
-  for (int i = 0; i < kActCopiesPerThread; ++i) {
-    const int r = act_copy_row(tid, i), c = act_copy_chunk(tid, i);
-    const int64_t gr = row0 + r, gc = col0 + int64_t(c) * kChunkElems;
-    uint16_t* dst = stage + swizzle(r, c, kActChunksPerRow);
-    const int64_t left = cols - gc;
-    const int valid = gr < rows ? (left >= kChunkElems ? kChunkElems : (left > 0 ? int(left) : 0)) : 0;
-    if constexpr (kVec) {
-      const uint16_t* src = valid > 0 ? act + gr * cols + gc : act;  // never read when valid == 0
-      cp_async_16(smem_addr(dst), src, 2 * valid);
-    } else {
-      uint16_t v[kChunkElems];
-#pragma unroll
-      for (int e = 0; e < kChunkElems; ++e) v[e] = e < valid ? act[gr * cols + gc + e] : uint16_t(0);
-      uint4 packed;
-      packed.x = uint32_t(v[0]) | (uint32_t(v[1]) << 16);
-      packed.y = uint32_t(v[2]) | (uint32_t(v[3]) << 16);
-      packed.z = uint32_t(v[4]) | (uint32_t(v[5]) << 16);
-      packed.w = uint32_t(v[6]) | (uint32_t(v[7]) << 16);
-      *reinterpret_cast<uint4*>(dst) = packed;
-    }
-  }
-}
-
-// A thread's 32 weights of the next step, fetched one step ahead: raw codes and the raw absmax pieces, so the
-// loads' latency hides behind a step of mma (decoding happens when the step comes).
-struct WeightFetch {
-  uint4 codes = make_uint4(0, 0, 0, 0);
-  float absmax_or_scale = 0.0f;  // fp32 absmax, or the FP8 chunk scale
-  uint32_t fp8 = 0;
-  bool valid = false;
-};
-
-__device__ __forceinline__ WeightFetch fetch_weights(const uint8_t* __restrict__ codes, const AbsmaxSource& am,
-                                                     uint32_t n, uint32_t k, uint32_t N, uint32_t K) {
-  WeightFetch f;
-  if (n < N && k < K) {
-    f.codes = *reinterpret_cast<const uint4*>(codes + code_byte<uint32_t>(n, k, K));
-    const uint32_t block = absmax_block<uint32_t>(n, k, K);
-    if (am.f32) {
-      f.absmax_or_scale = am.f32[block];
-    } else {
-      f.fp8 = am.fp8[block];
-      f.absmax_or_scale = am.chunk_scale[block / kAbsmaxChunk];
-    }
-    f.valid = true;
-  }
-  return f;
-}
-
-// Decodes a fetch into its 4 chunks of the weight tile (row `row`, chunks 4*part..4*part+3).
-template <bool BF16>
-__device__ __forceinline__ void decode_weights(uint16_t* wtile, const WeightFetch& f, const float* table,
-                                               const AbsmaxSource& am, float mean, int row, int part,
-                                               int chunks_per_row) {
-  float absmax = 0.0f;
-  if (f.valid) absmax = am.f32 ? f.absmax_or_scale : decode_absmax(uint8_t(f.fp8), f.absmax_or_scale, mean);
-  const int row_offset = swizzle(row, 4 * part, chunks_per_row);
-#pragma unroll
-  for (int s = 0; s < 4; ++s) {
-    const int chunk = decode_store_chunk(part, s);
-    // word j of the 16 code bytes holds weights 8j..8j+7 of the thread's 32; byte b: 2b (high), 2b+1 (low)
-    const uint32_t w = word_of(f.codes, chunk - 4 * part);
-    uint4 out;
-    uint32_t* o = reinterpret_cast<uint32_t*>(&out);
-#pragma unroll
-    for (int b = 0; b < 4; ++b) {
-      const uint32_t byte = (w >> (8 * b)) & 0xFFu;
-      o[b] = pack2<BF16>(mul_rn(table[byte >> 4], absmax), mul_rn(table[byte & 0xFu], absmax));
-    }
-    *reinterpret_cast<uint4*>(wtile + swizzle_moved(row_offset, 0, chunk - 4 * part, chunks_per_row)) = out;
-  }
 }
 
 // kGrad = false: y [M, N] = x [M, K] W^T (+ bias); output columns n, reduction over k (R = K).
@@ -200,7 +105,7 @@ __global__ void __launch_bounds__(kThreads, 2)
                              tid);
     }
     cp_async_commit();  // possibly empty: keeps the group count = steps issued
-    decode_weights<BF16>(wtile, fetched, table, am, mean, drow, dpart, kWChunks);
+    decode_weights<BF16>(wtile, fetched, table, am, mean, swizzle(drow, 4 * dpart, kWChunks), dpart);
     if (s + 1 < steps) fetched = fetch_step(s + 1);
     cp_async_wait<kStages - 1>();  // groups 0..s complete (S - 1 + s + 1 committed)
     // (2) activation stage s and the decoded weight tile are visible to every warp

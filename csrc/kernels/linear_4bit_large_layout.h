@@ -1,7 +1,8 @@
-// Index formulas of the fused large-M 4-bit GEMMs (linear_4bit_large_cuda.cu): tile sizes, which thread
-// copies or decodes which element, the shared-memory swizzle and the ldmatrix row addresses. Plain
-// __host__ __device__ functions so the kernel and the CPU emulation (tests/test_linear_large_layout.py,
-// through qlora_ext._C.large_gemm_layout) use the very same formulas.
+// Index formulas of the fused large-M 4-bit GEMMs (linear_4bit_large_cuda.cu with mma.sync, and
+// linear_4bit_hopper_cuda.cu with wgmma): tile sizes, which thread copies or decodes which element, the
+// shared-memory swizzle, the ldmatrix row addresses and the wgmma descriptors. Plain __host__ __device__
+// functions so the kernels and the CPU emulations (tests/test_linear_large_layout.py and
+// tests/test_linear_hopper_layout.py, through qlora_ext._C.large_gemm_index) use the very same formulas.
 //
 // Terms: a CTA computes a kTileM x kTileN tile of the output (forward: y rows m, columns n; input
 // gradient: dx rows m, columns k), stepping over the reduction (forward: k; input gradient: n) kTileR at
@@ -99,5 +100,53 @@ QLORA_HD int ldsm_b_chunk(int lane) { return (lane >> 3) & 1; }
 // load: b0, b1 of k-tile 0, then of k-tile 1.
 QLORA_HD int ldsm_bt_row(int lane) { return (((lane >> 3) & 1) << 3) + (lane & 7); }
 QLORA_HD int ldsm_bt_chunk(int lane) { return lane >> 4; }
+
+// ---- Hopper: wgmma (sm_90a) -------------------------------------------------------------------------
+// The wgmma kernel keeps the CTA tile, the copies and the decode above. Its activation tile and its forward
+// weight tile (rows of 8 chunks, chunk ^ (row % 8), 1024-byte aligned) are exactly wgmma's K-major
+// 128-byte-swizzle canonical layout: 8-row x 128-byte atoms, atoms SBO = 1024 bytes apart, the 16-byte chunk
+// index XORed with address bits 7-9. The input gradient reads W [n, k] with the reduction n as wgmma's K, so
+// its weight tile (64 rows n x 128 k) is stored MN-major: two 64-column halves (k 0-63, then k 64-127), each
+// 64 rows n of 8 swizzled chunks; halves LBO = 8 KiB apart, 8-row groups SBO = 1024 bytes apart.
+constexpr int kHopperWarpgroups = 2;      // warpgroup g computes CTA rows 64 g .. 64 g + 63, all 128 columns
+constexpr int kHopperWeightBuffers = 2;   // the decode of step s + 1 overlaps the wgmma of step s
+constexpr int kHopperSmemAlign = 1024;    // the swizzle is a function of the address: atoms 1024-aligned
+constexpr int kHopperSmemBytes = (kStages + kHopperWeightBuffers) * kTileElems * 2 + kHopperSmemAlign;
+constexpr int kHopperAccRegs = 64;        // m64n128 fp32 accumulators per thread
+constexpr int kGradHalfElems = kTileR * 64;  // one 64-column half of the input-gradient weight tile
+
+// Element offset of logical (row n, chunk16 0..15) in the Hopper input-gradient weight tile.
+QLORA_HD int hopper_grad_w_offset(int row, int chunk16) {
+  return (chunk16 / 8) * kGradHalfElems + swizzle(row, chunk16 % 8, 8);
+}
+// Where the decode of thread (row, part) puts chunk 4 * part of its row (decode_weights adds the rest by XOR):
+// forward as in the mma.sync kernel; input gradient in the MN-major halves.
+QLORA_HD int hopper_decode_row_offset(bool grad, int row, int part) {
+  return grad ? hopper_grad_w_offset(row, 4 * part) : swizzle(row, 4 * part, kFwdWChunksPerRow);
+}
+
+// wgmma shared-memory matrix descriptor (PTX ISA, "Matrix Descriptor Format"): bits 0-13 start address >> 4,
+// 16-29 leading-dimension byte offset >> 4, 32-45 stride-dimension byte offset >> 4, 49-51 base offset (0:
+// atoms are 1024-aligned), 62-63 swizzle mode (1 = 128-byte).
+QLORA_HD uint64_t wgmma_desc(uint32_t smem_byte_addr, uint32_t lbo_bytes, uint32_t sbo_bytes) {
+  return uint64_t((smem_byte_addr & 0x3FFFFu) >> 4) | (uint64_t((lbo_bytes & 0x3FFFFu) >> 4) << 16) |
+         (uint64_t((sbo_bytes & 0x3FFFFu) >> 4) << 32) | (uint64_t(1) << 62);
+}
+// K-major operands (A, forward B): LBO is unused with 128-byte swizzle (one atom spans the tile's 64 k).
+constexpr uint32_t kKMajorLbo = 16, kKMajorSbo = 1024;
+// The MN-major input-gradient B: LBO = next 64 columns k, SBO = next 8 rows n.
+constexpr uint32_t kGradLbo = kGradHalfElems * 2, kGradSbo = 1024;
+// Byte offsets from a tile's base of the operands of k16 step ks (0..3): A of warpgroup g starts at its row 64 g
+// and moves 32 bytes (16 k) within the swizzled rows, as does the forward B; the MN-major B moves 16 rows n.
+QLORA_HD uint32_t hopper_a_offset(int warpgroup, int ks) { return uint32_t(warpgroup * 64 * 128 + 32 * ks); }
+QLORA_HD uint32_t hopper_b_offset(bool grad, int ks) { return uint32_t(grad ? ks * 16 * 128 : 32 * ks); }
+
+// The m64nNk16 fp32 accumulator fragment: register r of thread tid holds CTA-tile row hopper_acc_row and
+// column hopper_acc_col (warp w of a warpgroup owns rows 16 w .. 16 w + 15; within each n8 block the
+// mma.sync C layout: row lane / 4 (+ 8), column 2 (lane % 4) (+ 1)).
+QLORA_HD int hopper_acc_row(int tid, int r) {
+  return 64 * (tid / 128) + 16 * ((tid % 128) / 32) + (tid % 32) / 4 + 8 * ((r / 2) % 2);
+}
+QLORA_HD int hopper_acc_col(int tid, int r) { return 8 * (r / 4) + 2 * (tid % 4) + r % 2; }
 
 }  // namespace qlora::large

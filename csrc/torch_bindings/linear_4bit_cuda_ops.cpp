@@ -1,6 +1,7 @@
 // CUDA implementation of linear_4bit and its input gradient, with the dispatcher between
 // - the fused kernels (bf16/fp16, blocksize 64): small M (csrc/kernels/linear_4bit_cuda.cu, M <= 64) and
-//   large M (csrc/kernels/linear_4bit_large_cuda.cu, M > 64), and
+//   large M (M > 64: csrc/kernels/linear_4bit_hopper_cuda.cu with wgmma on Hopper when the build has sm_90a,
+//   else csrc/kernels/linear_4bit_large_cuda.cu with mma.sync), and
 // - dequantize + cuBLAS (as bitsandbytes does for training: the dense W exists transiently in x's dtype).
 // "auto" routes everything to dequantize + cuBLAS until the fused kernels have been validated and
 // measured faster on a GPU (bench/bench_linear_cuda.py); set_linear_backend("fused") forces them.
@@ -35,16 +36,23 @@ at::Tensor dequantize_weight(const at::Tensor& codes, const at::Tensor& absmax,
 
 // Which fused kernel family serves a call, if any: "auto" stays on dequantize + cuBLAS for every M until the
 // fused kernels are validated and measured faster on a GPU.
-enum class FusedKind { None, SmallM, LargeM };
+enum class FusedKind { None, SmallM, LargeM, LargeMHopper };
 
-FusedKind fused_kind(int64_t m, at::ScalarType dtype, int64_t blocksize, const Linear4bitArgs& a) {
+FusedKind fused_kind(int64_t m, at::ScalarType dtype, int64_t blocksize, const Linear4bitArgs& a,
+                     c10::DeviceIndex device) {
+  const LinearBackend backend = linear_backend();
   const bool applies = m >= 1 && blocksize == 64 && (dtype == at::kBFloat16 || dtype == at::kHalf);
-  if (!applies || linear_backend() != LinearBackend::Fused) return FusedKind::None;
+  if (!applies || (backend != LinearBackend::Fused && backend != LinearBackend::FusedMma)) return FusedKind::None;
   if (m <= cuda::kFusedMaxM) return FusedKind::SmallM;
   // the large-M kernels index the weight in 32 bits and put M / 128 tiles on grid.y
   const bool large_fits =
       large::fits_32bit_weight_index(a.n, a.k) && (m + large::kTileM - 1) / large::kTileM <= 65535;
-  return large_fits ? FusedKind::LargeM : FusedKind::None;
+  if (!large_fits) return FusedKind::None;
+  if (backend == LinearBackend::Fused &&
+      cuda::hopper_gemm_available(device, at::cuda::getCurrentCUDAStream(device).stream())) {
+    return FusedKind::LargeMHopper;
+  }
+  return FusedKind::LargeM;
 }
 
 // The inputs of the fused kernels: the weight's buffers (kept alive) and the problem pointing into them.
@@ -79,15 +87,16 @@ at::Tensor linear_4bit_cuda(const at::Tensor& x, const at::Tensor& codes, const 
   check_bias(bias, x, a.n);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t m = x.numel() / a.k;
-  const FusedKind kind = fused_kind(m, x.scalar_type(), blocksize, a);
+  const FusedKind kind = fused_kind(m, x.scalar_type(), blocksize, a, x.get_device());
   if (kind != FusedKind::None) {
     const FusedInputs f(codes, absmax, absmax_scale, absmax_mean, blocksize, a, m, x.scalar_type());
     const at::Tensor x2 = aligned_contiguous(x.reshape({-1, a.k}));
     const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
     at::Tensor y = at::empty({m, a.n}, x2.options());
-    if (kind == FusedKind::LargeM) {
-      C10_CUDA_CHECK(cuda::fused_large_linear_forward(f.problem, x2.data_ptr(), b.defined() ? b.data_ptr() : nullptr,
-                                                      y.data_ptr(), at::cuda::getCurrentCUDAStream()));
+    if (kind == FusedKind::LargeM || kind == FusedKind::LargeMHopper) {
+      const auto launch = kind == FusedKind::LargeM ? cuda::fused_large_linear_forward : cuda::hopper_linear_forward;
+      C10_CUDA_CHECK(launch(f.problem, x2.data_ptr(), b.defined() ? b.data_ptr() : nullptr, y.data_ptr(),
+                            at::cuda::getCurrentCUDAStream()));
       return y.view(with_last_dim(x, a.n));
     }
     at::Tensor ws = at::empty({cuda::fused_forward_workspace_bytes(f.problem, f.num_sms) / 4},
@@ -112,14 +121,15 @@ at::Tensor linear_4bit_grad_input_cuda(const at::Tensor& grad_out, const at::Ten
                                                   in_features, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(grad_out.device());
   const int64_t m = grad_out.numel() / a.n;
-  const FusedKind kind = fused_kind(m, grad_out.scalar_type(), blocksize, a);
+  const FusedKind kind = fused_kind(m, grad_out.scalar_type(), blocksize, a, grad_out.get_device());
   if (kind != FusedKind::None) {
     const FusedInputs f(codes, absmax, absmax_scale, absmax_mean, blocksize, a, m, grad_out.scalar_type());
     const at::Tensor dy2 = grad_out.reshape({-1, a.n}).contiguous();
     at::Tensor dx = at::empty({m, a.k}, dy2.options());
-    if (kind == FusedKind::LargeM) {
-      C10_CUDA_CHECK(cuda::fused_large_linear_grad_input(f.problem, dy2.data_ptr(), dx.data_ptr(),
-                                                         at::cuda::getCurrentCUDAStream()));
+    if (kind == FusedKind::LargeM || kind == FusedKind::LargeMHopper) {
+      const auto launch =
+          kind == FusedKind::LargeM ? cuda::fused_large_linear_grad_input : cuda::hopper_linear_grad_input;
+      C10_CUDA_CHECK(launch(f.problem, dy2.data_ptr(), dx.data_ptr(), at::cuda::getCurrentCUDAStream()));
       return dx.view(with_last_dim(grad_out, a.k));
     }
     at::Tensor ws = at::empty({cuda::fused_grad_input_workspace_bytes(f.problem, f.num_sms) / 4},
@@ -135,6 +145,14 @@ at::Tensor linear_4bit_grad_input_cuda(const at::Tensor& grad_out, const at::Ten
 }
 
 }  // namespace
+
+std::string fused_large_kernel(int64_t device) {
+  TORCH_CHECK_VALUE(device >= 0 && device < at::cuda::device_count(), "device must be a CUDA device index below ",
+                    int(at::cuda::device_count()), ", got ", device);
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  const bool hopper = cuda::hopper_gemm_available(int(device), at::cuda::getCurrentCUDAStream().stream());
+  return hopper ? "wgmma" : "mma.sync";
+}
 
 TORCH_LIBRARY_IMPL(qlora_ext, CUDA, m) {
   m.impl("linear_4bit", &linear_4bit_cuda);

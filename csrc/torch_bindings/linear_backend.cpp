@@ -16,14 +16,16 @@ void set_linear_backend(const std::string& name) {
   LinearBackend b;
   if (name == "auto") b = LinearBackend::Auto;
   else if (name == "fused") b = LinearBackend::Fused;
+  else if (name == "fused_mma") b = LinearBackend::FusedMma;
   else if (name == "dequant") b = LinearBackend::Dequant;
-  else TORCH_CHECK_VALUE(false, "backend must be 'auto', 'fused' or 'dequant', got '", name, "'");
+  else TORCH_CHECK_VALUE(false, "backend must be 'auto', 'fused', 'fused_mma' or 'dequant', got '", name, "'");
   g_backend.store(static_cast<int>(b));
 }
 
 std::string linear_backend_name() {
   switch (linear_backend()) {
     case LinearBackend::Fused: return "fused";
+    case LinearBackend::FusedMma: return "fused_mma";
     case LinearBackend::Dequant: return "dequant";
     default: return "auto";
   }

@@ -1,17 +1,24 @@
 // Which CUDA implementation linear_4bit uses: a process-wide switch, set from Python with
 // qlora_ext.set_linear_backend(). "auto" is the dispatcher's choice by shape; "fused" forces the fused
-// kernels where they apply (bf16/fp16, blocksize 64: small-M kernels for M <= 64, large-M kernels above);
-// "dequant" forces dequantize + cuBLAS.
+// kernels where they apply (bf16/fp16, blocksize 64: small-M kernels for M <= 64, large-M kernels above: wgmma
+// on Hopper when the build has sm_90a, mma.sync otherwise); "fused_mma" is "fused" with the mma.sync large-M
+// kernels everywhere (to test and measure them on Hopper); "dequant" forces dequantize + cuBLAS.
 #pragma once
 
+#include <cstdint>
 #include <string>
 
 namespace qlora::ops {
 
-enum class LinearBackend : int { Auto = 0, Fused = 1, Dequant = 2 };
+enum class LinearBackend : int { Auto = 0, Fused = 1, FusedMma = 2, Dequant = 3 };
 
 LinearBackend linear_backend();
 void set_linear_backend(const std::string& name);
 std::string linear_backend_name();
+
+#if defined(QLORA_WITH_CUDA)
+// The large-M kernel that "fused" runs on CUDA device `device`: "wgmma" or "mma.sync" (linear_4bit_cuda_ops.cpp).
+std::string fused_large_kernel(int64_t device);
+#endif
 
 }  // namespace qlora::ops

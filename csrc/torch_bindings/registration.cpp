@@ -70,8 +70,9 @@ std::vector<float> fp8_e4m3_decode(const std::vector<int>& codes) {
   return out;
 }
 
-// Test hook: the index formulas and constants of the fused large-M GEMM (linear_4bit_large_layout.h), so
-// tests/test_linear_large_layout.py emulates the kernel's data movement with the formulas the kernel uses.
+// Test hook: the index formulas and constants of the fused large-M GEMMs (linear_4bit_large_layout.h), so
+// tests/test_linear_large_layout.py (mma.sync) and tests/test_linear_hopper_layout.py (wgmma) emulate the
+// kernels' data movement with the formulas the kernels use.
 pybind11::dict large_gemm_constants() {
   namespace L = qlora::large;
   pybind11::dict d;
@@ -88,6 +89,15 @@ pybind11::dict large_gemm_constants() {
   d["grad_w_chunks_per_row"] = L::kGradWChunksPerRow;
   d["weights_per_decode_thread"] = L::kWeightsPerDecodeThread;
   d["smem_bytes"] = L::kSmemBytes;
+  d["hopper_warpgroups"] = L::kHopperWarpgroups;
+  d["hopper_weight_buffers"] = L::kHopperWeightBuffers;
+  d["hopper_smem_align"] = L::kHopperSmemAlign;
+  d["hopper_smem_bytes"] = L::kHopperSmemBytes;
+  d["hopper_acc_regs"] = L::kHopperAccRegs;
+  d["k_major_lbo"] = L::kKMajorLbo;
+  d["k_major_sbo"] = L::kKMajorSbo;
+  d["grad_lbo"] = L::kGradLbo;
+  d["grad_sbo"] = L::kGradSbo;
   return d;
 }
 
@@ -112,6 +122,13 @@ int64_t large_gemm_index(const std::string& f, int64_t a, int64_t b, int64_t c, 
   if (f == "ldsm_b_chunk") return L::ldsm_b_chunk(ia);
   if (f == "ldsm_bt_row") return L::ldsm_bt_row(ia);
   if (f == "ldsm_bt_chunk") return L::ldsm_bt_chunk(ia);
+  if (f == "hopper_grad_w_offset") return L::hopper_grad_w_offset(ia, ib);
+  if (f == "hopper_decode_row_offset") return L::hopper_decode_row_offset(ia != 0, ib, ic);
+  if (f == "wgmma_desc") return int64_t(L::wgmma_desc(uint32_t(a), uint32_t(b), uint32_t(c)));
+  if (f == "hopper_a_offset") return L::hopper_a_offset(ia, ib);
+  if (f == "hopper_b_offset") return L::hopper_b_offset(ia != 0, ib);
+  if (f == "hopper_acc_row") return L::hopper_acc_row(ia, ib);
+  if (f == "hopper_acc_col") return L::hopper_acc_col(ia, ib);
   throw pybind11::value_error("unknown large-GEMM layout function " + f);
 }
 
@@ -146,6 +163,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_cpu_simd", &qlora::cpu::set_simd_enabled, "Use (True) or bypass (False) the AVX2 CPU paths");
   m.def("set_cpu_avx512", &qlora::cpu::set_avx512_enabled, "Use (True) or bypass (False) the AVX-512 CPU paths");
 #if defined(QLORA_WITH_CUDA)
+  m.def("fused_large_kernel", &qlora::ops::fused_large_kernel,
+        "The large-M kernel backend 'fused' runs on a CUDA device: 'wgmma' (Hopper, sm_90a) or 'mma.sync'",
+        pybind11::arg("device"));
   qlora::ops::register_paged_memory(m);  // managed-memory arenas of the paged optimizer
 #endif
 }
