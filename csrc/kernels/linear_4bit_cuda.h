@@ -48,8 +48,9 @@ cudaError_t fused_large_linear_grad_input(const Linear4bitProblem& p, const void
                                           cudaStream_t stream);
 
 // Hopper (wgmma) versions of the two large-M kernels, same contracts. Available when `device` has compute
-// capability 9.0 and the image loaded for it has sm_90a features (asked once per device by a probe kernel on
-// `stream`, which is synchronized that once).
+// capability 9.0 and the image loaded for it has sm_90a features: asked once per device by a probe kernel on
+// `stream` (synchronized that once; not while `stream` is capturing a CUDA graph, when the answer is "no"
+// until a later call can ask).
 bool hopper_gemm_available(int device, cudaStream_t stream);
 cudaError_t hopper_linear_forward(const Linear4bitProblem& p, const void* x, const void* bias, void* y,
                                   cudaStream_t stream);

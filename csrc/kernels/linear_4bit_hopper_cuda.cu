@@ -16,12 +16,14 @@
 //   fence.proxy.async before the barrier that precedes the wgmma.
 // The kernel body exists only in the sm_90a image (__CUDA_ARCH_FEAT_SM90_ALL); hopper_gemm_available() asks the
 // loaded image by a probe kernel, so a build without sm_90a (or another GPU) keeps the mma.sync kernel.
-// Resources (ptxas, CUDA 13.0, sm_90a): see the README's kernel table; 81 KiB dynamic shared memory per CTA
-// (3 x 16 KiB activation stages, 2 x 16 KiB weight tiles, 1 KiB for 1024-byte alignment), 2 CTAs per SM.
+// Resources (ptxas, CUDA 13.0, sm_90a): 104-121 registers, no spills (launch bounds: 2 CTAs of 256 threads per
+// SM); 81 KiB dynamic shared memory per CTA (3 x 16 KiB activation stages, 2 x 16 KiB weight tiles, 1 KiB to
+// round the base up to 1024 bytes). tests/test_sass.py checks the SASS: four HGMMA per kernel, no spills.
 // Not yet run on a GPU: only the opt-in "fused" backend uses it.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <atomic>
 #include <mutex>
 
 #include "cuda_utils.h"
@@ -267,38 +269,61 @@ bool valid_hopper(const Linear4bitProblem& p) {
          reinterpret_cast<uintptr_t>(p.codes) % 16 == 0;
 }
 
-// Probes the image the runtime loads for `device` once (compute capability 9.0 only); 0/1 per device, -1 unknown.
+// The probe's answer per device: kUnknown (not asked yet, or the probe could not run), kNo, kYes.
 constexpr int kMaxDevices = 64;
-int g_probe[kMaxDevices];
-std::once_flag g_probe_once[kMaxDevices];
+constexpr int kUnknown = 0, kNo = 1, kYes = 2;
+std::atomic<int> g_wgmma[kMaxDevices] = {};
+std::mutex g_probe_mutex;
 
-int probe(int device, cudaStream_t stream) {
+// Launches the probe on `stream` and waits for it: 1 or 0, or -1 if it could not run. Never during a CUDA
+// graph capture (the caller checks): an allocation and a synchronization are not allowed there.
+int probe(cudaStream_t stream) {
   int* d_flag = nullptr;
   int flag = 0;
-  if (cudaMallocAsync(reinterpret_cast<void**>(&d_flag), sizeof(int), stream) != cudaSuccess) return 0;
+  if (cudaMallocAsync(reinterpret_cast<void**>(&d_flag), sizeof(int), stream) != cudaSuccess) {
+    cudaGetLastError();
+    return -1;
+  }
   hopper_probe_kernel<<<1, 1, 0, stream>>>(d_flag);
   cudaError_t err = cudaGetLastError();
   if (err == cudaSuccess) err = cudaMemcpyAsync(&flag, d_flag, sizeof(int), cudaMemcpyDeviceToHost, stream);
-  cudaFreeAsync(d_flag, stream);
+  const cudaError_t free_err = cudaFreeAsync(d_flag, stream);
+  if (err == cudaSuccess) err = free_err;
   if (err == cudaSuccess) err = cudaStreamSynchronize(stream);
-  return err == cudaSuccess ? flag : 0;
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    return -1;
+  }
+  return flag;
 }
 
 }  // namespace
 
 bool hopper_gemm_available(int device, cudaStream_t stream) {
   if (device < 0 || device >= kMaxDevices) return false;
-  std::call_once(g_probe_once[device], [&] {
+  const int known = g_wgmma[device].load(std::memory_order_acquire);
+  if (known != kUnknown) return known == kYes;
+  const std::lock_guard<std::mutex> lock(g_probe_mutex);
+  if (g_wgmma[device].load(std::memory_order_relaxed) == kUnknown) {
     int major = 0, minor = 0;
-    g_probe[device] = 0;
     if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
         cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
-      cudaGetLastError();  // clear it: the caller falls back to the mma.sync kernel
-      return;
+      cudaGetLastError();  // unknown for now: the caller takes the mma.sync kernel this time
+      return false;
     }
-    if (major == 9 && minor == 0) g_probe[device] = probe(device, stream);
-  });
-  return g_probe[device] == 1;
+    if (major != 9 || minor != 0) {
+      g_wgmma[device].store(kNo, std::memory_order_release);
+    } else {
+      cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+      if (cudaStreamIsCapturing(stream, &capture) == cudaSuccess && capture == cudaStreamCaptureStatusNone) {
+        const int answer = probe(stream);
+        if (answer >= 0) g_wgmma[device].store(answer == 1 ? kYes : kNo, std::memory_order_release);
+      } else {
+        cudaGetLastError();
+      }
+    }
+  }
+  return g_wgmma[device].load(std::memory_order_acquire) == kYes;
 }
 
 cudaError_t hopper_linear_forward(const Linear4bitProblem& p, const void* x, const void* bias, void* y,
