@@ -12,6 +12,8 @@ Shapes (N, K): (8192, 8192) and the Llama-7B MLP (11008, 4096) and (4096, 11008)
                     kernels (128 x 128 tiles, weight tiles decoded into shared memory) above: wgmma on Hopper
                     with an sm_90a build (qlora_ext.fused_large_kernel() says which), mma.sync elsewhere
   ours fused_mma    the same with backend "fused_mma": the mma.sync large-M kernels on any GPU (M > 64 only)
+  ours fused_tn128  on a GPU where "fused" runs wgmma (M > 64 only): "fused" with the 128-column tile forced
+                    (qlora_ext._C.set_hopper_tile_n(128)); "fused" itself takes 256 columns here
   ours dequant      the same with backend "dequant" (dequantize to bf16, then cuBLAS)
   bnb               bitsandbytes (if importable), weight from bnb.functional.quantize_4bit(w, blocksize=64,
                     quant_type="nf4", compress_statistics=True); forward bnb.matmul_4bit(x, w4.t(),
@@ -191,9 +193,13 @@ def main(argv=None) -> int:
     checks = {"failures": [], "results": []}
     T = {}        # (n, k, direction, m, method) -> median seconds
 
+    set_tile = getattr(qlora_ext._C, "set_hopper_tile_n", None)
+
     def run_backend(name):
         if set_backend is not None:
-            set_backend(name)
+            set_backend("fused" if name == "fused_tn128" else name)
+        if set_tile is not None:
+            set_tile(128 if name == "fused_tn128" else 0)
 
     gen = torch.Generator(device=dev).manual_seed(args.seed)
     prec = torch.get_float32_matmul_precision()
@@ -223,6 +229,8 @@ def main(argv=None) -> int:
                     dy = torch.randn(m, n, generator=gen, device=dev, dtype=torch.float32).to(torch.bfloat16)
                     # "fused" covers every M (small-M and large-M kernels); "fused_mma" differs above FUSED_MAX_M
                     ours = [b for b in backends if b != "fused_mma" or m > FUSED_MAX_M]
+                    if large_kernel == "wgmma" and set_tile is not None and m > FUSED_MAX_M:
+                        ours.append("fused_tn128")
 
                     fwd = lambda: ops.linear_4bit(x, *qargs, None, BLOCKSIZE, QUANT_TYPE, n)  # noqa: E731
                     bwd = lambda: ops.linear_4bit_grad_input(dy, *qargs, BLOCKSIZE, QUANT_TYPE, k)  # noqa: E731
@@ -330,6 +338,8 @@ def main(argv=None) -> int:
         torch.set_float32_matmul_precision(prec)
         if set_backend is not None:
             set_backend(initial_backend)
+        if set_tile is not None:
+            set_tile(0)
 
     # ---- summary: speed-ups over cuBLAS and the ceilings
     def t_of(n, k, d, m, method):
@@ -343,15 +353,15 @@ def main(argv=None) -> int:
         return f"{v:{width}.2f}" if v is not None else f"{'-':>{width}}"
 
     print("Summary: cuBLAS bf16 time / time (above 1: faster than cuBLAS); ceil = the ceiling of that ratio")
-    print(f"  {'shape':<12}{'dir':<5}{'M':>6}{'auto':>8}{'fused':>8}{'mma':>8}{'dequant':>8}{'bnb':>8}{'ceil':>8}"
-          f"{'auto/ceil':>10}")
+    print(f"  {'shape':<12}{'dir':<5}{'M':>6}{'auto':>8}{'fused':>8}{'tn128':>8}{'mma':>8}{'dequant':>8}{'bnb':>8}"
+          f"{'ceil':>8}{'auto/ceil':>10}")
     for n, k in shapes:
         for d in ("fwd", "bwd"):
             for m in args.ms:
                 a = speedup(n, k, d, m, "ours auto")
                 c = ceiling(n, k, m)
                 print(f"  {f'{n}x{k}':<12}{d:<5}{m:>6}{fmt(a)}{fmt(speedup(n, k, d, m, 'ours fused'))}"
-                      f"{fmt(speedup(n, k, d, m, 'ours fused_mma'))}{fmt(speedup(n, k, d, m, 'ours dequant'))}"
+                      f"{fmt(speedup(n, k, d, m, 'ours fused_tn128'))}{fmt(speedup(n, k, d, m, 'ours fused_mma'))}{fmt(speedup(n, k, d, m, 'ours dequant'))}"
                       f"{fmt(speedup(n, k, d, m, 'bnb'))}{c:8.2f}"
                       f"{fmt(a / c if a is not None else None, 10)}")
     print()

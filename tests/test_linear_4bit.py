@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import qlora_ext
+from qlora_ext import _C
 from qlora_ext.linear import linear_4bit
 from tests.conftest import DEVICES, HAS_CUDA
 
@@ -159,6 +160,23 @@ def backend(request):
     qlora_ext.set_linear_backend("auto")
 
 
+@pytest.fixture
+def hopper_tile_n(request):
+    """The Hopper kernels' tile width for one test (0: their choice by shape)."""
+    _C.set_hopper_tile_n(request.param)
+    yield request.param
+    _C.set_hopper_tile_n(0)
+
+
+def test_hopper_tile_switch():
+    assert _C.hopper_tile_n() == 0
+    with pytest.raises(ValueError, match="tile_n must be 0 .automatic., 128 or 256, got 64"):
+        _C.set_hopper_tile_n(64)
+    for tn in (128, 256, 0):
+        _C.set_hopper_tile_n(tn)
+        assert _C.hopper_tile_n() == tn
+
+
 def test_backend_switch():
     assert qlora_ext.linear_backend() == "auto"
     with pytest.raises(ValueError, match="backend must be 'auto', 'fused', 'fused_mma' or 'dequant'"):
@@ -236,13 +254,16 @@ def test_cuda_fused_3d_input_and_autograd(backend, tokens):
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
 @pytest.mark.parametrize("backend", ["fused", "fused_mma"], indirect=True)
+@pytest.mark.parametrize("hopper_tile_n", [128, 256], indirect=True)
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
 @pytest.mark.parametrize("double_quant", [True, False])
 @pytest.mark.parametrize("m,n,k", [(65, 72, 128), (257, 200, 4096), (130, 64, 64)])
 @pytest.mark.parametrize("dy_offset", [0, 1])  # 1: dy starts 2 bytes off a 16-byte boundary (plain-load path)
-def test_cuda_fused_large_m_code_books(backend, quant_type, double_quant, m, n, k, dy_offset):
-    """The large-M kernels (wgmma on Hopper under "fused", mma.sync under "fused_mma") for every code book and
-    absmax source, against the fp32 reference."""
+def test_cuda_fused_large_m_code_books(backend, hopper_tile_n, quant_type, double_quant, m, n, k, dy_offset):
+    """The large-M kernels (wgmma on Hopper under "fused", both tile widths; mma.sync under "fused_mma") for
+    every code book and absmax source, against the fp32 reference."""
+    if backend == "fused_mma" and hopper_tile_n == 256:
+        pytest.skip("the tile width is the wgmma kernels' alone")
     dtype = torch.bfloat16
     q = make_weight(n, k, quant_type=quant_type, double_quant=double_quant, seed=m + k)
     g = torch.Generator().manual_seed(m * n)

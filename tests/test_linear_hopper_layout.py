@@ -26,9 +26,9 @@ import pytest
 from qlora_ext import _C
 
 C = _C.large_gemm_constants()
-TM, TN, TR, STAGES, THREADS = C["tile_m"], C["tile_n"], C["tile_r"], C["stages"], C["threads"]
-TILE = TM * TR                 # values per activation tile = per weight tile
-ACC = C["hopper_acc_regs"]
+TM, TR, STAGES, THREADS = C["tile_m"], C["tile_r"], C["stages"], C["threads"]
+TILE = TM * TR                 # values per activation tile
+TILE_NS = (128, 256)           # the kernel's two tile widths (output columns per CTA)
 BASE = 3 * C["hopper_smem_align"]  # the aligned start of the tiles in the emulated shared memory (bytes)
 
 
@@ -79,35 +79,38 @@ def act_copies():
 
 
 @functools.lru_cache(maxsize=None)
-def weight_stores(grad):
-    """Per thread and store step s: (tile row, first column in the row, element offset in the weight tile)."""
-    parts = 4 if grad else 2
-    out = np.zeros((THREADS, 4, 3), dtype=np.int64)
-    for tid in range(THREADS):
-        row, part = f("decode_row", tid, parts), f("decode_part", tid, parts)
+def weight_stores(grad, tn):
+    """Per decode unit (tid + u * THREADS, u < the units per thread) and store step s: (tile row, first column
+    in the row, element offset in the weight tile)."""
+    parts = C[f"hopper_decode_parts_{'grad' if grad else 'fwd'}_{tn}"]
+    units = C[f"hopper_decode_units_{tn}"] * THREADS
+    out = np.zeros((units, 4, 3), dtype=np.int64)
+    for unit in range(units):
+        row, part = f("decode_row", unit, parts), f("decode_part", unit, parts)
         row_offset = f("hopper_decode_row_offset", int(grad), row, part)
         for s in range(4):
             chunk = f("decode_store_chunk", part, s)
             # decode_weights: chunk 4 part + j of the row lies at row_offset ^ (8 j)
-            out[tid, s] = (row, 8 * chunk, row_offset ^ (8 * (chunk - 4 * part)))
+            out[unit, s] = (row, 8 * chunk, row_offset ^ (8 * (chunk - 4 * part)))
     return out
 
 
 @functools.lru_cache(maxsize=None)
-def acc_map():
-    rows = np.array([[f("hopper_acc_row", tid, r) for r in range(ACC)] for tid in range(THREADS)])
-    cols = np.array([[f("hopper_acc_col", tid, r) for r in range(ACC)] for tid in range(THREADS)])
+def acc_map(tn):
+    acc = C[f"hopper_acc_regs_{tn}"]
+    rows = np.array([[f("hopper_acc_row", tid, r) for r in range(acc)] for tid in range(THREADS)])
+    cols = np.array([[f("hopper_acc_col", tid, r) for r in range(acc)] for tid in range(THREADS)])
     return rows, cols
 
 
-def tile_base_bytes(kind, index):
+def tile_base_bytes(kind, index, tn):
     """Byte address of activation stage `index` or weight buffer `index` (the kernel's carve-up)."""
     if kind == "act":
         return BASE + index * TILE * 2
-    return BASE + (STAGES + index) * TILE * 2
+    return BASE + STAGES * TILE * 2 + index * tn * TR * 2
 
 
-def emulate(grad, act, w):
+def emulate(grad, act, w, tn):
     """The kernel's output for activations act [M, R] and weight w [N, K] (already decoded values)."""
     M = act.shape[0]
     N, K = w.shape
@@ -116,18 +119,19 @@ def emulate(grad, act, w):
     out = np.full((M, out_cols), np.nan)
     stores = np.zeros((M, out_cols), dtype=np.int64)
     a_rows, a_chunks, a_offs = act_copies()
-    ws = weight_stores(grad)
-    acc_rows, acc_cols = acc_map()
-    smem_elems = (BASE + C["hopper_smem_bytes"]) // 2
+    ws = weight_stores(grad, tn)
+    acc_rows, acc_cols = acc_map(tn)
+    w_tile = tn * TR
+    smem_elems = (BASE + C[f"hopper_smem_bytes_{tn}"]) // 2
     b_lbo, b_sbo = (C["grad_lbo"], C["grad_sbo"]) if grad else (C["k_major_lbo"], C["k_major_sbo"])
     for m0 in range(0, M, TM):
-        for c0 in range(0, out_cols, TN):
-            d = np.zeros((TM, TN))
+        for c0 in range(0, out_cols, tn):
+            d = np.zeros((TM, tn))
             for s in range((R + TR - 1) // TR):
                 smem = np.full(smem_elems, np.nan)
                 writes = np.zeros(smem_elems, dtype=np.int64)
                 # activation tile (cp.async, zero-filled outside the matrix) into stage s % STAGES
-                a_base = tile_base_bytes("act", s % STAGES) // 2
+                a_base = tile_base_bytes("act", s % STAGES, tn) // 2
                 for r, c, off in zip(a_rows, a_chunks, a_offs):
                     gr, gc = m0 + r, s * TR + 8 * c
                     vals = np.zeros(8)
@@ -137,29 +141,29 @@ def emulate(grad, act, w):
                     smem[a_base + off:a_base + off + 8] = vals
                     writes[a_base + off:a_base + off + 8] += 1
                 # decoded weight tile into buffer s % 2: forward rows n, columns k; gradient rows n (reduction)
-                w_base = tile_base_bytes("w", s % C["hopper_weight_buffers"]) // 2
-                for tid in range(THREADS):
-                    for row, col, off in ws[tid]:
+                w_base = tile_base_bytes("w", s % C["hopper_weight_buffers"], tn) // 2
+                for unit in range(len(ws)):
+                    for row, col, off in ws[unit]:
                         n, k = (s * TR + row, c0 + col) if grad else (c0 + row, s * TR + col)
                         vals = w[n, k:k + 8] if n < N and k < K else np.zeros(8)
                         smem[w_base + off:w_base + off + 8] = vals
                         writes[w_base + off:w_base + off + 8] += 1
                 assert writes.max() == 1, "a shared-memory element written twice in one step"
-                assert writes[a_base:a_base + TILE].min() == 1 and writes[w_base:w_base + TILE].min() == 1
+                assert writes[a_base:a_base + TILE].min() == 1 and writes[w_base:w_base + w_tile].min() == 1
                 # the two warpgroups' wgmmas, four k16 steps each
                 for g in range(C["hopper_warpgroups"]):
                     for ks in range(TR // 16):
-                        da = f("wgmma_desc", tile_base_bytes("act", s % STAGES) + f("hopper_a_offset", g, ks),
+                        da = f("wgmma_desc", tile_base_bytes("act", s % STAGES, tn) + f("hopper_a_offset", g, ks),
                                C["k_major_lbo"], C["k_major_sbo"])
-                        db = f("wgmma_desc", tile_base_bytes("w", s % C["hopper_weight_buffers"]) +
+                        db = f("wgmma_desc", tile_base_bytes("w", s % C["hopper_weight_buffers"], tn) +
                                f("hopper_b_offset", int(grad), ks), b_lbo, b_sbo)
                         a = smem[read_index_k_major(da, 64)]                    # [64 m, 16 k]
-                        b = smem[read_index_mn_major(db, TN)] if grad else smem[read_index_k_major(db, TN)].T
+                        b = smem[read_index_mn_major(db, tn)] if grad else smem[read_index_k_major(db, tn)].T
                         assert not np.isnan(a).any() and not np.isnan(b).any(), "wgmma read an unwritten element"
                         d[64 * g:64 * g + 64] += a @ b
             # epilogue: register r of thread tid is (acc_row, acc_col) of the warpgroup's own rows
             for tid in range(THREADS):
-                for r in range(ACC):
+                for r in range(acc_rows.shape[1]):
                     row, col = m0 + acc_rows[tid, r], c0 + acc_cols[tid, r]
                     if row < M and col < out_cols:
                         out[row, col] = d[acc_rows[tid, r], acc_cols[tid, r]]
@@ -173,35 +177,41 @@ def integer_problem(m, n, k, seed):
     return rng.integers(-3, 4, size=(m, k)).astype(np.float64), rng.integers(-3, 4, size=(n, k)).astype(np.float64)
 
 
-@pytest.mark.parametrize("m,n,k", [(1, 1, 64), (130, 65, 128), (257, 200, 192)])
-def test_forward_equals_reference(m, n, k):
+@pytest.mark.parametrize("tn", TILE_NS)
+@pytest.mark.parametrize("m,n,k", [(1, 1, 64), (130, 65, 128), (257, 300, 192)])
+def test_forward_equals_reference(m, n, k, tn):
     x, w = integer_problem(m, n, k, seed=m + n + k)
-    np.testing.assert_array_equal(emulate(False, x, w), x @ w.T)
+    np.testing.assert_array_equal(emulate(False, x, w, tn), x @ w.T)
 
 
-@pytest.mark.parametrize("m,n,k", [(65, 72, 128), (130, 1, 64), (200, 257, 192)])
-def test_input_gradient_equals_reference(m, n, k):
+@pytest.mark.parametrize("tn", TILE_NS)
+@pytest.mark.parametrize("m,n,k", [(65, 72, 128), (130, 1, 64), (200, 257, 320)])
+def test_input_gradient_equals_reference(m, n, k, tn):
     rng = np.random.default_rng(m * n)
     _, w = integer_problem(1, n, k, seed=n + k)
     dy = rng.integers(-3, 4, size=(m, n)).astype(np.float64)
-    np.testing.assert_array_equal(emulate(True, dy, w), dy @ w)
+    np.testing.assert_array_equal(emulate(True, dy, w, tn), dy @ w)
 
 
-def test_tiles_on_1024_byte_boundaries_and_in_budget():
+@pytest.mark.parametrize("tn", TILE_NS)
+def test_tiles_on_1024_byte_boundaries_and_in_budget(tn):
     align = C["hopper_smem_align"]
     for i in range(STAGES):
-        assert (tile_base_bytes("act", i) - BASE) % align == 0
+        assert (tile_base_bytes("act", i, tn) - BASE) % align == 0
     for i in range(C["hopper_weight_buffers"]):
-        assert (tile_base_bytes("w", i) - BASE) % align == 0
-    used = (STAGES + C["hopper_weight_buffers"]) * TILE * 2
-    assert used + align <= C["hopper_smem_bytes"]  # room to round the dynamic base up to 1024 bytes
-    assert 2 * C["hopper_smem_bytes"] <= 227 * 1024  # two CTAs per SM on Hopper
+        assert (tile_base_bytes("w", i, tn) - BASE) % align == 0
+    used = STAGES * TILE * 2 + C["hopper_weight_buffers"] * tn * TR * 2
+    smem = C[f"hopper_smem_bytes_{tn}"]
+    assert used + align <= smem  # room to round the dynamic base up to 1024 bytes
+    ctas_per_sm = 2 if tn == 128 else 1  # the kernel's launch bounds
+    assert ctas_per_sm * (smem + 1024) <= 228 * 1024  # Hopper: 228 KiB per SM, 1 KiB reserved per CTA
 
 
-def test_accumulator_map_is_a_bijection_owned_by_each_warpgroup():
-    rows, cols = acc_map()
-    flat = rows * TN + cols
-    assert np.array_equal(np.sort(flat.ravel()), np.arange(TM * TN))
+@pytest.mark.parametrize("tn", TILE_NS)
+def test_accumulator_map_is_a_bijection_owned_by_each_warpgroup(tn):
+    rows, cols = acc_map(tn)
+    flat = rows * tn + cols
+    assert np.array_equal(np.sort(flat.ravel()), np.arange(TM * tn))
     assert ((rows // 64) == (np.arange(THREADS) // 128)[:, None]).all()
     # registers r and r + 1 (r even) are neighbouring columns of one row: the epilogue's paired stores
     assert (rows[:, 0::2] == rows[:, 1::2]).all() and (cols[:, 1::2] == cols[:, 0::2] + 1).all()
@@ -213,10 +223,12 @@ def test_descriptor_fields_round_trip():
     assert d == {"start": 0x3FC00 + 32, "lbo": C["grad_lbo"], "sbo": C["grad_sbo"], "base_offset": 0, "swizzle": 1}
 
 
+@pytest.mark.parametrize("tn", TILE_NS)
 @pytest.mark.parametrize("grad", [False, True])
-def test_weight_decode_store_phases_are_bank_conflict_free(grad):
-    ws = weight_stores(grad)
-    for s in range(4):
-        for phase in range(0, THREADS, 8):  # a 16-byte store is served 8 threads at a time
-            groups = (ws[phase:phase + 8, s, 2] * 2 // 16) % 8
-            assert len(set(groups.tolist())) == 8, (grad, s, phase, groups)
+def test_weight_decode_store_phases_are_bank_conflict_free(grad, tn):
+    ws = weight_stores(grad, tn)
+    for u in range(0, len(ws), THREADS):  # unit u of every thread is one store instruction of the CTA
+        for s in range(4):
+            for phase in range(u, u + THREADS, 8):  # a 16-byte store is served 8 threads at a time
+                groups = (ws[phase:phase + 8, s, 2] * 2 // 16) % 8
+                assert len(set(groups.tolist())) == 8, (grad, tn, s, phase, groups)

@@ -5,9 +5,9 @@ other image they are a trap stub, and a build without 9.0a in its arch list quie
 Hopper. These tests read the fat binary with cuobjdump (from the CUDA toolkit, or the copy that ships with
 triton) and check, for whatever arch list the extension was built with:
 - every image the arch list names is there;
-- in an sm_90a image, each of the six Hopper kernel instances issues exactly four HGMMA 64x128x16 (one per k16
-  step of a 64-wide reduction tile), waits for the tensor cores at the two places meant (WARPGROUP.DEPBAR), and
-  contains no local-memory spills; in any other image, no HGMMA at all.
+- in an sm_90a image, each of the twelve Hopper kernel instances issues exactly four HGMMA 64xTNx16 (one per k16
+  step of a 64-wide reduction tile; TN = 128 or 256, the instance's tile width), waits for the tensor cores at the
+  two places meant (WARPGROUP.DEPBAR), and contains no local-memory spills; in any other image, no HGMMA at all.
 The tests skip on a CPU-only build, and when no cuobjdump is found unless QLORA_REQUIRE_SASS_CHECK=1 (CI sets it).
 """
 import glob
@@ -83,11 +83,13 @@ def test_every_listed_arch_has_an_image(sass_by_arch):
 def test_hopper_kernels_are_wgmma_in_sm90a_only(sass_by_arch):
     for arch, sass in sass_by_arch.items():
         hopper = {name: body for name, body in functions(sass).items() if HOPPER_KERNEL in name}
-        assert len(hopper) == 6, (arch, sorted(hopper))  # bf16/fp16 x forward, grad (vector), grad (plain loads)
+        # tile width 128, 256 x bf16/fp16 x forward, grad (vector loads), grad (plain loads)
+        assert len(hopper) == 12, (arch, sorted(hopper))
         for name, body in hopper.items():
-            hgmma = re.findall(r"HGMMA\.64x128x16\.F32(?:\.BF16)?\b", body)
+            tile_n = re.search(r"hopper_gemm_kernelILi(\d+)E", name).group(1)
+            hgmma = re.findall(r"HGMMA\.64x(\d+)x16\.F32(?:\.BF16)?\b", body)
             if arch == "sm_90a":
-                assert len(hgmma) == 4, (name, len(hgmma))
+                assert hgmma == [tile_n] * 4, (name, hgmma)
                 assert len(re.findall(r"WARPGROUP\.DEPBAR", body)) == 2, name  # wait_group 1 in the loop, 0 after
                 assert len(re.findall(r"WARPGROUP\.ARRIVE", body)) == 1, name
                 assert not re.search(r"\b(STL|LDL)\b", body), f"{name}: local-memory spills"

@@ -52,8 +52,12 @@ cudaError_t fused_large_linear_grad_input(const Linear4bitProblem& p, const void
 // `stream` (synchronized that once; not while `stream` is capturing a CUDA graph, when the answer is "no"
 // until a later call can ask).
 bool hopper_gemm_available(int device, cudaStream_t stream);
-cudaError_t hopper_linear_forward(const Linear4bitProblem& p, const void* x, const void* bias, void* y,
+// tile_n: output columns per CTA, 128 or 256 (one CTA per SM, half the activation traffic per flop), or 0 for
+// the launchers' choice (hopper_tile_n: 256 when the output has more than 128 columns).
+int hopper_tile_n(const Linear4bitProblem& p, bool grad, int tile_n);
+cudaError_t hopper_linear_forward(const Linear4bitProblem& p, const void* x, const void* bias, void* y, int tile_n,
                                   cudaStream_t stream);
-cudaError_t hopper_linear_grad_input(const Linear4bitProblem& p, const void* dy, void* dx, cudaStream_t stream);
+cudaError_t hopper_linear_grad_input(const Linear4bitProblem& p, const void* dy, void* dx, int tile_n,
+                                     cudaStream_t stream);
 
 }  // namespace qlora::cuda

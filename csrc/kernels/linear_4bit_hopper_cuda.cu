@@ -2,23 +2,25 @@
 // dx = dy W with wgmma (warpgroup MMA), which mma.sync cannot match on Hopper (it tops out near 75% of the
 // tensor cores' peak there).
 //
-// Same CTA tile, activation pipeline and weight decode as the mma.sync kernel (linear_4bit_large_cuda.cu;
-// shared pieces in linear_4bit_large_tiles.cuh): a CTA of two warpgroups computes a 128 x 128 output tile, 64
-// reduction values per main-loop step; the activation tile arrives by cp.async (3 stages), the weight tile is
-// decoded from packed codes fetched one step ahead. What changes:
+// Same activation pipeline and weight decode as the mma.sync kernel (linear_4bit_large_cuda.cu; shared pieces
+// in linear_4bit_large_tiles.cuh): a CTA of two warpgroups computes a 128 x TN output tile (TN = 128, or 256
+// for half the activation traffic per flop), 64 reduction values per main-loop step; the activation tile
+// arrives by cp.async (3 stages), the weight tile is decoded from packed codes fetched one step ahead. What
+// changes:
 // - the tiles are laid out as wgmma's canonical 128-byte-swizzle layouts (linear_4bit_large_layout.h): the
 //   activation and forward weight tiles already are; the input gradient's weight tile is stored MN-major so
 //   wgmma reads it transposed (its "transpose B" bit): one decoded copy, no transposition by any thread;
-// - each warpgroup issues four m64n128k16 wgmmas per step from shared-memory descriptors, asynchronously: while
+// - each warpgroup issues four m64nTNk16 wgmmas per step from shared-memory descriptors, asynchronously: while
 //   the tensor cores run step s, the threads decode step s + 1's weights into the second weight buffer and
 //   copy activations ahead (wgmma.wait_group 1 + a barrier tell when a buffer is free again);
 // - shared-memory writes by threads (st.shared, cp.async) become visible to wgmma (the async proxy) through
 //   fence.proxy.async before the barrier that precedes the wgmma.
 // The kernel body exists only in the sm_90a image (__CUDA_ARCH_FEAT_SM90_ALL); hopper_gemm_available() asks the
 // loaded image by a probe kernel, so a build without sm_90a (or another GPU) keeps the mma.sync kernel.
-// Resources (ptxas, CUDA 13.0, sm_90a): 104-121 registers, no spills (launch bounds: 2 CTAs of 256 threads per
-// SM); 81 KiB dynamic shared memory per CTA (3 x 16 KiB activation stages, 2 x 16 KiB weight tiles, 1 KiB to
-// round the base up to 1024 bytes). tests/test_sass.py checks the SASS: four HGMMA per kernel, no spills.
+// Resources (ptxas, CUDA 13.0, sm_90a), no spills: TN = 128: 109-124 registers, 2 CTAs of 256 threads per SM,
+// 81 KiB dynamic shared memory (3 x 16 KiB activation stages, 2 x 16 KiB weight tiles, 1 KiB to round the base
+// up to 1024 bytes); TN = 256: 189-213 registers, 1 CTA per SM, 113 KiB. tests/test_sass.py checks the SASS:
+// four HGMMA per kernel, no spills. The launchers take TN = 256 when the output has more than 128 columns.
 // Not yet run on a GPU: only the opt-in "fused" backend uses it.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -54,94 +56,224 @@ __device__ __forceinline__ void wgmma_wait() {
 // Generic-proxy shared-memory writes (st.shared, cp.async) of this thread become visible to the async proxy.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
-// d (64 x 128 fp32, this warpgroup's accumulator fragment) += A (64 x 16, descriptor) * B (16 x 128, descriptor);
-// kTransB: B is MN-major in shared memory.
-template <bool BF16, bool kTransB>
-__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[kHopperAccRegs], uint64_t desc_a, uint64_t desc_b) {
-  if constexpr (BF16 && !kTransB) {
-    asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-      "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "l"(desc_a), "l"(desc_b), "r"(1));
-  } else if constexpr (BF16) {
-    asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-      "}, %64, %65, p, 1, 1, 0, 1;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "l"(desc_a), "l"(desc_b), "r"(1));
-  } else if constexpr (!kTransB) {
-    asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {"
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-      "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "l"(desc_a), "l"(desc_b), "r"(1));
-  } else {
-    asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {"
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-      "}, %64, %65, p, 1, 1, 0, 1;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "l"(desc_a), "l"(desc_b), "r"(1));
+// d (64 x kTN fp32, this warpgroup's accumulator fragment) += A (64 x 16, descriptor) * B (16 x kTN,
+// descriptor); kTransB: B is MN-major in shared memory.
+template <int kTN, bool BF16, bool kTransB>
+__device__ __forceinline__ void wgmma_m64k16(float (&d)[hopper_acc_regs(kTN)], uint64_t desc_a, uint64_t desc_b) {
+  static_assert(kTN == 128 || kTN == 256, "tile width 128 or 256");
+  if constexpr (kTN == 128) {
+    if constexpr (BF16 && !kTransB) {
+      asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+        "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(desc_a), "l"(desc_b), "r"(1));
+    } else if constexpr (BF16) {
+      asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+        "}, %64, %65, p, 1, 1, 0, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(desc_a), "l"(desc_b), "r"(1));
+    } else if constexpr (!kTransB) {
+      asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+        "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(desc_a), "l"(desc_b), "r"(1));
+    } else {
+      asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+        "}, %64, %65, p, 1, 1, 0, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(desc_a), "l"(desc_b), "r"(1));
+    }
+  } else if constexpr (kTN == 256) {
+    if constexpr (BF16 && !kTransB) {
+      asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+        "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+        "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+        "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+        "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+        "}, %128, %129, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+          "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+          "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+          "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+          "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+          "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+          "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+          "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+          "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+        : "l"(desc_a), "l"(desc_b), "r"(1));
+    } else if constexpr (BF16) {
+      asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+        "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+        "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+        "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+        "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+        "}, %128, %129, p, 1, 1, 0, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+          "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+          "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+          "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+          "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+          "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+          "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+          "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+          "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+        : "l"(desc_a), "l"(desc_b), "r"(1));
+    } else if constexpr (!kTransB) {
+      asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+        "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+        "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+        "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+        "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+        "}, %128, %129, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+          "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+          "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+          "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+          "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+          "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+          "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+          "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+          "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+        : "l"(desc_a), "l"(desc_b), "r"(1));
+    } else {
+      asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+        "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+        "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+        "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+        "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+        "}, %128, %129, p, 1, 1, 0, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+          "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+          "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+          "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+          "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+          "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+          "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+          "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+          "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+        : "l"(desc_a), "l"(desc_b), "r"(1));
+    }
   }
 }
 #endif
 
 // kGrad = false: y [M, N] = x [M, K] W^T (+ bias); output columns n, reduction over k (R = K).
 // kGrad = true:  dx [M, K] = dy [M, N] W;           output columns k, reduction over n (R = N).
-template <bool BF16, bool kGrad, bool kVecAct>
-__global__ void __launch_bounds__(kThreads, 2)
+// kTN: output columns per CTA (128: 2 CTAs per SM; 256: one, half the activation traffic per flop).
+template <int kTN, bool BF16, bool kGrad, bool kVecAct>
+__global__ void __launch_bounds__(kThreads, kTN == 128 ? 2 : 1)
     hopper_gemm_kernel(const uint16_t* __restrict__ act, const uint8_t* __restrict__ codes, AbsmaxSource am,
                        CodeBook cb, int64_t M, int64_t N, int64_t K, const uint16_t* __restrict__ bias,
                        uint16_t* __restrict__ out) {
 #if QLORA_HAS_WGMMA
+  constexpr int kWTileElems = hopper_weight_tile_elems(kTN);
+  constexpr int kAcc = hopper_acc_regs(kTN);
+  constexpr int kUnits = hopper_decode_units(kTN);          // 32-weight decode units per thread and step
+  constexpr int kParts = hopper_decode_parts(kGrad, kTN);   // units per weight-tile row
   extern __shared__ uint8_t smem_raw[];
   // wgmma's swizzle is computed from address bits 4-9: every tile starts on a 1024-byte boundary
   const uint32_t raw_addr = smem_addr(smem_raw);
@@ -153,22 +285,34 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int tid = threadIdx.x, warpgroup = tid / 128;
   const int64_t R = kGrad ? N : K;  // reduction length
   const int64_t out_cols = kGrad ? K : N;
-  const int64_t m0 = int64_t(blockIdx.y) * kTileM, c0 = int64_t(blockIdx.x) * kTileN;
+  const int64_t m0 = int64_t(blockIdx.y) * kTileM, c0 = int64_t(blockIdx.x) * kTN;
   const int steps = int((R + kTileR - 1) / kTileR);
-  constexpr int kParts = kGrad ? kGradWChunksPerRow / 4 : kFwdWChunksPerRow / 4;  // decode threads per row
-  const int drow = decode_row(tid, kParts), dpart = decode_part(tid, kParts);
-  const int drow_offset = hopper_decode_row_offset(kGrad, drow, dpart);
+  int drow[kUnits], dpart[kUnits], drow_offset[kUnits];
+#pragma unroll
+  for (int u = 0; u < kUnits; ++u) {
+    drow[u] = decode_row(tid + u * kThreads, kParts);
+    dpart[u] = decode_part(tid + u * kThreads, kParts);
+    drow_offset[u] = hopper_decode_row_offset(kGrad, drow[u], dpart[u]);
+  }
 
   if (tid < 16) table[tid] = cb.value[tid];
   const float mean = am.f32 ? 0.0f : *am.mean;
   __syncthreads();  // the table, before the first decode
 
-  // The weight element a thread fetches at step s: forward row n = c0 + drow, k = 64 s + 32 part;
-  // input gradient row n = 64 s + drow, k = c0 + 32 part (32-bit indices: the launcher checks).
+  // The weights unit u fetches at step s: forward row n = c0 + row, k = 64 s + 32 part; input gradient
+  // row n = 64 s + row, k = c0 + 32 part (32-bit indices: the launcher checks).
+  WeightFetch fetched[kUnits];
   auto fetch_step = [&](int s) {
-    const uint32_t n = kGrad ? uint32_t(s) * kTileR + drow : uint32_t(c0) + drow;
-    const uint32_t k = kGrad ? uint32_t(c0) + 32 * dpart : uint32_t(s) * kTileR + 32 * dpart;
-    return fetch_weights(codes, am, n, k, uint32_t(N), uint32_t(K));
+#pragma unroll
+    for (int u = 0; u < kUnits; ++u) {
+      const uint32_t n = kGrad ? uint32_t(s) * kTileR + drow[u] : uint32_t(c0) + drow[u];
+      const uint32_t k = kGrad ? uint32_t(c0) + 32 * dpart[u] : uint32_t(s) * kTileR + 32 * dpart[u];
+      fetched[u] = fetch_weights(codes, am, n, k, uint32_t(N), uint32_t(K));
+    }
+  };
+  auto decode_step = [&](uint16_t* wtile) {
+#pragma unroll
+    for (int u = 0; u < kUnits; ++u) decode_weights<BF16>(wtile, fetched[u], table, am, mean, drow_offset[u], dpart[u]);
   };
 
   // Prologue: activation stages 0 and 1 in flight; step 0's weights decoded; step 1's fetched.
@@ -177,29 +321,29 @@ __global__ void __launch_bounds__(kThreads, 2)
     if (s < steps) load_act_tile<kVecAct>(act_stages + s * kTileElems, act, M, R, m0, int64_t(s) * kTileR, tid);
     cp_async_commit();
   }
-  WeightFetch fetched = fetch_step(0);
-  decode_weights<BF16>(wtiles, fetched, table, am, mean, drow_offset, dpart);
-  if (steps > 1) fetched = fetch_step(1);
+  fetch_step(0);
+  decode_step(wtiles);
+  if (steps > 1) fetch_step(1);
   cp_async_wait<kStages - 2>();  // stage 0 has landed
   fence_proxy_async();
   __syncthreads();
 
-  float acc[kHopperAccRegs];
+  float acc[kAcc];
 #pragma unroll
-  for (int i = 0; i < kHopperAccRegs; ++i) acc[i] = 0.0f;
+  for (int i = 0; i < kAcc; ++i) acc[i] = 0.0f;
 
   const uint32_t act_smem = smem_addr(act_stages), w_smem = smem_addr(wtiles);
   constexpr uint32_t kBLbo = kGrad ? kGradLbo : kKMajorLbo, kBSbo = kGrad ? kGradSbo : kKMajorSbo;
   for (int s = 0; s < steps; ++s) {
     // Activation stage s and weight buffer s % 2 are complete and visible to wgmma.
     const uint32_t a_tile = act_smem + (s % kStages) * kTileElems * 2;
-    const uint32_t b_tile = w_smem + (s % kHopperWeightBuffers) * kTileElems * 2;
+    const uint32_t b_tile = w_smem + (s % kHopperWeightBuffers) * kWTileElems * 2;
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < kTileR / 16; ++ks) {
       const uint64_t da = wgmma_desc(a_tile + hopper_a_offset(warpgroup, ks), kKMajorLbo, kKMajorSbo);
       const uint64_t db = wgmma_desc(b_tile + hopper_b_offset(kGrad, ks), kBLbo, kBSbo);
-      wgmma_m64n128k16<BF16, kGrad>(acc, da, db);
+      wgmma_m64k16<kTN, BF16, kGrad>(acc, da, db);
     }
     wgmma_commit();
     // While step s runs on the tensor cores: step s - 1's wgmma (the last reader of activation stage
@@ -212,9 +356,8 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
     cp_async_commit();  // possibly empty: keeps the group count = steps issued
     if (s + 1 < steps) {
-      decode_weights<BF16>(wtiles + ((s + 1) % kHopperWeightBuffers) * kTileElems, fetched, table, am, mean,
-                           drow_offset, dpart);
-      if (s + 2 < steps) fetched = fetch_step(s + 2);
+      decode_step(wtiles + ((s + 1) % kHopperWeightBuffers) * kWTileElems);
+      if (s + 2 < steps) fetch_step(s + 2);
     }
     cp_async_wait<kStages - 2>();  // groups 0..s+1 complete: activation stage s + 1 has landed
     fence_proxy_async();
@@ -225,7 +368,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   // Epilogue: register r of thread tid is CTA-tile element (hopper_acc_row, hopper_acc_col); r and r + 1 are
   // neighbouring columns.
 #pragma unroll
-  for (int r = 0; r < kHopperAccRegs; r += 2) {
+  for (int r = 0; r < kAcc; r += 2) {
     const int64_t row = m0 + hopper_acc_row(tid, r);
     const int64_t col = c0 + hopper_acc_col(tid, r);
     if (row >= M || col >= out_cols) continue;
@@ -250,17 +393,24 @@ __global__ void __launch_bounds__(kThreads, 2)
 // Writes 1 from an sm_90a image (the one that has the wgmma kernel body), 0 from any other.
 __global__ void hopper_probe_kernel(int* out) { *out = QLORA_HAS_WGMMA; }
 
-template <bool BF16, bool kGrad, bool kVecAct>
-cudaError_t launch(const Linear4bitProblem& p, const void* act, const void* bias, void* out, cudaStream_t stream) {
-  auto kernel = hopper_gemm_kernel<BF16, kGrad, kVecAct>;
-  QLORA_CUDA_RETURN_IF_ERROR(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kHopperSmemBytes));
+template <int kTN, bool BF16, bool kGrad, bool kVecAct>
+cudaError_t launch_tile(const Linear4bitProblem& p, const void* act, const void* bias, void* out,
+                        cudaStream_t stream) {
+  auto kernel = hopper_gemm_kernel<kTN, BF16, kGrad, kVecAct>;
+  constexpr int kSmem = hopper_smem_bytes(kTN);
+  QLORA_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
   const int64_t out_cols = kGrad ? p.k : p.n;
-  const dim3 grid(unsigned((out_cols + kTileN - 1) / kTileN), unsigned((p.m + kTileM - 1) / kTileM));
-  kernel<<<grid, kThreads, kHopperSmemBytes, stream>>>(static_cast<const uint16_t*>(act), p.codes, p.absmax,
-                                                       p.codebook, p.m, p.n, p.k, static_cast<const uint16_t*>(bias),
-                                                       static_cast<uint16_t*>(out));
+  const dim3 grid(unsigned((out_cols + kTN - 1) / kTN), unsigned((p.m + kTileM - 1) / kTileM));
+  kernel<<<grid, kThreads, kSmem, stream>>>(static_cast<const uint16_t*>(act), p.codes, p.absmax, p.codebook, p.m,
+                                            p.n, p.k, static_cast<const uint16_t*>(bias), static_cast<uint16_t*>(out));
   return cudaGetLastError();
+}
+
+template <bool BF16, bool kGrad, bool kVecAct>
+cudaError_t launch(const Linear4bitProblem& p, int tile_n, const void* act, const void* bias, void* out,
+                   cudaStream_t stream) {
+  return tile_n == 256 ? launch_tile<256, BF16, kGrad, kVecAct>(p, act, bias, out, stream)
+                       : launch_tile<128, BF16, kGrad, kVecAct>(p, act, bias, out, stream);
 }
 
 bool valid_hopper(const Linear4bitProblem& p) {
@@ -326,23 +476,33 @@ bool hopper_gemm_available(int device, cudaStream_t stream) {
   return g_wgmma[device].load(std::memory_order_acquire) == kYes;
 }
 
-cudaError_t hopper_linear_forward(const Linear4bitProblem& p, const void* x, const void* bias, void* y,
-                                  cudaStream_t stream) {
-  QLORA_NVTX_RANGE_FN();
-  if (!valid_hopper(p) || reinterpret_cast<uintptr_t>(x) % 16 != 0) return cudaErrorInvalidValue;
-  return p.bf16 ? launch<true, false, true>(p, x, bias, y, stream) : launch<false, false, true>(p, x, bias, y, stream);
+int hopper_tile_n(const Linear4bitProblem& p, bool grad, int requested) {
+  if (requested == 128 || requested == 256) return requested;
+  // Automatic: the wide tile (half the activation traffic per flop) once there are columns for it.
+  return (grad ? p.k : p.n) > 128 ? 256 : 128;
 }
 
-cudaError_t hopper_linear_grad_input(const Linear4bitProblem& p, const void* dy, void* dx, cudaStream_t stream) {
+cudaError_t hopper_linear_forward(const Linear4bitProblem& p, const void* x, const void* bias, void* y,
+                                  int tile_n, cudaStream_t stream) {
+  QLORA_NVTX_RANGE_FN();
+  if (!valid_hopper(p) || reinterpret_cast<uintptr_t>(x) % 16 != 0) return cudaErrorInvalidValue;
+  const int tn = hopper_tile_n(p, false, tile_n);
+  return p.bf16 ? launch<true, false, true>(p, tn, x, bias, y, stream)
+                : launch<false, false, true>(p, tn, x, bias, y, stream);
+}
+
+cudaError_t hopper_linear_grad_input(const Linear4bitProblem& p, const void* dy, void* dx, int tile_n,
+                                     cudaStream_t stream) {
   QLORA_NVTX_RANGE_FN();
   if (!valid_hopper(p)) return cudaErrorInvalidValue;
+  const int tn = hopper_tile_n(p, true, tile_n);
   const bool vec = p.n % kChunkElems == 0 && reinterpret_cast<uintptr_t>(dy) % 16 == 0;
   if (p.bf16) {
-    return vec ? launch<true, true, true>(p, dy, nullptr, dx, stream)
-               : launch<true, true, false>(p, dy, nullptr, dx, stream);
+    return vec ? launch<true, true, true>(p, tn, dy, nullptr, dx, stream)
+               : launch<true, true, false>(p, tn, dy, nullptr, dx, stream);
   }
-  return vec ? launch<false, true, true>(p, dy, nullptr, dx, stream)
-             : launch<false, true, false>(p, dy, nullptr, dx, stream);
+  return vec ? launch<false, true, true>(p, tn, dy, nullptr, dx, stream)
+             : launch<false, true, false>(p, tn, dy, nullptr, dx, stream);
 }
 
 }  // namespace qlora::cuda

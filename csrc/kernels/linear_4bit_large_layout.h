@@ -65,10 +65,12 @@ QLORA_HD int act_copy_chunk(int tid, int i) { return (tid + i * kThreads) % kAct
 // row decode_row, weights 32 * decode_part .. +31 of that row (parts_per_row = 2 forward, 4 grad).
 QLORA_HD int decode_row(int tid, int parts_per_row) { return tid / parts_per_row; }
 QLORA_HD int decode_part(int tid, int parts_per_row) { return tid % parts_per_row; }
-// Step s (0..3) of a thread stores its chunk 4 * part + (s ^ 2 (part / 2)): the rotation by part / 2 keeps the
-// 8 threads of a store phase in 8 different bank groups when rows have 16 chunks; as an XOR, the kernel gets
-// every step's offset from swizzle(row, 4 * part) by swizzle_moved (4 * part shares no bit with s ^ ...).
-QLORA_HD int decode_store_chunk(int part, int s) { return 4 * part + (s ^ (2 * (part >> 1))); }
+// Step s (0..3) of a thread stores its chunk 4 * part + (s ^ rot(part)), rot = 0, 2, 1, 3 for part / 2 = 0..3:
+// the rotation keeps the 8 threads of a store phase in 8 different bank groups (two rows of 4 parts, or one
+// row of 8 parts in the Hopper kernel's 256-wide input-gradient tile); as an XOR, the kernel gets every step's
+// offset from the offset of chunk 4 * part by an XOR (4 * part shares no bit with s ^ rot < 4).
+QLORA_HD int decode_store_rotation(int part) { return 2 * ((part >> 1) & 1) + ((part >> 2) & 1); }
+QLORA_HD int decode_store_chunk(int part, int s) { return 4 * part + (s ^ decode_store_rotation(part)); }
 
 // Packed codes: element (n, k) of W [N, K] is nibble (k even: high, odd: low) of byte n * K/2 + k/2;
 // its absmax is block n * K/64 + k/64 (blocksize 64 runs along k).
@@ -102,25 +104,33 @@ QLORA_HD int ldsm_bt_row(int lane) { return (((lane >> 3) & 1) << 3) + (lane & 7
 QLORA_HD int ldsm_bt_chunk(int lane) { return lane >> 4; }
 
 // ---- Hopper: wgmma (sm_90a) -------------------------------------------------------------------------
-// The wgmma kernel keeps the CTA tile, the copies and the decode above. Its activation tile and its forward
-// weight tile (rows of 8 chunks, chunk ^ (row % 8), 1024-byte aligned) are exactly wgmma's K-major
-// 128-byte-swizzle canonical layout: 8-row x 128-byte atoms, atoms SBO = 1024 bytes apart, the 16-byte chunk
-// index XORed with address bits 7-9. The input gradient reads W [n, k] with the reduction n as wgmma's K, so
-// its weight tile (64 rows n x 128 k) is stored MN-major: two 64-column halves (k 0-63, then k 64-127), each
-// 64 rows n of 8 swizzled chunks; halves LBO = 8 KiB apart, 8-row groups SBO = 1024 bytes apart.
-constexpr int kHopperWarpgroups = 2;      // warpgroup g computes CTA rows 64 g .. 64 g + 63, all 128 columns
+// The wgmma kernel keeps the CTA's 128 rows, the 64-deep reduction step, the copies and the decode above; its
+// tile width TN (output columns per CTA) is 128 or 256. Its activation tile and its forward weight tile
+// (rows of 8 chunks, chunk ^ (row % 8), 1024-byte aligned) are exactly wgmma's K-major 128-byte-swizzle
+// canonical layout: 8-row x 128-byte atoms, atoms SBO = 1024 bytes apart, the 16-byte chunk index XORed with
+// address bits 7-9. The input gradient reads W [n, k] with the reduction n as wgmma's K, so its weight tile
+// (64 rows n x TN k) is stored MN-major: TN / 64 column blocks of 64 k, each 64 rows n of 8 swizzled chunks;
+// blocks LBO = 8 KiB apart, 8-row groups SBO = 1024 bytes apart.
+constexpr int kHopperWarpgroups = 2;      // warpgroup g computes CTA rows 64 g .. 64 g + 63, all TN columns
 constexpr int kHopperWeightBuffers = 2;   // the decode of step s + 1 overlaps the wgmma of step s
 constexpr int kHopperSmemAlign = 1024;    // the swizzle is a function of the address: atoms 1024-aligned
-constexpr int kHopperSmemBytes = (kStages + kHopperWeightBuffers) * kTileElems * 2 + kHopperSmemAlign;
-constexpr int kHopperAccRegs = 64;        // m64n128 fp32 accumulators per thread
-constexpr int kGradHalfElems = kTileR * 64;  // one 64-column half of the input-gradient weight tile
+constexpr int kGradBlockElems = kTileR * 64;  // one 64-column block of the input-gradient weight tile
 
-// Element offset of logical (row n, chunk16 0..15) in the Hopper input-gradient weight tile.
-QLORA_HD int hopper_grad_w_offset(int row, int chunk16) {
-  return (chunk16 / 8) * kGradHalfElems + swizzle(row, chunk16 % 8, 8);
+QLORA_HD constexpr int hopper_weight_tile_elems(int tile_n) { return tile_n * kTileR; }
+QLORA_HD constexpr int hopper_smem_bytes(int tile_n) {
+  return kStages * kTileElems * 2 + kHopperWeightBuffers * hopper_weight_tile_elems(tile_n) * 2 + kHopperSmemAlign;
 }
-// Where the decode of thread (row, part) puts chunk 4 * part of its row (decode_weights adds the rest by XOR):
-// forward as in the mma.sync kernel; input gradient in the MN-major halves.
+QLORA_HD constexpr int hopper_acc_regs(int tile_n) { return tile_n / 2; }  // m64nTN fp32 accumulators per thread
+// Decode units of 32 weights (one 16-byte code load) per thread and step: 1 (TN = 128) or 2 (TN = 256). Unit
+// u of thread tid is number tid + u * kThreads; its row and part come from decode_row / decode_part.
+QLORA_HD constexpr int hopper_decode_units(int tile_n) { return hopper_weight_tile_elems(tile_n) / (32 * kThreads); }
+// Parts (32-weight pieces) per weight-tile row: forward rows hold 64 k, input-gradient rows TN k.
+QLORA_HD constexpr int hopper_decode_parts(bool grad, int tile_n) { return grad ? tile_n / 32 : kTileR / 32; }
+
+// Element offset of logical (row n, chunk c) in the Hopper input-gradient weight tile (c < TN / 8).
+QLORA_HD int hopper_grad_w_offset(int row, int chunk) { return (chunk / 8) * kGradBlockElems + swizzle(row, chunk % 8, 8); }
+// Where the decode of unit (row, part) puts chunk 4 * part of its row (decode_weights adds the rest by XOR):
+// forward as in the mma.sync kernel; input gradient in the MN-major column blocks.
 QLORA_HD int hopper_decode_row_offset(bool grad, int row, int part) {
   return grad ? hopper_grad_w_offset(row, 4 * part) : swizzle(row, 4 * part, kFwdWChunksPerRow);
 }
@@ -135,7 +145,7 @@ QLORA_HD uint64_t wgmma_desc(uint32_t smem_byte_addr, uint32_t lbo_bytes, uint32
 // K-major operands (A, forward B): LBO is unused with 128-byte swizzle (one atom spans the tile's 64 k).
 constexpr uint32_t kKMajorLbo = 16, kKMajorSbo = 1024;
 // The MN-major input-gradient B: LBO = next 64 columns k, SBO = next 8 rows n.
-constexpr uint32_t kGradLbo = kGradHalfElems * 2, kGradSbo = 1024;
+constexpr uint32_t kGradLbo = kGradBlockElems * 2, kGradSbo = 1024;
 // Byte offsets from a tile's base of the operands of k16 step ks (0..3): A of warpgroup g starts at its row 64 g
 // and moves 32 bytes (16 k) within the swizzled rows, as does the forward B; the MN-major B moves 16 rows n.
 QLORA_HD uint32_t hopper_a_offset(int warpgroup, int ks) { return uint32_t(warpgroup * 64 * 128 + 32 * ks); }

@@ -94,9 +94,12 @@ at::Tensor linear_4bit_cuda(const at::Tensor& x, const at::Tensor& codes, const 
     const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
     at::Tensor y = at::empty({m, a.n}, x2.options());
     if (kind == FusedKind::LargeM || kind == FusedKind::LargeMHopper) {
-      const auto launch = kind == FusedKind::LargeM ? cuda::fused_large_linear_forward : cuda::hopper_linear_forward;
-      C10_CUDA_CHECK(launch(f.problem, x2.data_ptr(), b.defined() ? b.data_ptr() : nullptr, y.data_ptr(),
-                            at::cuda::getCurrentCUDAStream()));
+      const void* bias_ptr = b.defined() ? b.data_ptr() : nullptr;
+      const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+      C10_CUDA_CHECK(kind == FusedKind::LargeM
+                         ? cuda::fused_large_linear_forward(f.problem, x2.data_ptr(), bias_ptr, y.data_ptr(), stream)
+                         : cuda::hopper_linear_forward(f.problem, x2.data_ptr(), bias_ptr, y.data_ptr(),
+                                                       hopper_tile_n(), stream));
       return y.view(with_last_dim(x, a.n));
     }
     at::Tensor ws = at::empty({cuda::fused_forward_workspace_bytes(f.problem, f.num_sms) / 4},
@@ -127,9 +130,11 @@ at::Tensor linear_4bit_grad_input_cuda(const at::Tensor& grad_out, const at::Ten
     const at::Tensor dy2 = grad_out.reshape({-1, a.n}).contiguous();
     at::Tensor dx = at::empty({m, a.k}, dy2.options());
     if (kind == FusedKind::LargeM || kind == FusedKind::LargeMHopper) {
-      const auto launch =
-          kind == FusedKind::LargeM ? cuda::fused_large_linear_grad_input : cuda::hopper_linear_grad_input;
-      C10_CUDA_CHECK(launch(f.problem, dy2.data_ptr(), dx.data_ptr(), at::cuda::getCurrentCUDAStream()));
+      const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+      C10_CUDA_CHECK(kind == FusedKind::LargeM
+                         ? cuda::fused_large_linear_grad_input(f.problem, dy2.data_ptr(), dx.data_ptr(), stream)
+                         : cuda::hopper_linear_grad_input(f.problem, dy2.data_ptr(), dx.data_ptr(), hopper_tile_n(),
+                                                          stream));
       return dx.view(with_last_dim(grad_out, a.k));
     }
     at::Tensor ws = at::empty({cuda::fused_grad_input_workspace_bytes(f.problem, f.num_sms) / 4},

@@ -8,6 +8,15 @@
 namespace qlora::ops {
 namespace {
 std::atomic<int> g_backend{static_cast<int>(LinearBackend::Auto)};
+std::atomic<int> g_hopper_tile_n{0};
+}
+
+int hopper_tile_n() { return g_hopper_tile_n.load(std::memory_order_relaxed); }
+
+void set_hopper_tile_n(int64_t tile_n) {
+  TORCH_CHECK_VALUE(tile_n == 0 || tile_n == 128 || tile_n == 256,
+                    "tile_n must be 0 (automatic), 128 or 256, got ", tile_n);
+  g_hopper_tile_n.store(int(tile_n));
 }
 
 LinearBackend linear_backend() { return static_cast<LinearBackend>(g_backend.load(std::memory_order_relaxed)); }

@@ -16,6 +16,11 @@ LinearBackend linear_backend();
 void set_linear_backend(const std::string& name);
 std::string linear_backend_name();
 
+// The Hopper large-M kernels' tile width (output columns per CTA): 0 = their own choice by shape, or 128 / 256
+// (set_hopper_tile_n; for tests and benchmarks that compare the two).
+int hopper_tile_n();
+void set_hopper_tile_n(int64_t tile_n);
+
 #if defined(QLORA_WITH_CUDA)
 // The large-M kernel that "fused" runs on CUDA device `device`: "wgmma" or "mma.sync" (linear_4bit_cuda_ops.cpp).
 std::string fused_large_kernel(int64_t device);

@@ -92,8 +92,14 @@ pybind11::dict large_gemm_constants() {
   d["hopper_warpgroups"] = L::kHopperWarpgroups;
   d["hopper_weight_buffers"] = L::kHopperWeightBuffers;
   d["hopper_smem_align"] = L::kHopperSmemAlign;
-  d["hopper_smem_bytes"] = L::kHopperSmemBytes;
-  d["hopper_acc_regs"] = L::kHopperAccRegs;
+  for (int tn : {128, 256}) {
+    const std::string s = std::to_string(tn);
+    d[("hopper_smem_bytes_" + s).c_str()] = L::hopper_smem_bytes(tn);
+    d[("hopper_acc_regs_" + s).c_str()] = L::hopper_acc_regs(tn);
+    d[("hopper_decode_units_" + s).c_str()] = L::hopper_decode_units(tn);
+    d[("hopper_decode_parts_fwd_" + s).c_str()] = L::hopper_decode_parts(false, tn);
+    d[("hopper_decode_parts_grad_" + s).c_str()] = L::hopper_decode_parts(true, tn);
+  }
   d["k_major_lbo"] = L::kKMajorLbo;
   d["k_major_sbo"] = L::kKMajorSbo;
   d["grad_lbo"] = L::kGradLbo;
@@ -110,6 +116,7 @@ int64_t large_gemm_index(const std::string& f, int64_t a, int64_t b, int64_t c, 
   if (f == "decode_row") return L::decode_row(ia, ib);
   if (f == "decode_part") return L::decode_part(ia, ib);
   if (f == "decode_store_chunk") return L::decode_store_chunk(ia, ib);
+  if (f == "decode_store_rotation") return L::decode_store_rotation(ia);
   if (f == "swizzle_moved") return L::swizzle_moved(ia, ib, ic, int(d));
   if (f == "code_byte") return L::code_byte<int64_t>(a, b, c);
   if (f == "absmax_block") return L::absmax_block<int64_t>(a, b, c);
@@ -160,6 +167,10 @@ PYBIND11_MODULE(_C, m) {
         pybind11::arg("function"), pybind11::arg("a"), pybind11::arg("b") = 0, pybind11::arg("c") = 0,
         pybind11::arg("d") = 0);
   m.def("linear_backend", &qlora::ops::linear_backend_name, "The current linear_4bit backend");
+  m.def("set_hopper_tile_n", &qlora::ops::set_hopper_tile_n,
+        "Test/benchmark hook: the Hopper large-M kernels' tile width, 0 (their choice by shape), 128 or 256",
+        pybind11::arg("tile_n"));
+  m.def("hopper_tile_n", &qlora::ops::hopper_tile_n, "The Hopper large-M kernels' tile width setting (0: automatic)");
   m.def("set_cpu_simd", &qlora::cpu::set_simd_enabled, "Use (True) or bypass (False) the AVX2 CPU paths");
   m.def("set_cpu_avx512", &qlora::cpu::set_avx512_enabled, "Use (True) or bypass (False) the AVX-512 CPU paths");
 #if defined(QLORA_WITH_CUDA)
