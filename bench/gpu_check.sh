@@ -15,7 +15,8 @@
 # limit gets SIGINT first (pytest then writes its junit results, the benchmarks their JSON), SIGKILL 20 s later.
 # The report is written in every case, also after a failed build.
 #
-# Parts: build (always run when another part needs it), tests (tests_cuda; tests_cpu in the background),
+# Parts: build (always run when another part needs it), wgmma_smoke (the Hopper kernels alone, first; on failure
+# the rest runs with QLORA_DISABLE_WGMMA=1), tests (tests_cuda; tests_cpu in the background),
 # sanitizer (in the background beside tests_cuda: harness_build, memcheck/racecheck of the harness,
 # memcheck_pytest, racecheck_linear), bench (ceilings, bench_quantize, bench_linear, bench_optim, bench_train_gpu, the
 # paper-claims study item 5 on 7B/65B shapes, harness_bench).
@@ -152,6 +153,22 @@ tee -a "$log" < "$scratch/env.txt"
 
 if want build || want tests || want bench || want sanitizer; then
   part build 240 python3 setup.py build_ext --inplace || echo "build failed: nothing else can run" | tee -a "$log"
+fi
+# The wgmma kernels first, alone, in their own process: they are the newest CUDA code, and a device fault is
+# sticky for a process, so a broken one would fail every later CUDA test of the run. If this smoke test fails,
+# the rest runs with QLORA_DISABLE_WGMMA=1 ("fused" then takes the mma.sync kernels; the report shows the part).
+if (want tests || want bench || want sanitizer) && ok build; then
+  part wgmma_smoke 90 python3 -m pytest -q -p no:cacheprovider -m cuda --basetemp="$scratch/pytest_smoke" \
+    --junitxml="$scratch/junit_wgmma_smoke.xml" \
+    "tests/test_linear_4bit.py::test_cuda_hopper_runs_the_wgmma_kernels" \
+    "tests/test_linear_4bit.py::test_cuda_fused_large_m_code_books[0-65-72-128-True-nf4-128-fused]" \
+    "tests/test_linear_4bit.py::test_cuda_fused_large_m_code_books[1-257-200-4096-False-int4-256-fused]" \
+    "tests/test_linear_4bit.py::test_cuda_forward_backward_every_backend[True-11008-256-4097-torch.bfloat16-fused]" \
+    "tests/test_linear_4bit.py::test_cuda_forward_backward_every_backend[False-97-4160-257-torch.float16-fused]"
+  if ! ok wgmma_smoke; then
+    export QLORA_DISABLE_WGMMA=1
+    echo "wgmma smoke test failed: the rest of the check runs with QLORA_DISABLE_WGMMA=1" | tee -a "$log"
+  fi
 fi
 # Beside the CUDA tests, in the background: the CPU tests (CPU only) and the sanitizer parts (other processes
 # on the GPU; the sanitizer's slowdown is theirs alone).

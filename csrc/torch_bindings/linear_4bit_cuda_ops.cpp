@@ -13,6 +13,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <string>
+
 #include "../kernels/linear_4bit_cuda.h"
 #include "../kernels/linear_4bit_large_layout.h"
 #include "../kernels/quantize_cuda.h"
@@ -38,6 +41,21 @@ at::Tensor dequantize_weight(const at::Tensor& codes, const at::Tensor& absmax,
 // fused kernels are validated and measured faster on a GPU.
 enum class FusedKind { None, SmallM, LargeM, LargeMHopper };
 
+// QLORA_DISABLE_WGMMA=1 keeps "fused" on the mma.sync large-M kernels even on Hopper: bench/gpu_check.sh sets it
+// when the wgmma smoke test fails, so that one broken kernel does not poison the whole CUDA test run (a device
+// fault is sticky for the process).
+bool wgmma_disabled() {
+  static const bool disabled = [] {
+    const char* v = std::getenv("QLORA_DISABLE_WGMMA");
+    return v != nullptr && std::string(v) == "1";
+  }();
+  return disabled;
+}
+
+bool use_hopper(c10::DeviceIndex device) {
+  return !wgmma_disabled() && cuda::hopper_gemm_available(device, at::cuda::getCurrentCUDAStream(device).stream());
+}
+
 FusedKind fused_kind(int64_t m, at::ScalarType dtype, int64_t blocksize, const Linear4bitArgs& a,
                      c10::DeviceIndex device) {
   const LinearBackend backend = linear_backend();
@@ -48,11 +66,7 @@ FusedKind fused_kind(int64_t m, at::ScalarType dtype, int64_t blocksize, const L
   const bool large_fits =
       large::fits_32bit_weight_index(a.n, a.k) && (m + large::kTileM - 1) / large::kTileM <= 65535;
   if (!large_fits) return FusedKind::None;
-  if (backend == LinearBackend::Fused &&
-      cuda::hopper_gemm_available(device, at::cuda::getCurrentCUDAStream(device).stream())) {
-    return FusedKind::LargeMHopper;
-  }
-  return FusedKind::LargeM;
+  return backend == LinearBackend::Fused && use_hopper(device) ? FusedKind::LargeMHopper : FusedKind::LargeM;
 }
 
 // The inputs of the fused kernels: the weight's buffers (kept alive) and the problem pointing into them.
@@ -155,8 +169,7 @@ std::string fused_large_kernel(int64_t device) {
   TORCH_CHECK_VALUE(device >= 0 && device < at::cuda::device_count(), "device must be a CUDA device index below ",
                     int(at::cuda::device_count()), ", got ", device);
   const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
-  const bool hopper = cuda::hopper_gemm_available(int(device), at::cuda::getCurrentCUDAStream().stream());
-  return hopper ? "wgmma" : "mma.sync";
+  return use_hopper(static_cast<c10::DeviceIndex>(device)) ? "wgmma" : "mma.sync";
 }
 
 TORCH_LIBRARY_IMPL(qlora_ext, CUDA, m) {
