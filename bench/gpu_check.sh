@@ -16,7 +16,8 @@
 # The report is written in every case, also after a failed build.
 #
 # Parts: build (always run when another part needs it), wgmma_smoke (the Hopper kernels alone, first; on failure
-# the rest runs with QLORA_DISABLE_WGMMA=1), tests (tests_cuda; tests_cpu in the background),
+# wgmma_diagnose prints how they are wrong and the rest runs with QLORA_DISABLE_WGMMA=1), tests (tests_cuda;
+# tests_cpu in the background),
 # sanitizer (in the background beside tests_cuda: harness_build, memcheck/racecheck of the harness,
 # memcheck_pytest, racecheck_linear), bench (ceilings, bench_quantize, bench_linear, bench_optim, bench_train_gpu, the
 # paper-claims study item 5 on 7B/65B shapes, harness_bench).
@@ -166,6 +167,7 @@ if (want tests || want bench || want sanitizer) && ok build; then
     "tests/test_linear_4bit.py::test_cuda_forward_backward_every_backend[True-11008-256-4097-torch.bfloat16-fused]" \
     "tests/test_linear_4bit.py::test_cuda_forward_backward_every_backend[False-97-4160-257-torch.float16-fused]"
   if ! ok wgmma_smoke; then
+    part wgmma_diagnose 60 python3 bench/diagnose_fused_cuda.py --backend fused  # how it is wrong, for the log
     export QLORA_DISABLE_WGMMA=1
     echo "wgmma smoke test failed: the rest of the check runs with QLORA_DISABLE_WGMMA=1" | tee -a "$log"
   fi

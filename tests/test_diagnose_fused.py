@@ -1,0 +1,75 @@
+"""bench/diagnose_fused_cuda.py names layout bugs: it runs here on the CPU ops, with bugs injected into them."""
+import os
+import sys
+
+import torch
+
+import qlora_ext
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+import diagnose_fused_cuda as diag  # noqa: E402
+
+OPS = torch.ops.qlora_ext
+
+
+class BuggyOps:
+    """The two linear ops on the CPU, their output passed through `bug`."""
+
+    def __init__(self, bug):
+        self.bug = bug
+
+    def linear_4bit(self, *args):
+        return self.bug(OPS.linear_4bit(*args))
+
+    def linear_4bit_grad_input(self, *args):
+        return self.bug(OPS.linear_4bit_grad_input(*args))
+
+
+class MissingStepOps(BuggyOps):
+    """The forward without the product of one 64-wide reduction step (a pipeline bug)."""
+
+    def __init__(self, step):
+        super().__init__(lambda y: y)
+        self.step = step
+
+    def linear_4bit(self, x, *args):
+        only_step = torch.zeros_like(x)
+        only_step[:, 64 * self.step:64 * self.step + 64] = x[:, 64 * self.step:64 * self.step + 64]
+        return OPS.linear_4bit(x, *args) - OPS.linear_4bit(only_step, *args)
+
+
+def run(ops, direction="fwd", steps=3):
+    gen = torch.Generator().manual_seed(0)
+    return "\n".join(diag.diagnose(direction, 128, steps, ops, qlora_ext, gen, device="cpu"))
+
+
+def test_correct_output_is_reported_correct():
+    for direction in ("fwd", "bwd"):
+        assert "correct (16384 outputs)" in run(BuggyOps(lambda y: y), direction)
+
+
+def test_swapped_row_groups_show_as_a_row_permutation():
+    text = run(BuggyOps(lambda y: torch.cat([y[8:16], y[0:8], y[16:]])))
+    assert "by 8-row group: 0.99 0.99 0.00" in text
+    assert "rows: 128/128 match some reference rows within 5%; 16 at another index, e.g. 0->8, 1->9" in text
+    assert "columns: 0/128 match" in text
+
+
+def test_permuted_columns_show_as_a_column_permutation():
+    perm = torch.randperm(128, generator=torch.Generator().manual_seed(1))
+    text = run(BuggyOps(lambda y: y[:, perm]), "bwd")
+    assert "columns: 128/128 match some reference columns within 5%" in text
+    assert "rows: 0/128 match" in text
+
+
+def test_a_missing_step_shows_in_the_step_coefficients():
+    assert "c = [1.0, 0.0, 1.0] (residual 0.00" in run(MissingStepOps(1))  # bf16 outputs: not exactly 0
+
+
+def test_non_finite_outputs_are_counted():
+    def poison(y):
+        y = y.clone()
+        y[3, 5] = float("nan")
+        return y
+    text = run(BuggyOps(poison), steps=1)
+    assert "1 non-finite outputs" in text and "1/16384 wrong" in text
