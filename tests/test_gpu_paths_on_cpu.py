@@ -96,9 +96,17 @@ def write(path, data):
 if "setup.py" in args:
     print("fake build"); sys.exit(int(os.environ.get("FAKE_BUILD_RC", "0")))
 if args[:2] == ["-m", "pytest"]:
-    suite = "cuda" if "cuda" in args[args.index("-m", 2) + 1:][:1] else "cpu"
-    time.sleep(float(os.environ.get("FAKE_PYTEST_SLEEP_" + suite.upper(), "0")))
     junit = [a.split("=", 1)[1] for a in args if a.startswith("--junitxml=")]
+    if junit and junit[0].endswith("junit_wgmma_smoke.xml"):  # the wgmma smoke test: FAKE_SMOKE_RC decides
+        rc = int(os.environ.get("FAKE_SMOKE_RC", "0"))
+        with open(junit[0], "w") as f:
+            f.write('<?xml version="1.0"?><testsuites><testsuite><testcase classname="tests.test_smoke" name="t">'
+                    + ('<failure message="wrong rows">trace</failure>' if rc else '') + '</testcase></testsuite>'
+                    '</testsuites>')
+        print("1 failed" if rc else "1 passed"); sys.exit(rc)
+    suite = "cuda" if "cuda" in args[args.index("-m", 2) + 1:][:1] else "cpu"
+    print("QLORA_DISABLE_WGMMA=" + os.environ.get("QLORA_DISABLE_WGMMA", "unset"))
+    time.sleep(float(os.environ.get("FAKE_PYTEST_SLEEP_" + suite.upper(), "0")))
     if junit:
         with open(junit[0], "w") as f:
             f.write('<?xml version="1.0"?><testsuites><testsuite>'
@@ -110,7 +118,9 @@ if args[:2] == ["-m", "pytest"]:
     print("1 failed, 1 passed, 1 skipped"); sys.exit(1)
 script = os.path.basename(args[0]) if args else ""
 out = arg_after("--json")
-if script == "ceilings_cuda.py":
+if script == "diagnose_fused_cuda.py":
+    print("fwd TN=128 steps=1: 8192/16384 wrong (fake diagnosis)")
+elif script == "ceilings_cuda.py":
     write(out, {{"copy_GB_per_s": 4300.0, "bf16_matmul_TFLOP_per_s": 780.0}})
 elif script == "bench_quantize_cuda.py":
     write(out, {{"copy_bandwidth_Bps": 4.2e12, "goals": {{"dequantize_pct_of_copy": {{"goal": 90.0, "value": 93.5, "met": True}}}}}})
@@ -188,6 +198,24 @@ def test_gpu_check_full_run_report_has_what_the_issues_ask_for(tmp_path):
     assert sorted(os.listdir(tmp_path / "out")) == ["bench_linear_cuda.json", "bench_optim.json",
                                                      "bench_quantize_cuda.json", "bench_train_gpu.json",
                                                      "gpu_check.json", "gpu_check.log", "gpu_check.md"]
+
+
+def test_gpu_check_failed_wgmma_smoke_diagnoses_and_disables_wgmma(tmp_path):
+    p, md, report = _gpu_check(tmp_path, "--only", "build,tests", FAKE_SMOKE_RC="1")
+    states = {k: v["state"] for k, v in report["parts"].items()}
+    assert list(states)[:3] == ["build", "wgmma_smoke", "wgmma_diagnose"], states
+    assert states["wgmma_smoke"] == "FAILED" and states["wgmma_diagnose"] == "ok"
+    log = (tmp_path / "out" / "gpu_check.log").read_text()
+    assert "8192/16384 wrong (fake diagnosis)" in log
+    assert "QLORA_DISABLE_WGMMA=1" in log and "QLORA_DISABLE_WGMMA=unset" not in log  # the later pytest runs
+    assert "wgmma_smoke: 0 passed, 1 failed" in md
+
+
+def test_gpu_check_passed_wgmma_smoke_keeps_wgmma(tmp_path):
+    p, md, report = _gpu_check(tmp_path, "--only", "build,tests")
+    assert "wgmma_diagnose" not in report["parts"] and report["parts"]["wgmma_smoke"]["state"] == "ok"
+    log = (tmp_path / "out" / "gpu_check.log").read_text()
+    assert "QLORA_DISABLE_WGMMA=unset" in log and "QLORA_DISABLE_WGMMA=1" not in log
 
 
 def test_gpu_check_failed_build_still_reports(tmp_path):

@@ -6,8 +6,10 @@ Hopper. These tests read the fat binary with cuobjdump (from the CUDA toolkit, o
 triton) and check, for whatever arch list the extension was built with:
 - every image the arch list names is there;
 - in an sm_90a image, each of the twelve Hopper kernel instances issues exactly four HGMMA 64xTNx16 (one per k16
-  step of a 64-wide reduction tile; TN = 128 or 256, the instance's tile width), waits for the tensor cores at the
-  two places meant (WARPGROUP.DEPBAR), and contains no local-memory spills; in any other image, no HGMMA at all.
+  step of a 64-wide reduction tile; TN = 128 or 256, the instance's tile width) of the instance's input type
+  (BF16 or F16), with B transposed (.tnspB, the MN-major weight tile) in the input-gradient instances alone, waits
+  for the tensor cores at the two places meant (WARPGROUP.DEPBAR), and contains no local-memory spills; in any
+  other image, no HGMMA at all.
 The tests skip on a CPU-only build, and when no cuobjdump is found unless QLORA_REQUIRE_SASS_CHECK=1 (CI sets it).
 """
 import glob
@@ -86,10 +88,14 @@ def test_hopper_kernels_are_wgmma_in_sm90a_only(sass_by_arch):
         # tile width 128, 256 x bf16/fp16 x forward, grad (vector loads), grad (plain loads)
         assert len(hopper) == 12, (arch, sorted(hopper))
         for name, body in hopper.items():
-            tile_n = re.search(r"hopper_gemm_kernelILi(\d+)E", name).group(1)
-            hgmma = re.findall(r"HGMMA\.64x(\d+)x16\.F32(?:\.BF16)?\b", body)
+            # template arguments <kTN, BF16, kGrad, kVecAct>
+            tile_n, bf16, grad = re.search(r"hopper_gemm_kernelILi(\d+)ELb([01])ELb([01])E", name).groups()
+            hgmma = re.findall(r"HGMMA\.64x(\d+)x16\.F32(\.BF16)?\s+\w+,\s*gdesc\[\w+\](\.tnspB)?", body)
             if arch == "sm_90a":
-                assert hgmma == [tile_n] * 4, (name, hgmma)
+                assert [h[0] for h in hgmma] == [tile_n] * 4, (name, hgmma)
+                # bf16 or fp16 inputs as instantiated; B transposed (MN-major) in the input gradient alone
+                assert all(h[1] == (".BF16" if bf16 == "1" else "") for h in hgmma), (name, hgmma)
+                assert all(h[2] == (".tnspB" if grad == "1" else "") for h in hgmma), (name, hgmma)
                 assert len(re.findall(r"WARPGROUP\.DEPBAR", body)) == 2, name  # wait_group 1 in the loop, 0 after
                 assert len(re.findall(r"WARPGROUP\.ARRIVE", body)) == 1, name
                 assert not re.search(r"\b(STL|LDL)\b", body), f"{name}: local-memory spills"

@@ -152,18 +152,8 @@ __global__ void __launch_bounds__(kThreads, 2)
         const int64_t row = m0 + wr0 + mt * 16 + g + 8 * h;
         const int64_t col = c0 + wc0 + nt * 8 + 2 * t;
         if (row >= M || col >= out_cols) continue;
-        float v0 = acc[mt][nt][2 * h], v1 = acc[mt][nt][2 * h + 1];
-        if (!kGrad && bias) {
-          v0 += act_to_f32<BF16>(bias[col]);
-          if (col + 1 < out_cols) v1 += act_to_f32<BF16>(bias[col + 1]);
-        }
-        uint16_t* dst = out + row * out_cols + col;
-        if (col + 1 < out_cols && out_cols % 2 == 0) {  // 4-byte aligned pair
-          *reinterpret_cast<uint32_t*>(dst) = uint32_t(f32_to_act<BF16>(v0)) | (uint32_t(f32_to_act<BF16>(v1)) << 16);
-        } else {
-          dst[0] = f32_to_act<BF16>(v0);
-          if (col + 1 < out_cols) dst[1] = f32_to_act<BF16>(v1);
-        }
+        store_output_pair<BF16>(out, kGrad ? nullptr : bias, row, col, out_cols, acc[mt][nt][2 * h],
+                                acc[mt][nt][2 * h + 1]);
       }
 }
 

@@ -115,4 +115,24 @@ __device__ __forceinline__ void decode_weights(uint16_t* wtile, const WeightFetc
   }
 }
 
+// Epilogue: output elements (row, col) and (row, col + 1) from two fp32 accumulators, plus the bias (forward;
+// null in the input gradient), rounded once to the activation dtype; the caller has checked row < M and
+// col < out_cols. One 4-byte store when both columns exist and the pair is 4-byte aligned.
+template <bool BF16>
+__device__ __forceinline__ void store_output_pair(uint16_t* __restrict__ out, const uint16_t* __restrict__ bias,
+                                                  int64_t row, int64_t col, int64_t out_cols, float v0, float v1) {
+  const bool pair = col + 1 < out_cols;
+  if (bias) {
+    v0 += act_to_f32<BF16>(bias[col]);
+    if (pair) v1 += act_to_f32<BF16>(bias[col + 1]);
+  }
+  uint16_t* dst = out + row * out_cols + col;
+  if (pair && out_cols % 2 == 0) {
+    *reinterpret_cast<uint32_t*>(dst) = uint32_t(f32_to_act<BF16>(v0)) | (uint32_t(f32_to_act<BF16>(v1)) << 16);
+  } else {
+    dst[0] = f32_to_act<BF16>(v0);
+    if (pair) dst[1] = f32_to_act<BF16>(v1);
+  }
+}
+
 }  // namespace qlora::cuda::large_tiles
