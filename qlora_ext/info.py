@@ -19,7 +19,8 @@ def main() -> None:
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
             ok = "ok" if (p.major, p.minor) >= (8, 0) else "too old (needs 8.0+)"
-            print(f"  GPU {i}: {p.name}, sm_{p.major}{p.minor} ({ok})")
+            large = f"; fused large-M kernels: {qlora_ext.fused_large_kernel(i)}" if info["cuda"] and ok == "ok" else ""
+            print(f"  GPU {i}: {p.name}, sm_{p.major}{p.minor} ({ok}{large})")
     else:
         print("  GPU: none visible")
 

@@ -21,7 +21,7 @@ def set_linear_backend(backend: str) -> None:
 def fused_large_kernel(device=None) -> str:
     """Which large-M kernel backend "fused" runs on a CUDA device (default: the current one): "wgmma" (Hopper,
     with the build's sm_90a image loaded) or "mma.sync"; "none" in a build without CUDA kernels."""
-    if not hasattr(_C, "fused_large_kernel"):
+    if not hasattr(_C, "fused_large_kernel") or not torch.cuda.is_available():
         return "none"
     index = None if device is None else torch.device(device).index
     return _C.fused_large_kernel(torch.cuda.current_device() if index is None else index)

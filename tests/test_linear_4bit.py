@@ -170,6 +170,13 @@ def hopper_tile_n(request):
     _C.set_hopper_tile_n(0)
 
 
+def test_fused_large_kernel_without_a_gpu_says_none():
+    if not HAS_CUDA:
+        assert qlora_ext.fused_large_kernel() == "none"
+    else:
+        assert qlora_ext.fused_large_kernel() in ("wgmma", "mma.sync")
+
+
 def test_hopper_tile_switch():
     assert _C.hopper_tile_n() == 0
     with pytest.raises(ValueError, match="tile_n must be 0 .automatic., 128 or 256, got 64"):
