@@ -72,10 +72,12 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 WITH_CUDA = want_cuda(cuda_home)
 
 # Layout: csrc/kernels/*.cpp are torch-free CPU kernels, csrc/kernels/*.cu torch-free CUDA kernels;
-# csrc/torch_bindings/*_cuda_ops.cpp are the CUDA op implementations, every other binding file is
-# device-independent or CPU (schemas are declared with TORCH_LIBRARY_FRAGMENT next to their ops).
+# csrc/torch_bindings/*_cuda_ops.cpp are the CUDA op implementations and *_cuda.cpp their CUDA-only helpers;
+# every other binding file is device-independent or CPU (schemas are declared with TORCH_LIBRARY_FRAGMENT next
+# to their ops).
 kernel_cpu_sources = sorted(glob.glob("csrc/kernels/*.cpp"))
-cuda_binding_sources = sorted(glob.glob("csrc/torch_bindings/*_cuda_ops.cpp"))
+cuda_binding_sources = sorted(glob.glob("csrc/torch_bindings/*_cuda_ops.cpp") +
+                              glob.glob("csrc/torch_bindings/*_cuda.cpp"))
 binding_cpu_sources = sorted(set(glob.glob("csrc/torch_bindings/*.cpp")) - set(cuda_binding_sources))
 cuda_sources = sorted(glob.glob("csrc/kernels/*.cu")) + cuda_binding_sources
 

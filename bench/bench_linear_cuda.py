@@ -15,6 +15,8 @@ Shapes (N, K): (8192, 8192) and the Llama-7B MLP (11008, 4096) and (4096, 11008)
   ours fused_tn128  on a GPU where "fused" runs wgmma (M > 64 only): "fused" with the 128-column tile forced
                     (qlora_ext._C.set_hopper_tile_n(128)); "fused" itself takes 256 columns here
   ours dequant      the same with backend "dequant" (dequantize to bf16, then cuBLAS)
+  ours tune         the same with backend "tune": the fastest of the above for the shape, measured by the op the
+                    first time (in the check before timing); qlora_ext._C.linear_tuning_cache() is saved too
   bnb               bitsandbytes (if importable), weight from bnb.functional.quantize_4bit(w, blocksize=64,
                     quant_type="nf4", compress_statistics=True); forward bnb.matmul_4bit(x, w4.t(),
                     quant_state=qs); backward bnb's training path: dy @ bnb.functional.dequantize_4bit(w4, qs)
@@ -65,7 +67,7 @@ FUSED_MAX_M = 64  # cuda::kFusedMaxM: the "fused" backend's small-M kernels up t
 
 DEFAULT_SHAPES = ((8192, 8192), (11008, 4096), (4096, 11008))
 DEFAULT_MS = (1, 16, 128, 4096, 16384)
-BACKENDS = ("auto", "fused", "fused_mma", "dequant")
+BACKENDS = ("auto", "fused", "fused_mma", "dequant", "tune")
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64  # 4-bit codes + one FP8 absmax per 64 weights
 BF16_BYTES = 2
 
@@ -353,8 +355,8 @@ def main(argv=None) -> int:
         return f"{v:{width}.2f}" if v is not None else f"{'-':>{width}}"
 
     print("Summary: cuBLAS bf16 time / time (above 1: faster than cuBLAS); ceil = the ceiling of that ratio")
-    print(f"  {'shape':<12}{'dir':<5}{'M':>6}{'auto':>8}{'fused':>8}{'tn128':>8}{'mma':>8}{'dequant':>8}{'bnb':>8}"
-          f"{'ceil':>8}{'auto/ceil':>10}")
+    print(f"  {'shape':<12}{'dir':<5}{'M':>6}{'auto':>8}{'fused':>8}{'tn128':>8}{'mma':>8}{'dequant':>8}{'tune':>8}"
+          f"{'bnb':>8}{'ceil':>8}{'auto/ceil':>10}")
     for n, k in shapes:
         for d in ("fwd", "bwd"):
             for m in args.ms:
@@ -435,8 +437,11 @@ def main(argv=None) -> int:
             "benchmark": "bench_linear_cuda",
             "shapes": [list(s) for s in shapes], "ms": args.ms, "dtype": "bfloat16", "blocksize": BLOCKSIZE,
             "quant_type": QUANT_TYPE, "double_quant": True, "backends": list(backends),
-            "fused_max_m": FUSED_MAX_M, "fused_large_kernel": large_kernel, "reps": args.reps, "warmup": args.warmup, "padded": not args.no_pad,
-            "seed": args.seed, "wall_s": wall, "interrupted": interrupted,
+            "fused_max_m": FUSED_MAX_M, "fused_large_kernel": large_kernel, "reps": args.reps,
+            "warmup": args.warmup, "padded": not args.no_pad, "seed": args.seed,
+            "tuning_cache": [[key, name, us] for key, (name, us) in
+                             (qlora_ext._C.linear_tuning_cache() if hasattr(qlora_ext._C, "linear_tuning_cache")
+                              else [])], "wall_s": wall, "interrupted": interrupted,
             "device": {"name": props.name, "capability": [props.major, props.minor],
                        "memory_bytes": props.total_memory, "sms": props.multi_processor_count},
             "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "qlora_ext": qlora_ext.__version__,

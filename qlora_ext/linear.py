@@ -13,8 +13,11 @@ def set_linear_backend(backend: str) -> None:
     choice by shape; today dequantize + cuBLAS everywhere until the fused kernels are validated on a GPU),
     "fused" (the fused kernels where they apply: bf16/fp16, blocksize 64; small-M kernels for M <= 64,
     large-M kernels above: wgmma on Hopper when the build has sm_90a, mma.sync otherwise; not yet validated
-    on a GPU), "fused_mma" ("fused" with the mma.sync large-M kernels on every GPU) or "dequant"
-    (dequantize, then cuBLAS). CPU always dequantizes tiles of W and multiplies them."""
+    on a GPU), "fused_mma" ("fused" with the mma.sync large-M kernels on every GPU), "dequant"
+    (dequantize, then cuBLAS) or "tune" (measures dequantize + cuBLAS and every fused kernel that applies the
+    first time a class of problem is seen: same dtype, direction, N, K and M up to the same power of two; keeps
+    the fastest; qlora_ext._C.linear_tuning_cache() lists the choices). CPU always dequantizes tiles of W and
+    multiplies them."""
     _C.set_linear_backend(backend)
 
 

@@ -188,23 +188,23 @@ def test_hopper_tile_switch():
 
 def test_backend_switch():
     assert qlora_ext.linear_backend() == "auto"
-    with pytest.raises(ValueError, match="backend must be 'auto', 'fused', 'fused_mma' or 'dequant'"):
+    with pytest.raises(ValueError, match="backend must be 'auto', 'fused', 'fused_mma', 'dequant' or 'tune'"):
         qlora_ext.set_linear_backend("fast")
-    for name in ("fused", "fused_mma", "dequant", "auto"):
+    for name in ("fused", "fused_mma", "dequant", "tune", "auto"):
         qlora_ext.set_linear_backend(name)
         assert qlora_ext.linear_backend() == name
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
-@pytest.mark.parametrize("backend", ["auto", "fused", "fused_mma", "dequant"], indirect=True)
+@pytest.mark.parametrize("backend", ["auto", "fused", "fused_mma", "dequant", "tune"], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("m", [1, 3, 16, 17, 33, 64, 65, 128, 257, 4097])  # "fused": small-M kernels to 64
 @pytest.mark.parametrize("n,k", [(1, 64), (65, 128), (11008, 256), (256, 4096), (97, 4160)])
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_cuda_forward_backward_every_backend(backend, dtype, m, n, k, double_quant):
     """Fresh inputs each run; outputs poisoned by the allocator fixture; odd M, N and K. On Hopper "fused" runs
-    the wgmma large-M kernels and "fused_mma" the mma.sync ones."""
+    the wgmma large-M kernels and "fused_mma" the mma.sync ones; "tune" whichever it measured fastest."""
     if backend == "fused_mma" and m <= 64:
         pytest.skip("M <= 64: the same small-M kernels as 'fused'")
     q = make_weight(n, k, seed=m, double_quant=double_quant)  # quantized on the CPU (the reference kernels)
@@ -228,6 +228,31 @@ def test_cuda_forward_backward_every_backend(backend, dtype, m, n, k, double_qua
     assert rel_err(dx, ref_dx) <= 2 * rel_err(plain_dx, ref_dx) + eps
     # deterministic: the split partial sums are added in a fixed order
     assert torch.equal(linear_4bit(x, qc, b), y)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
+@pytest.mark.parametrize("backend", ["tune"], indirect=True)
+def test_cuda_tune_measures_once_per_class_and_keeps_a_candidate(backend):
+    _C.clear_linear_tuning_cache()
+    q = make_weight(256, 512).to("cuda")
+    qa = (q.codes, q.absmax, q.absmax_scale, q.absmax_mean)
+    w32 = qlora_ext.dequantize(q, torch.float32)
+    for m in (300, 257, 512, 3):  # 300, 257 and 512: one class (M <= 512); 3: another
+        x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
+        dy = torch.randn(m, 256, device="cuda", dtype=torch.bfloat16)
+        y = ops.linear_4bit(x, *qa, None, 64, "nf4", 256)
+        dx = ops.linear_4bit_grad_input(dy, *qa, 64, "nf4", 512)
+        assert rel_err(y, x.float() @ w32.t()) < 1e-2 and rel_err(dx, dy.float() @ w32) < 1e-2
+    cache = dict((key, choice) for key, choice in _C.linear_tuning_cache())
+    assert sorted(k.split(" M<=")[1].split()[0] + " " + k.split()[0] for k in cache) == \
+        ["4 bwd", "4 fwd", "512 bwd", "512 fwd"], cache
+    large = {"dequant+cuBLAS", "fused mma.sync", "fused wgmma TN=128", "fused wgmma TN=256"}
+    for key, (name, us) in cache.items():
+        assert name in (large if "M<=512" in key else {"dequant+cuBLAS", "fused small-M"}), (key, name)
+        assert 0 < us < 1e5
+    _C.clear_linear_tuning_cache()
+    assert _C.linear_tuning_cache() == []
 
 
 @pytest.mark.cuda

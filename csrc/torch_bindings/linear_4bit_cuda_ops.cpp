@@ -4,7 +4,8 @@
 //   else csrc/kernels/linear_4bit_large_cuda.cu with mma.sync), and
 // - dequantize + cuBLAS (as bitsandbytes does for training: the dense W exists transiently in x's dtype).
 // "auto" routes everything to dequantize + cuBLAS until the fused kernels have been validated and
-// measured faster on a GPU (bench/bench_linear_cuda.py); set_linear_backend("fused") forces them.
+// measured faster on a GPU (bench/bench_linear_cuda.py); set_linear_backend("fused") forces them, and "tune"
+// measures every candidate once per class of problem and keeps the fastest (linear_autotune_cuda.h).
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
@@ -14,11 +15,14 @@
 #include <torch/library.h>
 
 #include <cstdlib>
+#include <functional>
 #include <string>
+#include <vector>
 
 #include "../kernels/linear_4bit_cuda.h"
 #include "../kernels/linear_4bit_large_layout.h"
 #include "../kernels/quantize_cuda.h"
+#include "linear_autotune_cuda.h"
 #include "linear_backend.h"
 #include "linear_4bit_common.h"
 #include "quantized_tensors.h"
@@ -37,10 +41,6 @@ at::Tensor dequantize_weight(const at::Tensor& codes, const at::Tensor& absmax,
   return w;
 }
 
-// Which fused kernel family serves a call, if any: "auto" stays on dequantize + cuBLAS for every M until the
-// fused kernels are validated and measured faster on a GPU.
-enum class FusedKind { None, SmallM, LargeM, LargeMHopper };
-
 // QLORA_DISABLE_WGMMA=1 keeps "fused" on the mma.sync large-M kernels even on Hopper: bench/gpu_check.sh sets it
 // when the wgmma smoke test fails, so that one broken kernel does not poison the whole CUDA test run (a device
 // fault is sticky for the process).
@@ -56,17 +56,67 @@ bool use_hopper(c10::DeviceIndex device) {
   return !wgmma_disabled() && cuda::hopper_gemm_available(device, at::cuda::getCurrentCUDAStream(device).stream());
 }
 
-FusedKind fused_kind(int64_t m, at::ScalarType dtype, int64_t blocksize, const Linear4bitArgs& a,
-                     c10::DeviceIndex device) {
-  const LinearBackend backend = linear_backend();
+// One way to compute a call: dequantize + cuBLAS, or one of the fused kernels (tile_n: the Hopper kernels' tile
+// width, 0 = theirs to choose).
+struct Plan {
+  enum Kind { Dequant, SmallM, LargeM, Hopper } kind = Dequant;
+  int tile_n = 0;
+  std::string name() const {
+    switch (kind) {
+      case SmallM: return "fused small-M";
+      case LargeM: return "fused mma.sync";
+      case Hopper: return "fused wgmma TN=" + (tile_n ? std::to_string(tile_n) : std::string("auto"));
+      default: return "dequant+cuBLAS";
+    }
+  }
+};
+
+// The fused kernels that can serve (m, dtype, blocksize) on `device`: none, the small-M one, or the large-M
+// ones (wgmma in both tile widths when available, then mma.sync).
+std::vector<Plan> fused_plans(int64_t m, at::ScalarType dtype, int64_t blocksize, const Linear4bitArgs& a,
+                              c10::DeviceIndex device) {
   const bool applies = m >= 1 && blocksize == 64 && (dtype == at::kBFloat16 || dtype == at::kHalf);
-  if (!applies || (backend != LinearBackend::Fused && backend != LinearBackend::FusedMma)) return FusedKind::None;
-  if (m <= cuda::kFusedMaxM) return FusedKind::SmallM;
+  if (!applies) return {};
+  if (m <= cuda::kFusedMaxM) return {Plan{Plan::SmallM}};
   // the large-M kernels index the weight in 32 bits and put M / 128 tiles on grid.y
-  const bool large_fits =
-      large::fits_32bit_weight_index(a.n, a.k) && (m + large::kTileM - 1) / large::kTileM <= 65535;
-  if (!large_fits) return FusedKind::None;
-  return backend == LinearBackend::Fused && use_hopper(device) ? FusedKind::LargeMHopper : FusedKind::LargeM;
+  if (!large::fits_32bit_weight_index(a.n, a.k) || (m + large::kTileM - 1) / large::kTileM > 65535) return {};
+  std::vector<Plan> plans;
+  if (use_hopper(device)) plans = {Plan{Plan::Hopper, 128}, Plan{Plan::Hopper, 256}};
+  plans.push_back(Plan{Plan::LargeM});
+  return plans;
+}
+
+// The plan of the fixed backends: "auto" stays on dequantize + cuBLAS for every M until the fused kernels are
+// validated and measured faster on a GPU; "fused" takes the first fused candidate (wgmma on Hopper, in the
+// tile width set_hopper_tile_n asks for), "fused_mma" the last (small-M, or mma.sync).
+Plan fixed_plan(const std::vector<Plan>& fused) {
+  switch (linear_backend()) {
+    case LinearBackend::Fused:
+      if (fused.empty()) return Plan{};
+      return fused.front().kind == Plan::Hopper ? Plan{Plan::Hopper, hopper_tile_n()} : fused.front();
+    case LinearBackend::FusedMma:
+      return fused.empty() ? Plan{} : fused.back();
+    default:
+      return Plan{};
+  }
+}
+
+// "tune": the fastest of dequantize + cuBLAS and the fused candidates for this class of problem (M rounded up
+// to a power of two), measured the first time the class is seen; dequantize + cuBLAS during graph capture.
+Plan tuned(const char* direction, int64_t m, at::ScalarType dtype, const Linear4bitArgs& a, bool has_bias,
+           std::vector<Plan> candidates, const std::function<void(const Plan&)>& run) {
+  candidates.insert(candidates.begin(), Plan{});
+  if (candidates.size() == 1) return candidates[0];
+  int64_t m_class = 1;
+  while (m_class < m) m_class *= 2;
+  const std::string key = std::string(direction) + " " + c10::toString(dtype) + " N=" + std::to_string(a.n) +
+                          " K=" + std::to_string(a.k) + " M<=" + std::to_string(m_class) +
+                          (a.double_quant ? " fp8-absmax" : " fp32-absmax") + (has_bias ? " bias" : "") +
+                          " cuda:" + std::to_string(int(c10::cuda::current_device()));
+  std::vector<std::string> names;
+  for (const Plan& p : candidates) names.push_back(p.name());
+  const int i = tuned_choice(key, names, [&](int j) { run(candidates[size_t(j)]); });
+  return i < 0 ? Plan{} : candidates[size_t(i)];
 }
 
 // The inputs of the fused kernels: the weight's buffers (kept alive) and the problem pointing into them.
@@ -101,32 +151,37 @@ at::Tensor linear_4bit_cuda(const at::Tensor& x, const at::Tensor& codes, const 
   check_bias(bias, x, a.n);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t m = x.numel() / a.k;
-  const FusedKind kind = fused_kind(m, x.scalar_type(), blocksize, a, x.get_device());
-  if (kind != FusedKind::None) {
+  const std::vector<Plan> fused = fused_plans(m, x.scalar_type(), blocksize, a, x.get_device());
+
+  auto run = [&](const Plan& plan) -> at::Tensor {
+    if (plan.kind == Plan::Dequant) {
+      const at::Tensor x2 = x.reshape({-1, a.k});
+      const at::Tensor w = dequantize_weight(codes, absmax, absmax_scale, absmax_mean, blocksize, a, x.scalar_type());
+      return bias.has_value() ? at::addmm(*bias, x2, w.t()) : at::mm(x2, w.t());
+    }
     const FusedInputs f(codes, absmax, absmax_scale, absmax_mean, blocksize, a, m, x.scalar_type());
     const at::Tensor x2 = aligned_contiguous(x.reshape({-1, a.k}));
     const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+    const void* bias_ptr = b.defined() ? b.data_ptr() : nullptr;
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     at::Tensor y = at::empty({m, a.n}, x2.options());
-    if (kind == FusedKind::LargeM || kind == FusedKind::LargeMHopper) {
-      const void* bias_ptr = b.defined() ? b.data_ptr() : nullptr;
-      const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-      C10_CUDA_CHECK(kind == FusedKind::LargeM
-                         ? cuda::fused_large_linear_forward(f.problem, x2.data_ptr(), bias_ptr, y.data_ptr(), stream)
-                         : cuda::hopper_linear_forward(f.problem, x2.data_ptr(), bias_ptr, y.data_ptr(),
-                                                       hopper_tile_n(), stream));
-      return y.view(with_last_dim(x, a.n));
+    if (plan.kind == Plan::LargeM) {
+      C10_CUDA_CHECK(cuda::fused_large_linear_forward(f.problem, x2.data_ptr(), bias_ptr, y.data_ptr(), stream));
+    } else if (plan.kind == Plan::Hopper) {
+      C10_CUDA_CHECK(
+          cuda::hopper_linear_forward(f.problem, x2.data_ptr(), bias_ptr, y.data_ptr(), plan.tile_n, stream));
+    } else {
+      at::Tensor ws = at::empty({cuda::fused_forward_workspace_bytes(f.problem, f.num_sms) / 4},
+                                x2.options().dtype(at::kFloat));
+      C10_CUDA_CHECK(cuda::fused_linear_forward(f.problem, x2.data_ptr(), bias_ptr, y.data_ptr(),
+                                                ws.data_ptr<float>(), f.num_sms, stream));
     }
-    at::Tensor ws = at::empty({cuda::fused_forward_workspace_bytes(f.problem, f.num_sms) / 4},
-                              x2.options().dtype(at::kFloat));
-    C10_CUDA_CHECK(cuda::fused_linear_forward(f.problem, x2.data_ptr(), b.defined() ? b.data_ptr() : nullptr,
-                                              y.data_ptr(), ws.data_ptr<float>(), f.num_sms,
-                                              at::cuda::getCurrentCUDAStream()));
-    return y.view(with_last_dim(x, a.n));
-  }
-  const at::Tensor x2 = x.reshape({-1, a.k});
-  const at::Tensor w = dequantize_weight(codes, absmax, absmax_scale, absmax_mean, blocksize, a, x.scalar_type());
-  const at::Tensor y = bias.has_value() ? at::addmm(*bias, x2, w.t()) : at::mm(x2, w.t());
-  return y.view(with_last_dim(x, a.n));
+    return y;
+  };
+  const Plan plan = linear_backend() == LinearBackend::Tune
+                        ? tuned("fwd", m, x.scalar_type(), a, bias.has_value(), fused, [&](const Plan& p) { run(p); })
+                        : fixed_plan(fused);
+  return run(plan).view(with_last_dim(x, a.n));
 }
 
 at::Tensor linear_4bit_grad_input_cuda(const at::Tensor& grad_out, const at::Tensor& codes, const at::Tensor& absmax,
@@ -138,29 +193,34 @@ at::Tensor linear_4bit_grad_input_cuda(const at::Tensor& grad_out, const at::Ten
                                                   in_features, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(grad_out.device());
   const int64_t m = grad_out.numel() / a.n;
-  const FusedKind kind = fused_kind(m, grad_out.scalar_type(), blocksize, a, grad_out.get_device());
-  if (kind != FusedKind::None) {
+  const std::vector<Plan> fused = fused_plans(m, grad_out.scalar_type(), blocksize, a, grad_out.get_device());
+
+  auto run = [&](const Plan& plan) -> at::Tensor {
+    if (plan.kind == Plan::Dequant) {
+      const at::Tensor w =
+          dequantize_weight(codes, absmax, absmax_scale, absmax_mean, blocksize, a, grad_out.scalar_type());
+      return at::mm(grad_out.reshape({-1, a.n}), w);
+    }
     const FusedInputs f(codes, absmax, absmax_scale, absmax_mean, blocksize, a, m, grad_out.scalar_type());
     const at::Tensor dy2 = grad_out.reshape({-1, a.n}).contiguous();
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     at::Tensor dx = at::empty({m, a.k}, dy2.options());
-    if (kind == FusedKind::LargeM || kind == FusedKind::LargeMHopper) {
-      const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-      C10_CUDA_CHECK(kind == FusedKind::LargeM
-                         ? cuda::fused_large_linear_grad_input(f.problem, dy2.data_ptr(), dx.data_ptr(), stream)
-                         : cuda::hopper_linear_grad_input(f.problem, dy2.data_ptr(), dx.data_ptr(), hopper_tile_n(),
-                                                          stream));
-      return dx.view(with_last_dim(grad_out, a.k));
+    if (plan.kind == Plan::LargeM) {
+      C10_CUDA_CHECK(cuda::fused_large_linear_grad_input(f.problem, dy2.data_ptr(), dx.data_ptr(), stream));
+    } else if (plan.kind == Plan::Hopper) {
+      C10_CUDA_CHECK(cuda::hopper_linear_grad_input(f.problem, dy2.data_ptr(), dx.data_ptr(), plan.tile_n, stream));
+    } else {
+      at::Tensor ws = at::empty({cuda::fused_grad_input_workspace_bytes(f.problem, f.num_sms) / 4},
+                                dy2.options().dtype(at::kFloat));
+      C10_CUDA_CHECK(cuda::fused_linear_grad_input(f.problem, dy2.data_ptr(), dx.data_ptr(), ws.data_ptr<float>(),
+                                                   f.num_sms, stream));
     }
-    at::Tensor ws = at::empty({cuda::fused_grad_input_workspace_bytes(f.problem, f.num_sms) / 4},
-                              dy2.options().dtype(at::kFloat));
-    C10_CUDA_CHECK(cuda::fused_linear_grad_input(f.problem, dy2.data_ptr(), dx.data_ptr(), ws.data_ptr<float>(),
-                                                 f.num_sms, at::cuda::getCurrentCUDAStream()));
-    return dx.view(with_last_dim(grad_out, a.k));
-  }
-  const at::Tensor dy = grad_out.reshape({-1, a.n});
-  const at::Tensor w =
-      dequantize_weight(codes, absmax, absmax_scale, absmax_mean, blocksize, a, grad_out.scalar_type());
-  return at::mm(dy, w).view(with_last_dim(grad_out, a.k));
+    return dx;
+  };
+  const Plan plan = linear_backend() == LinearBackend::Tune
+                        ? tuned("bwd", m, grad_out.scalar_type(), a, false, fused, [&](const Plan& p) { run(p); })
+                        : fixed_plan(fused);
+  return run(plan).view(with_last_dim(grad_out, a.k));
 }
 
 }  // namespace

@@ -27,7 +27,8 @@ void set_linear_backend(const std::string& name) {
   else if (name == "fused") b = LinearBackend::Fused;
   else if (name == "fused_mma") b = LinearBackend::FusedMma;
   else if (name == "dequant") b = LinearBackend::Dequant;
-  else TORCH_CHECK_VALUE(false, "backend must be 'auto', 'fused', 'fused_mma' or 'dequant', got '", name, "'");
+  else if (name == "tune") b = LinearBackend::Tune;
+  else TORCH_CHECK_VALUE(false, "backend must be 'auto', 'fused', 'fused_mma', 'dequant' or 'tune', got '", name, "'");
   g_backend.store(static_cast<int>(b));
 }
 
@@ -36,6 +37,7 @@ std::string linear_backend_name() {
     case LinearBackend::Fused: return "fused";
     case LinearBackend::FusedMma: return "fused_mma";
     case LinearBackend::Dequant: return "dequant";
+    case LinearBackend::Tune: return "tune";
     default: return "auto";
   }
 }

@@ -2,7 +2,9 @@
 // qlora_ext.set_linear_backend(). "auto" is the dispatcher's choice by shape; "fused" forces the fused
 // kernels where they apply (bf16/fp16, blocksize 64: small-M kernels for M <= 64, large-M kernels above: wgmma
 // on Hopper when the build has sm_90a, mma.sync otherwise); "fused_mma" is "fused" with the mma.sync large-M
-// kernels everywhere (to test and measure them on Hopper); "dequant" forces dequantize + cuBLAS.
+// kernels everywhere (to test and measure them on Hopper); "dequant" forces dequantize + cuBLAS; "tune" measures
+// dequantize + cuBLAS and every fused kernel that applies the first time a class of problem is seen (same
+// dtype, direction, N, K, M up to the same power of two) and keeps the fastest (linear_autotune_cuda.h).
 #pragma once
 
 #include <cstdint>
@@ -10,7 +12,7 @@
 
 namespace qlora::ops {
 
-enum class LinearBackend : int { Auto = 0, Fused = 1, FusedMma = 2, Dequant = 3 };
+enum class LinearBackend : int { Auto = 0, Fused = 1, FusedMma = 2, Dequant = 3, Tune = 4 };
 
 LinearBackend linear_backend();
 void set_linear_backend(const std::string& name);

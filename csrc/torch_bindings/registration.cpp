@@ -18,6 +18,7 @@
 #if defined(QLORA_WITH_CUDA)
 #include <cuda_runtime_api.h>
 
+#include "linear_autotune_cuda.h"
 #include "paged_memory.h"
 #endif
 
@@ -160,8 +161,9 @@ PYBIND11_MODULE(_C, m) {
         "unsigned (exp_avg_sq)", pybind11::arg("is_signed"));
   m.attr("ADAMW8BIT_BLOCK") = qlora::kAdamW8bitBlock;
   m.def("set_linear_backend", &qlora::ops::set_linear_backend,
-        "CUDA linear_4bit implementation: 'auto' (by shape), 'fused' (fused kernels where they apply) or "
-        "'dequant' (dequantize + cuBLAS)", pybind11::arg("backend"));
+        "CUDA linear_4bit implementation: 'auto' (by shape), 'fused' (fused kernels where they apply), "
+        "'fused_mma' (fused, mma.sync for large M), 'dequant' (dequantize + cuBLAS) or 'tune' (the fastest, "
+        "measured once per class of problem)", pybind11::arg("backend"));
   m.def("large_gemm_constants", &large_gemm_constants, "Test hook: the fused large-M GEMM's tile constants");
   m.def("large_gemm_index", &large_gemm_index, "Test hook: one index formula of the fused large-M GEMM",
         pybind11::arg("function"), pybind11::arg("a"), pybind11::arg("b") = 0, pybind11::arg("c") = 0,
@@ -174,6 +176,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_cpu_simd", &qlora::cpu::set_simd_enabled, "Use (True) or bypass (False) the AVX2 CPU paths");
   m.def("set_cpu_avx512", &qlora::cpu::set_avx512_enabled, "Use (True) or bypass (False) the AVX-512 CPU paths");
 #if defined(QLORA_WITH_CUDA)
+  m.def("linear_tuning_cache", &qlora::ops::tuning_cache,
+        "The 'tune' backend's choices: (problem class, fastest implementation, its time in microseconds)");
+  m.def("clear_linear_tuning_cache", &qlora::ops::clear_tuning_cache, "Forgets the 'tune' backend's choices");
   m.def("fused_large_kernel", &qlora::ops::fused_large_kernel,
         "The large-M kernel backend 'fused' runs on a CUDA device: 'wgmma' (Hopper, sm_90a) or 'mma.sync'",
         pybind11::arg("device"));

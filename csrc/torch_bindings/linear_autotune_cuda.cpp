@@ -1,0 +1,66 @@
+// The "tune" backend's measurements and cache (see linear_autotune_cuda.h). CUDA builds only.
+#include "linear_autotune_cuda.h"
+
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAEvent.h>
+#include <c10/cuda/CUDAException.h>
+
+#include <limits>
+#include <map>
+#include <mutex>
+
+namespace qlora::ops {
+namespace {
+
+struct Choice {
+  int index = -1;
+  std::string name;
+  double us = 0.0;
+};
+
+std::mutex g_mutex;
+std::map<std::string, Choice> g_cache;
+
+constexpr int kTimedRuns = 3;
+
+}  // namespace
+
+int tuned_choice(const std::string& key, const std::vector<std::string>& names, const std::function<void(int)>& run) {
+  const std::lock_guard<std::mutex> lock(g_mutex);
+  if (const auto it = g_cache.find(key); it != g_cache.end()) return it->second.index;
+  const at::cuda::CUDAStream stream = at::cuda::getCurrentCUDAStream();
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream.stream(), &capture));
+  if (capture != cudaStreamCaptureStatusNone) return -1;
+  Choice best;
+  best.us = std::numeric_limits<double>::infinity();
+  for (int i = 0; i < int(names.size()); ++i) {
+    run(i);  // warm-up: first-launch costs (module load, cuBLAS heuristics, allocator growth) stay out
+    double fastest = std::numeric_limits<double>::infinity();
+    for (int r = 0; r < kTimedRuns; ++r) {
+      at::cuda::CUDAEvent start(cudaEventDefault), stop(cudaEventDefault);
+      start.record(stream);
+      run(i);
+      stop.record(stream);
+      stop.synchronize();
+      fastest = std::min(fastest, double(start.elapsed_time(stop)) * 1000.0);
+    }
+    if (fastest < best.us) best = Choice{i, names[i], fastest};
+  }
+  g_cache[key] = best;
+  return best.index;
+}
+
+std::vector<std::pair<std::string, std::pair<std::string, double>>> tuning_cache() {
+  const std::lock_guard<std::mutex> lock(g_mutex);
+  std::vector<std::pair<std::string, std::pair<std::string, double>>> out;
+  for (const auto& [key, c] : g_cache) out.push_back({key, {c.name, c.us}});
+  return out;
+}
+
+void clear_tuning_cache() {
+  const std::lock_guard<std::mutex> lock(g_mutex);
+  g_cache.clear();
+}
+
+}  // namespace qlora::ops

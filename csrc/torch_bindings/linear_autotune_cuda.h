@@ -1,0 +1,23 @@
+// The "tune" backend's memory: for each problem class (device, dtype, direction, N, K, M rounded up to a power
+// of two, weight format) the implementation that was fastest when the class was first seen, measured on the
+// caller's stream with CUDA events (like cudnn.benchmark). Used by linear_4bit_cuda_ops.cpp.
+#pragma once
+
+#include <functional>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace qlora::ops {
+
+// Index of the fastest of `n` candidates for `key`: from the cache, or measured now (each candidate run once to
+// warm up, then three timed runs on the current CUDA stream, the minimum counts; the stream is synchronized,
+// once per key). `run(i)` launches candidate i. Returns -1 without measuring while the current stream is
+// capturing a CUDA graph (the caller then takes its default). names[i] is what the cache reports.
+int tuned_choice(const std::string& key, const std::vector<std::string>& names, const std::function<void(int)>& run);
+
+// The cache as (key, chosen candidate's name, its time in microseconds) for reports; and emptied.
+std::vector<std::pair<std::string, std::pair<std::string, double>>> tuning_cache();
+void clear_tuning_cache();
+
+}  // namespace qlora::ops
