@@ -35,15 +35,23 @@ int tuned_choice(const std::string& key, const std::vector<std::string>& names, 
   Choice best;
   best.us = std::numeric_limits<double>::infinity();
   for (int i = 0; i < int(names.size()); ++i) {
-    run(i);  // warm-up: first-launch costs (module load, cuBLAS heuristics, allocator growth) stay out
     double fastest = std::numeric_limits<double>::infinity();
-    for (int r = 0; r < kTimedRuns; ++r) {
-      at::cuda::CUDAEvent start(cudaEventDefault), stop(cudaEventDefault);
-      start.record(stream);
-      run(i);
-      stop.record(stream);
-      stop.synchronize();
-      fastest = std::min(fastest, double(start.elapsed_time(stop)) * 1000.0);
+    try {
+      run(i);  // warm-up: first-launch costs (module load, cuBLAS heuristics, allocator growth) stay out
+      for (int r = 0; r < kTimedRuns; ++r) {
+        at::cuda::CUDAEvent start(cudaEventDefault), stop(cudaEventDefault);
+        start.record(stream);
+        run(i);
+        stop.record(stream);
+        stop.synchronize();
+        fastest = std::min(fastest, double(start.elapsed_time(stop)) * 1000.0);
+      }
+    } catch (const c10::Error&) {
+      // A candidate that cannot launch here (resources, limits) is not chosen; the first one is the caller's
+      // default and must work. A device fault is sticky and fails the next call anyway.
+      if (i == 0) throw;
+      cudaGetLastError();
+      continue;
     }
     if (fastest < best.us) best = Choice{i, names[i], fastest};
   }

@@ -13,7 +13,8 @@ namespace qlora::ops {
 // Index of the fastest of `n` candidates for `key`: from the cache, or measured now (each candidate run once to
 // warm up, then three timed runs on the current CUDA stream, the minimum counts; the stream is synchronized,
 // once per key). `run(i)` launches candidate i. Returns -1 without measuring while the current stream is
-// capturing a CUDA graph (the caller then takes its default). names[i] is what the cache reports.
+// capturing a CUDA graph (the caller then takes its default). A candidate other than the first that throws
+// while measured is left out. names[i] is what the cache reports.
 int tuned_choice(const std::string& key, const std::vector<std::string>& names, const std::function<void(int)>& run);
 
 // The cache as (key, chosen candidate's name, its time in microseconds) for reports; and emptied.
