@@ -3,7 +3,8 @@ quant, our kernels, PagedAdamW) vs transformers + PEFT + bitsandbytes (BitsAndBy
 quant, bnb.optim.PagedAdamW), on a LLaMA-7B-shaped model with random weights.
 
     python bench/bench_train_gpu.py [--layers 32 | --quick] [--batch 1] [--seq-len 512]
-                                    [--warmup 2] [--steps 5] [--json out.json]
+                                    [--warmup 2] [--steps 5] [--linear-backend auto|fused|tune|...]
+                                    [--json out.json]
 
 Needs a CUDA GPU (sm_80+) and a CUDA build of qlora_ext (exits 2 with one line otherwise), transformers;
 the peer needs peft and bitsandbytes (pip install peft==0.21.2 bitsandbytes==0.50.2, or their wheels in
@@ -108,7 +109,8 @@ def hf_loss(model, ids):
     return model(input_ids=ids, labels=ids, use_cache=False).loss
 
 
-def build_ours(s, dev, seed, r, alpha):
+def build_ours(s, dev, seed, r, alpha, linear_backend="auto"):
+    import qlora_ext
     from qlora_ext.nn import Linear4bit, LoRALinear
     from qlora_ext.optim import PagedAdamW
     from qlora_ext.train.loss import causal_lm_loss
@@ -125,7 +127,8 @@ def build_ours(s, dev, seed, r, alpha):
     enable_checkpointing(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = PagedAdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    info = {"loss_fn": causal_lm_loss,
+    qlora_ext.set_linear_backend(linear_backend)  # process-wide; the peer does not use our ops
+    info = {"loss_fn": causal_lm_loss, "linear_backend": linear_backend,
             "optimizer": f"qlora_ext.optim.PagedAdamW (paged={opt.paged and dev.type == 'cuda'})",
             "attn_implementation": getattr(model.config, "_attn_implementation", None),
             "adapter_dtype": str(adapters[0].lora_A.dtype)}
@@ -278,6 +281,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     p.add_argument("--steps", type=int, default=5, help="timed steps (default 5)")
     p.add_argument("--r", type=int, default=16)
+    p.add_argument("--linear-backend", default="auto", choices=("auto", "fused", "fused_mma", "dequant", "tune"),
+                   help="our 4-bit GEMMs (qlora_ext.set_linear_backend; default auto, the shipped dispatcher)")
     p.add_argument("--alpha", type=float, default=32.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", default="qlora_ext,peft_bnb", help="which sides, in this order (default both)")
@@ -347,7 +352,7 @@ def main(argv=None) -> int:
                for _ in range(args.warmup + args.steps)]
     attn = "sdpa"
     builders = {
-        "qlora_ext": lambda: build_ours(shape, dev, args.seed, args.r, args.alpha),
+        "qlora_ext": lambda: build_ours(shape, dev, args.seed, args.r, args.alpha, args.linear_backend),
         "peft_bnb": lambda: build_peer(shape, dev, args.seed, args.r, args.alpha, args.peer_load, args.tmpdir, attn),
     }
     results = []

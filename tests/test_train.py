@@ -137,6 +137,7 @@ def test_resume_refuses_changed_flags(tiny, tmp_path, capsys):
     (dict(target_modules=["q_proj", "qkv"]), "['qkv'] match no nn.Linear"),
     (dict(eval_blocks=100000), "--eval-blocks 100000 plus at least one training block"),
     (dict(quant_type="nf5"), "--quant-type must be one of"),
+    (dict(linear_backend="fast"), "--linear-backend must be one of"),
     (dict(model="/no/such/model"), "is not a directory"),
 ])
 def test_bad_inputs_give_clear_errors(tiny, tmp_path, change, message):
@@ -206,17 +207,26 @@ def test_study_gpu_step_code_path_on_a_tiny_shape():
 @pytest.mark.cuda
 @pytest.mark.skipif(not (torch.cuda.is_available() and qlora_ext.build_info()["cuda"]),
                     reason="needs a CUDA GPU and a CUDA build")
-def test_train_on_cuda_bf16_autocast(tiny, tmp_path):
+@pytest.mark.parametrize("linear_backend", ["auto", "fused"])
+def test_train_on_cuda_bf16_autocast(tiny, tmp_path, linear_backend):
     """The same tiny run on the GPU (bf16 base and autocast, fp32 adapters), with the paged optimizer when
-    this build has it; then resumed bit-exactly on the GPU."""
+    this build has it; then resumed bit-exactly on the GPU. "fused": the fused 4-bit GEMMs in training."""
     try:
         import qlora_ext.optim  # noqa: F401
         optimizer = "paged_adamw"
     except ImportError:
         optimizer = "adamw"
     out = tmp_path / "run"
-    r = train(_cfg(tiny, out, device="cuda", optimizer=optimizer, steps=6, save_every=3, eval_every=3),
-              log=lambda s: None)
+    try:
+        _train_resume_on_cuda(tiny, out, optimizer, linear_backend)
+    finally:
+        qlora_ext.set_linear_backend("auto")
+
+
+def _train_resume_on_cuda(tiny, out, optimizer, linear_backend):
+    r = train(_cfg(tiny, out, device="cuda", optimizer=optimizer, steps=6, save_every=3, eval_every=3,
+                   linear_backend=linear_backend), log=lambda s: None)
+    assert qlora_ext.linear_backend() == linear_backend
     assert r["eval_after"]["loss"] < r["eval_before"]["loss"]
     assert r["memory"]["cuda_max_allocated"] > 0 and r["memory"]["peak"] >= r["memory"]["cuda_max_allocated"]
     from safetensors.torch import load_file

@@ -12,6 +12,7 @@ DEFAULT_MODEL = "smollm2"          # the embedded SmolLM2-135M-Instruct (see qlo
 QUANT_TYPES = ("nf4", "fp4", "int4", "none")
 SCHEDULES = ("cosine", "constant")
 OPTIMIZERS = ("adamw", "paged_adamw", "paged_adamw8bit")
+LINEAR_BACKENDS = ("auto", "fused", "fused_mma", "dequant", "tune")
 
 
 class ConfigError(ValueError):
@@ -52,6 +53,7 @@ class TrainConfig:
     eval_every: int = 50                # steps between evaluations (and one before training, one at the end)
     save_every: int = 50                # steps between resumable checkpoints (and one at the end)
     device: str = "auto"                # auto: cuda when available, else cpu
+    linear_backend: str = "auto"        # CUDA 4-bit GEMMs: auto | fused | fused_mma | dequant | tune (see README)
     resume: bool = False                # continue the run in output_dir from its latest checkpoint
     progress: bool = True               # the tqdm bar
 
@@ -72,6 +74,8 @@ class TrainConfig:
         need(0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}")
         need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
              f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
+        need(self.linear_backend in LINEAR_BACKENDS,
+             f"--linear-backend must be one of {LINEAR_BACKENDS}, got {self.linear_backend!r}")
         return self
 
     def to_dict(self) -> dict:
@@ -150,7 +154,7 @@ def _field_help() -> dict:
 
 
 # Flags that may differ on --resume: they do not change what is computed.
-RESUME_MAY_CHANGE = ("resume", "progress", "device", "output_dir")
+RESUME_MAY_CHANGE = ("resume", "progress", "device", "linear_backend", "output_dir")
 
 
 def resume_config(output_dir: str, explicit: dict) -> TrainConfig:

@@ -18,7 +18,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from .. import model_summary, prepare_model
+from .. import model_summary, prepare_model, set_linear_backend
 from ..nn import Linear4bit
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig
@@ -127,6 +127,8 @@ class Trainer:
         self.cfg = cfg.validate()
         self.log = log
         self.device = resolve_device(cfg.device)
+        if self.device.type == "cuda":
+            set_linear_backend(cfg.linear_backend)  # process-wide, as torch.backends switches are
 
     # -- setup ---------------------------------------------------------------------------------------
     def setup(self) -> None:
