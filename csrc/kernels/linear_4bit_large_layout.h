@@ -128,7 +128,9 @@ QLORA_HD constexpr int hopper_decode_units(int tile_n) { return hopper_weight_ti
 QLORA_HD constexpr int hopper_decode_parts(bool grad, int tile_n) { return grad ? tile_n / 32 : kTileR / 32; }
 
 // Element offset of logical (row n, chunk c) in the Hopper input-gradient weight tile (c < TN / 8).
-QLORA_HD int hopper_grad_w_offset(int row, int chunk) { return (chunk / 8) * kGradBlockElems + swizzle(row, chunk % 8, 8); }
+QLORA_HD int hopper_grad_w_offset(int row, int chunk) {
+  return (chunk / 8) * kGradBlockElems + swizzle(row, chunk % 8, 8);
+}
 // Where the decode of unit (row, part) puts chunk 4 * part of its row (decode_weights adds the rest by XOR):
 // forward as in the mma.sync kernel; input gradient in the MN-major column blocks.
 QLORA_HD int hopper_decode_row_offset(bool grad, int row, int part) {

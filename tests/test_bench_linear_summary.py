@@ -1,0 +1,56 @@
+"""bench/bench_linear_cuda.py's summary and goals, driven with made-up times (the benchmark itself needs a
+GPU: a crash or a wrong verdict in its last step would waste a GPU session's measurements)."""
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+import bench_linear_cuda as bench  # noqa: E402
+
+N = K = 8192
+MS = [1, 16, 128, 4096, 16384]
+
+
+def times(ratio_auto, ratio_tune=None, bnb=1.0, dequant=1.0):
+    """T for the goal shape: cuBLAS 1 s; auto = 1 / ratio_auto s; bnb and dequant as given (seconds)."""
+    T = {}
+    for d in ("fwd", "bwd"):
+        for m in MS:
+            T[(N, K, d, m, "cuBLAS bf16")] = 1.0
+            T[(N, K, d, m, "ours auto")] = 1.0 / ratio_auto[m]
+            T[(N, K, d, m, "bnb")] = bnb
+            T[(N, K, d, m, "ours dequant")] = dequant
+            if ratio_tune is not None:
+                T[(N, K, d, m, "ours tune")] = 1.0 / ratio_tune[m]
+    return T
+
+
+def test_goals_met_and_not_met(capsys):
+    auto = {1: 3.4, 16: 2.0, 128: 1.3, 4096: 0.96, 16384: 0.97}
+    goals = bench.summarize(times(auto), [(N, K)], MS)
+    assert goals["fwd_M1_cublas_over_auto"]["met"] and goals["fwd_M1_cublas_over_auto"]["value"] == 3.4
+    assert not goals["fwd_M16_cublas_over_auto"]["met"]  # goal 3.0
+    assert abs(goals["fwd_M1_cublas_over_auto"]["fraction_of_ceiling"] - 3.4 / bench.ceiling(N, K, 1)) < 1e-12
+    assert goals["bwd_M4096_cublas_over_auto"]["met"] and goals["bwd_M16384_cublas_over_auto"]["met"]
+    # "must": bnb and dequant take 1 s, auto 1/3.4 .. 1/0.96 s: the worst is M = 4096 (0.96 < 0.98)
+    assert not goals["must_fwd_auto_vs_bnb"]["met"] and abs(goals["must_fwd_auto_vs_bnb"]["value"] - 0.96) < 1e-12
+    assert not any(name.endswith("tune") or "_tune_" in name for name in goals)  # tune not measured
+    out = capsys.readouterr().out
+    assert "GOAL forward  M=1     cuBLAS/auto >= 3.3: 3.40 -> met" in out
+    assert "GOAL forward  M=16    cuBLAS/auto >= 3.0: 2.00 -> NOT met" in out
+
+
+def test_tune_goals_are_reported_beside_auto(capsys):
+    auto = {m: 1.0 for m in MS}
+    tune = {1: 3.5, 16: 3.1, 128: 1.4, 4096: 1.0, 16384: 1.0}
+    goals = bench.summarize(times(auto, tune), [(N, K)], MS)
+    assert not goals["fwd_M1_cublas_over_auto"]["met"] and goals["fwd_M1_cublas_over_tune"]["met"]
+    assert goals["must_bwd_tune_vs_dequant"]["met"] and goals["must_bwd_auto_vs_dequant"]["met"]
+    assert 'The same goals for backend "tune"' in capsys.readouterr().out
+
+
+def test_missing_methods_and_other_shapes_do_not_crash(capsys):
+    T = {(4096, 11008, "fwd", 1, "cuBLAS bf16"): 1.0, (4096, 11008, "fwd", 1, "ours auto"): 0.5}
+    goals = bench.summarize(T, [(4096, 11008)], [1])
+    assert goals == {}
+    out = capsys.readouterr().out
+    assert "goals: not evaluated" in out and "4096x11008" in out
