@@ -11,7 +11,8 @@
 //   its 32 weights), stored K-major in swizzled shared memory. The dense W never exists in global memory.
 // - ldmatrix feeds the fragments: forward reads W rows as B columns directly; the input gradient reduces over
 //   n, so it reads the same K-major tile transposed (ldmatrix .trans): one decoded copy, two orientations.
-// Every index formula lives in linear_4bit_large_layout.h, which the CPU test emulates.
+// Every index formula lives in linear_4bit_large_layout.h, which the CPU test emulates; the copy, fetch, decode
+// and epilogue store are shared with the Hopper (wgmma) kernel in linear_4bit_large_tiles.cuh.
 // Resources (ptxas, CUDA 13.0): 126-128 registers, no spills, on sm_80 and sm_90 (launch bounds: 2 CTAs of 256
 // threads per SM); 64 KiB dynamic shared memory per CTA (3 x 16 KiB activation stages + 16 KiB weight tile),
 // opted in with cudaFuncSetAttribute. Not yet run on a GPU: "auto" keeps dequantize + cuBLAS.
