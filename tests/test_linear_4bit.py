@@ -207,6 +207,8 @@ def test_cuda_forward_backward_every_backend(backend, dtype, m, n, k, double_qua
     the wgmma large-M kernels and "fused_mma" the mma.sync ones; "tune" whichever it measured fastest."""
     if backend == "fused_mma" and m <= 64:
         pytest.skip("M <= 64: the same small-M kernels as 'fused'")
+    if backend == "tune" and (dtype != torch.bfloat16 or not double_quant):
+        pytest.skip("'tune' picks among the kernels tested above: bf16 with double quant shows it picks right")
     q = make_weight(n, k, seed=m, double_quant=double_quant)  # quantized on the CPU (the reference kernels)
     g = torch.Generator().manual_seed(n + k)
     x = torch.randn(m, k, generator=g).to(dtype).cuda()
