@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, for a lent GPU machine (H200: python3 3.12, torch 2.11 cu130, nvcc 13.0, no network): builds
-# the extension for the GPU, runs the tests (the ~1070 CUDA ones; the CPU ones alongside, in the background),
-# compute-sanitizer on the native harness and on a small CUDA test subset (also alongside), the benchmarks,
-# and writes a Markdown + JSON report.
+# the extension for the GPU (sm_90a), runs the tests (the ~1650 CUDA ones; the CPU ones alongside, in the
+# background), compute-sanitizer on the native harness and on a small CUDA test subset (also alongside), the
+# benchmarks, and writes a Markdown + JSON report.
 #
 #   bash bench/gpu_check.sh --commit SHA [--only build,tests,sanitizer,bench] [--budget SECONDS] [--out DIR]
 #
