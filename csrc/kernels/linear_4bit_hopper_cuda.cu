@@ -269,16 +269,17 @@ std::mutex g_probe_mutex;
 int probe(cudaStream_t stream) {
   int* d_flag = nullptr;
   int flag = 0;
-  if (cudaMallocAsync(reinterpret_cast<void**>(&d_flag), sizeof(int), stream) != cudaSuccess) {
+  // plain cudaMalloc: the stream-ordered allocator is not on every platform, and this runs once per device
+  if (cudaMalloc(reinterpret_cast<void**>(&d_flag), sizeof(int)) != cudaSuccess) {
     cudaGetLastError();
     return -1;
   }
   hopper_probe_kernel<<<1, 1, 0, stream>>>(d_flag);
   cudaError_t err = cudaGetLastError();
   if (err == cudaSuccess) err = cudaMemcpyAsync(&flag, d_flag, sizeof(int), cudaMemcpyDeviceToHost, stream);
-  const cudaError_t free_err = cudaFreeAsync(d_flag, stream);
-  if (err == cudaSuccess) err = free_err;
   if (err == cudaSuccess) err = cudaStreamSynchronize(stream);
+  const cudaError_t free_err = cudaFree(d_flag);
+  if (err == cudaSuccess) err = free_err;
   if (err != cudaSuccess) {
     cudaGetLastError();
     return -1;

@@ -86,6 +86,12 @@ std::vector<Plan> fused_plans(int64_t m, at::ScalarType dtype, int64_t blocksize
   return plans;
 }
 
+// Whether the backend may run a fused kernel ("auto" and "dequant" never ask, so they never probe the GPU).
+bool uses_fused_kernels() {
+  const LinearBackend b = linear_backend();
+  return b == LinearBackend::Fused || b == LinearBackend::FusedMma || b == LinearBackend::Tune;
+}
+
 // The plan of the fixed backends: "auto" stays on dequantize + cuBLAS for every M until the fused kernels are
 // validated and measured faster on a GPU; "fused" takes the first fused candidate (wgmma on Hopper, in the
 // tile width set_hopper_tile_n asks for), "fused_mma" the last (small-M, or mma.sync).
@@ -151,7 +157,8 @@ at::Tensor linear_4bit_cuda(const at::Tensor& x, const at::Tensor& codes, const 
   check_bias(bias, x, a.n);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t m = x.numel() / a.k;
-  const std::vector<Plan> fused = fused_plans(m, x.scalar_type(), blocksize, a, x.get_device());
+  const std::vector<Plan> fused = uses_fused_kernels() ? fused_plans(m, x.scalar_type(), blocksize, a, x.get_device())
+                                                       : std::vector<Plan>{};
 
   auto run = [&](const Plan& plan) -> at::Tensor {
     if (plan.kind == Plan::Dequant) {
@@ -193,7 +200,9 @@ at::Tensor linear_4bit_grad_input_cuda(const at::Tensor& grad_out, const at::Ten
                                                   in_features, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(grad_out.device());
   const int64_t m = grad_out.numel() / a.n;
-  const std::vector<Plan> fused = fused_plans(m, grad_out.scalar_type(), blocksize, a, grad_out.get_device());
+  const std::vector<Plan> fused = uses_fused_kernels()
+                                      ? fused_plans(m, grad_out.scalar_type(), blocksize, a, grad_out.get_device())
+                                      : std::vector<Plan>{};
 
   auto run = [&](const Plan& plan) -> at::Tensor {
     if (plan.kind == Plan::Dequant) {
