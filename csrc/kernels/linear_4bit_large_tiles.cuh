@@ -1,7 +1,7 @@
 // Device pieces shared by the fused large-M 4-bit GEMMs (linear_4bit_large_cuda.cu, mma.sync, sm_80+; and
 // linear_4bit_hopper_cuda.cu, wgmma, sm_90a): cp.async copies of the activation tile into its swizzled stage,
-// the one-step-ahead fetch of a thread's 32 packed weights, and their decode into the weight tile (table[code]
-// * absmax in fp32, rounded once to bf16/fp16: the numbers dequantize produces).
+// the one-step-ahead fetch of a thread's 32 packed weights, their decode into the weight tile (table[code]
+// * absmax in fp32, rounded once to bf16/fp16: the numbers dequantize produces), and the epilogue's paired store.
 // Every index formula comes from linear_4bit_large_layout.h, which the CPU tests emulate.
 #pragma once
 

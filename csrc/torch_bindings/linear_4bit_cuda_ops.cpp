@@ -119,9 +119,9 @@ Plan tuned(const char* direction, int64_t m, at::ScalarType dtype, const Linear4
                           " K=" + std::to_string(a.k) + " M<=" + std::to_string(m_class) +
                           (a.double_quant ? " fp8-absmax" : " fp32-absmax") + (has_bias ? " bias" : "") +
                           " cuda:" + std::to_string(int(c10::cuda::current_device()));
-  std::vector<std::string> names;
-  for (const Plan& p : candidates) names.push_back(p.name());
-  const int i = tuned_choice(key, names, [&](int j) { run(candidates[size_t(j)]); });
+  const int i = tuned_choice(
+      key, int(candidates.size()), [&](int j) { run(candidates[size_t(j)]); },
+      [&](int j) { return candidates[size_t(j)].name(); });
   return i < 0 ? Plan{} : candidates[size_t(i)];
 }
 

@@ -25,7 +25,8 @@ constexpr int kTimedRuns = 3;
 
 }  // namespace
 
-int tuned_choice(const std::string& key, const std::vector<std::string>& names, const std::function<void(int)>& run) {
+int tuned_choice(const std::string& key, int n, const std::function<void(int)>& run,
+                 const std::function<std::string(int)>& name) {
   const std::lock_guard<std::mutex> lock(g_mutex);
   if (const auto it = g_cache.find(key); it != g_cache.end()) return it->second.index;
   const at::cuda::CUDAStream stream = at::cuda::getCurrentCUDAStream();
@@ -34,7 +35,7 @@ int tuned_choice(const std::string& key, const std::vector<std::string>& names, 
   if (capture != cudaStreamCaptureStatusNone) return -1;
   Choice best;
   best.us = std::numeric_limits<double>::infinity();
-  for (int i = 0; i < int(names.size()); ++i) {
+  for (int i = 0; i < n; ++i) {
     double fastest = std::numeric_limits<double>::infinity();
     try {
       run(i);  // warm-up: first-launch costs (module load, cuBLAS heuristics, allocator growth) stay out
@@ -53,7 +54,7 @@ int tuned_choice(const std::string& key, const std::vector<std::string>& names, 
       cudaGetLastError();
       continue;
     }
-    if (fastest < best.us) best = Choice{i, names[i], fastest};
+    if (fastest < best.us) best = Choice{i, name(i), fastest};
   }
   g_cache[key] = best;
   return best.index;

@@ -12,10 +12,12 @@ namespace qlora::ops {
 
 // Index of the fastest of `n` candidates for `key`: from the cache, or measured now (each candidate run once to
 // warm up, then three timed runs on the current CUDA stream, the minimum counts; the stream is synchronized,
-// once per key). `run(i)` launches candidate i. Returns -1 without measuring while the current stream is
-// capturing a CUDA graph (the caller then takes its default). A candidate other than the first that throws
-// while measured is left out. names[i] is what the cache reports.
-int tuned_choice(const std::string& key, const std::vector<std::string>& names, const std::function<void(int)>& run);
+// once per key). `run(i)` launches candidate i; `name(i)` is what the cache reports (asked only when measuring,
+// so a cached call builds nothing). Returns -1 without measuring while the current stream is capturing a CUDA
+// graph (the caller then takes its default). A candidate other than the first that throws while measured is
+// left out.
+int tuned_choice(const std::string& key, int n, const std::function<void(int)>& run,
+                 const std::function<std::string(int)>& name);
 
 // The cache as (key, chosen candidate's name, its time in microseconds) for reports; and emptied.
 std::vector<std::pair<std::string, std::pair<std::string, double>>> tuning_cache();
