@@ -95,8 +95,24 @@ def test_absmax_fp8_arguments():
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
 def test_device_mismatch():
     q = qlora_ext.quantize(torch.randn(600, device="cuda"), double_quant=True)
-    with pytest.raises(RuntimeError, match="absmax must be on cuda like the other inputs"):
+    with pytest.raises(RuntimeError, match=r"absmax must be on the same device as codes \(cuda:0\), got cpu"):
         ops.dequantize_4bit(q.codes, q.absmax.cpu(), q.absmax_scale, q.absmax_mean, 64, "nf4", [600], torch.float32)
     with pytest.raises(RuntimeError, match="absmax_mean must be on"):
         ops.dequantize_4bit(q.codes, q.absmax, q.absmax_scale, q.absmax_mean.cpu(), 64, "nf4", [600],
                             torch.float32)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA or torch.cuda.device_count() < 2, reason="needs two CUDA GPUs and a CUDA build")
+def test_inputs_on_two_gpus_are_rejected_not_dereferenced():
+    """A kernel on one GPU must never get another GPU's pointers: the device index is checked, not only the type."""
+    q = qlora_ext.quantize(torch.randn(128, 64, device="cuda:0"), double_quant=True)
+    with pytest.raises(RuntimeError, match=r"absmax_mean must be on the same device as codes \(cuda:0\), got cuda:1"):
+        ops.dequantize_4bit(q.codes, q.absmax, q.absmax_scale, q.absmax_mean.to("cuda:1"), 64, "nf4", [128, 64],
+                            torch.float32)
+    x = torch.randn(3, 64, device="cuda:1", dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"codes must be on the same device as x \(cuda:1\), got cuda:0"):
+        ops.linear_4bit(x, q.codes, q.absmax, q.absmax_scale, q.absmax_mean, None, 64, "nf4", 128)
+    bias = torch.zeros(128, device="cuda:1", dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"bias must be on the same device as x \(cuda:0\), got cuda:1"):
+        ops.linear_4bit(x.to("cuda:0"), q.codes, q.absmax, q.absmax_scale, q.absmax_mean, bias, 64, "nf4", 128)

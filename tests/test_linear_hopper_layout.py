@@ -218,6 +218,23 @@ def test_accumulator_map_is_a_bijection_owned_by_each_warpgroup(tn):
     assert (rows[:, 0::2] == rows[:, 1::2]).all() and (cols[:, 1::2] == cols[:, 0::2] + 1).all()
 
 
+@pytest.mark.parametrize("tn", TILE_NS)
+def test_accumulator_map_is_the_ptx_fragment_layout(tn):
+    """The bijection above would also hold for a wrong map (rows 0 and 8 swapped, say); this is the map itself,
+    written from the PTX ISA's figure of the wgmma .m64nNk16 D fragment (fp32 accumulators): warp w of the
+    warpgroup holds rows 16 w .. 16 w + 15; its registers go in groups of four per 8-column block, d[4 j] and
+    d[4 j + 1] at row lane / 4, columns 8 j + 2 (lane % 4) + {0, 1}, and d[4 j + 2], d[4 j + 3] eight rows
+    lower. Warpgroup g of the CTA computes rows 64 g .. 64 g + 63."""
+    rows, cols = acc_map(tn)
+    for tid in range(THREADS):
+        warpgroup, warp, lane = tid // 128, (tid % 128) // 32, tid % 32
+        for j in range(tn // 8):
+            for i in range(4):
+                r = 4 * j + i
+                assert rows[tid, r] == 64 * warpgroup + 16 * warp + lane // 4 + (8 if i >= 2 else 0), (tid, r)
+                assert cols[tid, r] == 8 * j + 2 * (lane % 4) + i % 2, (tid, r)
+
+
 def test_descriptor_fields_round_trip():
     desc = f("wgmma_desc", 0x3FC00 + 32, C["grad_lbo"], C["grad_sbo"])
     d = decode_desc(desc)

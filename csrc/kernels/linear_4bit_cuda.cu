@@ -13,7 +13,8 @@
 // i.e. 4 contiguous code bytes of each of its 4 weight rows (2t, 2t+1, 2t+8, 2t+9 of a 16-row step);
 // mma n-subtile s holds columns 8g+s.
 // Small M leaves too few output tiles to fill the GPU, so the reduction is split over blockIdx.y into
-// fp32 partial sums that a second kernel adds in a fixed order (deterministic, unlike atomics).
+// fp32 partial sums that a second kernel adds in a fixed order (deterministic, unlike atomics); as many splits
+// as fill one wave of resident warps, capped where the partial sums' traffic would exceed the weight's.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -28,7 +29,6 @@ constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 constexpr int kForwardRowsPerWarp = 32;  // NT = 4 n-subtiles of 8
 constexpr int kForwardNT = kForwardRowsPerWarp / 8;
-constexpr int kTargetWarpsPerSm = 32;    // enough loads in flight to stream the weight at full bandwidth
 
 __device__ __forceinline__ float block_absmax(const AbsmaxSource& am, float mean, int64_t block) {
   return am.f32 ? am.f32[block] : decode_absmax(am.fp8[block], am.chunk_scale[block / kAbsmaxChunk], mean);
@@ -231,22 +231,53 @@ struct Split {
   int64_t per_split;  // forward: quant blocks of k; input gradient: rows of n (a multiple of 16)
 };
 
-// Splits `units` of reduction work so that tiles * splits warps roughly fill the GPU.
-Split choose_split(int64_t tiles, int64_t units, int num_sms) {
-  const int64_t target = int64_t(num_sms) * kTargetWarpsPerSm;
-  int64_t splits = (target + tiles - 1) / tiles;
+// The kernel instance for M rows (16, 32 or 64 per CTA: MT tensor-core tiles).
+template <bool BF16>
+auto forward_kernel(int64_t m) {
+  return m <= 16 ? fused_forward_kernel<BF16, 1> : m <= 32 ? fused_forward_kernel<BF16, 2> : fused_forward_kernel<BF16, 4>;
+}
+template <bool BF16>
+auto grad_input_kernel(int64_t m) {
+  return m <= 16 ? fused_grad_input_kernel<BF16, 1>
+                 : m <= 32 ? fused_grad_input_kernel<BF16, 2> : fused_grad_input_kernel<BF16, 4>;
+}
+
+// Warps of `kernel` the GPU holds at once (its occupancy: 2 to 5 CTAs per SM by register use).
+template <typename Kernel>
+int64_t resident_warps(Kernel kernel, int num_sms) {
+  int ctas = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, kernel, kThreads, 0) != cudaSuccess || ctas < 1) {
+    cudaGetLastError();
+    ctas = 1;
+  }
+  return int64_t(num_sms) * ctas * kWarps;
+}
+
+// Splits `units` of reduction work (over `reduction` values) over blockIdx.y so that tiles * splits warps fill
+// one wave of the GPU, but no further than the fp32 partial sums can pay for: each split writes and the reduce
+// reads back 8 bytes per output element, so splits <= reduction / (16 M) keeps that traffic at or below the
+// weight's own 4 bits per element (unbounded, M = 64 would move several times the weight's bytes).
+Split choose_split(int64_t tiles, int64_t units, int64_t reduction, int64_t m, int64_t resident) {
+  int64_t splits = (resident + tiles - 1) / tiles;
+  const int64_t traffic_cap = reduction / (16 * m);
+  if (splits > traffic_cap) splits = traffic_cap;
   splits = splits < 1 ? 1 : (splits > units ? units : splits);
   const int64_t per = (units + splits - 1) / splits;
   return {(units + per - 1) / per, per};
 }
 
+int64_t forward_tiles(const Linear4bitProblem& p) { return (p.n + kForwardRowsPerWarp - 1) / kForwardRowsPerWarp; }
+
 Split forward_split(const Linear4bitProblem& p, int num_sms) {
-  const int64_t tiles = (p.n + kForwardRowsPerWarp - 1) / kForwardRowsPerWarp;
-  return choose_split(tiles, p.k / 64, num_sms);
+  const int64_t resident = p.bf16 ? resident_warps(forward_kernel<true>(p.m), num_sms)
+                                  : resident_warps(forward_kernel<false>(p.m), num_sms);
+  return choose_split(forward_tiles(p), p.k / 64, p.k, p.m, resident);
 }
 
 Split grad_split(const Linear4bitProblem& p, int num_sms) {
-  const Split s = choose_split(p.k / 64, (p.n + 15) / 16, num_sms);
+  const int64_t resident = p.bf16 ? resident_warps(grad_input_kernel<true>(p.m), num_sms)
+                                  : resident_warps(grad_input_kernel<false>(p.m), num_sms);
+  const Split s = choose_split(p.k / 64, (p.n + 15) / 16, p.n, p.m, resident);
   return {s.splits, s.per_split * 16};
 }
 
@@ -254,21 +285,11 @@ template <bool BF16>
 cudaError_t launch_forward(const Linear4bitProblem& p, const void* x, const void* bias, void* y, float* ws,
                            int num_sms, cudaStream_t stream) {
   const Split sp = forward_split(p, num_sms);
-  const int64_t tiles = (p.n + kForwardRowsPerWarp - 1) / kForwardRowsPerWarp;
-  const dim3 grid(unsigned((tiles + kWarps - 1) / kWarps), unsigned(sp.splits));
-  const auto* xs = static_cast<const uint16_t*>(x);
+  const dim3 grid(unsigned((forward_tiles(p) + kWarps - 1) / kWarps), unsigned(sp.splits));
   const auto* bs = static_cast<const uint16_t*>(bias);
   auto* ys = static_cast<uint16_t*>(y);
-  if (p.m <= 16) {
-    fused_forward_kernel<BF16, 1><<<grid, kThreads, 0, stream>>>(xs, p.codes, p.absmax, p.codebook, p.m, p.n, p.k,
-                                                                 sp.per_split, ws, bs, ys);
-  } else if (p.m <= 32) {
-    fused_forward_kernel<BF16, 2><<<grid, kThreads, 0, stream>>>(xs, p.codes, p.absmax, p.codebook, p.m, p.n, p.k,
-                                                                 sp.per_split, ws, bs, ys);
-  } else {
-    fused_forward_kernel<BF16, 4><<<grid, kThreads, 0, stream>>>(xs, p.codes, p.absmax, p.codebook, p.m, p.n, p.k,
-                                                                 sp.per_split, ws, bs, ys);
-  }
+  forward_kernel<BF16>(p.m)<<<grid, kThreads, 0, stream>>>(static_cast<const uint16_t*>(x), p.codes, p.absmax,
+                                                            p.codebook, p.m, p.n, p.k, sp.per_split, ws, bs, ys);
   QLORA_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   if (sp.splits > 1) {
     reduce_partials_kernel<BF16><<<grid_for(p.m * p.n, 256), 256, 0, stream>>>(ws, int(sp.splits), p.m, p.n, bs, ys);
@@ -281,18 +302,9 @@ cudaError_t launch_grad_input(const Linear4bitProblem& p, const void* dy, void* 
                               cudaStream_t stream) {
   const Split sp = grad_split(p, num_sms);
   const dim3 grid(unsigned((p.k / 64 + kWarps - 1) / kWarps), unsigned(sp.splits));
-  const auto* ds = static_cast<const uint16_t*>(dy);
   auto* xs = static_cast<uint16_t*>(dx);
-  if (p.m <= 16) {
-    fused_grad_input_kernel<BF16, 1><<<grid, kThreads, 0, stream>>>(ds, p.codes, p.absmax, p.codebook, p.m, p.n,
-                                                                    p.k, sp.per_split, ws, xs);
-  } else if (p.m <= 32) {
-    fused_grad_input_kernel<BF16, 2><<<grid, kThreads, 0, stream>>>(ds, p.codes, p.absmax, p.codebook, p.m, p.n,
-                                                                    p.k, sp.per_split, ws, xs);
-  } else {
-    fused_grad_input_kernel<BF16, 4><<<grid, kThreads, 0, stream>>>(ds, p.codes, p.absmax, p.codebook, p.m, p.n,
-                                                                    p.k, sp.per_split, ws, xs);
-  }
+  grad_input_kernel<BF16>(p.m)<<<grid, kThreads, 0, stream>>>(static_cast<const uint16_t*>(dy), p.codes, p.absmax,
+                                                               p.codebook, p.m, p.n, p.k, sp.per_split, ws, xs);
   QLORA_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   if (sp.splits > 1) {
     reduce_partials_kernel<BF16><<<grid_for(p.m * p.k, 256), 256, 0, stream>>>(ws, int(sp.splits), p.m, p.k,

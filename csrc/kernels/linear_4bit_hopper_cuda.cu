@@ -53,6 +53,14 @@ template <int kPending>
 __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
 }
+// Pins the accumulators in place around the asynchronous wgmma: without it the compiler could move ordinary
+// arithmetic on them (the epilogue's conversions) across a wait_group, whose asm names no registers (CUTLASS
+// does the same with warpgroup_fence_operand).
+template <int N>
+__device__ __forceinline__ void fence_accumulators(float (&acc)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(acc[i])::"memory");
+}
 // Generic-proxy shared-memory writes (st.shared, cp.async) of this thread become visible to the async proxy.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
@@ -188,6 +196,7 @@ __global__ void __launch_bounds__(kThreads, kTN == 128 ? 2 : 1)
     // Activation stage s and weight buffer s % 2 are complete and visible to wgmma.
     const uint32_t a_tile = act_smem + (s % kStages) * kTileElems * 2;
     const uint32_t b_tile = w_smem + (s % kHopperWeightBuffers) * kWTileElems * 2;
+    fence_accumulators(acc);
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < kTileR / 16; ++ks) {
@@ -214,6 +223,7 @@ __global__ void __launch_bounds__(kThreads, kTN == 128 ? 2 : 1)
     __syncthreads();
   }
   wgmma_wait<0>();
+  fence_accumulators(acc);
 
   // Epilogue: register r of thread tid is CTA-tile element (hopper_acc_row, hopper_acc_col); r and r + 1 are
   // neighbouring columns.
@@ -269,6 +279,7 @@ std::mutex g_probe_mutex;
 int probe(cudaStream_t stream) {
   int* d_flag = nullptr;
   int flag = 0;
+  cudaGetLastError();  // an earlier caller's pending error must not read as the probe's failure
   // plain cudaMalloc: the stream-ordered allocator is not on every platform, and this runs once per device
   if (cudaMalloc(reinterpret_cast<void**>(&d_flag), sizeof(int)) != cudaSuccess) {
     cudaGetLastError();

@@ -46,6 +46,7 @@ inline Linear4bitArgs check_linear_4bit_args(const at::Tensor& act, const char* 
   const int64_t shape[2] = {n, k};
   const DequantArgs d = check_dequantize_args(codes, absmax, absmax_scale, absmax_mean, blocksize, quant_type,
                                               at::IntArrayRef(shape, 2), at::kFloat, device);
+  check_same_device(codes, "codes", act, act_name);  // and check_dequantize_args put the rest on codes' device
   a.quant_type = d.quant_type;
   a.double_quant = d.double_quant;
   return a;
@@ -56,7 +57,7 @@ inline void check_bias(const std::optional<at::Tensor>& bias, const at::Tensor& 
   TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == n, "bias must have shape [", n, "], got ", bias->sizes());
   TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "bias must have x's dtype ", x.scalar_type(), ", got ",
                    bias->scalar_type());
-  check_device(*bias, "bias", x.device().type());
+  check_same_device(*bias, "bias", x, "x");
 }
 
 // Output shape [..., last] from act [..., *].

@@ -47,11 +47,15 @@ int tuned_choice(const std::string& key, int n, const std::function<void(int)>& 
         stop.synchronize();
         fastest = std::min(fastest, double(start.elapsed_time(stop)) * 1000.0);
       }
-    } catch (const c10::Error&) {
-      // A candidate that cannot launch here (resources, limits) is not chosen; the first one is the caller's
-      // default and must work. A device fault is sticky and fails the next call anyway.
+    } catch (const c10::Error& e) {
+      // A candidate that cannot launch here (resources, limits, memory) is not chosen; the first one is the
+      // caller's default and must work. A fault inside a kernel (an illegal address) is sticky: every later
+      // call would fail with it, so it is reported here, against the candidate that caused it.
       if (i == 0) throw;
       cudaGetLastError();
+      const cudaError_t fault = cudaStreamSynchronize(stream.stream());
+      TORCH_CHECK(fault == cudaSuccess, "linear_4bit backend 'tune': candidate '", name(i), "' for ", key,
+                  " faulted on the GPU (", cudaGetErrorString(fault), "): ", e.what_without_backtrace());
       continue;
     }
     if (fastest < best.us) best = Choice{i, name(i), fastest};

@@ -1,6 +1,7 @@
 // The "tune" backend's memory: for each problem class (device, dtype, direction, N, K, M rounded up to a power
-// of two, weight format) the implementation that was fastest when the class was first seen, measured on the
-// caller's stream with CUDA events (like cudnn.benchmark). Used by linear_4bit_cuda_ops.cpp.
+// of two, weight format, the set of candidates) the implementation that was fastest when the class was first
+// seen, measured on the caller's stream with CUDA events (like cudnn.benchmark). Used by
+// linear_4bit_cuda_ops.cpp.
 #pragma once
 
 #include <functional>
@@ -15,7 +16,7 @@ namespace qlora::ops {
 // once per key). `run(i)` launches candidate i; `name(i)` is what the cache reports (asked only when measuring,
 // so a cached call builds nothing). Returns -1 without measuring while the current stream is capturing a CUDA
 // graph (the caller then takes its default). A candidate other than the first that throws while measured is
-// left out.
+// left out, unless it left a fault on the device: that is raised, naming the candidate.
 int tuned_choice(const std::string& key, int n, const std::function<void(int)>& run,
                  const std::function<std::string(int)>& name);
 

@@ -37,6 +37,12 @@ inline void check_device(const at::Tensor& t, const char* name, c10::DeviceType 
               " like the other inputs, got ", t.device());
 }
 
+// The exact device, index included: pointers from two GPUs must never reach one kernel.
+inline void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK(t.device() == ref.device(), name, " must be on the same device as ", ref_name, " (", ref.device(),
+              "), got ", t.device());
+}
+
 inline void check_dtype(const at::Tensor& t, const char* name, at::ScalarType expected) {
   TORCH_CHECK_TYPE(t.scalar_type() == expected, name, " must be ", expected, ", got ", t.scalar_type());
 }
@@ -51,10 +57,10 @@ inline void check_absmax_fp8_args(const at::Tensor& codes, const at::Tensor& sca
   check_dtype(codes, "codes", at::kByte);
   check_device(codes, "codes", device);
   check_dtype(scale, "scale", at::kFloat);
-  check_device(scale, "scale", device);
+  check_same_device(scale, "scale", codes, "codes");
   check_numel(scale, "scale", num_chunks(codes.numel()), "one per chunk of 256 codes");
   check_dtype(mean, "mean", at::kFloat);
-  check_device(mean, "mean", device);
+  check_same_device(mean, "mean", codes, "codes");
   check_numel(mean, "mean", 1, "one mean per tensor");
 }
 
@@ -84,7 +90,7 @@ inline DequantArgs check_dequantize_args(const at::Tensor& codes, const at::Tens
   check_dtype(codes, "codes", at::kByte);
   check_device(codes, "codes", device);
   check_numel(codes, "codes", packed_bytes(a.numel), "two 4-bit codes per byte for the given shape");
-  check_device(absmax, "absmax", device);
+  check_same_device(absmax, "absmax", codes, "codes");
   check_numel(absmax, "absmax", a.nblocks, "one per block of blocksize elements");
   a.double_quant = chunk_scale.has_value() || mean.has_value();
   if (a.double_quant) {
@@ -92,10 +98,10 @@ inline DequantArgs check_dequantize_args(const at::Tensor& codes, const at::Tens
                       "double quantization needs both absmax_scale and absmax_mean");
     check_dtype(absmax, "absmax (FP8 E4M3 codes, double quantized)", at::kByte);
     check_dtype(*chunk_scale, "absmax_scale", at::kFloat);
-    check_device(*chunk_scale, "absmax_scale", device);
+    check_same_device(*chunk_scale, "absmax_scale", codes, "codes");
     check_numel(*chunk_scale, "absmax_scale", num_chunks(a.nblocks), "one per chunk of 256 absmax");
     check_dtype(*mean, "absmax_mean", at::kFloat);
-    check_device(*mean, "absmax_mean", device);
+    check_same_device(*mean, "absmax_mean", codes, "codes");
     check_numel(*mean, "absmax_mean", 1, "one mean per tensor");
   } else {
     TORCH_CHECK_TYPE(absmax.scalar_type() == at::kFloat,

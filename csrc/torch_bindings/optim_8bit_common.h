@@ -98,7 +98,7 @@ inline void check_dequantize_8bit_args(const at::Tensor& codes, const at::Tensor
   check_dtype(codes, "codes", at::kByte);
   check_device(codes, "codes", device);
   check_dtype(absmax, "absmax", at::kFloat);
-  check_device(absmax, "absmax", device);
+  check_same_device(absmax, "absmax", codes, "codes");
   check_numel(absmax, "absmax", adamw8bit_blocks(codes.numel()), "one per block of 256 codes");
 }
 

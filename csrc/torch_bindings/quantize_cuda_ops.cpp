@@ -62,7 +62,7 @@ at::Tensor dequantize_absmax_fp8_cuda(const at::Tensor& codes, const at::Tensor&
   check_absmax_fp8_args(codes, scale, mean, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(codes.device());
   const at::Tensor c = codes.contiguous(), s = scale.contiguous();
-  at::Tensor out = at::empty(codes.sizes(), s.options());
+  at::Tensor out = at::empty(codes.sizes(), c.options().dtype(at::kFloat));
   C10_CUDA_CHECK(cuda::dequantize_absmax_fp8(static_cast<const uint8_t*>(c.data_ptr()), s.data_ptr<float>(),
                                              mean.data_ptr<float>(), c.numel(), out.data_ptr<float>(),
                                              at::cuda::getCurrentCUDAStream()));
