@@ -4,44 +4,47 @@
 # background), compute-sanitizer on the native harness and on a small CUDA test subset (also alongside), the
 # benchmarks, and writes a Markdown + JSON report.
 #
-#   bash bench/gpu_check.sh --commit SHA [--only build,tests,sanitizer,bench] [--budget SECONDS] [--out DIR]
+#   bash bench/gpu_check.sh --commit SHA [--only build,tests,sanitizer,bench,train] [--budget SECONDS] [--out DIR]
 #
-# The device session has 15 minutes in all and 10 per command, so run it as two calls (bench/README.md):
+# The device session has 15 minutes in all (the machine's start included) and 10 per command, so run it as two
+# calls (bench/README.md):
 #   1. --only build,tests,sanitizer --budget 300     (device tool: timeout_s 360)
-#   2. --only bench --budget 330                     (timeout_s 390; at once, while the machine is warm: the
-#                                                      build of call 1 is reused, else it is redone)
+#   2. --only bench,train --budget B                 (at once, while the machine is warm: call 1's build and
+#                                                      smoke-test verdict are reused; B = 330, or less: what
+#                                                      status's budget_left_s leaves after 60 s; timeout_s B + 60)
 # --budget is the wall time of the whole script: each part runs under min(its own limit, what is left of the
 # budget less 30 s for stopping and the report); a part with under 10 s left is skipped. A part stopped at its
 # limit gets SIGINT first (pytest then writes its junit results, the benchmarks their JSON), SIGKILL 20 s later.
 # The report is written in every case, also after a failed build.
 #
-# Parts: build (always run when another part needs it), wgmma_smoke (the Hopper kernels alone, first; on failure
-# wgmma_diagnose prints how they are wrong and the rest runs with QLORA_DISABLE_WGMMA=1), tests (tests_cuda;
-# tests_cpu in the background),
-# sanitizer (in the background beside tests_cuda: harness_build, memcheck/racecheck of the harness,
-# memcheck_pytest, racecheck_linear), bench (ceilings, bench_quantize, bench_linear, bench_optim, bench_train_gpu, the
-# paper-claims study item 5 on 7B/65B shapes, harness_bench).
+# Parts: build (run when another part needs it; reused when the sources, arch list and torch are those of the
+# last successful build on this machine), wgmma_smoke (the Hopper kernels alone, first; on failure
+# wgmma_diagnose prints how they are wrong and the rest runs with QLORA_DISABLE_WGMMA=1; the verdict is reused
+# with the build), tests (tests_cuda; tests_cpu in the background), sanitizer (in the background beside
+# tests_cuda: memcheck_pytest and racecheck_linear, the fused GEMMs, dropout and optimizers; then
+# harness_build, memcheck/racecheck of the native harness), bench (ceilings, bench_linear, bench_optim, then after
+# train: bench_quantize, harness_bench), train (bench_train_gpu, the paper-claims study item 5 on 7B/65B shapes).
 # Results go to $OUT (the device tool's output folder) or --out, default bench/out/: gpu_check.md,
 # gpu_check.json, gpu_check.log and the benchmarks' JSON (7 files; the device tool brings back 8 at most).
-# Wheels of the peers (bitsandbytes, peft) are installed from .whl/ into /tmp/site for the bench part: see
-# bench/README.md.
+# Wheels of the peers (bitsandbytes, peft) are installed from .whl/ into /tmp/site for the bench and train
+# parts: see bench/README.md.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 ROOT=$(pwd)
 
-commit="unknown"; only="build,tests,sanitizer,bench"; out="${OUT:-$ROOT/bench/out}"; budget=300
+commit="unknown"; only="build,tests,sanitizer,bench,train"; out="${OUT:-$ROOT/bench/out}"; budget=300
 while [ $# -gt 0 ]; do
   case "$1" in
     --commit) commit="$2"; shift 2 ;;
     --only) only="$2"; shift 2 ;;
     --out) out="$2"; shift 2 ;;
     --budget) budget="$2"; shift 2 ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
     *) echo "unknown argument $1"; exit 2 ;;
   esac
 done
 for p in ${only//,/ }; do
-  case "$p" in build|tests|sanitizer|bench) ;; *) echo "--only: unknown part '$p' (build, tests, sanitizer, bench)"; exit 2 ;; esac
+  case "$p" in build|tests|sanitizer|bench|train) ;; *) echo "--only: unknown part '$p' (build, tests, sanitizer, bench, train)"; exit 2 ;; esac
 done
 case "$budget" in ''|*[!0-9]*) echo "--budget must be a number of seconds, got '$budget'"; exit 2 ;; esac
 mkdir -p "$out"
@@ -95,11 +98,6 @@ bg_wait() {
 }
 # The compute-sanitizer parts, one after the other (in the background, beside the CUDA tests).
 sanitizer_parts() {
-  part harness_build 150 bash -c "cmake -S . -B build/cmake -G Ninja -DCMAKE_CUDA_ARCHITECTURES=90 >/dev/null && cmake --build build/cmake"
-  if ok harness_build; then
-    part memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 1 build/cmake/quantize_harness 257 4161 64 --no-bench
-    part racecheck 60 compute-sanitizer --tool racecheck --error-exitcode 1 build/cmake/quantize_harness 65 4161 64 --no-bench
-  fi
   # one pytest process (torch's start under the sanitizer is paid once): quantize, dropout, both optimizers,
   # the small-M and large-M fused GEMMs
   part memcheck_pytest 240 compute-sanitizer --tool memcheck --error-exitcode 1 \
@@ -131,11 +129,16 @@ sanitizer_parts() {
       "tests/test_linear_4bit.py::test_cuda_fused_large_m_code_books[0-257-200-4096-False-int4-256-fused]" \
       "tests/test_linear_4bit.py::test_cuda_fused_large_m_code_books[1-65-72-128-True-fp4-128-fused]" \
       "tests/test_linear_4bit.py::test_cuda_fused_large_m_code_books[0-257-200-4096-False-int4-128-fused_mma]"
+  part harness_build 150 bash -c "cmake -S . -B build/cmake -G Ninja -DCMAKE_CUDA_ARCHITECTURES=90 >/dev/null && cmake --build build/cmake"
+  if ok harness_build; then
+    part memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 1 build/cmake/quantize_harness 257 4161 64 --no-bench
+    part racecheck 60 compute-sanitizer --tool racecheck --error-exitcode 1 build/cmake/quantize_harness 65 4161 64 --no-bench
+  fi
 }
 
 export PYTHONUNBUFFERED=1 QLORA_CUDA=1 QLORA_CUDA_ARCHS="${QLORA_CUDA_ARCHS:-9.0a}" MAX_JOBS="${MAX_JOBS:-16}"
 export QLORA_SIGTERM_INTERRUPTS=1
-if want bench && [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+if (want bench || want train) && [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     >>"$log" 2>&1 && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
@@ -152,13 +155,40 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 } > "$scratch/env.txt" 2>&1
 tee -a "$log" < "$scratch/env.txt"
 
-if want build || want tests || want bench || want sanitizer; then
-  part build 240 python3 setup.py build_ext --inplace || echo "build failed: nothing else can run" | tee -a "$log"
+# The build is reused when the sources and arch list are those of the last successful build here (call 2 of a
+# session runs on call 1's machine, whose copy of the tree may carry fresh file times that would make ninja
+# recompile everything: about a minute of the 15).
+build_inputs_hash() {
+  { echo "$QLORA_CUDA_ARCHS"; python3 -c "import torch; print(torch.__version__)"
+    find csrc setup.py -type f -print0 2>/dev/null | sort -z | xargs -0 -r sha256sum; } | sha256sum | cut -d' ' -f1
+}
+stamp="$ROOT/build/gpu_check_build.stamp"
+if want build || want tests || want bench || want train || want sanitizer; then
+  inputs=$(build_inputs_hash)
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$inputs" ] && ls qlora_ext/_C*.so >/dev/null 2>&1 &&
+     python3 -c "import qlora_ext" >/dev/null 2>&1; then
+    echo "0 0 0" > "$status/build"
+    echo "=== build: reused (same sources, arch list and torch as the last build on this machine)" | tee -a "$log"
+  elif part build 240 python3 setup.py build_ext --inplace; then
+    mkdir -p "$(dirname "$stamp")" && echo "$inputs" > "$stamp"
+  else
+    rm -f "$stamp"; echo "build failed: nothing else can run" | tee -a "$log"
+  fi
 fi
 # The wgmma kernels first, alone, in their own process: they are the newest CUDA code, and a device fault is
 # sticky for a process, so a broken one would fail every later CUDA test of the run. If this smoke test fails,
 # the rest runs with QLORA_DISABLE_WGMMA=1 ("fused" then takes the mma.sync kernels; the report shows the part).
-if (want tests || want bench || want sanitizer) && ok build; then
+smoke_stamp="$ROOT/build/gpu_check_smoke.stamp"  # "<build inputs hash> <smoke rc>"
+if (want tests || want bench || want train || want sanitizer) && ok build &&
+   [ -f "$smoke_stamp" ] && [ "$(cut -d' ' -f1 "$smoke_stamp")" = "${inputs:-}" ]; then
+  smoke_rc=$(cut -d' ' -f2 "$smoke_stamp")
+  echo "$smoke_rc 0 0" > "$status/wgmma_smoke"
+  echo "=== wgmma_smoke: rc=$smoke_rc, reused from the last run on this build" | tee -a "$log"
+  if [ "$smoke_rc" != 0 ]; then
+    export QLORA_DISABLE_WGMMA=1
+    echo "wgmma smoke test failed: the rest of the check runs with QLORA_DISABLE_WGMMA=1" | tee -a "$log"
+  fi
+elif (want tests || want bench || want train || want sanitizer) && ok build; then
   part wgmma_smoke 90 python3 -m pytest -q -p no:cacheprovider -m cuda --basetemp="$scratch/pytest_smoke" \
     --junitxml="$scratch/junit_wgmma_smoke.xml" \
     "tests/test_linear_4bit.py::test_cuda_hopper_runs_the_wgmma_kernels" \
@@ -166,6 +196,8 @@ if (want tests || want bench || want sanitizer) && ok build; then
     "tests/test_linear_4bit.py::test_cuda_fused_large_m_code_books[1-257-200-4096-False-int4-256-fused]" \
     "tests/test_linear_4bit.py::test_cuda_forward_backward_every_backend[True-11008-256-4097-torch.bfloat16-fused]" \
     "tests/test_linear_4bit.py::test_cuda_forward_backward_every_backend[False-97-4160-257-torch.float16-fused]"
+  smoke_rc=$(cut -d' ' -f1 "$status/wgmma_smoke")
+  case "$smoke_rc" in 0|1) echo "${inputs:-} $smoke_rc" > "$smoke_stamp" ;; esac  # a verdict, not a timeout
   if ! ok wgmma_smoke; then
     part wgmma_diagnose 60 python3 bench/diagnose_fused_cuda.py --backend fused  # how it is wrong, for the log
     export QLORA_DISABLE_WGMMA=1
@@ -189,13 +221,19 @@ if want tests && ok build; then
 fi
 bg_wait sanitizer
 bg_wait tests_cpu
+# In order of priority (the open issues' goals first: the fused GEMMs, the paged optimizer, the trainer; then
+# the quantize kernels, whose issue is closed): what the budget cannot reach is skipped.
 if want bench && ok build; then
   part ceilings 60 python3 bench/ceilings_cuda.py --json "$scratch/ceilings.json"
-  part bench_quantize 90 python3 bench/bench_quantize_cuda.py --json "$out/bench_quantize_cuda.json"
   part bench_linear 150 python3 bench/bench_linear_cuda.py --json "$out/bench_linear_cuda.json"
   part bench_optim 150 python3 bench/bench_optim.py --device cuda --json "$out/bench_optim.json"
+fi
+if want train && ok build; then
   part bench_train_gpu 200 python3 bench/bench_train_gpu.py --json "$out/bench_train_gpu.json"
   part train_study_gpu 200 python3 -m qlora_ext.train study --items 5 --out "$scratch/study" --no-progress
+fi
+if want bench && ok build; then
+  part bench_quantize 90 python3 bench/bench_quantize_cuda.py --json "$out/bench_quantize_cuda.json"
   [ -x build/cmake/quantize_harness ] && part harness_bench 60 build/cmake/quantize_harness
 fi
 # anything still in the background has had its time limit; wait for it before the report

@@ -206,7 +206,7 @@ class PagedAdamW(torch.optim.Optimizer):
             if not params:
                 continue
             if not prefetched:
-                self._prefetch_for_step()
+                self._begin_step()
                 prefetched = True
             beta1, beta2 = group["betas"]
             ops.adamw_step_(params, grads, exp_avgs, exp_avg_sqs, steps, float(group["lr"]), float(beta1),
@@ -233,6 +233,15 @@ class PagedAdamW(torch.optim.Optimizer):
             grad = torch.empty_like(p).copy_(grad)
         return grad, state
 
+    def _begin_step(self) -> None:
+        """Before the first launch of a step: refuse a CUDA graph capture (the step counts and step sizes are
+        computed on the host and passed by value, so a replayed graph would repeat one step's sizes forever),
+        then bring the states to the GPU."""
+        if self._device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"{type(self).__name__}.step() cannot be captured in a CUDA graph: its step sizes "
+                               "are computed on the host at each step")
+        self._prefetch_for_step()
+
     def _prefetch_for_step(self) -> None:
         if self._arenas and (self.prefetch_every_step or self._paged_out):
             for arena in self._arenas:
@@ -242,14 +251,14 @@ class PagedAdamW(torch.optim.Optimizer):
     # ---- checkpoints -------------------------------------------------------------------------------
     def _load_step_counts(self, state_dict: dict, moment_keys: tuple) -> list:
         """Loads state_dict without the moments (torch.optim.Optimizer's loader restores groups and step counts)
-        and returns (param, saved state) for each saved state, for the caller to copy the moments itself."""
+        and returns (saved id, param, saved state) for each saved state, for the caller to copy the moments itself."""
         saved = state_dict["state"]
         stripped = dict(state_dict)
         stripped["state"] = {k: {n: v for n, v in s.items() if n not in moment_keys} for k, s in saved.items()}
         torch.optim.Optimizer.load_state_dict(self, stripped)
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         id_map = dict(zip(ids, (p for g in self.param_groups for p in g["params"])))
-        return [(id_map[k], s) for k, s in saved.items() if k in id_map]
+        return [(k, id_map[k], s) for k, s in saved.items() if k in id_map]
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Loads a state dict of PagedAdamW or torch.optim.AdamW. The moments go into this optimizer's float32
@@ -264,7 +273,7 @@ class PagedAdamW(torch.optim.Optimizer):
                 raise ValueError(f"the state of parameter {k} has no {', '.join(missing)}: not an AdamW state dict")
         # torch's loader casts each state to its parameter's dtype (bf16 moments for a bf16 parameter): give
         # it the step counts only and copy the moments into our float32 states ourselves.
-        for p, s in self._load_step_counts(state_dict, ("exp_avg", "exp_avg_sq")):
+        for k, p, s in self._load_step_counts(state_dict, ("exp_avg", "exp_avg_sq")):
             for n in ("exp_avg", "exp_avg_sq"):
                 if tuple(s[n].shape) != tuple(p.shape):
                     raise ValueError(f"the {n} of parameter {k} has shape {tuple(s[n].shape)}, but the parameter "
@@ -452,7 +461,7 @@ class PagedAdamW8bit(PagedAdamW):
             if not big[0] and not small[0]:
                 continue
             if not prefetched:
-                self._prefetch_for_step()
+                self._begin_step()
                 prefetched = True
             beta1, beta2 = group["betas"]
             hyper = (float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
@@ -490,7 +499,7 @@ class PagedAdamW8bit(PagedAdamW):
                 raise ValueError(f"the state of parameter {k} has no {', '.join(missing)}: not an AdamW state dict "
                                  f"(nor an 8-bit one with {', '.join(_STATE_8BIT_KEYS)})")
         # torch's loader would cast the states to their parameter's dtype: give it the step counts only.
-        for p, s in self._load_step_counts(state_dict, _STATE_8BIT_KEYS + _STATE_32BIT_KEYS):
+        for k, p, s in self._load_step_counts(state_dict, _STATE_8BIT_KEYS + _STATE_32BIT_KEYS):
             eight = "state1" in s and "exp_avg" not in s
             if eight:
                 for n in ("state1", "state2"):

@@ -122,6 +122,17 @@ def test_incoming_gradient_scales_the_result(device, rng):
     torch.testing.assert_close(h2.grad, h1.grad * 0.25)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_incoming_gradient_scales_bf16_in_float32(device, rng):
+    """Gradient accumulation divides the loss by, say, 3: the scale 1/3 must not be rounded to bf16 (0.3340,
+    0.2% off) before it multiplies the gradient; the gradient is rounded once, from float32."""
+    h, w, _, labels = make_inputs(rng, 12, 16, 9, torch.bfloat16, device)
+    h1, h3 = h.clone().requires_grad_(), h.clone().requires_grad_()
+    linear_cross_entropy(h1, w, labels).backward()
+    (linear_cross_entropy(h3, w, labels) / 3).backward()
+    assert torch.equal(h3.grad, (h1.grad.float() / 3).bfloat16())
+
+
 def test_autocast_casts_like_nn_linear(rng):
     h, w, _, labels = make_inputs(rng, 33, 64, 97, torch.float32, "cpu")
     with torch.autocast("cpu", dtype=torch.bfloat16):

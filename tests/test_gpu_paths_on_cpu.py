@@ -94,7 +94,12 @@ def write(path, data):
     with open(path, "w") as f:
         json.dump(data, f)
 if "setup.py" in args:
-    print("fake build"); sys.exit(int(os.environ.get("FAKE_BUILD_RC", "0")))
+    print("fake build")
+    rc = int(os.environ.get("FAKE_BUILD_RC", "0"))
+    if rc == 0:
+        os.makedirs("qlora_ext", exist_ok=True)
+        open("qlora_ext/_C.fake.so", "w").close()
+    sys.exit(rc)
 if args[:2] == ["-m", "pytest"]:
     junit = [a.split("=", 1)[1] for a in args if a.startswith("--junitxml=")]
     if junit and junit[0].endswith("junit_wgmma_smoke.xml"):  # the wgmma smoke test: FAKE_SMOKE_RC decides
@@ -155,11 +160,11 @@ _FAKE_TOOLS = {
 
 def _fake_gpu_machine(tmp_path):
     root = tmp_path / "repo"
-    (root / "bench").mkdir(parents=True)
+    (root / "bench").mkdir(parents=True, exist_ok=True)
     for name in ("gpu_check.sh", "gpu_report.py"):
         (root / "bench" / name).write_text(open(os.path.join(ROOT, "bench", name)).read())
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
+    bin_dir.mkdir(exist_ok=True)
     tools = dict(_FAKE_TOOLS, python3=_FAKE_PYTHON.format(python=sys.executable))
     for name, text in tools.items():
         (bin_dir / name).write_text(text)
@@ -216,6 +221,27 @@ def test_gpu_check_passed_wgmma_smoke_keeps_wgmma(tmp_path):
     assert "wgmma_diagnose" not in report["parts"] and report["parts"]["wgmma_smoke"]["state"] == "ok"
     log = (tmp_path / "out" / "gpu_check.log").read_text()
     assert "QLORA_DISABLE_WGMMA=unset" in log and "QLORA_DISABLE_WGMMA=1" not in log
+
+
+def test_gpu_check_second_call_reuses_the_build_and_the_smoke_verdict(tmp_path):
+    """Call 2 of a session runs on call 1's machine: same sources, so no rebuild and no second smoke test
+    (a failed verdict still disables wgmma); a changed source file rebuilds and re-tests."""
+    root, _ = _fake_gpu_machine(tmp_path)
+    (root / "csrc").mkdir()
+    (root / "csrc" / "kernel.cu").write_text("// v1\n")
+    log = tmp_path / "out" / "gpu_check.log"
+    _gpu_check(tmp_path, "--only", "build,tests", FAKE_SMOKE_RC="1")
+    assert "fake build" in log.read_text() and "=== wgmma_smoke (" in log.read_text()
+    p, md, report = _gpu_check(tmp_path, "--only", "bench")
+    text = log.read_text()
+    assert "fake build" not in text and "=== build: reused" in text, text
+    assert "=== wgmma_smoke: rc=1, reused" in text and "=== wgmma_smoke (" not in text
+    assert "the rest of the check runs with QLORA_DISABLE_WGMMA=1" in text
+    assert report["parts"]["build"]["state"] == "ok" and report["parts"]["bench_linear"]["state"] == "ok"
+    (root / "csrc" / "kernel.cu").write_text("// v2\n")
+    _gpu_check(tmp_path, "--only", "bench")
+    text = log.read_text()
+    assert "fake build" in text and "=== wgmma_smoke (" in text and "reused" not in text
 
 
 def test_gpu_check_failed_build_still_reports(tmp_path):

@@ -469,5 +469,35 @@ def test_cuda_load_state_dict_puts_states_in_the_arena():
         assert torch.equal(st["exp_avg"], torch_opt.state[b]["exp_avg"])
 
 
+def test_load_state_dict_names_the_parameter_whose_moment_has_the_wrong_shape():
+    params = [torch.zeros(4, 3, requires_grad=True), torch.zeros(5, requires_grad=True)]
+    torch_opt = torch.optim.AdamW(params)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    torch_opt.step()
+    sd = copy.deepcopy(torch_opt.state_dict())
+    sd["state"][0]["exp_avg"] = torch.zeros(12)
+    with pytest.raises(ValueError, match=r"the exp_avg of parameter 0 has shape \(12,\), but the parameter has "
+                                         r"shape \(4, 3\)"):
+        PagedAdamW([torch.zeros(4, 3, requires_grad=True), torch.zeros(5, requires_grad=True)]).load_state_dict(sd)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
+@pytest.mark.parametrize("optimizer", ["PagedAdamW", "PagedAdamW8bit"])
+def test_cuda_step_refuses_graph_capture(optimizer):
+    p = torch.zeros(5000, device="cuda", requires_grad=True)
+    p.grad = torch.ones_like(p)
+    opt = getattr(qlora_ext, optimizer)([p])
+    opt.step()  # states exist: the capture below fails on the check, not on an allocation
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream):
+        with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+            with torch.cuda.graph(graph, stream=stream):
+                opt.step()
+
+
 def test_package_exports():
     assert qlora_ext.PagedAdamW is PagedAdamW

@@ -671,7 +671,7 @@ def test_cuda_managed_memory_is_freed_and_load_fills_the_arena():
         key = "state1" if "state1" in st else "exp_avg"
         assert arena.data_ptr() <= st[key].data_ptr() < arena.data_ptr() + arena.numel()
     assert _C.managed_live_bytes() > before
-    del ours, st
+    del ours, st, arena
     gc.collect()
     torch.cuda.synchronize()
     assert _C.managed_live_bytes() == before

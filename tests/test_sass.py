@@ -5,6 +5,7 @@ other image they are a trap stub, and a build without 9.0a in its arch list quie
 Hopper. These tests read the fat binary with cuobjdump (from the CUDA toolkit, or the copy that ships with
 triton) and check, for whatever arch list the extension was built with:
 - every image the arch list names is there;
+- the optimizer steps write whole 128-bit and 64-bit vectors;
 - in an sm_90a image, each of the twelve Hopper kernel instances issues exactly four HGMMA 64xTNx16 (one per k16
   step of a 64-wide reduction tile; TN = 128 or 256, the instance's tile width) of the instance's input type
   (BF16 or F16), with B transposed (.tnspB, the MN-major weight tile) in the input-gradient instances alone, waits
@@ -107,3 +108,16 @@ def test_no_kernel_spills_to_local_memory(sass_by_arch):
     for arch, sass in sass_by_arch.items():
         for name, body in functions(sass).items():
             assert not re.search(r"\b(STL|LDL)(\.\w+)*\s", body), f"{arch} {name}: local-memory spills"
+
+
+def test_optimizer_steps_store_whole_vectors(sass_by_arch):
+    """The AdamW kernels' aligned path writes 16-byte (fp32 states, 8-bit params' bf16 x 8) and 8-byte vectors;
+    nvcc merged it with the per-element tail into four scalar stores until the stores were written as explicit
+    st.global.v* (csrc/kernels/vector_store.cuh)."""
+    for arch, sass in sass_by_arch.items():
+        steps = {name: body for name, body in functions(sass).items()
+                 if "kAdamWMultiTensor" in name or "kAdamW8bitMultiTensor" in name}
+        assert len(steps) == 2, (arch, sorted(steps))
+        for name, body in steps.items():
+            assert re.search(r"\bSTG\.E\.128\b", body), f"{arch} {name}: no 128-bit store"
+            assert re.search(r"\bSTG\.E\.64\b", body), f"{arch} {name}: no 64-bit store"

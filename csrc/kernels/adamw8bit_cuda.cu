@@ -8,6 +8,7 @@
 // absmax, parameters) match the CPU kernel.
 #include "adamw8bit_cuda.h"
 #include "cuda_utils.h"
+#include "vector_store.cuh"
 
 namespace qlora::cuda {
 namespace {
@@ -41,9 +42,9 @@ struct Access8<FloatFormat::F32> {
     v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
   }
   static __device__ void store(void* x, int64_t i, const float (&v)[kPerLane]) {
-    float4* p = reinterpret_cast<float4*>(static_cast<float*>(x) + i);
-    p[0] = make_float4(v[0], v[1], v[2], v[3]);
-    p[1] = make_float4(v[4], v[5], v[6], v[7]);
+    float* p = static_cast<float*>(x) + i;
+    store_global_v4(p, v[0], v[1], v[2], v[3]);
+    store_global_v4(p + 4, v[4], v[5], v[6], v[7]);
   }
   static __device__ float load1(const void* x, int64_t i) { return static_cast<const float*>(x)[i]; }
   static __device__ void store1(void* x, int64_t i, float v) { static_cast<float*>(x)[i] = v; }
@@ -70,7 +71,7 @@ struct Access8Half {
     uint32_t w[4];
 #pragma unroll
     for (int k = 0; k < 4; ++k) w[k] = from_f32(v[2 * k]) | (from_f32(v[2 * k + 1]) << 16);
-    *reinterpret_cast<uint4*>(static_cast<uint16_t*>(x) + i) = make_uint4(w[0], w[1], w[2], w[3]);
+    store_global_v4(static_cast<uint16_t*>(x) + i, w[0], w[1], w[2], w[3]);
   }
   static __device__ float load1(const void* x, int64_t i) { return to_f32(static_cast<const uint16_t*>(x)[i]); }
   static __device__ void store1(void* x, int64_t i, float v) { static_cast<uint16_t*>(x)[i] = uint16_t(from_f32(v)); }
@@ -87,10 +88,10 @@ __device__ void load_codes(const uint8_t* c, int64_t i, uint8_t (&out)[kPerLane]
 }
 
 __device__ void store_codes(uint8_t* c, int64_t i, const uint8_t (&in)[kPerLane]) {
-  uint2 r = make_uint2(0u, 0u);
+  uint32_t lo = 0u, hi = 0u;
 #pragma unroll
-  for (int k = 0; k < 4; ++k) r.x |= uint32_t(in[k]) << (8 * k), r.y |= uint32_t(in[k + 4]) << (8 * k);
-  *reinterpret_cast<uint2*>(c + i) = r;
+  for (int k = 0; k < 4; ++k) lo |= uint32_t(in[k]) << (8 * k), hi |= uint32_t(in[k + 4]) << (8 * k);
+  store_global_v2(c + i, lo, hi);
 }
 
 // The block absmax of the whole warp: each lane's fold of its elements, then absmax_fold's rule (larger

@@ -6,6 +6,7 @@
 // The arithmetic is adamw_core.h's, rounded op by op (__fmul_rn & co.), so the bits match the CPU kernel.
 #include "adamw_cuda.h"
 #include "cuda_utils.h"
+#include "vector_store.cuh"
 
 namespace qlora::cuda {
 namespace {
@@ -25,7 +26,7 @@ struct Access<FloatFormat::F32> {
     v[0] = r.x, v[1] = r.y, v[2] = r.z, v[3] = r.w;
   }
   static __device__ void store4(void* x, int64_t i, const float (&v)[kVec]) {
-    *reinterpret_cast<float4*>(static_cast<float*>(x) + i) = make_float4(v[0], v[1], v[2], v[3]);
+    store_global_v4(static_cast<float*>(x) + i, v[0], v[1], v[2], v[3]);
   }
   static __device__ float load1(const void* x, int64_t i) { return static_cast<const float*>(x)[i]; }
   static __device__ void store1(void* x, int64_t i, float v) { static_cast<float*>(x)[i] = v; }
@@ -48,10 +49,8 @@ struct Access16 {
     v[2] = to_f32(uint16_t(r.y & 0xFFFFu)), v[3] = to_f32(uint16_t(r.y >> 16));
   }
   static __device__ void store4(void* x, int64_t i, const float (&v)[kVec]) {
-    uint2 r;
-    r.x = uint32_t(from_f32(v[0])) | (uint32_t(from_f32(v[1])) << 16);
-    r.y = uint32_t(from_f32(v[2])) | (uint32_t(from_f32(v[3])) << 16);
-    *reinterpret_cast<uint2*>(static_cast<uint16_t*>(x) + i) = r;
+    store_global_v2(static_cast<uint16_t*>(x) + i, uint32_t(from_f32(v[0])) | (uint32_t(from_f32(v[1])) << 16),
+                    uint32_t(from_f32(v[2])) | (uint32_t(from_f32(v[3])) << 16));
   }
   static __device__ float load1(const void* x, int64_t i) { return to_f32(static_cast<const uint16_t*>(x)[i]); }
   static __device__ void store1(void* x, int64_t i, float v) { static_cast<uint16_t*>(x)[i] = from_f32(v); }

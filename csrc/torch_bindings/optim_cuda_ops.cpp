@@ -45,7 +45,14 @@ at::Tensor managed_empty(int64_t nbytes, int64_t device) {
   const size_t size = size_t(nbytes);
   // A CUDA tensor (not a CPU one: torch.compile and opcheck must see the device the kernels use) that frees
   // the arena when its storage dies, i.e. when the optimizer and every state view are gone.
-  auto deleter = [size](void* p) { C10_CUDA_CHECK_WARN(cuda::managed_free(p, size)); };
+  // The arena's device is made current for the free, and its pending work (a step, a prefetch on any stream)
+  // finishes first: cudaFree only "may" synchronize.
+  const auto index = static_cast<c10::DeviceIndex>(device);
+  auto deleter = [size, index](void* p) {
+    const c10::cuda::CUDAGuard free_guard(index);
+    C10_CUDA_CHECK_WARN(cudaDeviceSynchronize());
+    C10_CUDA_CHECK_WARN(cuda::managed_free(p, size));
+  };
   const c10::Device dev(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(device));
   return at::from_blob(ptr, {nbytes}, deleter, at::TensorOptions().dtype(at::kByte).device(dev), dev);
 }
