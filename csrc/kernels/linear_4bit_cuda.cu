@@ -36,6 +36,25 @@ __device__ __forceinline__ float block_absmax(const AbsmaxSource& am, float mean
 
 
 // ---- forward --------------------------------------------------------------------------------------
+// Quant block b of the warp's weight rows n_base + 8 nt + g: this thread's 8 code bytes (k offsets 16t .. 16t+15)
+// and the block's absmax; rows past N read as zero.
+template <int NT>
+__device__ __forceinline__ void load_forward_weights(const uint8_t* __restrict__ codes, const AbsmaxSource& am,
+                                                     float mean, int64_t N, int64_t K, int64_t n_base, int g, int t,
+                                                     int64_t b, uint2 (&wc)[NT], float (&wam)[NT]) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int64_t row = n_base + nt * 8 + g;
+    if (row < N) {
+      wc[nt] = *reinterpret_cast<const uint2*>(codes + row * (K / 2) + b * 32 + 8 * t);
+      wam[nt] = block_absmax(am, mean, row * (K / 64) + b);
+    } else {
+      wc[nt] = make_uint2(0, 0);
+      wam[nt] = 0.0f;
+    }
+  }
+}
+
 template <bool BF16, int MT>
 __global__ void __launch_bounds__(kThreads) fused_forward_kernel(
     const uint16_t* __restrict__ x, const uint8_t* __restrict__ codes, AbsmaxSource am, CodeBook cb, int64_t M,
@@ -61,20 +80,16 @@ __global__ void __launch_bounds__(kThreads) fused_forward_kernel(
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.0f;
 
+  // The weight stream is what bounds this kernel: block b + 1's codes and absmax are requested before block
+  // b's mma (registers, one block ahead), so each warp keeps two blocks of weight bytes in flight.
+  uint2 wc[NT];
+  float wam[NT];
+  if (b_begin < b_end) load_forward_weights<NT>(codes, am, mean, N, K, n_base, g, t, b_begin, wc, wam);
   for (int64_t b = b_begin; b < b_end; ++b) {
-    uint2 wc[NT];
-    float wam[NT];
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      const int64_t row = n_base + nt * 8 + g;
-      if (row < N) {
-        wc[nt] = *reinterpret_cast<const uint2*>(codes + row * (K / 2) + b * 32 + 8 * t);
-        wam[nt] = block_absmax(am, mean, row * kblocks + b);
-      } else {
-        wc[nt] = make_uint2(0, 0);
-        wam[nt] = 0.0f;
-      }
-    }
+    uint2 wc_next[NT];
+    float wam_next[NT];
+    // the last block reloads itself (an L1 hit) rather than branch around the prefetch
+    load_forward_weights<NT>(codes, am, mean, N, K, n_base, g, t, b + 1 < b_end ? b + 1 : b, wc_next, wam_next);
     uint4 xa[MT][2][2];  // [m tile][row g, row g+8][k offsets 16t..16t+7, 16t+8..16t+15]
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -110,6 +125,8 @@ __global__ void __launch_bounds__(kThreads) fused_forward_kernel(
         for (int nt = 0; nt < NT; ++nt) mma_16816<BF16>(acc[mt][nt], a0, a1, a2, a3, b0[nt], b1[nt]);
       }
     }
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) wc[nt] = wc_next[nt], wam[nt] = wam_next[nt];
   }
 
   const bool direct = gridDim.y == 1;
@@ -132,6 +149,25 @@ __global__ void __launch_bounds__(kThreads) fused_forward_kernel(
 }
 
 // ---- input gradient ---------------------------------------------------------------------------------
+// Rows n0 + {2t, 2t+1, 2t+8, 2t+9} of the 16-row step at n0, column block bk: this thread's 4 code bytes
+// (columns 8g .. 8g+7) of each and their absmax; rows past row_end read as zero.
+__device__ __forceinline__ void load_grad_weights(const uint8_t* __restrict__ codes, const AbsmaxSource& am,
+                                                  float mean, int64_t K, int64_t row_end, int64_t bk, int g, int t,
+                                                  int64_t n0, uint32_t (&wc)[4], float (&wam)[4]) {
+  const int row_offset[4] = {2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t row = n0 + row_offset[i];
+    if (row < row_end) {
+      wc[i] = *reinterpret_cast<const uint32_t*>(codes + row * (K / 2) + bk * 32 + 4 * g);
+      wam[i] = block_absmax(am, mean, row * (K / 64) + bk);
+    } else {
+      wc[i] = 0;
+      wam[i] = 0.0f;
+    }
+  }
+}
+
 template <bool BF16, int MT>
 __global__ void __launch_bounds__(kThreads) fused_grad_input_kernel(
     const uint16_t* __restrict__ dy, const uint8_t* __restrict__ codes, AbsmaxSource am, CodeBook cb, int64_t M,
@@ -155,21 +191,14 @@ __global__ void __launch_bounds__(kThreads) fused_grad_input_kernel(
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[mt][s][i] = 0.0f;
 
-  const int row_offset[4] = {2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9};
+  // As in the forward kernel, the next 16 rows' codes and absmax are requested before this step's mma.
+  uint32_t wc[4];
+  float wam[4];
+  if (row_begin < row_end) load_grad_weights(codes, am, mean, K, row_end, bk, g, t, row_begin, wc, wam);
   for (int64_t n0 = row_begin; n0 < row_end; n0 += 16) {
-    uint32_t wc[4];
-    float wam[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int64_t row = n0 + row_offset[i];
-      if (row < row_end) {
-        wc[i] = *reinterpret_cast<const uint32_t*>(codes + row * (K / 2) + bk * 32 + 4 * g);
-        wam[i] = block_absmax(am, mean, row * kblocks + bk);
-      } else {
-        wc[i] = 0;
-        wam[i] = 0.0f;
-      }
-    }
+    uint32_t wc_next[4];
+    float wam_next[4];
+    load_grad_weights(codes, am, mean, K, row_end, bk, g, t, n0 + 16 < row_end ? n0 + 16 : n0, wc_next, wam_next);
     uint32_t a[MT][4];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -193,6 +222,8 @@ __global__ void __launch_bounds__(kThreads) fused_grad_input_kernel(
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) mma_16816<BF16>(acc[mt][s], a[mt][0], a[mt][1], a[mt][2], a[mt][3], b0, b1);
     }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) wc[i] = wc_next[i], wam[i] = wam_next[i];
   }
 
   const bool direct = gridDim.y == 1;
@@ -242,7 +273,7 @@ auto grad_input_kernel(int64_t m) {
                  : m <= 32 ? fused_grad_input_kernel<BF16, 2> : fused_grad_input_kernel<BF16, 4>;
 }
 
-// Warps of `kernel` the GPU holds at once (its occupancy: 2 to 5 CTAs per SM by register use).
+// Warps of `kernel` the GPU holds at once (its occupancy: 2 to 6 CTAs of 4 warps per SM, by register use).
 template <typename Kernel>
 int64_t resident_warps(Kernel kernel, int num_sms) {
   int ctas = 0;
