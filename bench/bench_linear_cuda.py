@@ -301,7 +301,7 @@ def main(argv=None) -> int:
 
     gen = torch.Generator(device=dev).manual_seed(args.seed)
     prec = torch.get_float32_matmul_precision()
-    interrupted = False
+    interrupted, aborted = False, None
     try:
         with torch.no_grad():
             for n, k in shapes:
@@ -347,6 +347,7 @@ def main(argv=None) -> int:
                                 run_backend(b)
                                 try:
                                     y = op()
+                                    torch.cuda.synchronize()  # a fault in the kernel is this backend's, not the next op's
                                 except Exception as exc:  # noqa: BLE001  (recorded as a failure, the run goes on)
                                     y, raised = None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
                                 shape_ok = (y is not None and tuple(y.shape) == tuple(ref.shape)
@@ -432,6 +433,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:  # bench/gpu_check.sh's time limit (SIGINT): summarise what was measured
         interrupted = True
         print("\n!!!!! interrupted (time limit): the summary and goals below cover what was measured so far")
+    except Exception as exc:  # noqa: BLE001  a device fault is sticky: no more GPU work, but keep what was measured
+        aborted = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        checks["failures"].append(f"aborted: {aborted}")
+        print(f"\n!!!!! aborted ({aborted}): the summary and goals below cover what was measured so far")
     finally:
         torch.set_float32_matmul_precision(prec)
         if set_backend is not None:
@@ -461,7 +466,8 @@ def main(argv=None) -> int:
             "warmup": args.warmup, "padded": not args.no_pad, "seed": args.seed,
             "tuning_cache": [[key, name, us] for key, (name, us) in
                              (qlora_ext._C.linear_tuning_cache() if hasattr(qlora_ext._C, "linear_tuning_cache")
-                              else [])], "wall_s": wall, "interrupted": interrupted,
+                              else [])],
+            "wall_s": wall, "interrupted": interrupted, "aborted": aborted,
             "device": {"name": props.name, "capability": [props.major, props.minor],
                        "memory_bytes": props.total_memory, "sms": props.multi_processor_count},
             "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "qlora_ext": qlora_ext.__version__,

@@ -11,7 +11,9 @@ main-loop steps (64 or 192 reduction values), forward y = x W^T and input gradie
 - per-step coefficients: out ~ sum_s c_s ref_s by least squares, with ref_s the product of step s alone
   (all c_s = 1 when right; a 0 or 2 points at the pipeline's stage or buffer indexing).
 Weights are Int4 without double quantization (exact absmax), activations bf16 in [-2, 2]; the reference is
-computed in float64 from the dequantized weight.
+computed in float64 from the dequantized weight. Then, per tile width, two cases of several CTAs with partial
+tiles (M = 257, 2 TN + 64 output columns, 4 steps) and NF4 weights with FP8 absmax (the training format): the
+wrong count, where, and the per-step coefficients. Each case's name is printed before it runs.
 
     python bench/diagnose_fused_cuda.py                     # backend "fused", both tile widths on Hopper
     python bench/diagnose_fused_cuda.py --backend fused_mma
@@ -55,22 +57,36 @@ def describe_map(out: torch.Tensor, ref: torch.Tensor, what: str) -> str:
     return text
 
 
-def diagnose(direction: str, tile_n: int, steps: int, ops, qlora_ext, gen, device="cuda") -> list[str]:
-    """The diagnosis of one case, as lines of text (ops: torch.ops.qlora_ext or a stand-in with its two ops)."""
-    m, r = 128, 64 * steps
-    n, k = (tile_n, r) if direction == "fwd" else (r, tile_n)
+def case_name(direction: str, tile_n: int, steps: int, quant_type="int4", double_quant=False, m=128,
+              cols=None) -> str:
+    cols = tile_n if cols is None else cols
+    n, k = (cols, 64 * steps) if direction == "fwd" else (64 * steps, cols)
+    return (f"{direction} TN={tile_n} steps={steps} (M={m}, N={n}, K={k}"
+            f"{'' if quant_type == 'int4' and not double_quant else ', ' + quant_type}"
+            f"{', double quant' if double_quant else ''})")
+
+
+def diagnose(direction: str, tile_n: int, steps: int, ops, qlora_ext, gen, device="cuda", quant_type="int4",
+             double_quant=False, m=128, cols=None) -> list[str]:
+    """The diagnosis of one case, as lines of text (ops: torch.ops.qlora_ext or a stand-in with its two ops).
+    The defaults are one CTA tile (M = 128, TN output columns); m and cols (output columns) other than those
+    make several CTAs with partial tiles, where only the counts, the first wrong positions and the per-step
+    coefficients are given."""
+    r = 64 * steps
+    cols = tile_n if cols is None else cols
+    n, k = (cols, r) if direction == "fwd" else (r, cols)
     w = torch.randn(n, k, generator=gen, device=device)
-    q = qlora_ext.quantize(w, blocksize=64, quant_type="int4", double_quant=False)
+    q = qlora_ext.quantize(w, blocksize=64, quant_type=quant_type, double_quant=double_quant)
     w_ref = qlora_ext.dequantize(q, torch.float32).double()
     qa = (q.codes, q.absmax, q.absmax_scale, q.absmax_mean)
     act = (torch.randint(-4, 5, (m, r), generator=gen, device=device) / 2).to(torch.bfloat16)
     a64 = act.double()
     if direction == "fwd":
-        out = ops.linear_4bit(act, *qa, None, 64, "int4", n)
+        out = ops.linear_4bit(act, *qa, None, 64, quant_type, n)
         ref = a64 @ w_ref.t()
         parts = [a64[:, 64 * s:64 * s + 64] @ w_ref[:, 64 * s:64 * s + 64].t() for s in range(steps)]
     else:
-        out = ops.linear_4bit_grad_input(act, *qa, 64, "int4", k)
+        out = ops.linear_4bit_grad_input(act, *qa, 64, quant_type, k)
         ref = a64 @ w_ref
         parts = [a64[:, 64 * s:64 * s + 64] @ w_ref[64 * s:64 * s + 64] for s in range(steps)]
     out = out.double().cpu()
@@ -78,27 +94,39 @@ def diagnose(direction: str, tile_n: int, steps: int, ops, qlora_ext, gen, devic
     rms = ref.pow(2).mean().sqrt().item()
     finite = torch.isfinite(out)
     wrong = ~finite | ((out - ref).abs() > 0.02 * rms)
-    head = f"{direction} TN={tile_n} steps={steps} (M={m}, N={n}, K={k})"
+    head = case_name(direction, tile_n, steps, quant_type, double_quant, m, cols)
     lines = []
     if not finite.all():
         lines.append(f"{head}: {int((~finite).sum())} non-finite outputs")
         out = torch.where(finite, out, torch.zeros_like(out))
     if not wrong.any():
         return lines + [f"{head}: correct ({out.numel()} outputs)"]
-    lines += [f"{head}: {int(wrong.sum())}/{out.numel()} wrong; out rms {out.pow(2).mean().sqrt().item():.3g}, "
-              f"ref rms {rms:.3g}",
-              f"  wrong by warpgroup (64 rows): {stats_by(wrong, 64, 0)}",
+    lines.append(f"{head}: {int(wrong.sum())}/{out.numel()} wrong; out rms {out.pow(2).mean().sqrt().item():.3g}, "
+                 f"ref rms {rms:.3g}")
+    if m != 128 or cols != tile_n:  # several CTAs, partial tiles: where, and which steps
+        where = wrong.nonzero().tolist()
+        rows, wcols = sorted({i for i, _ in where}), sorted({j for _, j in where})
+        lines.append(f"  wrong rows {rows[0]}..{rows[-1]} ({len(rows)} of {m}), columns {wcols[0]}..{wcols[-1]} "
+                     f"({len(wcols)} of {out.shape[1]}); first: {where[:8]}")
+        lines.append("  " + step_coefficients(parts, out))
+        return lines
+    lines += [f"  wrong by warpgroup (64 rows): {stats_by(wrong, 64, 0)}",
               f"  by 8-row group: {stats_by(wrong, 8, 0)}",
               f"  by 8-column group: {stats_by(wrong, 8, 1)}"]
     if out.shape[1] >= 128:
         lines.append(f"  by 64-column block: {stats_by(wrong, 64, 1)}")
     lines.append("  " + describe_map(out, ref, "rows"))
     lines.append("  " + describe_map(out.t().contiguous(), ref.t().contiguous(), "columns"))
+    lines.append("  " + step_coefficients(parts, out))
+    return lines
+
+
+def step_coefficients(parts: list, out: torch.Tensor) -> str:
+    """out ~ sum_s c_s ref_s by least squares (all c_s = 1 when right)."""
     basis = torch.stack([p.flatten() for p in parts], dim=1)
     coef = torch.linalg.lstsq(basis, out.flatten()[:, None]).solution.flatten()
     fit = (basis @ coef - out.flatten()).norm() / out.flatten().norm().clamp_min(1e-12)
-    lines.append(f"  out ~ sum_s c_s ref_s: c = {[round(c, 3) for c in coef.tolist()]} (residual {fit.item():.3f})")
-    return lines
+    return f"out ~ sum_s c_s ref_s: c = {[round(c, 3) for c in coef.tolist()]} (residual {fit.item():.3f})"
 
 
 def main(argv=None) -> int:
@@ -118,12 +146,19 @@ def main(argv=None) -> int:
           f"{torch.cuda.get_device_name()}")
     tiles = (128, 256) if kernel == "wgmma" else (128,)
     gen = torch.Generator(device="cuda").manual_seed(args.seed)
+    # one CTA tile with 1 and 3 main-loop steps (layouts, pipeline), then several CTAs with partial tiles and
+    # the weight format of training (NF4, FP8 absmax): tails, multi-CTA indexing, the absmax decode
+    cases = [dict(direction=d, steps=s) for d in ("fwd", "bwd") for s in (1, 3)]
+    cases += [dict(direction=d, steps=4, quant_type="nf4", double_quant=True, m=257) for d in ("fwd", "bwd")]
     try:
         for tile_n in tiles:
             qlora_ext._C.set_hopper_tile_n(tile_n)
-            for direction in ("fwd", "bwd"):
-                for steps in (1, 3):
-                    print("\n".join(diagnose(direction, tile_n, steps, ops, qlora_ext, gen)), flush=True)
+            for case in cases:
+                if "m" in case:
+                    case = dict(case, cols=2 * tile_n + 64)
+                # the name first: a case that hangs or faults is then known by it
+                print(f"-- {case_name(tile_n=tile_n, **case)}", flush=True)
+                print("\n".join(diagnose(tile_n=tile_n, ops=ops, qlora_ext=qlora_ext, gen=gen, **case)), flush=True)
     except RuntimeError as e:  # a device fault is sticky: nothing after it can run in this process
         print(f"diagnose_fused_cuda: stopped by {type(e).__name__}: {str(e).splitlines()[0]}")
     finally:

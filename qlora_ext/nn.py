@@ -104,7 +104,8 @@ class Dropout(nn.Module):
     the CPU kernel generates it with vector code (torch's CPU dropout draws its Bernoulli mask one element at
     a time: it was a sixth of a LoRA training step on CPU). Same distribution and scaling as nn.Dropout, not
     the same mask; reproducible under torch.manual_seed and across gradient-checkpoint recomputation, which
-    restores the CPU generator."""
+    restores the CPU generator. The seed is drawn on the host at each call, so a captured CUDA graph would
+    replay one mask forever: capture LoRA layers with dropout 0, or in eval mode."""
 
     def __init__(self, p: float = 0.5):
         super().__init__()

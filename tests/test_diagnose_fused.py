@@ -73,3 +73,30 @@ def test_non_finite_outputs_are_counted():
         return y
     text = run(BuggyOps(poison), steps=1)
     assert "1 non-finite outputs" in text and "1/16384 wrong" in text
+
+
+def run_partial_tiles(ops, direction="fwd"):
+    """The multi-CTA case of main(): M = 257, 2 TN + 64 output columns, 4 steps, NF4 with FP8 absmax."""
+    gen = torch.Generator().manual_seed(0)
+    return "\n".join(diag.diagnose(direction, 128, 4, ops, qlora_ext, gen, device="cpu", quant_type="nf4",
+                                   double_quant=True, m=257, cols=320))
+
+
+def test_partial_tiles_case_correct_and_with_a_wrong_tail():
+    for direction in ("fwd", "bwd"):
+        text = run_partial_tiles(BuggyOps(lambda y: y), direction)
+        assert f"{direction} TN=128 steps=4 (M=257" in text and "nf4, double quant" in text
+        assert "correct (82240 outputs)" in text
+
+    def lose_last_row(y):
+        y = y.clone()
+        y[256] = 0  # the lone row of the last CTA row
+        return y
+    assert "wrong rows 256..256 (1 of 257)" in run_partial_tiles(BuggyOps(lose_last_row))
+
+    def double_tail_columns(y):
+        y = y.clone()
+        y[:, 256:] *= 2  # the partial third column tile
+        return y
+    text = run_partial_tiles(BuggyOps(double_tail_columns), "bwd")
+    assert "wrong rows 0..256 (257 of 257), columns 256..319 (64 of 320); first: [[0, 256]" in text

@@ -103,6 +103,7 @@ if "setup.py" in args:
 if args[:2] == ["-m", "pytest"]:
     junit = [a.split("=", 1)[1] for a in args if a.startswith("--junitxml=")]
     if junit and junit[0].endswith("junit_wgmma_smoke.xml"):  # the wgmma smoke test: FAKE_SMOKE_RC decides
+        time.sleep(float(os.environ.get("FAKE_SMOKE_SLEEP", "0")))  # a hang, for the time limit to stop
         rc = int(os.environ.get("FAKE_SMOKE_RC", "0"))
         with open(junit[0], "w") as f:
             f.write('<?xml version="1.0"?><testsuites><testsuite><testcase classname="tests.test_smoke" name="t">'
@@ -214,6 +215,15 @@ def test_gpu_check_failed_wgmma_smoke_diagnoses_and_disables_wgmma(tmp_path):
     assert "8192/16384 wrong (fake diagnosis)" in log
     assert "QLORA_DISABLE_WGMMA=1" in log and "QLORA_DISABLE_WGMMA=unset" not in log  # the later pytest runs
     assert "wgmma_smoke: 0 passed, 1 failed" in md
+
+
+def test_gpu_check_hanging_wgmma_smoke_is_a_failure_without_diagnosis(tmp_path):
+    p, md, report = _gpu_check(tmp_path, "--only", "build,tests", FAKE_SMOKE_SLEEP="60", GPU_CHECK_SMOKE_LIMIT="3")
+    states = {k: v["state"] for k, v in report["parts"].items()}
+    assert states["wgmma_smoke"] == "TIMED OUT" and "wgmma_diagnose" not in states, states
+    log = (tmp_path / "out" / "gpu_check.log").read_text()
+    assert "stopped at its limit (a hang?): no diagnosis" in log
+    assert "QLORA_DISABLE_WGMMA=1" in log and "QLORA_DISABLE_WGMMA=unset" not in log
 
 
 def test_gpu_check_passed_wgmma_smoke_keeps_wgmma(tmp_path):

@@ -12,8 +12,28 @@
 
 #include <algorithm>
 
+#ifdef QLORA_WITH_CUDA
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+#endif
+
 namespace qlora::ops {
 namespace {
+
+// Whether t's current CUDA stream is capturing a graph (torch.cuda.graph, torch.compile's "reduce-overhead"):
+// the label check's host sync is not allowed there.
+bool capturing(const at::Tensor& t) {
+#ifdef QLORA_WITH_CUDA
+  if (!t.is_cuda()) return false;
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(t.get_device()).stream(), &status));
+  return status != cudaStreamCaptureStatusNone;
+#else
+  (void)t;
+  return false;
+#endif
+}
 
 constexpr int64_t kChunkLogits = int64_t(1) << 23;
 
@@ -55,9 +75,12 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy(const at::Tensor& hidden
   const int64_t tokens = hidden.size(0), vocab = weight.size(0);
   const at::ScalarType acc = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor valid = labels.ne(ignore_index);
-  // Out-of-range labels would index past the logits row: refuse them (one host sync per call).
-  const bool bad = valid.logical_and(labels.lt(0).logical_or(labels.ge(vocab))).any().item<bool>();
-  TORCH_CHECK_VALUE(!bad, "labels must be in [0, vocab = ", vocab, ") or ignore_index (", ignore_index, ")");
+  // Out-of-range labels would index past the logits row: refuse them (one host sync per call; skipped while a
+  // CUDA graph is captured, where gather's own device-side bounds check remains).
+  if (!capturing(labels)) {
+    const bool bad = valid.logical_and(labels.lt(0).logical_or(labels.ge(vocab))).any().item<bool>();
+    TORCH_CHECK_VALUE(!bad, "labels must be in [0, vocab = ", vocab, ") or ignore_index (", ignore_index, ")");
+  }
   const at::Tensor safe_labels = labels.masked_fill(valid.logical_not(), 0);
   const at::Tensor valid_f = valid.to(acc);
   const at::Tensor count = valid_f.sum();
