@@ -91,8 +91,8 @@ def weight_stores(grad, tn):
         row_offset = f("hopper_decode_row_offset", int(grad), row, part)
         for s in range(4):
             chunk = f("decode_store_chunk", part, s)
-            # decode_weights: chunk 4 part + j of the row lies at row_offset ^ (8 j)
-            out[unit, s] = (row, 8 * chunk, row_offset ^ (8 * (chunk - 4 * part)))
+            # decode_weights: the chunk's offset from where chunk 4 part of the row lies
+            out[unit, s] = (row, 8 * chunk, f("decode_store_offset", row_offset, chunk, part))
     return out
 
 

@@ -154,9 +154,9 @@ def decode_into(wtile, w, tid, n, k, parts, cpr, writes, store_log):
         for b in range(4):
             byte = int(codes[4 * j + b])
             vals[2 * b], vals[2 * b + 1] = w.table[byte >> 4] * am, w.table[byte & 15] * am
-        # the kernel: swizzle_moved(swizzle(row, 4 * part), 0, chunk - 4 * part)
-        off = f("swizzle_moved", f("swizzle", row, 4 * part, cpr), 0, chunk - 4 * part, cpr)
-        assert off == t[("swz", cpr)][row, chunk], "swizzle_moved disagrees with swizzle"
+        # the kernel (decode_weights): decode_store_offset from where chunk 4 * part of the row lies
+        off = f("decode_store_offset", f("swizzle", row, 4 * part, cpr), chunk, part)
+        assert off == t[("swz", cpr)][row, chunk], "decode_store_offset disagrees with swizzle"
         wtile[off: off + 8] = vals
         writes[off: off + 8] += 1
         store_log.setdefault(s, {})[tid] = off

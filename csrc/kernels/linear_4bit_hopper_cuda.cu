@@ -19,7 +19,7 @@
 // loaded image by a probe kernel, so a build without sm_90a (or another GPU) keeps the mma.sync kernel.
 // Resources (ptxas, CUDA 13.0, sm_90a), no spills: TN = 128: 109-124 registers, 2 CTAs of 256 threads per SM,
 // 81 KiB dynamic shared memory (3 x 16 KiB activation stages, 2 x 16 KiB weight tiles, 1 KiB to round the base
-// up to 1024 bytes); TN = 256: 189-213 registers, 1 CTA per SM, 113 KiB. tests/test_sass.py checks the SASS:
+// up to 1024 bytes); TN = 256: 197-212 registers, 1 CTA per SM, 113 KiB. tests/test_sass.py checks the SASS:
 // four HGMMA per kernel, no spills. The launchers take TN = 256 when the output has more than 128 columns.
 // Not yet run on a GPU: only the opt-in "fused" backend uses it.
 #include <cuda_bf16.h>

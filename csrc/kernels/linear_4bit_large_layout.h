@@ -71,6 +71,12 @@ QLORA_HD int decode_part(int tid, int parts_per_row) { return tid % parts_per_ro
 // offset from the offset of chunk 4 * part by an XOR (4 * part shares no bit with s ^ rot < 4).
 QLORA_HD int decode_store_rotation(int part) { return 2 * ((part >> 1) & 1) + ((part >> 2) & 1); }
 QLORA_HD int decode_store_chunk(int part, int s) { return 4 * part + (s ^ decode_store_rotation(part)); }
+// Element offset of that chunk in the weight tile, from row_offset, where chunk 4 * part of the row lies (each
+// kernel's tile layout gives it): an XOR in both layouts, since chunk - 4 * part < 4 shares no bit with the
+// chunk index's other bits.
+QLORA_HD int decode_store_offset(int row_offset, int chunk, int part) {
+  return row_offset ^ ((chunk - 4 * part) * kChunkElems);
+}
 
 // Packed codes: element (n, k) of W [N, K] is nibble (k even: high, odd: low) of byte n * K/2 + k/2;
 // its absmax is block n * K/64 + k/64 (blocksize 64 runs along k).

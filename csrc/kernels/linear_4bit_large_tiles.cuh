@@ -92,8 +92,7 @@ __device__ __forceinline__ WeightFetch fetch_weights(const uint8_t* __restrict__
 }
 
 // Decodes a fetch into its 4 chunks of the weight tile: row_offset is where chunk 4*part of the thread's row
-// lies (the kernels' tile layouts differ); chunk 4*part + c lies at row_offset ^ (c * 8) in both layouts,
-// since c < 4 shares no bit with the chunk index's other bits (layout headers).
+// lies (the kernels' tile layouts differ); the others follow by decode_store_offset (layout header).
 template <bool BF16>
 __device__ __forceinline__ void decode_weights(uint16_t* wtile, const WeightFetch& f, const float* table,
                                                const AbsmaxSource& am, float mean, int row_offset, int part) {
@@ -111,7 +110,7 @@ __device__ __forceinline__ void decode_weights(uint16_t* wtile, const WeightFetc
       const uint32_t byte = (w >> (8 * b)) & 0xFFu;
       o[b] = pack2<BF16>(mul_rn(table[byte >> 4], absmax), mul_rn(table[byte & 0xFu], absmax));
     }
-    *reinterpret_cast<uint4*>(wtile + (row_offset ^ ((chunk - 4 * part) * kChunkElems))) = out;
+    *reinterpret_cast<uint4*>(wtile + decode_store_offset(row_offset, chunk, part)) = out;
   }
 }
 

@@ -118,6 +118,7 @@ int64_t large_gemm_index(const std::string& f, int64_t a, int64_t b, int64_t c, 
   if (f == "decode_part") return L::decode_part(ia, ib);
   if (f == "decode_store_chunk") return L::decode_store_chunk(ia, ib);
   if (f == "decode_store_rotation") return L::decode_store_rotation(ia);
+  if (f == "decode_store_offset") return L::decode_store_offset(ia, ib, ic);
   if (f == "swizzle_moved") return L::swizzle_moved(ia, ib, ic, int(d));
   if (f == "code_byte") return L::code_byte<int64_t>(a, b, c);
   if (f == "absmax_block") return L::absmax_block<int64_t>(a, b, c);
