@@ -22,7 +22,7 @@ Shapes (N, K): (8192, 8192) and the Llama-7B MLP (11008, 4096) and (4096, 11008)
                     quant_state=qs); backward bnb's training path: dy @ bnb.functional.dequantize_4bit(w4, qs)
 
 Every figure is the median over --reps runs of CUDA-event time, with the L2 cache flushed before each timed run
-(a 256 MB buffer is zeroed, outside the timed region: the 35 MB NF4 weight of an 8192^2 layer would otherwise
+(a 256 MB buffer is read, outside the timed region: the 35 MB NF4 weight of an 8192^2 layer would otherwise
 stay in the 60 MB L2) and, unless --no-pad, the stream padded with a ~1 ms device spin so the host has queued
 the timed region before it starts (device time, free of Python launch overhead).
 Per row: median us, TFLOP/s = 2*M*N*K / t, GB/s = bytes / t with bytes = the weight (4-bit rows: 0.5 + 1/64 B
@@ -37,6 +37,9 @@ fraction of its ceiling: 3.88 for small M (4.127 vs 16 bits per weight), 1.46 at
   must      at every M, forward and backward, "auto" at least as fast as bitsandbytes and as our own
             "dequant" (value = the smallest other_time / auto_time; met at >= 0.98, since "auto" may be the
             very code path of "dequant" and identical code differs by timing noise)
+Routing: per direction and M, the fixed backend (dequant, fused, fused_tn128, fused_mma) that was fastest over
+the shapes (geometric mean against dequant) and passed its checks, as rules "M <= max_m: backend" for "auto"
+to adopt once the fused kernels are validated (printed, and "auto_routing_suggestion" in the JSON).
 Checks (once per shape and M, before timing it): the relative Frobenius error of our output under each backend
 against an fp32 reference computed from the dequantized weight must be <= 2x the error of the plain bf16 matmul
 with the bf16 dequantized weight. Failures are printed loudly, recorded in the JSON "checks", and make the
@@ -230,6 +233,46 @@ def summarize(T: dict, shapes, ms) -> dict:
                     if a is not None and o is not None and o / a < MUST_GOAL:
                         print(f"  WARNING {n}x{k} {d} M={m}: auto is slower than {key} ({o / a:.2f}x)")
     return goals
+
+
+FIXED_BACKENDS = ("dequant", "fused", "fused_tn128", "fused_mma")
+
+
+def suggest_auto_routing(T: dict, shapes, ms, failed=frozenset()) -> list:
+    """What "auto" should route to, by these measurements: per direction and M, the fixed backend (dequant,
+    fused, fused_tn128, fused_mma) with the smallest geometric mean of its time over dequant's across the
+    shapes, among those measured on every shape and never failing a check there (`failed`: (n, k, direction,
+    m, backend)); consecutive Ms with one choice make one rule "M <= max_m". Printed, and returned as
+    [{"direction", "max_m", "backend", "speedup_vs_dequant"}] for the next change to "auto" to copy."""
+    rules = []
+    for d in ("fwd", "bwd"):
+        for m in ms:
+            best = None
+            for b in FIXED_BACKENDS:
+                pairs = [(T.get((n, k, d, m, f"ours {b}")), T.get((n, k, d, m, "ours dequant"))) for n, k in shapes]
+                if any(t is None or t0 is None for t, t0 in pairs) or any((n, k, d, m, b) in failed
+                                                                         for n, k in shapes):
+                    continue
+                geo = math.exp(sum(math.log(t / t0) for t, t0 in pairs) / len(pairs))
+                if best is None or geo < best[1]:
+                    best = (b, geo)
+            if best is None:
+                continue
+            rule = {"direction": d, "max_m": m, "backend": best[0], "speedup_vs_dequant": 1.0 / best[1]}
+            if rules and rules[-1]["direction"] == d and rules[-1]["backend"] == best[0]:
+                rule["speedup_vs_dequant"] = min(rules[-1]["speedup_vs_dequant"], rule["speedup_vs_dequant"])
+                rules[-1] = rule
+            else:
+                rules.append(rule)
+    if rules:
+        print('Routing these measurements suggest for "auto" (per direction, the fastest fixed backend that passed '
+              "its checks, geometric mean over the shapes; the worst speed-up over dequant within each range):")
+        for d in ("fwd", "bwd"):
+            parts = [f"M <= {r['max_m']}: {r['backend']} ({r['speedup_vs_dequant']:.2f}x dequant)"
+                     for r in rules if r["direction"] == d]
+            if parts:
+                print(f"  {d}: " + "; ".join(parts))
+    return rules
 
 
 def main(argv=None) -> int:
@@ -445,6 +488,9 @@ def main(argv=None) -> int:
             set_tile(0)
 
     goals = summarize(T, shapes, args.ms)
+    failed = {(r["shape"][0], r["shape"][1], r["direction"], r["m"], r["backend"])
+              for r in checks["results"] if not r["ok"]}
+    routing = suggest_auto_routing(T, shapes, args.ms, failed)
 
     if checks["failures"]:
         print()
@@ -476,7 +522,7 @@ def main(argv=None) -> int:
             "bytes_model": {"nf4_bytes_per_weight": NF4_BYTES_PER_WEIGHT, "bf16_bytes_per_weight": BF16_BYTES,
                             "activations": "2 * M * (N + K)"},
             "ceilings": {f"{n}x{k}": {str(m): ceiling(n, k, m) for m in args.ms} for n, k in shapes},
-            "rows": rows, "goals": goals, "checks": checks,
+            "rows": rows, "goals": goals, "checks": checks, "auto_routing_suggestion": routing,
         }
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -54,3 +54,33 @@ def test_missing_methods_and_other_shapes_do_not_crash(capsys):
     assert goals == {}
     out = capsys.readouterr().out
     assert "goals: not evaluated" in out and "4096x11008" in out
+
+
+def test_routing_suggestion_takes_the_fastest_correct_backend_and_merges_ranges(capsys):
+    shapes = [(N, K), (4096, 11008)]
+    speed = {  # time relative to dequant per (direction, m, backend); both shapes alike unless said
+        ("fwd", 1): {"fused": 0.3}, ("fwd", 16): {"fused": 0.5}, ("fwd", 128): {"fused": 1.2, "fused_mma": 1.5},
+        ("fwd", 4096): {"fused": 0.9, "fused_tn128": 0.95, "fused_mma": 1.3},
+        ("fwd", 16384): {"fused": 0.97, "fused_tn128": 0.9, "fused_mma": 1.3},
+        ("bwd", 1): {"fused": 0.4}, ("bwd", 16): {"fused": 0.6}, ("bwd", 128): {"fused": 0.8, "fused_mma": 0.7},
+        ("bwd", 4096): {"fused": 0.9, "fused_mma": 1.2}, ("bwd", 16384): {"fused": 0.95, "fused_mma": 1.2},
+    }
+    T = {}
+    for n, k in shapes:
+        for (d, m), rel in speed.items():
+            T[(n, k, d, m, "ours dequant")] = 1e-3 * m
+            for b, r in rel.items():
+                T[(n, k, d, m, f"ours {b}")] = r * 1e-3 * m
+    # bwd M=128: mma.sync is fastest but failed its check on one shape, so fused (wgmma) is taken
+    failed = {(4096, 11008, "bwd", 128, "fused_mma")}
+    rules = bench.suggest_auto_routing(T, shapes, MS, failed)
+    got = [(r["direction"], r["max_m"], r["backend"], round(r["speedup_vs_dequant"], 3)) for r in rules]
+    assert got == [("fwd", 16, "fused", 2.0), ("fwd", 128, "dequant", 1.0), ("fwd", 4096, "fused", 1.111),
+                   ("fwd", 16384, "fused_tn128", 1.111), ("bwd", 16384, "fused", 1.053)]
+    out = capsys.readouterr().out
+    assert "fwd: M <= 16: fused (2.00x dequant); M <= 128: dequant (1.00x dequant)" in out
+
+
+def test_routing_suggestion_without_measurements_is_empty(capsys):
+    assert bench.suggest_auto_routing({}, [(N, K)], MS) == []
+    assert "Routing" not in capsys.readouterr().out
