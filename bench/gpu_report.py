@@ -135,7 +135,17 @@ def read_goals(out):
             goals[f"{bench}: {name}"] = g if isinstance(g, dict) else {"goal": None, "value": g, "met": None}
         if data.get("interrupted"):
             problems.append(f"{os.path.basename(path)}: the benchmark was interrupted at its time limit")
+        if data.get("aborted"):
+            problems.append(f"{os.path.basename(path)}: the benchmark stopped early: {data['aborted']}")
     return goals, problems
+
+
+def read_routing(out):
+    """bench_linear_cuda's suggested routing for "auto": [{"direction", "max_m", "backend", "speedup_vs_dequant"}]."""
+    path = os.path.join(out, "bench_linear_cuda.json")
+    if not os.path.exists(path):
+        return []
+    return json.load(open(path)).get("auto_routing_suggestion") or []
 
 
 def read_ceilings(scratch, out):
@@ -196,6 +206,7 @@ def build_report(out, scratch, commit):
             "tests": _safe(read_tests, scratch, default={}, errors=errors),
             "sanitizer": _safe(read_sanitizer, logs, default={}, errors=errors),
             "goals": goals, "goal_problems": goal_problems,
+            "auto_routing": _safe(read_routing, out, default=[], errors=errors),
             "ceilings": _safe(read_ceilings, scratch, out, default={}, errors=errors),
             "study": _safe(read_study, scratch, errors=errors),
             "log_tails": {p: lines[-15:] for p, lines in logs.items()}, "report_errors": errors}
@@ -264,6 +275,15 @@ def markdown(report, scratch):
     if not report["goals"]:
         lines.append("| (no benchmark results) | | | |")
     lines += [f"- {p}" for p in report["goal_problems"]]
+    if report.get("auto_routing"):
+        lines += ["", '## Routing for "auto" that bench_linear_cuda suggests', "",
+                  "(the fastest fixed backend per direction and M range that passed its checks; speed-up over "
+                  "dequant + cuBLAS, the worst within the range)", ""]
+        for d in ("fwd", "bwd"):
+            rules = [r for r in report["auto_routing"] if r.get("direction") == d]
+            if rules:
+                lines.append(f"- {d}: " + "; ".join(f"M <= {r['max_m']}: {r['backend']} "
+                                                    f"({_fmt(r.get('speedup_vs_dequant'))}x)" for r in rules))
     study = os.path.join(scratch, "study", "study.md")
     if os.path.exists(study):
         lines += ["", "## Paper claims on the GPU (qlora-train study --items 5)", "", open(study, errors="replace").read()]

@@ -134,7 +134,11 @@ elif script == "bench_linear_cuda.py":
     write(out, {{"rows": [{{"method": "cuBLAS bf16", "tflops": 701.0}}, {{"method": "ours auto", "tflops": 650.0}}],
                 "goals": {{"fwd_M1_cublas_over_auto": {{"goal": 3.3, "value": 2.9, "met": False, "ceiling": 3.88,
                                                      "fraction_of_ceiling": 0.75}},
-                          "must_fwd_auto_vs_bnb": {{"goal": 0.98, "value": None, "met": False}}}}}})
+                          "must_fwd_auto_vs_bnb": {{"goal": 0.98, "value": None, "met": False}}}},
+                "auto_routing_suggestion": [{{"direction": "fwd", "max_m": 16, "backend": "fused",
+                                             "speedup_vs_dequant": 2.5}},
+                                            {{"direction": "fwd", "max_m": 16384, "backend": "dequant",
+                                             "speedup_vs_dequant": 1.0}}]}})
 elif script == "bench_optim.py":
     write(out, {{"cuda": {{"copy_GB_per_s": 4100.0}}, "goals": {{"a_lora_7b_r64_fp32_vs_torch_fused": {{"goal": 1.0, "value": 1.2, "met": True}}}}}})
 elif script == "bench_train_gpu.py":
@@ -196,7 +200,7 @@ def test_gpu_check_full_run_report_has_what_the_issues_ask_for(tmp_path):
                  "| linear_cuda: fwd_M1_cublas_over_auto | 2.9 (75% of the ceiling 3.88) | 3.3 | NOT met |",
                  "| linear_cuda: must_fwd_auto_vs_bnb | not measured | 0.98 | not evaluated |",
                  "optim: a_lora_7b_r64_fp32_vs_torch_fused", "not evaluated (peft missing)",
-                 "65B: measured peak 40.1 GB"):
+                 "65B: measured peak 40.1 GB", "- fwd: M <= 16: fused (2.5x); M <= 16384: dequant (1x)"):
         assert want in md, want
     states = {k: v["state"] for k, v in report["parts"].items()}
     assert states["build"] == "ok" and states["tests_cuda"] == "FAILED" and states["harness_bench"] == "ok"
