@@ -3,7 +3,7 @@
 
 Side by side in one run, on a --size x --size bfloat16 matrix (default 8192 x 8192, random normal, fixed seed),
 blocksize 64, double quantization on. Every figure is the median over --reps runs of CUDA-event time, with
-the L2 cache flushed before each timed run (a 256 MB buffer is zeroed, outside the timed region). By default
+the L2 cache flushed before each timed run (a 256 MB buffer is read, outside the timed region). By default
 the stream is also padded with a short device-side spin (torch.cuda._sleep) after the flush, so the host has
 queued the whole timed region before it starts: the figures are device time, free of Python launch overhead
 (except where the host must wait on the device, as the Python quantize() does). --no-pad turns that off.
