@@ -317,7 +317,7 @@ def main(argv=None) -> int:
     timer = Timer(args.reps, args.warmup, pad=not args.no_pad)
     print(f"CUDA 4-bit linear benchmark: NF4, blocksize {BLOCKSIZE}, double quant, bf16 activations; shapes "
           f"{', '.join(f'{n}x{k}' for n, k in shapes)} (N x K); M {', '.join(map(str, args.ms))}")
-    print(f"  median of {args.reps} reps (CUDA events, L2 flushed with a {FLUSH_BYTES >> 20} MB memset before each"
+    print(f"  median of {args.reps} reps (CUDA events, L2 flushed by reading {FLUSH_BYTES >> 20} MB before each"
           f"{'' if args.no_pad else ', stream padded'}); our ops timed raw (torch.ops.qlora_ext), no autograd")
     print(f"  {props.name} (sm_{props.major}{props.minor}, {props.multi_processor_count} SMs, "
           f"{props.total_memory / 2**30:.0f} GiB), torch {torch.__version__}, CUDA {torch.version.cuda}, "
@@ -390,9 +390,15 @@ def main(argv=None) -> int:
                                 run_backend(b)
                                 try:
                                     y = op()
-                                    torch.cuda.synchronize()  # a fault in the kernel is this backend's, not the next op's
+                                    torch.cuda.synchronize()  # a kernel fault is this backend's, not the next op's
                                 except Exception as exc:  # noqa: BLE001  (recorded as a failure, the run goes on)
                                     y, raised = None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                                    try:  # a fault inside the kernel is sticky: then nothing more can run
+                                        torch.cuda.synchronize()
+                                    except Exception:  # noqa: BLE001
+                                        checks["failures"].append(f"{n}x{k} M={m} {direction} backend {b}: "
+                                                                  f"device fault: {raised}")
+                                        raise
                                 shape_ok = (y is not None and tuple(y.shape) == tuple(ref.shape)
                                             and y.dtype == torch.bfloat16)
                                 e = rel_err(y, ref) if shape_ok else float("nan")
@@ -436,6 +442,7 @@ def main(argv=None) -> int:
                                        f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
                                 checks["failures"].append(msg)
                                 print(f"!!!!! FAILED: {msg}")
+                                torch.cuda.synchronize()  # raises after a device fault: the run stops there
                         run_backend("auto")
                         if bnb is not None:
                             try:

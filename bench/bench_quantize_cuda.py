@@ -107,7 +107,7 @@ def main(argv=None) -> int:
 
     timer = Timer(args.reps, args.warmup, pad=not args.no_pad)
     print(f"CUDA NF4 benchmark: {n}x{n} bf16 ({numel / 1e6:.1f} M elements), blocksize {BLOCKSIZE}, double quant; "
-          f"median of {args.reps} reps (CUDA events, L2 flushed with a {FLUSH_BYTES >> 20} MB memset before each"
+          f"median of {args.reps} reps (CUDA events, L2 flushed by reading {FLUSH_BYTES >> 20} MB before each"
           f"{'' if args.no_pad else ', stream padded'})")
     print(f"  {props.name} (sm_{props.major}{props.minor}, {props.total_memory / 2**30:.0f} GiB), torch "
           f"{torch.__version__}, CUDA {torch.version.cuda}, qlora_ext {qlora_ext.__version__} "

@@ -30,11 +30,15 @@ def cuda_unavailable_reason(name: str):
 class Timer:
     """Median CUDA-event time of fn() with the L2 flushed (and the stream optionally padded) before each run."""
 
-    def __init__(self, reps: int, warmup: int, pad: bool):
+    def __init__(self, reps: int, warmup: int, pad: bool, device: str = "cuda"):
         self.reps, self.warmup = reps, warmup
-        self.flush = torch.zeros(FLUSH_BYTES // 4, dtype=torch.float32, device="cuda")
-        self.flush_sink = torch.empty((), dtype=torch.float32, device="cuda")
+        self.flush = torch.zeros(FLUSH_BYTES // 4, dtype=torch.float32, device=device)
+        self.flush_sink = torch.empty((), dtype=torch.float32, device=device)
         self.pad_cycles = self._calibrate_pad() if pad else 0
+
+    def flush_l2(self) -> None:
+        """Reads the whole buffer (a sum into a preallocated scalar): evicts the L2, leaves no dirty lines."""
+        torch.sum(self.flush, 0, out=self.flush_sink)
 
     @staticmethod
     def _calibrate_pad(target_ms: float = 1.0) -> int:
@@ -57,7 +61,7 @@ class Timer:
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(self.reps)]
         t0 = time.perf_counter()
         for i in range(self.reps):
-            torch.sum(self.flush, out=self.flush_sink)  # evict L2 (clean lines only); outside the timed region
+            self.flush_l2()  # outside the timed region
             if self.pad_cycles:
                 torch.cuda._sleep(self.pad_cycles)  # keeps the GPU busy while the host queues the timed region
             starts[i].record()

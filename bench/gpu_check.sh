@@ -44,7 +44,10 @@ while [ $# -gt 0 ]; do
   esac
 done
 for p in ${only//,/ }; do
-  case "$p" in build|tests|sanitizer|bench|train) ;; *) echo "--only: unknown part '$p' (build, tests, sanitizer, bench, train)"; exit 2 ;; esac
+  case "$p" in
+    build|tests|sanitizer|bench|train) ;;
+    *) echo "--only: unknown part '$p' (build, tests, sanitizer, bench, train)"; exit 2 ;;
+  esac
 done
 case "$budget" in ''|*[!0-9]*) echo "--budget must be a number of seconds, got '$budget'"; exit 2 ;; esac
 mkdir -p "$out"
@@ -178,9 +181,12 @@ fi
 # The wgmma kernels first, alone, in their own process: they are the newest CUDA code, and a device fault is
 # sticky for a process, so a broken one would fail every later CUDA test of the run. If this smoke test fails,
 # the rest runs with QLORA_DISABLE_WGMMA=1 ("fused" then takes the mma.sync kernels; the report shows the part).
-smoke_stamp="$ROOT/build/gpu_check_smoke.stamp"  # "<build inputs hash> <smoke rc>"
+# The smoke verdict is reused when the build and what else decides it (the tests, the Python package) are
+# unchanged: "<key> <smoke rc>".
+smoke_stamp="$ROOT/build/gpu_check_smoke.stamp"
+smoke_key="${inputs:-none}-$(cat tests/test_linear_4bit.py qlora_ext/*.py 2>/dev/null | sha256sum | cut -c1-16)"
 if (want tests || want bench || want train || want sanitizer) && ok build &&
-   [ -f "$smoke_stamp" ] && [ "$(cut -d' ' -f1 "$smoke_stamp")" = "${inputs:-}" ]; then
+   [ -f "$smoke_stamp" ] && [ "$(cut -d' ' -f1 "$smoke_stamp")" = "$smoke_key" ]; then
   smoke_rc=$(cut -d' ' -f2 "$smoke_stamp")
   echo "$smoke_rc 0 0" > "$status/wgmma_smoke"
   echo "=== wgmma_smoke: rc=$smoke_rc, reused from the last run on this build" | tee -a "$log"
@@ -189,7 +195,8 @@ if (want tests || want bench || want train || want sanitizer) && ok build &&
     echo "wgmma smoke test failed: the rest of the check runs with QLORA_DISABLE_WGMMA=1" | tee -a "$log"
   fi
 elif (want tests || want bench || want train || want sanitizer) && ok build; then
-  part wgmma_smoke "${GPU_CHECK_SMOKE_LIMIT:-90}" python3 -m pytest -q -p no:cacheprovider -m cuda --basetemp="$scratch/pytest_smoke" \
+  part wgmma_smoke "${GPU_CHECK_SMOKE_LIMIT:-90}" \
+    python3 -m pytest -q -p no:cacheprovider -m cuda --basetemp="$scratch/pytest_smoke" \
     --junitxml="$scratch/junit_wgmma_smoke.xml" \
     "tests/test_linear_4bit.py::test_cuda_hopper_runs_the_wgmma_kernels" \
     "tests/test_linear_4bit.py::test_cuda_fused_large_m_code_books[0-65-72-128-True-nf4-128-fused]" \
@@ -199,10 +206,11 @@ elif (want tests || want bench || want train || want sanitizer) && ok build; the
   smoke_rc=$(cut -d' ' -f1 "$status/wgmma_smoke")
   # a verdict: passed, failed, or stopped at its limit (five small GEMMs do not take 90 s: a hang); not
   # "skipped" (125) for want of budget
-  case "$smoke_rc" in 0|1|124|137) echo "${inputs:-} $smoke_rc" > "$smoke_stamp" ;; esac
+  case "$smoke_rc" in 0|1|124|137) echo "$smoke_key $smoke_rc" > "$smoke_stamp" ;; esac
   if ! ok wgmma_smoke; then
     case "$smoke_rc" in
-      124|137) echo "wgmma smoke test stopped at its limit (a hang?): no diagnosis, it would hang too" | tee -a "$log" ;;
+      124|137) echo "wgmma smoke test stopped at its limit (a hang?): no diagnosis, it would hang too" |
+                 tee -a "$log" ;;
       *) part wgmma_diagnose 60 python3 bench/diagnose_fused_cuda.py --backend fused ;;  # how it is wrong
     esac
     export QLORA_DISABLE_WGMMA=1

@@ -187,6 +187,7 @@ class PagedAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """One AdamW step for every parameter with a gradient (parameters whose grad is None are skipped)."""
+        self._refuse_capture()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -206,7 +207,7 @@ class PagedAdamW(torch.optim.Optimizer):
             if not params:
                 continue
             if not prefetched:
-                self._begin_step()
+                self._prefetch_for_step()
                 prefetched = True
             beta1, beta2 = group["betas"]
             ops.adamw_step_(params, grads, exp_avgs, exp_avg_sqs, steps, float(group["lr"]), float(beta1),
@@ -233,14 +234,12 @@ class PagedAdamW(torch.optim.Optimizer):
             grad = torch.empty_like(p).copy_(grad)
         return grad, state
 
-    def _begin_step(self) -> None:
-        """Before the first launch of a step: refuse a CUDA graph capture (the step counts and step sizes are
-        computed on the host and passed by value, so a replayed graph would repeat one step's sizes forever),
-        then bring the states to the GPU."""
-        if self._device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    def _refuse_capture(self) -> None:
+        """At the start of step(), before any state is made: the step counts and step sizes are computed on the
+        host and passed by value, so a replayed CUDA graph would repeat one step's sizes forever."""
+        if self._device is not None and self._device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(f"{type(self).__name__}.step() cannot be captured in a CUDA graph: its step sizes "
                                "are computed on the host at each step")
-        self._prefetch_for_step()
 
     def _prefetch_for_step(self) -> None:
         if self._arenas and (self.prefetch_every_step or self._paged_out):
@@ -251,7 +250,8 @@ class PagedAdamW(torch.optim.Optimizer):
     # ---- checkpoints -------------------------------------------------------------------------------
     def _load_step_counts(self, state_dict: dict, moment_keys: tuple) -> list:
         """Loads state_dict without the moments (torch.optim.Optimizer's loader restores groups and step counts)
-        and returns (saved id, param, saved state) for each saved state, for the caller to copy the moments itself."""
+        and returns (saved id, param, saved state) for each saved state, for the caller to copy the moments
+        itself."""
         saved = state_dict["state"]
         stripped = dict(state_dict)
         stripped["state"] = {k: {n: v for n, v in s.items() if n not in moment_keys} for k, s in saved.items()}
@@ -440,6 +440,7 @@ class PagedAdamW8bit(PagedAdamW):
         """One AdamW step for every parameter with a gradient (parameters whose grad is None are skipped):
         per parameter group, one call of adamw8bit_step_ for the 8-bit parameters and one of adamw_step_ for
         the small ones."""
+        self._refuse_capture()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -461,7 +462,7 @@ class PagedAdamW8bit(PagedAdamW):
             if not big[0] and not small[0]:
                 continue
             if not prefetched:
-                self._begin_step()
+                self._prefetch_for_step()
                 prefetched = True
             beta1, beta2 = group["betas"]
             hyper = (float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),

@@ -270,7 +270,10 @@ def test_cuda_graph_capture_and_replay(rng):
         with torch.cuda.graph(graph, stream=stream):
             loss = linear_cross_entropy(h, w, labels)
     torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()  # the capture recorded the kernels without running them
+    torch.cuda.synchronize()
     first = loss.clone()
+    torch.testing.assert_close(first, linear_cross_entropy(h, w, labels), rtol=1e-3, atol=0)
     h2, _, _, labels2 = make_inputs(rng, 33, 64, 97, torch.bfloat16, "cuda")
     h.copy_(h2)
     labels.copy_(labels2)

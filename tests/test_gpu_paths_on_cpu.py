@@ -406,3 +406,14 @@ def test_study_item5_glue_with_cuda_faked(tmp_path, monkeypatch):
     assert [r["shape"] for r in res["rows"]] == ["7B", "65B"] and res["rows"][0]["optimizer"] == "paged_adamw"
     assert res["rows"][1]["peak"] == 2 * 10 ** 9 + res["rows"][1]["optimizer_managed"]
     assert "paper: 65B finetuning in < 48 GB -> measured peak 2.0 GB (below 48 GB)" in (out / "study.md").read_text()
+
+
+def test_cuda_bench_timer_flush_reads_the_whole_buffer():
+    """The L2 flush every CUDA benchmark runs before each timed call (its torch call itself, here on the CPU)."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from cuda_bench import FLUSH_BYTES, Timer
+
+    timer = Timer(reps=1, warmup=0, pad=False, device="cpu")
+    timer.flush.fill_(1.0)
+    timer.flush_l2()
+    assert timer.flush_sink.item() == FLUSH_BYTES // 4 and timer.flush_sink.dim() == 0

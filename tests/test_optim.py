@@ -488,8 +488,7 @@ def test_load_state_dict_names_the_parameter_whose_moment_has_the_wrong_shape():
 def test_cuda_step_refuses_graph_capture(optimizer):
     p = torch.zeros(5000, device="cuda", requires_grad=True)
     p.grad = torch.ones_like(p)
-    opt = getattr(qlora_ext, optimizer)([p])
-    opt.step()  # states exist: the capture below fails on the check, not on an allocation
+    opt = getattr(qlora_ext, optimizer)([p])  # no step yet: the check comes before any state is made
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     graph = torch.cuda.CUDAGraph()

@@ -18,6 +18,10 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <map>
+#include <mutex>
+#include <utility>
+
 #include "cuda_utils.h"
 #include "linear_4bit_cuda.h"
 #include "tensor_core_utils.cuh"
@@ -265,7 +269,8 @@ struct Split {
 // The kernel instance for M rows (16, 32 or 64 per CTA: MT tensor-core tiles).
 template <bool BF16>
 auto forward_kernel(int64_t m) {
-  return m <= 16 ? fused_forward_kernel<BF16, 1> : m <= 32 ? fused_forward_kernel<BF16, 2> : fused_forward_kernel<BF16, 4>;
+  return m <= 16 ? fused_forward_kernel<BF16, 1>
+                 : m <= 32 ? fused_forward_kernel<BF16, 2> : fused_forward_kernel<BF16, 4>;
 }
 template <bool BF16>
 auto grad_input_kernel(int64_t m) {
@@ -273,15 +278,29 @@ auto grad_input_kernel(int64_t m) {
                  : m <= 32 ? fused_grad_input_kernel<BF16, 2> : fused_grad_input_kernel<BF16, 4>;
 }
 
-// Warps of `kernel` the GPU holds at once (its occupancy: 2 to 6 CTAs of 4 warps per SM, by register use).
+// Warps of `kernel` the GPU holds at once (its occupancy: 2 to 6 CTAs of 4 warps per SM, by register use),
+// asked of the runtime once per kernel and device (a decode step calls this twice per layer).
 template <typename Kernel>
 int64_t resident_warps(Kernel kernel, int num_sms) {
-  int ctas = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, kernel, kThreads, 0) != cudaSuccess || ctas < 1) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, int> ctas_of;
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
     cudaGetLastError();
-    ctas = 1;
+    device = -1;
   }
-  return int64_t(num_sms) * ctas * kWarps;
+  const std::pair<const void*, int> key(reinterpret_cast<const void*>(kernel), device);
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto it = ctas_of.find(key);
+  if (it == ctas_of.end()) {
+    int ctas = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, kernel, kThreads, 0) != cudaSuccess || ctas < 1) {
+      cudaGetLastError();
+      ctas = 1;
+    }
+    it = ctas_of.emplace(key, ctas).first;
+  }
+  return int64_t(num_sms) * it->second * kWarps;
 }
 
 // Splits `units` of reduction work (over `reduction` values) over blockIdx.y so that tiles * splits warps fill

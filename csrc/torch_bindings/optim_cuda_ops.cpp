@@ -48,10 +48,15 @@ at::Tensor managed_empty(int64_t nbytes, int64_t device) {
   // The arena's device is made current for the free, and its pending work (a step, a prefetch on any stream)
   // finishes first: cudaFree only "may" synchronize.
   const auto index = static_cast<c10::DeviceIndex>(device);
+  // A deleter must not throw (it runs in destructors): a guard that cannot set the device (CUDA torn down at
+  // exit) only skips the free.
   auto deleter = [size, index](void* p) {
-    const c10::cuda::CUDAGuard free_guard(index);
-    C10_CUDA_CHECK_WARN(cudaDeviceSynchronize());
-    C10_CUDA_CHECK_WARN(cuda::managed_free(p, size));
+    try {
+      const c10::cuda::CUDAGuard free_guard(index);
+      C10_CUDA_CHECK_WARN(cudaDeviceSynchronize());
+      C10_CUDA_CHECK_WARN(cuda::managed_free(p, size));
+    } catch (...) {
+    }
   };
   const c10::Device dev(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(device));
   return at::from_blob(ptr, {nbytes}, deleter, at::TensorOptions().dtype(at::kByte).device(dev), dev);
