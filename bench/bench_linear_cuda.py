@@ -60,10 +60,11 @@ import logging
 import math
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 
-from cuda_bench import FLUSH_BYTES, Timer, cuda_unavailable_reason  # bench/ is on sys.path when run as a script
+from cuda_bench import FLUSH_BYTES, HostTimer, Timer, cuda_unavailable_reason  # bench/ is on sys.path as a script
 
 BLOCKSIZE = 64
 QUANT_TYPE = "nf4"
@@ -291,20 +292,27 @@ def main(argv=None) -> int:
     ap.add_argument("--no-check", action="store_true", help="skip the correctness checks against an fp32 reference")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    # a debug run of this script's own code on the CPU (the CPU ops, wall-clock times): tests/ use it
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.reps < 1 or args.warmup < 0:
         ap.error("--reps must be positive, --warmup non-negative")
     shapes = [GOAL_SHAPE] if args.quick else args.shapes
 
-    reason = cuda_unavailable_reason("bench_linear_cuda")
+    cuda = args.device == "cuda"
+    reason = cuda_unavailable_reason("bench_linear_cuda") if cuda else None
     if reason:
         print(reason, file=sys.stderr)
         return 2
     import qlora_ext
 
     info = qlora_ext.build_info()
-    dev = torch.device("cuda")
-    props = torch.cuda.get_device_properties(dev)
+    dev = torch.device(args.device)
+    props = (torch.cuda.get_device_properties(dev) if cuda else
+             SimpleNamespace(name="CPU (debug run: times mean nothing)", major=0, minor=0, multi_processor_count=0,
+                             total_memory=0))
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    empty_cache = torch.cuda.empty_cache if cuda else (lambda: None)
 
     set_backend = getattr(qlora_ext._C, "set_linear_backend", None)
     get_backend = getattr(qlora_ext._C, "linear_backend", None)
@@ -314,7 +322,7 @@ def main(argv=None) -> int:
     ops = torch.ops.qlora_ext
     t_start = time.perf_counter()
 
-    timer = Timer(args.reps, args.warmup, pad=not args.no_pad)
+    timer = Timer(args.reps, args.warmup, pad=not args.no_pad) if cuda else HostTimer(args.reps, args.warmup)
     print(f"CUDA 4-bit linear benchmark: NF4, blocksize {BLOCKSIZE}, double quant, bf16 activations; shapes "
           f"{', '.join(f'{n}x{k}' for n, k in shapes)} (N x K); M {', '.join(map(str, args.ms))}")
     print(f"  median of {args.reps} reps (CUDA events, L2 flushed by reading {FLUSH_BYTES >> 20} MB before each"
@@ -322,7 +330,8 @@ def main(argv=None) -> int:
     print(f"  {props.name} (sm_{props.major}{props.minor}, {props.multi_processor_count} SMs, "
           f"{props.total_memory / 2**30:.0f} GiB), torch {torch.__version__}, CUDA {torch.version.cuda}, "
           f"qlora_ext {qlora_ext.__version__} (built for {info.get('cuda_arch_list')})")
-    large_kernel = qlora_ext.fused_large_kernel() if hasattr(qlora_ext, "fused_large_kernel") else "mma.sync"
+    large_kernel = (qlora_ext.fused_large_kernel() if cuda and hasattr(qlora_ext, "fused_large_kernel")
+                    else "mma.sync" if cuda else "no (CPU)")
     print(f"  backend \"fused\" runs the {large_kernel} large-M kernels on this GPU")
     if set_backend is None:
         print("  qlora_ext._C.set_linear_backend is missing (older build): only the default backend is measured")
@@ -390,11 +399,11 @@ def main(argv=None) -> int:
                                 run_backend(b)
                                 try:
                                     y = op()
-                                    torch.cuda.synchronize()  # a kernel fault is this backend's, not the next op's
+                                    sync()  # a kernel fault is this backend's, not the next op's
                                 except Exception as exc:  # noqa: BLE001  (recorded as a failure, the run goes on)
                                     y, raised = None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
                                     try:  # a fault inside the kernel is sticky: then nothing more can run
-                                        torch.cuda.synchronize()
+                                        sync()
                                     except Exception:  # noqa: BLE001
                                         checks["failures"].append(f"{n}x{k} M={m} {direction} backend {b}: "
                                                                   f"device fault: {raised}")
@@ -424,7 +433,7 @@ def main(argv=None) -> int:
                                   + ", ".join(parts))
                             del ref
                         torch.set_float32_matmul_precision(prec)
-                        torch.cuda.empty_cache()
+                        empty_cache()
 
                     # ---- timing
                     for direction, op in (("fwd", fwd), ("bwd", bwd)):
@@ -442,7 +451,7 @@ def main(argv=None) -> int:
                                        f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
                                 checks["failures"].append(msg)
                                 print(f"!!!!! FAILED: {msg}")
-                                torch.cuda.synchronize()  # raises after a device fault: the run stops there
+                                sync()  # raises after a device fault: the run stops there
                         run_backend("auto")
                         if bnb is not None:
                             try:
@@ -476,10 +485,10 @@ def main(argv=None) -> int:
                             print(f"    {method:<16}{t * 1e6:11.1f}{r['min_s'] * 1e6:9.1f}{row['tflops']:9.1f}"
                                   f"{row['gbps']:8.0f}{row['cublas_over_this']:10.2f}{bnb_col}")
                     del x, dy
-                    torch.cuda.empty_cache()
+                    empty_cache()
                 print()
                 del w, q, qargs, w4, qs, w_ref, w_deq16
-                torch.cuda.empty_cache()
+                empty_cache()
     except KeyboardInterrupt:  # bench/gpu_check.sh's time limit (SIGINT): summarise what was measured
         interrupted = True
         print("\n!!!!! interrupted (time limit): the summary and goals below cover what was measured so far")

@@ -72,3 +72,22 @@ class Timer:
         ms = [s.elapsed_time(e) for s, e in zip(starts, ends)]
         return {"median_s": statistics.median(ms) / 1e3, "min_s": min(ms) / 1e3, "max_s": max(ms) / 1e3,
                 "runs": self.reps, "loop_wall_s": wall}
+
+
+class HostTimer:
+    """Wall-clock stand-in for Timer in a benchmark's CPU debug run (--device cpu): exercises the benchmark's
+    own code where no CUDA device is; its times mean nothing for the GPU."""
+
+    def __init__(self, reps: int, warmup: int):
+        self.reps, self.warmup = reps, warmup
+
+    def __call__(self, fn) -> dict:
+        for _ in range(self.warmup):
+            fn()
+        ts = []
+        for _ in range(self.reps):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        return {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "runs": self.reps,
+                "loop_wall_s": sum(ts)}

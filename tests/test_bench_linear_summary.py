@@ -1,5 +1,7 @@
-"""bench/bench_linear_cuda.py's summary and goals, driven with made-up times (the benchmark itself needs a
-GPU: a crash or a wrong verdict in its last step would waste a GPU session's measurements)."""
+"""bench/bench_linear_cuda.py's summary, goals and routing, driven with made-up times, and its whole code run on
+the CPU ops (its hidden --device cpu): the benchmark proper needs a GPU, and a crash or a wrong verdict in it
+would waste a GPU session's measurements."""
+import json
 import os
 import sys
 
@@ -84,3 +86,43 @@ def test_routing_suggestion_takes_the_fastest_correct_backend_and_merges_ranges(
 def test_routing_suggestion_without_measurements_is_empty(capsys):
     assert bench.suggest_auto_routing({}, [(N, K)], MS) == []
     assert "Routing" not in capsys.readouterr().out
+
+
+SMALL = ["--device", "cpu", "--shapes", "192x128", "--ms", "1,65", "--reps", "2", "--warmup", "1"]
+
+
+def test_cpu_debug_run_writes_the_json(tmp_path, capsys):
+    """The benchmark's own code end to end on the CPU ops (hidden --device cpu; wall-clock times)."""
+    out = tmp_path / "bench.json"
+    assert bench.main(SMALL + ["--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["checks"]["ok"] and data["aborted"] is None and not data["interrupted"]
+    # fwd and bwd at M = 1 (auto, fused, dequant, tune) and M = 65 (the same and fused_mma)
+    assert len(data["checks"]["results"]) == 2 * 4 + 2 * 5
+    methods = {r["method"] for r in data["rows"]}
+    assert {"cuBLAS bf16", "ours auto", "ours fused", "ours fused_mma", "ours dequant", "ours tune"} <= methods
+    assert {r["direction"] for r in data["auto_routing_suggestion"]} == {"fwd", "bwd"}
+    assert "checks: all 18 outputs within 2x" in capsys.readouterr().out
+
+
+def test_cpu_debug_run_stopped_by_a_device_fault_still_reports(tmp_path, monkeypatch):
+    """A sticky fault where no try catches it (here: the backward's cuBLAS timing) ends the measuring; what was
+    measured before it is summarised and written, with the error, and the exit status says failure."""
+    class DyingTimer(bench.HostTimer):
+        cublas_calls = 0
+
+        def __call__(self, fn):
+            names = fn.__code__.co_names
+            if "matmul" in names and not {"matmul_4bit", "dequantize_4bit"} & set(names):
+                DyingTimer.cublas_calls += 1
+                if DyingTimer.cublas_calls == 2:
+                    raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            return super().__call__(fn)
+
+    monkeypatch.setattr(bench, "HostTimer", DyingTimer)
+    out = tmp_path / "bench.json"
+    assert bench.main(SMALL + ["--json", str(out)]) == 1
+    data = json.loads(out.read_text())
+    assert data["aborted"] == "RuntimeError: CUDA error: an illegal memory access was encountered"
+    assert {(r["direction"], r["m"]) for r in data["rows"]} == {("fwd", 1)}
+    assert any(f.startswith("aborted: RuntimeError") for f in data["checks"]["failures"])
