@@ -35,10 +35,11 @@ import argparse
 import json
 import logging
 import sys
+from types import SimpleNamespace
 
 import torch
 
-from cuda_bench import FLUSH_BYTES, Timer, cuda_unavailable_reason  # bench/ is on sys.path when run as a script
+from cuda_bench import FLUSH_BYTES, HostTimer, Timer, cuda_unavailable_reason  # bench/ is on sys.path as a script
 
 DQ_GOAL_PCT = 90.0
 Q_GOAL_PCT = 80.0
@@ -75,19 +76,23 @@ def main(argv=None) -> int:
     ap.add_argument("--no-check", action="store_true", help="skip the CPU and bitsandbytes code cross-checks")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    # a debug run of this script's own code on the CPU (the CPU ops, wall-clock times): tests/ use it
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.size < 1 or args.reps < 1 or args.warmup < 0:
         ap.error("--size and --reps must be positive, --warmup non-negative")
 
-    reason = cuda_unavailable_reason("bench_quantize_cuda")
+    cuda = args.device == "cuda"
+    reason = cuda_unavailable_reason("bench_quantize_cuda") if cuda else None
     if reason:
         print(reason, file=sys.stderr)
         return 2
     import qlora_ext
 
     info = qlora_ext.build_info()
-    dev = torch.device("cuda")
-    props = torch.cuda.get_device_properties(dev)
+    dev = torch.device(args.device)
+    props = (torch.cuda.get_device_properties(dev) if cuda else
+             SimpleNamespace(name="CPU (debug run: times mean nothing)", major=0, minor=0, total_memory=0))
 
     bnbF, bnb_version, bnb_err = _load_bnb()
     ops = torch.ops.qlora_ext
@@ -105,7 +110,7 @@ def main(argv=None) -> int:
     q_dq_pass_bytes = nblocks * (4 + 4 + 1) + nchunks * (8 + 8 + 4) + 4  # sums, mean, encode (+scales)
     q_bytes = q_first_bytes + q_dq_pass_bytes
 
-    timer = Timer(args.reps, args.warmup, pad=not args.no_pad)
+    timer = Timer(args.reps, args.warmup, pad=not args.no_pad) if cuda else HostTimer(args.reps, args.warmup)
     print(f"CUDA NF4 benchmark: {n}x{n} bf16 ({numel / 1e6:.1f} M elements), blocksize {BLOCKSIZE}, double quant; "
           f"median of {args.reps} reps (CUDA events, L2 flushed by reading {FLUSH_BYTES >> 20} MB before each"
           f"{'' if args.no_pad else ', stream padded'})")
@@ -119,12 +124,14 @@ def main(argv=None) -> int:
     T = {}
 
     # ---- ceiling: device-to-device copy of ~1 GiB
-    src = torch.empty(COPY_BYTES // 2, dtype=torch.bfloat16, device=dev).normal_(generator=gen)
+    copy_elems = COPY_BYTES // 2 if cuda else min(COPY_BYTES // 2, 4 * numel)  # the CPU run: small
+    src = torch.empty(copy_elems, dtype=torch.bfloat16, device=dev).normal_(generator=gen)
     dst = torch.empty_like(src)
     T["copy"] = timer(lambda: dst.copy_(src))
-    copy_bytes = 2 * COPY_BYTES
+    copy_bytes = 2 * 2 * copy_elems
     del src, dst
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
 
     # ---- ours
     q = qlora_ext.quantize(w, blocksize=BLOCKSIZE, quant_type="nf4", double_quant=True)

@@ -345,6 +345,17 @@ def test_cuda_benchmarks_exit_2_with_one_line_without_a_gpu(script):
     assert p.returncode == 2 and "no CUDA device" in p.stderr, p.stdout + p.stderr
 
 
+def test_bench_quantize_cuda_debug_run_on_cpu(tmp_path):
+    """The CUDA quantize benchmark's own code on the CPU ops (hidden --device cpu): its checks, goals and JSON."""
+    out = tmp_path / "q.json"
+    p = _bench("bench/bench_quantize_cuda.py", "--device", "cpu", "--size", "256", "--reps", "2", "--warmup", "1",
+               "--json", str(out))
+    assert p.returncode == 0, p.stdout + p.stderr
+    data = json.loads(out.read_text())
+    assert set(data["goals"]) >= {"dequantize_pct_of_copy", "quantize_raw_pct_of_copy"}, data["goals"]
+    assert "CUDA vs CPU kernels: codes equal" in p.stdout
+
+
 def test_bench_optim_cuda_goals_from_rows():
     """bench_optim.py wrote no "goals" into its JSON, so the GPU report showed none of issue 4's goals."""
     sys.path.insert(0, os.path.join(ROOT, "bench"))
