@@ -407,7 +407,7 @@ def test_study_item5_glue_with_cuda_faked(tmp_path, monkeypatch):
                                                                                      optimizer=optimizer))
     for name, value in {"is_available": lambda: True, "empty_cache": lambda: None, "synchronize": lambda *a: None,
                         "reset_peak_memory_stats": lambda *a: None, "memory_allocated": lambda *a: 10 ** 9,
-                        "max_memory_allocated": lambda *a: 2 * 10 ** 9,
+                        "max_memory_allocated": lambda *a: 2 * 10 ** 9, "max_memory_reserved": lambda *a: 3 * 2 ** 30,
                         "mem_get_info": lambda *a: (10 ** 9, 141 * 10 ** 9)}.items():
         monkeypatch.setattr(torch.cuda, name, value)
     assert trainer.memory_bytes(torch.device("cuda"))["peak"] == 2 * 10 ** 9
@@ -416,7 +416,38 @@ def test_study_item5_glue_with_cuda_faked(tmp_path, monkeypatch):
     res = json.loads((out / "study.json").read_text())["item5"]
     assert [r["shape"] for r in res["rows"]] == ["7B", "65B"] and res["rows"][0]["optimizer"] == "paged_adamw"
     assert res["rows"][1]["peak"] == 2 * 10 ** 9 + res["rows"][1]["optimizer_managed"]
-    assert "paper: 65B finetuning in < 48 GB -> measured peak 2.0 GB (below 48 GB)" in (out / "study.md").read_text()
+    managed = res["rows"][1]["optimizer_managed"]
+    assert (f"paper: 65B finetuning on a single 48 GB (48 GiB) GPU -> measured peak {(2e9 + managed) / 2**30:.1f} "
+            f"GiB allocated + managed ({(2e9 + managed) / 1e9:.1f} GB), {(3 * 2**30 + managed) / 2**30:.1f} GiB "
+            f"reserved + managed") in (out / "study.md").read_text()
+    assert "below 48 GiB" in (out / "study.md").read_text()
+
+    # a time limit's SIGINT during the 65B step: the 7B row and the log so far are kept, the exit status says so
+    def interrupted_step(model, dev, optimizer):
+        if model.config.hidden_size == 128 and interrupted_step.calls:
+            raise KeyboardInterrupt
+        interrupted_step.calls += 1
+        return real_step(model, "cpu", seq=16, optimizer=optimizer)
+    interrupted_step.calls = 0
+    monkeypatch.setattr(study, "one_step", interrupted_step)
+    assert study.main(["--items", "5", "--out", str(out), "--no-progress"]) == 130
+    res = json.loads((out / "study.json").read_text())
+    assert res["item5"]["interrupted"]
+    assert any(line.startswith("    7B: model") for line in res["item5"]["log"])
+    assert "[5] interrupted after" in (out / "study.md").read_text()
+
+
+def test_random_llama_has_unit_norms_everywhere():
+    """The final norm (model.model.norm, whose parameter is just "weight") is 1 like the layers' norms, not
+    N(0, 0.02): that would shrink the logits 50x and pin the loss at ln(vocab)."""
+    pytest.importorskip("transformers")
+    from qlora_ext.train import study
+
+    model = study.build_quantized_llama(study.LlamaShape("t", hidden=64, ffn=128, layers=2, heads=4, vocab=96),
+                                        "cpu", r=4)
+    norms = {n: p for n, p in model.named_parameters() if "norm" in n}
+    assert len(norms) == 2 * 2 + 1 and all(torch.equal(p, torch.ones_like(p)) for p in norms.values()), norms.keys()
+    assert model.lm_head.weight.std().item() == pytest.approx(0.02, rel=0.2)
 
 
 def test_cuda_bench_timer_flush_reads_the_whole_buffer():

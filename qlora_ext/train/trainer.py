@@ -91,10 +91,12 @@ def evaluate(model, blocks: torch.Tensor, batch_size: int, device: torch.device)
 def memory_bytes(device: torch.device, optimizer=None) -> Dict[str, int]:
     """Peak memory so far. CPU: the process's peak resident set. CUDA: torch's peak allocation plus the
     paged optimizer's managed arena (torch.cuda.max_memory_allocated does not see managed memory; the arena
-    is counted whole, as if resident on the GPU), and the device-wide use now from cudaMemGetInfo."""
+    is counted whole, as if resident on the GPU), torch's peak reserved pool (allocations plus the caching
+    allocator's slack), and the device-wide use now from cudaMemGetInfo."""
     out = {"process_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     if device.type == "cuda":
         out["cuda_max_allocated"] = torch.cuda.max_memory_allocated(device)
+        out["cuda_max_reserved"] = torch.cuda.max_memory_reserved(device)
         # PagedAdamW(paged=True) keeps its states in a cudaMallocManaged arena of state_bytes() bytes.
         paged = getattr(optimizer, "paged", False) and callable(getattr(optimizer, "state_bytes", None))
         out["optimizer_managed"] = int(optimizer.state_bytes()) if paged else 0
