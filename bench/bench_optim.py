@@ -77,21 +77,27 @@ def time_steps(opt, device, reps, warmup=2):
     return statistics.median(times)
 
 
-def copy_bandwidth(nbytes=1 << 31):
+def copy_bandwidth(device="cuda", nbytes=1 << 31):
     """Device-to-device copy bandwidth in bytes/s (read + write counted)."""
-    a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    a = torch.empty(nbytes, dtype=torch.uint8, device=device)
     b = torch.empty_like(a)
     for _ in range(3):
         b.copy_(a)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        b.copy_(a)
-    end.record()
-    end.synchronize()
-    bw = 2 * nbytes * 10 / (start.elapsed_time(end) / 1e3)
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(10):
+            b.copy_(a)
+        end.record()
+        end.synchronize()
+        seconds = start.elapsed_time(end) / 1e3
+    else:
+        t0 = time.perf_counter()
+        for _ in range(10):
+            b.copy_(a)
+        seconds = time.perf_counter() - t0
     del a, b
-    return bw
+    return 2 * nbytes * 10 / seconds
 
 
 def run_one(name, make_opt, shapes, dtype, device, reps, results, key, bytes_per_param=None, page=False):
@@ -147,56 +153,61 @@ def bnb_paged_adamw8bit():
     return lambda ps: bnb.optim.PagedAdamW8bit(ps, lr=1e-4, weight_decay=1e-2)
 
 
-def bench_cuda(args, results):
-    bw = copy_bandwidth()
+def bench_cuda(args, results, device="cuda"):
+    """The CUDA sets (a) and (b) and their goals. device="cpu" is a debug run of this code on the CPU (tests/
+    use it with small sets; its figures mean nothing)."""
+    cuda = device == "cuda"
+    bw = copy_bandwidth(device, 1 << 31 if cuda else 1 << 24)
     results["copy_GB_per_s"] = bw / 1e9
-    print(f"device copy bandwidth: {bw / 1e9:.0f} GB/s ({torch.cuda.get_device_name()})")
+    print(f"device copy bandwidth: {bw / 1e9:.0f} GB/s "
+          f"({torch.cuda.get_device_name() if cuda else 'CPU debug run: figures mean nothing'})")
     sets = {"a_lora_7b_r64": lora_shapes(blocks=args.blocks), "b_one_1b": [(args.big,)]}
     try:
-        _bench_cuda_sets(args, results, sets)
+        _bench_cuda_sets(args, results, sets, device)
     except KeyboardInterrupt:  # bench/gpu_check.sh's time limit (SIGINT): report what was measured
         print("interrupted (time limit): the goals below use the rows measured so far")
         results["interrupted"] = True
     return cuda_goals(results)
 
 
-def _bench_cuda_sets(args, results, sets):
+def _bench_cuda_sets(args, results, sets, device):
     for key, shapes in sets.items():
         n = sum(torch.Size(s).numel() for s in shapes)
-        free, _ = torch.cuda.mem_get_info()
-        assert 8 * n < free // 2, f"the arena ({8 * n / 1e9:.1f} GB) must stay far below free GPU memory"
+        if device == "cuda":
+            free, _ = torch.cuda.mem_get_info()
+            assert 8 * n < free // 2, f"the arena ({8 * n / 1e9:.1f} GB) must stay far below free GPU memory"
         print(f"set {key}: {len(shapes)} tensors, {n / 1e6:.0f}M parameters")
         reps = args.reps if len(shapes) > 1 else max(3, args.reps // 4)
         bf, f32 = torch.bfloat16, torch.float32
-        run_one("PagedAdamW bf16 (paged, resident)", lambda ps: PagedAdamW(ps, lr=1e-4), shapes, bf, "cuda", reps,
+        run_one("PagedAdamW bf16 (paged, resident)", lambda ps: PagedAdamW(ps, lr=1e-4), shapes, bf, device, reps,
                 results, key, 22, page=True)
         run_one("PagedAdamW bf16 (paged, prefetch after page_out)",
-                lambda ps: PagedAdamW(ps, lr=1e-4, prefetch_every_step=False), shapes, bf, "cuda", reps, results,
+                lambda ps: PagedAdamW(ps, lr=1e-4, prefetch_every_step=False), shapes, bf, device, reps, results,
                 key, 22)
-        run_one("PagedAdamW bf16 (unpaged)", lambda ps: PagedAdamW(ps, lr=1e-4, paged=False), shapes, bf, "cuda",
+        run_one("PagedAdamW bf16 (unpaged)", lambda ps: PagedAdamW(ps, lr=1e-4, paged=False), shapes, bf, device,
                 reps, results, key, 22)
         run_one("torch AdamW fused bf16 (bf16 states)", lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True),
-                shapes, bf, "cuda", reps, results, key, 14)
+                shapes, bf, device, reps, results, key, 14)
         try:
             make_bnb = bnb_paged_adamw()
-            run_one("bitsandbytes PagedAdamW bf16 (32-bit states)", make_bnb, shapes, bf, "cuda", reps, results,
+            run_one("bitsandbytes PagedAdamW bf16 (32-bit states)", make_bnb, shapes, bf, device, reps, results,
                     key, 22)
         except Exception as e:  # noqa: BLE001  (ImportError, or bitsandbytes failing to load its library)
             print(f"  bitsandbytes PagedAdamW: not importable ({type(e).__name__}: {e})")
-        run_one("PagedAdamW8bit bf16 (paged, resident)", lambda ps: PagedAdamW8bit(ps, lr=1e-4), shapes, bf, "cuda",
+        run_one("PagedAdamW8bit bf16 (paged, resident)", lambda ps: PagedAdamW8bit(ps, lr=1e-4), shapes, bf, device,
                 reps, results, key, 10, page=True)
         run_one("PagedAdamW8bit bf16 (unpaged)", lambda ps: PagedAdamW8bit(ps, lr=1e-4, paged=False), shapes, bf,
-                "cuda", reps, results, key, 10)
+                device, reps, results, key, 10)
         try:
             make_bnb8 = bnb_paged_adamw8bit()
-            run_one("bitsandbytes PagedAdamW8bit bf16", make_bnb8, shapes, bf, "cuda", reps, results, key, 10)
+            run_one("bitsandbytes PagedAdamW8bit bf16", make_bnb8, shapes, bf, device, reps, results, key, 10)
         except Exception as e:  # noqa: BLE001
             print(f"  bitsandbytes PagedAdamW8bit: not importable ({type(e).__name__}: {e})")
-        run_one("PagedAdamW8bit fp32", lambda ps: PagedAdamW8bit(ps, lr=1e-4), shapes, f32, "cuda", reps, results,
+        run_one("PagedAdamW8bit fp32", lambda ps: PagedAdamW8bit(ps, lr=1e-4), shapes, f32, device, reps, results,
                 key, 16)
-        run_one("PagedAdamW fp32", lambda ps: PagedAdamW(ps, lr=1e-4), shapes, f32, "cuda", reps, results, key, 28)
+        run_one("PagedAdamW fp32", lambda ps: PagedAdamW(ps, lr=1e-4), shapes, f32, device, reps, results, key, 28)
         run_one("torch AdamW fused fp32", lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True), shapes, f32,
-                "cuda", reps, results, key, 28)
+                device, reps, results, key, 28)
 
 
 RESIDENT_GOAL_PCT, VS_TORCH_GOAL = 85.0, 1.0

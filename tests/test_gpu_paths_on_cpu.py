@@ -356,6 +356,28 @@ def test_bench_quantize_cuda_debug_run_on_cpu(tmp_path):
     assert "CUDA vs CPU kernels: codes equal" in p.stdout
 
 
+def test_bench_optim_cuda_sets_debug_run_on_cpu(capsys):
+    """bench_optim's CUDA part (both sets, every optimizer row, the goals) run on the CPU with small sets."""
+    from types import SimpleNamespace
+
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import bench_optim
+    finally:
+        sys.path.remove(os.path.join(ROOT, "bench"))
+    results = {}
+    goals = bench_optim.bench_cuda(SimpleNamespace(blocks=1, big=5000, reps=2), results, device="cpu")
+    assert "errors" not in results, results["errors"]
+    for key in ("a_lora_7b_r64", "b_one_1b"):
+        names = {r["name"] for r in results[key]}
+        assert {"PagedAdamW bf16 (paged, resident)", "PagedAdamW fp32", "PagedAdamW8bit bf16 (paged, resident)",
+                "torch AdamW fused fp32"} <= names, names
+        assert results[key][0]["params"] == (5000 if key == "b_one_1b" else sum(
+            torch.Size(s).numel() for s in bench_optim.lora_shapes(blocks=1)))
+    assert goals["a_lora_7b_r64_fp32_vs_torch_fused"]["value"] is not None
+    assert "CPU debug run" in capsys.readouterr().out
+
+
 def test_bench_optim_cuda_goals_from_rows():
     """bench_optim.py wrote no "goals" into its JSON, so the GPU report showed none of issue 4's goals."""
     sys.path.insert(0, os.path.join(ROOT, "bench"))
