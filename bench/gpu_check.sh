@@ -99,7 +99,8 @@ bg_wait() {
   unset "bg_pid[$name]"
   return $rc
 }
-# The compute-sanitizer parts, one after the other (in the background, beside the CUDA tests).
+# The compute-sanitizer parts, one after the other (in the background, beside the CUDA tests): the pytest ones
+# first (the fused GEMMs, dropout, the optimizers), then the native harness (quantize only).
 sanitizer_parts() {
   # one pytest process (torch's start under the sanitizer is paid once): quantize, dropout, both optimizers,
   # the small-M and large-M fused GEMMs
@@ -185,34 +186,32 @@ fi
 # unchanged: "<key> <smoke rc>".
 smoke_stamp="$ROOT/build/gpu_check_smoke.stamp"
 smoke_key="${inputs:-none}-$(cat tests/test_linear_4bit.py qlora_ext/*.py 2>/dev/null | sha256sum | cut -c1-16)"
-if (want tests || want bench || want train || want sanitizer) && ok build &&
-   [ -f "$smoke_stamp" ] && [ "$(cut -d' ' -f1 "$smoke_stamp")" = "$smoke_key" ]; then
-  smoke_rc=$(cut -d' ' -f2 "$smoke_stamp")
-  echo "$smoke_rc 0 0" > "$status/wgmma_smoke"
-  echo "=== wgmma_smoke: rc=$smoke_rc, reused from the last run on this build" | tee -a "$log"
-  if [ "$smoke_rc" != 0 ]; then
-    export QLORA_DISABLE_WGMMA=1
-    echo "wgmma smoke test failed: the rest of the check runs with QLORA_DISABLE_WGMMA=1" | tee -a "$log"
-  fi
-elif (want tests || want bench || want train || want sanitizer) && ok build; then
-  part wgmma_smoke "${GPU_CHECK_SMOKE_LIMIT:-90}" \
-    python3 -m pytest -q -p no:cacheprovider -m cuda --basetemp="$scratch/pytest_smoke" \
-    --junitxml="$scratch/junit_wgmma_smoke.xml" \
-    "tests/test_linear_4bit.py::test_cuda_hopper_runs_the_wgmma_kernels" \
-    "tests/test_linear_4bit.py::test_cuda_fused_large_m_code_books[0-65-72-128-True-nf4-128-fused]" \
-    "tests/test_linear_4bit.py::test_cuda_fused_large_m_code_books[1-257-200-4096-False-int4-256-fused]" \
-    "tests/test_linear_4bit.py::test_cuda_forward_backward_every_backend[True-11008-256-4097-torch.bfloat16-fused]" \
-    "tests/test_linear_4bit.py::test_cuda_forward_backward_every_backend[False-97-4160-257-torch.float16-fused]"
-  smoke_rc=$(cut -d' ' -f1 "$status/wgmma_smoke")
-  # a verdict: passed, failed, or stopped at its limit (five small GEMMs do not take 90 s: a hang); not
-  # "skipped" (125) for want of budget
-  case "$smoke_rc" in 0|1|124|137) echo "$smoke_key $smoke_rc" > "$smoke_stamp" ;; esac
-  if ! ok wgmma_smoke; then
+if (want tests || want bench || want train || want sanitizer) && ok build; then
+  if [ -f "$smoke_stamp" ] && [ "$(cut -d' ' -f1 "$smoke_stamp")" = "$smoke_key" ]; then
+    smoke_rc=$(cut -d' ' -f2 "$smoke_stamp")
+    echo "$smoke_rc 0 0" > "$status/wgmma_smoke"
+    echo "=== wgmma_smoke: rc=$smoke_rc, reused from the last run on this build" | tee -a "$log"
+  else
+    part wgmma_smoke "${GPU_CHECK_SMOKE_LIMIT:-90}" \
+      python3 -m pytest -q -p no:cacheprovider -m cuda --basetemp="$scratch/pytest_smoke" \
+      --junitxml="$scratch/junit_wgmma_smoke.xml" \
+      "tests/test_linear_4bit.py::test_cuda_hopper_runs_the_wgmma_kernels" \
+      "tests/test_linear_4bit.py::test_cuda_fused_large_m_code_books[0-65-72-128-True-nf4-128-fused]" \
+      "tests/test_linear_4bit.py::test_cuda_fused_large_m_code_books[1-257-200-4096-False-int4-256-fused]" \
+      "tests/test_linear_4bit.py::test_cuda_forward_backward_every_backend[True-11008-256-4097-torch.bfloat16-fused]" \
+      "tests/test_linear_4bit.py::test_cuda_forward_backward_every_backend[False-97-4160-257-torch.float16-fused]"
+    smoke_rc=$(cut -d' ' -f1 "$status/wgmma_smoke")
+    # a verdict: passed, failed, or stopped at its limit (five small GEMMs do not take 90 s: a hang); not
+    # "skipped" (125) for want of budget
+    case "$smoke_rc" in 0|1|124|137) echo "$smoke_key $smoke_rc" > "$smoke_stamp" ;; esac
     case "$smoke_rc" in
+      0) ;;
       124|137) echo "wgmma smoke test stopped at its limit (a hang?): no diagnosis, it would hang too" |
                  tee -a "$log" ;;
       *) part wgmma_diagnose 60 python3 bench/diagnose_fused_cuda.py --backend fused ;;  # how it is wrong
     esac
+  fi
+  if [ "$smoke_rc" != 0 ]; then
     export QLORA_DISABLE_WGMMA=1
     echo "wgmma smoke test failed: the rest of the check runs with QLORA_DISABLE_WGMMA=1" | tee -a "$log"
   fi
