@@ -14,6 +14,9 @@ Shapes (N, K): (8192, 8192) and the Llama-7B MLP (11008, 4096) and (4096, 11008)
   ours fused_mma    the same with backend "fused_mma": the mma.sync large-M kernels on any GPU (M > 64 only)
   ours fused_tn128  on a GPU where "fused" runs wgmma (M > 64 only): "fused" with the 128-column tile forced
                     (qlora_ext._C.set_hopper_tile_n(128)); "fused" itself takes 256 columns here
+  ours fused_grid   M <= 64 only: "fused" with the small-M kernels' reduction split over the grid alone (fp32
+                    partial sums + a reduce kernel: qlora_ext._C.set_fused_split("grid")); "fused" itself
+                    splits among a CTA's warps first (one launch where that fills half a wave)
   ours dequant      the same with backend "dequant" (dequantize to bf16, then cuBLAS)
   ours tune         the same with backend "tune": the fastest of the above for the shape, measured by the op the
                     first time (in the check before timing); qlora_ext._C.linear_tuning_cache() is saved too
@@ -37,7 +40,7 @@ fraction of its ceiling: 3.88 for small M (4.127 vs 16 bits per weight), 1.46 at
   must      at every M, forward and backward, "auto" at least as fast as bitsandbytes and as our own
             "dequant" (value = the smallest other_time / auto_time; met at >= 0.98, since "auto" may be the
             very code path of "dequant" and identical code differs by timing noise)
-Routing: per direction and M, the fixed backend (dequant, fused, fused_tn128, fused_mma) that was fastest over
+Routing: per direction and M, the fixed backend (dequant, fused, fused_tn128, fused_grid, fused_mma) fastest over
 the shapes (geometric mean against dequant) and passed its checks, as rules "M <= max_m: backend" for "auto"
 to adopt once the fused kernels are validated (printed, and "auto_routing_suggestion" in the JSON).
 Checks (once per shape and M, before timing it): the relative Frobenius error of our output under each backend
@@ -158,7 +161,8 @@ def summarize(T: dict, shapes, ms) -> dict:
         return f"{v:{width}.2f}" if v is not None else f"{'-':>{width}}"
 
     print("Summary: cuBLAS bf16 time / time (above 1: faster than cuBLAS); ceil = the ceiling of that ratio")
-    print(f"  {'shape':<12}{'dir':<5}{'M':>6}{'auto':>8}{'fused':>8}{'tn128':>8}{'mma':>8}{'dequant':>8}{'tune':>8}"
+    print(f"  {'shape':<12}{'dir':<5}{'M':>6}{'auto':>8}{'fused':>8}{'tn128':>8}{'grid':>8}{'mma':>8}{'dequant':>8}"
+          f"{'tune':>8}"
           f"{'bnb':>8}{'ceil':>8}{'auto/ceil':>10}")
     for n, k in shapes:
         for d in ("fwd", "bwd"):
@@ -166,7 +170,8 @@ def summarize(T: dict, shapes, ms) -> dict:
                 a = speedup(n, k, d, m, "ours auto")
                 c = ceiling(n, k, m)
                 others = "".join(fmt(speedup(n, k, d, m, method)) for method in (
-                    "ours fused", "ours fused_tn128", "ours fused_mma", "ours dequant", "ours tune", "bnb"))
+                    "ours fused", "ours fused_tn128", "ours fused_grid", "ours fused_mma", "ours dequant",
+                    "ours tune", "bnb"))
                 print(f"  {f'{n}x{k}':<12}{d:<5}{m:>6}{fmt(a)}{others}{c:8.2f}"
                       f"{fmt(a / c if a is not None else None, 10)}")
     print()
@@ -236,13 +241,13 @@ def summarize(T: dict, shapes, ms) -> dict:
     return goals
 
 
-FIXED_BACKENDS = ("dequant", "fused", "fused_tn128", "fused_mma")
+FIXED_BACKENDS = ("dequant", "fused", "fused_tn128", "fused_grid", "fused_mma")
 
 
 def suggest_auto_routing(T: dict, shapes, ms, failed=frozenset()) -> list:
     """What "auto" should route to, by these measurements: per direction and M, the fixed backend (dequant,
-    fused, fused_tn128, fused_mma) with the smallest geometric mean of its time over dequant's across the
-    shapes, among those measured on every shape and never failing a check there (`failed`: (n, k, direction,
+    fused, fused_tn128, fused_grid, fused_mma) with the smallest geometric mean of its time over dequant's across
+    the shapes, among those measured on every shape and never failing a check there (`failed`: (n, k, direction,
     m, backend)); consecutive Ms with one choice make one rule "M <= max_m". Printed, and returned as
     [{"direction", "max_m", "backend", "speedup_vs_dequant"}] for the next change to "auto" to copy."""
     rules = []
@@ -344,12 +349,15 @@ def main(argv=None) -> int:
     T = {}        # (n, k, direction, m, method) -> median seconds
 
     set_tile = getattr(qlora_ext._C, "set_hopper_tile_n", None)
+    set_split = getattr(qlora_ext._C, "set_fused_split", None)
 
     def run_backend(name):
         if set_backend is not None:
-            set_backend("fused" if name == "fused_tn128" else name)
+            set_backend("fused" if name in ("fused_tn128", "fused_grid") else name)
         if set_tile is not None:
             set_tile(128 if name == "fused_tn128" else 0)
+        if set_split is not None:
+            set_split("grid" if name == "fused_grid" else "auto")
 
     gen = torch.Generator(device=dev).manual_seed(args.seed)
     prec = torch.get_float32_matmul_precision()
@@ -381,6 +389,8 @@ def main(argv=None) -> int:
                     ours = [b for b in backends if b != "fused_mma" or m > FUSED_MAX_M]
                     if large_kernel == "wgmma" and set_tile is not None and m > FUSED_MAX_M:
                         ours.append("fused_tn128")
+                    if set_split is not None and m <= FUSED_MAX_M and "fused" in ours:
+                        ours.append("fused_grid")
 
                     fwd = lambda: ops.linear_4bit(x, *qargs, None, BLOCKSIZE, QUANT_TYPE, n)  # noqa: E731
                     bwd = lambda: ops.linear_4bit_grad_input(dy, *qargs, BLOCKSIZE, QUANT_TYPE, k)  # noqa: E731
@@ -502,6 +512,8 @@ def main(argv=None) -> int:
             set_backend(initial_backend)
         if set_tile is not None:
             set_tile(0)
+        if set_split is not None:
+            set_split("auto")
 
     goals = summarize(T, shapes, args.ms)
     failed = {(r["shape"][0], r["shape"][1], r["direction"], r["m"], r["backend"])

@@ -125,11 +125,18 @@ sanitizer_parts() {
       "tests/test_linear_4bit.py::test_cuda_forward_backward_every_backend[True-65-128-257-torch.bfloat16-fused]" \
       "tests/test_linear_4bit.py::test_cuda_forward_backward_every_backend[False-97-4160-65-torch.float16-fused]" \
       "tests/test_linear_4bit.py::test_cuda_fused_large_m_code_books[1-65-72-128-True-fp4-256-fused]" \
-      "tests/test_linear_4bit.py::test_cuda_fused_large_m_code_books[1-65-72-128-True-fp4-128-fused_mma]"
-  # the large-M kernels' shared-memory pipelines (cp.async stages, decoded weight tiles, barriers; "fused":
-  # wgmma on the H200, "fused_mma": mma.sync)
+      "tests/test_linear_4bit.py::test_cuda_fused_large_m_code_books[1-65-72-128-True-fp4-128-fused_mma]" \
+      "tests/test_linear_4bit.py::test_cuda_small_m_split_modes[63-4160-3-torch.bfloat16-auto-fused]" \
+      "tests/test_linear_4bit.py::test_cuda_small_m_split_modes[97-8192-33-torch.float16-grid-fused]" \
+      "tests/test_linear_4bit.py::test_cuda_large_m_split_k[97-8256-65-auto-0-fused]" \
+      "tests/test_linear_4bit.py::test_cuda_large_m_split_k[8257-192-128-auto-0-fused_mma]"
+  # the shared memory of the small-M kernels' in-CTA reduction (up to 16 warps per tile) and of the large-M
+  # kernels' pipelines (cp.async stages, decoded weight tiles, barriers; "fused": wgmma on the H200,
+  # "fused_mma": mma.sync)
   part racecheck_linear 150 compute-sanitizer --tool racecheck --error-exitcode 1 \
     python3 -m pytest -q -p no:cacheprovider --basetemp="$scratch/pytest_racecheck" \
+      "tests/test_linear_4bit.py::test_cuda_small_m_split_modes[97-8192-1-torch.bfloat16-cta-fused]" \
+      "tests/test_linear_4bit.py::test_cuda_small_m_split_modes[4097-640-17-torch.float16-auto-fused]" \
       "tests/test_linear_4bit.py::test_cuda_fused_large_m_code_books[0-257-200-4096-False-int4-256-fused]" \
       "tests/test_linear_4bit.py::test_cuda_fused_large_m_code_books[1-65-72-128-True-fp4-128-fused]" \
       "tests/test_linear_4bit.py::test_cuda_fused_large_m_code_books[0-257-200-4096-False-int4-128-fused_mma]"

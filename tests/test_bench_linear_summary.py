@@ -97,12 +97,18 @@ def test_cpu_debug_run_writes_the_json(tmp_path, capsys):
     assert bench.main(SMALL + ["--json", str(out)]) == 0
     data = json.loads(out.read_text())
     assert data["checks"]["ok"] and data["aborted"] is None and not data["interrupted"]
-    # fwd and bwd at M = 1 (auto, fused, dequant, tune) and M = 65 (the same and fused_mma)
-    assert len(data["checks"]["results"]) == 2 * 4 + 2 * 5
+    # fwd and bwd at M = 1 (auto, fused, dequant, tune, fused_grid) and M = 65 (the same but fused_mma for
+    # fused_grid)
+    assert len(data["checks"]["results"]) == 2 * 5 + 2 * 5
+    assert {r["backend"] for r in data["checks"]["results"] if r["m"] == 1} == \
+        {"auto", "fused", "dequant", "tune", "fused_grid"}
+    assert {r["backend"] for r in data["checks"]["results"] if r["m"] == 65} == \
+        {"auto", "fused", "dequant", "tune", "fused_mma"}
     methods = {r["method"] for r in data["rows"]}
-    assert {"cuBLAS bf16", "ours auto", "ours fused", "ours fused_mma", "ours dequant", "ours tune"} <= methods
+    assert {"cuBLAS bf16", "ours auto", "ours fused", "ours fused_mma", "ours fused_grid", "ours dequant",
+            "ours tune"} <= methods
     assert {r["direction"] for r in data["auto_routing_suggestion"]} == {"fwd", "bwd"}
-    assert "checks: all 18 outputs within 2x" in capsys.readouterr().out
+    assert "checks: all 20 outputs within 2x" in capsys.readouterr().out
 
 
 def test_cpu_debug_run_stopped_by_a_device_fault_still_reports(tmp_path, monkeypatch):

@@ -285,6 +285,21 @@ def test_gpu_check_budget_stops_a_part_and_skips_the_rest(tmp_path):
     assert "| tests_cuda | TIMED OUT | 124 |" in md
 
 
+def test_gpu_check_sanitizer_selections_name_existing_tests():
+    """compute-sanitizer runs a handful of CUDA tests by node id; an id that no longer exists (a renamed test or
+    parameter) would make pytest collect nothing, and the sanitizer part would check nothing."""
+    import re
+
+    with open(os.path.join(ROOT, "bench", "gpu_check.sh")) as f:
+        ids = re.findall(r'"(tests/[\w/.]+::[^"]+)"', f.read())
+    assert len(ids) >= 20, ids
+    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *ids],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    collected = {line.strip() for line in out.stdout.splitlines() if "::" in line}
+    assert collected == set(ids), set(ids) ^ collected
+
+
 def test_gpu_report_reads_an_interrupted_junit_and_damaged_inputs(tmp_path):
     """pytest stopped at its time limit writes a nameless <testcase/>; a benchmark killed mid-write leaves
     broken JSON; a status file may be half written: the report says so and is written all the same."""

@@ -232,6 +232,79 @@ def test_cuda_forward_backward_every_backend(backend, dtype, m, n, k, double_qua
     assert torch.equal(linear_4bit(x, qc, b), y)
 
 
+@pytest.fixture
+def fused_split(request):
+    """How the small-M kernels split their reduction, for one test (linear_4bit_split.h)."""
+    _C.set_fused_split(request.param)
+    yield request.param
+    _C.set_fused_split("auto")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
+@pytest.mark.parametrize("backend", ["fused"], indirect=True)
+@pytest.mark.parametrize("fused_split", ["auto", "cta", "grid"], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("m", [1, 3, 16, 17, 33, 64])
+# forward tiles / reduction blocks: 2 / 65 (odd, empty warp slices), 256 / 16, 4 / 128 (CTA and grid split
+# together), 129 / 10; input gradient tiles / 16-row steps: 65 / 4, 16 / 512, 128 / 7, 10 / 257
+@pytest.mark.parametrize("n,k", [(63, 4160), (8192, 1024), (97, 8192), (4097, 640)])
+def test_cuda_small_m_split_modes(backend, fused_split, dtype, m, n, k):
+    """The warps of a CTA that share a tile add their sums in shared memory, the grid splits in a second
+    kernel: each mode, at sizes that make the launcher use 1 to 16 warps per tile, with and without grid
+    splits, must give the reference's result, deterministically, with bias."""
+    q = make_weight(n, k, seed=m + n).to("cuda")
+    g = torch.Generator().manual_seed(n * k + m)
+    x = torch.randn(m, k, generator=g).to(dtype).cuda()
+    b = torch.randn(n, generator=g).to(dtype).cuda()
+    dy = torch.randn(m, n, generator=g).to(dtype).cuda()
+    w32 = qlora_ext.dequantize(q, torch.float32)
+    ref_y, ref_dx = x.float() @ w32.t() + b.float(), dy.float() @ w32
+    plain_y, plain_dx = (x @ w32.to(dtype).t() + b).float(), (dy @ w32.to(dtype)).float()
+    y = linear_4bit(x, q, b)
+    dx = ops.linear_4bit_grad_input(dy, q.codes, q.absmax, q.absmax_scale, q.absmax_mean, 64, "nf4", k)
+    assert torch.isfinite(y).all() and torch.isfinite(dx).all()
+    eps = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
+    assert rel_err(y, ref_y) <= 2 * rel_err(plain_y, ref_y) + eps
+    assert rel_err(dx, ref_dx) <= 2 * rel_err(plain_dx, ref_dx) + eps
+    assert torch.equal(linear_4bit(x, q, b), y)
+    assert torch.equal(ops.linear_4bit_grad_input(dy, q.codes, q.absmax, q.absmax_scale, q.absmax_mean, 64, "nf4",
+                                                  k), dx)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
+@pytest.mark.parametrize("backend", ["fused", "fused_mma"], indirect=True)
+@pytest.mark.parametrize("hopper_tile_n", [0, 128], indirect=True)  # 0: 256 columns here (wgmma; mma.sync: 128)
+@pytest.mark.parametrize("fused_split", ["auto", "cta"], indirect=True)
+@pytest.mark.parametrize("m", [65, 128, 200])
+# a few output tiles over a long reduction, so that "auto" splits K over the grid (up to the partial sums'
+# traffic cap, reduction / (16 M)): forward over K = 4096 and 8256 (129 steps: an uneven last split), the input
+# gradient over N = 8257 (odd: the plain-load path for dy)
+@pytest.mark.parametrize("n,k", [(200, 4096), (97, 8256), (8257, 192)])
+def test_cuda_large_m_split_k(backend, hopper_tile_n, fused_split, m, n, k):
+    """The large-M kernels' split-K ("auto": fp32 partial sums per split, added by a second kernel with the bias)
+    against the reference, and one launch ("cta": no split), deterministic."""
+    if backend == "fused_mma" and hopper_tile_n == 128:
+        pytest.skip("mma.sync has one tile width: the same as hopper_tile_n 0")
+    q = make_weight(n, k, seed=m + n).to("cuda")
+    g = torch.Generator().manual_seed(n * k + m)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16).cuda()
+    b = torch.randn(n, generator=g).to(torch.bfloat16).cuda()
+    dy = torch.randn(m, n, generator=g).to(torch.bfloat16).cuda()
+    w32 = qlora_ext.dequantize(q, torch.float32)
+    ref_y, ref_dx = x.float() @ w32.t() + b.float(), dy.float() @ w32
+    plain_y, plain_dx = (x @ w32.to(torch.bfloat16).t() + b).float(), (dy @ w32.to(torch.bfloat16)).float()
+    qa = (q.codes, q.absmax, q.absmax_scale, q.absmax_mean)
+    y = ops.linear_4bit(x, *qa, b, 64, "nf4", n)
+    dx = ops.linear_4bit_grad_input(dy, *qa, 64, "nf4", k)
+    assert torch.isfinite(y).all() and torch.isfinite(dx).all()
+    assert rel_err(y, ref_y) <= 2 * rel_err(plain_y, ref_y) + 2.0 ** -8
+    assert rel_err(dx, ref_dx) <= 2 * rel_err(plain_dx, ref_dx) + 2.0 ** -8
+    assert torch.equal(ops.linear_4bit(x, *qa, b, 64, "nf4", n), y)
+    assert torch.equal(ops.linear_4bit_grad_input(dy, *qa, 64, "nf4", k), dx)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
 @pytest.mark.parametrize("backend", ["tune"], indirect=True)
@@ -251,7 +324,8 @@ def test_cuda_tune_measures_once_per_class_and_keeps_a_candidate(backend):
         ["4 bwd", "4 fwd", "512 bwd", "512 fwd"], cache
     large = {"dequant+cuBLAS", "fused mma.sync", "fused wgmma TN=128", "fused wgmma TN=256"}
     for key, (name, us) in cache.items():
-        assert name in (large if "M<=512" in key else {"dequant+cuBLAS", "fused small-M"}), (key, name)
+        small = {"dequant+cuBLAS", "fused small-M", "fused small-M grid split"}
+        assert name in (large if "M<=512" in key else small), (key, name)
         assert 0 < us < 1e5
     _C.clear_linear_tuning_cache()
     assert _C.linear_tuning_cache() == []

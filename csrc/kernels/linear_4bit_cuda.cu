@@ -12,27 +12,75 @@
 // Input gradient (reduction over n): thread g owns output columns 8g..8g+7 of a 64-wide column block,
 // i.e. 4 contiguous code bytes of each of its 4 weight rows (2t, 2t+1, 2t+8, 2t+9 of a 16-row step);
 // mma n-subtile s holds columns 8g+s.
-// Small M leaves too few output tiles to fill the GPU, so the reduction is split over blockIdx.y into
-// fp32 partial sums that a second kernel adds in a fixed order (deterministic, unlike atomics); as many splits
-// as fill one wave of resident warps, capped where the partial sums' traffic would exceed the weight's.
+// Small M leaves too few output tiles to fill the GPU, so the reduction is split (linear_4bit_split.h):
+// among the warps of a CTA (added in shared memory, one launch) and, where that is not enough, over blockIdx.y
+// into fp32 partial sums that a second kernel adds. Both add in a fixed order: deterministic, unlike atomics.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <map>
-#include <mutex>
-#include <utility>
-
 #include "cuda_utils.h"
 #include "linear_4bit_cuda.h"
+#include "linear_4bit_split.h"
+#include "occupancy.h"
 #include "tensor_core_utils.cuh"
 
 namespace qlora::cuda {
 namespace {
 
-constexpr int kWarps = 4;
-constexpr int kThreads = kWarps * 32;
+using split::Split;
+using split::SplitMode;
+
 constexpr int kForwardRowsPerWarp = 32;  // NT = 4 n-subtiles of 8
 constexpr int kForwardNT = kForwardRowsPerWarp / 8;
+constexpr int kGradNT = 8;               // 64 output columns per warp: 8 n-subtiles of 8
+
+// Threads of a CTA at most (the launch bound, which caps registers at 65536 / threads): 16 warps for the
+// one-m-tile kernels, whose in-CTA split goes to 16, else 4.
+template <int MT>
+constexpr int max_threads() { return split::max_warp_split(MT) * 32; }
+
+// The warp's place in its CTA: which of the CTA's tiles it works on and which slice of that tile's range.
+struct WarpRole {
+  int tile;   // tile of the CTA, 0 .. tiles_per_cta - 1
+  int slice;  // 0 .. warp_split - 1; slice 0 stores the result
+};
+
+__device__ __forceinline__ WarpRole warp_role(int warp_split) {
+  const int warp = threadIdx.x / 32;
+  return {warp / warp_split, warp % warp_split};
+}
+
+// Adds the accumulators of a tile's warp_split warps into slice 0's, pairwise (slice s + half into s, half =
+// warp_split / 2, ..., 1): a fixed order, so the result does not depend on timing. Every thread of the CTA
+// calls it (it holds barriers); buf: the dynamic shared memory, tiles_per_cta * warp_split / 2 parking
+// places of A * B * C floats per lane (split::reduce_smem_bytes).
+template <int A, int B, int C>
+__device__ __forceinline__ void reduce_across_warps(float (&acc)[A][B][C], float* buf, int warp_split,
+                                                    const WarpRole& role, int lane) {
+  constexpr int F = A * B * C;
+  for (int half = warp_split / 2; half >= 1; half /= 2) {
+    if (role.slice >= half && role.slice < 2 * half) {
+      float* dst = buf + (int64_t(role.tile) * (warp_split / 2) + (role.slice - half)) * F * 32 + lane;
+#pragma unroll
+      for (int a = 0; a < A; ++a)
+#pragma unroll
+        for (int b = 0; b < B; ++b)
+#pragma unroll
+          for (int c = 0; c < C; ++c) dst[((a * B + b) * C + c) * 32] = acc[a][b][c];
+    }
+    __syncthreads();
+    if (role.slice < half) {
+      const float* src = buf + (int64_t(role.tile) * (warp_split / 2) + role.slice) * F * 32 + lane;
+#pragma unroll
+      for (int a = 0; a < A; ++a)
+#pragma unroll
+        for (int b = 0; b < B; ++b)
+#pragma unroll
+          for (int c = 0; c < C; ++c) acc[a][b][c] += src[((a * B + b) * C + c) * 32];
+    }
+    __syncthreads();
+  }
+}
 
 __device__ __forceinline__ float block_absmax(const AbsmaxSource& am, float mean, int64_t block) {
   return am.f32 ? am.f32[block] : decode_absmax(am.fp8[block], am.chunk_scale[block / kAbsmaxChunk], mean);
@@ -60,20 +108,26 @@ __device__ __forceinline__ void load_forward_weights(const uint8_t* __restrict__
 }
 
 template <bool BF16, int MT>
-__global__ void __launch_bounds__(kThreads) fused_forward_kernel(
+__global__ void __launch_bounds__(max_threads<MT>()) fused_forward_kernel(
     const uint16_t* __restrict__ x, const uint8_t* __restrict__ codes, AbsmaxSource am, CodeBook cb, int64_t M,
-    int64_t N, int64_t K, int64_t blocks_per_split, float* __restrict__ partial, const uint16_t* __restrict__ bias,
-    uint16_t* __restrict__ y) {
+    int64_t N, int64_t K, int64_t blocks_per_split, int warp_split, float* __restrict__ partial,
+    const uint16_t* __restrict__ bias, uint16_t* __restrict__ y) {
   constexpr int NT = kForwardNT;
+  extern __shared__ float reduce_buf[];
   __shared__ float table[16];
   if (threadIdx.x < 16) table[threadIdx.x] = cb.value[threadIdx.x];
   __syncthreads();
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const int64_t n_base = (int64_t(blockIdx.x) * kWarps + warp) * kForwardRowsPerWarp;
-  if (n_base >= N) return;
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const WarpRole role = warp_role(warp_split);
+  const int tiles_per_cta = int(blockDim.x / 32) / warp_split;
+  const int64_t n_base = (int64_t(blockIdx.x) * tiles_per_cta + role.tile) * kForwardRowsPerWarp;
+  // A warp past the last row computes nothing but stays for the CTA's barriers.
+  const bool active = n_base < N;
   const int64_t kblocks = K / 64;
-  const int64_t b_begin = int64_t(blockIdx.y) * blocks_per_split;
-  const int64_t b_end = b_begin + blocks_per_split < kblocks ? b_begin + blocks_per_split : kblocks;
+  const int64_t split_begin = int64_t(blockIdx.y) * blocks_per_split;
+  const int64_t split_end = split_begin + blocks_per_split < kblocks ? split_begin + blocks_per_split : kblocks;
+  int64_t b_begin = 0, b_end = 0;
+  if (active) split::warp_slice(split_begin, split_end, warp_split, role.slice, b_begin, b_end);
   const float mean = am.f32 ? 0.0f : *am.mean;
 
   float acc[MT][NT][4];
@@ -133,6 +187,8 @@ __global__ void __launch_bounds__(kThreads) fused_forward_kernel(
     for (int nt = 0; nt < NT; ++nt) wc[nt] = wc_next[nt], wam[nt] = wam_next[nt];
   }
 
+  if (warp_split > 1) reduce_across_warps(acc, reduce_buf, warp_split, role, lane);
+  if (!active || role.slice != 0) return;
   const bool direct = gridDim.y == 1;
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
@@ -173,25 +229,35 @@ __device__ __forceinline__ void load_grad_weights(const uint8_t* __restrict__ co
 }
 
 template <bool BF16, int MT>
-__global__ void __launch_bounds__(kThreads) fused_grad_input_kernel(
+__global__ void __launch_bounds__(max_threads<MT>()) fused_grad_input_kernel(
     const uint16_t* __restrict__ dy, const uint8_t* __restrict__ codes, AbsmaxSource am, CodeBook cb, int64_t M,
-    int64_t N, int64_t K, int64_t rows_per_split, float* __restrict__ partial, uint16_t* __restrict__ dx) {
+    int64_t N, int64_t K, int64_t rows_per_split, int warp_split, float* __restrict__ partial,
+    uint16_t* __restrict__ dx) {
+  extern __shared__ float reduce_buf[];
   __shared__ float table[16];
   if (threadIdx.x < 16) table[threadIdx.x] = cb.value[threadIdx.x];
   __syncthreads();
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const WarpRole role = warp_role(warp_split);
+  const int tiles_per_cta = int(blockDim.x / 32) / warp_split;
   const int64_t kblocks = K / 64;
-  const int64_t bk = int64_t(blockIdx.x) * kWarps + warp;  // 64-wide column block of dx (= quant block of W)
-  if (bk >= kblocks) return;
-  const int64_t row_begin = int64_t(blockIdx.y) * rows_per_split;
-  const int64_t row_end = row_begin + rows_per_split < N ? row_begin + rows_per_split : N;
+  const int64_t bk = int64_t(blockIdx.x) * tiles_per_cta + role.tile;  // 64-wide column block of dx (quant block)
+  // A warp past the last column block computes nothing but stays for the CTA's barriers.
+  const bool active = bk < kblocks;
+  const int64_t split_begin = int64_t(blockIdx.y) * rows_per_split;
+  const int64_t split_end = split_begin + rows_per_split < N ? split_begin + rows_per_split : N;
+  // the warp's slice in 16-row steps (rows_per_split is a multiple of 16)
+  int64_t step_begin = 0, step_end = 0;
+  if (active) split::warp_slice(0, (split_end - split_begin + 15) / 16, warp_split, role.slice, step_begin, step_end);
+  const int64_t row_begin = split_begin + 16 * step_begin;
+  const int64_t row_end = split_begin + 16 * step_end < split_end ? split_begin + 16 * step_end : split_end;
   const float mean = am.f32 ? 0.0f : *am.mean;
 
-  float acc[MT][8][4];
+  float acc[MT][kGradNT][4];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int s = 0; s < 8; ++s)
+    for (int s = 0; s < kGradNT; ++s)
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[mt][s][i] = 0.0f;
 
@@ -215,7 +281,7 @@ __global__ void __launch_bounds__(kThreads) fused_grad_input_kernel(
         a[mt][q] = uint32_t(lo) | (uint32_t(hi) << 16);
       }
 #pragma unroll
-    for (int s = 0; s < 8; ++s) {
+    for (int s = 0; s < kGradNT; ++s) {
       float v[4];
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
@@ -230,11 +296,13 @@ __global__ void __launch_bounds__(kThreads) fused_grad_input_kernel(
     for (int i = 0; i < 4; ++i) wc[i] = wc_next[i], wam[i] = wam_next[i];
   }
 
+  if (warp_split > 1) reduce_across_warps(acc, reduce_buf, warp_split, role, lane);
+  if (!active || role.slice != 0) return;
   const bool direct = gridDim.y == 1;
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int s = 0; s < 8; ++s)
+    for (int s = 0; s < kGradNT; ++s)
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int64_t m = mt * 16 + g + 8 * (i / 2);
@@ -261,11 +329,6 @@ __global__ void reduce_partials_kernel(const float* __restrict__ partial, int sp
   }
 }
 
-struct Split {
-  int64_t splits;
-  int64_t per_split;  // forward: quant blocks of k; input gradient: rows of n (a multiple of 16)
-};
-
 // The kernel instance for M rows (16, 32 or 64 per CTA: MT tensor-core tiles).
 template <bool BF16>
 auto forward_kernel(int64_t m) {
@@ -277,90 +340,69 @@ auto grad_input_kernel(int64_t m) {
   return m <= 16 ? fused_grad_input_kernel<BF16, 1>
                  : m <= 32 ? fused_grad_input_kernel<BF16, 2> : fused_grad_input_kernel<BF16, 4>;
 }
+int m_tiles(int64_t m) { return m <= 16 ? 1 : m <= 32 ? 2 : 4; }
 
-// Warps of `kernel` the GPU holds at once (its occupancy: 2 to 6 CTAs of 4 warps per SM, by register use),
-// asked of the runtime once per kernel and device (a decode step calls this twice per layer).
+// Warps of `kernel` the GPU holds at once in 4-warp CTAs (its occupancy by register use: 2 to 7 CTAs per SM).
 template <typename Kernel>
 int64_t resident_warps(Kernel kernel, int num_sms) {
-  static std::mutex mutex;
-  static std::map<std::pair<const void*, int>, int> ctas_of;
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) {
-    cudaGetLastError();
-    device = -1;
-  }
-  const std::pair<const void*, int> key(reinterpret_cast<const void*>(kernel), device);
-  const std::lock_guard<std::mutex> lock(mutex);
-  auto it = ctas_of.find(key);
-  if (it == ctas_of.end()) {
-    int ctas = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, kernel, kThreads, 0) != cudaSuccess || ctas < 1) {
-      cudaGetLastError();
-      ctas = 1;
-    }
-    it = ctas_of.emplace(key, ctas).first;
-  }
-  return int64_t(num_sms) * it->second * kWarps;
+  return int64_t(num_sms) * ctas_per_sm(reinterpret_cast<const void*>(kernel), split::kTileWarps * 32, 0) *
+         split::kTileWarps;
 }
 
-// Splits `units` of reduction work (over `reduction` values) over blockIdx.y so that tiles * splits warps fill
-// one wave of the GPU, but no further than the fp32 partial sums can pay for: each split writes and the reduce
-// reads back 8 bytes per output element, so splits <= reduction / (16 M) keeps that traffic at or below the
-// weight's own 4 bits per element (unbounded, M = 64 would move several times the weight's bytes).
-Split choose_split(int64_t tiles, int64_t units, int64_t reduction, int64_t m, int64_t resident) {
-  int64_t splits = (resident + tiles - 1) / tiles;
-  const int64_t traffic_cap = reduction / (16 * m);
-  if (splits > traffic_cap) splits = traffic_cap;
-  splits = splits < 1 ? 1 : (splits > units ? units : splits);
-  const int64_t per = (units + splits - 1) / splits;
-  return {(units + per - 1) / per, per};
+SplitMode split_mode(const Linear4bitProblem& p) {
+  return p.split_mode == int(SplitMode::Cta) ? SplitMode::Cta
+         : p.split_mode == int(SplitMode::Grid) ? SplitMode::Grid : SplitMode::Auto;
 }
 
 int64_t forward_tiles(const Linear4bitProblem& p) { return (p.n + kForwardRowsPerWarp - 1) / kForwardRowsPerWarp; }
 
+// Forward: tiles of 32 weight rows, reduction over K / 64 quant blocks.
 Split forward_split(const Linear4bitProblem& p, int num_sms) {
   const int64_t resident = p.bf16 ? resident_warps(forward_kernel<true>(p.m), num_sms)
                                   : resident_warps(forward_kernel<false>(p.m), num_sms);
-  return choose_split(forward_tiles(p), p.k / 64, p.k, p.m, resident);
+  return split::choose_split(forward_tiles(p), p.k / 64, p.k, p.m, m_tiles(p.m), resident, split_mode(p));
 }
 
+// Input gradient: tiles of 64 columns (one quant block), reduction over N in 16-row steps.
 Split grad_split(const Linear4bitProblem& p, int num_sms) {
   const int64_t resident = p.bf16 ? resident_warps(grad_input_kernel<true>(p.m), num_sms)
                                   : resident_warps(grad_input_kernel<false>(p.m), num_sms);
-  const Split s = choose_split(p.k / 64, (p.n + 15) / 16, p.n, p.m, resident);
-  return {s.splits, s.per_split * 16};
+  Split s = split::choose_split(p.k / 64, (p.n + 15) / 16, p.n, p.m, m_tiles(p.m), resident, split_mode(p));
+  s.per_split *= 16;  // in rows
+  return s;
 }
 
 template <bool BF16>
 cudaError_t launch_forward(const Linear4bitProblem& p, const void* x, const void* bias, void* y, float* ws,
                            int num_sms, cudaStream_t stream) {
   const Split sp = forward_split(p, num_sms);
-  const dim3 grid(unsigned((forward_tiles(p) + kWarps - 1) / kWarps), unsigned(sp.splits));
+  if (sp.splits > 1 && ws == nullptr) return cudaErrorInvalidValue;  // fused_forward_workspace_bytes was not asked
+  const dim3 grid(unsigned((forward_tiles(p) + sp.tiles_per_cta - 1) / sp.tiles_per_cta), unsigned(sp.splits));
+  const int smem = split::reduce_smem_bytes(sp, m_tiles(p.m) * kForwardNT * 4);
   const auto* bs = static_cast<const uint16_t*>(bias);
   auto* ys = static_cast<uint16_t*>(y);
-  forward_kernel<BF16>(p.m)<<<grid, kThreads, 0, stream>>>(static_cast<const uint16_t*>(x), p.codes, p.absmax,
-                                                            p.codebook, p.m, p.n, p.k, sp.per_split, ws, bs, ys);
+  forward_kernel<BF16>(p.m)<<<grid, split::cta_warps(sp) * 32, smem, stream>>>(
+      static_cast<const uint16_t*>(x), p.codes, p.absmax, p.codebook, p.m, p.n, p.k, sp.per_split, sp.warp_split,
+      ws, bs, ys);
   QLORA_CUDA_RETURN_IF_ERROR(cudaGetLastError());
-  if (sp.splits > 1) {
-    reduce_partials_kernel<BF16><<<grid_for(p.m * p.n, 256), 256, 0, stream>>>(ws, int(sp.splits), p.m, p.n, bs, ys);
-  }
-  return cudaGetLastError();
+  if (sp.splits > 1) return reduce_split_partials(ws, sp.splits, p.m, p.n, bias, y, BF16, stream);
+  return cudaSuccess;
 }
 
 template <bool BF16>
 cudaError_t launch_grad_input(const Linear4bitProblem& p, const void* dy, void* dx, float* ws, int num_sms,
                               cudaStream_t stream) {
   const Split sp = grad_split(p, num_sms);
-  const dim3 grid(unsigned((p.k / 64 + kWarps - 1) / kWarps), unsigned(sp.splits));
+  if (sp.splits > 1 && ws == nullptr) return cudaErrorInvalidValue;  // fused_grad_input_workspace_bytes was not asked
+  const dim3 grid(unsigned((p.k / 64 + sp.tiles_per_cta - 1) / sp.tiles_per_cta), unsigned(sp.splits));
+  const int smem = split::reduce_smem_bytes(sp, m_tiles(p.m) * kGradNT * 4);
   auto* xs = static_cast<uint16_t*>(dx);
-  grad_input_kernel<BF16>(p.m)<<<grid, kThreads, 0, stream>>>(static_cast<const uint16_t*>(dy), p.codes, p.absmax,
-                                                               p.codebook, p.m, p.n, p.k, sp.per_split, ws, xs);
+  grad_input_kernel<BF16>(p.m)<<<grid, split::cta_warps(sp) * 32, smem, stream>>>(
+      static_cast<const uint16_t*>(dy), p.codes, p.absmax, p.codebook, p.m, p.n, p.k, sp.per_split, sp.warp_split,
+      ws, xs);
   QLORA_CUDA_RETURN_IF_ERROR(cudaGetLastError());
-  if (sp.splits > 1) {
-    reduce_partials_kernel<BF16><<<grid_for(p.m * p.k, 256), 256, 0, stream>>>(ws, int(sp.splits), p.m, p.k,
-                                                                               nullptr, xs);
-  }
-  return cudaGetLastError();
+  if (sp.splits > 1) return reduce_split_partials(ws, sp.splits, p.m, p.k, nullptr, dx, BF16, stream);
+  return cudaSuccess;
 }
 
 bool valid(const Linear4bitProblem& p) {
@@ -368,6 +410,18 @@ bool valid(const Linear4bitProblem& p) {
 }
 
 }  // namespace
+
+cudaError_t reduce_split_partials(const float* partial, int64_t splits, int64_t rows, int64_t cols, const void* bias,
+                                  void* out, bool bf16, cudaStream_t stream) {
+  const auto* b = static_cast<const uint16_t*>(bias);
+  auto* o = static_cast<uint16_t*>(out);
+  if (bf16) {
+    reduce_partials_kernel<true><<<grid_for(rows * cols, 256), 256, 0, stream>>>(partial, int(splits), rows, cols, b, o);
+  } else {
+    reduce_partials_kernel<false><<<grid_for(rows * cols, 256), 256, 0, stream>>>(partial, int(splits), rows, cols, b, o);
+  }
+  return cudaGetLastError();
+}
 
 int64_t fused_forward_workspace_bytes(const Linear4bitProblem& p, int num_sms) {
   const Split s = forward_split(p, num_sms);

@@ -20,7 +20,8 @@
 // Resources (ptxas, CUDA 13.0, sm_90a), no spills: TN = 128: 109-124 registers, 2 CTAs of 256 threads per SM,
 // 81 KiB dynamic shared memory (3 x 16 KiB activation stages, 2 x 16 KiB weight tiles, 1 KiB to round the base
 // up to 1024 bytes); TN = 256: 197-212 registers, 1 CTA per SM, 113 KiB. tests/test_sass.py checks the SASS:
-// four HGMMA per kernel, no spills. The launchers take TN = 256 when the output has more than 128 columns.
+// four HGMMA per kernel, no spills. The launchers take TN = 256 when the output has more than 128 columns, and
+// split K over blockIdx.z where the tiles are too few for one wave, as the mma.sync kernel does.
 // Not yet run on a GPU: only the opt-in "fused" backend uses it.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -32,6 +33,8 @@
 #include "linear_4bit_cuda.h"
 #include "linear_4bit_large_layout.h"
 #include "linear_4bit_large_tiles.cuh"
+#include "linear_4bit_split.h"
+#include "occupancy.h"
 #include "tensor_core_utils.cuh"
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -125,8 +128,8 @@ __device__ __forceinline__ void wgmma_m64k16(float (&d)[hopper_acc_regs(kTN)], u
 template <int kTN, bool BF16, bool kGrad, bool kVecAct>
 __global__ void __launch_bounds__(kThreads, kTN == 128 ? 2 : 1)
     hopper_gemm_kernel(const uint16_t* __restrict__ act, const uint8_t* __restrict__ codes, AbsmaxSource am,
-                       CodeBook cb, int64_t M, int64_t N, int64_t K, const uint16_t* __restrict__ bias,
-                       uint16_t* __restrict__ out) {
+                       CodeBook cb, int64_t M, int64_t N, int64_t K, int steps_per_split,
+                       float* __restrict__ partial, const uint16_t* __restrict__ bias, uint16_t* __restrict__ out) {
 #if QLORA_HAS_WGMMA
   constexpr int kWTileElems = hopper_weight_tile_elems(kTN);
   constexpr int kAcc = hopper_acc_regs(kTN);
@@ -144,7 +147,12 @@ __global__ void __launch_bounds__(kThreads, kTN == 128 ? 2 : 1)
   const int64_t R = kGrad ? N : K;  // reduction length
   const int64_t out_cols = kGrad ? K : N;
   const int64_t m0 = int64_t(blockIdx.y) * kTileM, c0 = int64_t(blockIdx.x) * kTN;
-  const int steps = int((R + kTileR - 1) / kTileR);
+  // Split-K (gridDim.z > 1): this CTA reduces steps s0 .. s0 + steps - 1 of the whole range; s below counts
+  // from 0 within them (pipeline stages, weight buffers, groups), s0 + s is the global step (data).
+  const int s0 = int(blockIdx.z) * steps_per_split;
+  const int total_steps = int((R + kTileR - 1) / kTileR);
+  const int steps = total_steps - s0 < steps_per_split ? total_steps - s0 : steps_per_split;
+  const int64_t r0 = int64_t(s0) * kTileR;
   int drow[kUnits], dpart[kUnits], drow_offset[kUnits];
 #pragma unroll
   for (int u = 0; u < kUnits; ++u) {
@@ -157,14 +165,15 @@ __global__ void __launch_bounds__(kThreads, kTN == 128 ? 2 : 1)
   const float mean = am.f32 ? 0.0f : *am.mean;
   __syncthreads();  // the table, before the first decode
 
-  // The weights unit u fetches at step s: forward row n = c0 + row, k = 64 s + 32 part; input gradient
-  // row n = 64 s + row, k = c0 + 32 part (32-bit indices: the launcher checks).
+  // The weights unit u fetches at global step g = s0 + s: forward row n = c0 + row, k = 64 g + 32 part; input
+  // gradient row n = 64 g + row, k = c0 + 32 part (32-bit indices: the launcher checks).
   WeightFetch fetched[kUnits];
   auto fetch_step = [&](int s) {
+    const uint32_t step = uint32_t(s0 + s);
 #pragma unroll
     for (int u = 0; u < kUnits; ++u) {
-      const uint32_t n = kGrad ? uint32_t(s) * kTileR + drow[u] : uint32_t(c0) + drow[u];
-      const uint32_t k = kGrad ? uint32_t(c0) + 32 * dpart[u] : uint32_t(s) * kTileR + 32 * dpart[u];
+      const uint32_t n = kGrad ? step * kTileR + drow[u] : uint32_t(c0) + drow[u];
+      const uint32_t k = kGrad ? uint32_t(c0) + 32 * dpart[u] : step * kTileR + 32 * dpart[u];
       fetched[u] = fetch_weights(codes, am, n, k, uint32_t(N), uint32_t(K));
     }
   };
@@ -176,7 +185,7 @@ __global__ void __launch_bounds__(kThreads, kTN == 128 ? 2 : 1)
   // Prologue: activation stages 0 and 1 in flight; step 0's weights decoded; step 1's fetched.
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < steps) load_act_tile<kVecAct>(act_stages + s * kTileElems, act, M, R, m0, int64_t(s) * kTileR, tid);
+    if (s < steps) load_act_tile<kVecAct>(act_stages + s * kTileElems, act, M, R, m0, r0 + int64_t(s) * kTileR, tid);
     cp_async_commit();
   }
   fetch_step(0);
@@ -211,7 +220,7 @@ __global__ void __launch_bounds__(kThreads, kTN == 128 ? 2 : 1)
     __syncthreads();
     if (s + kStages - 1 < steps) {
       load_act_tile<kVecAct>(act_stages + ((s + kStages - 1) % kStages) * kTileElems, act, M, R, m0,
-                             int64_t(s + kStages - 1) * kTileR, tid);
+                             r0 + int64_t(s + kStages - 1) * kTileR, tid);
     }
     cp_async_commit();  // possibly empty: keeps the group count = steps issued
     if (s + 1 < steps) {
@@ -232,7 +241,11 @@ __global__ void __launch_bounds__(kThreads, kTN == 128 ? 2 : 1)
     const int64_t row = m0 + hopper_acc_row(tid, r);
     const int64_t col = c0 + hopper_acc_col(tid, r);
     if (row >= M || col >= out_cols) continue;
-    store_output_pair<BF16>(out, kGrad ? nullptr : bias, row, col, out_cols, acc[r], acc[r + 1]);
+    if (gridDim.z > 1) {
+      store_partial_pair(partial + int64_t(blockIdx.z) * M * out_cols, row, col, out_cols, acc[r], acc[r + 1]);
+    } else {
+      store_output_pair<BF16>(out, kGrad ? nullptr : bias, row, col, out_cols, acc[r], acc[r + 1]);
+    }
   }
 #else
   __trap();  // never launched: hopper_gemm_available() is false for images without sm_90a features
@@ -242,24 +255,46 @@ __global__ void __launch_bounds__(kThreads, kTN == 128 ? 2 : 1)
 // Writes 1 from an sm_90a image (the one that has the wgmma kernel body), 0 from any other.
 __global__ void hopper_probe_kernel(int* out) { *out = QLORA_HAS_WGMMA; }
 
+// The split-K of a problem in one direction and tile width. The launcher and hopper_workspace_bytes must agree,
+// so both ask this one function, which sizes by the occupancy of one instance per direction and tile width (all
+// of them have the same launch bounds and shared memory).
+template <int kTN>
+split::LargeSplit plan_split(const Linear4bitProblem& p, bool grad, int num_sms) {
+  const void* kernel = grad ? reinterpret_cast<const void*>(hopper_gemm_kernel<kTN, true, true, true>)
+                            : reinterpret_cast<const void*>(hopper_gemm_kernel<kTN, true, false, true>);
+  constexpr int kSmem = hopper_smem_bytes(kTN);
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem) != cudaSuccess) {
+    cudaGetLastError();  // the occupancy query then answers 1 CTA per SM; the launch reports the error
+  }
+  const int64_t out_cols = grad ? p.k : p.n, R = grad ? p.n : p.k;
+  const int64_t ctas = (out_cols + kTN - 1) / kTN * ((p.m + kTileM - 1) / kTileM);
+  const int64_t slots = int64_t(num_sms) * ctas_per_sm(kernel, kThreads, kSmem);
+  return split::large_split(ctas, slots, (R + kTileR - 1) / kTileR, R, p.m, split::SplitMode(p.split_mode));
+}
+
 template <int kTN, bool BF16, bool kGrad, bool kVecAct>
-cudaError_t launch_tile(const Linear4bitProblem& p, const void* act, const void* bias, void* out,
-                        cudaStream_t stream) {
+cudaError_t launch_tile(const Linear4bitProblem& p, const void* act, const void* bias, void* out, float* ws,
+                        int num_sms, cudaStream_t stream) {
   auto kernel = hopper_gemm_kernel<kTN, BF16, kGrad, kVecAct>;
   constexpr int kSmem = hopper_smem_bytes(kTN);
   QLORA_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+  const split::LargeSplit sp = plan_split<kTN>(p, kGrad, num_sms);
+  if (sp.splits > 1 && ws == nullptr) return cudaErrorInvalidValue;  // hopper_workspace_bytes was not asked
   const int64_t out_cols = kGrad ? p.k : p.n;
-  const dim3 grid(unsigned((out_cols + kTN - 1) / kTN), unsigned((p.m + kTileM - 1) / kTileM));
+  const dim3 grid(unsigned((out_cols + kTN - 1) / kTN), unsigned((p.m + kTileM - 1) / kTileM), unsigned(sp.splits));
   kernel<<<grid, kThreads, kSmem, stream>>>(static_cast<const uint16_t*>(act), p.codes, p.absmax, p.codebook, p.m,
-                                            p.n, p.k, static_cast<const uint16_t*>(bias), static_cast<uint16_t*>(out));
-  return cudaGetLastError();
+                                            p.n, p.k, int(sp.steps_per_split), ws, static_cast<const uint16_t*>(bias),
+                                            static_cast<uint16_t*>(out));
+  QLORA_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  if (sp.splits > 1) return reduce_split_partials(ws, sp.splits, p.m, out_cols, bias, out, BF16, stream);
+  return cudaSuccess;
 }
 
 template <bool BF16, bool kGrad, bool kVecAct>
-cudaError_t launch(const Linear4bitProblem& p, int tile_n, const void* act, const void* bias, void* out,
-                   cudaStream_t stream) {
-  return tile_n == 256 ? launch_tile<256, BF16, kGrad, kVecAct>(p, act, bias, out, stream)
-                       : launch_tile<128, BF16, kGrad, kVecAct>(p, act, bias, out, stream);
+cudaError_t launch(const Linear4bitProblem& p, int tile_n, const void* act, const void* bias, void* out, float* ws,
+                   int num_sms, cudaStream_t stream) {
+  return tile_n == 256 ? launch_tile<256, BF16, kGrad, kVecAct>(p, act, bias, out, ws, num_sms, stream)
+                       : launch_tile<128, BF16, kGrad, kVecAct>(p, act, bias, out, ws, num_sms, stream);
 }
 
 bool valid_hopper(const Linear4bitProblem& p) {
@@ -333,27 +368,34 @@ int hopper_tile_n(const Linear4bitProblem& p, bool grad, int requested) {
   return (grad ? p.k : p.n) > 128 ? 256 : 128;
 }
 
+int64_t hopper_workspace_bytes(const Linear4bitProblem& p, bool grad, int tile_n, int num_sms) {
+  if (!valid_hopper(p)) return 0;
+  const split::LargeSplit sp = hopper_tile_n(p, grad, tile_n) == 256 ? plan_split<256>(p, grad, num_sms)
+                                                                      : plan_split<128>(p, grad, num_sms);
+  return sp.splits > 1 ? sp.splits * p.m * (grad ? p.k : p.n) * int64_t(sizeof(float)) : 0;
+}
+
 cudaError_t hopper_linear_forward(const Linear4bitProblem& p, const void* x, const void* bias, void* y,
-                                  int tile_n, cudaStream_t stream) {
+                                  int tile_n, float* workspace, int num_sms, cudaStream_t stream) {
   QLORA_NVTX_RANGE_FN();
   if (!valid_hopper(p) || reinterpret_cast<uintptr_t>(x) % 16 != 0) return cudaErrorInvalidValue;
   const int tn = hopper_tile_n(p, false, tile_n);
-  return p.bf16 ? launch<true, false, true>(p, tn, x, bias, y, stream)
-                : launch<false, false, true>(p, tn, x, bias, y, stream);
+  return p.bf16 ? launch<true, false, true>(p, tn, x, bias, y, workspace, num_sms, stream)
+                : launch<false, false, true>(p, tn, x, bias, y, workspace, num_sms, stream);
 }
 
 cudaError_t hopper_linear_grad_input(const Linear4bitProblem& p, const void* dy, void* dx, int tile_n,
-                                     cudaStream_t stream) {
+                                     float* workspace, int num_sms, cudaStream_t stream) {
   QLORA_NVTX_RANGE_FN();
   if (!valid_hopper(p)) return cudaErrorInvalidValue;
   const int tn = hopper_tile_n(p, true, tile_n);
   const bool vec = p.n % kChunkElems == 0 && reinterpret_cast<uintptr_t>(dy) % 16 == 0;
   if (p.bf16) {
-    return vec ? launch<true, true, true>(p, tn, dy, nullptr, dx, stream)
-               : launch<true, true, false>(p, tn, dy, nullptr, dx, stream);
+    return vec ? launch<true, true, true>(p, tn, dy, nullptr, dx, workspace, num_sms, stream)
+               : launch<true, true, false>(p, tn, dy, nullptr, dx, workspace, num_sms, stream);
   }
-  return vec ? launch<false, true, true>(p, tn, dy, nullptr, dx, stream)
-             : launch<false, true, false>(p, tn, dy, nullptr, dx, stream);
+  return vec ? launch<false, true, true>(p, tn, dy, nullptr, dx, workspace, num_sms, stream)
+             : launch<false, true, false>(p, tn, dy, nullptr, dx, workspace, num_sms, stream);
 }
 
 }  // namespace qlora::cuda

@@ -13,6 +13,9 @@
 //   n, so it reads the same K-major tile transposed (ldmatrix .trans): one decoded copy, two orientations.
 // Every index formula lives in linear_4bit_large_layout.h, which the CPU test emulates; the copy, fetch, decode
 // and epilogue store are shared with the Hopper (wgmma) kernel in linear_4bit_large_tiles.cuh.
+// Where the output tiles are too few for one wave (M = 128 at N = 8192: 64 CTAs), blockIdx.z splits the
+// reduction steps (split-K, linear_4bit_split.h) and the epilogue writes fp32 partial sums that a second kernel
+// adds with the bias (reduce_split_partials).
 // Resources (ptxas, CUDA 13.0): 126-128 registers, no spills, on sm_80 and sm_90 (launch bounds: 2 CTAs of 256
 // threads per SM); 64 KiB dynamic shared memory per CTA (3 x 16 KiB activation stages + 16 KiB weight tile),
 // opted in with cudaFuncSetAttribute. Not yet run on a GPU: "auto" keeps dequantize + cuBLAS.
@@ -23,6 +26,8 @@
 #include "linear_4bit_cuda.h"
 #include "linear_4bit_large_layout.h"
 #include "linear_4bit_large_tiles.cuh"
+#include "linear_4bit_split.h"
+#include "occupancy.h"
 #include "tensor_core_utils.cuh"
 
 namespace qlora::cuda {
@@ -47,8 +52,8 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t add
 template <bool BF16, bool kGrad, bool kVecAct>
 __global__ void __launch_bounds__(kThreads, 2)
     large_gemm_kernel(const uint16_t* __restrict__ act, const uint8_t* __restrict__ codes, AbsmaxSource am,
-                      CodeBook cb, int64_t M, int64_t N, int64_t K, const uint16_t* __restrict__ bias,
-                      uint16_t* __restrict__ out) {
+                      CodeBook cb, int64_t M, int64_t N, int64_t K, int steps_per_split, float* __restrict__ partial,
+                      const uint16_t* __restrict__ bias, uint16_t* __restrict__ out) {
   extern __shared__ __align__(128) uint8_t smem_raw[];
   uint16_t* act_stages = reinterpret_cast<uint16_t*>(smem_raw);
   uint16_t* wtile = act_stages + kStages * kTileElems;
@@ -58,7 +63,12 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int64_t R = kGrad ? N : K;                 // reduction length
   const int64_t out_cols = kGrad ? K : N;
   const int64_t m0 = int64_t(blockIdx.y) * kTileM, c0 = int64_t(blockIdx.x) * kTileN;
-  const int steps = int((R + kTileR - 1) / kTileR);
+  // Split-K (gridDim.z > 1): this CTA reduces steps s0 .. s0 + steps - 1 of the whole range; s below counts
+  // from 0 within them (pipeline stages and groups), s0 + s is the global step (data).
+  const int s0 = int(blockIdx.z) * steps_per_split;
+  const int total_steps = int((R + kTileR - 1) / kTileR);
+  const int steps = total_steps - s0 < steps_per_split ? total_steps - s0 : steps_per_split;
+  const int64_t r0 = int64_t(s0) * kTileR;
   constexpr int kParts = kGrad ? kGradWChunksPerRow / 4 : kFwdWChunksPerRow / 4;  // decode threads per row
   constexpr int kWChunks = kGrad ? kGradWChunksPerRow : kFwdWChunksPerRow;
   const int drow = decode_row(tid, kParts), dpart = decode_part(tid, kParts);
@@ -66,19 +76,20 @@ __global__ void __launch_bounds__(kThreads, 2)
   if (tid < 16) table[tid] = cb.value[tid];
   const float mean = am.f32 ? 0.0f : *am.mean;
 
-  // The weight element a thread fetches at step s: forward row n = c0 + drow, k = 64 s + 32 part;
-  // input gradient row n = 64 s + drow, k = c0 + 32 part.
+  // The weight element a thread fetches at global step g = s0 + s: forward row n = c0 + drow, k = 64 g + 32 part;
+  // input gradient row n = 64 g + drow, k = c0 + 32 part.
   // Weight indices in 32 bits (the launcher checks fits_32bit_weight_index; N, K < 2^31).
   auto fetch_step = [&](int s) {
-    const uint32_t n = kGrad ? uint32_t(s) * kTileR + drow : uint32_t(c0) + drow;
-    const uint32_t k = kGrad ? uint32_t(c0) + 32 * dpart : uint32_t(s) * kTileR + 32 * dpart;
+    const uint32_t step = uint32_t(s0 + s);
+    const uint32_t n = kGrad ? step * kTileR + drow : uint32_t(c0) + drow;
+    const uint32_t k = kGrad ? uint32_t(c0) + 32 * dpart : step * kTileR + 32 * dpart;
     return fetch_weights(codes, am, n, k, uint32_t(N), uint32_t(K));
   };
 
   // Prologue: activation stages 0..kStages-2 in flight, the first weight fetch in registers.
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < steps) load_act_tile<kVecAct>(act_stages + s * kTileElems, act, M, R, m0, int64_t(s) * kTileR, tid);
+    if (s < steps) load_act_tile<kVecAct>(act_stages + s * kTileElems, act, M, R, m0, r0 + int64_t(s) * kTileR, tid);
     cp_async_commit();
   }
   WeightFetch fetched = fetch_step(0);
@@ -102,8 +113,8 @@ __global__ void __launch_bounds__(kThreads, 2)
     __syncthreads();
     const int next = s + kStages - 1;
     if (next < steps) {
-      load_act_tile<kVecAct>(act_stages + (next % kStages) * kTileElems, act, M, R, m0, int64_t(next) * kTileR,
-                             tid);
+      load_act_tile<kVecAct>(act_stages + (next % kStages) * kTileElems, act, M, R, m0,
+                             r0 + int64_t(next) * kTileR, tid);
     }
     cp_async_commit();  // possibly empty: keeps the group count = steps issued
     decode_weights<BF16>(wtile, fetched, table, am, mean, swizzle(drow, 4 * dpart, kWChunks), dpart);
@@ -153,22 +164,48 @@ __global__ void __launch_bounds__(kThreads, 2)
         const int64_t row = m0 + wr0 + mt * 16 + g + 8 * h;
         const int64_t col = c0 + wc0 + nt * 8 + 2 * t;
         if (row >= M || col >= out_cols) continue;
-        store_output_pair<BF16>(out, kGrad ? nullptr : bias, row, col, out_cols, acc[mt][nt][2 * h],
-                                acc[mt][nt][2 * h + 1]);
+        if (gridDim.z > 1) {
+          store_partial_pair(partial + int64_t(blockIdx.z) * M * out_cols, row, col, out_cols, acc[mt][nt][2 * h],
+                             acc[mt][nt][2 * h + 1]);
+        } else {
+          store_output_pair<BF16>(out, kGrad ? nullptr : bias, row, col, out_cols, acc[mt][nt][2 * h],
+                                  acc[mt][nt][2 * h + 1]);
+        }
       }
 }
 
+// The split-K of a problem in one direction. The launcher and fused_large_workspace_bytes must agree, so both
+// ask this one function, which sizes by the occupancy of one instance per direction (all have the same launch
+// bounds, 2 CTAs of 256 threads per SM, and shared memory).
+split::LargeSplit plan_split(const Linear4bitProblem& p, bool grad, int num_sms) {
+  const void* kernel = grad ? reinterpret_cast<const void*>(large_gemm_kernel<true, true, true>)
+                            : reinterpret_cast<const void*>(large_gemm_kernel<true, false, true>);
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes) != cudaSuccess) {
+    cudaGetLastError();  // the occupancy query then answers 1 CTA per SM; the launch reports the error
+  }
+  const int64_t out_cols = grad ? p.k : p.n, R = grad ? p.n : p.k;
+  const int64_t ctas = (out_cols + kTileN - 1) / kTileN * ((p.m + kTileM - 1) / kTileM);
+  const int64_t slots = int64_t(num_sms) * ctas_per_sm(kernel, kThreads, kSmemBytes);
+  return split::large_split(ctas, slots, (R + kTileR - 1) / kTileR, R, p.m, split::SplitMode(p.split_mode));
+}
+
 template <bool BF16, bool kGrad, bool kVecAct>
-cudaError_t launch(const Linear4bitProblem& p, const void* act, const void* bias, void* out, cudaStream_t stream) {
+cudaError_t launch(const Linear4bitProblem& p, const void* act, const void* bias, void* out, float* ws, int num_sms,
+                   cudaStream_t stream) {
   auto kernel = large_gemm_kernel<BF16, kGrad, kVecAct>;
   QLORA_CUDA_RETURN_IF_ERROR(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+  const split::LargeSplit sp = plan_split(p, kGrad, num_sms);
+  if (sp.splits > 1 && ws == nullptr) return cudaErrorInvalidValue;  // fused_large_workspace_bytes was not asked
   const int64_t out_cols = kGrad ? p.k : p.n;
-  const dim3 grid(unsigned((out_cols + kTileN - 1) / kTileN), unsigned((p.m + kTileM - 1) / kTileM));
+  const dim3 grid(unsigned((out_cols + kTileN - 1) / kTileN), unsigned((p.m + kTileM - 1) / kTileM),
+                  unsigned(sp.splits));
   kernel<<<grid, kThreads, kSmemBytes, stream>>>(static_cast<const uint16_t*>(act), p.codes, p.absmax, p.codebook,
-                                                 p.m, p.n, p.k, static_cast<const uint16_t*>(bias),
-                                                 static_cast<uint16_t*>(out));
-  return cudaGetLastError();
+                                                 p.m, p.n, p.k, int(sp.steps_per_split), ws,
+                                                 static_cast<const uint16_t*>(bias), static_cast<uint16_t*>(out));
+  QLORA_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  if (sp.splits > 1) return reduce_split_partials(ws, sp.splits, p.m, out_cols, bias, out, BF16, stream);
+  return cudaSuccess;
 }
 
 bool valid_large(const Linear4bitProblem& p) {
@@ -180,23 +217,31 @@ bool valid_large(const Linear4bitProblem& p) {
 
 }  // namespace
 
-cudaError_t fused_large_linear_forward(const Linear4bitProblem& p, const void* x, const void* bias, void* y,
-                                       cudaStream_t stream) {
-  QLORA_NVTX_RANGE_FN();
-  if (!valid_large(p) || reinterpret_cast<uintptr_t>(x) % 16 != 0) return cudaErrorInvalidValue;
-  return p.bf16 ? launch<true, false, true>(p, x, bias, y, stream) : launch<false, false, true>(p, x, bias, y, stream);
+int64_t fused_large_workspace_bytes(const Linear4bitProblem& p, bool grad, int num_sms) {
+  if (!valid_large(p)) return 0;
+  const split::LargeSplit sp = plan_split(p, grad, num_sms);
+  return sp.splits > 1 ? sp.splits * p.m * (grad ? p.k : p.n) * int64_t(sizeof(float)) : 0;
 }
 
-cudaError_t fused_large_linear_grad_input(const Linear4bitProblem& p, const void* dy, void* dx, cudaStream_t stream) {
+cudaError_t fused_large_linear_forward(const Linear4bitProblem& p, const void* x, const void* bias, void* y,
+                                       float* workspace, int num_sms, cudaStream_t stream) {
+  QLORA_NVTX_RANGE_FN();
+  if (!valid_large(p) || reinterpret_cast<uintptr_t>(x) % 16 != 0) return cudaErrorInvalidValue;
+  return p.bf16 ? launch<true, false, true>(p, x, bias, y, workspace, num_sms, stream)
+                : launch<false, false, true>(p, x, bias, y, workspace, num_sms, stream);
+}
+
+cudaError_t fused_large_linear_grad_input(const Linear4bitProblem& p, const void* dy, void* dx, float* workspace,
+                                          int num_sms, cudaStream_t stream) {
   QLORA_NVTX_RANGE_FN();
   if (!valid_large(p)) return cudaErrorInvalidValue;
   const bool vec = p.n % kChunkElems == 0 && reinterpret_cast<uintptr_t>(dy) % 16 == 0;
   if (p.bf16) {
-    return vec ? launch<true, true, true>(p, dy, nullptr, dx, stream)
-               : launch<true, true, false>(p, dy, nullptr, dx, stream);
+    return vec ? launch<true, true, true>(p, dy, nullptr, dx, workspace, num_sms, stream)
+               : launch<true, true, false>(p, dy, nullptr, dx, workspace, num_sms, stream);
   }
-  return vec ? launch<false, true, true>(p, dy, nullptr, dx, stream)
-             : launch<false, true, false>(p, dy, nullptr, dx, stream);
+  return vec ? launch<false, true, true>(p, dy, nullptr, dx, workspace, num_sms, stream)
+             : launch<false, true, false>(p, dy, nullptr, dx, workspace, num_sms, stream);
 }
 
 }  // namespace qlora::cuda

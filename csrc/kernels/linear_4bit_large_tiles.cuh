@@ -134,4 +134,18 @@ __device__ __forceinline__ void store_output_pair(uint16_t* __restrict__ out, co
   }
 }
 
+// Split-K: the fp32 partial sums of output columns col, col + 1 (col even) of one split, into its [M, out_cols]
+// slice of the workspace; the reduce kernel adds the splits, the bias and rounds (reduce_split_partials).
+__device__ __forceinline__ void store_partial_pair(float* __restrict__ partial, int64_t row, int64_t col,
+                                                   int64_t out_cols, float v0, float v1) {
+  const bool pair = col + 1 < out_cols;
+  float* dst = partial + row * out_cols + col;
+  if (pair && out_cols % 2 == 0) {
+    *reinterpret_cast<float2*>(dst) = make_float2(v0, v1);
+  } else {
+    dst[0] = v0;
+    if (pair) dst[1] = v1;
+  }
+}
+
 }  // namespace qlora::cuda::large_tiles

@@ -21,6 +21,7 @@
 
 #include "../kernels/linear_4bit_cuda.h"
 #include "../kernels/linear_4bit_large_layout.h"
+#include "../kernels/linear_4bit_split.h"
 #include "../kernels/quantize_cuda.h"
 #include "linear_autotune_cuda.h"
 #include "linear_backend.h"
@@ -56,14 +57,19 @@ bool use_hopper(c10::DeviceIndex device) {
   return !wgmma_disabled() && cuda::hopper_gemm_available(device, at::cuda::getCurrentCUDAStream(device).stream());
 }
 
+static_assert(int(split::SplitMode::Cta) == 1 && int(split::SplitMode::Grid) == 2,
+              "set_fused_split's numbering (linear_backend.cpp) is split::SplitMode's");
+
 // One way to compute a call: dequantize + cuBLAS, or one of the fused kernels (tile_n: the Hopper kernels' tile
-// width, 0 = theirs to choose).
+// width, 0 = theirs to choose; small_split: the small-M kernels' split mode, -1 = set_fused_split's).
 struct Plan {
   enum Kind { Dequant, SmallM, LargeM, Hopper } kind = Dequant;
   int tile_n = 0;
+  int small_split = -1;
   std::string name() const {
     switch (kind) {
-      case SmallM: return "fused small-M";
+      case SmallM: return small_split == int(split::SplitMode::Grid) ? "fused small-M grid split"
+                                                                            : "fused small-M";
       case LargeM: return "fused mma.sync";
       case Hopper: return "fused wgmma TN=" + (tile_n ? std::to_string(tile_n) : std::string("auto"));
       default: return "dequant+cuBLAS";
@@ -71,13 +77,17 @@ struct Plan {
   }
 };
 
-// The fused kernels that can serve (m, dtype, blocksize) on `device`: none, the small-M one, or the large-M
-// ones (wgmma in both tile widths when available, then mma.sync).
+// The fused kernels that can serve (m, dtype, blocksize) on `device`: none, the small-M ones (as set, then with
+// the grid split when that is not already the setting), or the large-M ones (wgmma in both tile widths when
+// available, then mma.sync).
 std::vector<Plan> fused_plans(int64_t m, at::ScalarType dtype, int64_t blocksize, const Linear4bitArgs& a,
                               c10::DeviceIndex device) {
   const bool applies = m >= 1 && blocksize == 64 && (dtype == at::kBFloat16 || dtype == at::kHalf);
   if (!applies) return {};
-  if (m <= cuda::kFusedMaxM) return {Plan{Plan::SmallM}};
+  if (m <= cuda::kFusedMaxM) {
+    if (fused_split() == int(split::SplitMode::Grid)) return {Plan{Plan::SmallM}};
+    return {Plan{Plan::SmallM}, Plan{Plan::SmallM, 0, int(split::SplitMode::Grid)}};
+  }
   // the large-M kernels index the weight in 32 bits and put M / 128 tiles on grid.y
   if (!large::fits_32bit_weight_index(a.n, a.k) || (m + large::kTileM - 1) / large::kTileM > 65535) return {};
   std::vector<Plan> plans;
@@ -94,14 +104,16 @@ bool uses_fused_kernels() {
 
 // The plan of the fixed backends: "auto" stays on dequantize + cuBLAS for every M until the fused kernels are
 // validated and measured faster on a GPU; "fused" takes the first fused candidate (wgmma on Hopper, in the
-// tile width set_hopper_tile_n asks for), "fused_mma" the last (small-M, or mma.sync).
+// tile width set_hopper_tile_n asks for; the small-M kernels split as set_fused_split says), "fused_mma" the
+// same small-M kernels and the mma.sync ones for large M.
 Plan fixed_plan(const std::vector<Plan>& fused) {
   switch (linear_backend()) {
     case LinearBackend::Fused:
       if (fused.empty()) return Plan{};
       return fused.front().kind == Plan::Hopper ? Plan{Plan::Hopper, hopper_tile_n()} : fused.front();
-    case LinearBackend::FusedMma:
-      return fused.empty() ? Plan{} : fused.back();
+    case LinearBackend::FusedMma:  // the small-M kernels as "fused" does; the mma.sync ones above
+      if (fused.empty()) return Plan{};
+      return fused.front().kind == Plan::SmallM ? fused.front() : fused.back();
     default:
       return Plan{};
   }
@@ -134,7 +146,7 @@ struct FusedInputs {
 
   FusedInputs(const at::Tensor& codes, const at::Tensor& absmax, const std::optional<at::Tensor>& scale,
               const std::optional<at::Tensor>& mean, int64_t blocksize, const Linear4bitArgs& a, int64_t m,
-              at::ScalarType dtype)
+              at::ScalarType dtype, const Plan& plan)
       : weight(codes, absmax, scale, mean, a.double_quant) {
     problem.m = m;
     problem.n = a.n;
@@ -144,6 +156,7 @@ struct FusedInputs {
     problem.codes = weight.codes.data_ptr<uint8_t>();
     problem.absmax = weight.source;
     problem.codebook = make_codebook(a.quant_type);
+    problem.split_mode = plan.small_split >= 0 ? plan.small_split : fused_split();
     num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   }
 };
@@ -167,22 +180,28 @@ at::Tensor linear_4bit_cuda(const at::Tensor& x, const at::Tensor& codes, const 
       const at::Tensor w = dequantize_weight(codes, absmax, absmax_scale, absmax_mean, blocksize, a, x.scalar_type());
       return bias.has_value() ? at::addmm(*bias, x2, w.t()) : at::mm(x2, w.t());
     }
-    const FusedInputs f(codes, absmax, absmax_scale, absmax_mean, blocksize, a, m, x.scalar_type());
+    const FusedInputs f(codes, absmax, absmax_scale, absmax_mean, blocksize, a, m, x.scalar_type(), plan);
     const at::Tensor x2 = aligned_contiguous(x.reshape({-1, a.k}));
     const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
     const void* bias_ptr = b.defined() ? b.data_ptr() : nullptr;
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     at::Tensor y = at::empty({m, a.n}, x2.options());
+    // fp32 split partial sums where the kernels split over the grid (else empty)
+    const int64_t ws_bytes = plan.kind == Plan::LargeM ? cuda::fused_large_workspace_bytes(f.problem, false, f.num_sms)
+                             : plan.kind == Plan::Hopper
+                                 ? cuda::hopper_workspace_bytes(f.problem, false, plan.tile_n, f.num_sms)
+                                 : cuda::fused_forward_workspace_bytes(f.problem, f.num_sms);
+    at::Tensor ws = at::empty({ws_bytes / 4}, x2.options().dtype(at::kFloat));
+    float* wsp = ws.numel() ? ws.data_ptr<float>() : nullptr;
     if (plan.kind == Plan::LargeM) {
-      C10_CUDA_CHECK(cuda::fused_large_linear_forward(f.problem, x2.data_ptr(), bias_ptr, y.data_ptr(), stream));
+      C10_CUDA_CHECK(cuda::fused_large_linear_forward(f.problem, x2.data_ptr(), bias_ptr, y.data_ptr(), wsp,
+                                                      f.num_sms, stream));
     } else if (plan.kind == Plan::Hopper) {
-      C10_CUDA_CHECK(
-          cuda::hopper_linear_forward(f.problem, x2.data_ptr(), bias_ptr, y.data_ptr(), plan.tile_n, stream));
+      C10_CUDA_CHECK(cuda::hopper_linear_forward(f.problem, x2.data_ptr(), bias_ptr, y.data_ptr(), plan.tile_n, wsp,
+                                                 f.num_sms, stream));
     } else {
-      at::Tensor ws = at::empty({cuda::fused_forward_workspace_bytes(f.problem, f.num_sms) / 4},
-                                x2.options().dtype(at::kFloat));
-      C10_CUDA_CHECK(cuda::fused_linear_forward(f.problem, x2.data_ptr(), bias_ptr, y.data_ptr(),
-                                                ws.data_ptr<float>(), f.num_sms, stream));
+      C10_CUDA_CHECK(cuda::fused_linear_forward(f.problem, x2.data_ptr(), bias_ptr, y.data_ptr(), wsp, f.num_sms,
+                                                stream));
     }
     return y;
   };
@@ -211,19 +230,25 @@ at::Tensor linear_4bit_grad_input_cuda(const at::Tensor& grad_out, const at::Ten
           dequantize_weight(codes, absmax, absmax_scale, absmax_mean, blocksize, a, grad_out.scalar_type());
       return at::mm(grad_out.reshape({-1, a.n}), w);
     }
-    const FusedInputs f(codes, absmax, absmax_scale, absmax_mean, blocksize, a, m, grad_out.scalar_type());
+    const FusedInputs f(codes, absmax, absmax_scale, absmax_mean, blocksize, a, m, grad_out.scalar_type(), plan);
     const at::Tensor dy2 = grad_out.reshape({-1, a.n}).contiguous();
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     at::Tensor dx = at::empty({m, a.k}, dy2.options());
+    const int64_t ws_bytes = plan.kind == Plan::LargeM ? cuda::fused_large_workspace_bytes(f.problem, true, f.num_sms)
+                             : plan.kind == Plan::Hopper
+                                 ? cuda::hopper_workspace_bytes(f.problem, true, plan.tile_n, f.num_sms)
+                                 : cuda::fused_grad_input_workspace_bytes(f.problem, f.num_sms);
+    at::Tensor ws = at::empty({ws_bytes / 4}, dy2.options().dtype(at::kFloat));
+    float* wsp = ws.numel() ? ws.data_ptr<float>() : nullptr;
     if (plan.kind == Plan::LargeM) {
-      C10_CUDA_CHECK(cuda::fused_large_linear_grad_input(f.problem, dy2.data_ptr(), dx.data_ptr(), stream));
+      C10_CUDA_CHECK(
+          cuda::fused_large_linear_grad_input(f.problem, dy2.data_ptr(), dx.data_ptr(), wsp, f.num_sms, stream));
     } else if (plan.kind == Plan::Hopper) {
-      C10_CUDA_CHECK(cuda::hopper_linear_grad_input(f.problem, dy2.data_ptr(), dx.data_ptr(), plan.tile_n, stream));
+      C10_CUDA_CHECK(cuda::hopper_linear_grad_input(f.problem, dy2.data_ptr(), dx.data_ptr(), plan.tile_n, wsp,
+                                                    f.num_sms, stream));
     } else {
-      at::Tensor ws = at::empty({cuda::fused_grad_input_workspace_bytes(f.problem, f.num_sms) / 4},
-                                dy2.options().dtype(at::kFloat));
-      C10_CUDA_CHECK(cuda::fused_linear_grad_input(f.problem, dy2.data_ptr(), dx.data_ptr(), ws.data_ptr<float>(),
-                                                   f.num_sms, stream));
+      C10_CUDA_CHECK(
+          cuda::fused_linear_grad_input(f.problem, dy2.data_ptr(), dx.data_ptr(), wsp, f.num_sms, stream));
     }
     return dx;
   };

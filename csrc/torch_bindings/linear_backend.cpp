@@ -9,7 +9,9 @@ namespace qlora::ops {
 namespace {
 std::atomic<int> g_backend{static_cast<int>(LinearBackend::Auto)};
 std::atomic<int> g_hopper_tile_n{0};
-}
+std::atomic<int> g_fused_split{0};
+constexpr const char* kFusedSplitNames[] = {"auto", "cta", "grid"};
+}  // namespace
 
 int hopper_tile_n() { return g_hopper_tile_n.load(std::memory_order_relaxed); }
 
@@ -17,6 +19,20 @@ void set_hopper_tile_n(int64_t tile_n) {
   TORCH_CHECK_VALUE(tile_n == 0 || tile_n == 128 || tile_n == 256,
                     "tile_n must be 0 (automatic), 128 or 256, got ", tile_n);
   g_hopper_tile_n.store(int(tile_n));
+}
+
+int fused_split() { return g_fused_split.load(std::memory_order_relaxed); }
+
+std::string fused_split_name() { return kFusedSplitNames[fused_split()]; }
+
+void set_fused_split(const std::string& mode) {
+  for (int i = 0; i < 3; ++i) {
+    if (mode == kFusedSplitNames[i]) {
+      g_fused_split.store(i);
+      return;
+    }
+  }
+  TORCH_CHECK_VALUE(false, "fused split mode must be 'auto', 'cta' or 'grid', got '", mode, "'");
 }
 
 LinearBackend linear_backend() { return static_cast<LinearBackend>(g_backend.load(std::memory_order_relaxed)); }

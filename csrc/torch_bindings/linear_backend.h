@@ -23,6 +23,15 @@ std::string linear_backend_name();
 int hopper_tile_n();
 void set_hopper_tile_n(int64_t tile_n);
 
+// How the fused kernels split their reduction when the output has too few tiles (split::SplitMode in
+// linear_4bit_split.h): "auto" (0: small M among a CTA's warps, and over the grid where that fills under half
+// a wave; large M split-K over the grid where the tiles fill under a wave), "cta" (1: never over the grid,
+// always one launch) or "grid" (2: small M over the grid only, partial sums + a reduce kernel; large M as
+// "auto"). set_fused_split, for tests and benchmarks that compare them.
+int fused_split();
+std::string fused_split_name();
+void set_fused_split(const std::string& mode);
+
 #if defined(QLORA_WITH_CUDA)
 // The large-M kernel that "fused" runs on CUDA device `device`: "wgmma" or "mma.sync" (linear_4bit_cuda_ops.cpp).
 std::string fused_large_kernel(int64_t device);

@@ -11,6 +11,7 @@
 
 #include "../kernels/adamw8bit_core.h"
 #include "../kernels/linear_4bit_large_layout.h"
+#include "../kernels/linear_4bit_split.h"
 #include "../kernels/quantize_cpu.h"
 #include "linear_backend.h"
 #include "op_checks.h"
@@ -141,6 +142,49 @@ int64_t large_gemm_index(const std::string& f, int64_t a, int64_t b, int64_t c, 
   throw pybind11::value_error("unknown large-GEMM layout function " + f);
 }
 
+// Test hooks: the fused kernels' split choices and the small-M warp slices (linear_4bit_split.h), for
+// tests/test_linear_split.py.
+pybind11::dict small_m_split_plan(int64_t tiles, int64_t units, int64_t reduction, int64_t m, int64_t resident,
+                                  const std::string& mode) {
+  namespace S = qlora::split;
+  TORCH_CHECK_VALUE(m >= 1 && m <= 64 && tiles >= 1 && units >= 1 && reduction >= 1 && resident >= 1,
+                    "small_m_split_plan: needs 1 <= m <= 64 and positive tiles, units, reduction, resident");
+  TORCH_CHECK_VALUE(mode == "auto" || mode == "cta" || mode == "grid", "mode must be 'auto', 'cta' or 'grid'");
+  const S::SplitMode sm = mode == "cta" ? S::SplitMode::Cta : mode == "grid" ? S::SplitMode::Grid : S::SplitMode::Auto;
+  const int m_tiles = m <= 16 ? 1 : m <= 32 ? 2 : 4;
+  const S::Split s = S::choose_split(tiles, units, reduction, m, m_tiles, resident, sm);
+  pybind11::dict d;
+  d["splits"] = s.splits;
+  d["per_split"] = s.per_split;
+  d["warp_split"] = s.warp_split;
+  d["tiles_per_cta"] = s.tiles_per_cta;
+  d["cta_warps"] = S::cta_warps(s);
+  d["max_warp_split"] = S::max_warp_split(m_tiles);
+  d["reduce_smem_bytes_per_float"] = S::reduce_smem_bytes(s, 1);
+  return d;
+}
+
+pybind11::dict large_split_plan(int64_t ctas, int64_t slots, int64_t steps, int64_t reduction, int64_t m,
+                                const std::string& mode) {
+  namespace S = qlora::split;
+  TORCH_CHECK_VALUE(mode == "auto" || mode == "cta" || mode == "grid", "mode must be 'auto', 'cta' or 'grid'");
+  TORCH_CHECK_VALUE(m >= 1 && ctas >= 1 && slots >= 1 && steps >= 1 && reduction >= 1,
+                    "large_split_plan: needs positive ctas, slots, steps, reduction and m");
+  const S::SplitMode sm = mode == "cta" ? S::SplitMode::Cta : mode == "grid" ? S::SplitMode::Grid : S::SplitMode::Auto;
+  const S::LargeSplit s = S::large_split(ctas, slots, steps, reduction, m, sm);
+  pybind11::dict d;
+  d["splits"] = s.splits;
+  d["steps_per_split"] = s.steps_per_split;
+  d["min_steps"] = S::kMinLargeSplitSteps;
+  return d;
+}
+
+std::pair<int64_t, int64_t> small_m_warp_slice(int64_t begin, int64_t end, int warp_split, int slice) {
+  int64_t lo = 0, hi = 0;
+  qlora::split::warp_slice(begin, end, warp_split, slice, lo, hi);
+  return {lo, hi};
+}
+
 // The 256 float32 values of the 8-bit optimizer states' dynamic map, by code (adamw8bit_core.h).
 std::vector<float> dynamic_map(bool is_signed) {
   std::vector<float> out;
@@ -174,6 +218,25 @@ PYBIND11_MODULE(_C, m) {
         "Test/benchmark hook: the Hopper large-M kernels' tile width, 0 (their choice by shape), 128 or 256",
         pybind11::arg("tile_n"));
   m.def("hopper_tile_n", &qlora::ops::hopper_tile_n, "The Hopper large-M kernels' tile width setting (0: automatic)");
+  m.def("set_fused_split", &qlora::ops::set_fused_split,
+        "Test/benchmark hook: how the fused kernels split their reduction: 'auto', 'cta' (never over the grid: "
+        "one launch; small M among a CTA's warps) or 'grid' (small M over the grid only: partial sums and a "
+        "reduce kernel; large M split-K as in 'auto')",
+        pybind11::arg("mode"));
+  m.def("fused_split", &qlora::ops::fused_split_name, "The fused kernels' split mode setting");
+  m.def("small_m_split_plan", &small_m_split_plan,
+        "Test hook: the small-M kernels' split (linear_4bit_split.h) of `tiles` output tiles over `units` "
+        "reduction units (of `reduction` values) at M = m, for `resident` warps and a mode",
+        pybind11::arg("tiles"), pybind11::arg("units"), pybind11::arg("reduction"), pybind11::arg("m"),
+        pybind11::arg("resident"), pybind11::arg("mode"));
+  m.def("large_split_plan", &large_split_plan,
+        "Test hook: the large-M kernels' split-K (linear_4bit_split.h) of `ctas` output tiles with `slots` CTAs "
+        "resident, over `steps` 64-value steps (of `reduction` values) at M = m, in a mode",
+        pybind11::arg("ctas"), pybind11::arg("slots"), pybind11::arg("steps"), pybind11::arg("reduction"),
+        pybind11::arg("m"), pybind11::arg("mode"));
+  m.def("small_m_warp_slice", &small_m_warp_slice,
+        "Test hook: the units [lo, hi) of [begin, end) that warp `slice` of `warp_split` reduces",
+        pybind11::arg("begin"), pybind11::arg("end"), pybind11::arg("warp_split"), pybind11::arg("slice"));
   m.def("set_cpu_simd", &qlora::cpu::set_simd_enabled, "Use (True) or bypass (False) the AVX2 CPU paths");
   m.def("set_cpu_avx512", &qlora::cpu::set_avx512_enabled, "Use (True) or bypass (False) the AVX-512 CPU paths");
 #if defined(QLORA_WITH_CUDA)
