@@ -12,7 +12,8 @@ main-loop steps (64 or 192 reduction values), forward y = x W^T and input gradie
   (all c_s = 1 when right; a 0 or 2 points at the pipeline's stage or buffer indexing).
 Weights are Int4 without double quantization (exact absmax), activations bf16 in [-2, 2]; the reference is
 computed in float64 from the dequantized weight. Then, per tile width, two cases of several CTAs with partial
-tiles (M = 257, 2 TN + 64 output columns, 4 steps) and NF4 weights with FP8 absmax (the training format): the
+tiles (M = 257, 2 TN + 64 output columns, 4 steps) and NF4 weights with FP8 absmax (the training format), and
+two of split-K (M = 65, 200 output columns, 64 steps: three splits of the reduction and the reduce kernel): the
 wrong count, where, and the per-step coefficients. Each case's name is printed before it runs.
 
     python bench/diagnose_fused_cuda.py                     # backend "fused", both tile widths on Hopper
@@ -150,11 +151,15 @@ def main(argv=None) -> int:
     # the weight format of training (NF4, FP8 absmax): tails, multi-CTA indexing, the absmax decode
     cases = [dict(direction=d, steps=s) for d in ("fwd", "bwd") for s in (1, 3)]
     cases += [dict(direction=d, steps=4, quant_type="nf4", double_quant=True, m=257) for d in ("fwd", "bwd")]
+    # split-K: 1-2 CTAs over 64 steps at M = 65 split 3 ways (the partial sums' traffic cap, 4096 / (16 * 65));
+    # a wrong split shows as a run of per-step coefficients other than 1
+    cases += [dict(direction=d, steps=64, quant_type="nf4", double_quant=True, m=65, cols=200)
+              for d in ("fwd", "bwd")]
     try:
         for tile_n in tiles:
             qlora_ext._C.set_hopper_tile_n(tile_n)
             for case in cases:
-                if "m" in case:
+                if "m" in case and "cols" not in case:
                     case = dict(case, cols=2 * tile_n + 64)
                 # the name first: a case that hangs or faults is then known by it
                 print(f"-- {case_name(tile_n=tile_n, **case)}", flush=True)

@@ -100,3 +100,29 @@ def test_partial_tiles_case_correct_and_with_a_wrong_tail():
         return y
     text = run_partial_tiles(BuggyOps(double_tail_columns), "bwd")
     assert "wrong rows 0..256 (257 of 257), columns 256..319 (64 of 320); first: [[0, 256]" in text
+
+
+class LostSplitOps(BuggyOps):
+    """The forward without the steps of one split-K split (a split writing nowhere, or the reduce skipping it)."""
+
+    def __init__(self, first_step, last_step):
+        super().__init__(lambda y: y)
+        self.steps = (first_step, last_step)
+
+    def linear_4bit(self, x, *args):
+        lost = torch.zeros_like(x)
+        a, b = self.steps
+        lost[:, 64 * a:64 * (b + 1)] = x[:, 64 * a:64 * (b + 1)]
+        return OPS.linear_4bit(x, *args) - OPS.linear_4bit(lost, *args)
+
+
+def test_split_k_case_shows_a_lost_split_as_a_run_of_zero_coefficients():
+    """main()'s split-K case (M = 65, 200 columns, 64 steps: three splits of 22, 22 and 20 steps)."""
+    gen = torch.Generator().manual_seed(0)
+    kwargs = dict(device="cpu", quant_type="nf4", double_quant=True, m=65, cols=200)
+    text = "\n".join(diag.diagnose("fwd", 128, 64, BuggyOps(lambda y: y), qlora_ext, gen, **kwargs))
+    assert "fwd TN=128 steps=64 (M=65, N=200, K=4096, nf4, double quant): correct (13000 outputs)" in text
+    text = "\n".join(diag.diagnose("fwd", 128, 64, LostSplitOps(22, 43), qlora_ext, gen, **kwargs))
+    coef = [float(c) for c in text.split("c = [")[1].split("]")[0].split(", ")]
+    assert len(coef) == 64
+    assert all(abs(c) < 0.05 for c in coef[22:44]) and all(abs(c - 1) < 0.05 for c in coef[:22] + coef[44:]), coef

@@ -244,7 +244,7 @@ def fused_split(request):
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
 @pytest.mark.parametrize("backend", ["fused"], indirect=True)
 @pytest.mark.parametrize("fused_split", ["auto", "cta", "grid"], indirect=True)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16], ids=str)  # fp16: the same code; test above, "auto"
 @pytest.mark.parametrize("m", [1, 3, 16, 17, 33, 64])
 # forward tiles / reduction blocks: 2 / 65 (odd, empty warp slices), 256 / 16, 4 / 128 (CTA and grid split
 # together), 129 / 10; input gradient tiles / 16-row steps: 65 / 4, 16 / 512, 128 / 7, 10 / 257

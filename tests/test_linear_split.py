@@ -92,14 +92,14 @@ def test_decode_sizes_take_one_launch_on_an_h200():
     """K = N = 8192 and the Llama-7B MLP shapes at M = 1 and 16: enough warps for one wave come from the CTA
     split alone (16 warps per SM resident: the forward kernel's occupancy), so no partial sums, no second kernel.
     The input gradient of the 11008 x 4096 weight has only 64 column tiles: 16 warps each are 1024 warps, under
-    half a wave, so it also splits over the grid."""
+    half a wave, so it also splits over the grid, twice."""
     resident = H200_SMS * 16
     for (n, k), m in itertools.product([(8192, 8192), (11008, 4096), (4096, 11008)], [1, 16]):
         f = forward_plan(n, k, m, resident)
         g = grad_plan(n, k, m, resident)
         assert f["splits"] == 1 and -(-n // 32) * f["warp_split"] * 2 > resident, (n, k, m, f)
         if (n, k) == (11008, 4096):
-            assert g["warp_split"] == 16 and g["splits"] == 3, g
+            assert g["warp_split"] == 16 and g["splits"] == 2, g  # 2048 warps of 2112
         else:
             assert g["splits"] == 1 and k // 64 * g["warp_split"] * 2 > resident, (n, k, m, g)
     f = forward_plan(8192, 8192, 1, resident)
@@ -122,12 +122,14 @@ def test_auto_uses_the_grid_only_below_half_a_wave():
 
 
 def test_grid_mode_is_the_two_kernel_scheme():
-    """warp_split 1, and the number of splits the launcher used before the CTA split existed: one wave of warps,
-    at most reduction / (16 M) (the partial sums' traffic equals the weight's 4 bits there), at most `units`."""
+    """warp_split 1, and as many grid splits as the warps fit in one wave (the launcher before the CTA split
+    rounded up: a partial second wave), at most reduction / (16 M) (the partial sums' traffic equals the weight's
+    4 bits there), at most `units`."""
     for tiles, units, reduction, m, resident in [(256, 128, 8192, 1, 2112), (4, 65, 4160, 64, 2112),
-                                                 (344, 64, 4096, 16, 3696), (128, 512, 8192, 33, 1056)]:
+                                                 (344, 64, 4096, 16, 3696), (128, 512, 8192, 33, 1056),
+                                                 (3000, 128, 8192, 1, 2112)]:
         p = plan(tiles, units, reduction, m, resident, "grid")
-        splits = min(-(-resident // tiles), reduction // (16 * m), units)
+        splits = min(resident // tiles, reduction // (16 * m), units)
         splits = max(splits, 1)
         per = -(-units // splits)
         assert (p["warp_split"], p["per_split"], p["splits"]) == (1, per, -(-units // per)), p
@@ -137,6 +139,8 @@ def test_warp_slices_of_short_ranges_leave_the_last_warps_empty():
     assert [_C.small_m_warp_slice(10, 13, 8, s) for s in range(8)] == \
         [(10, 11), (11, 12), (12, 13)] + [(13, 13)] * 5
     assert [_C.small_m_warp_slice(0, 64, 4, s) for s in range(4)] == [(0, 16), (16, 32), (32, 48), (48, 64)]
+    with pytest.raises(ValueError, match="0 <= slice < warp_split"):
+        _C.small_m_warp_slice(0, 64, 0, 0)
 
 
 def test_split_mode_switch_and_bad_input():

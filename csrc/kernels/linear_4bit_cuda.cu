@@ -342,13 +342,6 @@ auto grad_input_kernel(int64_t m) {
 }
 int m_tiles(int64_t m) { return m <= 16 ? 1 : m <= 32 ? 2 : 4; }
 
-// Warps of `kernel` the GPU holds at once in 4-warp CTAs (its occupancy by register use: 2 to 7 CTAs per SM).
-template <typename Kernel>
-int64_t resident_warps(Kernel kernel, int num_sms) {
-  return int64_t(num_sms) * ctas_per_sm(reinterpret_cast<const void*>(kernel), split::kTileWarps * 32, 0) *
-         split::kTileWarps;
-}
-
 SplitMode split_mode(const Linear4bitProblem& p) {
   return p.split_mode == int(SplitMode::Cta) ? SplitMode::Cta
          : p.split_mode == int(SplitMode::Grid) ? SplitMode::Grid : SplitMode::Auto;
@@ -356,18 +349,35 @@ SplitMode split_mode(const Linear4bitProblem& p) {
 
 int64_t forward_tiles(const Linear4bitProblem& p) { return (p.n + kForwardRowsPerWarp - 1) / kForwardRowsPerWarp; }
 
+// The split of `tiles` tiles over `units` reduction units (of `reduction` values) for `kernel`: sized first by
+// the warps the GPU holds in 4-warp CTAs without shared memory; where the CTA shape that gives (8 or 16 warps,
+// the reduction's shared memory) holds fewer per SM (the register file fits whole CTAs only), once more by
+// those, so that the warps stay within one wave.
+template <typename Kernel>
+Split fit_split(Kernel kernel, int num_sms, int64_t tiles, int64_t units, int64_t reduction,
+                const Linear4bitProblem& p, int floats_per_lane) {
+  const void* k = reinterpret_cast<const void*>(kernel);
+  const int64_t resident = int64_t(num_sms) * ctas_per_sm(k, split::kTileWarps * 32, 0) * split::kTileWarps;
+  Split s = split::choose_split(tiles, units, reduction, p.m, m_tiles(p.m), resident, split_mode(p));
+  const int warps = split::cta_warps(s);
+  const int64_t held =
+      int64_t(num_sms) * ctas_per_sm(k, warps * 32, split::reduce_smem_bytes(s, floats_per_lane)) * warps;
+  if (held < resident) s = split::choose_split(tiles, units, reduction, p.m, m_tiles(p.m), held, split_mode(p));
+  return s;
+}
+
 // Forward: tiles of 32 weight rows, reduction over K / 64 quant blocks.
 Split forward_split(const Linear4bitProblem& p, int num_sms) {
-  const int64_t resident = p.bf16 ? resident_warps(forward_kernel<true>(p.m), num_sms)
-                                  : resident_warps(forward_kernel<false>(p.m), num_sms);
-  return split::choose_split(forward_tiles(p), p.k / 64, p.k, p.m, m_tiles(p.m), resident, split_mode(p));
+  const int floats = m_tiles(p.m) * kForwardNT * 4;
+  return p.bf16 ? fit_split(forward_kernel<true>(p.m), num_sms, forward_tiles(p), p.k / 64, p.k, p, floats)
+                : fit_split(forward_kernel<false>(p.m), num_sms, forward_tiles(p), p.k / 64, p.k, p, floats);
 }
 
 // Input gradient: tiles of 64 columns (one quant block), reduction over N in 16-row steps.
 Split grad_split(const Linear4bitProblem& p, int num_sms) {
-  const int64_t resident = p.bf16 ? resident_warps(grad_input_kernel<true>(p.m), num_sms)
-                                  : resident_warps(grad_input_kernel<false>(p.m), num_sms);
-  Split s = split::choose_split(p.k / 64, (p.n + 15) / 16, p.n, p.m, m_tiles(p.m), resident, split_mode(p));
+  const int floats = m_tiles(p.m) * kGradNT * 4;
+  Split s = p.bf16 ? fit_split(grad_input_kernel<true>(p.m), num_sms, p.k / 64, (p.n + 15) / 16, p.n, p, floats)
+                   : fit_split(grad_input_kernel<false>(p.m), num_sms, p.k / 64, (p.n + 15) / 16, p.n, p, floats);
   s.per_split *= 16;  // in rows
   return s;
 }
@@ -378,7 +388,7 @@ cudaError_t launch_forward(const Linear4bitProblem& p, const void* x, const void
   const Split sp = forward_split(p, num_sms);
   if (sp.splits > 1 && ws == nullptr) return cudaErrorInvalidValue;  // fused_forward_workspace_bytes was not asked
   const dim3 grid(unsigned((forward_tiles(p) + sp.tiles_per_cta - 1) / sp.tiles_per_cta), unsigned(sp.splits));
-  const int smem = split::reduce_smem_bytes(sp, m_tiles(p.m) * kForwardNT * 4);
+  const int smem = split::reduce_smem_bytes(sp, m_tiles(p.m) * kForwardNT * 4);  // as fit_split sized it
   const auto* bs = static_cast<const uint16_t*>(bias);
   auto* ys = static_cast<uint16_t*>(y);
   forward_kernel<BF16>(p.m)<<<grid, split::cta_warps(sp) * 32, smem, stream>>>(

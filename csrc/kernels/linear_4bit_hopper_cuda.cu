@@ -263,7 +263,7 @@ split::LargeSplit plan_split(const Linear4bitProblem& p, bool grad, int num_sms)
   const void* kernel = grad ? reinterpret_cast<const void*>(hopper_gemm_kernel<kTN, true, true, true>)
                             : reinterpret_cast<const void*>(hopper_gemm_kernel<kTN, true, false, true>);
   constexpr int kSmem = hopper_smem_bytes(kTN);
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem) != cudaSuccess) {
+  if (allow_dynamic_smem(kernel, kSmem) != cudaSuccess) {
     cudaGetLastError();  // the occupancy query then answers 1 CTA per SM; the launch reports the error
   }
   const int64_t out_cols = grad ? p.k : p.n, R = grad ? p.n : p.k;
@@ -277,7 +277,7 @@ cudaError_t launch_tile(const Linear4bitProblem& p, const void* act, const void*
                         int num_sms, cudaStream_t stream) {
   auto kernel = hopper_gemm_kernel<kTN, BF16, kGrad, kVecAct>;
   constexpr int kSmem = hopper_smem_bytes(kTN);
-  QLORA_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+  QLORA_CUDA_RETURN_IF_ERROR(allow_dynamic_smem(reinterpret_cast<const void*>(kernel), kSmem));
   const split::LargeSplit sp = plan_split<kTN>(p, kGrad, num_sms);
   if (sp.splits > 1 && ws == nullptr) return cudaErrorInvalidValue;  // hopper_workspace_bytes was not asked
   const int64_t out_cols = kGrad ? p.k : p.n;

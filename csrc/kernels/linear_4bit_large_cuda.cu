@@ -18,7 +18,7 @@
 // adds with the bias (reduce_split_partials).
 // Resources (ptxas, CUDA 13.0): 126-128 registers, no spills, on sm_80 and sm_90 (launch bounds: 2 CTAs of 256
 // threads per SM); 64 KiB dynamic shared memory per CTA (3 x 16 KiB activation stages + 16 KiB weight tile),
-// opted in with cudaFuncSetAttribute. Not yet run on a GPU: "auto" keeps dequantize + cuBLAS.
+// opted in with cudaFuncSetAttribute (once per device). Not yet run on a GPU: "auto" keeps dequantize + cuBLAS.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -180,7 +180,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 split::LargeSplit plan_split(const Linear4bitProblem& p, bool grad, int num_sms) {
   const void* kernel = grad ? reinterpret_cast<const void*>(large_gemm_kernel<true, true, true>)
                             : reinterpret_cast<const void*>(large_gemm_kernel<true, false, true>);
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes) != cudaSuccess) {
+  if (allow_dynamic_smem(kernel, kSmemBytes) != cudaSuccess) {
     cudaGetLastError();  // the occupancy query then answers 1 CTA per SM; the launch reports the error
   }
   const int64_t out_cols = grad ? p.k : p.n, R = grad ? p.n : p.k;
@@ -193,8 +193,7 @@ template <bool BF16, bool kGrad, bool kVecAct>
 cudaError_t launch(const Linear4bitProblem& p, const void* act, const void* bias, void* out, float* ws, int num_sms,
                    cudaStream_t stream) {
   auto kernel = large_gemm_kernel<BF16, kGrad, kVecAct>;
-  QLORA_CUDA_RETURN_IF_ERROR(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+  QLORA_CUDA_RETURN_IF_ERROR(allow_dynamic_smem(reinterpret_cast<const void*>(kernel), kSmemBytes));
   const split::LargeSplit sp = plan_split(p, kGrad, num_sms);
   if (sp.splits > 1 && ws == nullptr) return cudaErrorInvalidValue;  // fused_large_workspace_bytes was not asked
   const int64_t out_cols = kGrad ? p.k : p.n;

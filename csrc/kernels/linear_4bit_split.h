@@ -68,7 +68,8 @@ QLORA_SPLIT_HD void warp_slice(int64_t begin, int64_t end, int warp_split, int s
 // rows in m_tiles 16-row tensor-core tiles, when the GPU holds `resident` warps of this kernel at once.
 // The warps should fill one wave: the in-CTA split doubles while the warps still fit in it (no extra traffic, no
 // extra launch; past one wave the slices only get shorter), then,
-// where it cannot reach half a wave (or in Grid mode), the grid split: capped at reduction / (16 m), where the
+// where it cannot reach half a wave (or in Grid mode), the grid split, as many times as the warps fit in one
+// wave: capped at reduction / (16 m), where the
 // fp32 partials (written and read back, 8 bytes per output element per split) cost as much as the weight's
 // own 4 bits per element; unbounded, M = 64 would move several times the weight's bytes.
 QLORA_SPLIT_HD Split choose_split(int64_t tiles, int64_t units, int64_t reduction, int64_t m, int m_tiles,
@@ -83,7 +84,7 @@ QLORA_SPLIT_HD Split choose_split(int64_t tiles, int64_t units, int64_t reductio
   const int64_t warps = tiles * s.warp_split;
   int64_t splits = 1;
   if (mode == SplitMode::Grid || (mode == SplitMode::Auto && 2 * warps < resident)) {
-    splits = (resident + warps - 1) / warps;
+    splits = resident / warps;  // at most one wave: a partial second one would only add a tail
     const int64_t traffic_cap = reduction / (16 * m);
     if (splits > traffic_cap) splits = traffic_cap;
     const int64_t unit_cap = units / s.warp_split;  // every warp keeps at least one unit
@@ -96,9 +97,10 @@ QLORA_SPLIT_HD Split choose_split(int64_t tiles, int64_t units, int64_t reductio
 }
 
 // The large-M kernels' split-K: `ctas` output tiles, `slots` CTAs resident at once, `steps` reduction steps of
-// 64 values (over `reduction` values) at M = m. Splits fill at most one wave, leave every split at least
-// kMinLargeSplitSteps steps (the pipeline's prologue and epilogue amortized) and stop at reduction / (16 m), where
-// the fp32 partials' traffic equals the weight's 4 bits per element (as for small M). SplitMode::Cta: never.
+// 64 values (over `reduction` values) at M = m. Splits fill at most one wave and stop at reduction / (16 m),
+// where the fp32 partials' traffic equals the weight's 4 bits per element (as for small M); that also leaves
+// every split at least 16 m / 64 steps, so the floor of kMinLargeSplitSteps (the pipeline's prologue and
+// epilogue amortized) binds only for M < 16, which the binding never sends here. SplitMode::Cta: never.
 constexpr int64_t kMinLargeSplitSteps = 4;
 
 struct LargeSplit {

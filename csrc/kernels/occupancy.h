@@ -1,6 +1,6 @@
-// CTAs of a kernel that one SM holds at once, asked of the CUDA runtime once per (kernel, device, block size,
-// dynamic shared memory) and remembered: the fused GEMMs' launchers size their splits by it on every call (a
-// decode step calls them twice per layer). Host code, torch-free.
+// Launch facts the fused GEMMs' launchers need on every call (a decode step calls them twice per layer), asked of
+// the CUDA runtime once per kernel and device and remembered: how many CTAs of a kernel one SM holds, and the
+// opt-in to more than 48 KiB of dynamic shared memory. Host code, torch-free.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -8,6 +8,7 @@
 #include <cstddef>
 #include <map>
 #include <mutex>
+#include <set>
 #include <tuple>
 
 namespace qlora::cuda {
@@ -35,6 +36,24 @@ inline int ctas_per_sm(const void* kernel, int threads, size_t dynamic_smem) {
     it = cache.emplace(key, ctas).first;
   }
   return it->second;
+}
+
+// cudaFuncSetAttribute(kernel, MaxDynamicSharedMemorySize, bytes) once per (kernel, device, bytes); the first
+// error is returned (and asked again next time).
+inline cudaError_t allow_dynamic_smem(const void* kernel, int bytes) {
+  static std::mutex mutex;
+  static std::set<std::tuple<const void*, int, int>> done;
+  int device = -1;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    cudaGetLastError();
+    device = -1;
+  }
+  const auto key = std::make_tuple(kernel, device, bytes);
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (done.count(key)) return cudaSuccess;
+  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err == cudaSuccess) done.insert(key);
+  return err;
 }
 
 }  // namespace qlora::cuda

@@ -130,7 +130,8 @@ Plan tuned(const char* direction, int64_t m, at::ScalarType dtype, const Linear4
   const std::string key = std::string(direction) + " " + c10::toString(dtype) + " N=" + std::to_string(a.n) +
                           " K=" + std::to_string(a.k) + " M<=" + std::to_string(m_class) +
                           (a.double_quant ? " fp8-absmax" : " fp32-absmax") + (has_bias ? " bias" : "") +
-                          " cuda:" + std::to_string(int(c10::cuda::current_device())) + " of " +
+                          " cuda:" + std::to_string(int(c10::cuda::current_device())) + " split=" +
+                          fused_split_name() + " of " +
                           std::to_string(candidates.size());  // the set grows once the Hopper probe has answered
   const int i = tuned_choice(
       key, int(candidates.size()), [&](int j) { run(candidates[size_t(j)]); },

@@ -180,6 +180,8 @@ pybind11::dict large_split_plan(int64_t ctas, int64_t slots, int64_t steps, int6
 }
 
 std::pair<int64_t, int64_t> small_m_warp_slice(int64_t begin, int64_t end, int warp_split, int slice) {
+  TORCH_CHECK_VALUE(warp_split >= 1 && slice >= 0 && slice < warp_split && begin <= end,
+                    "small_m_warp_slice: needs 0 <= slice < warp_split and begin <= end");
   int64_t lo = 0, hi = 0;
   qlora::split::warp_slice(begin, end, warp_split, slice, lo, hi);
   return {lo, hi};
