@@ -191,6 +191,26 @@ def test_study_nf4_table_and_memory_table():
     assert rows["65B"]["full_16bit_finetune"] > 780e9
 
 
+def test_study_item3_reports_the_gap_along_the_way(tiny, tmp_path):
+    """Item 3 on the tiny llama: three runs with one seed; the NF4+DQ gap to 16-bit LoRA at each evaluation
+    (every quarter of the steps, step 0 = zero-shot), the last one being the headline number."""
+    import types
+
+    from qlora_ext.train import study
+    model_dir, data_dir = tiny
+    args = types.SimpleNamespace(model=model_dir, data=[data_dir], out=str(tmp_path), r=4, seq_len=32, eval_blocks=4,
+                                 batch_size=4, steps=8, lr=1e-2, seed=3, device="cpu", progress=False)
+    lines = []
+    r = study.item3_finetune(args, lines.append)
+    dense, nf4 = r["rows"][0], r["rows"][1]
+    assert sorted(dense["eval_loss_by_step"]) == sorted(nf4["eval_loss_by_step"]) == [0, 2, 4, 6, 8]
+    by_step = r["nf4_dq_vs_16bit_by_step"]
+    assert by_step[8] == pytest.approx(r["nf4_dq_vs_16bit"])
+    assert by_step[0] == pytest.approx(nf4["eval_loss_before"] / dense["eval_loss_before"] - 1)
+    assert dense["eval_loss_after"] < dense["eval_loss_before"]
+    assert any(line.startswith("    NF4+DQ vs 16-bit LoRA by step: 0: ") for line in lines), lines
+
+
 def test_study_gpu_step_code_path_on_a_tiny_shape():
     """Item 5's builder (meta device, one layer materialized and quantized at a time) and its training
     step, on the CPU with a tiny llama shape."""
