@@ -249,7 +249,9 @@ if want bench && ok build; then
   part bench_optim 150 python3 bench/bench_optim.py --device cuda --json "$out/bench_optim.json"
 fi
 if want train && ok build; then
-  part bench_train_gpu 200 python3 bench/bench_train_gpu.py --json "$out/bench_train_gpu.json"
+  # ours with "auto", the peer, then (information) ours with "tune": last, so that a slow one cannot cost the goals
+  part bench_train_gpu 200 python3 bench/bench_train_gpu.py --only qlora_ext,peft_bnb,qlora_ext_tune \
+    --json "$out/bench_train_gpu.json"
   part train_study_gpu 200 python3 -m qlora_ext.train study --items 5 --out "$scratch/study" --no-progress
 fi
 if want bench && ok build; then

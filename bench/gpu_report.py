@@ -266,6 +266,8 @@ def markdown(report, scratch):
     for k, g in report["goals"].items():
         value = g.get("value")
         met = "met" if g.get("met") else ("not evaluated" if value is None else "NOT met")
+        if g.get("info"):  # a figure shown beside the goals, for information
+            met = f"information only: {g['info']}"
         extra = ""
         if g.get("fraction_of_ceiling") is not None:
             extra = f" ({100 * g['fraction_of_ceiling']:.0f}% of the ceiling {_fmt(g.get('ceiling'))})"

@@ -315,6 +315,8 @@ def test_gpu_report_reads_an_interrupted_junit_and_damaged_inputs(tmp_path):
     (out / "bench_linear_cuda.json").write_text('{"goals": {"fwd')
     (out / "bench_optim.json").write_text(json.dumps({"goals": {"x": {"goal": 1.0, "value": True, "met": True}},
                                                       "interrupted": True}))
+    (out / "bench_train_gpu.json").write_text(json.dumps({"goals": {"t": {"goal": 1.3, "value": 1.5, "met": None,
+                                                                          "info": "what tune reaches"}}}))
     (out / "gpu_check.log").write_text("=== tests_cuda (12:00:00, limit 230 s)\nKeyboardInterrupt\n")
     subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_report.py"), "--out", str(out),
                     "--scratch", str(scratch), "--commit", "c0ffee"], check=True, capture_output=True)
@@ -324,6 +326,7 @@ def test_gpu_report_reads_an_interrupted_junit_and_damaged_inputs(tmp_path):
     assert "tests_cpu: unreadable junit_tests_cpu.xml" in md
     assert "bench_linear_cuda.json: unreadable" in md and "bench_optim.json: the benchmark was interrupted" in md
     assert "| optim: x | True | 1 | met |" in md and "End of the log of `tests_cuda` (TIMED OUT)" in md
+    assert "| train_gpu: t | 1.5 | 1.3 | information only: what tune reaches |" in md
     assert "no GPU found" in md  # no env.txt: nvidia-smi never ran
 
 
@@ -425,10 +428,13 @@ def test_bench_train_gpu_debug_run_on_cpu(tmp_path):
     out = tmp_path / "t.json"
     p = _bench("bench/bench_train_gpu.py", "--device", "cpu", "--layers", "1", "--hidden", "128", "--ffn", "256",
                "--heads", "4", "--vocab", "256", "--seq-len", "16", "--warmup", "1", "--steps", "1",
-               "--only", "qlora_ext", "--json", str(out))
+               "--only", "qlora_ext,qlora_ext_tune", "--json", str(out))
     assert p.returncode == 0, p.stdout + p.stderr
     data = json.loads(out.read_text())
-    assert data["results"][0]["name"] == "qlora_ext" and data["goals"]["tokens_per_s_vs_peft_bnb"]["met"] is None
+    assert [r["name"] for r in data["results"]] == ["qlora_ext", "qlora_ext_tune"]
+    assert [r["linear_backend"] for r in data["results"]] == ["auto", "tune"]
+    assert all(r["tokens_per_s"] > 0 for r in data["results"])
+    assert data["goals"]["tokens_per_s_vs_peft_bnb"]["met"] is None
 
 
 # ---- study item 5 (one QLoRA step of 7B/65B shapes on the GPU), its glue on the CPU -------------------
