@@ -122,7 +122,7 @@ Plan fixed_plan(const std::vector<Plan>& fused) {
 // "tune": the fastest of dequantize + cuBLAS and the fused candidates for this class of problem (M rounded up
 // to a power of two), measured the first time the class is seen; dequantize + cuBLAS during graph capture.
 Plan tuned(const char* direction, int64_t m, at::ScalarType dtype, const Linear4bitArgs& a, bool has_bias,
-           std::vector<Plan> candidates, const std::function<void(const Plan&)>& run) {
+           std::vector<Plan> candidates, const std::function<at::Tensor(const Plan&)>& run) {
   candidates.insert(candidates.begin(), Plan{});
   if (candidates.size() == 1) return candidates[0];
   int64_t m_class = 1;
@@ -134,7 +134,7 @@ Plan tuned(const char* direction, int64_t m, at::ScalarType dtype, const Linear4
                           fused_split_name() + " of " +
                           std::to_string(candidates.size());  // the set grows once the Hopper probe has answered
   const int i = tuned_choice(
-      key, int(candidates.size()), [&](int j) { run(candidates[size_t(j)]); },
+      key, int(candidates.size()), [&](int j) { return run(candidates[size_t(j)]); },
       [&](int j) { return candidates[size_t(j)].name(); });
   return i < 0 ? Plan{} : candidates[size_t(i)];
 }
@@ -207,7 +207,7 @@ at::Tensor linear_4bit_cuda(const at::Tensor& x, const at::Tensor& codes, const 
     return y;
   };
   const Plan plan = linear_backend() == LinearBackend::Tune
-                        ? tuned("fwd", m, x.scalar_type(), a, bias.has_value(), fused, [&](const Plan& p) { run(p); })
+                        ? tuned("fwd", m, x.scalar_type(), a, bias.has_value(), fused, [&](const Plan& p) { return run(p); })
                         : fixed_plan(fused);
   return run(plan).view(with_last_dim(x, a.n));
 }
@@ -254,7 +254,7 @@ at::Tensor linear_4bit_grad_input_cuda(const at::Tensor& grad_out, const at::Ten
     return dx;
   };
   const Plan plan = linear_backend() == LinearBackend::Tune
-                        ? tuned("bwd", m, grad_out.scalar_type(), a, false, fused, [&](const Plan& p) { run(p); })
+                        ? tuned("bwd", m, grad_out.scalar_type(), a, false, fused, [&](const Plan& p) { return run(p); })
                         : fixed_plan(fused);
   return run(plan).view(with_last_dim(grad_out, a.k));
 }

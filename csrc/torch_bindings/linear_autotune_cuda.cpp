@@ -1,10 +1,13 @@
 // The "tune" backend's measurements and cache (see linear_autotune_cuda.h). CUDA builds only.
 #include "linear_autotune_cuda.h"
 
+#include <ATen/TensorOperators.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/CUDAEvent.h>
+#include <ATen/ops/linalg_vector_norm.h>
 #include <c10/cuda/CUDAException.h>
 
+#include <cmath>
 #include <limits>
 #include <map>
 #include <mutex>
@@ -25,7 +28,15 @@ constexpr int kTimedRuns = 3;
 
 }  // namespace
 
-int tuned_choice(const std::string& key, int n, const std::function<void(int)>& run,
+// How far `out` is from `ref` (relative Frobenius norm, in fp32), infinity when either is not finite.
+double relative_error(const at::Tensor& out, const at::Tensor& ref) {
+  const at::Tensor o = out.to(at::kFloat), r = ref.to(at::kFloat);
+  const double diff = at::linalg_vector_norm(o - r).item<double>(), base = at::linalg_vector_norm(r).item<double>();
+  if (!std::isfinite(diff) || !std::isfinite(base)) return std::numeric_limits<double>::infinity();
+  return base > 0.0 ? diff / base : diff;
+}
+
+int tuned_choice(const std::string& key, int n, const std::function<at::Tensor(int)>& run,
                  const std::function<std::string(int)>& name) {
   const std::lock_guard<std::mutex> lock(g_mutex);
   if (const auto it = g_cache.find(key); it != g_cache.end()) return it->second.index;
@@ -35,10 +46,23 @@ int tuned_choice(const std::string& key, int n, const std::function<void(int)>& 
   if (capture != cudaStreamCaptureStatusNone) return -1;
   Choice best;
   best.us = std::numeric_limits<double>::infinity();
+  at::Tensor reference;  // the first candidate's output
   for (int i = 0; i < n; ++i) {
     double fastest = std::numeric_limits<double>::infinity();
     try {
-      run(i);  // warm-up: first-launch costs (module load, cuBLAS heuristics, allocator growth) stay out
+      // warm-up: first-launch costs (module load, cuBLAS heuristics, allocator growth) stay out; its output is
+      // checked against the first candidate's
+      const at::Tensor out = run(i);
+      if (i == 0) {
+        reference = out;
+      } else {
+        const double err = relative_error(out, reference);
+        if (!(err <= kTuneMaxRelativeError)) {
+          TORCH_WARN("linear_4bit backend 'tune': candidate '", name(i), "' for ", key, " left out: its output is ",
+                     err, " away from '", name(0), "''s (relative; at most ", kTuneMaxRelativeError, ")");
+          continue;
+        }
+      }
       for (int r = 0; r < kTimedRuns; ++r) {
         at::cuda::CUDAEvent start(cudaEventDefault), stop(cudaEventDefault);
         start.record(stream);
