@@ -29,7 +29,7 @@ constexpr int kTimedRuns = 3;
 }  // namespace
 
 // How far `out` is from `ref` (relative Frobenius norm, in fp32), infinity when either is not finite.
-double relative_error(const at::Tensor& out, const at::Tensor& ref) {
+static double relative_error(const at::Tensor& out, const at::Tensor& ref) {
   const at::Tensor o = out.to(at::kFloat), r = ref.to(at::kFloat);
   const double diff = at::linalg_vector_norm(o - r).item<double>(), base = at::linalg_vector_norm(r).item<double>();
   if (!std::isfinite(diff) || !std::isfinite(base)) return std::numeric_limits<double>::infinity();
