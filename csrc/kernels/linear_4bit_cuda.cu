@@ -386,7 +386,7 @@ template <bool BF16>
 cudaError_t launch_forward(const Linear4bitProblem& p, const void* x, const void* bias, void* y, float* ws,
                            int num_sms, cudaStream_t stream) {
   const Split sp = forward_split(p, num_sms);
-  if (sp.splits > 1 && ws == nullptr) return cudaErrorInvalidValue;  // fused_forward_workspace_bytes was not asked
+  if (sp.splits > 1 && ws == nullptr) return cudaErrorInvalidValue;  // the workspace size was not asked
   const dim3 grid(unsigned((forward_tiles(p) + sp.tiles_per_cta - 1) / sp.tiles_per_cta), unsigned(sp.splits));
   const int smem = split::reduce_smem_bytes(sp, m_tiles(p.m) * kForwardNT * 4);  // as fit_split sized it
   const auto* bs = static_cast<const uint16_t*>(bias);
@@ -403,7 +403,7 @@ template <bool BF16>
 cudaError_t launch_grad_input(const Linear4bitProblem& p, const void* dy, void* dx, float* ws, int num_sms,
                               cudaStream_t stream) {
   const Split sp = grad_split(p, num_sms);
-  if (sp.splits > 1 && ws == nullptr) return cudaErrorInvalidValue;  // fused_grad_input_workspace_bytes was not asked
+  if (sp.splits > 1 && ws == nullptr) return cudaErrorInvalidValue;  // the workspace size was not asked
   const dim3 grid(unsigned((p.k / 64 + sp.tiles_per_cta - 1) / sp.tiles_per_cta), unsigned(sp.splits));
   const int smem = split::reduce_smem_bytes(sp, m_tiles(p.m) * kGradNT * 4);
   auto* xs = static_cast<uint16_t*>(dx);
@@ -425,10 +425,11 @@ cudaError_t reduce_split_partials(const float* partial, int64_t splits, int64_t 
                                   void* out, bool bf16, cudaStream_t stream) {
   const auto* b = static_cast<const uint16_t*>(bias);
   auto* o = static_cast<uint16_t*>(out);
+  const unsigned blocks = grid_for(rows * cols, 256);
   if (bf16) {
-    reduce_partials_kernel<true><<<grid_for(rows * cols, 256), 256, 0, stream>>>(partial, int(splits), rows, cols, b, o);
+    reduce_partials_kernel<true><<<blocks, 256, 0, stream>>>(partial, int(splits), rows, cols, b, o);
   } else {
-    reduce_partials_kernel<false><<<grid_for(rows * cols, 256), 256, 0, stream>>>(partial, int(splits), rows, cols, b, o);
+    reduce_partials_kernel<false><<<blocks, 256, 0, stream>>>(partial, int(splits), rows, cols, b, o);
   }
   return cudaGetLastError();
 }

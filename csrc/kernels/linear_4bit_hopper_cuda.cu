@@ -279,7 +279,7 @@ cudaError_t launch_tile(const Linear4bitProblem& p, const void* act, const void*
   constexpr int kSmem = hopper_smem_bytes(kTN);
   QLORA_CUDA_RETURN_IF_ERROR(allow_dynamic_smem(reinterpret_cast<const void*>(kernel), kSmem));
   const split::LargeSplit sp = plan_split<kTN>(p, kGrad, num_sms);
-  if (sp.splits > 1 && ws == nullptr) return cudaErrorInvalidValue;  // hopper_workspace_bytes was not asked
+  if (sp.splits > 1 && ws == nullptr) return cudaErrorInvalidValue;  // the workspace size was not asked
   const int64_t out_cols = kGrad ? p.k : p.n;
   const dim3 grid(unsigned((out_cols + kTN - 1) / kTN), unsigned((p.m + kTileM - 1) / kTileM), unsigned(sp.splits));
   kernel<<<grid, kThreads, kSmem, stream>>>(static_cast<const uint16_t*>(act), p.codes, p.absmax, p.codebook, p.m,

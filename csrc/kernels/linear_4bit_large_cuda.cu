@@ -195,7 +195,7 @@ cudaError_t launch(const Linear4bitProblem& p, const void* act, const void* bias
   auto kernel = large_gemm_kernel<BF16, kGrad, kVecAct>;
   QLORA_CUDA_RETURN_IF_ERROR(allow_dynamic_smem(reinterpret_cast<const void*>(kernel), kSmemBytes));
   const split::LargeSplit sp = plan_split(p, kGrad, num_sms);
-  if (sp.splits > 1 && ws == nullptr) return cudaErrorInvalidValue;  // fused_large_workspace_bytes was not asked
+  if (sp.splits > 1 && ws == nullptr) return cudaErrorInvalidValue;  // the workspace size was not asked
   const int64_t out_cols = kGrad ? p.k : p.n;
   const dim3 grid(unsigned((out_cols + kTileN - 1) / kTileN), unsigned((p.m + kTileM - 1) / kTileM),
                   unsigned(sp.splits));

@@ -206,8 +206,9 @@ at::Tensor linear_4bit_cuda(const at::Tensor& x, const at::Tensor& codes, const 
     }
     return y;
   };
+  const auto tuned_run = [&](const Plan& p) { return run(p); };
   const Plan plan = linear_backend() == LinearBackend::Tune
-                        ? tuned("fwd", m, x.scalar_type(), a, bias.has_value(), fused, [&](const Plan& p) { return run(p); })
+                        ? tuned("fwd", m, x.scalar_type(), a, bias.has_value(), fused, tuned_run)
                         : fixed_plan(fused);
   return run(plan).view(with_last_dim(x, a.n));
 }
@@ -253,8 +254,9 @@ at::Tensor linear_4bit_grad_input_cuda(const at::Tensor& grad_out, const at::Ten
     }
     return dx;
   };
+  const auto tuned_run = [&](const Plan& p) { return run(p); };
   const Plan plan = linear_backend() == LinearBackend::Tune
-                        ? tuned("bwd", m, grad_out.scalar_type(), a, false, fused, [&](const Plan& p) { return run(p); })
+                        ? tuned("bwd", m, grad_out.scalar_type(), a, false, fused, tuned_run)
                         : fixed_plan(fused);
   return run(plan).view(with_last_dim(grad_out, a.k));
 }
