@@ -33,8 +33,6 @@
 #include "linear_4bit_cuda.h"
 #include "linear_4bit_large_layout.h"
 #include "linear_4bit_large_tiles.cuh"
-#include "linear_4bit_split.h"
-#include "occupancy.h"
 #include "tensor_core_utils.cuh"
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -255,21 +253,12 @@ __global__ void __launch_bounds__(kThreads, kTN == 128 ? 2 : 1)
 // Writes 1 from an sm_90a image (the one that has the wgmma kernel body), 0 from any other.
 __global__ void hopper_probe_kernel(int* out) { *out = QLORA_HAS_WGMMA; }
 
-// The split-K of a problem in one direction and tile width. The launcher and hopper_workspace_bytes must agree,
-// so both ask this one function, which sizes by the occupancy of one instance per direction and tile width (all
-// of them have the same launch bounds and shared memory).
+// The split-K of a problem in one direction and tile width, sized by one instance of each (see plan_large_split).
 template <int kTN>
 split::LargeSplit plan_split(const Linear4bitProblem& p, bool grad, int num_sms) {
   const void* kernel = grad ? reinterpret_cast<const void*>(hopper_gemm_kernel<kTN, true, true, true>)
                             : reinterpret_cast<const void*>(hopper_gemm_kernel<kTN, true, false, true>);
-  constexpr int kSmem = hopper_smem_bytes(kTN);
-  if (allow_dynamic_smem(kernel, kSmem) != cudaSuccess) {
-    cudaGetLastError();  // the occupancy query then answers 1 CTA per SM; the launch reports the error
-  }
-  const int64_t out_cols = grad ? p.k : p.n, R = grad ? p.n : p.k;
-  const int64_t ctas = (out_cols + kTN - 1) / kTN * ((p.m + kTileM - 1) / kTileM);
-  const int64_t slots = int64_t(num_sms) * ctas_per_sm(kernel, kThreads, kSmem);
-  return split::large_split(ctas, slots, (R + kTileR - 1) / kTileR, R, p.m, split::SplitMode(p.split_mode));
+  return plan_large_split(kernel, hopper_smem_bytes(kTN), kTN, p, grad, num_sms);
 }
 
 template <int kTN, bool BF16, bool kGrad, bool kVecAct>

@@ -26,8 +26,6 @@
 #include "linear_4bit_cuda.h"
 #include "linear_4bit_large_layout.h"
 #include "linear_4bit_large_tiles.cuh"
-#include "linear_4bit_split.h"
-#include "occupancy.h"
 #include "tensor_core_utils.cuh"
 
 namespace qlora::cuda {
@@ -174,19 +172,11 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
 }
 
-// The split-K of a problem in one direction. The launcher and fused_large_workspace_bytes must agree, so both
-// ask this one function, which sizes by the occupancy of one instance per direction (all have the same launch
-// bounds, 2 CTAs of 256 threads per SM, and shared memory).
+// The split-K of a problem in one direction, sized by one instance per direction (see plan_large_split).
 split::LargeSplit plan_split(const Linear4bitProblem& p, bool grad, int num_sms) {
   const void* kernel = grad ? reinterpret_cast<const void*>(large_gemm_kernel<true, true, true>)
                             : reinterpret_cast<const void*>(large_gemm_kernel<true, false, true>);
-  if (allow_dynamic_smem(kernel, kSmemBytes) != cudaSuccess) {
-    cudaGetLastError();  // the occupancy query then answers 1 CTA per SM; the launch reports the error
-  }
-  const int64_t out_cols = grad ? p.k : p.n, R = grad ? p.n : p.k;
-  const int64_t ctas = (out_cols + kTileN - 1) / kTileN * ((p.m + kTileM - 1) / kTileM);
-  const int64_t slots = int64_t(num_sms) * ctas_per_sm(kernel, kThreads, kSmemBytes);
-  return split::large_split(ctas, slots, (R + kTileR - 1) / kTileR, R, p.m, split::SplitMode(p.split_mode));
+  return plan_large_split(kernel, kSmemBytes, kTileN, p, grad, num_sms);
 }
 
 template <bool BF16, bool kGrad, bool kVecAct>

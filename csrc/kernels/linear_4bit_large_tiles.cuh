@@ -1,7 +1,8 @@
-// Device pieces shared by the fused large-M 4-bit GEMMs (linear_4bit_large_cuda.cu, mma.sync, sm_80+; and
+// Pieces shared by the fused large-M 4-bit GEMMs (linear_4bit_large_cuda.cu, mma.sync, sm_80+; and
 // linear_4bit_hopper_cuda.cu, wgmma, sm_90a): cp.async copies of the activation tile into its swizzled stage,
 // the one-step-ahead fetch of a thread's 32 packed weights, their decode into the weight tile (table[code]
-// * absmax in fp32, rounded once to bf16/fp16: the numbers dequantize produces), and the epilogue's paired store.
+// * absmax in fp32, rounded once to bf16/fp16: the numbers dequantize produces), the epilogue's paired stores
+// (output or split-K partial sums), and, on the host, the split-K plan.
 // Every index formula comes from linear_4bit_large_layout.h, which the CPU tests emulate.
 #pragma once
 
@@ -10,8 +11,11 @@
 
 #include <cstdint>
 
+#include "linear_4bit_cuda.h"
 #include "linear_4bit_large_layout.h"
+#include "linear_4bit_split.h"
 #include "numeric_core.h"
+#include "occupancy.h"
 #include "tensor_core_utils.cuh"
 
 namespace qlora::cuda::large_tiles {
@@ -146,6 +150,21 @@ __device__ __forceinline__ void store_partial_pair(float* __restrict__ partial, 
     dst[0] = v0;
     if (pair) dst[1] = v1;
   }
+}
+
+// The split-K of problem p for a large-M kernel of `tile_n`-wide tiles, 256 threads and smem_bytes of dynamic
+// shared memory, sized by the occupancy of `kernel`. A launcher and its workspace-size function must agree, so
+// both call this with the same instance (one per direction and tile width: all instances of one have the same
+// launch bounds and shared memory).
+inline split::LargeSplit plan_large_split(const void* kernel, int smem_bytes, int tile_n, const Linear4bitProblem& p,
+                                          bool grad, int num_sms) {
+  if (allow_dynamic_smem(kernel, smem_bytes) != cudaSuccess) {
+    cudaGetLastError();  // the occupancy query then answers 1 CTA per SM; the launch reports the error
+  }
+  const int64_t out_cols = grad ? p.k : p.n, R = grad ? p.n : p.k;
+  const int64_t ctas = (out_cols + tile_n - 1) / tile_n * ((p.m + kTileM - 1) / kTileM);
+  const int64_t slots = int64_t(num_sms) * ctas_per_sm(kernel, kThreads, smem_bytes);
+  return split::large_split(ctas, slots, (R + kTileR - 1) / kTileR, R, p.m, split::SplitMode(p.split_mode));
 }
 
 }  // namespace qlora::cuda::large_tiles

@@ -162,6 +162,17 @@ struct FusedInputs {
   }
 };
 
+// The fp32 split partial sums the plan's kernel writes where it splits its reduction over the grid (empty
+// where it does not), on the activations' device.
+at::Tensor split_workspace(const Plan& plan, const FusedInputs& f, bool grad, const at::TensorOptions& options) {
+  const int64_t bytes =
+      plan.kind == Plan::LargeM   ? cuda::fused_large_workspace_bytes(f.problem, grad, f.num_sms)
+      : plan.kind == Plan::Hopper ? cuda::hopper_workspace_bytes(f.problem, grad, plan.tile_n, f.num_sms)
+      : grad                      ? cuda::fused_grad_input_workspace_bytes(f.problem, f.num_sms)
+                                  : cuda::fused_forward_workspace_bytes(f.problem, f.num_sms);
+  return at::empty({bytes / int64_t(sizeof(float))}, options.dtype(at::kFloat));
+}
+
 at::Tensor linear_4bit_cuda(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& absmax,
                             const std::optional<at::Tensor>& absmax_scale,
                             const std::optional<at::Tensor>& absmax_mean, const std::optional<at::Tensor>& bias,
@@ -187,12 +198,7 @@ at::Tensor linear_4bit_cuda(const at::Tensor& x, const at::Tensor& codes, const 
     const void* bias_ptr = b.defined() ? b.data_ptr() : nullptr;
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     at::Tensor y = at::empty({m, a.n}, x2.options());
-    // fp32 split partial sums where the kernels split over the grid (else empty)
-    const int64_t ws_bytes = plan.kind == Plan::LargeM ? cuda::fused_large_workspace_bytes(f.problem, false, f.num_sms)
-                             : plan.kind == Plan::Hopper
-                                 ? cuda::hopper_workspace_bytes(f.problem, false, plan.tile_n, f.num_sms)
-                                 : cuda::fused_forward_workspace_bytes(f.problem, f.num_sms);
-    at::Tensor ws = at::empty({ws_bytes / 4}, x2.options().dtype(at::kFloat));
+    const at::Tensor ws = split_workspace(plan, f, false, x2.options());
     float* wsp = ws.numel() ? ws.data_ptr<float>() : nullptr;
     if (plan.kind == Plan::LargeM) {
       C10_CUDA_CHECK(cuda::fused_large_linear_forward(f.problem, x2.data_ptr(), bias_ptr, y.data_ptr(), wsp,
@@ -236,11 +242,7 @@ at::Tensor linear_4bit_grad_input_cuda(const at::Tensor& grad_out, const at::Ten
     const at::Tensor dy2 = grad_out.reshape({-1, a.n}).contiguous();
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     at::Tensor dx = at::empty({m, a.k}, dy2.options());
-    const int64_t ws_bytes = plan.kind == Plan::LargeM ? cuda::fused_large_workspace_bytes(f.problem, true, f.num_sms)
-                             : plan.kind == Plan::Hopper
-                                 ? cuda::hopper_workspace_bytes(f.problem, true, plan.tile_n, f.num_sms)
-                                 : cuda::fused_grad_input_workspace_bytes(f.problem, f.num_sms);
-    at::Tensor ws = at::empty({ws_bytes / 4}, dy2.options().dtype(at::kFloat));
+    const at::Tensor ws = split_workspace(plan, f, true, dy2.options());
     float* wsp = ws.numel() ? ws.data_ptr<float>() : nullptr;
     if (plan.kind == Plan::LargeM) {
       C10_CUDA_CHECK(
