@@ -307,6 +307,48 @@ def test_cuda_large_m_split_k(backend, hopper_tile_n, fused_split, m, n, k):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
+@pytest.mark.parametrize("backend", ["fused", "fused_mma"], indirect=True)
+@pytest.mark.parametrize("fused_split", ["auto", "grid"], indirect=True)
+@pytest.mark.parametrize("m", [1, 16, 128])
+def test_cuda_graph_capture_and_replay_of_the_fused_kernels(backend, fused_split, m):
+    """Captured in a CUDA graph (torch.compile's "reduce-overhead"), the fused kernels with every split path
+    (few output tiles over a long reduction: the CTA split at M = 1 and 16, the grid split and its reduce
+    kernel in "grid" mode, split-K at M = 128) allocate their partial sums from the graph's pool and replay
+    with new inputs written into the captured buffers, giving what an eager call gives, bit for bit (same
+    kernels, same splits, fixed summation order)."""
+    n, k = 200, 4096
+    q = make_weight(n, k, seed=m).to("cuda")
+    qa = (q.codes, q.absmax, q.absmax_scale, q.absmax_mean)
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16).cuda()
+    dy = torch.randn(m, n, generator=g).to(torch.bfloat16).cuda()
+    b = torch.randn(n, generator=g).to(torch.bfloat16).cuda()
+
+    def step():
+        return ops.linear_4bit(x, *qa, b, 64, "nf4", n), ops.linear_4bit_grad_input(dy, *qa, 64, "nf4", k)
+
+    step()  # warm-up outside the capture: module load, the Hopper probe, occupancy and attribute caches
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+        with torch.cuda.graph(graph, stream=stream):
+            y, dx = step()
+    torch.cuda.current_stream().wait_stream(stream)
+    x2, dy2 = torch.randn_like(x), torch.randn_like(dy)
+    x.copy_(x2)
+    dy.copy_(dy2)
+    graph.replay()
+    torch.cuda.synchronize()
+    want_y, want_dx = step()
+    assert torch.equal(y, want_y) and torch.equal(dx, want_dx)
+    w32 = qlora_ext.dequantize(q, torch.float32)
+    assert rel_err(y, x2.float() @ w32.t() + b.float()) < 1e-2 and rel_err(dx, dy2.float() @ w32) < 1e-2
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
 @pytest.mark.parametrize("backend", ["tune"], indirect=True)
 def test_cuda_tune_measures_once_per_class_and_keeps_a_candidate(backend):
     _C.clear_linear_tuning_cache()
