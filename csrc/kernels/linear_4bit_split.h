@@ -66,12 +66,12 @@ QLORA_SPLIT_HD void warp_slice(int64_t begin, int64_t end, int warp_split, int s
 
 // The split of `tiles` output tiles whose reduction has `units` units (over `reduction` values), at M = m
 // rows in m_tiles 16-row tensor-core tiles, when the GPU holds `resident` warps of this kernel at once.
-// The warps should fill one wave: the in-CTA split doubles while the warps still fit in it (no extra traffic, no
-// extra launch; past one wave the slices only get shorter), then,
-// where it cannot reach half a wave (or in Grid mode), the grid split, as many times as the warps fit in one
-// wave: capped at reduction / (16 m), where the
-// fp32 partials (written and read back, 8 bytes per output element per split) cost as much as the weight's
-// own 4 bits per element; unbounded, M = 64 would move several times the weight's bytes.
+// The warps should fill one wave. The in-CTA split doubles while the warps still fit in it (no extra traffic,
+// no extra launch; past one wave the slices would only get shorter). Where that cannot reach half a wave (or
+// in Grid mode), the grid split multiplies the warps as often as they fit in one wave, capped at
+// reduction / (16 m), where the fp32 partials (written and read back, 8 bytes per output element per split)
+// cost as much as the weight's own 4 bits per element (unbounded, M = 64 would move several times the
+// weight's bytes), and at one unit per warp.
 QLORA_SPLIT_HD Split choose_split(int64_t tiles, int64_t units, int64_t reduction, int64_t m, int m_tiles,
                                   int64_t resident, SplitMode mode) {
   Split s;
