@@ -28,7 +28,6 @@ namespace qlora::cuda {
 namespace {
 
 using split::Split;
-using split::SplitMode;
 
 constexpr int kForwardRowsPerWarp = 32;  // NT = 4 n-subtiles of 8
 constexpr int kForwardNT = kForwardRowsPerWarp / 8;
@@ -342,10 +341,9 @@ auto grad_input_kernel(int64_t m) {
 }
 int m_tiles(int64_t m) { return m <= 16 ? 1 : m <= 32 ? 2 : 4; }
 
-SplitMode split_mode(const Linear4bitProblem& p) {
-  return p.split_mode == int(SplitMode::Cta) ? SplitMode::Cta
-         : p.split_mode == int(SplitMode::Grid) ? SplitMode::Grid : SplitMode::Auto;
-}
+// fp32 accumulators per lane (the in-CTA reduction parks them in shared memory): acc[MT][NT][4].
+int forward_floats_per_lane(int64_t m) { return m_tiles(m) * kForwardNT * 4; }
+int grad_floats_per_lane(int64_t m) { return m_tiles(m) * kGradNT * 4; }
 
 int64_t forward_tiles(const Linear4bitProblem& p) { return (p.n + kForwardRowsPerWarp - 1) / kForwardRowsPerWarp; }
 
@@ -358,24 +356,24 @@ Split fit_split(Kernel kernel, int num_sms, int64_t tiles, int64_t units, int64_
                 const Linear4bitProblem& p, int floats_per_lane) {
   const void* k = reinterpret_cast<const void*>(kernel);
   const int64_t resident = int64_t(num_sms) * ctas_per_sm(k, split::kTileWarps * 32, 0) * split::kTileWarps;
-  Split s = split::choose_split(tiles, units, reduction, p.m, m_tiles(p.m), resident, split_mode(p));
+  Split s = split::choose_split(tiles, units, reduction, p.m, m_tiles(p.m), resident, split::split_mode_of(p.split_mode));
   const int warps = split::cta_warps(s);
   const int64_t held =
       int64_t(num_sms) * ctas_per_sm(k, warps * 32, split::reduce_smem_bytes(s, floats_per_lane)) * warps;
-  if (held < resident) s = split::choose_split(tiles, units, reduction, p.m, m_tiles(p.m), held, split_mode(p));
+  if (held < resident) s = split::choose_split(tiles, units, reduction, p.m, m_tiles(p.m), held, split::split_mode_of(p.split_mode));
   return s;
 }
 
 // Forward: tiles of 32 weight rows, reduction over K / 64 quant blocks.
 Split forward_split(const Linear4bitProblem& p, int num_sms) {
-  const int floats = m_tiles(p.m) * kForwardNT * 4;
+  const int floats = forward_floats_per_lane(p.m);
   return p.bf16 ? fit_split(forward_kernel<true>(p.m), num_sms, forward_tiles(p), p.k / 64, p.k, p, floats)
                 : fit_split(forward_kernel<false>(p.m), num_sms, forward_tiles(p), p.k / 64, p.k, p, floats);
 }
 
 // Input gradient: tiles of 64 columns (one quant block), reduction over N in 16-row steps.
 Split grad_split(const Linear4bitProblem& p, int num_sms) {
-  const int floats = m_tiles(p.m) * kGradNT * 4;
+  const int floats = grad_floats_per_lane(p.m);
   Split s = p.bf16 ? fit_split(grad_input_kernel<true>(p.m), num_sms, p.k / 64, (p.n + 15) / 16, p.n, p, floats)
                    : fit_split(grad_input_kernel<false>(p.m), num_sms, p.k / 64, (p.n + 15) / 16, p.n, p, floats);
   s.per_split *= 16;  // in rows
@@ -388,7 +386,7 @@ cudaError_t launch_forward(const Linear4bitProblem& p, const void* x, const void
   const Split sp = forward_split(p, num_sms);
   if (sp.splits > 1 && ws == nullptr) return cudaErrorInvalidValue;  // the workspace size was not asked
   const dim3 grid(unsigned((forward_tiles(p) + sp.tiles_per_cta - 1) / sp.tiles_per_cta), unsigned(sp.splits));
-  const int smem = split::reduce_smem_bytes(sp, m_tiles(p.m) * kForwardNT * 4);  // as fit_split sized it
+  const int smem = split::reduce_smem_bytes(sp, forward_floats_per_lane(p.m));
   const auto* bs = static_cast<const uint16_t*>(bias);
   auto* ys = static_cast<uint16_t*>(y);
   forward_kernel<BF16>(p.m)<<<grid, split::cta_warps(sp) * 32, smem, stream>>>(
@@ -405,7 +403,7 @@ cudaError_t launch_grad_input(const Linear4bitProblem& p, const void* dy, void* 
   const Split sp = grad_split(p, num_sms);
   if (sp.splits > 1 && ws == nullptr) return cudaErrorInvalidValue;  // the workspace size was not asked
   const dim3 grid(unsigned((p.k / 64 + sp.tiles_per_cta - 1) / sp.tiles_per_cta), unsigned(sp.splits));
-  const int smem = split::reduce_smem_bytes(sp, m_tiles(p.m) * kGradNT * 4);
+  const int smem = split::reduce_smem_bytes(sp, grad_floats_per_lane(p.m));
   auto* xs = static_cast<uint16_t*>(dx);
   grad_input_kernel<BF16>(p.m)<<<grid, split::cta_warps(sp) * 32, smem, stream>>>(
       static_cast<const uint16_t*>(dy), p.codes, p.absmax, p.codebook, p.m, p.n, p.k, sp.per_split, sp.warp_split,

@@ -164,7 +164,7 @@ inline split::LargeSplit plan_large_split(const void* kernel, int smem_bytes, in
   const int64_t out_cols = grad ? p.k : p.n, R = grad ? p.n : p.k;
   const int64_t ctas = (out_cols + tile_n - 1) / tile_n * ((p.m + kTileM - 1) / kTileM);
   const int64_t slots = int64_t(num_sms) * ctas_per_sm(kernel, kThreads, smem_bytes);
-  return split::large_split(ctas, slots, (R + kTileR - 1) / kTileR, R, p.m, split::SplitMode(p.split_mode));
+  return split::large_split(ctas, slots, (R + kTileR - 1) / kTileR, R, p.m, split::split_mode_of(p.split_mode));
 }
 
 }  // namespace qlora::cuda::large_tiles

@@ -32,6 +32,12 @@ enum class SplitMode : int {
   Grid = 2,  // small M: over the grid only (warp_split 1), the two-kernel scheme; large M: as Auto
 };
 
+// The mode a problem carries as an int (Linear4bitProblem::split_mode); anything unknown is Auto.
+QLORA_SPLIT_HD SplitMode split_mode_of(int mode) {
+  return mode == int(SplitMode::Cta) ? SplitMode::Cta : mode == int(SplitMode::Grid) ? SplitMode::Grid
+                                                                                      : SplitMode::Auto;
+}
+
 // Warps per CTA when warp_split < 4: four tiles of one warp each, as many as warp_split allows.
 constexpr int kTileWarps = 4;
 

@@ -142,6 +142,12 @@ int64_t large_gemm_index(const std::string& f, int64_t a, int64_t b, int64_t c, 
   throw pybind11::value_error("unknown large-GEMM layout function " + f);
 }
 
+qlora::split::SplitMode parse_split_mode(const std::string& mode) {
+  namespace S = qlora::split;
+  TORCH_CHECK_VALUE(mode == "auto" || mode == "cta" || mode == "grid", "mode must be 'auto', 'cta' or 'grid'");
+  return mode == "cta" ? S::SplitMode::Cta : mode == "grid" ? S::SplitMode::Grid : S::SplitMode::Auto;
+}
+
 // Test hooks: the fused kernels' split choices and the small-M warp slices (linear_4bit_split.h), for
 // tests/test_linear_split.py.
 pybind11::dict small_m_split_plan(int64_t tiles, int64_t units, int64_t reduction, int64_t m, int64_t resident,
@@ -149,8 +155,7 @@ pybind11::dict small_m_split_plan(int64_t tiles, int64_t units, int64_t reductio
   namespace S = qlora::split;
   TORCH_CHECK_VALUE(m >= 1 && m <= 64 && tiles >= 1 && units >= 1 && reduction >= 1 && resident >= 1,
                     "small_m_split_plan: needs 1 <= m <= 64 and positive tiles, units, reduction, resident");
-  TORCH_CHECK_VALUE(mode == "auto" || mode == "cta" || mode == "grid", "mode must be 'auto', 'cta' or 'grid'");
-  const S::SplitMode sm = mode == "cta" ? S::SplitMode::Cta : mode == "grid" ? S::SplitMode::Grid : S::SplitMode::Auto;
+  const S::SplitMode sm = parse_split_mode(mode);
   const int m_tiles = m <= 16 ? 1 : m <= 32 ? 2 : 4;
   const S::Split s = S::choose_split(tiles, units, reduction, m, m_tiles, resident, sm);
   pybind11::dict d;
@@ -167,10 +172,9 @@ pybind11::dict small_m_split_plan(int64_t tiles, int64_t units, int64_t reductio
 pybind11::dict large_split_plan(int64_t ctas, int64_t slots, int64_t steps, int64_t reduction, int64_t m,
                                 const std::string& mode) {
   namespace S = qlora::split;
-  TORCH_CHECK_VALUE(mode == "auto" || mode == "cta" || mode == "grid", "mode must be 'auto', 'cta' or 'grid'");
   TORCH_CHECK_VALUE(m >= 1 && ctas >= 1 && slots >= 1 && steps >= 1 && reduction >= 1,
                     "large_split_plan: needs positive ctas, slots, steps, reduction and m");
-  const S::SplitMode sm = mode == "cta" ? S::SplitMode::Cta : mode == "grid" ? S::SplitMode::Grid : S::SplitMode::Auto;
+  const S::SplitMode sm = parse_split_mode(mode);
   const S::LargeSplit s = S::large_split(ctas, slots, steps, reduction, m, sm);
   pybind11::dict d;
   d["splits"] = s.splits;
