@@ -41,8 +41,9 @@ fraction of its ceiling: 3.88 for small M (4.127 vs 16 bits per weight), 1.46 at
             "dequant" (value = the smallest other_time / auto_time; met at >= 0.98, since "auto" may be the
             very code path of "dequant" and identical code differs by timing noise)
 Routing: per direction and M, the fixed backend (dequant, fused, fused_tn128, fused_grid, fused_mma) fastest over
-the shapes (geometric mean against dequant) and passed its checks, as rules "M <= max_m: backend" for "auto"
-to adopt once the fused kernels are validated (printed, and "auto_routing_suggestion" in the JSON).
+the shapes (geometric mean against dequant) and passed its checks, as rules "M <= max_m: backend" (printed,
+and "auto_routing_suggestion" in the JSON): bench/routing_from_bench.py writes them into the table "auto"
+follows (qlora_ext/auto_routing.json; "auto_routing_in_use" in the JSON is the one this run's "auto" followed).
 Checks (once per shape and M, before timing it): the relative Frobenius error of our output under each backend
 against an fp32 reference computed from the dequantized weight must be <= 2x the error of the plain bf16 matmul
 with the bf16 dequantized weight. Failures are printed loudly, recorded in the JSON "checks", and make the
@@ -551,6 +552,7 @@ def main(argv=None) -> int:
                             "activations": "2 * M * (N + K)"},
             "ceilings": {f"{n}x{k}": {str(m): ceiling(n, k, m) for m in args.ms} for n, k in shapes},
             "rows": rows, "goals": goals, "checks": checks, "auto_routing_suggestion": routing,
+            "auto_routing_in_use": qlora_ext.auto_routing(),  # what "ours auto" followed
         }
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

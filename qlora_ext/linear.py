@@ -10,7 +10,8 @@ from .quantize import QuantState
 
 def set_linear_backend(backend: str) -> None:
     """Chooses the CUDA implementation of linear_4bit for the whole process: "auto" (the dispatcher's
-    choice by shape; today dequantize + cuBLAS everywhere until the fused kernels are validated on a GPU),
+    choice by GPU, direction and M from the measured routing table, qlora_ext.routing; dequantize + cuBLAS
+    where the table has no rule: everywhere until a GPU's fused kernels have been validated and measured),
     "fused" (the fused kernels where they apply: bf16/fp16, blocksize 64; small-M kernels for M <= 64,
     large-M kernels above: wgmma on Hopper when the build has sm_90a, mma.sync otherwise; not yet validated
     on a GPU), "fused_mma" ("fused" with the mma.sync large-M kernels on every GPU), "dequant"

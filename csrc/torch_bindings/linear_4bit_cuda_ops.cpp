@@ -3,9 +3,10 @@
 //   large M (M > 64: csrc/kernels/linear_4bit_hopper_cuda.cu with wgmma on Hopper when the build has sm_90a,
 //   else csrc/kernels/linear_4bit_large_cuda.cu with mma.sync), and
 // - dequantize + cuBLAS (as bitsandbytes does for training: the dense W exists transiently in x's dtype).
-// "auto" routes everything to dequantize + cuBLAS until the fused kernels have been validated and
-// measured faster on a GPU (bench/bench_linear_cuda.py); set_linear_backend("fused") forces them, and "tune"
-// measures every candidate once per class of problem and keeps the fastest (linear_autotune_cuda.h).
+// "auto" follows the routing table (linear_auto_routing.h: per GPU, direction and range of M, the backend
+// bench/bench_linear_cuda.py measured fastest), dequantize + cuBLAS where it has no rule;
+// set_linear_backend("fused") forces the fused kernels, and "tune" measures every candidate once per class of
+// problem and keeps the fastest (linear_autotune_cuda.h).
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
@@ -23,6 +24,7 @@
 #include "../kernels/linear_4bit_large_layout.h"
 #include "../kernels/linear_4bit_split.h"
 #include "../kernels/quantize_cuda.h"
+#include "linear_auto_routing.h"
 #include "linear_autotune_cuda.h"
 #include "linear_backend.h"
 #include "linear_4bit_common.h"
@@ -96,18 +98,48 @@ std::vector<Plan> fused_plans(int64_t m, at::ScalarType dtype, int64_t blocksize
   return plans;
 }
 
-// Whether the backend may run a fused kernel ("auto" and "dequant" never ask, so they never probe the GPU).
-bool uses_fused_kernels() {
-  const LinearBackend b = linear_backend();
-  return b == LinearBackend::Fused || b == LinearBackend::FusedMma || b == LinearBackend::Tune;
+// Where "auto" routes M rows in a direction on the current GPU (Dequant for the other backends, which do not
+// follow the table).
+RoutedBackend route_of(bool grad, int64_t m) {
+  if (linear_backend() != LinearBackend::Auto) return RoutedBackend::Dequant;
+  const cudaDeviceProp* p = at::cuda::getCurrentDeviceProperties();
+  return auto_route(p->major * 10 + p->minor, grad, m);
 }
 
-// The plan of the fixed backends: "auto" stays on dequantize + cuBLAS for every M until the fused kernels are
-// validated and measured faster on a GPU; "fused" takes the first fused candidate (wgmma on Hopper, in the
-// tile width set_hopper_tile_n asks for; the small-M kernels split as set_fused_split says), "fused_mma" the
-// same small-M kernels and the mma.sync ones for large M.
-Plan fixed_plan(const std::vector<Plan>& fused) {
+// Whether this call may run a fused kernel ("dequant", and "auto" where it routes to dequantize + cuBLAS, never
+// ask, so they never probe the GPU).
+bool uses_fused_kernels(RoutedBackend route) {
+  const LinearBackend b = linear_backend();
+  return b == LinearBackend::Fused || b == LinearBackend::FusedMma || b == LinearBackend::Tune ||
+         route != RoutedBackend::Dequant;
+}
+
+// The plan of a routed backend, as bench/bench_linear_cuda.py measured it: "fused" the first fused candidate
+// with the kernels' own tile width, "fused_tn128" the Hopper kernels' 128-column tile, "fused_grid" the small-M
+// kernels' grid-only split, "fused_mma" the mma.sync large-M kernels; a variant that does not apply (no Hopper
+// kernels, M > 64) is "fused". The split is the kernels' own ("auto") whatever set_fused_split says, which is
+// a test hook. Dequantize + cuBLAS where no fused kernel applies (fp32, another blocksize).
+Plan routed_plan(RoutedBackend route, const std::vector<Plan>& fused) {
+  if (route == RoutedBackend::Dequant || fused.empty()) return Plan{};
+  const int own_split = int(split::SplitMode::Auto);
+  switch (fused.front().kind) {
+    case Plan::SmallM:
+      return Plan{Plan::SmallM, 0, route == RoutedBackend::FusedGrid ? int(split::SplitMode::Grid) : own_split};
+    case Plan::Hopper:
+      if (route == RoutedBackend::FusedMma) return Plan{Plan::LargeM, 0, own_split};
+      return Plan{Plan::Hopper, route == RoutedBackend::FusedTn128 ? 128 : 0, own_split};
+    default:
+      return Plan{Plan::LargeM, 0, own_split};
+  }
+}
+
+// The plan of the backends other than "tune": "auto" the routed one; "fused" the first fused candidate (wgmma
+// on Hopper, in the tile width set_hopper_tile_n asks for; the small-M kernels split as set_fused_split says),
+// "fused_mma" the same small-M kernels and the mma.sync ones for large M; "dequant" dequantize + cuBLAS.
+Plan fixed_plan(const std::vector<Plan>& fused, RoutedBackend route) {
   switch (linear_backend()) {
+    case LinearBackend::Auto:
+      return routed_plan(route, fused);
     case LinearBackend::Fused:
       if (fused.empty()) return Plan{};
       return fused.front().kind == Plan::Hopper ? Plan{Plan::Hopper, hopper_tile_n()} : fused.front();
@@ -183,8 +215,10 @@ at::Tensor linear_4bit_cuda(const at::Tensor& x, const at::Tensor& codes, const 
   check_bias(bias, x, a.n);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t m = x.numel() / a.k;
-  const std::vector<Plan> fused = uses_fused_kernels() ? fused_plans(m, x.scalar_type(), blocksize, a, x.get_device())
-                                                       : std::vector<Plan>{};
+  const RoutedBackend route = route_of(false, m);
+  const std::vector<Plan> fused = uses_fused_kernels(route)
+                                      ? fused_plans(m, x.scalar_type(), blocksize, a, x.get_device())
+                                      : std::vector<Plan>{};
 
   auto run = [&](const Plan& plan) -> at::Tensor {
     if (plan.kind == Plan::Dequant) {
@@ -215,7 +249,7 @@ at::Tensor linear_4bit_cuda(const at::Tensor& x, const at::Tensor& codes, const 
   const auto tuned_run = [&](const Plan& p) { return run(p); };
   const Plan plan = linear_backend() == LinearBackend::Tune
                         ? tuned("fwd", m, x.scalar_type(), a, bias.has_value(), fused, tuned_run)
-                        : fixed_plan(fused);
+                        : fixed_plan(fused, route);
   return run(plan).view(with_last_dim(x, a.n));
 }
 
@@ -228,7 +262,8 @@ at::Tensor linear_4bit_grad_input_cuda(const at::Tensor& grad_out, const at::Ten
                                                   in_features, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(grad_out.device());
   const int64_t m = grad_out.numel() / a.n;
-  const std::vector<Plan> fused = uses_fused_kernels()
+  const RoutedBackend route = route_of(true, m);
+  const std::vector<Plan> fused = uses_fused_kernels(route)
                                       ? fused_plans(m, grad_out.scalar_type(), blocksize, a, grad_out.get_device())
                                       : std::vector<Plan>{};
 
@@ -259,7 +294,7 @@ at::Tensor linear_4bit_grad_input_cuda(const at::Tensor& grad_out, const at::Ten
   const auto tuned_run = [&](const Plan& p) { return run(p); };
   const Plan plan = linear_backend() == LinearBackend::Tune
                         ? tuned("bwd", m, grad_out.scalar_type(), a, false, fused, tuned_run)
-                        : fixed_plan(fused);
+                        : fixed_plan(fused, route);
   return run(plan).view(with_last_dim(grad_out, a.k));
 }
 

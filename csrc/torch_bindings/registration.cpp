@@ -13,6 +13,7 @@
 #include "../kernels/linear_4bit_large_layout.h"
 #include "../kernels/linear_4bit_split.h"
 #include "../kernels/quantize_cpu.h"
+#include "linear_auto_routing.h"
 #include "linear_backend.h"
 #include "op_checks.h"
 
@@ -220,6 +221,22 @@ PYBIND11_MODULE(_C, m) {
         pybind11::arg("function"), pybind11::arg("a"), pybind11::arg("b") = 0, pybind11::arg("c") = 0,
         pybind11::arg("d") = 0);
   m.def("linear_backend", &qlora::ops::linear_backend_name, "The current linear_4bit backend");
+  m.def("set_auto_routing", &qlora::ops::set_auto_routing,
+        "Replaces the 'auto' backend's routing table (qlora_ext.routing loads it): rules (capability as major * 10 "
+        "+ minor, 'fwd' or 'bwd', max_m, backend), max_m increasing within a capability and direction",
+        pybind11::arg("rules"));
+  m.def("check_auto_routing", &qlora::ops::check_auto_routing,
+        "set_auto_routing's checks of a routing table, installing nothing", pybind11::arg("rules"));
+  m.def("auto_routing", &qlora::ops::auto_routing, "The 'auto' backend's routing table, as set_auto_routing takes it");
+  m.def(
+      "auto_route",
+      [](int64_t capability, const std::string& direction, int64_t m) {
+        TORCH_CHECK_VALUE(direction == "fwd" || direction == "bwd", "direction must be 'fwd' or 'bwd', got '",
+                          direction, "'");
+        return qlora::ops::routed_backend_name(qlora::ops::auto_route(capability, direction == "bwd", m));
+      },
+      "Test hook: the backend 'auto' routes M rows in a direction to on a GPU of this compute capability",
+      pybind11::arg("capability"), pybind11::arg("direction"), pybind11::arg("m"));
   m.def("set_hopper_tile_n", &qlora::ops::set_hopper_tile_n,
         "Test/benchmark hook: the Hopper large-M kernels' tile width, 0 (their choice by shape), 128 or 256",
         pybind11::arg("tile_n"));
