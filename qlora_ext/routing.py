@@ -18,11 +18,11 @@ last rule also covers every larger M.
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
 from . import _C
+from ._files import atomic_write_text
 
 BACKENDS = ("dequant", "fused", "fused_tn128", "fused_grid", "fused_mma")  # bench_linear_cuda's fixed backends
 DIRECTIONS = ("fwd", "bwd")
@@ -147,16 +147,7 @@ def entry_from_bench(result: dict, min_speedup: float = DEFAULT_MIN_SPEEDUP, sou
 def write_table(table: dict, path: Union[str, os.PathLike]) -> None:
     """Writes a table atomically (a temporary file in the same folder, then renamed over the old one)."""
     _C.check_auto_routing(rules_of(table))
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(table, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write_text(str(path), json.dumps(table, indent=2) + "\n")
 
 
 def describe(entry: dict) -> str:

@@ -14,6 +14,7 @@ pytest.importorskip("safetensors")
 pytest.importorskip("tqdm")
 
 import qlora_ext  # noqa: E402
+from qlora_ext.peft_io import load_peft_adapter  # noqa: E402
 from qlora_ext.train import ConfigError, TrainConfig, load_adapters, train  # noqa: E402
 from qlora_ext.train.cli import main as cli_main  # noqa: E402
 from qlora_ext.train.data import batch_indices, pack  # noqa: E402
@@ -92,6 +93,13 @@ def test_train_end_to_end_loss_falls_and_report_parses(tiny, tmp_path):
     load_adapters(t.model, r["adapter"])
     from qlora_ext.train.trainer import evaluate
     assert math.isclose(evaluate(t.model, t.data.eval, 4, t.device), r["eval_after"]["loss"], rel_tol=1e-6)
+    # So do the PEFT-format ones the run also wrote (tests/test_peft_io.py checks that PEFT reads them).
+    t2 = Trainer(_cfg(tiny, tmp_path / "run3", dropout=0.0), log=lambda s: None)
+    t2.setup()
+    load_peft_adapter(t2.model, r["peft_adapter"])
+    assert math.isclose(evaluate(t2.model, t2.data.eval, 4, t2.device), r["eval_after"]["loss"], rel_tol=1e-6)
+    assert f"PEFT adapter folder (`peft.PeftModel.from_pretrained(base, folder)`): `{r['peft_adapter']}`" in \
+        open(r["report"]["markdown"]).read()
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "paged_adamw", "paged_adamw8bit"])

@@ -2,6 +2,7 @@
 
     <output_dir>/adapter.safetensors          the trained LoRA tensors (float32), run config in its metadata
     <output_dir>/config.json                  the run config (TrainConfig as JSON)
+    <output_dir>/peft_adapter/                the same adapters in PEFT's format (qlora_ext.peft_io)
     <output_dir>/checkpoints/step-000050/     adapter.safetensors + trainer_state.pt (optimizer state_dict,
                                               RNG states, step and data position, loss history)
     <output_dir>/checkpoints/latest           the name of the newest complete checkpoint
@@ -19,7 +20,8 @@ from typing import Dict, Optional
 
 import torch
 
-from .config import ConfigError, atomic_write_text
+from .._files import atomic_save_safetensors, atomic_write_text
+from .config import ConfigError
 
 ADAPTER_FILE = "adapter.safetensors"
 STATE_FILE = "trainer_state.pt"
@@ -32,11 +34,8 @@ def adapter_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def save_adapters(path: str, model: torch.nn.Module, config: dict) -> None:
-    from safetensors.torch import save_file
-
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_file(adapter_state(model), tmp, metadata={"format": "qlora_ext-lora", "config": json.dumps(config)})
-    os.replace(tmp, path)
+    atomic_save_safetensors(adapter_state(model), path, metadata={"format": "qlora_ext-lora",
+                                                                  "config": json.dumps(config)})
 
 
 def read_adapter_config(path: str) -> dict:

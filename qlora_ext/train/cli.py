@@ -47,7 +47,7 @@ def run_train(argv, demo: bool) -> int:
     before, after = r["eval_before"], r["eval_after"]
     print(f"report: {r['report']['markdown']} (also {r['report']['json']}"
           + (f", {r['report']['plot']}" if r['report']['plot'] else "") + ")")
-    print(f"adapters: {r['adapter']}")
+    print(f"adapters: {r['adapter']} (PEFT format: {r['peft_adapter']})")
     print(f"eval perplexity: before {before['ppl']:.2f} -> after {after['ppl']:.2f} "
           f"({r['steps']} steps, {r['tokens_per_s']:.0f} tokens/s, {time.perf_counter() - t0:.0f} s)")
     return 0

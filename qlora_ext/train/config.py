@@ -8,6 +8,8 @@ import json
 import os
 from typing import List, Optional
 
+from .._files import atomic_write_text
+
 DEFAULT_MODEL = "smollm2"          # the embedded SmolLM2-135M-Instruct (see qlora_ext.train.model)
 QUANT_TYPES = ("nf4", "fp4", "int4", "none")
 SCHEDULES = ("cosine", "constant")
@@ -91,17 +93,6 @@ class TrainConfig:
 
     def save(self, path: str) -> None:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Writes path through a temporary file in the same folder and os.replace: a reader sees the old file
-    or the new one, never half of one."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # Presets: the demo must finish in <= 10 minutes on a 2-core CPU (measured: see README).

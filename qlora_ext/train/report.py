@@ -6,7 +6,7 @@ import json
 import math
 import os
 
-from .config import atomic_write_text
+from .._files import atomic_write_text
 
 
 def _gib(n) -> str:
@@ -47,7 +47,10 @@ def markdown(r: dict) -> str:
         lines.append(f"| eval perplexity, before training | {before['ppl']:.2f} (loss {before['loss']:.4f}) |")
     if after:
         lines.append(f"| eval perplexity, after {after['step']} steps | {after['ppl']:.2f} (loss {after['loss']:.4f}) |")
-    lines += ["", f"adapters: `{r['adapter']}`", "", "![loss](loss.png)", ""]
+    lines += ["", f"adapters: `{r['adapter']}`"]
+    if r.get("peft_adapter"):
+        lines += [f"PEFT adapter folder (`peft.PeftModel.from_pretrained(base, folder)`): `{r['peft_adapter']}`"]
+    lines += ["", "![loss](loss.png)", ""]
     return "\n".join(lines)
 
 

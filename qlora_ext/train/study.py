@@ -26,7 +26,8 @@ from torch import nn
 
 from ..nn import Linear4bit
 from ..quantize import code_table
-from .config import ConfigError, TrainConfig, atomic_write_text
+from .._files import atomic_write_text
+from .config import ConfigError, TrainConfig
 
 PAPER = {
     "bits_dq": 4.127, "bits_no_dq": 4.5, "saving_bits": 0.373, "saving_65b_gb": 3.0,

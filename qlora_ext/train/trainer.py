@@ -20,8 +20,11 @@ import torch
 
 from .. import model_summary, prepare_model, set_linear_backend
 from ..nn import Linear4bit
+from ..peft_io import save_peft_adapter
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig
+
+PEFT_DIR = "peft_adapter"  # <output_dir>/peft_adapter: the adapters in PEFT's format
 from .data import TokenBlocks, batch_indices, find_text_files, pack, tokenize_files
 from .loss import causal_lm_loss
 from .model import load_model_and_tokenizer, max_positions
@@ -258,6 +261,8 @@ class Trainer:
         if bar is not None:
             bar.close()
         ckpt.save_adapters(os.path.join(cfg.output_dir, ckpt.ADAPTER_FILE), self.model, config)
+        # the same adapters for PEFT and the tools that read its folders (peft.PeftModel.from_pretrained)
+        save_peft_adapter(self.model, os.path.join(cfg.output_dir, PEFT_DIR), base_model_name_or_path=self.model_dir)
         return self.result(state, step)
 
     def result(self, state: dict, step: int) -> dict:
@@ -289,6 +294,7 @@ class Trainer:
             "evals": evals,
             "history": state["history"],
             "adapter": os.path.abspath(os.path.join(cfg.output_dir, ckpt.ADAPTER_FILE)),
+            "peft_adapter": os.path.abspath(os.path.join(cfg.output_dir, PEFT_DIR)),
         }
 
 

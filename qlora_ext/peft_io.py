@@ -1,0 +1,121 @@
+"""LoRA adapters in PEFT's on-disk format, both ways: a model prepared with qlora_ext.prepare_model saves its
+adapters as a folder that `peft.PeftModel.from_pretrained(base_model, folder)` loads (and so every tool that
+reads PEFT adapters: merging, serving), and loads such a folder written by PEFT to go on training it here.
+
+The folder: adapter_config.json (PEFT's LoraConfig: peft_type LORA, r, lora_alpha, lora_dropout, target_modules,
+bias "none") and adapter_model.safetensors with the tensors under PEFT's names: the adapter of the layer at
+module path P of the model is "base_model.model.P.lora_A.weight" [r, in] and "...lora_B.weight" [out, r], the
+same layouts and scaling (lora_alpha / r) as LoRALinear's lora_A, lora_B and alpha. Only what both sides mean
+the same way is accepted: one r and one alpha for all layers, no DoRA, no rsLoRA, no trained biases.
+
+The adapters were trained against the 4-bit base; PEFT users reproduce the training-time outputs by loading the
+same base weights (for a dense base: the dequantized ones), and close to them with the original dense weights.
+Needs safetensors (pip install safetensors); PEFT itself is not needed to write or read the folder.
+"""
+import json
+import os
+from typing import Dict, Optional
+
+import torch
+
+from ._files import atomic_save_safetensors, atomic_write_text
+from .nn import Dropout, LoRALinear
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+
+
+def _adapters(model: torch.nn.Module) -> Dict[str, LoRALinear]:
+    adapters = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    if not adapters:
+        raise ValueError("the model has no LoRALinear layers: apply qlora_ext.prepare_model first")
+    return adapters
+
+
+def _one(values: dict, what: str):
+    distinct = sorted(set(values.values()))
+    if len(distinct) != 1:
+        raise ValueError(f"PEFT's format has one {what} for all layers (rank_pattern/alpha_pattern are not written); "
+                         f"the model's layers have {distinct}")
+    return distinct[0]
+
+
+def _target_modules(model: torch.nn.Module, names) -> list:
+    """The layers' last name components when they select exactly these layers among the model's nn.Linear
+    layers (PEFT matches a target by that suffix), else the full module paths."""
+    leaves = {n.split(".")[-1] for n in names}
+    linear_like = {n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, LoRALinear))
+                   and not any(n.startswith(a + ".") for a in names)}
+    if {n for n in linear_like if n.split(".")[-1] in leaves} == set(names):
+        return sorted(leaves)
+    return sorted(names)
+
+
+def save_peft_adapter(model: torch.nn.Module, directory: str, base_model_name_or_path: Optional[str] = None,
+                      dtype: torch.dtype = torch.float32) -> str:
+    """Writes the model's LoRA adapters as a PEFT adapter folder (created if missing; each file written
+    atomically). `base_model_name_or_path` goes into the config for PEFT's users. Returns the folder."""
+    adapters = _adapters(model)
+    r = _one({n: a.r for n, a in adapters.items()}, "r")
+    alpha = _one({n: float(a.alpha) for n, a in adapters.items()}, "lora_alpha")
+    dropout = _one({n: a.dropout.p if isinstance(a.dropout, Dropout) else 0.0 for n, a in adapters.items()},
+                   "lora_dropout")
+    tensors = {}
+    for name, a in adapters.items():
+        tensors[f"{_PREFIX}{name}.lora_A.weight"] = a.lora_A.detach().to("cpu", dtype).contiguous()
+        tensors[f"{_PREFIX}{name}.lora_B.weight"] = a.lora_B.detach().to("cpu", dtype).contiguous()
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": _target_modules(model, adapters),
+        "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "modules_to_save": None,
+        "inference_mode": True, "init_lora_weights": True,
+    }
+    os.makedirs(directory, exist_ok=True)
+    atomic_save_safetensors(tensors, os.path.join(directory, WEIGHTS_FILE), metadata={"format": "pt"})
+    atomic_write_text(os.path.join(directory, CONFIG_FILE), json.dumps(config, indent=2) + "\n")
+    return directory
+
+
+def load_peft_adapter(model: torch.nn.Module, directory: str) -> None:
+    """Copies a PEFT LoRA adapter folder's tensors into the model's LoRALinear layers (prepare the model with the
+    same target modules, r and alpha first). Anything that would not compute what PEFT computes is a ValueError
+    naming it: another r or alpha, DoRA, rsLoRA, fan_in_fan_out, trained biases or modules, missing or extra
+    tensors, other shapes."""
+    from safetensors.torch import load_file
+
+    config_path, weights_path = os.path.join(directory, CONFIG_FILE), os.path.join(directory, WEIGHTS_FILE)
+    for path in (config_path, weights_path):
+        if not os.path.exists(path):
+            raise ValueError(f"{path} does not exist (a PEFT adapter folder has {CONFIG_FILE} and {WEIGHTS_FILE}; "
+                             "older .bin adapters: load and save them once with PEFT to convert)")
+    with open(config_path) as f:
+        config = json.load(f)
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{config_path}: peft_type must be 'LORA', got {config.get('peft_type')!r}")
+    for key, ok in (("use_dora", False), ("use_rslora", False), ("fan_in_fan_out", False), ("bias", "none")):
+        if config.get(key, ok) != ok:
+            raise ValueError(f"{config_path}: {key}={config[key]!r} is not supported (LoRALinear computes "
+                             f"{key}={ok!r})")
+    for key in ("rank_pattern", "alpha_pattern", "modules_to_save"):
+        if config.get(key):
+            raise ValueError(f"{config_path}: {key} is not supported (got {config[key]!r})")
+    adapters = _adapters(model)
+    for name, a in adapters.items():
+        if a.r != config["r"] or float(a.alpha) != float(config["lora_alpha"]):
+            raise ValueError(f"{config_path}: r={config['r']}, lora_alpha={config['lora_alpha']}, but the model's "
+                             f"layer {name} has r={a.r}, alpha={a.alpha}: prepare_model(r=..., alpha=...) as the "
+                             "adapter was trained")
+    tensors = load_file(weights_path)
+    wanted = {f"{_PREFIX}{n}.lora_{ab}.weight": (a, ab) for n, a in adapters.items() for ab in "AB"}
+    missing, extra = sorted(set(wanted) - set(tensors)), sorted(set(tensors) - set(wanted))
+    if missing or extra:
+        raise ValueError(f"{weights_path} does not fit the model: {len(missing)} missing tensor(s) {missing[:2]}, "
+                         f"{len(extra)} extra {extra[:2]} (were the same target modules used?)")
+    with torch.no_grad():
+        for key, (a, ab) in wanted.items():
+            param = a.lora_A if ab == "A" else a.lora_B
+            if tensors[key].shape != param.shape:
+                raise ValueError(f"{weights_path}: {key} has shape {tuple(tensors[key].shape)}, the model's "
+                                 f"{tuple(param.shape)}")
+            param.copy_(tensors[key])

@@ -1,0 +1,132 @@
+"""Adapters in PEFT's format (qlora_ext/peft_io.py), checked against PEFT itself: a folder we write loads with
+peft.PeftModel.from_pretrained and computes what our model computes; a folder PEFT writes loads into our model
+and computes what PEFT's model computes; what would compute something else is refused."""
+import copy
+import json
+
+import pytest
+import torch
+
+import qlora_ext
+from qlora_ext.peft_io import load_peft_adapter, save_peft_adapter
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def randomize_adapters(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, qlora_ext.LoRALinear):
+                m.lora_A.copy_(torch.randn(m.lora_A.shape, generator=g) * 0.1)
+                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.1)
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+IDS = torch.randint(0, 96, (2, 17), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("targets", [TARGETS, ["q_proj", "v_proj"], ["model.layers.1.mlp.down_proj"]])
+def test_peft_loads_what_we_save_and_computes_the_same(tmp_path, targets):
+    base = tiny_llama()
+    ours = qlora_ext.prepare_model(copy.deepcopy(base), target_modules=targets, r=4, alpha=8.0, dropout=0.1,
+                                   quant_type="none").eval()
+    randomize_adapters(ours)
+    folder = save_peft_adapter(ours, str(tmp_path / "adapter"), base_model_name_or_path="tiny")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (4, 8.0, 0.1)
+    assert config["target_modules"] == sorted(targets)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), folder).eval()
+    want = logits(ours, IDS)
+    assert not torch.allclose(want, logits(base, IDS), atol=1e-3)  # the adapters matter
+    torch.testing.assert_close(logits(theirs, IDS), want, rtol=1e-5, atol=1e-5)
+
+
+def test_we_load_what_peft_saves_and_compute_the_same(tmp_path):
+    base = tiny_llama()
+    cfg = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
+    theirs = peft.get_peft_model(copy.deepcopy(base), cfg)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    theirs.save_pretrained(str(tmp_path / "peft"))
+    ours = qlora_ext.prepare_model(copy.deepcopy(base), target_modules=TARGETS, r=8, alpha=16.0,
+                                   quant_type="none").eval()
+    load_peft_adapter(ours, str(tmp_path / "peft"))
+    torch.testing.assert_close(logits(ours, IDS), logits(theirs.eval(), IDS), rtol=1e-5, atol=1e-5)
+    # and back: the tensors we write are the ones we read
+    save_peft_adapter(ours, str(tmp_path / "again"))
+    again = qlora_ext.prepare_model(copy.deepcopy(base), target_modules=TARGETS, r=8, alpha=16.0, quant_type="none")
+    load_peft_adapter(again, str(tmp_path / "again"))
+    for (n, p), (_, q) in zip(ours.named_parameters(), again.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_a_4bit_model_round_trips_its_adapters(tmp_path):
+    model = qlora_ext.prepare_model(tiny_llama(), r=4, alpha=8.0, quant_type="nf4")
+    randomize_adapters(model)
+    save_peft_adapter(model, str(tmp_path / "a"))
+    other = qlora_ext.prepare_model(tiny_llama(), r=4, alpha=8.0, quant_type="nf4")
+    load_peft_adapter(other, str(tmp_path / "a"))
+    torch.testing.assert_close(logits(other.eval(), IDS), logits(model.eval(), IDS), rtol=0, atol=0)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["adapter_config.json",
+                                                                  "adapter_model.safetensors"]  # no temporaries
+
+
+def _edit_config(folder, **changes):
+    path = folder / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"use_dora": True}, "use_dora=True is not supported"),
+    ({"use_rslora": True}, "use_rslora=True is not supported"),
+    ({"bias": "all"}, "bias='all' is not supported"),
+    ({"rank_pattern": {"q_proj": 8}}, "rank_pattern is not supported"),
+    ({"peft_type": "IA3"}, "peft_type must be 'LORA'"),
+    ({"r": 8}, "r=8, lora_alpha=8.0, but the model's layer model.layers.0.self_attn.q_proj has r=4"),
+])
+def test_what_would_compute_something_else_is_refused(tmp_path, changes, message):
+    model = qlora_ext.prepare_model(tiny_llama(), r=4, alpha=8.0, quant_type="none")
+    save_peft_adapter(model, str(tmp_path / "a"))
+    _edit_config(tmp_path / "a", **changes)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        load_peft_adapter(model, str(tmp_path / "a"))
+
+
+def test_other_layers_or_missing_files_are_refused(tmp_path):
+    small = qlora_ext.prepare_model(tiny_llama(), target_modules=["q_proj"], r=4, alpha=8.0, quant_type="none")
+    save_peft_adapter(small, str(tmp_path / "a"))
+    full = qlora_ext.prepare_model(tiny_llama(), r=4, alpha=8.0, quant_type="none")
+    with pytest.raises(ValueError, match="does not fit the model: 24 missing tensor"):
+        load_peft_adapter(full, str(tmp_path / "a"))
+    with pytest.raises(ValueError, match="adapter_config.json does not exist"):
+        load_peft_adapter(full, str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="no LoRALinear layers"):
+        save_peft_adapter(tiny_llama(), str(tmp_path / "b"))
+
+
+def test_mixed_ranks_cannot_be_written(tmp_path):
+    model = qlora_ext.prepare_model(tiny_llama(), target_modules=["q_proj"], r=4, alpha=8.0, quant_type="none")
+    qlora_ext.prepare_model(model, target_modules=["v_proj"], r=2, alpha=8.0, quant_type="none")
+    with pytest.raises(ValueError, match="one r for all layers"):
+        save_peft_adapter(model, str(tmp_path / "a"))
