@@ -206,7 +206,11 @@ def model_summary(model: nn.Module) -> ModelSummary:
 
 
 def _linear_names(model: nn.Module) -> dict:
-    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    """The model's nn.Linear layers by name, but not the frozen dense base of an existing adapter (a second
+    prepare_model must not wrap it in another adapter)."""
+    adapted = {name for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and name.rpartition(".")[0] not in adapted}
 
 
 def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = None, r: int = 8,
@@ -214,7 +218,8 @@ def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = No
                   blocksize: int = 64, compute_dtype: Optional[torch.dtype] = None,
                   exclude: Iterable[str] = ("lm_head",), verbose: bool = False) -> nn.Module:
     """Replaces matching nn.Linear layers of model (in place) with LoRALinear(Linear4bit(...)), or with
-    LoRALinear(frozen nn.Linear) when quant_type is "none" (16-bit LoRA), and freezes everything else.
+    LoRALinear(frozen nn.Linear) when quant_type is "none" (16-bit LoRA), and freezes everything else. Applied
+    again, it adds adapters to the newly matching layers and leaves existing adapters (trainable) as they are.
 
     target_modules: names matched against the last component of each module's name (e.g. "q_proj"), or
     full dotted names; default: every nn.Linear except those named in `exclude`. A chosen layer whose
@@ -224,12 +229,14 @@ def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = No
     if quant_type not in ("nf4", "fp4", "int4", "none"):
         raise ValueError(f"quant_type must be 'nf4', 'fp4', 'int4' or 'none', got {quant_type!r}")
     linears = _linear_names(model)
+    adapted = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
     exclude = set(exclude)
     if target_modules is None:
         chosen = [n for n in linears if n.split(".")[-1] not in exclude and n not in exclude]
     else:
         targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-        known = {n.split(".")[-1] for n in linears} | set(linears)
+        # a layer that already has an adapter is known (applying prepare_model again leaves it as it is)
+        known = {n.split(".")[-1] for n in [*linears, *adapted]} | set(linears) | set(adapted)
         unknown = [t for t in targets if t not in known]
         if unknown:
             raise ValueError(f"target_modules {unknown} match no nn.Linear in the model; its linear layers are "
@@ -237,6 +244,9 @@ def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = No
         chosen = [n for n in linears if n in targets or n.split(".")[-1] in targets]
     for p in model.parameters():
         p.requires_grad_(False)
+    for name in adapted:  # adapters of an earlier prepare_model keep training
+        for p in (model.get_submodule(name).lora_A, model.get_submodule(name).lora_B):
+            p.requires_grad_(True)
     kept_dense = []
     for name in chosen:
         linear = linears[name]

@@ -161,6 +161,24 @@ def test_prepare_model_targets_and_errors():
         prepare_model(TinyLM(), r=0)
 
 
+@pytest.mark.parametrize("quant_type", ["nf4", "none"])
+def test_prepare_model_applied_again_adds_adapters_and_keeps_the_old_ones(quant_type):
+    model = TinyLM()
+    prepare_model(model, target_modules=["q_proj"], r=2, quant_type=quant_type)
+    q_adapter = model.layers[0].q_proj
+    prepare_model(model, target_modules=["q_proj", "v_proj"], r=2, quant_type=quant_type)
+    assert model.layers[0].q_proj is q_adapter  # not wrapped again (its dense base is no target either)
+    adapters = {n for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    assert adapters == {f"layers.{i}.{p}" for i in range(2) for p in ("q_proj", "v_proj")}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{a}.lora_{ab}" for a in adapters for ab in "AB"}
+    # all defaults again: every other linear but lm_head gets one, none is nested
+    prepare_model(model, r=2, quant_type=quant_type)
+    adapters = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    assert len(adapters) == 14 and not any(isinstance(a.base, LoRALinear) for a in adapters)
+    assert sum(p.requires_grad for p in model.parameters()) == 28
+
+
 def test_prepare_model_keeps_layers_with_odd_in_features_dense_with_a_warning():
     model = nn.Sequential(nn.Linear(128, 96), nn.ReLU(), nn.Linear(96, 64), nn.ReLU(), nn.Linear(64, 8))
     with pytest.warns(UserWarning, match=r"1 linear layer\(s\) kept dense .*2 \(in_features 96\)"):
