@@ -14,6 +14,7 @@ from torch.nn import functional as F
 
 from ._ops import ops
 from .linear import linear_4bit, lora_linear_4bit
+from .loftq import loftq_init
 from .quantize import QuantState, dequantize, quantize
 
 _QUANT_BUFFERS = ("weight_codes", "weight_absmax", "weight_absmax_scale", "weight_absmax_mean")
@@ -46,16 +47,26 @@ class Linear4bit(nn.Module):
     def from_linear(cls, linear: nn.Linear, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
                     compute_dtype: Optional[torch.dtype] = None) -> "Linear4bit":
         """Quantizes linear's weight (on its device); the bias is kept in its dtype, frozen."""
+        if linear.in_features % blocksize:
+            raise ValueError(f"in_features ({linear.in_features}) must be a multiple of blocksize ({blocksize})")
+        q = quantize(linear.weight.detach(), blocksize, quant_type, double_quant)
+        return cls.from_quantized(q, linear.bias, compute_dtype)
+
+    @classmethod
+    def from_quantized(cls, q: QuantState, bias: Optional[torch.Tensor] = None,
+                       compute_dtype: Optional[torch.dtype] = None) -> "Linear4bit":
+        """A layer around an already quantized weight [out_features, in_features] (e.g. LoftQ's); the bias,
+        if any, is copied, frozen."""
+        if len(q.shape) != 2 or q.shape[1] % q.blocksize:
+            raise ValueError(f"q must be a 2-D weight whose in_features is a multiple of its blocksize, got shape "
+                             f"{tuple(q.shape)} with blocksize {q.blocksize}")
         m = cls.__new__(cls)
         nn.Module.__init__(m)
-        w = linear.weight.detach()
-        m.in_features, m.out_features = linear.in_features, linear.out_features
-        if m.in_features % blocksize:
-            raise ValueError(f"in_features ({m.in_features}) must be a multiple of blocksize ({blocksize})")
-        m.quant_type, m.blocksize, m.double_quant = quant_type, blocksize, double_quant
-        m.compute_dtype, m.weight_dtype = compute_dtype, w.dtype
-        m._set_quant_state(quantize(w, blocksize, quant_type, double_quant))
-        m.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        m.out_features, m.in_features = q.shape
+        m.quant_type, m.blocksize, m.double_quant = q.quant_type, q.blocksize, q.double_quant
+        m.compute_dtype, m.weight_dtype = compute_dtype, q.dtype
+        m._set_quant_state(q)
+        m.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         return m
 
     def _set_quant_state(self, q: QuantState) -> None:
@@ -145,6 +156,19 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=device, dtype=adapter_dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
+        # Where a non-zero initialisation (LoftQ) starts the adapters: the trained change of the layer is then
+        # scaling * (B A - B0 A0), what qlora_ext.peft_io exports. None for the zero-start default. Not part of
+        # the state_dict: prepare_model recomputes them with the base they belong to.
+        self.register_buffer("lora_A_init", None, persistent=False)
+        self.register_buffer("lora_B_init", None, persistent=False)
+
+    @torch.no_grad()
+    def init_adapters(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
+        """Starts the adapters at (lora_A, lora_B) instead of (Kaiming, zero), remembering the start."""
+        self.lora_A.copy_(lora_A)
+        self.lora_B.copy_(lora_B)
+        self.lora_A_init = self.lora_A.detach().clone()
+        self.lora_B_init = self.lora_B.detach().clone()
 
     @property
     def in_features(self) -> int:
@@ -216,7 +240,8 @@ def _linear_names(model: nn.Module) -> dict:
 def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = None, r: int = 8,
                   alpha: float = 16.0, dropout: float = 0.0, quant_type: str = "nf4", double_quant: bool = True,
                   blocksize: int = 64, compute_dtype: Optional[torch.dtype] = None,
-                  exclude: Iterable[str] = ("lm_head",), verbose: bool = False) -> nn.Module:
+                  exclude: Iterable[str] = ("lm_head",), verbose: bool = False,
+                  init_lora_weights: str = "default", loftq_iters: int = 1) -> nn.Module:
     """Replaces matching nn.Linear layers of model (in place) with LoRALinear(Linear4bit(...)), or with
     LoRALinear(frozen nn.Linear) when quant_type is "none" (16-bit LoRA), and freezes everything else. Applied
     again, it adds adapters to the newly matching layers and leaves existing adapters (trainable) as they are.
@@ -224,10 +249,18 @@ def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = No
     target_modules: names matched against the last component of each module's name (e.g. "q_proj"), or
     full dotted names; default: every nn.Linear except those named in `exclude`. A chosen layer whose
     in_features is not a multiple of blocksize cannot be quantized (each weight row starts a block): it keeps
-    its dense frozen weight and gets an adapter, with a warning naming it. Returns the model;
+    its dense frozen weight and gets an adapter, with a warning naming it. init_lora_weights: "default"
+    (A Kaiming-uniform, B zero: the model starts as the quantized base) or "loftq" (qlora_ext.loftq, with
+    loftq_iters alternations: the adapters start at the rank-r approximation of each layer's quantization
+    error, and the base is quantized from the weight less that; quantized layers only). Returns the model;
     model_summary(model) gives trainable/total parameters and bytes."""
     if quant_type not in ("nf4", "fp4", "int4", "none"):
         raise ValueError(f"quant_type must be 'nf4', 'fp4', 'int4' or 'none', got {quant_type!r}")
+    if init_lora_weights not in ("default", "loftq"):
+        raise ValueError(f"init_lora_weights must be 'default' or 'loftq', got {init_lora_weights!r}")
+    if init_lora_weights == "loftq" and quant_type == "none":
+        raise ValueError("init_lora_weights='loftq' needs a quantized base (quant_type nf4, fp4 or int4): a dense "
+                         "base has no quantization error to start from, and A = B = 0 would never train")
     linears = _linear_names(model)
     adapted = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
     exclude = set(exclude)
@@ -254,11 +287,18 @@ def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = No
             # Each row of W must start a quant block: such a layer stays dense (frozen), with its adapter.
             kept_dense.append(f"{name} (in_features {linear.in_features})")
             base = linear
+        elif init_lora_weights == "loftq":
+            q, lora_A, lora_B = loftq_init(linear.weight, r, alpha / r, quant_type, blocksize, double_quant,
+                                           loftq_iters)
+            base = Linear4bit.from_quantized(dataclasses.replace(q, dtype=linear.weight.dtype), linear.bias,
+                                             compute_dtype)
         else:
             base = linear if quant_type == "none" else Linear4bit.from_linear(
                 linear, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
                 compute_dtype=compute_dtype)
         adapter = LoRALinear(base, r=r, alpha=alpha, dropout=dropout)
+        if isinstance(base, Linear4bit) and init_lora_weights == "loftq":
+            adapter.init_adapters(lora_A, lora_B)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, adapter)
     if kept_dense:

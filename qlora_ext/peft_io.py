@@ -10,6 +10,10 @@ the same way is accepted: one r and one alpha for all layers, no DoRA, no rsLoRA
 
 The adapters were trained against the 4-bit base; PEFT users reproduce the training-time outputs by loading the
 same base weights (for a dense base: the dequantized ones), and close to them with the original dense weights.
+A model whose adapters started from LoftQ (prepare_model(init_lora_weights="loftq")) is written as what training
+changed, s (B A - B0 A0), a rank-2r adapter (A stacked over A0, B beside -B0, lora_alpha doubled so that s is
+unchanged) for the original dense weights; LoftQ's own start, which stands in for the quantization error, is
+not part of it. Such a model cannot load a PEFT adapter (its base is not the weight the adapter was made for).
 Needs safetensors (pip install safetensors); PEFT itself is not needed to write or read the folder.
 """
 import json
@@ -61,10 +65,18 @@ def save_peft_adapter(model: torch.nn.Module, directory: str, base_model_name_or
     alpha = _one({n: float(a.alpha) for n, a in adapters.items()}, "lora_alpha")
     dropout = _one({n: a.dropout.p if isinstance(a.dropout, Dropout) else 0.0 for n, a in adapters.items()},
                    "lora_dropout")
+    from_start = any(a.lora_A_init is not None for a in adapters.values())  # LoftQ: write the change only
     tensors = {}
     for name, a in adapters.items():
-        tensors[f"{_PREFIX}{name}.lora_A.weight"] = a.lora_A.detach().to("cpu", dtype).contiguous()
-        tensors[f"{_PREFIX}{name}.lora_B.weight"] = a.lora_B.detach().to("cpu", dtype).contiguous()
+        lora_A, lora_B = a.lora_A.detach(), a.lora_B.detach()
+        if from_start:
+            A0 = a.lora_A_init if a.lora_A_init is not None else torch.zeros_like(lora_A)
+            B0 = a.lora_B_init if a.lora_B_init is not None else torch.zeros_like(lora_B)
+            lora_A, lora_B = torch.cat([lora_A, A0.to(lora_A)]), torch.cat([lora_B, -B0.to(lora_B)], dim=1)
+        tensors[f"{_PREFIX}{name}.lora_A.weight"] = lora_A.to("cpu", dtype).contiguous()
+        tensors[f"{_PREFIX}{name}.lora_B.weight"] = lora_B.to("cpu", dtype).contiguous()
+    if from_start:
+        r, alpha = 2 * r, 2 * alpha
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
         "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": _target_modules(model, adapters),
@@ -102,6 +114,10 @@ def load_peft_adapter(model: torch.nn.Module, directory: str) -> None:
             raise ValueError(f"{config_path}: {key} is not supported (got {config[key]!r})")
     adapters = _adapters(model)
     for name, a in adapters.items():
+        if a.lora_A_init is not None:
+            raise ValueError(f"layer {name} was prepared with init_lora_weights='loftq': its base is quantized from "
+                             "the weight less LoftQ's start, not the weight a PEFT adapter is made for; prepare the "
+                             "model with the default init to load one")
         if a.r != config["r"] or float(a.alpha) != float(config["lora_alpha"]):
             raise ValueError(f"{config_path}: r={config['r']}, lora_alpha={config['lora_alpha']}, but the model's "
                              f"layer {name} has r={a.r}, alpha={a.alpha}: prepare_model(r=..., alpha=...) as the "

@@ -130,3 +130,28 @@ def test_mixed_ranks_cannot_be_written(tmp_path):
     qlora_ext.prepare_model(model, target_modules=["v_proj"], r=2, alpha=8.0, quant_type="none")
     with pytest.raises(ValueError, match="one r for all layers"):
         save_peft_adapter(model, str(tmp_path / "a"))
+
+
+def test_a_loftq_model_exports_what_training_changed_for_the_dense_weights(tmp_path):
+    """LoftQ's start stands in for the quantization error of the 4-bit base: for PEFT (dense weights) the adapter
+    is the change s (B A - B0 A0), rank 2r. Right after the start that change is zero (PEFT's model is the dense
+    one); after training it is the dense model with each layer's W + s (B A - B0 A0)."""
+    base = tiny_llama()
+    ours = qlora_ext.prepare_model(copy.deepcopy(base), r=4, alpha=8.0, init_lora_weights="loftq")
+    save_peft_adapter(ours, str(tmp_path / "start"))
+    config = json.loads((tmp_path / "start" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"]) == (8, 16.0)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "start")).eval()
+    torch.testing.assert_close(logits(theirs, IDS), logits(base, IDS), rtol=1e-5, atol=1e-5)
+
+    randomize_adapters(ours, seed=7)  # as if trained
+    save_peft_adapter(ours, str(tmp_path / "trained"))
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "trained")).eval()
+    merged = copy.deepcopy(base)
+    with torch.no_grad():
+        for name, a in ours.named_modules():
+            if isinstance(a, qlora_ext.LoRALinear):
+                merged.get_submodule(name).weight += a.scaling * (a.lora_B @ a.lora_A - a.lora_B_init @ a.lora_A_init)
+    torch.testing.assert_close(logits(theirs, IDS), logits(merged, IDS), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="prepared with init_lora_weights='loftq'"):
+        load_peft_adapter(ours, str(tmp_path / "trained"))

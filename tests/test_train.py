@@ -102,13 +102,16 @@ def test_train_end_to_end_loss_falls_and_report_parses(tiny, tmp_path):
         open(r["report"]["markdown"]).read()
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "paged_adamw", "paged_adamw8bit"])
-def test_resume_is_bit_exact(tiny, tmp_path, optimizer, monkeypatch):
+@pytest.mark.parametrize("optimizer,init", [("adamw", "default"), ("paged_adamw", "default"),
+                                            ("paged_adamw8bit", "default"), ("paged_adamw", "loftq")])
+def test_resume_is_bit_exact(tiny, tmp_path, optimizer, init, monkeypatch):
+    """Also with LoftQ's start, which --resume computes again from the model (its SVD is deterministic)."""
     if optimizer == "paged_adamw8bit":  # the tiny model's adapters are below the default 4096-element threshold
         from qlora_ext.optim import PagedAdamW8bit
         monkeypatch.setitem(PagedAdamW8bit.__init__.__kwdefaults__, "min_8bit_size", 256)
     out = tmp_path / "run"
-    cfg = _cfg(tiny, out, steps=6, save_every=3, eval_every=3, grad_accum=2, schedule="cosine", optimizer=optimizer)
+    cfg = _cfg(tiny, out, steps=6, save_every=3, eval_every=3, grad_accum=2, schedule="cosine", optimizer=optimizer,
+               init_lora_weights=init)
     straight = train(cfg, log=lambda s: None)
     if optimizer == "paged_adamw8bit":
         saved = torch.load(out / "checkpoints" / "step-000003" / "trainer_state.pt", weights_only=False)
@@ -146,6 +149,9 @@ def test_resume_refuses_changed_flags(tiny, tmp_path, capsys):
     (dict(eval_blocks=100000), "--eval-blocks 100000 plus at least one training block"),
     (dict(quant_type="nf5"), "--quant-type must be one of"),
     (dict(linear_backend="fast"), "--linear-backend must be one of"),
+    (dict(init_lora_weights="pissa"), "--init-lora-weights must be one of ('default', 'loftq')"),
+    (dict(init_lora_weights="loftq", quant_type="none"), "--init-lora-weights loftq needs a quantized base"),
+    (dict(loftq_iters=0), "--loftq-iters must be positive"),
     (dict(model="/no/such/model"), "is not a directory"),
 ])
 def test_bad_inputs_give_clear_errors(tiny, tmp_path, change, message):
@@ -200,7 +206,7 @@ def test_study_nf4_table_and_memory_table():
 
 
 def test_study_item3_reports_the_gap_along_the_way(tiny, tmp_path):
-    """Item 3 on the tiny llama: three runs with one seed; the NF4+DQ gap to 16-bit LoRA at each evaluation
+    """Item 3 on the tiny llama: four runs with one seed; the NF4+DQ gap to 16-bit LoRA at each evaluation
     (every quarter of the steps, step 0 = zero-shot), the last one being the headline number."""
     import types
 
@@ -217,6 +223,11 @@ def test_study_item3_reports_the_gap_along_the_way(tiny, tmp_path):
     assert by_step[0] == pytest.approx(nf4["eval_loss_before"] / dense["eval_loss_before"] - 1)
     assert dense["eval_loss_after"] < dense["eval_loss_before"]
     assert any(line.startswith("    NF4+DQ vs 16-bit LoRA by step: 0: ") for line in lines), lines
+    # the LoftQ run beside it (information): it starts closer to the dense model than the zero-start NF4 run
+    loftq = r["rows"][3]
+    assert loftq["init_lora_weights"] == "loftq" and loftq["quant_type"] == "nf4"
+    assert abs(r["nf4_dq_loftq_vs_16bit_by_step"][0]) < abs(by_step[0])
+    assert r["nf4_dq_loftq_vs_16bit"] == pytest.approx(loftq["eval_loss_after"] / dense["eval_loss_after"] - 1)
 
 
 def test_study_gpu_step_code_path_on_a_tiny_shape():

@@ -15,6 +15,7 @@ QUANT_TYPES = ("nf4", "fp4", "int4", "none")
 SCHEDULES = ("cosine", "constant")
 OPTIMIZERS = ("adamw", "paged_adamw", "paged_adamw8bit")
 LINEAR_BACKENDS = ("auto", "fused", "fused_mma", "dequant", "tune")
+LORA_INITS = ("default", "loftq")
 
 
 class ConfigError(ValueError):
@@ -35,6 +36,8 @@ class TrainConfig:
     alpha: float = 32.0
     dropout: float = 0.05
     target_modules: Optional[List[str]] = None   # default: every nn.Linear except lm_head
+    init_lora_weights: str = "default"  # default (A Kaiming, B zero) | loftq (start at each layer's rank-r quantization error)
+    loftq_iters: int = 1                # LoftQ's quantize / SVD alternations (with --init-lora-weights loftq)
     # data
     seq_len: int = 256
     eval_blocks: int = 32               # held-out blocks of seq_len tokens (never trained on)
@@ -67,8 +70,12 @@ class TrainConfig:
         need(self.schedule in SCHEDULES, f"--schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         need(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         need(self.blocksize in (64, 128, 256), f"--blocksize must be 64, 128 or 256, got {self.blocksize}")
+        need(self.init_lora_weights in LORA_INITS,
+             f"--init-lora-weights must be one of {LORA_INITS}, got {self.init_lora_weights!r}")
+        need(self.init_lora_weights != "loftq" or self.quant_type != "none",
+             "--init-lora-weights loftq needs a quantized base (--quant-type nf4, fp4 or int4)")
         for name in ("r", "seq_len", "batch_size", "grad_accum", "steps", "eval_blocks", "eval_every",
-                     "save_every"):
+                     "save_every", "loftq_iters"):
             need(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         for name in ("warmup_steps", "max_tokens", "weight_decay", "max_grad_norm"):
             need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")

@@ -160,7 +160,8 @@ class Trainer:
         try:
             prepare_model(self.model, target_modules=cfg.target_modules, r=cfg.r, alpha=cfg.alpha,
                           dropout=cfg.dropout, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
-                          blocksize=cfg.blocksize, compute_dtype=dtype if dev.type == "cuda" else None)
+                          blocksize=cfg.blocksize, compute_dtype=dtype if dev.type == "cuda" else None,
+                          init_lora_weights=cfg.init_lora_weights, loftq_iters=cfg.loftq_iters)
         except ValueError as e:   # unknown target module, in_features not a multiple of the blocksize
             raise ConfigError(f"cannot prepare the model: {e}") from e
         if cfg.gradient_checkpointing:

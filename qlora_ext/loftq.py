@@ -1,0 +1,41 @@
+"""LoftQ initialisation of LoRA adapters on a quantized base (Li et al., "LoftQ: LoRA-Fine-Tuning-Aware
+Quantization for Large Language Models", ICLR 2024; PEFT's init_lora_weights="loftq").
+
+QLoRA starts from B = 0, i.e. from the quantized model, whose quantization error the adapters must then learn
+away. LoftQ starts the adapters at the best rank-r approximation of that error instead: alternately quantize
+W - s B A (s = alpha / r) and set s B A to the rank-r truncated SVD of W - dequantize(Q). After one iteration the
+remaining error is the part of W - dequantize(Q(W)) beyond its r largest singular values. The quantized base is
+then Q(W - s B A) of the last iteration, so base + adapter is closer to W than the quantized W alone.
+
+The adapters then describe base-specific values: the trained change is s (B A - B0 A0), a rank <= 2r update of W,
+which qlora_ext.peft_io writes for PEFT when it exports a LoftQ model (see LoRALinear.lora_A_init).
+"""
+from typing import Tuple
+
+import torch
+
+from .quantize import QuantState, dequantize, quantize
+
+
+def loftq_init(weight: torch.Tensor, r: int, scaling: float, quant_type: str = "nf4", blocksize: int = 64,
+               double_quant: bool = True, iters: int = 1) -> Tuple[QuantState, torch.Tensor, torch.Tensor]:
+    """(quantized base, lora_A [r, in], lora_B [out, r]) for weight [out, in], both adapters float32 on
+    weight's device, such that dequantize(base) + scaling * B @ A approximates weight. The SVD is exact
+    (torch.linalg.svd in float64 on the CPU, float32 on a GPU); its cost grows with the layer's size."""
+    if iters < 1:
+        raise ValueError(f"loftq iters must be at least 1, got {iters}")
+    if not 0 < r <= min(weight.shape):
+        raise ValueError(f"r must be in 1..{min(weight.shape)} for a {tuple(weight.shape)} weight, got {r}")
+    w = weight.detach().to(torch.float32)
+    # float64 where it is cheap (CPU): the truncated SVD is the algorithm's only approximation
+    svd_dtype = torch.float64 if w.device.type == "cpu" else torch.float32
+    lora_A = torch.zeros(r, w.shape[1], device=w.device)
+    lora_B = torch.zeros(w.shape[0], r, device=w.device)
+    for _ in range(iters):
+        q = quantize(w - scaling * (lora_B @ lora_A), blocksize, quant_type, double_quant)
+        residual = (w - dequantize(q, torch.float32)).to(svd_dtype)
+        u, s, vh = torch.linalg.svd(residual, full_matrices=False)
+        root = (s[:r] / scaling).sqrt()
+        lora_B = (u[:, :r] * root).to(torch.float32)
+        lora_A = (root[:, None] * vh[:r]).to(torch.float32)
+    return q, lora_A.contiguous(), lora_B.contiguous()

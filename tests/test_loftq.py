@@ -1,0 +1,87 @@
+"""LoftQ initialisation (qlora_ext/loftq.py, prepare_model(init_lora_weights="loftq")), against the algorithm's
+own invariants computed independently in float64: after one iteration the base is the plain quantization of W and
+the adapters are the truncated SVD of its error, so what remains is exactly the spectrum's tail."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import qlora_ext
+from qlora_ext import LoRALinear, prepare_model
+from qlora_ext.loftq import loftq_init
+from qlora_ext.quantize import dequantize, quantize
+from tests.test_modules import TinyLM
+
+
+def weight(out=96, inp=128, seed=0):
+    # a low-rank structure plus noise, like trained weights, so that the adapters have something to capture
+    g = torch.Generator().manual_seed(seed)
+    low = torch.randn(out, 8, generator=g) @ torch.randn(8, inp, generator=g)
+    return (low + 0.3 * torch.randn(out, inp, generator=g)) * 0.05
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
+def test_one_iteration_leaves_exactly_the_tail_of_the_error_spectrum(quant_type):
+    w, r, s = weight(), 6, 2.0
+    q, A, B = loftq_init(w, r, s, quant_type=quant_type)
+    plain = quantize(w, 64, quant_type, True)
+    assert torch.equal(q.codes, plain.codes) and torch.equal(q.absmax, plain.absmax)
+    error = (w - dequantize(plain, torch.float32)).double().numpy()
+    sv = np.linalg.svd(error, compute_uv=False)
+    left = (w.double() - dequantize(q, torch.float32).double() - s * (B.double() @ A.double())).numpy()
+    assert np.linalg.norm(left) == pytest.approx(np.sqrt((sv[r:] ** 2).sum()), rel=1e-5)
+    assert np.linalg.norm(left) < np.linalg.norm(error)
+    # B A is split evenly: both factors carry sqrt of the singular values
+    np.testing.assert_allclose(np.linalg.norm(A.double().numpy(), axis=1),
+                               np.linalg.norm(B.double().numpy(), axis=0), rtol=1e-5)
+
+
+def test_more_iterations_reduce_the_error():
+    w = weight(seed=1)
+    errors = []
+    for iters in (1, 3):
+        q, A, B = loftq_init(w, 4, 1.0, iters=iters)
+        errors.append((w - dequantize(q, torch.float32) - B @ A).norm().item())
+    assert errors[1] < errors[0]
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="loftq iters must be at least 1, got 0"):
+        loftq_init(weight(), 4, 1.0, iters=0)
+    with pytest.raises(ValueError, match=r"r must be in 1..96 for a \(96, 128\) weight, got 97"):
+        loftq_init(weight(), 97, 1.0)
+    with pytest.raises(ValueError, match="init_lora_weights='loftq' needs a quantized base"):
+        prepare_model(TinyLM(), quant_type="none", init_lora_weights="loftq")
+    with pytest.raises(ValueError, match="init_lora_weights must be 'default' or 'loftq', got 'pissa'"):
+        prepare_model(TinyLM(), init_lora_weights="pissa")
+
+
+def test_prepare_model_with_loftq_starts_closer_to_the_dense_model_and_trains():
+    torch.manual_seed(0)
+    dense = TinyLM()
+    ids = torch.randint(0, 50, (2, 9))
+    want = dense(ids).detach()
+    default, loftq = TinyLM(), TinyLM()
+    default.load_state_dict(dense.state_dict())
+    loftq.load_state_dict(dense.state_dict())
+    prepare_model(default, r=8, alpha=16.0)
+    prepare_model(loftq, r=8, alpha=16.0, init_lora_weights="loftq", loftq_iters=2)
+    assert (loftq(ids) - want).norm() < (default(ids) - want).norm()
+    adapters = [m for m in loftq.modules() if isinstance(m, LoRALinear)]
+    assert len(adapters) == 14
+    for a in adapters:
+        assert torch.equal(a.lora_A_init, a.lora_A) and torch.equal(a.lora_B_init, a.lora_B)
+        assert a.lora_B.abs().max() > 0 and "lora_A_init" not in a.state_dict()
+    trainable = {n for n, p in loftq.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in default.named_parameters() if p.requires_grad}
+    loftq(ids).sum().backward()
+    assert all(loftq.get_parameter(n).grad is not None for n in trainable)
+
+
+def test_loftq_leaves_layers_that_stay_dense_at_the_default_start():
+    model = nn.Sequential(nn.Linear(128, 96), nn.ReLU(), nn.Linear(96, 64))
+    with pytest.warns(UserWarning, match="kept dense"):
+        prepare_model(model, r=4, exclude=(), init_lora_weights="loftq")
+    assert model[0].lora_A_init is not None and model[0].lora_B.abs().max() > 0
+    assert model[2].lora_A_init is None and model[2].lora_B.abs().max() == 0
+    assert isinstance(model[0].base, qlora_ext.Linear4bit) and model[0].base.weight_dtype == torch.float32
