@@ -18,6 +18,7 @@ last rule also covers every larger M.
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Optional, Union
 
@@ -84,8 +85,14 @@ def set_auto_routing(table: Union[None, dict, str, os.PathLike] = None) -> None:
         env = os.environ.get(ENV_VAR, "").strip()
         if env.lower() == "none":
             table = {"gpus": {}}
-        else:
-            table = env or PACKAGED_TABLE
+        elif env:
+            table = env
+        elif PACKAGED_TABLE.exists():
+            table = PACKAGED_TABLE
+        else:  # an install that left out the package data: still usable, the path that needs no measurement
+            warnings.warn(f"{PACKAGED_TABLE} is missing from this install: 'auto' runs dequantize + cuBLAS "
+                          "everywhere", stacklevel=2)
+            table = {"gpus": {}}
     if not isinstance(table, dict):
         table = load_table(table)
     _C.set_auto_routing(rules_of(table))

@@ -97,6 +97,15 @@ def test_a_bad_file_is_named(tmp_path):
         qlora_ext.set_auto_routing(bad)
 
 
+def test_an_install_without_the_table_warns_and_routes_nothing(tmp_path, monkeypatch):
+    qlora_ext.set_auto_routing(TABLE)
+    monkeypatch.delenv(routing.ENV_VAR, raising=False)
+    monkeypatch.setattr(routing, "PACKAGED_TABLE", tmp_path / "auto_routing.json")
+    with pytest.warns(UserWarning, match="auto_routing.json is missing from this install"):
+        qlora_ext.set_auto_routing()
+    assert _C.auto_routing() == []
+
+
 def _env_run(value, code="import qlora_ext; print(qlora_ext.auto_routing())"):
     env = dict(os.environ, QLORA_AUTO_ROUTING=value)
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
