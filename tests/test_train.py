@@ -102,6 +102,26 @@ def test_train_end_to_end_loss_falls_and_report_parses(tiny, tmp_path):
         open(r["report"]["markdown"]).read()
 
 
+def test_init_adapter_continues_from_a_peft_folder(tiny, tmp_path, capsys):
+    """A second run started from the first run's PEFT folder (--init-adapter, from the command line) begins where
+    the first ended: its eval loss before training is the first run's after."""
+    first = train(_cfg(tiny, tmp_path / "a", steps=4, dropout=0.0), log=lambda s: None)
+    model_dir, data_dir = tiny
+    argv = ["--model", model_dir, "--data", data_dir, "--output-dir", str(tmp_path / "b"), "--seq-len", "32",
+            "--eval-blocks", "4", "--batch-size", "4", "--steps", "2", "--r", "4", "--alpha", "8", "--device", "cpu",
+            "--no-progress", "--seed", "3", "--init-adapter", first["peft_adapter"]]
+    assert cli_main(argv) == 0
+    with open(tmp_path / "b" / "report.json") as f:
+        second = json.load(f)
+    assert second["config"]["init_adapter"] == first["peft_adapter"]
+    assert math.isclose(second["eval_before"]["loss"], first["eval_after"]["loss"], rel_tol=1e-6)
+    capsys.readouterr()
+    # another rank does not fit: a clear error, no traceback
+    assert cli_main(argv[:-2] + ["--r", "8", "--init-adapter", first["peft_adapter"]]) == 2
+    err = capsys.readouterr().err
+    assert "--init-adapter:" in err and "r=4, lora_alpha=8.0, but the model's layer" in err and "has r=8" in err
+
+
 @pytest.mark.parametrize("optimizer,init", [("adamw", "default"), ("paged_adamw", "default"),
                                             ("paged_adamw8bit", "default"), ("paged_adamw", "loftq")])
 def test_resume_is_bit_exact(tiny, tmp_path, optimizer, init, monkeypatch):
@@ -152,6 +172,7 @@ def test_resume_refuses_changed_flags(tiny, tmp_path, capsys):
     (dict(init_lora_weights="pissa"), "--init-lora-weights must be one of ('default', 'loftq')"),
     (dict(init_lora_weights="loftq", quant_type="none"), "--init-lora-weights loftq needs a quantized base"),
     (dict(loftq_iters=0), "--loftq-iters must be positive"),
+    (dict(init_adapter="/no/such/folder"), "--init-adapter /no/such/folder is not a folder"),
     (dict(model="/no/such/model"), "is not a directory"),
 ])
 def test_bad_inputs_give_clear_errors(tiny, tmp_path, change, message):

@@ -36,8 +36,9 @@ class TrainConfig:
     alpha: float = 32.0
     dropout: float = 0.05
     target_modules: Optional[List[str]] = None   # default: every nn.Linear except lm_head
-    init_lora_weights: str = "default"  # default (A Kaiming, B zero) | loftq (start at each layer's rank-r quantization error)
+    init_lora_weights: str = "default"  # default (A Kaiming, B zero) | loftq (start at each layer's quantization error)
     loftq_iters: int = 1                # LoftQ's quantize / SVD alternations (with --init-lora-weights loftq)
+    init_adapter: Optional[str] = None  # start from a PEFT LoRA adapter folder (e.g. an earlier run's peft_adapter)
     # data
     seq_len: int = 256
     eval_blocks: int = 32               # held-out blocks of seq_len tokens (never trained on)
@@ -74,6 +75,12 @@ class TrainConfig:
              f"--init-lora-weights must be one of {LORA_INITS}, got {self.init_lora_weights!r}")
         need(self.init_lora_weights != "loftq" or self.quant_type != "none",
              "--init-lora-weights loftq needs a quantized base (--quant-type nf4, fp4 or int4)")
+        need(self.init_adapter is None or os.path.isdir(self.init_adapter),
+             f"--init-adapter {self.init_adapter} is not a folder (a PEFT adapter folder: adapter_config.json and "
+             "adapter_model.safetensors)")
+        need(self.init_adapter is None or self.init_lora_weights == "default",
+             "--init-adapter starts the adapters from the folder: it cannot be combined with --init-lora-weights "
+             f"{self.init_lora_weights}")
         for name in ("r", "seq_len", "batch_size", "grad_accum", "steps", "eval_blocks", "eval_every",
                      "save_every", "loftq_iters"):
             need(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -127,7 +134,7 @@ def add_arguments(p: argparse.ArgumentParser, defaults: Optional[dict] = None) -
                            help=f"{h} (default: {default or 'see above'})" + (
                                "; comma-separated" if f.name == "target_modules" else ""))
         else:
-            typ = {"int": int, "float": float, "str": str}[str(f.type).split(".")[-1].strip("'")]
+            typ = {"int": int, "float": float, "str": str, "Optional[str]": str}[str(f.type).split(".")[-1].strip("'")]
             p.add_argument(_flag(f.name), dest=f.name, type=typ, default=default, help=f"{h} (default: {default})")
 
 

@@ -20,7 +20,7 @@ import torch
 
 from .. import model_summary, prepare_model, set_linear_backend
 from ..nn import Linear4bit
-from ..peft_io import save_peft_adapter
+from ..peft_io import load_peft_adapter, save_peft_adapter
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig
 
@@ -164,6 +164,12 @@ class Trainer:
                           init_lora_weights=cfg.init_lora_weights, loftq_iters=cfg.loftq_iters)
         except ValueError as e:   # unknown target module, in_features not a multiple of the blocksize
             raise ConfigError(f"cannot prepare the model: {e}") from e
+        if cfg.init_adapter and not cfg.resume:  # (a resumed run takes its checkpoint's adapters)
+            try:
+                load_peft_adapter(self.model, cfg.init_adapter)
+            except ValueError as e:  # another r or alpha, other target modules, DoRA, ...
+                raise ConfigError(f"--init-adapter: {e}") from e
+            self.log(f"adapters: started from {cfg.init_adapter}")
         if cfg.gradient_checkpointing:
             # transformers >= 5.2x names it activation_checkpointing_enable; older ones gradient_...
             if hasattr(self.model, "activation_checkpointing_enable"):
