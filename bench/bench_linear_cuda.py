@@ -245,15 +245,15 @@ def summarize(T: dict, shapes, ms) -> dict:
 FIXED_BACKENDS = ("dequant", "fused", "fused_tn128", "fused_grid", "fused_mma")
 
 
-def suggest_auto_routing(T: dict, shapes, ms, failed=frozenset()) -> list:
-    """What "auto" should route to, by these measurements: per direction and M, the fixed backend (dequant,
-    fused, fused_tn128, fused_grid, fused_mma) with the smallest geometric mean of its time over dequant's across
-    the shapes, among those measured on every shape and never failing a check there (`failed`: (n, k, direction,
-    m, backend)); consecutive Ms with one choice make one rule "M <= max_m". Printed, and returned as
-    [{"direction", "max_m", "backend", "speedup_vs_dequant"}] for the next change to "auto" to copy."""
-    rules = []
+def fastest_backend_by_m(T: dict, shapes, ms, failed=frozenset()) -> list:
+    """Per direction and M (ascending), the fixed backend (dequant, fused, fused_tn128, fused_grid, fused_mma)
+    with the smallest geometric mean of its time over dequant's across the shapes, among those measured on every
+    shape and never failing a check there (`failed`: (n, k, direction, m, backend)), as
+    [{"direction", "m", "backend", "speedup_vs_dequant"}] ("auto_routing_by_m" in the JSON: what
+    bench/routing_from_bench.py reads)."""
+    choices = []
     for d in ("fwd", "bwd"):
-        for m in ms:
+        for m in sorted(ms):
             best = None
             for b in FIXED_BACKENDS:
                 pairs = [(T.get((n, k, d, m, f"ours {b}")), T.get((n, k, d, m, "ours dequant"))) for n, k in shapes]
@@ -263,14 +263,24 @@ def suggest_auto_routing(T: dict, shapes, ms, failed=frozenset()) -> list:
                 geo = math.exp(sum(math.log(t / t0) for t, t0 in pairs) / len(pairs))
                 if best is None or geo < best[1]:
                     best = (b, geo)
-            if best is None:
-                continue
-            rule = {"direction": d, "max_m": m, "backend": best[0], "speedup_vs_dequant": 1.0 / best[1]}
-            if rules and rules[-1]["direction"] == d and rules[-1]["backend"] == best[0]:
-                rule["speedup_vs_dequant"] = min(rules[-1]["speedup_vs_dequant"], rule["speedup_vs_dequant"])
-                rules[-1] = rule
-            else:
-                rules.append(rule)
+            if best is not None:
+                choices.append({"direction": d, "m": m, "backend": best[0], "speedup_vs_dequant": 1.0 / best[1]})
+    return choices
+
+
+def suggest_auto_routing(T: dict, shapes, ms, failed=frozenset()) -> list:
+    """What "auto" should route to, by these measurements (fastest_backend_by_m): consecutive Ms with one choice
+    make one rule "M <= max_m". Printed, and returned as [{"direction", "max_m", "backend",
+    "speedup_vs_dequant"}] (the worst speed-up within the range)."""
+    rules = []
+    for c in fastest_backend_by_m(T, shapes, ms, failed):
+        rule = {"direction": c["direction"], "max_m": c["m"], "backend": c["backend"],
+                "speedup_vs_dequant": c["speedup_vs_dequant"]}
+        if rules and rules[-1]["direction"] == rule["direction"] and rules[-1]["backend"] == rule["backend"]:
+            rule["speedup_vs_dequant"] = min(rules[-1]["speedup_vs_dequant"], rule["speedup_vs_dequant"])
+            rules[-1] = rule
+        else:
+            rules.append(rule)
     if rules:
         print('Routing these measurements suggest for "auto" (per direction, the fastest fixed backend that passed '
               "its checks, geometric mean over the shapes; the worst speed-up over dequant within each range):")
@@ -552,6 +562,7 @@ def main(argv=None) -> int:
                             "activations": "2 * M * (N + K)"},
             "ceilings": {f"{n}x{k}": {str(m): ceiling(n, k, m) for m in args.ms} for n, k in shapes},
             "rows": rows, "goals": goals, "checks": checks, "auto_routing_suggestion": routing,
+            "auto_routing_by_m": fastest_backend_by_m(T, shapes, args.ms, failed),
             "auto_routing_in_use": qlora_ext.auto_routing(),  # what "ours auto" followed
         }
         with open(args.json, "w") as f:

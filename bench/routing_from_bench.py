@@ -2,10 +2,11 @@
 
     python bench/routing_from_bench.py RESULT.json [--min-speedup 1.03] [--table qlora_ext/auto_routing.json]
 
-RESULT.json is what `bench/bench_linear_cuda.py --json` wrote (bench/gpu_check.sh: bench_linear.json) on the GPU
-the entry is for (its compute capability names the entry, e.g. sm_90). The run's checks must all have passed.
-Per direction and M the fastest fixed backend becomes the rule, dequantize + cuBLAS where a fused one gains less
-than --min-speedup; the table is rewritten atomically. The default table is the one qlora_ext ships; point
+RESULT.json is what `bench/bench_linear_cuda.py --json` wrote (bench/gpu_check.sh: bench_linear_cuda.json) on
+the GPU the entry is for (its compute capability names the entry, e.g. sm_90). The run's checks must all have
+passed. Per direction and measured M the fastest fixed backend, dequantize + cuBLAS where a fused one gains less
+than --min-speedup there, and neighbouring Ms with one backend make one rule (qlora_ext.routing.entry_from_bench);
+the table is rewritten atomically. The default table is the one qlora_ext ships; point
 --table elsewhere (and QLORA_AUTO_ROUTING at it) to keep a table of your own GPU's measurements.
 """
 import argparse

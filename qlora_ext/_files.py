@@ -1,30 +1,60 @@
-"""Writing files so that nothing a user saved is lost: every write goes through a temporary file in the same
-folder and os.replace, so a reader (or a crash) sees the old file or the new one, never half of one."""
+"""Writing files so that nothing a user saved is lost: every write goes to a temporary file of its own in the same
+folder, is flushed to the disk, and then renamed over the target (os.replace), so a reader, a crash or a power
+loss finds the old file or the new one, never half of one or an empty one."""
 import os
+import tempfile
+from typing import Callable, Optional
 
 
-def atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
+def _fsync_folder(folder: str) -> None:
+    """The rename itself reaches the disk once the folder's entry does (best effort: not every file system lets a
+    folder be opened)."""
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """Calls write(tmp_path) for a fresh temporary file beside `path`, flushes it to the disk, renames it to
+    `path`; the temporary file is removed if anything fails."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp-", dir=folder)
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make the saved file private
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync_folder(folder)
 
 
-def atomic_save_safetensors(tensors: dict, path: str, metadata: dict = None) -> None:
+def atomic_write_text(path: str, text: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    atomic_write(path, write)
+
+
+def atomic_save_safetensors(tensors: dict, path: str, metadata: Optional[dict] = None) -> None:
     from safetensors.torch import save_file
 
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))

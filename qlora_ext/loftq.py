@@ -10,6 +10,7 @@ then Q(W - s B A) of the last iteration, so base + adapter is closer to W than t
 The adapters then describe base-specific values: the trained change is s (B A - B0 A0), a rank <= 2r update of W,
 which qlora_ext.peft_io writes for PEFT when it exports a LoftQ model (see LoRALinear.lora_A_init).
 """
+import math
 from typing import Tuple
 
 import torch
@@ -24,18 +25,24 @@ def loftq_init(weight: torch.Tensor, r: int, scaling: float, quant_type: str = "
     (torch.linalg.svd in float64 on the CPU, float32 on a GPU); its cost grows with the layer's size."""
     if iters < 1:
         raise ValueError(f"loftq iters must be at least 1, got {iters}")
-    if not 0 < r <= min(weight.shape):
-        raise ValueError(f"r must be in 1..{min(weight.shape)} for a {tuple(weight.shape)} weight, got {r}")
+    if r < 1:
+        raise ValueError(f"r must be a positive integer, got {r}")
+    if not scaling > 0:
+        raise ValueError(f"LoftQ needs a positive scaling alpha / r (it splits the error's singular values between "
+                         f"B and A by their square roots), got {scaling}")
     w = weight.detach().to(torch.float32)
     # float64 where it is cheap (CPU): the truncated SVD is the algorithm's only approximation
     svd_dtype = torch.float64 if w.device.type == "cpu" else torch.float32
+    k = min(r, *w.shape)  # ranks beyond the layer's own start as LoRA's default does: A Kaiming, B zero
     lora_A = torch.zeros(r, w.shape[1], device=w.device)
+    if k < r:
+        torch.nn.init.kaiming_uniform_(lora_A[k:], a=math.sqrt(5))
     lora_B = torch.zeros(w.shape[0], r, device=w.device)
     for _ in range(iters):
         q = quantize(w - scaling * (lora_B @ lora_A), blocksize, quant_type, double_quant)
         residual = (w - dequantize(q, torch.float32)).to(svd_dtype)
         u, s, vh = torch.linalg.svd(residual, full_matrices=False)
-        root = (s[:r] / scaling).sqrt()
-        lora_B = (u[:, :r] * root).to(torch.float32)
-        lora_A = (root[:, None] * vh[:r]).to(torch.float32)
+        root = (s[:k] / scaling).sqrt()
+        lora_B[:, :k] = (u[:, :k] * root).to(torch.float32)
+        lora_A[:k] = (root[:, None] * vh[:k]).to(torch.float32)
     return q, lora_A.contiguous(), lora_B.contiguous()

@@ -30,8 +30,32 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 
 
+# adapter_config.json keys that cannot change what the adapter computes, given the checks below (the others must
+# be unset: DoRA, biases in lora_B, layer replication, quantization-aware variants, new PEFT methods, ...)
+_HARMLESS_KEYS = {
+    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
+    "r", "target_modules", "exclude_modules", "lora_alpha", "lora_dropout", "fan_in_fan_out", "bias", "use_rslora",
+    "modules_to_save", "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern",
+    "megatron_core", "runtime_config", "qalora_group_size", "ensure_weight_tying", "eva_config",
+}
+# PEFT starts that leave the base weights alone; PiSSA, OLoRA, CorDA and LoftQ change them (the adapter then only
+# fits the changed base, until PEFT converts it)
+_PLAIN_INITS = (True, False, None, "gaussian", "orthogonal", "eva")
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module whose names PEFT sees: without torch.compile's and (Distributed)DataParallel's wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, torch.nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            return model
+
+
 def _adapters(model: torch.nn.Module) -> Dict[str, LoRALinear]:
-    adapters = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    adapters = {name: m for name, m in _unwrap(model).named_modules() if isinstance(m, LoRALinear)}
     if not adapters:
         raise ValueError("the model has no LoRALinear layers: apply qlora_ext.prepare_model first")
     return adapters
@@ -46,14 +70,19 @@ def _one(values: dict, what: str):
 
 
 def _target_modules(model: torch.nn.Module, names) -> list:
-    """The layers' last name components when they select exactly these layers among the model's nn.Linear
-    layers (PEFT matches a target by that suffix), else the full module paths."""
+    """The layers' last name components when they select exactly these layers among all the model's modules
+    (PEFT matches a target by that suffix, whatever the module's type), else the full module paths."""
     leaves = {n.split(".")[-1] for n in names}
-    linear_like = {n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, LoRALinear))
-                   and not any(n.startswith(a + ".") for a in names)}
-    if {n for n in linear_like if n.split(".")[-1] in leaves} == set(names):
+    outside = {n for n, _ in _unwrap(model).named_modules() if n and not any(n.startswith(a + ".") for a in names)}
+    if {n for n in outside if n.split(".")[-1] in leaves} == set(names):
         return sorted(leaves)
     return sorted(names)
+
+
+def _task_type(model: torch.nn.Module) -> Optional[str]:
+    """CAUSAL_LM for a transformers causal LM (PEFT then builds its PeftModelForCausalLM, which generates), else
+    none (PEFT's plain PeftModel, which any module can carry)."""
+    return "CAUSAL_LM" if type(_unwrap(model)).__name__.endswith("ForCausalLM") else None
 
 
 def save_peft_adapter(model: torch.nn.Module, directory: str, base_model_name_or_path: Optional[str] = None,
@@ -78,7 +107,7 @@ def save_peft_adapter(model: torch.nn.Module, directory: str, base_model_name_or
     if from_start:
         r, alpha = 2 * r, 2 * alpha
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "peft_type": "LORA", "task_type": _task_type(model), "base_model_name_or_path": base_model_name_or_path,
         "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": _target_modules(model, adapters),
         "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "modules_to_save": None,
         "inference_mode": True, "init_lora_weights": True,
@@ -112,6 +141,14 @@ def load_peft_adapter(model: torch.nn.Module, directory: str) -> None:
     for key in ("rank_pattern", "alpha_pattern", "modules_to_save"):
         if config.get(key):
             raise ValueError(f"{config_path}: {key} is not supported (got {config[key]!r})")
+    for key, value in config.items():
+        if key not in _HARMLESS_KEYS and value not in (None, False, 0, "", [], {}):
+            raise ValueError(f"{config_path}: {key}={value!r} is not supported (it changes what the adapter "
+                             "computes, or is newer than this reader)")
+    if config.get("init_lora_weights", True) not in _PLAIN_INITS:
+        raise ValueError(f"{config_path}: init_lora_weights={config['init_lora_weights']!r} changes the base weights "
+                         "the adapter was trained against; convert it to a plain LoRA adapter with PEFT first "
+                         "(save_pretrained(..., path_initial_model_for_weight_conversion=...))")
     adapters = _adapters(model)
     for name, a in adapters.items():
         if a.lora_A_init is not None:

@@ -4,12 +4,14 @@ The table is measured, not guessed: bench/bench_linear_cuda.py times every fixed
 the fused kernels) side by side and suggests, per direction and M, the fastest one that passed its checks;
 `python bench/routing_from_bench.py RESULT.json` turns that suggestion into this GPU's entry of
 qlora_ext/auto_routing.json, which qlora_ext loads at import (`python -m qlora_ext.info` shows it). A GPU,
-direction or M the table does not cover runs dequantize + cuBLAS (what bitsandbytes does for training). Users can measure their own GPU the same way and
-point QLORA_AUTO_ROUTING at the file (QLORA_AUTO_ROUTING=none: dequantize + cuBLAS everywhere).
+direction or M the table does not cover runs dequantize + cuBLAS (what bitsandbytes does for training). Users can
+measure their own GPU the same way and point QLORA_AUTO_ROUTING at the file (QLORA_AUTO_ROUTING=none: dequantize +
+cuBLAS everywhere).
 
 File format:
     {"about": "...",
-     "gpus": {"sm_90": {"measured": {"gpu": ..., "date": ..., "commit": ..., "bench": ...},
+     "gpus": {"sm_90": {"measured": {"gpu": ..., "bench": ..., "versions": ..., "shapes": ..., "min_speedup": ...,
+                                     "fused_large_kernel": ...},
                         "fwd": [{"max_m": 16, "backend": "fused"}, {"max_m": 16384, "backend": "dequant"}],
                         "bwd": [...]}}}
 A direction's rules are ordered by max_m; a rule covers M above the previous rule's max_m up to its own, and the
@@ -33,7 +35,7 @@ DEFAULT_MIN_SPEEDUP = 1.03  # below this gain over dequantize + cuBLAS, keep deq
 
 
 def _capability(key: str, where: str) -> int:
-    m = re.fullmatch(r"sm_(\d)(\d{1,2})", key)
+    m = re.fullmatch(r"sm_(\d{1,2})(\d)", key)  # the last digit is the minor version: sm_90, sm_100, sm_120
     if m is None:
         raise ValueError(f"{where}: GPU key must look like 'sm_90' (sm_ + compute capability), got {key!r}")
     return int(m.group(1)) * 10 + int(m.group(2))
@@ -108,10 +110,13 @@ def auto_routing() -> dict:
 
 
 def entry_from_bench(result: dict, min_speedup: float = DEFAULT_MIN_SPEEDUP, source: Optional[str] = None):
-    """(GPU key, table entry) from a bench_linear_cuda.py JSON result: its "auto_routing_suggestion", where a
-    fused backend's worst speed-up over dequantize + cuBLAS within its range is below `min_speedup` giving way to
-    dequant, and neighbouring ranges with one backend merged. Refuses a run whose checks failed or that stopped
-    early: a kernel that computed a wrong result anywhere is fixed before anything is routed to it."""
+    """(GPU key, table entry) from a bench_linear_cuda.py JSON result: per direction and measured M, the fastest
+    backend ("auto_routing_by_m"), dequant where a fused one gains less than `min_speedup` over dequantize +
+    cuBLAS at that M, then neighbouring Ms with one backend merged into a rule. A run whose "fused" large-M
+    kernel was mma.sync (QLORA_DISABLE_WGMMA=1 after a failed wgmma smoke test, or no sm_90a image) routes its
+    "fused" choices to "fused_mma": what was measured, not the kernel "fused" would run elsewhere. Refuses a run
+    whose checks failed, that checked nothing, stopped early or ran on the CPU: a kernel that computed a wrong
+    result anywhere is fixed before anything is routed to it."""
     if result.get("benchmark") != "bench_linear_cuda":
         raise ValueError("not a bench_linear_cuda.py result (its 'benchmark' field is "
                          f"{result.get('benchmark')!r})")
@@ -125,27 +130,31 @@ def entry_from_bench(result: dict, min_speedup: float = DEFAULT_MIN_SPEEDUP, sou
     if result.get("interrupted") or result.get("aborted"):
         raise ValueError("the benchmark stopped early (interrupted or aborted): its suggestion covers part of the "
                          "shapes; measure again")
-    suggestion = result.get("auto_routing_suggestion") or []
-    if not suggestion:
-        raise ValueError("the benchmark made no routing suggestion (no M was measured for every backend and shape)")
+    by_m = result.get("auto_routing_by_m") or []
+    if not by_m:
+        raise ValueError("the benchmark has no per-M choice ('auto_routing_by_m': no M was measured for every "
+                         "backend and shape)")
     major, minor = result["device"]["capability"]
     if major < 1:
         raise ValueError(f"device capability {major}.{minor} is not a GPU's (a --device cpu debug run?)")
+    large_kernel = result.get("fused_large_kernel")
     entry: dict = {"measured": {"gpu": result["device"].get("name"), "bench": source,
                                 "versions": result.get("versions"), "shapes": result.get("shapes"),
-                                "min_speedup": min_speedup}}
+                                "min_speedup": min_speedup, "fused_large_kernel": large_kernel}}
     for d in DIRECTIONS:
         rules: list = []
-        for r in sorted((r for r in suggestion if r["direction"] == d), key=lambda r: r["max_m"]):
-            backend = r["backend"]
+        for c in sorted((c for c in by_m if c["direction"] == d), key=lambda c: c["m"]):
+            backend = c["backend"]
             if backend not in BACKENDS:
-                raise ValueError(f"suggestion {r!r}: unknown backend {backend!r}")
-            if backend != "dequant" and r["speedup_vs_dequant"] < min_speedup:
+                raise ValueError(f"choice {c!r}: unknown backend {backend!r}")
+            if backend != "dequant" and c["speedup_vs_dequant"] < min_speedup:
                 backend = "dequant"
+            if backend == "fused" and large_kernel != "wgmma":
+                backend = "fused_mma"  # the same small-M kernels; mma.sync above M = 64, as measured
             if rules and rules[-1]["backend"] == backend:
-                rules[-1]["max_m"] = r["max_m"]
+                rules[-1]["max_m"] = c["m"]
             else:
-                rules.append({"max_m": r["max_m"], "backend": backend})
+                rules.append({"max_m": c["m"], "backend": backend})
         if rules:
             entry[d] = rules
     return f"sm_{major}{minor}", entry

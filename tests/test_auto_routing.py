@@ -24,6 +24,7 @@ TABLE = {"gpus": {
                       {"max_m": 4096, "backend": "dequant"}, {"max_m": 16384, "backend": "fused_tn128"}],
               "bwd": [{"max_m": 1, "backend": "fused_mma"}]},
     "sm_80": {"fwd": [{"max_m": 128, "backend": "fused"}]},
+    "sm_100": {"bwd": [{"max_m": 64, "backend": "fused_grid"}]},
 }}
 
 
@@ -33,7 +34,10 @@ def _restore_default_table():
     routing.set_auto_routing()
 
 
-def test_the_packaged_table_is_valid_and_installed_at_import():
+def test_the_packaged_table_is_valid_and_installed_by_default(monkeypatch):
+    monkeypatch.delenv(routing.ENV_VAR, raising=False)
+    qlora_ext.set_auto_routing(TABLE)
+    qlora_ext.set_auto_routing()  # what import does
     table = routing.load_table(routing.PACKAGED_TABLE)
     assert _C.auto_routing() == routing.rules_of(table)
     # setup's package data ships it beside the module
@@ -46,7 +50,8 @@ def test_the_packaged_table_is_valid_and_installed_at_import():
     (90, "fwd", 1 << 40, "fused_tn128"),  # above the last rule: the last rule
     (90, "bwd", 1, "fused_mma"), (90, "bwd", 2, "fused_mma"),
     (80, "fwd", 3, "fused"), (80, "bwd", 3, "dequant"),  # a direction without rules
-    (89, "fwd", 3, "dequant"), (100, "fwd", 3, "dequant"),  # GPUs without rules
+    (89, "fwd", 3, "dequant"), (100, "fwd", 3, "dequant"),  # GPUs or directions without rules
+    (100, "bwd", 3, "fused_grid"), (10, "bwd", 3, "dequant"),  # sm_100 is capability 10.0, not 1.0
 ])
 def test_route_by_gpu_direction_and_m(cap, direction, m, expected):
     qlora_ext.set_auto_routing(TABLE)
@@ -123,32 +128,46 @@ def test_environment_variable_chooses_the_table(tmp_path):
     assert r.returncode != 0 and "missing.json" in r.stderr
 
 
-def bench_result(suggestion, **overrides):
+def bench_result(by_m, **overrides):
     result = {"benchmark": "bench_linear_cuda", "device": {"name": "NVIDIA H200", "capability": [9, 0]},
               "checks": {"ok": True, "failures": [], "results": [{"ok": True}]}, "interrupted": False,
-              "aborted": None, "auto_routing_suggestion": suggestion, "versions": {"torch": "2.11.0"},
-              "shapes": [[8192, 8192]]}
+              "aborted": None, "auto_routing_by_m": by_m, "versions": {"torch": "2.11.0"},
+              "shapes": [[8192, 8192]], "fused_large_kernel": "wgmma"}
     result.update(overrides)
     return result
 
 
-def rule(d, m, b, s):
-    return {"direction": d, "max_m": m, "backend": b, "speedup_vs_dequant": s}
+def choice(d, m, b, s):
+    return {"direction": d, "m": m, "backend": b, "speedup_vs_dequant": s}
 
 
-def test_entry_from_a_bench_result_keeps_dequant_below_the_minimum_gain():
-    suggestion = [rule("fwd", 16, "fused", 2.5), rule("fwd", 128, "fused_grid", 1.01),
-                  rule("fwd", 4096, "dequant", 1.0), rule("fwd", 16384, "fused_tn128", 1.04),
-                  rule("bwd", 16, "fused", 1.02)]
-    key, entry = routing.entry_from_bench(bench_result(suggestion), min_speedup=1.03, source="x.json")
+def test_entry_from_a_bench_result_keeps_dequant_where_the_gain_is_below_the_minimum():
+    by_m = [choice("fwd", 128, "fused_grid", 1.01), choice("fwd", 1, "fused", 2.5), choice("fwd", 16, "fused", 1.8),
+            choice("fwd", 4096, "dequant", 1.0), choice("fwd", 16384, "fused_tn128", 1.04),
+            choice("bwd", 16, "fused", 1.02), choice("bwd", 128, "fused", 1.43), choice("bwd", 4096, "fused", 1.01)]
+    key, entry = routing.entry_from_bench(bench_result(by_m), min_speedup=1.03, source="x.json")
     assert key == "sm_90"
-    # 1.01x gives way to dequant and merges with the dequant range after it; bwd's only rule is below 1.03x
+    # per M, in order of M: 1.01x gives way to dequant and merges with the dequant M after it; a marginal M does
+    # not take a neighbouring M's clear gain with it (bwd M = 128)
     assert entry["fwd"] == [{"max_m": 16, "backend": "fused"}, {"max_m": 4096, "backend": "dequant"},
                             {"max_m": 16384, "backend": "fused_tn128"}]
-    assert entry["bwd"] == [{"max_m": 16, "backend": "dequant"}]
+    assert entry["bwd"] == [{"max_m": 16, "backend": "dequant"}, {"max_m": 128, "backend": "fused"},
+                            {"max_m": 4096, "backend": "dequant"}]
     assert entry["measured"]["gpu"] == "NVIDIA H200" and entry["measured"]["bench"] == "x.json"
     qlora_ext.set_auto_routing({"gpus": {key: entry}})
     assert _C.auto_route(90, "fwd", 2) == "fused" and _C.auto_route(90, "fwd", 100) == "dequant"
+
+
+def test_a_run_whose_fused_kernel_was_mma_sync_routes_to_fused_mma():
+    """With QLORA_DISABLE_WGMMA=1 (gpu_check.sh after a failed wgmma smoke test) "fused" measured mma.sync above
+    M = 64: the table must name what was measured, not the wgmma kernel "fused" would run in another process."""
+    by_m = [choice("fwd", 1, "fused", 2.5), choice("fwd", 4096, "fused", 1.1), choice("bwd", 4096, "fused_mma", 1.1)]
+    key, entry = routing.entry_from_bench(bench_result(by_m, fused_large_kernel="mma.sync"))
+    assert entry["fwd"] == [{"max_m": 4096, "backend": "fused_mma"}]
+    assert entry["bwd"] == [{"max_m": 4096, "backend": "fused_mma"}]
+    assert entry["measured"]["fused_large_kernel"] == "mma.sync"
+    key, entry = routing.entry_from_bench(bench_result(by_m, device={"name": "B200", "capability": [10, 0]}))
+    assert key == "sm_100" and entry["fwd"] == [{"max_m": 4096, "backend": "fused"}]
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -158,12 +177,12 @@ def test_entry_from_a_bench_result_keeps_dequant_below_the_minimum_gain():
     ({"checks": {"ok": True, "failures": [], "results": []}}, "checked no outputs"),
     ({"interrupted": True}, "stopped early"),
     ({"aborted": "RuntimeError: CUDA error"}, "stopped early"),
-    ({"auto_routing_suggestion": []}, "no routing suggestion"),
+    ({"auto_routing_by_m": []}, "has no per-M choice"),
     ({"device": {"name": "CPU", "capability": [0, 0]}}, "not a GPU's"),
 ])
 def test_entry_from_a_bench_result_refuses_what_cannot_be_trusted(overrides, message):
     with pytest.raises(ValueError, match=message):
-        routing.entry_from_bench(bench_result([rule("fwd", 16, "fused", 2.0)], **overrides))
+        routing.entry_from_bench(bench_result([choice("fwd", 16, "fused", 2.0)], **overrides))
 
 
 def test_routing_from_bench_end_to_end(tmp_path, capsys):
@@ -184,10 +203,14 @@ def test_routing_from_bench_end_to_end(tmp_path, capsys):
     assert f"{table}: sm_90 <- fwd: M <= " in capsys.readouterr().out
     written = routing.load_table(table)
     assert written["about"] == "test" and written["gpus"]["sm_80"] == TABLE["gpus"]["sm_80"]
-    fastest = {(r["direction"], r["max_m"]): r["backend"] for r in result["auto_routing_suggestion"]}
-    assert {(d, r["max_m"]): r["backend"] for d in ("fwd", "bwd") for r in written["gpus"]["sm_90"][d]} == fastest
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["auto_routing.json", "bench.json"]  # no temporaries
+    # with --min-speedup 1.0, "auto" at each measured M is the backend the benchmark found fastest there ("fused"
+    # named fused_mma where the run's large-M kernel was not wgmma, as in the CPU debug run)
     qlora_ext.set_auto_routing(table)
+    assert result["auto_routing_by_m"]
+    for c in result["auto_routing_by_m"]:
+        want = "fused_mma" if c["backend"] == "fused" and result["fused_large_kernel"] != "wgmma" else c["backend"]
+        assert _C.auto_route(90, c["direction"], c["m"]) == want, c
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["auto_routing.json", "bench.json"]  # no temporaries
     # a run whose checks failed leaves the table as it was
     result["checks"] = {"ok": False, "failures": ["wrong"], "results": [{"ok": False}]}
     out.write_text(json.dumps(result))

@@ -81,6 +81,14 @@ def test_routing_suggestion_takes_the_fastest_correct_backend_and_merges_ranges(
                    ("fwd", 16384, "fused_tn128", 1.111), ("bwd", 16384, "fused", 1.053)]
     out = capsys.readouterr().out
     assert "fwd: M <= 16: fused (2.00x dequant); M <= 128: dequant (1.00x dequant)" in out
+    # the same from an unsorted list of M; per M (what routing_from_bench reads) nothing is merged
+    assert bench.suggest_auto_routing(T, shapes, MS[::-1], failed) == rules
+    by_m = bench.fastest_backend_by_m(T, shapes, MS[::-1], failed)
+    assert [(c["direction"], c["m"], c["backend"]) for c in by_m if c["direction"] == "bwd"] == \
+        [("bwd", 1, "fused"), ("bwd", 16, "fused"), ("bwd", 128, "fused"), ("bwd", 4096, "fused"),
+         ("bwd", 16384, "fused")]
+    assert [round(c["speedup_vs_dequant"], 3) for c in by_m if c["direction"] == "bwd"] == [2.5, 1.667, 1.25, 1.111,
+                                                                                            1.053]
 
 
 def test_routing_suggestion_without_measurements_is_empty(capsys):

@@ -48,8 +48,11 @@ def test_more_iterations_reduce_the_error():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="loftq iters must be at least 1, got 0"):
         loftq_init(weight(), 4, 1.0, iters=0)
-    with pytest.raises(ValueError, match=r"r must be in 1..96 for a \(96, 128\) weight, got 97"):
-        loftq_init(weight(), 97, 1.0)
+    with pytest.raises(ValueError, match="r must be a positive integer, got 0"):
+        loftq_init(weight(), 0, 1.0)
+    for bad in (0.0, -2.0):
+        with pytest.raises(ValueError, match=f"LoftQ needs a positive scaling alpha / r .*got {bad}"):
+            loftq_init(weight(), 4, bad)
     with pytest.raises(ValueError, match="init_lora_weights='loftq' needs a quantized base"):
         prepare_model(TinyLM(), quant_type="none", init_lora_weights="loftq")
     with pytest.raises(ValueError, match="init_lora_weights must be 'default' or 'loftq', got 'pissa'"):
@@ -85,3 +88,13 @@ def test_loftq_leaves_layers_that_stay_dense_at_the_default_start():
     assert model[0].lora_A_init is not None and model[0].lora_B.abs().max() > 0
     assert model[2].lora_A_init is None and model[2].lora_B.abs().max() == 0
     assert isinstance(model[0].base, qlora_ext.Linear4bit) and model[0].base.weight_dtype == torch.float32
+
+
+def test_a_rank_above_the_layer_size_starts_the_extra_ranks_as_lora_does():
+    """r = 8 on a 4 x 128 layer (e.g. a small classification head): the error has 4 singular values; the other
+    4 ranks start at A Kaiming, B zero, so they train (A = B = 0 would not)."""
+    w = weight(out=4, inp=128)
+    q, A, B = loftq_init(w, 8, 2.0)
+    left = w.double() - dequantize(q, torch.float32).double() - 2.0 * (B.double() @ A.double())
+    assert left.abs().max() < 1e-5  # rank 4 captures all of a 4-row error
+    assert B[:, 4:].abs().max() == 0 and A[4:].abs().max() > 0

@@ -3,6 +3,7 @@ peft.PeftModel.from_pretrained and computes what our model computes; a folder PE
 and computes what PEFT's model computes; what would compute something else is refused."""
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -104,12 +105,16 @@ def _edit_config(folder, **changes):
     ({"rank_pattern": {"q_proj": 8}}, "rank_pattern is not supported"),
     ({"peft_type": "IA3"}, "peft_type must be 'LORA'"),
     ({"r": 8}, "r=8, lora_alpha=8.0, but the model's layer model.layers.0.self_attn.q_proj has r=4"),
+    ({"lora_bias": True}, "lora_bias=True is not supported"),
+    ({"layer_replication": [[0, 2]]}, "layer_replication=[[0, 2]] is not supported"),
+    ({"some_future_option": "x"}, "some_future_option='x' is not supported"),
+    ({"init_lora_weights": "pissa"}, "init_lora_weights='pissa' changes the base weights"),
 ])
 def test_what_would_compute_something_else_is_refused(tmp_path, changes, message):
     model = qlora_ext.prepare_model(tiny_llama(), r=4, alpha=8.0, quant_type="none")
     save_peft_adapter(model, str(tmp_path / "a"))
     _edit_config(tmp_path / "a", **changes)
-    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         load_peft_adapter(model, str(tmp_path / "a"))
 
 
@@ -155,3 +160,36 @@ def test_a_loftq_model_exports_what_training_changed_for_the_dense_weights(tmp_p
     torch.testing.assert_close(logits(theirs, IDS), logits(merged, IDS), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="prepared with init_lora_weights='loftq'"):
         load_peft_adapter(ours, str(tmp_path / "trained"))
+
+
+class Classifier(torch.nn.Module):
+    """Not a causal LM, with a non-Linear module named like a Linear target ("gate")."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.ModuleDict({"gate": torch.nn.Linear(64, 64), "proj": torch.nn.Linear(64, 64)})
+        self.router = torch.nn.ModuleDict({"gate": torch.nn.Softmax(dim=-1)})
+
+    def forward(self, x):
+        return self.router["gate"](self.body["proj"](torch.relu(self.body["gate"](x))))
+
+
+def test_other_models_wrappers_and_names_that_peft_would_misread(tmp_path):
+    torch.manual_seed(0)
+    base = Classifier().eval()
+    ours = qlora_ext.prepare_model(copy.deepcopy(base), target_modules=["body.gate", "body.proj"], r=4, alpha=8.0,
+                                   quant_type="none").eval()
+    randomize_adapters(ours)
+    # through torch.compile's wrapper: the names are the module's own
+    save_peft_adapter(torch.compile(ours), str(tmp_path / "a"))
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["task_type"] is None  # not a causal LM: PEFT's plain PeftModel
+    assert config["target_modules"] == ["body.gate", "body.proj"]  # "gate" alone would also hit the Softmax
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "a")).eval()
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), ours(x), rtol=1e-5, atol=1e-6)
+    again = qlora_ext.prepare_model(copy.deepcopy(base), target_modules=["body.gate", "body.proj"], r=4, alpha=8.0,
+                                    quant_type="none")
+    load_peft_adapter(torch.nn.DataParallel(again), str(tmp_path / "a"))
+    assert torch.equal(again.body["gate"].lora_B, ours.body["gate"].lora_B)

@@ -120,6 +120,9 @@ def test_init_adapter_continues_from_a_peft_folder(tiny, tmp_path, capsys):
     assert cli_main(argv[:-2] + ["--r", "8", "--init-adapter", first["peft_adapter"]]) == 2
     err = capsys.readouterr().err
     assert "--init-adapter:" in err and "r=4, lora_alpha=8.0, but the model's layer" in err and "has r=8" in err
+    # a resumed run takes its checkpoint's adapters: the folder it started from may be gone
+    shutil.rmtree(first["peft_adapter"])
+    assert cli_main(["--output-dir", str(tmp_path / "b"), "--resume", "--no-progress"]) == 0
 
 
 @pytest.mark.parametrize("optimizer,init", [("adamw", "default"), ("paged_adamw", "default"),

@@ -38,7 +38,19 @@ constexpr int64_t kSpinCycles = 2'000'000;  // ~1 ms at the 1.4-2 GHz of an A100
 // benchmarks time the same way (bench/cuda_bench.py).
 void prepare_timed_run(const at::Tensor& l2_flush) {
   at::cuda::sleep(kSpinCycles);
-  (void)l2_flush.sum();
+  if (l2_flush.defined()) (void)l2_flush.sum();
+}
+
+// The flush buffer, twice the L2; none (timing with whatever the L2 holds) where the memory for it is not free:
+// the measurement must not fail the op it is choosing for.
+at::Tensor l2_flush_buffer() {
+  const int64_t l2_bytes = at::cuda::getCurrentDeviceProperties()->l2CacheSize;
+  try {
+    return at::zeros({std::max<int64_t>(2 * l2_bytes, 8 << 20) / int64_t(sizeof(float))},
+                     at::TensorOptions().device(at::kCUDA).dtype(at::kFloat));
+  } catch (const c10::OutOfMemoryError&) {
+    return at::Tensor();
+  }
 }
 
 }  // namespace
@@ -62,9 +74,7 @@ int tuned_choice(const std::string& key, int n, const std::function<at::Tensor(i
   Choice best;
   best.us = std::numeric_limits<double>::infinity();
   at::Tensor reference;  // the first candidate's output
-  const int64_t l2_bytes = at::cuda::getCurrentDeviceProperties()->l2CacheSize;
-  const at::Tensor l2_flush = at::zeros({std::max<int64_t>(2 * l2_bytes, 8 << 20) / int64_t(sizeof(float))},
-                                        at::TensorOptions().device(at::kCUDA).dtype(at::kFloat));
+  const at::Tensor l2_flush = l2_flush_buffer();
   for (int i = 0; i < n; ++i) {
     double fastest = std::numeric_limits<double>::infinity();
     try {

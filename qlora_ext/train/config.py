@@ -75,7 +75,7 @@ class TrainConfig:
              f"--init-lora-weights must be one of {LORA_INITS}, got {self.init_lora_weights!r}")
         need(self.init_lora_weights != "loftq" or self.quant_type != "none",
              "--init-lora-weights loftq needs a quantized base (--quant-type nf4, fp4 or int4)")
-        need(self.init_adapter is None or os.path.isdir(self.init_adapter),
+        need(self.init_adapter is None or self.resume or os.path.isdir(self.init_adapter),  # resume: checkpoint's
              f"--init-adapter {self.init_adapter} is not a folder (a PEFT adapter folder: adapter_config.json and "
              "adapter_model.safetensors)")
         need(self.init_adapter is None or self.init_lora_weights == "default",

@@ -23,11 +23,11 @@ from ..nn import Linear4bit
 from ..peft_io import load_peft_adapter, save_peft_adapter
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig
-
-PEFT_DIR = "peft_adapter"  # <output_dir>/peft_adapter: the adapters in PEFT's format
 from .data import TokenBlocks, batch_indices, find_text_files, pack, tokenize_files
 from .loss import causal_lm_loss
 from .model import load_model_and_tokenizer, max_positions
+
+PEFT_DIR = "peft_adapter"  # <output_dir>/peft_adapter: the adapters in PEFT's format
 
 
 def resolve_device(name: str) -> torch.device:
