@@ -10,6 +10,7 @@ import glob
 import json
 import os
 import re
+import sys
 import traceback
 import xml.etree.ElementTree as ET
 
@@ -148,6 +149,23 @@ def read_routing(out):
     return json.load(open(path)).get("auto_routing_suggestion") or []
 
 
+def read_routing_entry(out):
+    """What bench/routing_from_bench.py would write from this run's bench_linear_cuda.json (the GPU's key and
+    its rules in one line), or why it would refuse the run; None without the file."""
+    path = os.path.join(out, "bench_linear_cuda.json")
+    if not os.path.exists(path):
+        return None
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from qlora_ext import routing  # after the build (the report is also written when it failed: then _safe says so)
+    try:
+        key, entry = routing.entry_from_bench(json.load(open(path)), source=os.path.basename(path))
+    except ValueError as e:
+        return {"refused": str(e)}
+    return {"key": key, "rules": routing.describe(entry)}
+
+
 def read_ceilings(scratch, out):
     """Measured copy bandwidth (GB/s) and bf16 matmul rate (TFLOP/s), by where they were measured."""
     c = {"copy_GB_per_s": {}, "bf16_matmul_TFLOP_per_s": {}}
@@ -207,6 +225,7 @@ def build_report(out, scratch, commit):
             "sanitizer": _safe(read_sanitizer, logs, default={}, errors=errors),
             "goals": goals, "goal_problems": goal_problems,
             "auto_routing": _safe(read_routing, out, default=[], errors=errors),
+            "routing_entry": _safe(read_routing_entry, out, errors=errors),
             "ceilings": _safe(read_ceilings, scratch, out, default={}, errors=errors),
             "study": _safe(read_study, scratch, errors=errors),
             "log_tails": {p: lines[-15:] for p, lines in logs.items()}, "report_errors": errors}
@@ -286,6 +305,11 @@ def markdown(report, scratch):
             if rules:
                 lines.append(f"- {d}: " + "; ".join(f"M <= {r['max_m']}: {r['backend']} "
                                                     f"({_fmt(r.get('speedup_vs_dequant'))}x)" for r in rules))
+    entry = report.get("routing_entry")
+    if entry:
+        lines += ["", "`python bench/routing_from_bench.py` on this run's bench_linear_cuda.json "
+                  + (f"would write {entry['key']}: {entry['rules']}" if "key" in entry
+                     else f"would refuse it: {entry['refused']}")]
     study = os.path.join(scratch, "study", "study.md")
     if os.path.exists(study):
         lines += ["", "## Paper claims on the GPU (qlora-train study --items 5)", "", open(study, errors="replace").read()]

@@ -5,6 +5,7 @@ each test here pins a bug that would otherwise have been found there."""
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -502,3 +503,28 @@ def test_cuda_bench_timer_flush_reads_the_whole_buffer():
     timer.flush.fill_(1.0)
     timer.flush_l2()
     assert timer.flush_sink.item() == FLUSH_BYTES // 4 and timer.flush_sink.dim() == 0
+
+
+def test_gpu_report_says_what_routing_from_bench_would_write_or_why_not(tmp_path):
+    """The report carries the routing entry the run gives (so the session that reads it knows before committing
+    the table), or the reason routing_from_bench would refuse the run."""
+    def report(bench):
+        scratch, out = tmp_path / "s", tmp_path / "o"
+        for d in (scratch, out):
+            shutil.rmtree(d, ignore_errors=True)
+            d.mkdir()
+        (out / "bench_linear_cuda.json").write_text(json.dumps(bench))
+        subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_report.py"), "--out", str(out),
+                        "--scratch", str(scratch)], check=True, capture_output=True)
+        return (out / "gpu_check.md").read_text()
+
+    bench = {"benchmark": "bench_linear_cuda", "device": {"name": "NVIDIA H200", "capability": [9, 0]},
+             "checks": {"ok": True, "failures": [], "results": [{"ok": True}]}, "interrupted": False, "aborted": None,
+             "fused_large_kernel": "wgmma", "goals": {},
+             "auto_routing_by_m": [{"direction": "fwd", "m": 1, "backend": "fused", "speedup_vs_dequant": 3.0},
+                                   {"direction": "fwd", "m": 4096, "backend": "dequant", "speedup_vs_dequant": 1.0}]}
+    md = report(bench)
+    assert ("`python bench/routing_from_bench.py` on this run's bench_linear_cuda.json would write sm_90: "
+            "fwd: M <= 1 fused, M <= 4096 dequant") in md
+    bench["checks"] = {"ok": False, "failures": ["8192x8192 fwd M=1 fused: error 0.3"], "results": [{"ok": False}]}
+    assert "would refuse it: the benchmark's checks did not pass (1 failed, first: 8192x8192 fwd M=1" in report(bench)
