@@ -157,18 +157,21 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
         # Where a non-zero initialisation (LoftQ) starts the adapters: the trained change of the layer is then
-        # scaling * (B A - B0 A0), what qlora_ext.peft_io exports. None for the zero-start default. Not part of
-        # the state_dict: prepare_model recomputes them with the base they belong to.
-        self.register_buffer("lora_A_init", None, persistent=False)
-        self.register_buffer("lora_B_init", None, persistent=False)
+        # scaling * (B A - B0 A0), what qlora_ext.peft_io exports. None for the zero-start default. Plain
+        # attributes in CPU memory, not buffers: only an export reads them, so they take no GPU memory (two fp32
+        # copies of the adapters, 1.3 GB for LLaMA-7B at r = 64), and they are not in the state_dict
+        # (prepare_model computes them again with the base they belong to).
+        self.lora_A_init: Optional[torch.Tensor] = None
+        self.lora_B_init: Optional[torch.Tensor] = None
 
     @torch.no_grad()
     def init_adapters(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
-        """Starts the adapters at (lora_A, lora_B) instead of (Kaiming, zero), remembering the start."""
+        """Starts the adapters at (lora_A, lora_B) instead of (Kaiming, zero), remembering the start (on the
+        CPU, in float32)."""
         self.lora_A.copy_(lora_A)
         self.lora_B.copy_(lora_B)
-        self.lora_A_init = self.lora_A.detach().clone()
-        self.lora_B_init = self.lora_B.detach().clone()
+        self.lora_A_init = self.lora_A.detach().to("cpu", torch.float32, copy=True)
+        self.lora_B_init = self.lora_B.detach().to("cpu", torch.float32, copy=True)
 
     @property
     def in_features(self) -> int:

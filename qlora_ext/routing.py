@@ -95,6 +95,11 @@ def set_auto_routing(table: Union[None, dict, str, os.PathLike] = None) -> None:
             warnings.warn(f"{PACKAGED_TABLE} is missing from this install: 'auto' runs dequantize + cuBLAS "
                           "everywhere", stacklevel=2)
             table = {"gpus": {}}
+    if not hasattr(_C, "set_auto_routing"):  # Python files newer than the compiled extension
+        warnings.warn("qlora_ext's compiled extension predates its routing table: rebuild it (pip install "
+                      "--no-build-isolation -e . in the source folder); until then 'auto' is dequantize + cuBLAS",
+                      stacklevel=2)
+        return
     if not isinstance(table, dict):
         table = load_table(table)
     _C.set_auto_routing(rules_of(table))

@@ -75,6 +75,7 @@ def test_prepare_model_with_loftq_starts_closer_to_the_dense_model_and_trains():
     for a in adapters:
         assert torch.equal(a.lora_A_init, a.lora_A) and torch.equal(a.lora_B_init, a.lora_B)
         assert a.lora_B.abs().max() > 0 and "lora_A_init" not in a.state_dict()
+        assert a.lora_A_init.device.type == "cpu" and a.lora_B_init.dtype == torch.float32  # no GPU memory
     trainable = {n for n, p in loftq.named_parameters() if p.requires_grad}
     assert trainable == {n for n, p in default.named_parameters() if p.requires_grad}
     loftq(ids).sum().backward()
