@@ -102,6 +102,20 @@ def test_train_end_to_end_loss_falls_and_report_parses(tiny, tmp_path):
         open(r["report"]["markdown"]).read()
 
 
+def test_loftq_adapters_only_load_into_a_loftq_model(tiny, tmp_path):
+    r = train(_cfg(tiny, tmp_path / "loftq", steps=2, init_lora_weights="loftq"), log=lambda s: None)
+    t = Trainer(_cfg(tiny, tmp_path / "plain", steps=2), log=lambda s: None)
+    t.setup()
+    with pytest.raises(ConfigError, match="was trained with --init-lora-weights loftq, the model is prepared with "
+                                          "default"):
+        load_adapters(t.model, r["adapter"])
+    t = Trainer(_cfg(tiny, tmp_path / "again", steps=2, init_lora_weights="loftq"), log=lambda s: None)
+    t.setup()
+    load_adapters(t.model, r["adapter"])
+    from qlora_ext.train.trainer import evaluate
+    assert math.isclose(evaluate(t.model, t.data.eval, 4, t.device), r["eval_after"]["loss"], rel_tol=1e-6)
+
+
 def test_init_adapter_continues_from_a_peft_folder(tiny, tmp_path, capsys):
     """A second run started from the first run's PEFT folder (--init-adapter, from the command line) begins where
     the first ended: its eval loss before training is the first run's after."""

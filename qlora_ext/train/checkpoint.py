@@ -52,6 +52,13 @@ def load_adapters(model: torch.nn.Module, path: str) -> None:
 
     if not os.path.exists(path):
         raise ConfigError(f"adapter file {path!r} does not exist")
+    # LoftQ's adapters belong to the base quantized from the weight less their start: they do not fit a base
+    # quantized from the weight itself, nor the other way round (the file's run config says which it was)
+    saved_init = read_adapter_config(path).get("init_lora_weights", "default")
+    model_init = "loftq" if any(getattr(m, "lora_A_init", None) is not None for m in model.modules()) else "default"
+    if saved_init != model_init:
+        raise ConfigError(f"adapter file {path!r} was trained with --init-lora-weights {saved_init}, the model is "
+                          f"prepared with {model_init}: prepare it as the run did")
     tensors = load_file(path)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
