@@ -21,7 +21,7 @@ def main() -> None:
             ok = "ok" if (p.major, p.minor) >= (8, 0) else "too old (needs 8.0+)"
             large = f"; fused large-M kernels: {qlora_ext.fused_large_kernel(i)}" if info["cuda"] and ok == "ok" else ""
             print(f"  GPU {i}: {p.name}, sm_{p.major}{p.minor} ({ok}{large})")
-            entry = qlora_ext.auto_routing().get(f"sm_{p.major}{p.minor}")
+            entry = qlora_ext.auto_routing().get(qlora_ext.routing.gpu_key(p.major, p.minor))
             routed = qlora_ext.routing.describe(entry) if entry else "none measured for this GPU: dequantize + cuBLAS"
             print(f"    linear_4bit 'auto' routing: {routed}")
     else:

@@ -232,6 +232,13 @@ def model_summary(model: nn.Module) -> ModelSummary:
     return ModelSummary(trainable, total, nbytes, len(quantized), adapters)
 
 
+def lora_init_of(model: nn.Module) -> str:
+    """How the model's adapters started: "loftq" if any started from LoftQ (LoRALinear.init_adapters), else
+    "default"; what the trainer's --init-lora-weights records."""
+    return "loftq" if any(isinstance(m, LoRALinear) and m.lora_A_init is not None for m in model.modules()) \
+        else "default"
+
+
 def _linear_names(model: nn.Module) -> dict:
     """The model's nn.Linear layers by name, but not the frozen dense base of an existing adapter (a second
     prepare_model must not wrap it in another adapter)."""

@@ -23,7 +23,7 @@ from typing import Dict, Optional
 import torch
 
 from ._files import atomic_save_safetensors, atomic_write_text
-from .nn import Dropout, LoRALinear
+from .nn import Dropout, LoRALinear, lora_init_of
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -94,7 +94,7 @@ def save_peft_adapter(model: torch.nn.Module, directory: str, base_model_name_or
     alpha = _one({n: float(a.alpha) for n, a in adapters.items()}, "lora_alpha")
     dropout = _one({n: a.dropout.p if isinstance(a.dropout, Dropout) else 0.0 for n, a in adapters.items()},
                    "lora_dropout")
-    from_start = any(a.lora_A_init is not None for a in adapters.values())  # LoftQ: write the change only
+    from_start = lora_init_of(model) == "loftq"  # write what training changed only
     tensors = {}
     for name, a in adapters.items():
         lora_A, lora_B = a.lora_A.detach(), a.lora_B.detach()

@@ -34,6 +34,11 @@ ENV_VAR = "QLORA_AUTO_ROUTING"
 DEFAULT_MIN_SPEEDUP = 1.03  # below this gain over dequantize + cuBLAS, keep dequantize + cuBLAS (timing noise)
 
 
+def gpu_key(major: int, minor: int) -> str:
+    """A GPU's key in the table: "sm_90" for compute capability 9.0, "sm_100" for 10.0."""
+    return f"sm_{major}{minor}"
+
+
 def _capability(key: str, where: str) -> int:
     m = re.fullmatch(r"sm_(\d{1,2})(\d)", key)  # the last digit is the minor version: sm_90, sm_100, sm_120
     if m is None:
@@ -109,7 +114,7 @@ def auto_routing() -> dict:
     """The installed table: {"sm_90": {"fwd": [{"max_m": ..., "backend": ...}, ...], "bwd": [...]}, ...}."""
     gpus: dict = {}
     for cap, d, max_m, backend in _C.auto_routing():
-        entry = gpus.setdefault(f"sm_{cap // 10}{cap % 10}", {})
+        entry = gpus.setdefault(gpu_key(cap // 10, cap % 10), {})
         entry.setdefault(d, []).append({"max_m": max_m, "backend": backend})
     return gpus
 
@@ -162,7 +167,7 @@ def entry_from_bench(result: dict, min_speedup: float = DEFAULT_MIN_SPEEDUP, sou
                 rules.append({"max_m": c["m"], "backend": backend})
         if rules:
             entry[d] = rules
-    return f"sm_{major}{minor}", entry
+    return gpu_key(major, minor), entry
 
 
 def write_table(table: dict, path: Union[str, os.PathLike]) -> None:

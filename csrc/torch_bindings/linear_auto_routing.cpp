@@ -4,6 +4,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <iterator>
 #include <mutex>
 
 namespace qlora::ops {
@@ -44,7 +45,7 @@ std::vector<Rule> parse_rules(const std::vector<AutoRoutingRule>& rules) {
                       ": direction must be 'fwd' or 'bwd', got '", direction, "'");
     TORCH_CHECK_VALUE(max_m >= 1, "auto routing rule ", describe(r), ": max_m must be at least 1, got ", max_m);
     int b = -1;
-    for (int i = 0; i < 5; ++i) {
+    for (int i = 0; i < int(std::size(kRoutedNames)); ++i) {
       if (backend == kRoutedNames[i]) b = i;
     }
     TORCH_CHECK_VALUE(b >= 0, "auto routing rule ", describe(r), ": backend must be 'dequant', 'fused', ",

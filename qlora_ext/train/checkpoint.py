@@ -21,6 +21,7 @@ from typing import Dict, Optional
 import torch
 
 from .._files import atomic_save_safetensors, atomic_write_text
+from ..nn import lora_init_of
 from .config import ConfigError
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -55,7 +56,7 @@ def load_adapters(model: torch.nn.Module, path: str) -> None:
     # LoftQ's adapters belong to the base quantized from the weight less their start: they do not fit a base
     # quantized from the weight itself, nor the other way round (the file's run config says which it was)
     saved_init = read_adapter_config(path).get("init_lora_weights", "default")
-    model_init = "loftq" if any(getattr(m, "lora_A_init", None) is not None for m in model.modules()) else "default"
+    model_init = lora_init_of(model)
     if saved_init != model_init:
         raise ConfigError(f"adapter file {path!r} was trained with --init-lora-weights {saved_init}, the model is "
                           f"prepared with {model_init}: prepare it as the run did")
