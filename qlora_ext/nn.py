@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ._ops import ops
+from .bnb_io import is_bnb_linear_4bit, is_bnb_linear_8bit, quant_state_from_bnb_module
 from .linear import linear_4bit, lora_linear_4bit
 from .loftq import loftq_init
 from .quantize import QuantState, dequantize, quantize
@@ -68,6 +69,18 @@ class Linear4bit(nn.Module):
         m._set_quant_state(q)
         m.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         return m
+
+    @classmethod
+    def from_bnb(cls, layer: nn.Module, double_quant: bool = False,
+                 compute_dtype: Optional[torch.dtype] = None) -> "Linear4bit":
+        """Takes over a quantized bitsandbytes.nn.Linear4bit (e.g. from transformers' BitsAndBytesConfig or a
+        pre-quantized checkpoint) without requantizing: the same codes, on the same device. double_quant=False
+        keeps absmax as the float32 values bitsandbytes decodes, so the layer computes with exactly bitsandbytes'
+        weight; True re-encodes them in qlora_ext's FP8 double quantization (qlora_ext.bnb_io). bitsandbytes'
+        own compute_dtype is not inherited: compute_dtype here has Linear4bit's meaning (None: x's dtype)."""
+        if not is_bnb_linear_4bit(layer):
+            raise TypeError(f"layer must be a bitsandbytes.nn.Linear4bit, got {type(layer).__name__}")
+        return cls.from_quantized(quant_state_from_bnb_module(layer, double_quant), layer.bias, compute_dtype)
 
     def _set_quant_state(self, q: QuantState) -> None:
         for name, t in zip(_QUANT_BUFFERS, (q.codes, q.absmax, q.absmax_scale, q.absmax_mean)):
@@ -240,11 +253,30 @@ def lora_init_of(model: nn.Module) -> str:
 
 
 def _linear_names(model: nn.Module) -> dict:
-    """The model's nn.Linear layers by name, but not the frozen dense base of an existing adapter (a second
-    prepare_model must not wrap it in another adapter)."""
+    """The layers prepare_model can adapt, by name: nn.Linear (bitsandbytes' layers included) and bare Linear4bit,
+    but not the frozen base of an existing adapter (a second prepare_model must not wrap it in another adapter)."""
     adapted = {name for name, m in model.named_modules() if isinstance(m, LoRALinear)}
     return {name: m for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and name.rpartition(".")[0] not in adapted}
+            if isinstance(m, (nn.Linear, Linear4bit)) and name.rpartition(".")[0] not in adapted}
+
+
+def _quantized_base(name: str, layer: nn.Module, quant_type: str, init_lora_weights: str,
+                    compute_dtype: Optional[torch.dtype]) -> Optional[Linear4bit]:
+    """The 4-bit base of a layer that is already quantized (a Linear4bit, taken as it is, or a bitsandbytes
+    4-bit layer, taken over exactly); None for a dense nn.Linear. Raises where the request cannot apply to it."""
+    if is_bnb_linear_8bit(layer):
+        raise ValueError(f"{name} is a bitsandbytes 8-bit layer (LLM.int8()), which qlora_ext cannot take over: "
+                         "load the model in 16/32-bit (qlora_ext quantizes it) or with load_in_4bit")
+    prequantized = isinstance(layer, Linear4bit) or is_bnb_linear_4bit(layer)
+    if not prequantized:
+        return None
+    if quant_type == "none":
+        raise ValueError(f"{name} is already 4-bit ({type(layer).__name__}): quant_type='none' (16-bit LoRA) needs "
+                         "the model loaded with dense weights")
+    if init_lora_weights == "loftq":
+        raise ValueError(f"{name} is already 4-bit ({type(layer).__name__}): LoftQ needs the dense weights to "
+                         "start from; load the model with dense weights")
+    return layer if isinstance(layer, Linear4bit) else Linear4bit.from_bnb(layer, compute_dtype=compute_dtype)
 
 
 def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = None, r: int = 8,
@@ -263,7 +295,14 @@ def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = No
     (A Kaiming-uniform, B zero: the model starts as the quantized base) or "loftq" (qlora_ext.loftq, with
     loftq_iters alternations: the adapters start at the rank-r approximation of each layer's quantization
     error, and the base is quantized from the weight less that; quantized layers only). Returns the model;
-    model_summary(model) gives trainable/total parameters and bytes."""
+    model_summary(model) gives trainable/total parameters and bytes.
+
+    Layers that are already 4-bit keep their format and values (quant_type, blocksize and double_quant apply
+    to dense layers only): a bare Linear4bit becomes the base as it is; a bitsandbytes Linear4bit (a model
+    loaded with transformers' BitsAndBytesConfig, or a pre-quantized checkpoint) is taken over exactly
+    (Linear4bit.from_bnb: its codes, absmax decoded to float32, so the base computes bitsandbytes' weight).
+    quant_type="none" and LoftQ need dense weights and refuse such layers; bitsandbytes' 8-bit layers are
+    refused."""
     if quant_type not in ("nf4", "fp4", "int4", "none"):
         raise ValueError(f"quant_type must be 'nf4', 'fp4', 'int4' or 'none', got {quant_type!r}")
     if init_lora_weights not in ("default", "loftq"):
@@ -285,6 +324,8 @@ def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = No
             raise ValueError(f"target_modules {unknown} match no nn.Linear in the model; its linear layers are "
                              f"named {sorted({n.split('.')[-1] for n in linears})}")
         chosen = [n for n in linears if n in targets or n.split(".")[-1] in targets]
+    # Layers that are already 4-bit, converted before anything changes (a refusal leaves the model as it was).
+    prequantized = {n: _quantized_base(n, linears[n], quant_type, init_lora_weights, compute_dtype) for n in chosen}
     for p in model.parameters():
         p.requires_grad_(False)
     for name in adapted:  # adapters of an earlier prepare_model keep training
@@ -293,7 +334,9 @@ def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = No
     kept_dense = []
     for name in chosen:
         linear = linears[name]
-        if quant_type != "none" and linear.in_features % blocksize:
+        if prequantized[name] is not None:
+            base = prequantized[name]
+        elif quant_type != "none" and linear.in_features % blocksize:
             # Each row of W must start a quant block: such a layer stays dense (frozen), with its adapter.
             kept_dense.append(f"{name} (in_features {linear.in_features})")
             base = linear

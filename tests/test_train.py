@@ -139,6 +139,44 @@ def test_init_adapter_continues_from_a_peft_folder(tiny, tmp_path, capsys):
     assert cli_main(["--output-dir", str(tmp_path / "b"), "--resume", "--no-progress"]) == 0
 
 
+def test_trains_a_prequantized_bitsandbytes_model(tiny, tmp_path):
+    """A model directory saved by transformers with BitsAndBytesConfig (nf4, bitsandbytes' double quant) trains:
+    its 4-bit layers are taken over exactly (tests/test_bnb_io.py), with their absmax in float32 (4.5 bits/param),
+    and --resume still continues bit-exactly."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    model_dir, _ = tiny
+    bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=torch.float32)
+    prequantized = tmp_path / "bnb-model"
+    AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb_config).save_pretrained(prequantized)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(prequantized)
+    assert json.load(open(prequantized / "config.json"))["quantization_config"]["quant_method"] == "bitsandbytes"
+    r = train(_cfg(tiny, tmp_path / "run", model=str(prequantized)), log=lambda s: None)
+    assert r["quantized_layers"] == 14 and r["base_bits_per_param"] == pytest.approx(4.5, abs=1e-3)
+    assert r["eval_after"]["loss"] < r["eval_before"]["loss"] - 0.1
+    # bitsandbytes itself computes the same eval loss before training (B = 0: the model is the base)
+    from qlora_ext.train.trainer import evaluate
+    t = Trainer(_cfg(tiny, tmp_path / "again", model=str(prequantized)), log=lambda s: None)
+    t.setup()
+    assert math.isclose(evaluate(t.model, t.data.eval, 4, t.device), r["eval_before"]["loss"], rel_tol=1e-6)
+    peer = AutoModelForCausalLM.from_pretrained(prequantized)
+    for m in peer.modules():           # its CPU inference repacking rounds absmax to bfloat16 (the trainer
+        if hasattr(m, "support_avx512bf16_for_cpu"):   # turns it off too)
+            m.support_avx512bf16_for_cpu = False
+    assert math.isclose(evaluate(peer, t.data.eval, 4, t.device), r["eval_before"]["loss"], rel_tol=1e-6)
+    # resumed from the middle of the run, it ends with the same adapters
+    from safetensors.torch import load_file
+    out = tmp_path / "run"
+    final = load_file(str(out / "adapter.safetensors"))
+    shutil.rmtree(out / "checkpoints" / "step-000008")
+    (out / "checkpoints" / "latest").write_text("step-000004\n")
+    assert cli_main(["--output-dir", str(out), "--resume", "--no-progress"]) == 0
+    resumed = load_file(str(out / "adapter.safetensors"))
+    assert resumed.keys() == final.keys() and all(torch.equal(resumed[k], final[k]) for k in final)
+
+
 @pytest.mark.parametrize("optimizer,init", [("adamw", "default"), ("paged_adamw", "default"),
                                             ("paged_adamw8bit", "default"), ("paged_adamw", "loftq")])
 def test_resume_is_bit_exact(tiny, tmp_path, optimizer, init, monkeypatch):

