@@ -6,7 +6,7 @@ import json
 import math
 import os
 
-from .._files import atomic_write_text
+from .._files import atomic_write, atomic_write_text
 
 
 def _gib(n) -> str:
@@ -71,10 +71,10 @@ def plot_loss(r: dict, path: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:   # the temporary name has no .png: say the format
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def write_report(r: dict, output_dir: str) -> dict:
