@@ -26,8 +26,8 @@
 # train: bench_quantize, harness_bench), train (bench_train_gpu, the paper-claims study item 5 on 7B/65B shapes).
 # Results go to $OUT (the device tool's output folder) or --out, default bench/out/: gpu_check.md,
 # gpu_check.json, gpu_check.log and the benchmarks' JSON (7 files; the device tool brings back 8 at most).
-# Wheels of the peers (bitsandbytes, peft) are installed from .whl/ into /tmp/site for the bench and train
-# parts: see bench/README.md.
+# Wheels of the peers (bitsandbytes, peft) are installed from .whl/ into /tmp/site for the tests (the
+# bitsandbytes takeover and PEFT-format tests), bench and train parts: see bench/README.md.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 ROOT=$(pwd)
@@ -149,7 +149,7 @@ sanitizer_parts() {
 
 export PYTHONUNBUFFERED=1 QLORA_CUDA=1 QLORA_CUDA_ARCHS="${QLORA_CUDA_ARCHS:-9.0a}" MAX_JOBS="${MAX_JOBS:-16}"
 export QLORA_SIGTERM_INTERRUPTS=1
-if (want bench || want train) && [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+if (want tests || want bench || want train) && [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     >>"$log" 2>&1 && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
