@@ -221,6 +221,40 @@ class LoRALinear(nn.Module):
         return (w + (self.lora_B.float() @ self.lora_A.float()) * self.scaling).to(dtype)
 
 
+@torch.no_grad()
+def merge_and_unload(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """Turns the model dense again, in place, for export (PEFT's merge_and_unload): each LoRALinear becomes an
+    nn.Linear holding base + (alpha/r) B @ A (LoRALinear.merged_weight: the dequantized 4-bit base, so the dense
+    model computes what the trained one did, not the original weights plus the adapter), each remaining
+    Linear4bit an nn.Linear holding its dequantized weight. dtype: the weights' dtype (default: each layer's
+    weight_dtype, or its dense base's dtype); biases follow it. Everything comes out frozen, on the layer's
+    device. Returns model (a bare LoRALinear or Linear4bit is returned as its replacement)."""
+    def dense(module: nn.Module) -> Optional[nn.Linear]:
+        if isinstance(module, LoRALinear):
+            base = module.base
+            base_dtype = base.weight_dtype if isinstance(base, Linear4bit) else base.weight.dtype
+            weight, bias = module.merged_weight(dtype or base_dtype), base.bias
+        elif isinstance(module, Linear4bit):
+            weight, bias = module.dequantized_weight(dtype or module.weight_dtype), module.bias
+        else:
+            return None
+        linear = nn.Linear(module.in_features, module.out_features, bias=bias is not None, device="meta")
+        linear.weight = nn.Parameter(weight, requires_grad=False)
+        if bias is not None:
+            linear.bias = nn.Parameter(bias.detach().to(weight.dtype).clone(), requires_grad=False)
+        return linear
+
+    top = dense(model)
+    if top is not None:
+        return top
+    # LoRALinear first (its Linear4bit base goes with it), then the Linear4bit layers left without an adapter
+    for kind in (LoRALinear, Linear4bit):
+        for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, kind)]:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, dense(module))
+    return model
+
+
 @dataclasses.dataclass
 class ModelSummary:
     trainable_params: int

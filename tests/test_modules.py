@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import qlora_ext
-from qlora_ext import Linear4bit, LoRALinear, model_summary, prepare_model
+from qlora_ext import Linear4bit, LoRALinear, merge_and_unload, model_summary, prepare_model
 from tests.conftest import DEVICES, HAS_CUDA
 
 
@@ -120,6 +120,29 @@ def test_merged_weight():
     x = torch.randn(3, 128)
     merged = lora.merged_weight(torch.float32)
     torch.testing.assert_close(x @ merged.t() + lora.base.bias, lora(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_merge_and_unload_computes_the_adapted_model(device):
+    """Adapters on a 4-bit base, on a dense base (in_features 96: kept dense), and a bare Linear4bit: all become
+    nn.Linear computing what they did (the dequantized base plus the adapter), frozen, in the asked dtype."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 96), nn.ReLU(), nn.Linear(96, 64), nn.ReLU(), nn.Linear(64, 8)).to(device)
+    with pytest.warns(UserWarning, match="kept dense"):
+        prepare_model(model, r=4, alpha=8, dropout=0.1, target_modules=["0", "2"])
+    model[4] = Linear4bit.from_linear(model[4], quant_type="fp4")
+    with torch.no_grad():
+        for m in (model[0], model[2]):
+            m.lora_B.normal_()
+    model.eval()   # the adapted model without dropout is what a merged one computes
+    x = torch.randn(5, 128, device=device)
+    expected = model(x)
+    merged = merge_and_unload(model)
+    assert merged is model and all(type(m) in (nn.Linear, nn.ReLU) for m in model)
+    assert not any(p.requires_grad for p in model.parameters()) and model[0].weight.device.type == device
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    bare = merge_and_unload(LoRALinear(Linear4bit.from_linear(nn.Linear(64, 32)), r=2), torch.bfloat16)
+    assert type(bare) is nn.Linear and bare.weight.dtype == bare.bias.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "none"])

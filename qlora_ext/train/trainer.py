@@ -57,6 +57,17 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.o
     raise ConfigError(f"unknown optimizer {name!r}")
 
 
+def prepare_for_run(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> None:
+    """prepare_model with the run's settings (the trainer, and `qlora-train merge` rebuilding a run's model)."""
+    try:
+        prepare_model(model, target_modules=cfg.target_modules, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
+                      quant_type=cfg.quant_type, double_quant=cfg.double_quant, blocksize=cfg.blocksize,
+                      compute_dtype=torch.bfloat16 if device.type == "cuda" else None,
+                      init_lora_weights=cfg.init_lora_weights, loftq_iters=cfg.loftq_iters)
+    except ValueError as e:   # unknown target module, a layer that cannot be taken over, ...
+        raise ConfigError(f"cannot prepare the model: {e}") from e
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warmup over warmup_steps, then constant or
     cosine decay to 0 at the last step. A pure function of the step, so resuming needs no scheduler state."""
@@ -157,13 +168,7 @@ class Trainer:
         self.dense_eval_loss = None
         if not cfg.resume:
             self.dense_eval_loss = evaluate(self.model, self.data.eval, cfg.batch_size, dev)
-        try:
-            prepare_model(self.model, target_modules=cfg.target_modules, r=cfg.r, alpha=cfg.alpha,
-                          dropout=cfg.dropout, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
-                          blocksize=cfg.blocksize, compute_dtype=dtype if dev.type == "cuda" else None,
-                          init_lora_weights=cfg.init_lora_weights, loftq_iters=cfg.loftq_iters)
-        except ValueError as e:   # unknown target module, in_features not a multiple of the blocksize
-            raise ConfigError(f"cannot prepare the model: {e}") from e
+        prepare_for_run(self.model, cfg, dev)
         if cfg.init_adapter and not cfg.resume:  # (a resumed run takes its checkpoint's adapters)
             try:
                 load_peft_adapter(self.model, cfg.init_adapter)
