@@ -183,6 +183,7 @@ def test_trains_a_prequantized_bitsandbytes_model(tiny, tmp_path):
     r = train(_cfg(tiny, tmp_path / "run", model=str(prequantized)), log=lambda s: None)
     assert r["quantized_layers"] == 14 and r["base_bits_per_param"] == pytest.approx(4.5, abs=1e-3)
     assert r["eval_after"]["loss"] < r["eval_before"]["loss"] - 0.1
+    assert r["dense_eval_loss"] is None   # there is no dense base to evaluate
     # bitsandbytes itself computes the same eval loss before training (B = 0: the model is the base)
     from qlora_ext.train.trainer import evaluate
     t = Trainer(_cfg(tiny, tmp_path / "again", model=str(prequantized)), log=lambda s: None)

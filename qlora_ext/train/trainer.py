@@ -19,6 +19,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from .. import model_summary, prepare_model, set_linear_backend
+from ..bnb_io import is_bnb_linear_4bit
 from ..nn import Linear4bit
 from ..peft_io import load_peft_adapter, save_peft_adapter
 from . import checkpoint as ckpt
@@ -166,7 +167,9 @@ class Trainer:
             self.log(f"note: only {self.data.train.shape[0]} training blocks for --batch-size {cfg.batch_size}: "
                      "blocks repeat within a batch")
         self.dense_eval_loss = None
-        if not cfg.resume:
+        # a model loaded 4-bit (a pre-quantized bitsandbytes checkpoint) has no dense base to compare with
+        self.prequantized = any(is_bnb_linear_4bit(m) for m in self.model.modules())
+        if not cfg.resume and not self.prequantized:
             self.dense_eval_loss = evaluate(self.model, self.data.eval, cfg.batch_size, dev)
         prepare_for_run(self.model, cfg, dev)
         if cfg.init_adapter and not cfg.resume:  # (a resumed run takes its checkpoint's adapters)
@@ -215,8 +218,9 @@ class Trainer:
             cfg.save(os.path.join(cfg.output_dir, ckpt.CONFIG_FILE))
             loss0 = evaluate(self.model, self.data.eval, cfg.batch_size, dev)
             state["evals"].append({"step": 0, "loss": loss0, "ppl": math.exp(loss0)})
-            self.log(f"eval before training: loss {loss0:.4f}, perplexity {math.exp(loss0):.2f} "
-                     f"(dense base before quantization: {math.exp(self.dense_eval_loss):.2f})")
+            self.log(f"eval before training: loss {loss0:.4f}, perplexity {math.exp(loss0):.2f} " + (
+                "(the model was loaded 4-bit by bitsandbytes: no dense base)" if self.dense_eval_loss is None else
+                f"(dense base before quantization: {math.exp(self.dense_eval_loss):.2f})"))
 
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
