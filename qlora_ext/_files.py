@@ -1,7 +1,9 @@
 """Writing files so that nothing a user saved is lost: every write goes to a temporary file of its own in the same
 folder, is flushed to the disk, and then renamed over the target (os.replace), so a reader, a crash or a power
-loss finds the old file or the new one, never half of one or an empty one."""
+loss finds the old file or the new one, never half of one or an empty one. Folders (a model directory) likewise:
+filled under a temporary name beside the target, flushed, renamed."""
 import os
+import shutil
 import tempfile
 from typing import Callable, Optional
 
@@ -58,3 +60,25 @@ def atomic_save_safetensors(tensors: dict, path: str, metadata: Optional[dict] =
     from safetensors.torch import save_file
 
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def atomic_write_folder(path: str, write: Callable[[str], None]) -> None:
+    """Calls write(tmp_folder) for a fresh temporary folder beside `path`, flushes its files to the disk and renames
+    it to `path`. Raises OSError (and leaves nothing behind) if `path` exists and is not an empty folder: rename(2)
+    replaces only an empty one."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(os.path.abspath(path)) + ".tmp-", dir=parent)
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would make the saved folder private
+    try:
+        write(tmp)
+        for root, _, files in os.walk(tmp):
+            for name in files:
+                with open(os.path.join(root, name), "rb+") as f:
+                    os.fsync(f.fileno())
+            _fsync_folder(root)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_folder(parent)

@@ -21,7 +21,7 @@ from typing import Mapping, Optional
 import torch
 
 from ._ops import BLOCKSIZES, ops
-from .quantize import QuantState, code_table
+from .quantize import QuantState, code_table, dequantize
 
 _BNB_QUANT_TYPES = ("nf4", "fp4")
 
@@ -102,13 +102,48 @@ def quant_state_from_bnb(weight: torch.Tensor, absmax: torch.Tensor, quant_map: 
     return QuantState(codes.contiguous(), absmax, scale_fp8, mean, shape, dtype, blocksize, quant_type)
 
 
-def quant_state_from_bnb_module(module: torch.nn.Module, double_quant: bool = False) -> QuantState:
-    """The QuantState of a quantized bitsandbytes.nn.Linear4bit's weight (see quant_state_from_bnb)."""
+def _bnb_quant_state(module: torch.nn.Module):
+    """The bitsandbytes QuantState of a Linear4bit: its weight's, or, where that was lost (FSDP, a re-wrapped
+    parameter), the copy the layer keeps, as bitsandbytes itself falls back to."""
     weight = module.weight
-    qs = getattr(weight, "quant_state", None)
+    qs = getattr(weight, "quant_state", None) or getattr(module, "quant_state", None)
     if qs is None:
         raise ValueError("this bitsandbytes Linear4bit is not quantized yet (bitsandbytes quantizes when the layer "
                          "moves to a device): its weight is still dense, quantize it as an nn.Linear instead")
+    if weight.device.type == "meta":
+        raise ValueError("this bitsandbytes Linear4bit is on the meta device (no data): load its weights first")
+    return qs
+
+
+def bnb_takeover_problem(module: torch.nn.Module) -> Optional[str]:
+    """Why a quantized bitsandbytes Linear4bit cannot become a qlora_ext Linear4bit (None if it can): a blocksize
+    outside qlora_ext's, or rows that do not start blocks (bitsandbytes' blocks run across rows)."""
+    qs = _bnb_quant_state(module)
+    if qs.blocksize not in BLOCKSIZES:
+        return f"bitsandbytes blocksize {qs.blocksize} (qlora_ext's are {BLOCKSIZES})"
+    if qs.shape[-1] % qs.blocksize:
+        return f"in_features {qs.shape[-1]} is not a multiple of its blocksize {qs.blocksize}"
+    return None
+
+
+def bnb_dense_weight(module: torch.nn.Module) -> torch.Tensor:
+    """The weight of a quantized bitsandbytes Linear4bit, dequantized, in the dtype it was quantized from: through
+    qlora_ext's format where its blocksize is one of qlora_ext's (also for a layer bitsandbytes repacked for its
+    CPU kernel, which bitsandbytes' own dequantize does not read), else by bitsandbytes."""
+    qs = _bnb_quant_state(module)
+    if qs.blocksize in BLOCKSIZES:
+        return dequantize(quant_state_from_bnb_module(module))
+    if getattr(qs, "packing_format_for_cpu", False):
+        raise ValueError(f"this bitsandbytes Linear4bit (blocksize {qs.blocksize}) has been repacked for "
+                         "bitsandbytes' CPU inference kernel, which only its own kernel reads: reload it, and set "
+                         "support_avx512bf16_for_cpu = False before running it on the CPU")
+    return sys.modules["bitsandbytes"].functional.dequantize_4bit(module.weight.data, qs)
+
+
+def quant_state_from_bnb_module(module: torch.nn.Module, double_quant: bool = False) -> QuantState:
+    """The QuantState of a quantized bitsandbytes.nn.Linear4bit's weight (see quant_state_from_bnb)."""
+    weight = module.weight
+    qs = _bnb_quant_state(module)
     if getattr(qs, "packing_format_for_cpu", False):
         return _from_cpu_packed(weight.data, qs, double_quant)
     nested = bool(getattr(qs, "nested", False))

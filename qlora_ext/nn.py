@@ -13,7 +13,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from ._ops import ops
-from .bnb_io import is_bnb_linear_4bit, is_bnb_linear_8bit, quant_state_from_bnb_module
+from .bnb_io import (bnb_dense_weight, bnb_takeover_problem, is_bnb_linear_4bit, is_bnb_linear_8bit,
+                     quant_state_from_bnb_module)
+from .hf_quantization import forget_quantization
 from .linear import linear_4bit, lora_linear_4bit
 from .loftq import loftq_init
 from .quantize import QuantState, dequantize, quantize
@@ -226,32 +228,35 @@ def merge_and_unload(model: nn.Module, dtype: Optional[torch.dtype] = None) -> n
     """Turns the model dense again, in place, for export (PEFT's merge_and_unload): each LoRALinear becomes an
     nn.Linear holding base + (alpha/r) B @ A (LoRALinear.merged_weight: the dequantized 4-bit base, so the dense
     model computes what the trained one did, not the original weights plus the adapter), each remaining
-    Linear4bit an nn.Linear holding its dequantized weight. dtype: the weights' dtype (default: each layer's
-    weight_dtype, or its dense base's dtype); biases follow it. Everything comes out frozen, on the layer's
-    device. Returns model (a bare LoRALinear or Linear4bit is returned as its replacement)."""
+    Linear4bit or bitsandbytes 4-bit layer an nn.Linear holding its dequantized weight. dtype: the weights' dtype
+    (default: each layer's original dtype); biases follow it. Everything comes out frozen, on the layer's device.
+    A transformers model loaded quantized (bitsandbytes) forgets that, so save_pretrained writes a dense model.
+    Returns model (a bare LoRALinear or Linear4bit is returned as its replacement). Raises ValueError, before
+    changing anything, if a bitsandbytes 8-bit layer would stay quantized."""
     def dense(module: nn.Module) -> Optional[nn.Linear]:
         if isinstance(module, LoRALinear):
             base = module.base
             base_dtype = base.weight_dtype if isinstance(base, Linear4bit) else base.weight.dtype
-            weight, bias = module.merged_weight(dtype or base_dtype), base.bias
-        elif isinstance(module, Linear4bit):
-            weight, bias = module.dequantized_weight(dtype or module.weight_dtype), module.bias
-        else:
-            return None
-        linear = nn.Linear(module.in_features, module.out_features, bias=bias is not None, device="meta")
-        linear.weight = nn.Parameter(weight, requires_grad=False)
-        if bias is not None:
-            linear.bias = nn.Parameter(bias.detach().to(weight.dtype).clone(), requires_grad=False)
-        return linear
+            return _frozen_linear(module.merged_weight(dtype or base_dtype), base.bias)
+        if isinstance(module, Linear4bit):
+            return _frozen_linear(module.dequantized_weight(dtype or module.weight_dtype), module.bias)
+        if is_bnb_linear_4bit(module):
+            weight = bnb_dense_weight(module)
+            return _frozen_linear(weight.to(dtype or weight.dtype), module.bias)
+        return None
 
+    eight_bit = [n for n, m in model.named_modules() if is_bnb_linear_8bit(m)]
+    if eight_bit:
+        raise ValueError(f"bitsandbytes 8-bit layers cannot be merged into a dense model here: {eight_bit[:5]}")
     top = dense(model)
     if top is not None:
         return top
-    # LoRALinear first (its Linear4bit base goes with it), then the Linear4bit layers left without an adapter
-    for kind in (LoRALinear, Linear4bit):
-        for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, kind)]:
+    # LoRALinear first (its base goes with it), then the 4-bit layers left without an adapter
+    for is_kind in (lambda m: isinstance(m, LoRALinear), lambda m: isinstance(m, Linear4bit), is_bnb_linear_4bit):
+        for name, module in [(n, m) for n, m in model.named_modules() if is_kind(m)]:
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, dense(module))
+    forget_quantization(model)
     return model
 
 
@@ -294,23 +299,42 @@ def _linear_names(model: nn.Module) -> dict:
             if isinstance(m, (nn.Linear, Linear4bit)) and name.rpartition(".")[0] not in adapted}
 
 
+def _frozen_linear(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Linear:
+    """A frozen nn.Linear holding weight [out, in] and bias (cast to weight's dtype), on weight's device."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.detach().to(weight.dtype).clone(), requires_grad=False)
+    return linear
+
+
 def _quantized_base(name: str, layer: nn.Module, quant_type: str, init_lora_weights: str,
-                    compute_dtype: Optional[torch.dtype]) -> Optional[Linear4bit]:
-    """The 4-bit base of a layer that is already quantized (a Linear4bit, taken as it is, or a bitsandbytes
-    4-bit layer, taken over exactly); None for a dense nn.Linear. Raises where the request cannot apply to it."""
+                    compute_dtype: Optional[torch.dtype]):
+    """(base, why kept dense) for a layer that is already quantized: a Linear4bit, taken as it is; a bitsandbytes
+    4-bit layer, taken over exactly, or, where its format does not fit a Linear4bit, dequantized by bitsandbytes
+    into a frozen dense layer (with the reason). (None, None) for a dense nn.Linear. Raises where the request
+    cannot apply to the layer."""
     if is_bnb_linear_8bit(layer):
         raise ValueError(f"{name} is a bitsandbytes 8-bit layer (LLM.int8()), which qlora_ext cannot take over: "
                          "load the model in 16/32-bit (qlora_ext quantizes it) or with load_in_4bit")
     prequantized = isinstance(layer, Linear4bit) or is_bnb_linear_4bit(layer)
     if not prequantized:
-        return None
+        return None, None
     if quant_type == "none":
         raise ValueError(f"{name} is already 4-bit ({type(layer).__name__}): quant_type='none' (16-bit LoRA) needs "
                          "the model loaded with dense weights")
     if init_lora_weights == "loftq":
         raise ValueError(f"{name} is already 4-bit ({type(layer).__name__}): LoftQ needs the dense weights to "
                          "start from; load the model with dense weights")
-    return layer if isinstance(layer, Linear4bit) else Linear4bit.from_bnb(layer, compute_dtype=compute_dtype)
+    if isinstance(layer, Linear4bit):
+        return layer, None
+    try:
+        problem = bnb_takeover_problem(layer)
+        if problem is not None:
+            return _frozen_linear(bnb_dense_weight(layer), layer.bias), problem
+        return Linear4bit.from_bnb(layer, compute_dtype=compute_dtype), None
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from e
 
 
 def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = None, r: int = 8,
@@ -360,19 +384,19 @@ def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = No
         chosen = [n for n in linears if n in targets or n.split(".")[-1] in targets]
     # Layers that are already 4-bit, converted before anything changes (a refusal leaves the model as it was).
     prequantized = {n: _quantized_base(n, linears[n], quant_type, init_lora_weights, compute_dtype) for n in chosen}
+    kept_dense = [f"{n} ({why}; dequantized)" for n, (_, why) in prequantized.items() if why is not None]
     for p in model.parameters():
         p.requires_grad_(False)
     for name in adapted:  # adapters of an earlier prepare_model keep training
         for p in (model.get_submodule(name).lora_A, model.get_submodule(name).lora_B):
             p.requires_grad_(True)
-    kept_dense = []
     for name in chosen:
         linear = linears[name]
-        if prequantized[name] is not None:
-            base = prequantized[name]
+        if prequantized[name][0] is not None:
+            base = prequantized[name][0]
         elif quant_type != "none" and linear.in_features % blocksize:
             # Each row of W must start a quant block: such a layer stays dense (frozen), with its adapter.
-            kept_dense.append(f"{name} (in_features {linear.in_features})")
+            kept_dense.append(f"{name} (in_features {linear.in_features} is not a multiple of blocksize {blocksize})")
             base = linear
         elif init_lora_weights == "loftq":
             q, lora_A, lora_B = loftq_init(linear.weight, r, alpha / r, quant_type, blocksize, double_quant,
@@ -389,8 +413,8 @@ def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = No
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, adapter)
     if kept_dense:
-        warnings.warn(f"{len(kept_dense)} linear layer(s) kept dense (frozen, with LoRA) because in_features is not "
-                      f"a multiple of blocksize {blocksize}: {', '.join(kept_dense[:5])}"
+        warnings.warn(f"{len(kept_dense)} linear layer(s) kept dense (frozen, with LoRA), not 4-bit: "
+                      f"{', '.join(kept_dense[:5])}"
                       f"{' ...' if len(kept_dense) > 5 else ''}", stacklevel=2)
     if verbose:
         print(model_summary(model))

@@ -4,7 +4,6 @@ weight bitsandbytes decodes, for NF4 and FP4, with and without its double quanti
 support, odd shapes, 16-bit weights and other storage dtypes; from the module, from a checkpoint's tensors, and
 from a layer bitsandbytes repacked for its CPU kernel. The trainer on a pre-quantized model directory is in
 tests/test_train.py."""
-import json
 
 import pytest
 import torch
@@ -13,8 +12,9 @@ bnb = pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as bnbF  # noqa: E402
 
 import qlora_ext  # noqa: E402
-from qlora_ext import Linear4bit, LoRALinear, prepare_model  # noqa: E402
-from qlora_ext.bnb_io import quant_state_from_bnb, quant_state_from_bnb_module, quant_state_from_bnb_tensors  # noqa
+from qlora_ext import Linear4bit, LoRALinear, merge_and_unload, prepare_model  # noqa: E402
+from qlora_ext.bnb_io import (bnb_dense_weight, quant_state_from_bnb, quant_state_from_bnb_module,  # noqa: E402
+                              quant_state_from_bnb_tensors)
 
 needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and qlora_ext.build_info()["cuda"]),
                                 reason="needs a CUDA GPU and a CUDA build")
@@ -30,12 +30,12 @@ def _from_state(q, qs, double_quant=False):
                                 nested_offset=qs.offset if nested else None, double_quant=double_quant)
 
 
-def _bnb_layer(linear: torch.nn.Linear, quant_type="nf4", nested=True, device="cpu"):
+def _bnb_layer(linear: torch.nn.Linear, quant_type="nf4", nested=True, device="cpu", blocksize=64):
     """A bitsandbytes Linear4bit holding linear's weight, quantized by bitsandbytes (on the move to device)."""
     layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
                               compute_dtype=torch.float32, quant_type=quant_type, compress_statistics=nested)
     layer.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type=quant_type,
-                                     compress_statistics=nested)
+                                     compress_statistics=nested, blocksize=blocksize)
     if linear.bias is not None:
         layer.bias = torch.nn.Parameter(linear.bias.data.clone(), requires_grad=False)
     layer = layer.to(device)
@@ -166,6 +166,8 @@ def test_a_layer_repacked_for_bitsandbytes_cpu_kernel_is_undone():
     got = quant_state_from_bnb_module(layer)
     assert torch.equal(got.codes, exact.codes)
     assert torch.equal(got.absmax, exact.absmax.bfloat16().float())
+    # so does the dense weight a merge takes from such a layer
+    assert torch.equal(bnb_dense_weight(layer), qlora_ext.dequantize(got))
 
 
 def test_bad_parts_are_refused_by_name():
@@ -213,6 +215,81 @@ def test_prepare_model_takes_over_bitsandbytes_layers_exactly():
         ["down.lora_A", "down.lora_B", "up.lora_A", "up.lora_B"]
     model(x).square().sum().backward()
     assert model.up.lora_A.grad is not None
+
+
+def _bnb_flat_decode(layer) -> torch.Tensor:
+    """bitsandbytes' own decode of a layer's weight, asked for as one flat row: its AVX-512 CPU kernel (0.50.2)
+    decodes a 2-D weight whose rows do not start blocks wrongly (its round-trip error doubles), the flat call
+    goes the blocks' real way."""
+    qs = layer.weight.quant_state
+    flat = bnbF.QuantState(absmax=qs.absmax, shape=torch.Size([qs.shape.numel()]), code=qs.code,
+                           blocksize=qs.blocksize, quant_type=qs.quant_type, dtype=qs.dtype, offset=qs.offset,
+                           state2=qs.state2)
+    return bnbF.dequantize_4bit(layer.weight.data, flat).view(qs.shape)
+
+
+def test_layers_a_linear4bit_cannot_hold_stay_dense_with_the_reason():
+    """bitsandbytes' blocks run across rows and it has blocksizes qlora_ext has not: such a layer is dequantized
+    into a frozen dense base (with its adapter), as a dense layer with such in_features is."""
+    torch.manual_seed(7)
+    dense = [torch.nn.Linear(128, 96), torch.nn.Linear(96, 64)]
+    layers = [_bnb_layer(dense[0], blocksize=32), _bnb_layer(dense[1])]
+    expected = [_bnb_flat_decode(m) for m in layers]
+    model = _Block(layers)
+    with pytest.warns(UserWarning, match=r"2 linear layer\(s\) kept dense .*up \(bitsandbytes blocksize 32 .*"
+                                         r"down \(in_features 96 is not a multiple of its blocksize 64; dequantized\)"):
+        prepare_model(model, r=2)
+    for base, weight, bias in zip((model.up.base, model.down.base), expected, (dense[0].bias, dense[1].bias)):
+        assert type(base) is torch.nn.Linear and not base.weight.requires_grad
+        assert torch.equal(base.weight, weight) and torch.equal(base.bias, bias)
+    # the decode is right: a round trip through bitsandbytes' quantizer loses what 4 bits lose, no more
+    assert (model.down.base.weight - dense[1].weight).abs().max() <= \
+        (qlora_ext.dequantize(qlora_ext.quantize(dense[1].weight.detach(), 64, "nf4")) - dense[1].weight).abs().max() * 1.1
+
+
+def test_merge_and_unload_makes_a_bitsandbytes_model_dense():
+    """Adapted and unadapted bitsandbytes layers alike become nn.Linear computing the same."""
+    torch.manual_seed(8)
+    model = _Block([_bnb_layer(torch.nn.Linear(64, 128)), _bnb_layer(torch.nn.Linear(128, 64), "fp4", False)])
+    prepare_model(model, r=2, target_modules=["up"])
+    with torch.no_grad():
+        model.up.lora_B.normal_()
+    x = torch.randn(3, 64)
+    expected = model(x)
+    merge_and_unload(model)
+    assert type(model.up) is torch.nn.Linear and type(model.down) is torch.nn.Linear
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"8-bit layers cannot be merged .*\['down'\]"):
+        merge_and_unload(_Block([torch.nn.Linear(8, 8), bnb.nn.Linear8bitLt(8, 8, has_fp16_weights=False)]))
+
+
+def test_a_merged_transformers_model_saves_and_loads_as_a_dense_one(tmp_path):
+    """In memory, as a PEFT user would: load with BitsAndBytesConfig, adapt some layers, merge, save_pretrained:
+    plain transformers loads a dense model computing the same logits, and it casts like any dense model."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(9)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "dense")
+    bnb_config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                 bnb_4bit_use_double_quant=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense", quantization_config=bnb_config)
+    for m in model.modules():   # bitsandbytes' CPU inference repacking would compute the reference in bfloat16
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+    prepare_model(model, r=2, target_modules=["q_proj", "v_proj"])
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.lora_B.normal_()
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        expected = model(ids).logits
+    merge_and_unload(model)
+    model.save_pretrained(tmp_path / "merged")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any(is_bnb for is_bnb in (isinstance(m, bnb.nn.Linear4bit) for m in loaded.modules()))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    assert model.half().model.layers[0].mlp.up_proj.weight.dtype == torch.float16
 
 
 def test_prepare_model_adapts_bare_linear4bit_layers_as_they_are():

@@ -204,7 +204,7 @@ def test_prepare_model_applied_again_adds_adapters_and_keeps_the_old_ones(quant_
 
 def test_prepare_model_keeps_layers_with_odd_in_features_dense_with_a_warning():
     model = nn.Sequential(nn.Linear(128, 96), nn.ReLU(), nn.Linear(96, 64), nn.ReLU(), nn.Linear(64, 8))
-    with pytest.warns(UserWarning, match=r"1 linear layer\(s\) kept dense .*2 \(in_features 96\)"):
+    with pytest.warns(UserWarning, match=r"1 linear layer\(s\) kept dense .*2 \(in_features 96 is not a multiple of blocksize 64\)"):
         prepare_model(model, r=2, exclude=())
     assert isinstance(model[0].base, Linear4bit) and isinstance(model[4].base, Linear4bit)
     assert isinstance(model[2].base, nn.Linear) and not model[2].base.weight.requires_grad

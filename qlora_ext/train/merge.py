@@ -11,11 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import tempfile
 
 import torch
 
+from .._files import atomic_write_folder
 from .config import ConfigError, TrainConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -31,12 +30,25 @@ def run_device_type(output_dir: str) -> str:
     return "cuda" if device.startswith("cuda") else "cpu"
 
 
+def untie_if_adapted(model: torch.nn.Module) -> None:
+    """An adapted lm_head tied to the input embedding is its own weight once merged: the config must say so, or a
+    loader would tie them again."""
+    config = getattr(model, "config", None)
+    try:
+        tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    except (AttributeError, NotImplementedError):
+        return
+    if config is not None and getattr(config, "tie_word_embeddings", False) and not tied:
+        config.tie_word_embeddings = False
+
+
 def merge_run(output_dir: str, target: str, dtype=None, log=print) -> str:
     """Writes the merged dense model of the run in output_dir (and its tokenizer) to the new folder target;
     returns target. dtype: the model's dtype (default: the dtype the run loaded the model in)."""
     from .. import merge_and_unload
+    from ..bnb_io import is_bnb_linear_4bit
     from .checkpoint import ADAPTER_FILE, CONFIG_FILE, load_adapters
-    from .model import forget_quantization, load_model_and_tokenizer
+    from .model import load_model_and_tokenizer
     from .trainer import prepare_for_run
 
     if os.path.exists(target) and (not os.path.isdir(target) or os.listdir(target)):
@@ -58,28 +70,28 @@ def merge_run(output_dir: str, target: str, dtype=None, log=print) -> str:
         raise ConfigError("this LoftQ run trained on a GPU: its base (quantized from the weight less LoftQ's float32 "
                           "SVD there) can only be rebuilt on a GPU")
     model, tokenizer, model_dir = load_model_and_tokenizer(cfg.model, load_dtype, device, log)
+    prequantized = any(is_bnb_linear_4bit(m) for m in model.modules())
     prepare_for_run(model, cfg, device)
     load_adapters(model, adapter)
-    merge_and_unload(model, dtype or load_dtype)
-    forget_quantization(model)  # a pre-quantized (bitsandbytes) base is dense now
+    merge_and_unload(model, dtype or load_dtype)   # also forgets a bitsandbytes load: the model is dense now
     model.to("cpu", dtype or load_dtype)  # embeddings and norms too: one dtype for the whole model
     model.config.dtype = dtype or load_dtype
-    folder = os.path.dirname(os.path.abspath(target))
-    os.makedirs(folder, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(os.path.abspath(target)) + ".tmp-", dir=folder)
+    untie_if_adapted(model)
+    prequantized_note = "as bitsandbytes had quantized it (the checkpoint's own format)" if prequantized \
+        else f"as the run quantized it ({cfg.quant_type}, double quant {cfg.double_quant}, blocksize " \
+        f"{cfg.blocksize})"
+
+    def write(folder: str) -> None:
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+        with open(os.path.join(folder, "MERGED_FROM.txt"), "w") as f:
+            f.write(f"Merged by qlora_ext from the run in {os.path.abspath(output_dir)}: the base {model_dir} "
+                    f"{prequantized_note}, dequantized, plus its LoRA adapters (r={cfg.r}, alpha={cfg.alpha}).\n")
+
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        with open(os.path.join(tmp, "MERGED_FROM.txt"), "w") as f:
-            f.write(f"Merged by qlora_ext from the run in {os.path.abspath(output_dir)}: the base {model_dir} as "
-                    f"the run quantized it ({cfg.quant_type}, double quant {cfg.double_quant}, blocksize "
-                    f"{cfg.blocksize}), dequantized, plus its LoRA adapters (r={cfg.r}, alpha={cfg.alpha}).\n")
-        if os.path.isdir(target):
-            os.rmdir(target)   # empty (checked above)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        atomic_write_folder(target, write)
+    except OSError as e:
+        raise ConfigError(f"cannot write the merged model to {target!r}: {e}") from e
     log(f"merged model: {target}")
     return target
 

