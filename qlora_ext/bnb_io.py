@@ -126,6 +126,14 @@ def bnb_takeover_problem(module: torch.nn.Module) -> Optional[str]:
     return None
 
 
+def bnb_state_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a quantized bitsandbytes Linear4bit's quantization constants (absmax, code tables; nested too),
+    which live in its QuantState, not in parameters or buffers."""
+    qs = _bnb_quant_state(module)
+    parts = [qs.absmax, qs.code] + ([qs.state2.absmax, qs.state2.code] if getattr(qs, "nested", False) else [])
+    return sum(t.numel() * t.element_size() for t in parts)
+
+
 def bnb_dense_weight(module: torch.nn.Module) -> torch.Tensor:
     """The weight of a quantized bitsandbytes Linear4bit, dequantized, in the dtype it was quantized from: through
     qlora_ext's format where its blocksize is one of qlora_ext's (also for a layer bitsandbytes repacked for its

@@ -13,8 +13,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from ._ops import ops
-from .bnb_io import (bnb_dense_weight, bnb_takeover_problem, is_bnb_linear_4bit, is_bnb_linear_8bit,
-                     quant_state_from_bnb_module)
+from .bnb_io import (bnb_dense_weight, bnb_state_bytes, bnb_takeover_problem, is_bnb_linear_4bit,
+                     is_bnb_linear_8bit, quant_state_from_bnb_module)
 from .hf_quantization import forget_quantization
 from .linear import linear_4bit, lora_linear_4bit
 from .loftq import loftq_init
@@ -280,6 +280,13 @@ def model_summary(model: nn.Module) -> ModelSummary:
     quantized = [m for m in model.modules() if isinstance(m, Linear4bit)]
     total += sum(m.in_features * m.out_features for m in quantized)
     nbytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    # bitsandbytes 4-bit layers not taken over: their packed weight is a parameter of numel/2 bytes, their
+    # constants live outside parameters and buffers
+    for m in model.modules():
+        if is_bnb_linear_4bit(m) and getattr(m.weight, "quant_state", None) is not None:
+            quantized.append(m)
+            total += m.in_features * m.out_features - m.weight.numel()
+            nbytes += bnb_state_bytes(m)
     adapters = sum(isinstance(m, LoRALinear) for m in model.modules())
     return ModelSummary(trainable, total, nbytes, len(quantized), adapters)
 

@@ -116,7 +116,8 @@ def test_a_saved_prequantized_model_reads_back(tmp_path):
     assert from_file.quant_type == "fp4" and from_file.shape == (64, 128)
     for a, b in zip(from_file.tensors().values(), from_module.tensors().values()):
         assert torch.equal(a, b)
-    assert torch.equal(qlora_ext.dequantize(from_file), bnbF.dequantize_4bit(layer.weight.data, layer.weight.quant_state))
+    expected = bnbF.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    assert torch.equal(qlora_ext.dequantize(from_file), expected)
 
 
 def test_reencoding_in_fp8_double_quant_costs_little_beside_the_4bit_error():
@@ -243,8 +244,8 @@ def test_layers_a_linear4bit_cannot_hold_stay_dense_with_the_reason():
         assert type(base) is torch.nn.Linear and not base.weight.requires_grad
         assert torch.equal(base.weight, weight) and torch.equal(base.bias, bias)
     # the decode is right: a round trip through bitsandbytes' quantizer loses what 4 bits lose, no more
-    assert (model.down.base.weight - dense[1].weight).abs().max() <= \
-        (qlora_ext.dequantize(qlora_ext.quantize(dense[1].weight.detach(), 64, "nf4")) - dense[1].weight).abs().max() * 1.1
+    own = qlora_ext.dequantize(qlora_ext.quantize(dense[1].weight.detach(), 64, "nf4"))
+    assert (model.down.base.weight - dense[1].weight).abs().max() <= (own - dense[1].weight).abs().max() * 1.1
 
 
 def test_merge_and_unload_makes_a_bitsandbytes_model_dense():
@@ -252,6 +253,9 @@ def test_merge_and_unload_makes_a_bitsandbytes_model_dense():
     torch.manual_seed(8)
     model = _Block([_bnb_layer(torch.nn.Linear(64, 128)), _bnb_layer(torch.nn.Linear(128, 64), "fp4", False)])
     prepare_model(model, r=2, target_modules=["up"])
+    summary = qlora_ext.model_summary(model)   # the layer left to bitsandbytes counts as what it is
+    assert summary.quantized_layers == 2 and summary.trainable_params == 2 * (64 + 128)
+    assert summary.total_params == 2 * 64 * 128 + 128 + 64 + summary.trainable_params
     with torch.no_grad():
         model.up.lora_B.normal_()
     x = torch.randn(3, 64)
