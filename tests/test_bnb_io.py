@@ -96,18 +96,23 @@ def test_other_storage_dtypes_and_the_checkpoint_tensors():
         quant_state_from_bnb_tensors(tensors, "layer.weight")
 
 
-def test_a_saved_prequantized_model_reads_back(tmp_path):
-    """The tensors transformers writes for a BitsAndBytesConfig model (what a pre-quantized checkpoint holds)."""
+def _tiny_llama_in_bnb(tmp_path, quant_type: str, seed: int):
+    """A one-layer random llama saved dense, then loaded by transformers with BitsAndBytesConfig (double quant)."""
     transformers = pytest.importorskip("transformers")
-    from safetensors.torch import load_file
-
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                    num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
     transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "dense")
-    bnb_config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4",
+    bnb_config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
                                                  bnb_4bit_use_double_quant=True)
-    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense", quantization_config=bnb_config)
+    return transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense", quantization_config=bnb_config)
+
+
+def test_a_saved_prequantized_model_reads_back(tmp_path):
+    """The tensors transformers writes for a BitsAndBytesConfig model (what a pre-quantized checkpoint holds)."""
+    from safetensors.torch import load_file
+
+    model = _tiny_llama_in_bnb(tmp_path, "fp4", seed=0)
     model.save_pretrained(tmp_path / "bnb")
     tensors = load_file(str(tmp_path / "bnb" / "model.safetensors"))
     layer = model.model.layers[0].mlp.down_proj
@@ -271,13 +276,7 @@ def test_a_merged_transformers_model_saves_and_loads_as_a_dense_one(tmp_path):
     """In memory, as a PEFT user would: load with BitsAndBytesConfig, adapt some layers, merge, save_pretrained:
     plain transformers loads a dense model computing the same logits, and it casts like any dense model."""
     transformers = pytest.importorskip("transformers")
-    torch.manual_seed(9)
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "dense")
-    bnb_config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                 bnb_4bit_use_double_quant=True)
-    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense", quantization_config=bnb_config)
+    model = _tiny_llama_in_bnb(tmp_path, "nf4", seed=9)
     for m in model.modules():   # bitsandbytes' CPU inference repacking would compute the reference in bfloat16
         if isinstance(m, bnb.nn.Linear4bit):
             m.support_avx512bf16_for_cpu = False
