@@ -58,6 +58,35 @@ def test_forward_backward_vs_fp32_reference(device, dtype, m, n, k, bias):
         assert (bq.grad.double() - want).abs().max() <= 2 * tol * want.abs().max() + 1e-6
 
 
+@pytest.mark.skipif(not qlora_ext.build_info()["cpu_avx512"], reason="the fused CPU path needs AVX-512")
+@pytest.mark.parametrize("quant_type,double_quant,blocksize", [("nf4", True, 64), ("fp4", False, 128),
+                                                               ("int4", True, 256), ("nf4", False, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_cpu_decode_sized_forward_decodes_in_registers(quant_type, double_quant, blocksize, dtype):
+    """x with 1..8 rows takes the fused CPU path (csrc/kernels/linear_4bit_cpu.cpp), 9 the dequantize + GEMM
+    one: both within the accuracy rule of the test above, and the fused one near the tiled one (switched off with
+    the AVX-512 paths)."""
+    n, k = 97, 4 * blocksize
+    g = torch.Generator().manual_seed(blocksize)
+    q = qlora_ext.quantize(torch.randn(n, k, generator=g) * 0.05, blocksize, quant_type, double_quant)
+    w32 = qlora_ext.dequantize(q, torch.float32)
+    b = torch.randn(n, generator=g)
+    tol = {torch.float32: 1e-6, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}[dtype]
+    for m in range(1, 10):
+        x = torch.randn(m, k, generator=g)
+        ref = x.double() @ w32.double().t() + b.double()
+        plain = (x.to(dtype) @ w32.to(dtype).t() + b.to(dtype)).float()
+        y = linear_4bit(x.to(dtype), q, b.to(dtype))
+        assert y.dtype == dtype and y.shape == (m, n)
+        assert rel_err(y, ref) <= 2 * rel_err(plain, ref) + tol
+        _C.set_cpu_avx512(False)
+        try:
+            tiled = linear_4bit(x.to(dtype), q, b.to(dtype))
+        finally:
+            _C.set_cpu_avx512(True)
+        assert rel_err(y, tiled) <= 4 * tol
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_3d_and_noncontiguous_inputs(device):
     q = make_weight(72, 128, device=device)

@@ -32,11 +32,6 @@ inline void store_from_f32(void* out, FloatFormat fmt, int64_t i, float v) {
   }
 }
 
-inline float block_absmax(const AbsmaxSource& a, int64_t block) {
-  if (a.f32) return a.f32[block];
-  return decode_absmax(a.fp8[block], a.chunk_scale[block / kAbsmaxChunk], *a.mean);
-}
-
 // ---- scalar paths: the reference the SIMD paths must match bit for bit -------------------------------
 int64_t quantize_block_scalar(const void* x, FloatFormat fmt, int64_t start, int64_t n, const CodeBook& cb,
                               uint8_t* codes, float* absmax_out) {
@@ -249,7 +244,7 @@ void dequantize_blocks_to(const uint8_t* codes, const AbsmaxSource& absmax, int6
   for (int64_t b = block_begin; b < block_end; ++b) {
     const int64_t start = b * blocksize;
     const int64_t n = std::min<int64_t>(blocksize, numel - start);
-    const float amax = block_absmax(absmax, b);
+    const float amax = decoded_absmax(absmax, b);
     void* dst = out_bytes + (start - out_first_element) * element_bytes(fmt);
 #if QLORA_X86
     if (avx512 && n == blocksize) {

@@ -8,6 +8,12 @@
 
 namespace qlora::cpu {
 
+// The first-level absmax of block `block`: stored float32, or decoded from its FP8 double quantization.
+inline float decoded_absmax(const AbsmaxSource& a, int64_t block) {
+  if (a.f32) return a.f32[block];
+  return decode_absmax(a.fp8[block], a.chunk_scale[block / kAbsmaxChunk], *a.mean);
+}
+
 // Quantizes first-level blocks [block_begin, block_end) of x (numel elements) into packed codes
 // (packed_bytes(numel) bytes) and fp32 absmax ([num_blocks] floats). Returns how many of those
 // elements are not finite (their blocks hold meaningless codes; the caller raises).

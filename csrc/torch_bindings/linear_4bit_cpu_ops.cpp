@@ -1,5 +1,6 @@
 // CPU implementation of linear_4bit and its input gradient: W is dequantized a tile of rows at a time
-// (about a million elements, so the dense weight never exists whole) and multiplied with ATen's GEMM.
+// (about a million elements, so the dense weight never exists whole) and multiplied with ATen's GEMM; a forward
+// with a few rows of x (generation) decodes W in registers instead (csrc/kernels/linear_4bit_cpu.h).
 #include <ATen/Parallel.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
@@ -8,6 +9,7 @@
 
 #include <algorithm>
 
+#include "../kernels/linear_4bit_cpu.h"
 #include "../kernels/quantize_cpu.h"
 #include "linear_4bit_common.h"
 
@@ -35,6 +37,10 @@ class WeightTiles {
   }
 
   int64_t rows_per_tile() const { return std::clamp<int64_t>(kTileElements / a_.k, 1, a_.n); }
+  const uint8_t* codes() const { return codes_.data_ptr<uint8_t>(); }
+  const AbsmaxSource& absmax() const { return src_; }
+  const CodeBook& code_book() const { return cb_; }
+  int64_t blocksize() const { return blocksize_; }
 
   at::Tensor rows(int64_t r0, int64_t r1, at::ScalarType dtype) const {
     const at::ScalarType dq = dtype == at::kDouble ? at::kFloat : dtype;
@@ -59,6 +65,29 @@ class WeightTiles {
   CodeBook cb_;
 };
 
+// y [m, n] for m <= kSmallMRows rows of x (not float64): W dequantized to x's dtype in registers, float32
+// sums, rounded once to x's dtype.
+at::Tensor linear_4bit_small_m(const at::Tensor& x2, const WeightTiles& w, const std::optional<at::Tensor>& bias,
+                               const Linear4bitArgs& a) {
+  const int64_t m = x2.size(0);
+  const at::Tensor xf = x2.to(at::kFloat).contiguous();
+  at::Tensor halves = at::empty({2, m, a.k / 2}, xf.options());
+  float* x_even = halves.data_ptr<float>();
+  float* x_odd = x_even + m * (a.k / 2);
+  cpu::split_even_odd(xf.data_ptr<float>(), m, a.k, x_even, x_odd);
+  at::Tensor bias_f;
+  if (bias.has_value()) bias_f = bias->to(at::kFloat).contiguous();
+  const float* bias_ptr = bias.has_value() ? bias_f.data_ptr<float>() : nullptr;
+  at::Tensor y = at::empty({m, a.n}, xf.options());
+  float* out = y.data_ptr<float>();
+  const FloatFormat weight_format = float_format(x2.scalar_type(), "x");
+  at::parallel_for(0, a.n, std::max<int64_t>(1, 16384 / a.k), [&](int64_t r0, int64_t r1) {
+    cpu::linear_4bit_small_m_rows(x_even, x_odd, m, a.k, weight_format, w.codes(), w.absmax(), int(w.blocksize()),
+                                  w.code_book(), bias_ptr, out, a.n, r0, r1);
+  });
+  return x2.scalar_type() == at::kFloat ? y : y.to(x2.scalar_type());
+}
+
 at::Tensor linear_4bit_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& absmax,
                            const std::optional<at::Tensor>& absmax_scale, const std::optional<at::Tensor>& absmax_mean,
                            const std::optional<at::Tensor>& bias, int64_t blocksize, const std::string& quant_type,
@@ -69,6 +98,10 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x, const at::Tensor& codes, const a
   check_bias(bias, x, a.n);
   const at::Tensor x2 = x.reshape({-1, a.k}).contiguous();
   const WeightTiles w(codes, absmax, absmax_scale, absmax_mean, blocksize, a);
+  if (x2.size(0) > 0 && x2.size(0) <= cpu::kSmallMRows && x2.scalar_type() != at::kDouble &&
+      cpu::linear_4bit_small_m_available()) {
+    return linear_4bit_small_m(x2, w, bias, a).view(with_last_dim(x, a.n));
+  }
   if (w.rows_per_tile() >= a.n) {  // one tile (most layers): the GEMM writes y itself
     const at::Tensor tile = w.rows(0, a.n, x2.scalar_type());
     const at::Tensor y = bias.has_value() ? at::addmm(*bias, x2, tile.t()) : at::mm(x2, tile.t());
