@@ -58,33 +58,64 @@ def test_forward_backward_vs_fp32_reference(device, dtype, m, n, k, bias):
         assert (bq.grad.double() - want).abs().max() <= 2 * tol * want.abs().max() + 1e-6
 
 
-@pytest.mark.skipif(not qlora_ext.build_info()["cpu_avx512"], reason="the fused CPU path needs AVX-512")
+def tiled(fn):
+    """fn() with the AVX-512 CPU paths off: decode-sized x goes through dequantize + GEMM then."""
+    _C.set_cpu_avx512(False)
+    try:
+        return fn()
+    finally:
+        _C.set_cpu_avx512(True)
+
+
+needs_avx512 = pytest.mark.skipif(not qlora_ext.build_info()["cpu_avx512"], reason="the fused CPU path needs AVX-512")
+
+
+@needs_avx512
 @pytest.mark.parametrize("quant_type,double_quant,blocksize", [("nf4", True, 64), ("fp4", False, 128),
                                                                ("int4", True, 256), ("nf4", False, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_cpu_decode_sized_forward_decodes_in_registers(quant_type, double_quant, blocksize, dtype):
-    """x with 1..8 rows takes the fused CPU path (csrc/kernels/linear_4bit_cpu.cpp), 9 the dequantize + GEMM
-    one: both within the accuracy rule of the test above, and the fused one near the tiled one (switched off with
-    the AVX-512 paths)."""
-    n, k = 97, 4 * blocksize
-    g = torch.Generator().manual_seed(blocksize)
+@pytest.mark.parametrize("n", [1, 65, 97])
+def test_cpu_decode_sized_forward_decodes_in_registers(quant_type, double_quant, blocksize, dtype, n):
+    """x with 1..8 rows takes the fused CPU path (csrc/kernels/linear_4bit_cpu.cpp), 9 the dequantize + GEMM one:
+    both within the accuracy rule of the test above against the weight dequantized to x's dtype, and the fused one
+    near the tiled one."""
+    k = 4 * blocksize
+    g = torch.Generator().manual_seed(blocksize + n)
     q = qlora_ext.quantize(torch.randn(n, k, generator=g) * 0.05, blocksize, quant_type, double_quant)
-    w32 = qlora_ext.dequantize(q, torch.float32)
+    w = qlora_ext.dequantize(q, dtype)
     b = torch.randn(n, generator=g)
     tol = {torch.float32: 1e-6, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}[dtype]
     for m in range(1, 10):
-        x = torch.randn(m, k, generator=g)
-        ref = x.double() @ w32.double().t() + b.double()
-        plain = (x.to(dtype) @ w32.to(dtype).t() + b.to(dtype)).float()
-        y = linear_4bit(x.to(dtype), q, b.to(dtype))
+        x = torch.randn(m, k, generator=g).to(dtype)
+        ref = x.double() @ w.double().t() + b.to(dtype).double()
+        plain = (x @ w.t() + b.to(dtype)).float()
+        y = linear_4bit(x, q, b.to(dtype))
         assert y.dtype == dtype and y.shape == (m, n)
         assert rel_err(y, ref) <= 2 * rel_err(plain, ref) + tol
-        _C.set_cpu_avx512(False)
-        try:
-            tiled = linear_4bit(x.to(dtype), q, b.to(dtype))
-        finally:
-            _C.set_cpu_avx512(True)
-        assert rel_err(y, tiled) <= 4 * tol
+        # the same weights, the float32 sums in another order: apart by little more than the output's rounding
+        assert rel_err(y, tiled(lambda: linear_4bit(x, q, b.to(dtype)))) <= 1.5 * tol + 1e-6
+
+
+@needs_avx512
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_cpu_decode_sized_forward_uses_dequantize_weights_to_the_bit(dtype):
+    """One-hot rows of x read single weights out of the fused path: each is dequantize's value in x's dtype, for
+    absmax across the exponents (subnormal results and rounding ties included), and a K long enough that every
+    thread takes one weight row."""
+    n, blocksize = 3, 256
+    k = 65 * blocksize
+    g = torch.Generator().manual_seed(11)
+    q = qlora_ext.quantize(torch.randn(n, k, generator=g), blocksize, "nf4", double_quant=False)
+    top = {torch.float32: 100.0, torch.bfloat16: 100.0, torch.float16: 14.0}[dtype]  # fp16: below 65504 / 1
+    exponents = torch.linspace(-30.0 if dtype == torch.float16 else -130.0, top, q.absmax.numel())
+    q.absmax = (2.0 ** exponents * (1 + torch.rand(q.absmax.numel(), generator=g))).float()
+    w = qlora_ext.dequantize(q, dtype)
+    columns = torch.randint(0, k, (8,), generator=g)
+    x = torch.zeros(8, k, dtype=dtype)
+    x[torch.arange(8), columns] = 1
+    y = linear_4bit(x, q)
+    assert torch.equal(y, w[:, columns].t())
+    assert torch.equal(y, tiled(lambda: linear_4bit(x, q)))
 
 
 @pytest.mark.parametrize("device", DEVICES)

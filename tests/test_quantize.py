@@ -163,6 +163,27 @@ def test_cpu_simd_and_scalar_paths_agree(rng):
                 assert torch.equal(ta, tb)
 
 
+def test_a_nan_absmax_decodes_to_nan_on_every_cpu_path():
+    """A corrupted state (quantize never writes one) must not decode to zeros: NaN absmax gives NaN weights in
+    every dtype on the scalar, AVX2 and AVX-512 paths alike, and through the decode-sized linear_4bit path."""
+    q = qlora_ext.quantize(torch.randn(4, 128), double_quant=False)
+    q.absmax[1] = float("nan")
+    q.absmax[2] = torch.tensor(0x7FFFFFFF, dtype=torch.int32).view(torch.float32)  # a payload that carries on rounding
+    nan_rows = torch.zeros(4, 128, dtype=torch.bool)
+    nan_rows[0, 64:] = nan_rows[1, :64] = True
+    for simd, avx512 in ((True, True), (True, False), (False, False)):
+        _C.set_cpu_simd(simd)
+        _C.set_cpu_avx512(avx512)
+        try:
+            for dtype in DTYPES:
+                assert torch.equal(qlora_ext.dequantize(q, dtype).isnan(), nan_rows), (simd, avx512, dtype)
+                y = qlora_ext.linear_4bit(torch.ones(1, 128, dtype=dtype), q)
+                assert y.isnan().tolist() == [[True, True, False, False]], (simd, avx512, dtype)
+        finally:
+            _C.set_cpu_simd(True)
+            _C.set_cpu_avx512(True)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)

@@ -25,16 +25,16 @@ void split_even_odd(const float* x, int64_t m, int64_t k, float* x_even, float* 
 #if QLORA_X86
 namespace {
 
-bool cpu_has_avx512() { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"); }
-
 // The decoded weights as the dequantize op gives them in x's dtype (each value rounded once to it), back in float32.
 template <FloatFormat F>
 __attribute__((target("avx512f,avx512bw"))) inline __m512 round_to(__m512 w) {
   constexpr __mmask16 kAll = 0xFFFF;
-  if constexpr (F == FloatFormat::BF16) {  // nearest even by integer rounding (the values are finite)
+  if constexpr (F == FloatFormat::BF16) {  // as f32_to_bf16_rn: nearest even, NaN (a corrupted absmax) quiet NaN
     const __m512i bits = _mm512_castps_si512(w);
     const __m512i lsb = _mm512_and_si512(_mm512_maskz_srli_epi32(kAll, bits, 16), _mm512_set1_epi32(1));
-    const __m512i r = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+    const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+    const __m512i quiet_nan = _mm512_or_si512(bits, _mm512_set1_epi32(0x00400000));
+    const __m512i r = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(w, w, _CMP_UNORD_Q), quiet_nan);
     return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(int(0xFFFF0000u))));
   } else if constexpr (F == FloatFormat::F16) {
     return _mm512_maskz_cvtph_ps(kAll, _mm512_maskz_cvtps_ph(kAll, w, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
@@ -56,6 +56,7 @@ __attribute__((target("avx512f,avx512bw"))) void rows_avx512(const float* x_even
   constexpr __mmask16 kAll = 0xFFFF;
   const __m512 table = _mm512_loadu_ps(cb.value);
   const __m128i low_nibbles = _mm_set1_epi8(0x0F);
+  // k / 2 and blocksize / 2 are multiples of 16 (blocksize 64, 128 or 256): every 16-byte load is inside its block
   const int64_t half_k = k / 2, blocks_per_row = k / blocksize;
   for (int64_t n = row_begin; n < row_end; ++n) {
     const uint8_t* row_codes = codes + n * half_k;
@@ -96,7 +97,8 @@ constexpr RowsKernel kRowsByM[kSmallMRows] = {rows_avx512<1, F>, rows_avx512<2, 
 
 }  // namespace
 
-bool linear_4bit_small_m_available() { return avx512_enabled() && cpu_has_avx512(); }
+// avx512_enabled() is true only on an AVX-512F/BW CPU with the switch on.
+bool linear_4bit_small_m_available() { return avx512_enabled(); }
 
 void linear_4bit_small_m_rows(const float* x_even, const float* x_odd, int64_t m, int64_t k, FloatFormat weight_format,
                               const uint8_t* codes, const AbsmaxSource& absmax, int blocksize, const CodeBook& cb,

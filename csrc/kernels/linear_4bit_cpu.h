@@ -1,7 +1,7 @@
 // CPU kernel for decode-sized 4-bit GEMMs (a few rows of x, as in generation): y = x @ W^T with W's 4-bit codes
-// decoded in registers and multiplied at once, so no dequantized tile of W is written and read back (the
-// blocked dequantize + GEMM path of linear_4bit_cpu_ops.cpp moves 8x the weight's bytes at float32). Torch-free:
-// raw pointers and row ranges; the binding splits the rows over threads.
+// decoded in registers and multiplied at once, so no dequantized tile of W is written and read back (the blocked
+// dequantize + GEMM path of linear_4bit_cpu_ops.cpp writes and reads back 16x the weight's bytes at float32).
+// Torch-free: raw pointers and row ranges; the binding splits the rows over threads.
 #pragma once
 
 #include <cstdint>

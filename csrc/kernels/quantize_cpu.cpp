@@ -154,10 +154,13 @@ __attribute__((target("avx2,f16c"))) void dequantize_block_avx2(const uint8_t* c
     } else if (fmt == FloatFormat::F16) {
       _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(dst) + e),
                        _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    } else {  // bf16, round to nearest even (no NaN can arise: table and absmax are finite)
+    } else {  // bf16 as f32_to_bf16_rn (a NaN absmax, from a corrupted state, stays NaN)
       const __m256i bits = _mm256_castps_si256(v);
       const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-      const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+      const __m256i rounded =
+          _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+      const __m256i quiet_nan = _mm256_or_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(0x40));
+      const __m256i r = _mm256_blendv_epi8(rounded, quiet_nan, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
       const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
       _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(dst) + e), _mm256_castsi256_si128(packed));
     }
@@ -185,11 +188,14 @@ __attribute__((target("avx512f,avx512bw"))) void dequantize_block_avx512(const u
     } else if (fmt == FloatFormat::F16) {
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(dst) + i),
                           _mm512_maskz_cvtps_ph(kAll, v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    } else {  // bf16 by integer rounding (vcvtneps2bf16 would flush subnormals to zero)
+    } else {  // bf16 by integer rounding (vcvtneps2bf16 would flush subnormals to zero); NaN stays NaN
       const __m512i bits = _mm512_castps_si512(v);
-      const __m512i lsb = _mm512_and_si512(_mm512_maskz_srli_epi32(kAll, bits, 16), _mm512_set1_epi32(1));
-      const __m512i r = _mm512_maskz_srli_epi32(
+      const __m512i top = _mm512_maskz_srli_epi32(kAll, bits, 16);
+      const __m512i lsb = _mm512_and_si512(top, _mm512_set1_epi32(1));
+      const __m512i rounded = _mm512_maskz_srli_epi32(
           kAll, _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+      const __mmask16 is_nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      const __m512i r = _mm512_mask_or_epi32(rounded, is_nan, top, _mm512_set1_epi32(0x40));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(dst) + i), _mm512_maskz_cvtepi32_epi16(kAll, r));
     }
   }
