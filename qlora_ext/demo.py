@@ -1,7 +1,8 @@
 """`python -m qlora_ext.demo`: a short quantize/dequantize report on a random weight matrix.
 
-The quickstart's main job until the trainer lands: quantizes a Llama-like weight (normal, std 0.02) with
-every code table, with and without double quantization, and prints storage, error and speed.
+Quantizes a Llama-like weight (normal, std 0.02) with every code table, with and without double quantization, and
+prints storage, error and speed: a quick look at the format, and a short workload for nsys / ncu (README,
+Profiling). The trainer's demo is `qlora-train demo`.
 """
 import argparse
 import time
