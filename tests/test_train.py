@@ -71,7 +71,8 @@ def _cfg(tiny, out, **kw):
 
 
 def test_train_end_to_end_loss_falls_and_report_parses(tiny, tmp_path):
-    r = train(_cfg(tiny, tmp_path / "run"), log=lambda s: None)
+    r = train(_cfg(tiny, tmp_path / "run"), log=lambda s: None, sample_prompt="The king")  # the demo's sample
+    assert isinstance(r["sample"], str) and len(r["sample"]) > len("The king")
     assert r["eval_after"]["loss"] < r["eval_before"]["loss"] - 0.1
     assert r["history"][-1]["loss"] < r["history"][0]["loss"]
     assert r["quantized_layers"] == 14 and r["trainable_params"] > 0
@@ -158,6 +159,22 @@ def test_merge_writes_a_dense_model_that_computes_the_trained_one(tiny, tmp_path
     capsys.readouterr()
     assert cli_main(["merge", "--output-dir", str(out), "--to", str(merged)]) == 2
     assert "exists and is not an empty folder" in capsys.readouterr().err
+    # `qlora-train generate` continues a prompt with the run's model: greedily, as the merged model does in plain
+    # transformers; sampled, the same text for the same seed
+    greedy = ["generate", "--output-dir", str(out), "--prompt", "The king", "--max-new-tokens", "12",
+              "--temperature", "0"]
+    assert cli_main(greedy) == 0
+    text = capsys.readouterr().out.strip()
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    ids = tokenizer("The king", return_tensors="pt").input_ids
+    expected = dense.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    assert text == tokenizer.decode(expected[0], skip_special_tokens=True) and expected.shape[1] > ids.shape[1]
+    sampled = ["generate", "--output-dir", str(out), "--prompt", "The king", "--max-new-tokens", "12", "--seed", "5"]
+    assert cli_main(sampled) == 0
+    first = capsys.readouterr().out
+    assert cli_main(sampled) == 0
+    assert capsys.readouterr().out == first and first.strip()
     if init == "default":
         assert cli_main(["merge", "--output-dir", str(out), "--to", str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
         half = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype="auto")

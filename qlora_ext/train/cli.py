@@ -1,11 +1,12 @@
-"""`qlora-train` and `python -m qlora_ext.train`: train (the default), the demo, the paper-claims study, or merge
-a finished run into a dense model.
+"""`qlora-train` and `python -m qlora_ext.train`: train (the default), the demo, the paper-claims study, merge a
+finished run into a dense model, or generate text with it.
 
     qlora-train demo                                  # the quickstart: a few minutes on a 2-core CPU
     qlora-train --model DIR --data FILE_OR_DIR ...    # your model and text (see --help)
     qlora-train --output-dir runs/x --resume          # continue a run bit-exactly
     qlora-train study                                 # the QLoRA paper's claims, in miniature
     qlora-train merge --output-dir runs/x --to DIR    # the run's model as one dense Hugging Face model
+    qlora-train generate --output-dir runs/x --prompt "..."   # text from the run's model
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import time
 
 from .config import DEMO_OVERRIDES, ConfigError, add_arguments, config_from_args, resume_config
 
-COMMANDS = ("train", "demo", "study", "merge")
+COMMANDS = ("train", "demo", "study", "merge", "generate")
+DEMO_PROMPT = "KING.\nWhat news, my lord?"  # the trained model continues it in the demo's last lines
 
 
 def _train_parser(prog: str, defaults=None, description=None) -> argparse.ArgumentParser:
@@ -45,8 +47,10 @@ def run_train(argv, demo: bool) -> int:
     from .trainer import train
 
     t0 = time.perf_counter()
-    r = train(cfg)
+    r = train(cfg, sample_prompt=DEMO_PROMPT if demo else None)
     before, after = r["eval_before"], r["eval_after"]
+    if demo:
+        print(f"sample (qlora-train generate --output-dir {cfg.output_dir} --prompt ...):\n{r['sample']}\n")
     print(f"report: {r['report']['markdown']} (also {r['report']['json']}"
           + (f", {r['report']['plot']}" if r['report']['plot'] else "") + ")")
     print(f"adapters: {r['adapter']} (PEFT format: {r['peft_adapter']})")
@@ -65,6 +69,9 @@ def main(argv=None) -> int:
         if command == "merge":
             from .merge import main as merge_main
             return merge_main(argv)
+        if command == "generate":
+            from .generate import main as generate_main
+            return generate_main(argv)
         return run_train(argv, demo=command == "demo")
     except ConfigError as e:
         print(f"qlora-train: error: {e}", file=sys.stderr)

@@ -1,33 +1,21 @@
 """`qlora-train merge`: a finished run's model as one dense Hugging Face model directory, for serving or
 converting (GGUF, vLLM) without qlora_ext.
 
-The run's model is rebuilt as the run built it (the same weights loaded in the dtype the run loaded them in, the
-same prepare_model settings, so the same 4-bit base bit for bit: CPU and CUDA quantize identically), its
-adapters loaded, then merged into dense weights (qlora_ext.merge_and_unload): the dequantized base plus
-(alpha/r) B A, i.e. what the trained model computed. The folder is written under a temporary name and renamed.
+The run's model is rebuilt as the run built it (rebuild.py: the same 4-bit base bit for bit, its adapters), then
+merged into dense weights (qlora_ext.merge_and_unload): the dequantized base plus (alpha/r) B A, i.e. what the
+trained model computed. The folder is written under a temporary name and renamed.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import torch
 
 from .._files import atomic_write_folder
-from .config import ConfigError, TrainConfig
+from .config import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def run_device_type(output_dir: str) -> str:
-    """"cuda" or "cpu": where the run trained, from its report."""
-    try:
-        with open(os.path.join(output_dir, "report.json")) as f:
-            device = json.load(f)["device"]
-    except (OSError, KeyError, ValueError) as e:
-        raise ConfigError(f"{output_dir!r} has no readable report.json (has the run finished?): {e}") from e
-    return "cuda" if device.startswith("cuda") else "cpu"
 
 
 def untie_if_adapted(model: torch.nn.Module) -> None:
@@ -46,46 +34,25 @@ def merge_run(output_dir: str, target: str, dtype=None, log=print) -> str:
     """Writes the merged dense model of the run in output_dir (and its tokenizer) to the new folder target;
     returns target. dtype: the model's dtype (default: the dtype the run loaded the model in)."""
     from .. import merge_and_unload
-    from ..bnb_io import is_bnb_linear_4bit
-    from .checkpoint import ADAPTER_FILE, CONFIG_FILE, load_adapters
-    from .model import load_model_and_tokenizer
-    from .trainer import prepare_for_run
+    from .rebuild import rebuild_run
 
     if os.path.exists(target) and (not os.path.isdir(target) or os.listdir(target)):
         raise ConfigError(f"--to {target!r} exists and is not an empty folder: the merged model needs a new one")
-    try:
-        with open(os.path.join(output_dir, CONFIG_FILE)) as f:
-            cfg = TrainConfig.from_dict(json.load(f))
-    except OSError as e:
-        raise ConfigError(f"--output-dir {output_dir!r} holds no run ({CONFIG_FILE}: {e.strerror})") from e
-    adapter = os.path.join(output_dir, ADAPTER_FILE)
-    if not os.path.exists(adapter):
-        raise ConfigError(f"{adapter!r} does not exist: the run has not finished (resume it first)")
-    run_device = run_device_type(output_dir)
-    load_dtype = torch.bfloat16 if run_device == "cuda" else torch.float32  # as the trainer loads it
-    # Quantization computes the same bits on the CPU as on a GPU; LoftQ's SVD does not (float64 on the CPU,
-    # float32 on a GPU), so a LoftQ run is rebuilt where it ran.
-    device = torch.device(run_device if cfg.init_lora_weights == "loftq" else "cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("this LoftQ run trained on a GPU: its base (quantized from the weight less LoftQ's float32 "
-                          "SVD there) can only be rebuilt on a GPU")
-    model, tokenizer, model_dir = load_model_and_tokenizer(cfg.model, load_dtype, device, log)
-    prequantized = any(is_bnb_linear_4bit(m) for m in model.modules())
-    prepare_for_run(model, cfg, device)
-    load_adapters(model, adapter)
+    run = rebuild_run(output_dir, log=log)
+    model, cfg, load_dtype = run.model, run.cfg, run.load_dtype
     merge_and_unload(model, dtype or load_dtype)   # also forgets a bitsandbytes load: the model is dense now
     model.to("cpu", dtype or load_dtype)  # embeddings and norms too: one dtype for the whole model
     model.config.dtype = dtype or load_dtype
     untie_if_adapted(model)
-    prequantized_note = "as bitsandbytes had quantized it (the checkpoint's own format)" if prequantized \
+    prequantized_note = "as bitsandbytes had quantized it (the checkpoint's own format)" if run.prequantized \
         else f"as the run quantized it ({cfg.quant_type}, double quant {cfg.double_quant}, blocksize " \
         f"{cfg.blocksize})"
 
     def write(folder: str) -> None:
         model.save_pretrained(folder, safe_serialization=True)
-        tokenizer.save_pretrained(folder)
+        run.tokenizer.save_pretrained(folder)
         with open(os.path.join(folder, "MERGED_FROM.txt"), "w") as f:
-            f.write(f"Merged by qlora_ext from the run in {os.path.abspath(output_dir)}: the base {model_dir} "
+            f.write(f"Merged by qlora_ext from the run in {os.path.abspath(output_dir)}: the base {run.model_dir} "
                     f"{prequantized_note}, dequantized, plus its LoRA adapters (r={cfg.r}, alpha={cfg.alpha}).\n")
 
     try:

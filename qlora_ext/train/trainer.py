@@ -314,10 +314,15 @@ class Trainer:
         }
 
 
-def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
-    """Runs cfg and writes the report; returns the result dict (with report paths under "report")."""
+def train(cfg: TrainConfig, log: Callable[[str], None] = print, sample_prompt: Optional[str] = None) -> dict:
+    """Runs cfg and writes the report; returns the result dict (with report paths under "report"; with
+    sample_prompt, also "sample": the trained model's continuation of it, as `qlora-train generate` writes it)."""
     from .report import write_report
 
-    result = Trainer(cfg, log).run()
+    trainer = Trainer(cfg, log)
+    result = trainer.run()
     result["report"] = write_report(result, cfg.output_dir)
+    if sample_prompt is not None:
+        from .generate import generate_text
+        result["sample"] = generate_text(trainer.model, trainer.tokenizer, sample_prompt, max_new_tokens=40)
     return result

@@ -1,0 +1,62 @@
+"""`qlora-train generate`: text from a finished run's model (the 4-bit base with its trained adapters), to see what
+training did. The model is rebuilt as the run built it (rebuild.py); on the CPU, generation's one-row steps take
+linear_4bit's decode-sized path (W decoded in registers)."""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from .config import ConfigError
+
+
+def generate_text(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: int = 60,
+                  temperature: float = 0.8, top_p: float = 0.95, seed: int = 0) -> str:
+    """prompt followed by up to max_new_tokens generated tokens (greedy when temperature is 0; else sampled with
+    torch's generator seeded by seed, so the same call gives the same text)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()   # no dropout
+    try:
+        return _generate(model, tokenizer, prompt, max_new_tokens, temperature, top_p, seed, device)
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def _generate(model, tokenizer, prompt, max_new_tokens, temperature, top_p, seed, device) -> str:
+    from .trainer import autocast_for
+
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+    if ids.shape[1] == 0:
+        raise ConfigError("--prompt is empty after tokenization: give some text to continue")
+    sample = temperature > 0
+    kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p) if sample else dict(do_sample=False)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        with autocast_for(device):
+            out = model.generate(ids, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id,
+                                 use_cache=True, **kwargs)
+    return tokenizer.decode(out[0], skip_special_tokens=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="qlora-train generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output-dir", required=True, help="the finished run's folder (as given to qlora-train)")
+    p.add_argument("--prompt", default="To be, or not to be", help="the text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=60)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy (default 0.8)")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None,
+                   help="cpu or cuda[:N] (default: the CPU, or the GPU for a LoftQ run that trained on one)")
+    args = p.parse_args(argv)
+    if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise ConfigError("--max-new-tokens must be positive, --temperature >= 0 and --top-p in (0, 1]")
+    from .rebuild import rebuild_run
+
+    run = rebuild_run(args.output_dir, args.device, log=lambda s: None)
+    print(generate_text(run.model, run.tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_p,
+                        args.seed))
+    return 0
