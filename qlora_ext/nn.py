@@ -354,7 +354,7 @@ def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = No
     again, it adds adapters to the newly matching layers and leaves existing adapters (trainable) as they are.
 
     target_modules: names matched against the last component of each module's name (e.g. "q_proj"), or
-    full dotted names; default: every nn.Linear except those named in `exclude`. A chosen layer whose
+    full dotted names; default (or PEFT's "all-linear"): every nn.Linear except those named in `exclude`. A chosen layer whose
     in_features is not a multiple of blocksize cannot be quantized (each weight row starts a block): it keeps
     its dense frozen weight and gets an adapter, with a warning naming it. init_lora_weights: "default"
     (A Kaiming-uniform, B zero: the model starts as the quantized base) or "loftq" (qlora_ext.loftq, with
@@ -378,6 +378,8 @@ def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = No
     linears = _linear_names(model)
     adapted = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
     exclude = set(exclude)
+    if target_modules == "all-linear" or target_modules == ["all-linear"]:  # PEFT's spelling of the default
+        target_modules = None
     if target_modules is None:
         chosen = [n for n in linears if n.split(".")[-1] not in exclude and n not in exclude]
     else:

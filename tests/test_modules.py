@@ -176,6 +176,11 @@ def test_prepare_model_targets_and_errors():
     prepare_model(model, target_modules=["q_proj", "v_proj"], r=2)
     names = {n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, LoRALinear)}
     assert names == {"q_proj", "v_proj"}
+    # PEFT's "all-linear" is the default: every linear layer but lm_head
+    for spelling in ("all-linear", ["all-linear"]):
+        everything = prepare_model(TinyLM(), target_modules=spelling, r=2)
+        assert sum(isinstance(m, LoRALinear) for m in everything.modules()) == 14
+        assert not isinstance(everything.lm_head, LoRALinear)
     with pytest.raises(ValueError, match=r"target_modules \['qkv'\] match no nn.Linear"):
         prepare_model(TinyLM(), target_modules=["qkv"])
     with pytest.raises(ValueError, match="quant_type must be"):
