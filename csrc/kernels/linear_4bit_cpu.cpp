@@ -1,6 +1,6 @@
 // Decode-sized 4-bit GEMM on the CPU (see linear_4bit_cpu.h): per weight row, 16 bytes of codes become 32
-// weights by two 16-entry vpermps lookups in the code table, each scaled by its block's absmax and rounded to x's
-// dtype as dequantize does, then multiplied into up to eight rows of x by FMAs. AVX-512 only: elsewhere the
+// weights by two 16-entry vpermps lookups in the block's scaled table (the code table times the block's absmax,
+// rounded to x's dtype: dequantize's values), then multiplied into up to eight rows of x by FMAs. AVX-512 only: elsewhere the
 // caller keeps dequantize + GEMM.
 #include "linear_4bit_cpu.h"
 
@@ -44,42 +44,56 @@ __attribute__((target("avx512f,avx512bw"))) inline __m512 round_to(__m512 w) {
 }
 
 // M rows of x against weight rows [row_begin, row_end): each weight is table[code] * absmax rounded to F, as
-// dequantize computes it, and the products are summed in float32, as a GEMM on the dequantized weight does. (The
-// all-ones-mask intrinsics compute what the plain ones do; GCC 12 flags the plain ones with false
-// -Wmaybe-uninitialized warnings.)
+// dequantize computes it, and the products are summed in float32, as a GEMM on the dequantized weight does. Per
+// block the 16 possible weights are computed once (the table scaled by the block's absmax, rounded to F), so a
+// weight costs one lookup in that scaled table. (The all-ones-mask intrinsics compute what the plain ones do; GCC
+// 12 flags the plain ones with false -Wmaybe-uninitialized warnings.)
 template <int M, FloatFormat F>
 __attribute__((target("avx512f,avx512bw"))) void rows_avx512(const float* x_even, const float* x_odd, int64_t k,
                                                              const uint8_t* codes, const AbsmaxSource& absmax,
                                                              int blocksize, const CodeBook& cb, const float* bias,
                                                              float* y, int64_t n_rows, int64_t row_begin,
                                                              int64_t row_end) {
+  // C independent sums per row of x, so that few rows still keep several FMAs in flight (one chain would wait
+  // an FMA's latency per 16 weights); G groups of 16 code bytes per step feed them.
+  constexpr int C = M <= 2 ? 4 : (M <= 4 ? 2 : 1);
+  constexpr int G = C == 4 ? 2 : 1;
   constexpr __mmask16 kAll = 0xFFFF;
   const __m512 table = _mm512_loadu_ps(cb.value);
   const __m128i low_nibbles = _mm_set1_epi8(0x0F);
-  // k / 2 and blocksize / 2 are multiples of 16 (blocksize 64, 128 or 256): every 16-byte load is inside its block
+  // k / 2 and blocksize / 2 are multiples of 32 (blocksize 64, 128 or 256): every step's loads are inside its block
   const int64_t half_k = k / 2, blocks_per_row = k / blocksize;
   for (int64_t n = row_begin; n < row_end; ++n) {
     const uint8_t* row_codes = codes + n * half_k;
-    __m512 acc[M];
-    for (int r = 0; r < M; ++r) acc[r] = _mm512_setzero_ps();
+    __m512 acc[M][C];
+    for (int r = 0; r < M; ++r) {
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+    }
     for (int64_t b = 0; b < blocks_per_row; ++b) {
       const __m512 amax = _mm512_set1_ps(decoded_absmax(absmax, n * blocks_per_row + b));
-      for (int64_t j = b * blocksize / 2; j < (b + 1) * blocksize / 2; j += 16) {
-        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row_codes + j));
-        const __m512i hi = _mm512_maskz_cvtepu8_epi32(kAll, _mm_and_si128(_mm_srli_epi16(bytes, 4), low_nibbles));
-        const __m512i lo = _mm512_maskz_cvtepu8_epi32(kAll, _mm_and_si128(bytes, low_nibbles));
-        // elements 2j, 2j + 2, ... and 2j + 1, 2j + 3, ...
-        const __m512 w_even = round_to<F>(_mm512_mul_ps(_mm512_maskz_permutexvar_ps(kAll, hi, table), amax));
-        const __m512 w_odd = round_to<F>(_mm512_mul_ps(_mm512_maskz_permutexvar_ps(kAll, lo, table), amax));
-        for (int r = 0; r < M; ++r) {
-          acc[r] = _mm512_fmadd_ps(w_even, _mm512_loadu_ps(x_even + r * half_k + j), acc[r]);
-          acc[r] = _mm512_fmadd_ps(w_odd, _mm512_loadu_ps(x_odd + r * half_k + j), acc[r]);
+      const __m512 values = round_to<F>(_mm512_mul_ps(table, amax));
+      for (int64_t j = b * blocksize / 2; j < (b + 1) * blocksize / 2; j += 16 * G) {
+        for (int g = 0; g < G; ++g) {
+          const int64_t at = j + 16 * g;
+          const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row_codes + at));
+          const __m512i hi = _mm512_maskz_cvtepu8_epi32(kAll, _mm_and_si128(_mm_srli_epi16(bytes, 4), low_nibbles));
+          const __m512i lo = _mm512_maskz_cvtepu8_epi32(kAll, _mm_and_si128(bytes, low_nibbles));
+          const __m512 w_even = _mm512_maskz_permutexvar_ps(kAll, hi, values);  // elements 2at, 2at + 2, ...
+          const __m512 w_odd = _mm512_maskz_permutexvar_ps(kAll, lo, values);   // elements 2at + 1, 2at + 3, ...
+          for (int r = 0; r < M; ++r) {
+            __m512& even_sum = acc[r][(2 * g) % C];
+            __m512& odd_sum = acc[r][(2 * g + 1) % C];
+            even_sum = _mm512_fmadd_ps(w_even, _mm512_loadu_ps(x_even + r * half_k + at), even_sum);
+            odd_sum = _mm512_fmadd_ps(w_odd, _mm512_loadu_ps(x_odd + r * half_k + at), odd_sum);
+          }
         }
       }
     }
     for (int r = 0; r < M; ++r) {  // (through memory: _mm512_reduce_add_ps draws GCC 12's false warnings too)
+      __m512 total = acc[r][0];
+      for (int c = 1; c < C; ++c) total = _mm512_add_ps(total, acc[r][c]);
       float lanes[16];
-      _mm512_storeu_ps(lanes, acc[r]);
+      _mm512_storeu_ps(lanes, total);
       float sum = 0.0f;
       for (int i = 0; i < 16; ++i) sum += lanes[i];
       y[r * n_rows + n] = sum + (bias ? bias[n] : 0.0f);
