@@ -128,8 +128,8 @@ def main(argv=None) -> int:
             rows += bench_shape(n, k, getattr(torch, dtype_name), ms, args.reps, bnb)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"threads": THREADS, "torch": torch.__version__, "bitsandbytes": getattr(bnb, "__version__", None),
-                       "load_average": load, "rows": rows}, f, indent=2)
+            json.dump({"threads": THREADS, "torch": torch.__version__, "load_average": load, "rows": rows,
+                       "bitsandbytes": getattr(bnb, "__version__", None)}, f, indent=2)
     return 0
 
 

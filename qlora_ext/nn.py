@@ -318,8 +318,8 @@ def _frozen_linear(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Lin
 def _quantized_base(name: str, layer: nn.Module, quant_type: str, init_lora_weights: str,
                     compute_dtype: Optional[torch.dtype]):
     """(base, why kept dense) for a layer that is already quantized: a Linear4bit, taken as it is; a bitsandbytes
-    4-bit layer, taken over exactly, or, where its format does not fit a Linear4bit, dequantized by bitsandbytes
-    into a frozen dense layer (with the reason). (None, None) for a dense nn.Linear. Raises where the request
+    4-bit layer, taken over exactly, or, where its format does not fit a Linear4bit, dequantized into a frozen
+    dense layer (with the reason). (None, None) for a dense nn.Linear. Raises where the request
     cannot apply to the layer."""
     if is_bnb_linear_8bit(layer):
         raise ValueError(f"{name} is a bitsandbytes 8-bit layer (LLM.int8()), which qlora_ext cannot take over: "
@@ -354,9 +354,9 @@ def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = No
     again, it adds adapters to the newly matching layers and leaves existing adapters (trainable) as they are.
 
     target_modules: names matched against the last component of each module's name (e.g. "q_proj"), or
-    full dotted names; default (or PEFT's "all-linear"): every nn.Linear except those named in `exclude`. A chosen layer whose
-    in_features is not a multiple of blocksize cannot be quantized (each weight row starts a block): it keeps
-    its dense frozen weight and gets an adapter, with a warning naming it. init_lora_weights: "default"
+    full dotted names; default (or PEFT's "all-linear"): every nn.Linear except those named in `exclude`. A
+    chosen layer whose in_features is not a multiple of blocksize cannot be quantized (each weight row starts a
+    block): it keeps its dense frozen weight and gets an adapter, with a warning naming it. init_lora_weights: "default"
     (A Kaiming-uniform, B zero: the model starts as the quantized base) or "loftq" (qlora_ext.loftq, with
     loftq_iters alternations: the adapters start at the rank-r approximation of each layer's quantization
     error, and the base is quantized from the weight less that; quantized layers only). Returns the model;

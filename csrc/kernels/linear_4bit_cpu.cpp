@@ -1,7 +1,7 @@
 // Decode-sized 4-bit GEMM on the CPU (see linear_4bit_cpu.h): per weight row, 16 bytes of codes become 32
 // weights by two 16-entry vpermps lookups in the block's scaled table (the code table times the block's absmax,
-// rounded to x's dtype: dequantize's values), then multiplied into up to eight rows of x by FMAs. AVX-512 only: elsewhere the
-// caller keeps dequantize + GEMM.
+// rounded to x's dtype: dequantize's values), then multiplied into up to eight rows of x by FMAs. AVX-512 only:
+// elsewhere the caller keeps dequantize + GEMM.
 #include "linear_4bit_cpu.h"
 
 #include "quantize_cpu.h"
