@@ -17,7 +17,7 @@ from .bnb_io import (bnb_dense_weight, bnb_state_bytes, bnb_takeover_problem, is
                      is_bnb_linear_8bit, quant_state_from_bnb_module)
 from .hf_quantization import forget_quantization
 from .linear import linear_4bit, lora_linear_4bit
-from .loftq import loftq_init
+from .loftq import LOFTQ_SVDS, loftq_init
 from .quantize import QuantState, dequantize, quantize
 
 _QUANT_BUFFERS = ("weight_codes", "weight_absmax", "weight_absmax_scale", "weight_absmax_mean")
@@ -348,7 +348,7 @@ def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = No
                   alpha: float = 16.0, dropout: float = 0.0, quant_type: str = "nf4", double_quant: bool = True,
                   blocksize: int = 64, compute_dtype: Optional[torch.dtype] = None,
                   exclude: Iterable[str] = ("lm_head",), verbose: bool = False,
-                  init_lora_weights: str = "default", loftq_iters: int = 1) -> nn.Module:
+                  init_lora_weights: str = "default", loftq_iters: int = 1, loftq_svd: str = "exact") -> nn.Module:
     """Replaces matching nn.Linear layers of model (in place) with LoRALinear(Linear4bit(...)), or with
     LoRALinear(frozen nn.Linear) when quant_type is "none" (16-bit LoRA), and freezes everything else. Applied
     again, it adds adapters to the newly matching layers and leaves existing adapters (trainable) as they are.
@@ -359,7 +359,8 @@ def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = No
     block): it keeps its dense frozen weight and gets an adapter, with a warning naming it. init_lora_weights: "default"
     (A Kaiming-uniform, B zero: the model starts as the quantized base) or "loftq" (qlora_ext.loftq, with
     loftq_iters alternations: the adapters start at the rank-r approximation of each layer's quantization
-    error, and the base is quantized from the weight less that; quantized layers only). Returns the model;
+    error, and the base is quantized from the weight less that; quantized layers only; loftq_svd "exact" or
+    "randomized", see loftq_init). Returns the model;
     model_summary(model) gives trainable/total parameters and bytes.
 
     Layers that are already 4-bit keep their format and values (quant_type, blocksize and double_quant apply
@@ -372,6 +373,8 @@ def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = No
         raise ValueError(f"quant_type must be 'nf4', 'fp4', 'int4' or 'none', got {quant_type!r}")
     if init_lora_weights not in ("default", "loftq"):
         raise ValueError(f"init_lora_weights must be 'default' or 'loftq', got {init_lora_weights!r}")
+    if loftq_svd not in LOFTQ_SVDS:
+        raise ValueError(f"loftq_svd must be one of {LOFTQ_SVDS}, got {loftq_svd!r}")
     if init_lora_weights == "loftq" and quant_type == "none":
         raise ValueError("init_lora_weights='loftq' needs a quantized base (quant_type nf4, fp4 or int4): a dense "
                          "base has no quantization error to start from, and A = B = 0 would never train")
@@ -409,7 +412,7 @@ def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = No
             base = linear
         elif init_lora_weights == "loftq":
             q, lora_A, lora_B = loftq_init(linear.weight, r, alpha / r, quant_type, blocksize, double_quant,
-                                           loftq_iters)
+                                           loftq_iters, loftq_svd)
             base = Linear4bit.from_quantized(dataclasses.replace(q, dtype=linear.weight.dtype), linear.bias,
                                              compute_dtype)
         else:

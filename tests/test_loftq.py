@@ -45,6 +45,23 @@ def test_more_iterations_reduce_the_error():
     assert errors[1] < errors[0]
 
 
+def test_randomized_svd_leaves_about_the_exact_error_and_repeats_itself():
+    """svd="randomized" (torch.svd_lowrank, seeded): within 2% of the exact truncated SVD's remaining error here,
+    the same adapters on every call, and torch's global random state untouched."""
+    w = weight(out=192, inp=256, seed=2)
+    errors = {}
+    for svd in ("exact", "randomized"):
+        q, A, B = loftq_init(w, 8, 2.0, svd=svd)
+        errors[svd] = (w.double() - dequantize(q, torch.float32).double() - 2.0 * (B.double() @ A.double())).norm()
+    assert errors["exact"] <= errors["randomized"] <= 1.02 * errors["exact"]
+    state = torch.get_rng_state()
+    again = loftq_init(w, 8, 2.0, svd="randomized")
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(a, b) for a, b in zip(again[1:], loftq_init(w, 8, 2.0, svd="randomized")[1:]))
+    with pytest.raises(ValueError, match="loftq_svd must be one of \\('exact', 'randomized'\\), got 'fast'"):
+        prepare_model(TinyLM(), init_lora_weights="loftq", loftq_svd="fast")
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="loftq iters must be at least 1, got 0"):
         loftq_init(weight(), 4, 1.0, iters=0)

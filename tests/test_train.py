@@ -228,15 +228,18 @@ def test_trains_a_prequantized_bitsandbytes_model(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("optimizer,init", [("adamw", "default"), ("paged_adamw", "default"),
-                                            ("paged_adamw8bit", "default"), ("paged_adamw", "loftq")])
+                                            ("paged_adamw8bit", "default"), ("paged_adamw", "loftq"),
+                                            ("adamw", "loftq-randomized")])
 def test_resume_is_bit_exact(tiny, tmp_path, optimizer, init, monkeypatch):
-    """Also with LoftQ's start, which --resume computes again from the model (its SVD is deterministic)."""
+    """Also with LoftQ's start, which --resume computes again from the model (its SVD, exact or randomized with
+    its seeded start, is deterministic)."""
+    init, _, svd = init.partition("-")
     if optimizer == "paged_adamw8bit":  # the tiny model's adapters are below the default 4096-element threshold
         from qlora_ext.optim import PagedAdamW8bit
         monkeypatch.setitem(PagedAdamW8bit.__init__.__kwdefaults__, "min_8bit_size", 256)
     out = tmp_path / "run"
     cfg = _cfg(tiny, out, steps=6, save_every=3, eval_every=3, grad_accum=2, schedule="cosine", optimizer=optimizer,
-               init_lora_weights=init)
+               init_lora_weights=init, loftq_svd=svd or "exact")
     straight = train(cfg, log=lambda s: None)
     if optimizer == "paged_adamw8bit":
         saved = torch.load(out / "checkpoints" / "step-000003" / "trainer_state.pt", weights_only=False)
@@ -277,6 +280,7 @@ def test_resume_refuses_changed_flags(tiny, tmp_path, capsys):
     (dict(init_lora_weights="pissa"), "--init-lora-weights must be one of ('default', 'loftq')"),
     (dict(init_lora_weights="loftq", quant_type="none"), "--init-lora-weights loftq needs a quantized base"),
     (dict(loftq_iters=0), "--loftq-iters must be positive"),
+    (dict(loftq_svd="fast"), "--loftq-svd must be one of ('exact', 'randomized'), got 'fast'"),
     (dict(init_adapter="/no/such/folder"), "--init-adapter /no/such/folder is not a folder"),
     (dict(model="/no/such/model"), "is not a directory"),
 ])

@@ -9,6 +9,7 @@ import os
 from typing import List, Optional
 
 from .._files import atomic_write_text
+from ..loftq import LOFTQ_SVDS
 
 DEFAULT_MODEL = "smollm2"          # the embedded SmolLM2-135M-Instruct (see qlora_ext.train.model)
 QUANT_TYPES = ("nf4", "fp4", "int4", "none")
@@ -38,6 +39,7 @@ class TrainConfig:
     target_modules: Optional[List[str]] = None   # default (or all-linear): every nn.Linear except lm_head
     init_lora_weights: str = "default"  # default (A Kaiming, B zero) | loftq (start at each layer's quantization error)
     loftq_iters: int = 1                # LoftQ's quantize / SVD alternations (with --init-lora-weights loftq)
+    loftq_svd: str = "exact"            # exact | randomized (LoftQ's truncated SVD; randomized: 30-80x faster)
     init_adapter: Optional[str] = None  # start from a PEFT LoRA adapter folder (e.g. an earlier run's peft_adapter)
     # data
     seq_len: int = 256
@@ -73,6 +75,7 @@ class TrainConfig:
         need(self.blocksize in (64, 128, 256), f"--blocksize must be 64, 128 or 256, got {self.blocksize}")
         need(self.init_lora_weights in LORA_INITS,
              f"--init-lora-weights must be one of {LORA_INITS}, got {self.init_lora_weights!r}")
+        need(self.loftq_svd in LOFTQ_SVDS, f"--loftq-svd must be one of {LOFTQ_SVDS}, got {self.loftq_svd!r}")
         need(self.init_lora_weights != "loftq" or self.quant_type != "none",
              "--init-lora-weights loftq needs a quantized base (--quant-type nf4, fp4 or int4)")
         need(self.init_adapter is None or self.resume or os.path.isdir(self.init_adapter),  # resume: checkpoint's
