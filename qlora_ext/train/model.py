@@ -122,9 +122,10 @@ def load_model_and_tokenizer(model: str, dtype: torch.dtype = torch.float32, dev
         raise ConfigError(f"cannot load a tokenizer from {path!r}: {e}") from e
     net = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     for m in net.modules():
-        # A pre-quantized bitsandbytes model: its first forward in eval mode on the CPU (the evaluation before
-        # training) would repack its 4-bit layers for bitsandbytes' inference kernel, rounding their absmax to
-        # bfloat16 just before prepare_model takes them over, and only in a run that is not resumed.
+        # A pre-quantized bitsandbytes model: a forward in eval mode without gradients on the CPU would repack its
+        # 4-bit layers for bitsandbytes' inference kernel, rounding their absmax to bfloat16: before prepare_model
+        # takes a layer over, that would change the base; a layer left to bitsandbytes would evaluate in bfloat16
+        # but train in float32.
         if is_bnb_linear_4bit(m):
             m.support_avx512bf16_for_cpu = False
     net.to(device)
