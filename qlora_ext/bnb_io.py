@@ -38,6 +38,17 @@ def is_bnb_linear_8bit(module: torch.nn.Module) -> bool:
     return bnb is not None and isinstance(module, getattr(bnb.nn, "Linear8bitLt", ()))
 
 
+def holds_bnb_linear_4bit(model: torch.nn.Module) -> bool:
+    """Whether model has bitsandbytes 4-bit layers (it was loaded 4-bit, e.g. from a pre-quantized checkpoint)."""
+    return any(is_bnb_linear_4bit(m) for m in model.modules())
+
+
+def is_quantized_bnb_linear_4bit(module: torch.nn.Module) -> bool:
+    """Whether module is a bitsandbytes Linear4bit holding 4-bit data (its weight's or its own quant state)."""
+    return is_bnb_linear_4bit(module) and (getattr(module.weight, "quant_state", None) or
+                                           getattr(module, "quant_state", None)) is not None
+
+
 def _dtype_named(name: str, what: str) -> torch.dtype:
     dtype = getattr(torch, str(name).removeprefix("torch."), None)
     if not isinstance(dtype, torch.dtype):

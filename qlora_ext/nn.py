@@ -14,7 +14,7 @@ from torch.nn import functional as F
 
 from ._ops import ops
 from .bnb_io import (bnb_dense_weight, bnb_state_bytes, bnb_takeover_problem, is_bnb_linear_4bit,
-                     is_bnb_linear_8bit, quant_state_from_bnb_module)
+                     is_bnb_linear_8bit, is_quantized_bnb_linear_4bit, quant_state_from_bnb_module)
 from .hf_quantization import forget_quantization
 from .linear import linear_4bit, lora_linear_4bit
 from .loftq import LOFTQ_SVDS, loftq_init
@@ -283,7 +283,7 @@ def model_summary(model: nn.Module) -> ModelSummary:
     # bitsandbytes 4-bit layers not taken over: their packed weight is a parameter of numel/2 bytes, their
     # constants live outside parameters and buffers
     for m in model.modules():
-        if is_bnb_linear_4bit(m) and getattr(m.weight, "quant_state", None) is not None:
+        if is_quantized_bnb_linear_4bit(m):
             quantized.append(m)
             total += m.in_features * m.out_features - m.weight.numel()
             nbytes += bnb_state_bytes(m)

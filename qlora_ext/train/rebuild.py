@@ -37,7 +37,7 @@ def run_device_type(output_dir: str) -> str:
 def rebuild_run(output_dir: str, device: Optional[str] = None, log=print) -> RebuiltRun:
     """The model of the finished run in output_dir on device ("cpu", or "cuda[:N]" where one is visible; default:
     the CPU, but the GPU for a LoftQ run that trained on one)."""
-    from ..bnb_io import is_bnb_linear_4bit
+    from ..bnb_io import holds_bnb_linear_4bit
     from .checkpoint import ADAPTER_FILE, CONFIG_FILE, load_adapters
     from .model import load_model_and_tokenizer
     from .trainer import prepare_for_run
@@ -60,7 +60,7 @@ def rebuild_run(output_dir: str, device: Optional[str] = None, log=print) -> Reb
         raise ConfigError(f"--device {device}: no CUDA GPU is visible")
     load_dtype = torch.bfloat16 if run_device == "cuda" else torch.float32
     model, tokenizer, model_dir = load_model_and_tokenizer(cfg.model, load_dtype, device, log)
-    prequantized = any(is_bnb_linear_4bit(m) for m in model.modules())
+    prequantized = holds_bnb_linear_4bit(model)
     prepare_for_run(model, cfg, torch.device(device))
     load_adapters(model, adapter)
     model.eval()

@@ -19,7 +19,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from .. import model_summary, prepare_model, set_linear_backend
-from ..bnb_io import is_bnb_linear_4bit
+from ..bnb_io import holds_bnb_linear_4bit
 from ..nn import Linear4bit
 from ..peft_io import load_peft_adapter, save_peft_adapter
 from . import checkpoint as ckpt
@@ -168,7 +168,7 @@ class Trainer:
                      "blocks repeat within a batch")
         self.dense_eval_loss = None
         # a model loaded 4-bit (a pre-quantized bitsandbytes checkpoint) has no dense base to compare with
-        self.prequantized = any(is_bnb_linear_4bit(m) for m in self.model.modules())
+        self.prequantized = holds_bnb_linear_4bit(self.model)
         if not cfg.resume and not self.prequantized:
             self.dense_eval_loss = evaluate(self.model, self.data.eval, cfg.batch_size, dev)
         prepare_for_run(self.model, cfg, dev)
