@@ -62,7 +62,19 @@ def linear_4bit(x: torch.Tensor, weight: QuantState, bias: Optional[torch.Tensor
                            weight.blocksize, weight.quant_type, weight.shape[0])
 
 
-_NO_SEED = torch.zeros(1, dtype=torch.int64)  # the seed argument when there is no dropout (never read)
+_NO_SEED = {torch.device("cpu"): torch.zeros(1, dtype=torch.int64)}
+
+
+def _no_seed(device: torch.device) -> torch.Tensor:
+    """The seed argument when there is no dropout (never read), on x's device: a CPU tensor among CUDA ones
+    would keep torch.compile from capturing the layer in a CUDA graph. Made once per device in eager mode;
+    a traced graph makes its own (one int64)."""
+    if torch.compiler.is_compiling():
+        return torch.zeros(1, dtype=torch.int64, device=device)
+    seed = _NO_SEED.get(device)
+    if seed is None:
+        seed = _NO_SEED[device] = torch.zeros(1, dtype=torch.int64, device=device)
+    return seed
 
 
 def lora_linear_4bit(x: torch.Tensor, weight: QuantState, lora_A: torch.Tensor, lora_B: torch.Tensor,
@@ -71,20 +83,21 @@ def lora_linear_4bit(x: torch.Tensor, weight: QuantState, lora_A: torch.Tensor, 
     """x @ W^T + bias + scaling * dropout(x) @ lora_A^T @ lora_B^T as one op (what qlora_ext.nn.LoRALinear
     computes on a Linear4bit base): W [N, K] quantized in `weight`, lora_A [r, K], lora_B [N, r].
     Differentiable in x, lora_A, lora_B and bias; W is frozen. The adapter's arithmetic runs in the adapters'
-    dtype, y has x's dtype. dropout_p > 0 needs `seed` (a CPU int64 tensor of one element): the mask is the
-    qlora_ext::dropout op's for that seed, regenerated in the backward pass rather than stored.
+    dtype, y has x's dtype. dropout_p > 0 needs `seed` (an int64 tensor of one element, on the CPU or on x's
+    CUDA device; qlora_ext.nn.draw_seed): the mask is the qlora_ext::dropout op's for that seed, regenerated
+    in the backward pass rather than stored.
 
     Under torch.autocast, x, bias and the adapters are cast to the autocast dtype first (as F.linear's
     inputs would be)."""
     _check_in_features(x, weight)
     if dropout_p > 0.0 and seed is None:
-        raise ValueError("dropout_p > 0 needs a seed (a CPU int64 tensor of one element)")
+        raise ValueError("dropout_p > 0 needs a seed: an int64 tensor of one element (qlora_ext.nn.draw_seed)")
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         x, lora_A, lora_B = x.to(dtype), lora_A.to(dtype), lora_B.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
     y, _, _ = ops.lora_linear_4bit(x, weight.codes, weight.absmax, weight.absmax_scale, weight.absmax_mean, bias,
-                                   lora_A, lora_B, _NO_SEED if seed is None else seed, weight.blocksize,
+                                   lora_A, lora_B, _no_seed(x.device) if seed is None else seed, weight.blocksize,
                                    weight.quant_type, weight.shape[0], float(scaling), float(dropout_p))
     return y

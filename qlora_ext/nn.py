@@ -119,8 +119,15 @@ class Linear4bit(nn.Module):
                 f"quant_type={self.quant_type}, blocksize={self.blocksize}, double_quant={self.double_quant}")
 
 
-def draw_seed() -> torch.Tensor:
-    """A dropout seed: one int64 from torch's CPU generator (so torch.manual_seed makes masks reproducible)."""
+def draw_seed(device: torch.device | str | None = None) -> torch.Tensor:
+    """A dropout seed for data on `device`: one int64 from torch's generator of that device, so torch.manual_seed
+    makes masks reproducible. On CUDA the seed stays on the GPU and the kernel reads it there: no copy to the
+    host, and a captured CUDA graph draws a new seed, so a new mask, at every replay (torch's CUDA generator is
+    graph-safe), where a host-drawn seed would be frozen into the graph."""
+    device = torch.device("cpu" if device is None else device)
+    if device.type == "cuda":
+        # 63 random bits: torch.compile's own randint computes high - low in int64, which the full range overflows
+        return torch.randint(-(2**62), 2**62, (1,), dtype=torch.int64, device=device)
     return torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64)
 
 
@@ -130,8 +137,8 @@ class Dropout(nn.Module):
     the CPU kernel generates it with vector code (torch's CPU dropout draws its Bernoulli mask one element at
     a time: it was a sixth of a LoRA training step on CPU). Same distribution and scaling as nn.Dropout, not
     the same mask; reproducible under torch.manual_seed and across gradient-checkpoint recomputation, which
-    restores the CPU generator. The seed is drawn on the host at each call, so a captured CUDA graph would
-    replay one mask forever: capture LoRA layers with dropout 0, or in eval mode."""
+    restores the generators. The seed comes from the generator of x's device (see draw_seed): on CUDA it never
+    leaves the GPU, so CUDA graphs replay with fresh masks."""
 
     def __init__(self, p: float = 0.5):
         super().__init__()
@@ -142,7 +149,7 @@ class Dropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        return ops.dropout(x, draw_seed(), self.p)
+        return ops.dropout(x, draw_seed(x.device), self.p)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -204,7 +211,7 @@ class LoRALinear(nn.Module):
             # the same numbers. The seed is drawn exactly when Dropout would draw it.
             p = self.dropout.p if isinstance(self.dropout, Dropout) and self.dropout.training else 0.0
             return lora_linear_4bit(x, base.weight, self.lora_A, self.lora_B, self.scaling, p,
-                                    draw_seed() if p > 0.0 else None,
+                                    draw_seed(x.device) if p > 0.0 else None,
                                     None if base.bias is None else base.bias.to(x.dtype))
         y = base(x)
         # alpha/r scales the rank-r intermediate, not the [..., out_features] product: r/out as many multiplies

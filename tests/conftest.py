@@ -29,6 +29,12 @@ DEVICES = [
 ]
 
 
+
+def cuda_only(test):
+    """A test that needs a CUDA GPU: marked `cuda` (bench/gpu_check.sh runs those), skipped elsewhere."""
+    return pytest.mark.cuda(pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")(test))
+
+
 @pytest.fixture
 def rng(request):
     """A fresh generator per test, seeded from the test id so a failure reproduces."""

@@ -8,9 +8,9 @@ from torch.utils.checkpoint import checkpoint
 
 import qlora_ext
 from qlora_ext import _C
-from qlora_ext.nn import Dropout
+from qlora_ext.nn import Dropout, draw_seed
 from tests import reference_dropout as ref
-from tests.conftest import DEVICES
+from tests.conftest import DEVICES, cuda_only
 
 ops = torch.ops.qlora_ext
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -185,6 +185,75 @@ def test_bad_inputs_name_the_argument(device):
         ops.dropout(x, torch.tensor([1, 2]), 0.1)
     with pytest.raises(TypeError, match="x must be float32"):
         ops.dropout(torch.ones(3, dtype=torch.int32, device=device), seed_tensor(1), 0.1)
-    if device == "cuda":
-        with pytest.raises(RuntimeError, match="seed must be a CPU tensor"):
-            ops.dropout(x, seed_tensor(1).cuda(), 0.1)
+    if device == "cuda":  # a CUDA seed with a CPU x dispatches to the CUDA kernel, which names x
+        with pytest.raises(RuntimeError, match="x must be"):
+            ops.dropout(x.cpu(), seed_tensor(1).cuda(), 0.1)
+
+
+def test_seed_is_drawn_on_the_data_device():
+    assert draw_seed().device.type == "cpu" and draw_seed("cpu").device.type == "cpu"
+    torch.manual_seed(3)
+    a = draw_seed(torch.device("cpu"))
+    torch.manual_seed(3)
+    assert torch.equal(a, draw_seed()) and a.dtype == torch.int64 and a.shape == (1,)
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_seed_read_on_the_device_gives_the_same_bits(dtype, rng):
+    x = torch.from_numpy(rng.standard_normal(4097) * 3).to(dtype)
+    seed = int(rng.integers(-(2**63), 2**63 - 1))
+    got = ops.dropout(x.cuda(), seed_tensor(seed).cuda(), 0.3)
+    assert torch.equal(got.cpu(), ref.dropout(x, seed, 0.3))
+    assert torch.equal(got, ops.dropout(x.cuda(), seed_tensor(seed), 0.3))
+
+
+@cuda_only
+def test_module_on_cuda_draws_from_the_cuda_generator_and_recomputes_under_checkpoint():
+    d = Dropout(0.3)
+    x = torch.rand(16, 64, device="cuda") + 0.5
+    assert draw_seed(x.device).device == x.device
+    torch.cuda.manual_seed(5)
+    a = d(x)
+    torch.cuda.manual_seed(5)
+    assert torch.equal(a, d(x)) and not torch.equal(a, d(x))
+    lin = torch.nn.Linear(64, 32).cuda()
+    xg = x.clone().requires_grad_()
+
+    def f(t):
+        return lin(d(t)).sum()
+
+    torch.cuda.manual_seed(11)
+    f(xg).backward()
+    plain = xg.grad.clone()
+    xg.grad = None
+    torch.cuda.manual_seed(11)
+    checkpoint(f, xg, use_reentrant=False).backward()
+    assert torch.equal(xg.grad, plain)
+
+
+@cuda_only
+def test_cuda_graph_replays_draw_new_masks():
+    # The seed is drawn on the device inside the graph: each replay draws a new one, and the replay's output
+    # is the eager op's for that seed (a host-drawn seed would be frozen at capture).
+    d = Dropout(0.5)
+    x = torch.rand(4097, device="cuda") + 0.5
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up outside the graph, as torch.cuda.graphs asks
+        d(x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        seed = draw_seed(x.device)
+        y = ops.dropout(x, seed, 0.5)
+        z = d(x)
+    outputs = []
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, ops.dropout(x, seed.cpu(), 0.5))
+        outputs.append((y.clone(), z.clone()))
+    for i in range(3):
+        for j in range(i):
+            assert not torch.equal(outputs[i][0], outputs[j][0]) and not torch.equal(outputs[i][1], outputs[j][1])

@@ -12,7 +12,7 @@ from qlora_ext import Linear4bit, LoRALinear
 from qlora_ext.linear import lora_linear_4bit
 from tests import reference as ref
 from tests import reference_dropout as ref_dropout
-from tests.conftest import DEVICES
+from tests.conftest import DEVICES, cuda_only
 
 ops = torch.ops.qlora_ext
 
@@ -194,8 +194,9 @@ def test_gradient_checkpointing_reproduces_the_mask(rng):
         assert torch.equal(got, want)
 
 
-def test_torch_compile_fullgraph_matches_eager(rng):
-    lora = lora_module(rng, p=0.2)
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_torch_compile_fullgraph_matches_eager(p, rng):
+    lora = lora_module(rng, p=p)
     x = torch.randn(2, 7, 128)
     compiled = torch.compile(lora, fullgraph=True, backend="aot_eager")
     grads = []
@@ -243,6 +244,27 @@ def test_adapters_on_another_device_are_an_error(rng):
     base, a, b = make_layer(rng, 32, 64, 4, "cuda", torch.float32, torch.float32)
     with pytest.raises(RuntimeError, match="lora_A and lora_B must be on x's device"):
         lora_linear_4bit(torch.randn(3, 64, device="cuda"), base.weight, a.cpu(), b.cpu(), 1.0)
+
+
+def test_placeholder_seed_is_on_the_data_device():
+    # without dropout the op still takes a seed tensor: on x's device, so that no CPU tensor keeps a compiled
+    # CUDA layer out of a CUDA graph
+    from qlora_ext.linear import _no_seed
+    assert _no_seed(torch.device("cpu")).device.type == "cpu"
+    assert _no_seed(torch.device("cpu")) is _no_seed(torch.device("cpu"))
+    assert _no_seed(torch.device("meta")).device.type == "meta"
+
+
+@cuda_only
+def test_seed_on_the_device_gives_the_host_seeds_numbers(rng):
+    base, a, b = make_layer(rng, 97, 128, 8, "cuda", torch.bfloat16, torch.float32)
+    x = torch.from_numpy(rng.standard_normal((65, 128))).to(torch.bfloat16).cuda()
+    dy = torch.from_numpy(rng.standard_normal((65, 97))).to(torch.bfloat16).cuda()
+    seed = torch.tensor([int(rng.integers(-(2**63), 2**63 - 1))], dtype=torch.int64)
+    host, device = (run(lambda x, a, b, bias: lora_linear_4bit(x, base.weight, a, b, 2.0, 0.3, s, bias), x, a, b,
+                        base.bias, dy) for s in (seed, seed.cuda()))
+    for got, want in zip(device, host):
+        assert torch.equal(got, want)
 
 
 def test_reference_mask_is_the_ops_mask():

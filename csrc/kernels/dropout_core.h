@@ -71,6 +71,10 @@ enum class DropoutDtype : int { F32 = 0, F64 = 1, F16 = 2, BF16 = 3 };
 // What a dropout call needs besides the data: derived once on the host from p.
 struct DropoutParams {
   uint64_t seed = 0;
+  // CUDA only: where the seed lies in device memory, read by the kernel instead of `seed`. A seed drawn on the
+  // device (torch's CUDA generator) is then never copied to the host, so a captured CUDA graph draws a new
+  // seed, and applies a new mask, at every replay. Null on the CPU.
+  const int64_t* seed_on_device = nullptr;
   uint32_t threshold = 0;  // keep element i iff its word >= threshold
   bool drop_all = false;   // p == 1: every element is dropped (the threshold cannot say so)
   float scale_f32 = 1.0f;  // 1 / (1 - p), rounded once to float32 (float32, float16 and bfloat16 data)

@@ -12,9 +12,10 @@ constexpr int kThreads = 256;
 template <DropoutDtype T>
 __global__ void kDropout(const void* __restrict__ x, void* __restrict__ y, int64_t numel, int64_t groups,
                          DropoutParams d) {
+  const uint64_t seed = d.seed_on_device != nullptr ? uint64_t(__ldg(d.seed_on_device)) : d.seed;
   for (int64_t g = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; g < groups;
        g += int64_t(gridDim.x) * blockDim.x) {
-    const Philox4 r = dropout_words(d.seed, uint64_t(g));
+    const Philox4 r = dropout_words(seed, uint64_t(g));
 #pragma unroll
     for (int w = 0; w < 4; ++w) {
       const int64_t i = dropout_element_index(g, w);

@@ -18,13 +18,29 @@ inline DropoutDtype dropout_dtype(const at::Tensor& x) {
   }
 }
 
-// The seed is read on the host: a CUDA seed would cost a synchronization per call.
-inline DropoutParams dropout_params(const at::Tensor& seed, double p) {
+inline void check_dropout_args(const at::Tensor& seed, double p) {
   TORCH_CHECK_VALUE(p >= 0.0 && p <= 1.0, "p must be in [0, 1], got ", p);
   TORCH_CHECK_TYPE(seed.scalar_type() == at::kLong, "seed must be int64, got ", seed.scalar_type());
-  TORCH_CHECK(seed.device().is_cpu(), "seed must be a CPU tensor (it is read on the host), got ", seed.device());
   TORCH_CHECK_VALUE(seed.numel() == 1, "seed must have one element, got ", seed.numel());
+}
+
+// CPU x: the seed is a CPU tensor, read here.
+inline DropoutParams dropout_params_cpu(const at::Tensor& seed, double p) {
+  check_dropout_args(seed, p);
+  TORCH_CHECK(seed.device().is_cpu(), "seed must be a CPU tensor for a CPU x, got ", seed.device());
   return make_dropout_params(p, static_cast<uint64_t>(seed.item<int64_t>()));
+}
+
+// CUDA x: a seed on x's device is read by the kernel (no synchronization, and graph capture records the
+// read, not the value); a CPU seed is read here, as on the CPU.
+inline DropoutParams dropout_params_cuda(const at::Tensor& seed, double p, const at::Tensor& x) {
+  check_dropout_args(seed, p);
+  if (seed.device().is_cpu()) return make_dropout_params(p, static_cast<uint64_t>(seed.item<int64_t>()));
+  TORCH_CHECK(seed.device() == x.device(), "seed must be a CPU tensor or on x's device (", x.device(), "), got ",
+              seed.device());
+  DropoutParams d = make_dropout_params(p, 0);
+  d.seed_on_device = seed.data_ptr<int64_t>();
+  return d;
 }
 
 }  // namespace qlora::ops

@@ -16,7 +16,7 @@ constexpr int64_t kGrainBatches = 256;  // 16K elements per task
 at::Tensor dropout_cpu(const at::Tensor& x, const at::Tensor& seed, double p) {
   const DropoutDtype dtype = dropout_dtype(x);
   check_device(x, "x", c10::DeviceType::CPU);
-  const DropoutParams d = dropout_params(seed, p);
+  const DropoutParams d = dropout_params_cpu(seed, p);
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty(xc.sizes(), xc.options());
   const int64_t numel = xc.numel();

@@ -16,7 +16,7 @@ namespace {
 at::Tensor dropout_cuda(const at::Tensor& x, const at::Tensor& seed, double p) {
   const DropoutDtype dtype = dropout_dtype(x);
   check_device(x, "x", c10::DeviceType::CUDA);
-  const DropoutParams d = dropout_params(seed, p);
+  const DropoutParams d = dropout_params_cuda(seed, p, x);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty(xc.sizes(), xc.options());

@@ -225,8 +225,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_4bit_autograd(
 TORCH_LIBRARY_FRAGMENT(qlora_ext, m) {
   // y = x @ W^T (+ bias) + scaling * dropout(x) @ lora_A^T @ lora_B^T, W [N, K] stored 4-bit as for
   // linear_4bit, lora_A [r, K] and lora_B [N, r] in one floating dtype (the adapter's arithmetic runs in it;
-  // y has x's dtype), dropout with the dropout op's mask for seed (a CPU int64 tensor; unused when
-  // dropout_p = 0). Returns (y, the adapter's input or an empty tensor, scaling * input @ lora_A^T): the
+  // y has x's dtype), dropout with the dropout op's mask for seed (an int64 tensor as the dropout op
+  // takes it; unused when dropout_p = 0). Returns (y, the adapter's input or an empty tensor, scaling * input @ lora_A^T): the
   // two extra outputs are what lora_linear_4bit_backward needs.
   m.def(
       "lora_linear_4bit(Tensor x, Tensor codes, Tensor absmax, Tensor? absmax_scale, Tensor? absmax_mean, "
