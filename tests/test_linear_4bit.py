@@ -118,6 +118,28 @@ def test_cpu_decode_sized_forward_uses_dequantize_weights_to_the_bit(dtype):
     assert torch.equal(y, tiled(lambda: linear_4bit(x, q)))
 
 
+@needs_avx512
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_decode_sized_forward_decodes_double_quantized_absmax_as_dequantize(dtype):
+    """The fused path decodes FP8 absmax 16 blocks at a time: every one of the 256 codes (subnormal, negative and
+    NaN ones, which decode to zero), rows whose blocks do not start at a multiple of 16, and rows across the
+    boundary between two chunks of 256 blocks (two scales in one vector): one-hot rows of x read dequantize's
+    weights."""
+    n, blocksize, k = 5, 64, 101 * 64  # 101 blocks per row: row 2 holds blocks 202..302, across block 256
+    g = torch.Generator().manual_seed(12)
+    q = qlora_ext.quantize(torch.randn(n, k, generator=g), blocksize, "nf4", double_quant=True)
+    q.absmax = torch.randperm(256, generator=g).repeat(2)[: q.absmax.numel()].to(torch.uint8)
+    q.absmax_scale = torch.rand(q.absmax_scale.numel(), generator=g) * 0.01 + 0.001
+    q.absmax_mean = torch.tensor([0.3])
+    w = qlora_ext.dequantize(q, dtype)
+    assert (w == 0).any() and (w != 0).any()
+    for start in range(0, k, 8 * 64):
+        columns = torch.arange(start, min(k, start + 8 * 64), 64) + torch.randint(0, 64, (1,), generator=g)
+        x = torch.zeros(len(columns), k, dtype=dtype)
+        x[torch.arange(len(columns)), columns] = 1
+        assert torch.equal(linear_4bit(x, q), w[:, columns].t())
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_3d_and_noncontiguous_inputs(device):
     q = make_weight(72, 128, device=device)

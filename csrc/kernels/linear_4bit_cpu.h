@@ -16,15 +16,15 @@ constexpr int64_t kSmallMRows = 8;
 // Whether the fused path runs here: an AVX-512F/BW CPU with the AVX-512 paths on (quantize_cpu.h's switch).
 bool linear_4bit_small_m_available();
 
-// x [m, k] float32 as two halves, x_even[i] = x[2i] and x_odd[i] = x[2i + 1] per row ([m, k / 2] each): a packed
-// byte holds element 2i in its high nibble and 2i + 1 in its low one.
-void split_even_odd(const float* x, int64_t m, int64_t k, float* x_even, float* x_odd);
+// The order the fused path reads x in: x [m, k] float32 rearranged within each group of 32 elements (16 code
+// bytes) to the order the kernel decodes weights in (see linear_4bit_cpu.cpp), into x_lookup [m, k].
+void order_x_for_lookup(const float* x, int64_t m, int64_t k, float* x_lookup);
 
 // y[r, n] = sum_k x[r, k] W[n, k] (+ bias[n]) for r < m <= kSmallMRows and rows n in [row_begin, row_end) of the
-// [n_rows, k] quantized W (k a multiple of blocksize). W's values are dequantize's in weight_format (x's dtype:
-// table[code] * absmax rounded once to it), the products summed in float32. y is [m, n_rows] float32; bias may
-// be null.
-void linear_4bit_small_m_rows(const float* x_even, const float* x_odd, int64_t m, int64_t k, FloatFormat weight_format,
+// [n_rows, k] quantized W (k a multiple of blocksize). x_lookup is order_x_for_lookup's. W's values are
+// dequantize's in weight_format (x's dtype: table[code] * absmax rounded once to it), the products summed in
+// float32. y is [m, n_rows] float32; bias may be null.
+void linear_4bit_small_m_rows(const float* x_lookup, int64_t m, int64_t k, FloatFormat weight_format,
                               const uint8_t* codes, const AbsmaxSource& absmax, int blocksize, const CodeBook& cb,
                               const float* bias, float* y, int64_t n_rows, int64_t row_begin, int64_t row_end);
 

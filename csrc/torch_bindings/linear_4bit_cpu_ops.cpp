@@ -71,10 +71,9 @@ at::Tensor linear_4bit_small_m(const at::Tensor& x2, const WeightTiles& w, const
                                const Linear4bitArgs& a) {
   const int64_t m = x2.size(0);
   const at::Tensor xf = x2.to(at::kFloat).contiguous();
-  at::Tensor halves = at::empty({2, m, a.k / 2}, xf.options());
-  float* x_even = halves.data_ptr<float>();
-  float* x_odd = x_even + m * (a.k / 2);
-  cpu::split_even_odd(xf.data_ptr<float>(), m, a.k, x_even, x_odd);
+  at::Tensor x_lookup = at::empty({m, a.k}, xf.options());
+  cpu::order_x_for_lookup(xf.data_ptr<float>(), m, a.k, x_lookup.data_ptr<float>());
+  const float* x_ordered = x_lookup.data_ptr<float>();
   at::Tensor bias_f;
   if (bias.has_value()) bias_f = bias->to(at::kFloat).contiguous();
   const float* bias_ptr = bias.has_value() ? bias_f.data_ptr<float>() : nullptr;
@@ -82,7 +81,7 @@ at::Tensor linear_4bit_small_m(const at::Tensor& x2, const WeightTiles& w, const
   float* out = y.data_ptr<float>();
   const FloatFormat weight_format = float_format(x2.scalar_type(), "x");
   at::parallel_for(0, a.n, std::max<int64_t>(1, 16384 / a.k), [&](int64_t r0, int64_t r1) {
-    cpu::linear_4bit_small_m_rows(x_even, x_odd, m, a.k, weight_format, w.codes(), w.absmax(), int(w.blocksize()),
+    cpu::linear_4bit_small_m_rows(x_ordered, m, a.k, weight_format, w.codes(), w.absmax(), int(w.blocksize()),
                                   w.code_book(), bias_ptr, out, a.n, r0, r1);
   });
   return x2.scalar_type() == at::kFloat ? y : y.to(x2.scalar_type());
