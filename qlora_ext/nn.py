@@ -305,6 +305,27 @@ def lora_init_of(model: nn.Module) -> str:
         else "default"
 
 
+def chosen_linears(model: nn.Module, target_modules: Optional[Iterable[str]] = None,
+                   exclude: Iterable[str] = ("lm_head",)) -> list:
+    """The names of the layers prepare_model(model, target_modules, exclude=exclude) adapts (see there). Raises
+    ValueError for a target that matches no linear layer."""
+    linears = _linear_names(model)
+    adapted = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    exclude = set(exclude)
+    if target_modules == "all-linear" or target_modules == ["all-linear"]:  # PEFT's spelling of the default
+        target_modules = None
+    if target_modules is None:
+        return [n for n in linears if n.split(".")[-1] not in exclude and n not in exclude]
+    targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    # a layer that already has an adapter is known (applying prepare_model again leaves it as it is)
+    known = {n.split(".")[-1] for n in [*linears, *adapted]} | set(linears) | set(adapted)
+    unknown = [t for t in targets if t not in known]
+    if unknown:
+        raise ValueError(f"target_modules {unknown} match no nn.Linear in the model; its linear layers are "
+                         f"named {sorted({n.split('.')[-1] for n in linears})}")
+    return [n for n in linears if n in targets or n.split(".")[-1] in targets]
+
+
 def _linear_names(model: nn.Module) -> dict:
     """The layers prepare_model can adapt, by name: nn.Linear (bitsandbytes' layers included) and bare Linear4bit,
     but not the frozen base of an existing adapter (a second prepare_model must not wrap it in another adapter)."""
@@ -387,20 +408,7 @@ def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = No
                          "base has no quantization error to start from, and A = B = 0 would never train")
     linears = _linear_names(model)
     adapted = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
-    exclude = set(exclude)
-    if target_modules == "all-linear" or target_modules == ["all-linear"]:  # PEFT's spelling of the default
-        target_modules = None
-    if target_modules is None:
-        chosen = [n for n in linears if n.split(".")[-1] not in exclude and n not in exclude]
-    else:
-        targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-        # a layer that already has an adapter is known (applying prepare_model again leaves it as it is)
-        known = {n.split(".")[-1] for n in [*linears, *adapted]} | set(linears) | set(adapted)
-        unknown = [t for t in targets if t not in known]
-        if unknown:
-            raise ValueError(f"target_modules {unknown} match no nn.Linear in the model; its linear layers are "
-                             f"named {sorted({n.split('.')[-1] for n in linears})}")
-        chosen = [n for n in linears if n in targets or n.split(".")[-1] in targets]
+    chosen = chosen_linears(model, target_modules, exclude)
     # Layers that are already 4-bit, converted before anything changes (a refusal leaves the model as it was).
     prequantized = {n: _quantized_base(n, linears[n], quant_type, init_lora_weights, compute_dtype) for n in chosen}
     kept_dense = [f"{n} ({why}; dequantized)" for n, (_, why) in prequantized.items() if why is not None]

@@ -103,6 +103,22 @@ def test_train_end_to_end_loss_falls_and_report_parses(tiny, tmp_path):
         open(r["report"]["markdown"]).read()
 
 
+def test_load_in_4bit_trains_the_run_that_loading_dense_trains(tiny, tmp_path):
+    """--load-in-4bit on quantizes as the checkpoint is read: the same base, so the same run, bit for bit (the
+    dense load only adds its dense eval loss); auto stays dense on the CPU."""
+    from safetensors.torch import load_file
+    runs = {mode: train(_cfg(tiny, tmp_path / mode, steps=4, eval_every=2, load_in_4bit=mode), log=lambda s: None)
+            for mode in ("on", "auto")}
+    on, dense = runs["on"], runs["auto"]
+    assert on["base_quantized_while_loading"] and not dense["base_quantized_while_loading"]
+    assert on["dense_eval_loss"] is None and dense["dense_eval_loss"] is not None
+    assert on["evals"] == dense["evals"]   # steps, losses, perplexities
+    assert [h["loss"] for h in on["history"]] == [h["loss"] for h in dense["history"]]
+    a, b = load_file(on["adapter"]), load_file(dense["adapter"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "quantized as the checkpoint was read" in open(on["report"]["markdown"]).read()
+
+
 def test_loftq_adapters_only_load_into_a_loftq_model(tiny, tmp_path):
     r = train(_cfg(tiny, tmp_path / "loftq", steps=2, init_lora_weights="loftq"), log=lambda s: None)
     t = Trainer(_cfg(tiny, tmp_path / "plain", steps=2), log=lambda s: None)
@@ -283,6 +299,10 @@ def test_resume_refuses_changed_flags(tiny, tmp_path, capsys):
     (dict(loftq_svd="fast"), "--loftq-svd must be one of ('exact', 'randomized'), got 'fast'"),
     (dict(init_adapter="/no/such/folder"), "--init-adapter /no/such/folder is not a folder"),
     (dict(model="/no/such/model"), "is not a directory"),
+    (dict(load_in_4bit="yes"), "--load-in-4bit must be one of ('auto', 'on', 'off'), got 'yes'"),
+    (dict(load_in_4bit="on", quant_type="none"), "--load-in-4bit on needs a quantized base"),
+    (dict(load_in_4bit="on", init_lora_weights="loftq"), "--load-in-4bit on cannot start LoftQ"),
+    (dict(load_in_4bit="on", target_modules=["q_proj", "qkv"]), "--load-in-4bit: target_modules ['qkv'] match no"),
 ])
 def test_bad_inputs_give_clear_errors(tiny, tmp_path, change, message):
     if change.get("data") == ["EMPTY"]:

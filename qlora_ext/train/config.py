@@ -17,6 +17,7 @@ SCHEDULES = ("cosine", "constant")
 OPTIMIZERS = ("adamw", "paged_adamw", "paged_adamw8bit")
 LINEAR_BACKENDS = ("auto", "fused", "fused_mma", "dequant", "tune")
 LORA_INITS = ("default", "loftq")
+LOAD_IN_4BIT = ("auto", "on", "off")
 
 
 class ConfigError(ValueError):
@@ -41,6 +42,7 @@ class TrainConfig:
     loftq_iters: int = 1                # LoftQ's quantize / SVD alternations (with --init-lora-weights loftq)
     loftq_svd: str = "exact"            # exact | randomized (LoftQ's truncated SVD; randomized: 30-80x faster)
     init_adapter: Optional[str] = None  # start from a PEFT LoRA adapter folder (e.g. an earlier run's peft_adapter)
+    load_in_4bit: str = "auto"          # quantize as the checkpoint is read (no dense model held): auto (GPU)|on|off
     # data
     seq_len: int = 256
     eval_blocks: int = 32               # held-out blocks of seq_len tokens (never trained on)
@@ -76,6 +78,12 @@ class TrainConfig:
         need(self.init_lora_weights in LORA_INITS,
              f"--init-lora-weights must be one of {LORA_INITS}, got {self.init_lora_weights!r}")
         need(self.loftq_svd in LOFTQ_SVDS, f"--loftq-svd must be one of {LOFTQ_SVDS}, got {self.loftq_svd!r}")
+        need(self.load_in_4bit in LOAD_IN_4BIT,
+             f"--load-in-4bit must be one of {LOAD_IN_4BIT}, got {self.load_in_4bit!r}")
+        need(self.load_in_4bit != "on" or self.quant_type != "none",
+             "--load-in-4bit on needs a quantized base: --quant-type none keeps the dense weights")
+        need(self.load_in_4bit != "on" or self.init_lora_weights != "loftq",
+             "--load-in-4bit on cannot start LoftQ, which needs each layer's dense weight")
         need(self.init_lora_weights != "loftq" or self.quant_type != "none",
              "--init-lora-weights loftq needs a quantized base (--quant-type nf4, fp4 or int4)")
         need(self.init_adapter is None or self.resume or os.path.isdir(self.init_adapter),  # resume: checkpoint's
@@ -162,7 +170,8 @@ def _field_help() -> dict:
 
 
 # Flags that may differ on --resume: they do not change what is computed.
-RESUME_MAY_CHANGE = ("resume", "progress", "device", "linear_backend", "output_dir")
+# (load_in_4bit builds the same 4-bit base as loading the dense model and quantizing it, bit for bit.)
+RESUME_MAY_CHANGE = ("resume", "progress", "device", "linear_backend", "output_dir", "load_in_4bit")
 
 
 def resume_config(output_dir: str, explicit: dict) -> TrainConfig:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import time
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -108,8 +108,10 @@ def resolve_model_dir(model: str, log=print) -> str:
 
 
 def load_model_and_tokenizer(model: str, dtype: torch.dtype = torch.float32, device="cpu",
-                             log=print) -> Tuple[torch.nn.Module, object, str]:
-    """(model in eval mode on device with dtype weights, its tokenizer, the directory it came from)."""
+                             log=print, quantize: Optional[dict] = None) -> Tuple[torch.nn.Module, object, str]:
+    """(model in eval mode on device with dtype weights, its tokenizer, the directory it came from). quantize:
+    qlora_ext.load_4bit's settings (target_modules, quant_type, ...) to quantize the chosen layers as the
+    checkpoint is read, instead of loading the dense model."""
     _require_transformers()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -120,6 +122,13 @@ def load_model_and_tokenizer(model: str, dtype: torch.dtype = torch.float32, dev
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # transformers raises many kinds here
         raise ConfigError(f"cannot load a tokenizer from {path!r}: {e}") from e
+    if quantize is not None:
+        from ..load_4bit import load_4bit
+        try:
+            net = load_4bit(path, dtype=dtype, device=device, **quantize)
+        except ValueError as e:  # a target that matches nothing, a checkpoint whose tensors do not fit the model
+            raise ConfigError(f"--load-in-4bit: {e}") from e
+        return net, tokenizer, path
     net = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     for m in net.modules():
         # A pre-quantized bitsandbytes model: a forward in eval mode without gradients on the CPU would repack its

@@ -40,6 +40,8 @@ def markdown(r: dict) -> str:
             f"device-wide now {_gib(mem.get('device_used_now'))})" if 'cuda_max_allocated' in mem
             else " (process peak RSS)") + " |",
     ]
+    if r.get("base_quantized_while_loading"):
+        lines.append("| base | quantized as the checkpoint was read (`--load-in-4bit`): no dense model held |")
     if r.get("dense_eval_loss") is not None:
         d = r["dense_eval_loss"]
         lines.append(f"| eval perplexity, dense base | {math.exp(d):.2f} (loss {d:.4f}) |")

@@ -26,7 +26,7 @@ from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig
 from .data import TokenBlocks, batch_indices, find_text_files, pack, tokenize_files
 from .loss import causal_lm_loss
-from .model import load_model_and_tokenizer, max_positions
+from .model import load_model_and_tokenizer, max_positions, resolve_model_dir
 
 PEFT_DIR = "peft_adapter"  # <output_dir>/peft_adapter: the adapters in PEFT's format
 
@@ -58,15 +58,33 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.o
     raise ConfigError(f"unknown optimizer {name!r}")
 
 
+def compute_dtype_for(device: torch.device) -> Optional[torch.dtype]:
+    """The 4-bit layers' compute dtype in a run: bfloat16 on a GPU, x's own (float32) on the CPU."""
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
 def prepare_for_run(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> None:
     """prepare_model with the run's settings (the trainer, and `qlora-train merge` rebuilding a run's model)."""
     try:
         prepare_model(model, target_modules=cfg.target_modules, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
                       quant_type=cfg.quant_type, double_quant=cfg.double_quant, blocksize=cfg.blocksize,
-                      compute_dtype=torch.bfloat16 if device.type == "cuda" else None,
+                      compute_dtype=compute_dtype_for(device),
                       init_lora_weights=cfg.init_lora_weights, loftq_iters=cfg.loftq_iters, loftq_svd=cfg.loftq_svd)
     except ValueError as e:   # unknown target module, a layer that cannot be taken over, ...
         raise ConfigError(f"cannot prepare the model: {e}") from e
+
+
+def resolve_load_in_4bit(cfg: TrainConfig, device: torch.device, model_dir: str) -> bool:
+    """Whether the run quantizes its base as the checkpoint is read (qlora_ext.load_4bit) rather than loading the
+    dense model first: --load-in-4bit on (an error where it cannot), off, or auto: on a GPU wherever it can
+    (on the CPU the dense model is loaded, and its eval loss reported beside the quantized one's)."""
+    from ..load_4bit import load_4bit_problem
+    if cfg.load_in_4bit == "off" or cfg.quant_type == "none" or cfg.init_lora_weights == "loftq":
+        return False   # (validate() refuses "on" with the last two)
+    problem = load_4bit_problem(model_dir)
+    if cfg.load_in_4bit == "on" and problem is not None:
+        raise ConfigError(f"--load-in-4bit on: {problem}")
+    return problem is None and (cfg.load_in_4bit == "on" or device.type == "cuda")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -155,7 +173,14 @@ class Trainer:
         t0 = time.perf_counter()
         files = find_text_files(cfg.data)   # before the model loads: a wrong path fails in a second
         dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-        self.model, self.tokenizer, self.model_dir = load_model_and_tokenizer(cfg.model, dtype, dev, self.log)
+        model_dir = resolve_model_dir(cfg.model, self.log)
+        self.loaded_4bit = resolve_load_in_4bit(cfg, dev, model_dir)
+        quantize = dict(target_modules=cfg.target_modules, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
+                        blocksize=cfg.blocksize, compute_dtype=compute_dtype_for(dev)) if self.loaded_4bit else None
+        self.model, self.tokenizer, self.model_dir = load_model_and_tokenizer(model_dir, dtype, dev, self.log,
+                                                                              quantize=quantize)
+        if self.loaded_4bit:
+            self.log("model: quantized as its checkpoint was read (the dense model was never held)")
         limit = max_positions(self.model)
         if limit and cfg.seq_len > limit:
             raise ConfigError(f"--seq-len {cfg.seq_len} is longer than the model allows "
@@ -167,9 +192,10 @@ class Trainer:
             self.log(f"note: only {self.data.train.shape[0]} training blocks for --batch-size {cfg.batch_size}: "
                      "blocks repeat within a batch")
         self.dense_eval_loss = None
-        # a model loaded 4-bit (a pre-quantized bitsandbytes checkpoint) has no dense base to compare with
+        # a model loaded 4-bit (a pre-quantized bitsandbytes checkpoint, or quantized as it loaded) has no dense
+        # base to compare with
         self.prequantized = holds_bnb_linear_4bit(self.model)
-        if not cfg.resume and not self.prequantized:
+        if not cfg.resume and not self.prequantized and not self.loaded_4bit:
             self.dense_eval_loss = evaluate(self.model, self.data.eval, cfg.batch_size, dev)
         prepare_for_run(self.model, cfg, dev)
         if cfg.init_adapter and not cfg.resume:  # (a resumed run takes its checkpoint's adapters)
@@ -219,7 +245,8 @@ class Trainer:
             loss0 = evaluate(self.model, self.data.eval, cfg.batch_size, dev)
             state["evals"].append({"step": 0, "loss": loss0, "ppl": math.exp(loss0)})
             self.log(f"eval before training: loss {loss0:.4f}, perplexity {math.exp(loss0):.2f} " + (
-                "(the model was loaded 4-bit by bitsandbytes: no dense base)" if self.dense_eval_loss is None else
+                "(the model was loaded 4-bit by bitsandbytes: no dense base)" if self.prequantized else
+                "(quantized as it loaded: no dense base evaluated)" if self.dense_eval_loss is None else
                 f"(dense base before quantization: {math.exp(self.dense_eval_loss):.2f})"))
 
         if dev.type == "cuda":
@@ -300,6 +327,7 @@ class Trainer:
             "model_bytes": self.summary.model_bytes,
             "quantized_layers": self.summary.quantized_layers,
             "base_bits_per_param": bits,
+            "base_quantized_while_loading": self.loaded_4bit,
             "tokens_trained": state["tokens"],
             "train_seconds": state["train_seconds"],
             "tokens_per_s": state["tokens"] / max(state["train_seconds"], 1e-9),

@@ -1,0 +1,143 @@
+"""Loading a Hugging Face causal LM with its linear layers quantized while the checkpoint is read.
+
+`AutoModelForCausalLM.from_pretrained` followed by `prepare_model` holds the whole dense model first (a 65B model
+in bfloat16 is 130 GB): that is what QLoRA's memory figures leave out. `load_4bit` builds the model's skeleton on
+the meta device (accelerate's init_empty_weights), then reads the checkpoint one tensor at a time: a chosen linear
+layer's weight goes to the device in the load dtype, is quantized there by `qlora_ext.quantize` and dropped, and
+every other tensor is put in place as it is. The peak is the 4-bit model plus one dense tensor. The result is the
+model `from_pretrained` + `prepare_model` would build, bit for bit (the same quantize on the same values), with
+bare Linear4bit layers where the adapters go: `prepare_model` then adds the adapters and keeps those bases.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .nn import Linear4bit, chosen_linears
+from .quantize import quantize
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+
+def checkpoint_files(path: str) -> List[str]:
+    """The weight files of the Hugging Face model directory `path`: safetensors (one file or an index's shards),
+    else PyTorch .bin. Raises ValueError when it has neither."""
+    for single, index in (("model.safetensors", SAFETENSORS_INDEX), ("pytorch_model.bin", BIN_INDEX)):
+        if os.path.exists(os.path.join(path, single)):
+            return [os.path.join(path, single)]
+        if os.path.exists(os.path.join(path, index)):
+            with open(os.path.join(path, index)) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            return [os.path.join(path, s) for s in shards]
+    raise ValueError(f"{path!r} holds no model.safetensors, pytorch_model.bin or their index: load_4bit reads "
+                     "Hugging Face checkpoints in those formats")
+
+
+def load_4bit_problem(path: str) -> Optional[str]:
+    """Why load_4bit cannot read the model directory `path` (None if it can): a quantized checkpoint, or no
+    safetensors / .bin weights."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            quantization = json.load(f).get("quantization_config")
+    except (OSError, ValueError) as e:
+        return f"cannot read {path!r}/config.json: {e}"
+    if quantization:
+        return f"{path!r} is a quantized checkpoint ({quantization.get('quant_method', '?')}), read as it is"
+    try:
+        checkpoint_files(path)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _tensors(files: Iterable[str]) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(name, CPU tensor) for every tensor of the files, one at a time (safetensors memory-mapped; a .bin shard
+    memory-mapped by torch.load)."""
+    for file in files:
+        if file.endswith(".safetensors"):
+            from safetensors import safe_open
+            with safe_open(file, framework="pt", device="cpu") as st:
+                for key in st.keys():
+                    yield key, st.get_tensor(key)
+        else:
+            shard = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            for key in list(shard):
+                yield key, shard.pop(key)
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def load_4bit(path: str, target_modules: Optional[Iterable[str]] = None, quant_type: str = "nf4",
+              double_quant: bool = True, blocksize: int = 64, dtype: torch.dtype = torch.bfloat16,
+              device="cpu", compute_dtype: Optional[torch.dtype] = None,
+              exclude: Iterable[str] = ("lm_head",)) -> nn.Module:
+    """The causal LM in the Hugging Face directory `path`, on `device`, in eval mode: the linear layers that
+    prepare_model(model, target_modules, exclude=exclude) would adapt are Linear4bit (quant_type, blocksize,
+    double_quant; weight_dtype `dtype`; compute_dtype as prepare_model's), quantized from the checkpoint's weights
+    cast to `dtype` on `device`; everything else is loaded in `dtype` (floating tensors; the model's
+    _keep_in_fp32_modules in float32). A chosen layer whose in_features is not a multiple of blocksize stays dense
+    (prepare_model then keeps it dense too). Raises ValueError for a pre-quantized checkpoint, a checkpoint whose
+    tensors do not match the model, or a bad target."""
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    if quant_type not in ("nf4", "fp4", "int4"):
+        raise ValueError(f"quant_type must be 'nf4', 'fp4' or 'int4', got {quant_type!r}")
+    device = torch.device(device)
+    config = AutoConfig.from_pretrained(path)
+    if getattr(config, "quantization_config", None):
+        raise ValueError(f"{path!r} is a quantized checkpoint ({config.quantization_config.get('quant_method', '?')}"
+                         "): load it with from_pretrained, whose quantizer reads it (prepare_model takes over "
+                         "bitsandbytes 4-bit layers exactly)")
+    files = checkpoint_files(path)
+    with init_empty_weights():  # parameters on the meta device; buffers (rotary frequencies) computed for real
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    quantized = {n for n in chosen_linears(model, target_modules, exclude)
+                 if model.get_submodule(n).in_features % blocksize == 0}
+    keep_fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    expected = dict(model.named_parameters(remove_duplicate=False))
+    expected.update(dict(model.named_buffers(remove_duplicate=False)))
+    biases: Dict[str, torch.Tensor] = {}
+    unexpected = []
+    for key, tensor in _tensors(files):
+        module_name, _, tensor_name = key.rpartition(".")
+        if module_name in quantized and tensor_name == "weight":
+            w = tensor.to(device=device, dtype=dtype)
+            _set_module(model, module_name, Linear4bit.from_quantized(quantize(w, blocksize, quant_type, double_quant),
+                                                                      None, compute_dtype))
+            del w
+        elif module_name in quantized and tensor_name == "bias":
+            biases[module_name] = tensor
+        elif key in expected:
+            floating = tensor.is_floating_point()
+            target = torch.float32 if floating and any(k in key for k in keep_fp32) else (dtype if floating else None)
+            set_module_tensor_to_device(model, key, device, value=tensor, dtype=target)
+        else:
+            unexpected.append(key)
+    for module_name, bias in biases.items():
+        layer = model.get_submodule(module_name)
+        layer.bias = nn.Parameter(bias.to(device=device, dtype=dtype), requires_grad=False)
+    if unexpected:
+        raise ValueError(f"{path!r} holds {len(unexpected)} tensor(s) the model does not have, e.g. "
+                         f"{unexpected[:3]}: a checkpoint format load_4bit does not map; load it with "
+                         "from_pretrained and prepare_model instead")
+    model.tie_weights()  # tied weights (an lm_head sharing the embedding) point at the loaded tensor again
+    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if missing:
+        raise ValueError(f"{path!r} lacks {len(missing)} tensor(s) of the model, e.g. {missing[:3]}")
+    model.to(device)  # the buffers built on the CPU (parameters are there already)
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    except OSError:  # no generation_config.json: from_config's default stays
+        pass
+    model.eval()
+    return model
