@@ -73,7 +73,8 @@ def _no_seed(device: torch.device) -> torch.Tensor:
         return torch.zeros(1, dtype=torch.int64, device=device)
     seed = _NO_SEED.get(device)
     if seed is None:
-        seed = _NO_SEED[device] = torch.zeros(1, dtype=torch.int64, device=device)
+        with torch.inference_mode(False):  # (an inference tensor could not be saved for a later backward)
+            seed = _NO_SEED[device] = torch.zeros(1, dtype=torch.int64, device=device)
     return seed
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
@@ -65,9 +66,23 @@ def _tensors(files: Iterable[str]) -> Iterator[Tuple[str, torch.Tensor]]:
                 for key in st.keys():
                     yield key, st.get_tensor(key)
         else:
-            shard = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                shard = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # torch's legacy (pre-zip) format cannot be memory-mapped
+                shard = torch.load(file, map_location="cpu", weights_only=True)
             for key in list(shard):
                 yield key, shard.pop(key)
+
+
+def _keep_in_fp32(model: nn.Module, dtype: torch.dtype) -> set:
+    """The module patterns from_pretrained would keep in float32 at `dtype` (transformers 5's rule: the model's
+    _keep_in_fp32_modules for float16, _keep_in_fp32_modules_strict for float16 and bfloat16)."""
+    plan = set()
+    if dtype == torch.float16:
+        plan |= set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    if dtype in (torch.float16, torch.bfloat16):
+        plan |= set(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+    return plan
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -82,10 +97,12 @@ def load_4bit(path: str, target_modules: Optional[Iterable[str]] = None, quant_t
     """The causal LM in the Hugging Face directory `path`, on `device`, in eval mode: the linear layers that
     prepare_model(model, target_modules, exclude=exclude) would adapt are Linear4bit (quant_type, blocksize,
     double_quant; weight_dtype `dtype`; compute_dtype as prepare_model's), quantized from the checkpoint's weights
-    cast to `dtype` on `device`; everything else is loaded in `dtype` (floating tensors; the model's
-    _keep_in_fp32_modules in float32). A chosen layer whose in_features is not a multiple of blocksize stays dense
-    (prepare_model then keeps it dense too). Raises ValueError for a pre-quantized checkpoint, a checkpoint whose
-    tensors do not match the model, or a bad target."""
+    cast to `dtype` on `device`; everything else is loaded in `dtype` (floating tensors).
+    A chosen layer whose in_features is not a multiple of blocksize, or whose weight is tied to another parameter,
+    is loaded dense (prepare_model then treats it as after from_pretrained). Tensors that are not the model's are
+    skipped with a warning, as from_pretrained skips them. Raises ValueError for a pre-quantized checkpoint, a
+    model that keeps modules in float32 at `dtype`, a checkpoint that lacks some of the model's tensors (names
+    transformers would map), or a bad target."""
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
@@ -101,39 +118,47 @@ def load_4bit(path: str, target_modules: Optional[Iterable[str]] = None, quant_t
     files = checkpoint_files(path)
     with init_empty_weights():  # parameters on the meta device; buffers (rotary frequencies) computed for real
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    fp32_plan = _keep_in_fp32(model, dtype)
+    if fp32_plan:
+        raise ValueError(f"{type(model).__name__} keeps {sorted(fp32_plan)} in float32 when loaded in {dtype}, "
+                         "which load_4bit does not reproduce: load it with from_pretrained and prepare_model")
+    # A weight shared with another parameter (an lm_head tied to the embedding) is loaded as it is: prepare_model
+    # quantizes a copy of it later, as it does after from_pretrained.
+    names_of = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(name)
     quantized = {n for n in chosen_linears(model, target_modules, exclude)
-                 if model.get_submodule(n).in_features % blocksize == 0}
-    keep_fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or [])
-    expected = dict(model.named_parameters(remove_duplicate=False))
-    expected.update(dict(model.named_buffers(remove_duplicate=False)))
+                 if model.get_submodule(n).in_features % blocksize == 0
+                 and len(names_of[id(model.get_submodule(n).weight)]) == 1}
+    expected = set(model.state_dict().keys())  # persistent tensors: what from_pretrained reads from a checkpoint
     biases: Dict[str, torch.Tensor] = {}
     unexpected = []
     for key, tensor in _tensors(files):
         module_name, _, tensor_name = key.rpartition(".")
-        if module_name in quantized and tensor_name == "weight":
+        if key not in expected:  # skipped, as from_pretrained skips them (e.g. stale rotary inv_freq)
+            unexpected.append(key)
+        elif module_name in quantized and tensor_name == "weight":
             w = tensor.to(device=device, dtype=dtype)
             _set_module(model, module_name, Linear4bit.from_quantized(quantize(w, blocksize, quant_type, double_quant),
                                                                       None, compute_dtype))
             del w
         elif module_name in quantized and tensor_name == "bias":
             biases[module_name] = tensor
-        elif key in expected:
-            floating = tensor.is_floating_point()
-            target = torch.float32 if floating and any(k in key for k in keep_fp32) else (dtype if floating else None)
-            set_module_tensor_to_device(model, key, device, value=tensor, dtype=target)
         else:
-            unexpected.append(key)
+            set_module_tensor_to_device(model, key, device, value=tensor,
+                                        dtype=dtype if tensor.is_floating_point() else None)
     for module_name, bias in biases.items():
         layer = model.get_submodule(module_name)
         layer.bias = nn.Parameter(bias.to(device=device, dtype=dtype), requires_grad=False)
-    if unexpected:
-        raise ValueError(f"{path!r} holds {len(unexpected)} tensor(s) the model does not have, e.g. "
-                         f"{unexpected[:3]}: a checkpoint format load_4bit does not map; load it with "
-                         "from_pretrained and prepare_model instead")
     model.tie_weights()  # tied weights (an lm_head sharing the embedding) point at the loaded tensor again
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if missing:
-        raise ValueError(f"{path!r} lacks {len(missing)} tensor(s) of the model, e.g. {missing[:3]}")
+        raise ValueError(f"{path!r} lacks {len(missing)} tensor(s) of the model, e.g. {missing[:3]}" + (
+            f", and holds {len(unexpected)} it does not have, e.g. {unexpected[:3]}: names transformers maps at "
+            "load (renamed or fused weights, another prefix), which load_4bit does not" if unexpected else ""))
+    if unexpected:
+        warnings.warn(f"{len(unexpected)} tensor(s) of {path!r} are not the model's and were not loaded, e.g. "
+                      f"{unexpected[:3]}", stacklevel=2)
     model.to(device)  # the buffers built on the CPU (parameters are there already)
     try:
         model.generation_config = GenerationConfig.from_pretrained(path)

@@ -138,7 +138,9 @@ class Dropout(nn.Module):
     a time: it was a sixth of a LoRA training step on CPU). Same distribution and scaling as nn.Dropout, not
     the same mask; reproducible under torch.manual_seed and across gradient-checkpoint recomputation, which
     restores the generators. The seed comes from the generator of x's device (see draw_seed): on CUDA it never
-    leaves the GPU, so CUDA graphs replay with fresh masks."""
+    leaves the GPU, so CUDA graphs replay with fresh masks. (torch.utils.checkpoint restores the CUDA generator
+    of the devices of the tensors passed to it as positional arguments, as Hugging Face decoder layers pass
+    hidden_states: a checkpointed function that reaches its CUDA input otherwise would recompute another mask.)"""
 
     def __init__(self, p: float = 0.5):
         super().__init__()

@@ -4,6 +4,7 @@ they arrive. The model must be the one from_pretrained + prepare_model builds, b
 give clear errors. On CUDA the peak memory must stay below the dense model's."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -127,20 +128,57 @@ def test_bad_checkpoints_and_targets_give_clear_errors(checkpoints, tmp_path):
     with pytest.raises(ValueError, match="holds no model.safetensors"):
         load_4bit(str(empty))
     assert load_4bit_problem(path) is None
-    # a tensor too many, a tensor missing
+    # a tensor missing; tensors renamed (as transformers maps some models' checkpoints at load)
     from safetensors.torch import load_file, save_file
     tensors = {}
     for file in checkpoint_files(path):
         tensors.update(load_file(file))
-    for name, change in (("extra", {"model.layers.0.mlp.extra.weight": torch.ones(2)}), ("missing", None)):
+    for name, match in (("missing", "lacks 1 tensor"), ("renamed", "names transformers maps at load")):
         folder = tmp_path / name
         folder.mkdir()
         (folder / "config.json").write_text(json.dumps(config))
-        bad = dict(tensors, **change) if change else {k: v for k, v in tensors.items()
-                                                      if "layers.1.input_layernorm" not in k}
+        bad = {k.replace("input_layernorm", "ln_1") if name == "renamed" else k: v for k, v in tensors.items()
+               if name == "renamed" or "layers.1.input_layernorm" not in k}
         save_file(bad, str(folder / "model.safetensors"))
-        with pytest.raises(ValueError, match="the model does not have" if change else "lacks 1 tensor"):
+        with pytest.raises(ValueError, match=match):
             load_4bit(str(folder))
+
+
+def test_tensors_that_are_not_the_models_are_skipped_as_from_pretrained_skips_them(checkpoints, tmp_path):
+    # e.g. older Llama conversions' rotary inv_freq (a non-persistent buffer now) and a stray tensor
+    from safetensors.torch import load_file, save_file
+    path = checkpoints["safetensors"]
+    tensors = {}
+    for file in checkpoint_files(path):
+        tensors.update(load_file(file))
+    tensors["model.rotary_emb.inv_freq"] = torch.ones(8, dtype=torch.bfloat16)
+    tensors["model.layers.0.mlp.extra.weight"] = torch.ones(2)
+    folder = tmp_path / "extra"
+    shutil.copytree(path, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.json"))
+    shutil.copy(os.path.join(path, "config.json"), folder / "config.json")
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.warns(UserWarning, match="2 tensor.s. of .* are not the model's and were not loaded"):
+        loaded = _load_then_prepare(str(folder), torch.float32, "cpu")
+    _assert_same_model(loaded, _dense_then_prepare(str(folder), torch.float32, "cpu"))
+
+
+def test_a_tied_lm_head_as_a_target_is_quantized_by_prepare_model(checkpoints):
+    # lm_head shares the embedding's weight: load_4bit loads it tied, prepare_model quantizes a copy of it,
+    # as after from_pretrained
+    kw = dict(target_modules=["q_proj", "lm_head"], exclude=())
+    loaded = qlora_ext.prepare_model(load_4bit(checkpoints["safetensors"], dtype=torch.float32, **kw), r=4, **kw)
+    from transformers import AutoModelForCausalLM
+    dense = AutoModelForCausalLM.from_pretrained(checkpoints["safetensors"], dtype=torch.float32)
+    _assert_same_model(loaded, qlora_ext.prepare_model(dense, r=4, **kw))
+    assert isinstance(loaded.lm_head.base, qlora_ext.Linear4bit)
+
+
+def test_modules_kept_in_float32_are_refused(checkpoints, monkeypatch):
+    from transformers import LlamaForCausalLM
+    monkeypatch.setattr(LlamaForCausalLM, "_keep_in_fp32_modules_strict", ["mlp.gate_proj"], raising=False)
+    with pytest.raises(ValueError, match=r"keeps \['mlp.gate_proj'\] in float32 when loaded in torch.bfloat16"):
+        load_4bit(checkpoints["safetensors"], dtype=torch.bfloat16)
+    load_4bit(checkpoints["safetensors"], dtype=torch.float32)  # the strict list applies to 16-bit loads only
 
 
 @cuda_only

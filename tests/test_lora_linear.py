@@ -255,6 +255,20 @@ def test_placeholder_seed_is_on_the_data_device():
     assert _no_seed(torch.device("meta")).device.type == "meta"
 
 
+def test_placeholder_seed_made_under_inference_mode_still_trains(rng, monkeypatch):
+    # first made during generation (torch.inference_mode), it must not be an inference tensor, which a later
+    # training step could not save for the backward pass
+    from qlora_ext import linear
+    monkeypatch.setattr(linear, "_NO_SEED", {})
+    lora = lora_module(rng, p=0.0)
+    x = torch.randn(3, 128)
+    with torch.inference_mode():
+        lora(x)
+    assert not linear._NO_SEED[torch.device("cpu")].is_inference()
+    lora(x.requires_grad_()).sum().backward()
+    assert lora.lora_B.grad is not None
+
+
 @cuda_only
 def test_seed_on_the_device_gives_the_host_seeds_numbers(rng):
     base, a, b = make_layer(rng, 97, 128, 8, "cuda", torch.bfloat16, torch.float32)

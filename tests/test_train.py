@@ -119,6 +119,25 @@ def test_load_in_4bit_trains_the_run_that_loading_dense_trains(tiny, tmp_path):
     assert "quantized as the checkpoint was read" in open(on["report"]["markdown"]).read()
 
 
+def test_load_in_4bit_auto_falls_back_to_the_dense_load(tiny, tmp_path, monkeypatch):
+    """A checkpoint load_4bit cannot read (here: a tensor missing, which from_pretrained initializes) loads dense
+    under auto, as before; on is an error naming the problem."""
+    from safetensors.torch import load_file, save_file
+    from qlora_ext.train import trainer as trainer_module
+    model_dir, _ = tiny
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    tensors = load_file(str(broken / "model.safetensors"))
+    save_file({k: v for k, v in tensors.items() if k != "model.norm.weight"}, str(broken / "model.safetensors"))
+    monkeypatch.setattr(trainer_module, "resolve_load_in_4bit", lambda cfg, dev, path: True)  # as on a GPU
+    logs = []
+    t = Trainer(_cfg(tiny, tmp_path / "auto", model=str(broken), load_in_4bit="auto"), log=logs.append)
+    t.setup()
+    assert not t.loaded_4bit and any("loading the dense model instead" in m and "lacks 1 tensor" in m for m in logs)
+    with pytest.raises(ConfigError, match="--load-in-4bit: .* lacks 1 tensor"):
+        Trainer(_cfg(tiny, tmp_path / "on", model=str(broken), load_in_4bit="on"), log=lambda s: None).setup()
+
+
 def test_loftq_adapters_only_load_into_a_loftq_model(tiny, tmp_path):
     r = train(_cfg(tiny, tmp_path / "loftq", steps=2, init_lora_weights="loftq"), log=lambda s: None)
     t = Trainer(_cfg(tiny, tmp_path / "plain", steps=2), log=lambda s: None)

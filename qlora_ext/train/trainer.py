@@ -177,8 +177,17 @@ class Trainer:
         self.loaded_4bit = resolve_load_in_4bit(cfg, dev, model_dir)
         quantize = dict(target_modules=cfg.target_modules, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
                         blocksize=cfg.blocksize, compute_dtype=compute_dtype_for(dev)) if self.loaded_4bit else None
-        self.model, self.tokenizer, self.model_dir = load_model_and_tokenizer(model_dir, dtype, dev, self.log,
-                                                                              quantize=quantize)
+        try:
+            self.model, self.tokenizer, self.model_dir = load_model_and_tokenizer(model_dir, dtype, dev, self.log,
+                                                                                  quantize=quantize)
+        except ConfigError as e:
+            if not self.loaded_4bit or cfg.load_in_4bit == "on":
+                raise
+            # auto: a checkpoint load_4bit cannot read as it is (names transformers maps, float32 modules) loads
+            # dense, as it did before load_4bit existed
+            self.log(f"note: {e}; loading the dense model instead")
+            self.loaded_4bit = False
+            self.model, self.tokenizer, self.model_dir = load_model_and_tokenizer(model_dir, dtype, dev, self.log)
         if self.loaded_4bit:
             self.log("model: quantized as its checkpoint was read (the dense model was never held)")
         limit = max_positions(self.model)
