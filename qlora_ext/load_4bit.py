@@ -100,7 +100,8 @@ def load_4bit(path: str, target_modules: Optional[Iterable[str]] = None, quant_t
     cast to `dtype` on `device`; everything else is loaded in `dtype` (floating tensors).
     A chosen layer whose in_features is not a multiple of blocksize, or whose weight is tied to another parameter,
     is loaded dense (prepare_model then treats it as after from_pretrained). Tensors that are not the model's are
-    skipped with a warning, as from_pretrained skips them. Raises ValueError for a pre-quantized checkpoint, a
+    skipped with a warning, as from_pretrained skips them; a checkpoint of the bare base model (without the
+    model's base_model_prefix) is read as from_pretrained reads it. Raises ValueError for a pre-quantized checkpoint, a
     model that keeps modules in float32 at `dtype`, a checkpoint that lacks some of the model's tensors (names
     transformers would map), or a bad target."""
     from accelerate import init_empty_weights
@@ -131,9 +132,13 @@ def load_4bit(path: str, target_modules: Optional[Iterable[str]] = None, quant_t
                  if model.get_submodule(n).in_features % blocksize == 0
                  and len(names_of[id(model.get_submodule(n).weight)]) == 1}
     expected = set(model.state_dict().keys())  # persistent tensors: what from_pretrained reads from a checkpoint
+    # a checkpoint of the bare base model (LlamaModel's "layers.0...." for LlamaForCausalLM's "model.layers.0....")
+    prefix = f"{model.base_model_prefix}." if getattr(model, "base_model_prefix", "") else ""
     biases: Dict[str, torch.Tensor] = {}
     unexpected = []
     for key, tensor in _tensors(files):
+        if key not in expected and prefix and prefix + key in expected:
+            key = prefix + key
         module_name, _, tensor_name = key.rpartition(".")
         if key not in expected:  # skipped, as from_pretrained skips them (e.g. stale rotary inv_freq)
             unexpected.append(key)

@@ -162,6 +162,21 @@ def test_tensors_that_are_not_the_models_are_skipped_as_from_pretrained_skips_th
     _assert_same_model(loaded, _dense_then_prepare(str(folder), torch.float32, "cpu"))
 
 
+def test_a_checkpoint_of_the_base_model_without_its_prefix(checkpoints, tmp_path):
+    # LlamaModel.save_pretrained writes "layers.0...." where LlamaForCausalLM has "model.layers.0....": from_pretrained
+    # adds the base model's prefix, and so does load_4bit (the tied lm_head takes the embedding)
+    from transformers import LlamaModel
+    path = tmp_path / "base"
+    LlamaModel.from_pretrained(checkpoints["safetensors"]).save_pretrained(path)
+    with open(os.path.join(checkpoints["safetensors"], "config.json")) as f:
+        config = json.load(f)
+    (path / "config.json").write_text(json.dumps(dict(config, architectures=["LlamaForCausalLM"])))
+    from safetensors.torch import load_file
+    assert not any(k.startswith("model.") for file in checkpoint_files(str(path)) for k in load_file(file))
+    _assert_same_model(_load_then_prepare(str(path), torch.float32, "cpu"),
+                       _dense_then_prepare(checkpoints["safetensors"], torch.float32, "cpu"))
+
+
 def test_a_tied_lm_head_as_a_target_is_quantized_by_prepare_model(checkpoints):
     # lm_head shares the embedding's weight: load_4bit loads it tied, prepare_model quantizes a copy of it,
     # as after from_pretrained
