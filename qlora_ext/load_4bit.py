@@ -57,14 +57,18 @@ def load_4bit_problem(path: str) -> Optional[str]:
 
 
 def _tensors(files: Iterable[str]) -> Iterator[Tuple[str, torch.Tensor]]:
-    """(name, CPU tensor) for every tensor of the files, one at a time (safetensors memory-mapped; a .bin shard
+    """(name, CPU tensor) for every tensor of the files, one at a time (safetensors memory-mapped, the file opened
+    again for each tensor, so that the pages read stay resident only while that tensor is used; a .bin shard
     memory-mapped by torch.load)."""
     for file in files:
         if file.endswith(".safetensors"):
             from safetensors import safe_open
             with safe_open(file, framework="pt", device="cpu") as st:
-                for key in st.keys():
-                    yield key, st.get_tensor(key)
+                keys = list(st.keys())
+            for key in keys:
+                with safe_open(file, framework="pt", device="cpu") as st:
+                    tensor = st.get_tensor(key)
+                yield key, tensor
         else:
             try:
                 shard = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
@@ -150,6 +154,8 @@ def load_4bit(path: str, target_modules: Optional[Iterable[str]] = None, quant_t
         elif module_name in quantized and tensor_name == "bias":
             biases[module_name] = tensor
         else:
+            if device.type == "cpu":  # a copy: a view would keep the whole memory-mapped shard resident
+                tensor = tensor.clone()
             set_module_tensor_to_device(model, key, device, value=tensor,
                                         dtype=dtype if tensor.is_floating_point() else None)
     for module_name, bias in biases.items():
