@@ -105,9 +105,9 @@ def load_4bit(path: str, target_modules: Optional[Iterable[str]] = None, quant_t
     A chosen layer whose in_features is not a multiple of blocksize, or whose weight is tied to another parameter,
     is loaded dense (prepare_model then treats it as after from_pretrained). Tensors that are not the model's are
     skipped with a warning, as from_pretrained skips them; a checkpoint of the bare base model (without the
-    model's base_model_prefix) is read as from_pretrained reads it. Raises ValueError for a pre-quantized checkpoint, a
-    model that keeps modules in float32 at `dtype`, a checkpoint that lacks some of the model's tensors (names
-    transformers would map), or a bad target."""
+    model's base_model_prefix) is read as from_pretrained reads it. Raises ValueError for a pre-quantized
+    checkpoint, a model that keeps modules in float32 at `dtype`, a checkpoint that lacks some of the model's
+    tensors (names transformers would map), or a bad target."""
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
@@ -160,7 +160,7 @@ def load_4bit(path: str, target_modules: Optional[Iterable[str]] = None, quant_t
                                         dtype=dtype if tensor.is_floating_point() else None)
     for module_name, bias in biases.items():
         layer = model.get_submodule(module_name)
-        layer.bias = nn.Parameter(bias.to(device=device, dtype=dtype), requires_grad=False)
+        layer.bias = nn.Parameter(bias.to(device=device, dtype=dtype, copy=True), requires_grad=False)
     model.tie_weights()  # tied weights (an lm_head sharing the embedding) point at the loaded tensor again
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if missing:
