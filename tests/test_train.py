@@ -138,6 +138,23 @@ def test_load_in_4bit_auto_falls_back_to_the_dense_load(tiny, tmp_path, monkeypa
         Trainer(_cfg(tiny, tmp_path / "on", model=str(broken), load_in_4bit="on"), log=lambda s: None).setup()
 
 
+def test_rebuilt_run_quantizes_as_it_loads_unless_the_run_said_off(tiny, tmp_path):
+    """merge and generate rebuild a run's model with load_4bit (no dense model in memory): the same model as the
+    dense load, which a run with --load-in-4bit off keeps."""
+    from qlora_ext.train.rebuild import rebuild_run
+    out = tmp_path / "run"
+    train(_cfg(tiny, out, steps=2, eval_every=2, save_every=2), log=lambda s: None)
+    quantized = rebuild_run(str(out), log=lambda s: None)
+    off = tmp_path / "off"
+    shutil.copytree(out, off)
+    config = json.loads((off / "config.json").read_text())
+    (off / "config.json").write_text(json.dumps(dict(config, load_in_4bit="off")))
+    dense = rebuild_run(str(off), log=lambda s: None)
+    assert quantized.quantized_while_loading and not dense.quantized_while_loading
+    a, b = quantized.model.state_dict(), dense.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_loftq_adapters_only_load_into_a_loftq_model(tiny, tmp_path):
     r = train(_cfg(tiny, tmp_path / "loftq", steps=2, init_lora_weights="loftq"), log=lambda s: None)
     t = Trainer(_cfg(tiny, tmp_path / "plain", steps=2), log=lambda s: None)

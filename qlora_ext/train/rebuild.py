@@ -1,7 +1,8 @@
 """A finished run's model rebuilt as the run built it (`qlora-train merge` and `generate`): the same weights loaded
 in the dtype the run loaded them in, the same prepare_model settings, so the same 4-bit base bit for bit (CPU and
 CUDA quantize identically; LoftQ's SVD does not, so a LoftQ run that trained on a GPU is rebuilt on one), and the
-run's final adapters loaded."""
+run's final adapters loaded. The base is quantized as the checkpoint is read (qlora_ext.load_4bit: no dense model in
+memory) wherever that can be done and the run did not say --load-in-4bit off; it is the same base either way."""
 from __future__ import annotations
 
 import dataclasses
@@ -22,6 +23,7 @@ class RebuiltRun:
     model_dir: str               # where the base model came from
     load_dtype: torch.dtype      # what the run loaded the weights in: bf16 on a GPU, fp32 on the CPU
     prequantized: bool           # the base was loaded 4-bit by bitsandbytes (not quantized by the run)
+    quantized_while_loading: bool  # the base was quantized as the checkpoint was read (qlora_ext.load_4bit)
 
 
 def run_device_type(output_dir: str) -> str:
@@ -38,9 +40,10 @@ def rebuild_run(output_dir: str, device: Optional[str] = None, log=print) -> Reb
     """The model of the finished run in output_dir on device ("cpu", or "cuda[:N]" where one is visible; default:
     the CPU, but the GPU for a LoftQ run that trained on one)."""
     from ..bnb_io import holds_bnb_linear_4bit
+    from ..load_4bit import load_4bit_problem
     from .checkpoint import ADAPTER_FILE, CONFIG_FILE, load_adapters
-    from .model import load_model_and_tokenizer
-    from .trainer import prepare_for_run
+    from .model import load_model_and_tokenizer, resolve_model_dir
+    from .trainer import compute_dtype_for, prepare_for_run
 
     try:
         with open(os.path.join(output_dir, CONFIG_FILE)) as f:
@@ -59,9 +62,24 @@ def rebuild_run(output_dir: str, device: Optional[str] = None, log=print) -> Reb
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {device}: no CUDA GPU is visible")
     load_dtype = torch.bfloat16 if run_device == "cuda" else torch.float32
-    model, tokenizer, model_dir = load_model_and_tokenizer(cfg.model, load_dtype, device, log)
+    # The base quantized as the checkpoint is read where it can be (the same base, bit for bit, without the dense
+    # model in memory: `generate` on a big run), unless the run said --load-in-4bit off.
+    model_dir = resolve_model_dir(cfg.model, log)
+    quantize = None
+    if cfg.load_in_4bit != "off" and cfg.quant_type != "none" and cfg.init_lora_weights != "loftq" \
+            and load_4bit_problem(model_dir) is None:
+        quantize = dict(target_modules=cfg.target_modules, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
+                        blocksize=cfg.blocksize, compute_dtype=compute_dtype_for(torch.device(device)))
+    try:
+        model, tokenizer, model_dir = load_model_and_tokenizer(model_dir, load_dtype, device, log, quantize=quantize)
+    except ConfigError as e:
+        if quantize is None:
+            raise
+        log(f"note: {e}; loading the dense model instead")
+        quantize = None
+        model, tokenizer, model_dir = load_model_and_tokenizer(model_dir, load_dtype, device, log)
     prequantized = holds_bnb_linear_4bit(model)
     prepare_for_run(model, cfg, torch.device(device))
     load_adapters(model, adapter)
     model.eval()
-    return RebuiltRun(model, tokenizer, cfg, model_dir, load_dtype, prequantized)
+    return RebuiltRun(model, tokenizer, cfg, model_dir, load_dtype, prequantized, quantize is not None)
