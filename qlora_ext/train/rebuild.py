@@ -40,10 +40,9 @@ def rebuild_run(output_dir: str, device: Optional[str] = None, log=print) -> Reb
     """The model of the finished run in output_dir on device ("cpu", or "cuda[:N]" where one is visible; default:
     the CPU, but the GPU for a LoftQ run that trained on one)."""
     from ..bnb_io import holds_bnb_linear_4bit
-    from ..load_4bit import load_4bit_problem
     from .checkpoint import ADAPTER_FILE, CONFIG_FILE, load_adapters
-    from .model import load_model_and_tokenizer, resolve_model_dir
-    from .trainer import compute_dtype_for, prepare_for_run
+    from .model import resolve_model_dir
+    from .trainer import load_for_run, prepare_for_run, resolve_load_in_4bit
 
     try:
         with open(os.path.join(output_dir, CONFIG_FILE)) as f:
@@ -64,22 +63,12 @@ def rebuild_run(output_dir: str, device: Optional[str] = None, log=print) -> Reb
     load_dtype = torch.bfloat16 if run_device == "cuda" else torch.float32
     # The base quantized as the checkpoint is read where it can be (the same base, bit for bit, without the dense
     # model in memory: `generate` on a big run), unless the run said --load-in-4bit off.
+    dev = torch.device(device)
     model_dir = resolve_model_dir(cfg.model, log)
-    quantize = None
-    if cfg.load_in_4bit != "off" and cfg.quant_type != "none" and cfg.init_lora_weights != "loftq" \
-            and load_4bit_problem(model_dir) is None:
-        quantize = dict(target_modules=cfg.target_modules, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
-                        blocksize=cfg.blocksize, compute_dtype=compute_dtype_for(torch.device(device)))
-    try:
-        model, tokenizer, model_dir = load_model_and_tokenizer(model_dir, load_dtype, device, log, quantize=quantize)
-    except ConfigError as e:
-        if quantize is None:
-            raise
-        log(f"note: {e}; loading the dense model instead")
-        quantize = None
-        model, tokenizer, model_dir = load_model_and_tokenizer(model_dir, load_dtype, device, log)
+    model, tokenizer, model_dir, quantized_while_loading = load_for_run(
+        cfg, model_dir, load_dtype, dev, resolve_load_in_4bit(cfg, dev, model_dir, auto_on_cpu=True), log)
     prequantized = holds_bnb_linear_4bit(model)
-    prepare_for_run(model, cfg, torch.device(device))
+    prepare_for_run(model, cfg, dev)
     load_adapters(model, adapter)
     model.eval()
-    return RebuiltRun(model, tokenizer, cfg, model_dir, load_dtype, prequantized, quantize is not None)
+    return RebuiltRun(model, tokenizer, cfg, model_dir, load_dtype, prequantized, quantized_while_loading)

@@ -14,7 +14,7 @@ import random
 import resource
 import shutil
 import time
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -74,17 +74,35 @@ def prepare_for_run(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
         raise ConfigError(f"cannot prepare the model: {e}") from e
 
 
-def resolve_load_in_4bit(cfg: TrainConfig, device: torch.device, model_dir: str) -> bool:
+def resolve_load_in_4bit(cfg: TrainConfig, device: torch.device, model_dir: str, auto_on_cpu: bool = False) -> bool:
     """Whether the run quantizes its base as the checkpoint is read (qlora_ext.load_4bit) rather than loading the
     dense model first: --load-in-4bit on (an error where it cannot), off, or auto: on a GPU wherever it can
-    (on the CPU the dense model is loaded, and its eval loss reported beside the quantized one's)."""
+    (on the CPU the dense model is loaded, and its eval loss reported beside the quantized one's), and on the
+    CPU too with auto_on_cpu (a rebuilt run, which reports nothing)."""
     from ..load_4bit import load_4bit_problem
     if cfg.load_in_4bit == "off" or cfg.quant_type == "none" or cfg.init_lora_weights == "loftq":
         return False   # (validate() refuses "on" with the last two)
     problem = load_4bit_problem(model_dir)
     if cfg.load_in_4bit == "on" and problem is not None:
         raise ConfigError(f"--load-in-4bit on: {problem}")
-    return problem is None and (cfg.load_in_4bit == "on" or device.type == "cuda")
+    return problem is None and (cfg.load_in_4bit == "on" or device.type == "cuda" or auto_on_cpu)
+
+
+def load_for_run(cfg: TrainConfig, model_dir: str, dtype: torch.dtype, device: torch.device, quantize: bool,
+                 log: Callable[[str], None]) -> Tuple[torch.nn.Module, object, str, bool]:
+    """(model, tokenizer, model directory, whether the base was quantized as it loaded): the run's model loaded
+    dense, or with quantize (resolve_load_in_4bit's answer) through load_4bit with the run's settings. Under
+    --load-in-4bit auto, a checkpoint load_4bit cannot read as it is (names transformers maps, float32 modules)
+    loads dense, as it did before load_4bit existed, with a note; under on it is an error."""
+    settings = dict(target_modules=cfg.target_modules, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
+                    blocksize=cfg.blocksize, compute_dtype=compute_dtype_for(device)) if quantize else None
+    try:
+        return (*load_model_and_tokenizer(model_dir, dtype, device, log, quantize=settings), quantize)
+    except ConfigError as e:
+        if not quantize or cfg.load_in_4bit == "on":
+            raise
+        log(f"note: {e}; loading the dense model instead")
+        return (*load_model_and_tokenizer(model_dir, dtype, device, log), False)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -174,20 +192,8 @@ class Trainer:
         files = find_text_files(cfg.data)   # before the model loads: a wrong path fails in a second
         dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
         model_dir = resolve_model_dir(cfg.model, self.log)
-        self.loaded_4bit = resolve_load_in_4bit(cfg, dev, model_dir)
-        quantize = dict(target_modules=cfg.target_modules, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
-                        blocksize=cfg.blocksize, compute_dtype=compute_dtype_for(dev)) if self.loaded_4bit else None
-        try:
-            self.model, self.tokenizer, self.model_dir = load_model_and_tokenizer(model_dir, dtype, dev, self.log,
-                                                                                  quantize=quantize)
-        except ConfigError as e:
-            if not self.loaded_4bit or cfg.load_in_4bit == "on":
-                raise
-            # auto: a checkpoint load_4bit cannot read as it is (names transformers maps, float32 modules) loads
-            # dense, as it did before load_4bit existed
-            self.log(f"note: {e}; loading the dense model instead")
-            self.loaded_4bit = False
-            self.model, self.tokenizer, self.model_dir = load_model_and_tokenizer(model_dir, dtype, dev, self.log)
+        self.model, self.tokenizer, self.model_dir, self.loaded_4bit = load_for_run(
+            cfg, model_dir, dtype, dev, resolve_load_in_4bit(cfg, dev, model_dir), self.log)
         if self.loaded_4bit:
             self.log("model: quantized as its checkpoint was read (the dense model was never held)")
         limit = max_positions(self.model)
