@@ -12,6 +12,7 @@ from .nn import Linear4bit, LoRALinear, merge_and_unload, model_summary, prepare
 from .optim import PagedAdamW, PagedAdamW8bit
 from .peft_io import load_peft_adapter, save_peft_adapter
 from .quantize import QuantState, code_table, dequantize, quantize
+from .save_4bit import save_4bit
 from .routing import auto_routing, set_auto_routing
 
 __version__ = "0.1.0"
@@ -19,4 +20,4 @@ set_auto_routing()  # the measured routing of "auto" (qlora_ext/auto_routing.jso
 __all__ = ["Linear4bit", "LoRALinear", "PagedAdamW", "PagedAdamW8bit", "QuantState", "auto_routing", "build_info",
            "code_table", "dequantize", "fused_large_kernel", "linear_4bit", "linear_backend", "linear_cross_entropy",
            "load_4bit", "load_peft_adapter", "merge_and_unload", "model_summary", "prepare_model", "quantize",
-           "save_peft_adapter", "set_auto_routing", "set_linear_backend"]
+           "save_4bit", "save_peft_adapter", "set_auto_routing", "set_linear_backend"]

@@ -18,8 +18,9 @@ from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .nn import Linear4bit, chosen_linears
+from .nn import _QUANT_BUFFERS, Linear4bit, chosen_linears
 from .quantize import quantize
+from .save_4bit import QUANT_METHOD, WEIGHTS_INDEX, WEIGHTS_PATTERN, quant_state_of, quantized_layers
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -27,27 +28,40 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 
 def checkpoint_files(path: str) -> List[str]:
     """The weight files of the Hugging Face model directory `path`: safetensors (one file or an index's shards),
-    else PyTorch .bin. Raises ValueError when it has neither."""
-    for single, index in (("model.safetensors", SAFETENSORS_INDEX), ("pytorch_model.bin", BIN_INDEX)):
+    else PyTorch .bin; a save_4bit checkpoint's own safetensors. Raises ValueError when it has none."""
+    names = [("model.safetensors", SAFETENSORS_INDEX), ("pytorch_model.bin", BIN_INDEX)]
+    if is_4bit_checkpoint(path):
+        names = [(WEIGHTS_PATTERN.format(suffix=""), WEIGHTS_INDEX)]
+    for single, index in names:
         if os.path.exists(os.path.join(path, single)):
             return [os.path.join(path, single)]
         if os.path.exists(os.path.join(path, index)):
             with open(os.path.join(path, index)) as f:
                 shards = sorted(set(json.load(f)["weight_map"].values()))
             return [os.path.join(path, s) for s in shards]
-    raise ValueError(f"{path!r} holds no model.safetensors, pytorch_model.bin or their index: load_4bit reads "
-                     "Hugging Face checkpoints in those formats")
+    raise ValueError(f"{path!r} holds no {' or '.join(n for pair in names for n in pair)}: load_4bit reads Hugging "
+                     "Face checkpoints in those formats")
+
+
+def is_4bit_checkpoint(path: str) -> bool:
+    """Whether the model directory `path` is a 4-bit checkpoint written by save_4bit (which only load_4bit reads)."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            quantization = json.load(f).get("quantization_config")
+    except (OSError, ValueError):
+        return False
+    return isinstance(quantization, dict) and quantization.get("quant_method") == QUANT_METHOD
 
 
 def load_4bit_problem(path: str) -> Optional[str]:
-    """Why load_4bit cannot read the model directory `path` (None if it can): a quantized checkpoint, or no
-    safetensors / .bin weights."""
+    """Why load_4bit cannot read the model directory `path` (None if it can): a checkpoint quantized by another
+    library, or no safetensors / .bin weights."""
     try:
         with open(os.path.join(path, "config.json")) as f:
             quantization = json.load(f).get("quantization_config")
     except (OSError, ValueError) as e:
         return f"cannot read {path!r}/config.json: {e}"
-    if quantization:
+    if quantization and quantization.get("quant_method") != QUANT_METHOD:
         return f"{path!r} is a quantized checkpoint ({quantization.get('quant_method', '?')}), read as it is"
     try:
         checkpoint_files(path)
@@ -56,19 +70,39 @@ def load_4bit_problem(path: str) -> Optional[str]:
     return None
 
 
+_SPAN_BYTES = 64 * 2**20    # how much of a safetensors shard one opening (one memory map) reads
+
+
+def _safetensors_spans(file: str) -> List[List[str]]:
+    """The tensor names of a safetensors file in file order, cut into runs of about _SPAN_BYTES (a tensor larger
+    than that is a run of its own), from the file's header (8 bytes of little-endian length, then JSON with each
+    tensor's data_offsets)."""
+    with open(file, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    entries = sorted(((v["data_offsets"], k) for k, v in header.items() if k != "__metadata__"))
+    spans, span, start = [], [], 0
+    for (begin, end), key in entries:
+        if span and end - start > _SPAN_BYTES:
+            spans.append(span)
+            span = []
+        if not span:
+            start = begin
+        span.append(key)
+    return spans + ([span] if span else [])
+
+
 def _tensors(files: Iterable[str]) -> Iterator[Tuple[str, torch.Tensor]]:
     """(name, CPU tensor) for every tensor of the files, one at a time (safetensors memory-mapped, the file opened
-    again for each tensor, so that the pages read stay resident only while that tensor is used; a .bin shard
-    memory-mapped by torch.load)."""
+    again for every run of about 64 MB, so that the pages read stay resident only while those tensors are used,
+    and a shard of many small tensors, a 4-bit one, is not opened once per tensor; a .bin shard memory-mapped by
+    torch.load)."""
     for file in files:
         if file.endswith(".safetensors"):
             from safetensors import safe_open
-            with safe_open(file, framework="pt", device="cpu") as st:
-                keys = list(st.keys())
-            for key in keys:
+            for span in _safetensors_spans(file):
                 with safe_open(file, framework="pt", device="cpu") as st:
-                    tensor = st.get_tensor(key)
-                yield key, tensor
+                    for key in span:
+                        yield key, st.get_tensor(key)
         else:
             try:
                 shard = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
@@ -94,6 +128,52 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
+def _tied_weights(model: nn.Module) -> set:
+    """The names of the parameters that share their tensor with another one, or will once transformers ties
+    them (a skeleton built under init_empty_weights is not tied yet: its all_tied_weights_keys says what
+    tie_weights will tie)."""
+    names_of: Dict[int, List[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(name)
+    tied = {n for names in names_of.values() if len(names) > 1 for n in names}
+    for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
+        tied |= {target, source}
+    return tied
+
+
+def _skeleton(config, dtype: torch.dtype, saved_layers: Optional[Dict[str, dict]], path: str) -> nn.Module:
+    """The model of `config` on the meta device (buffers such as rotary frequencies computed for real). For a
+    save_4bit checkpoint: its 4-bit layers must be linear layers of the model, and a 4-bit layer that the config
+    ties to another weight (an lm_head sharing the embedding) is untied, since it has a weight of its own."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    for attempt in range(2):
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        if not saved_layers:
+            return model
+        not_linear = [n for n in saved_layers if not isinstance(_module_or_none(model, n), nn.Linear)]
+        if not_linear:
+            raise ValueError(f"{path!r}: the checkpoint's 4-bit layers {not_linear[:3]} are not linear layers of "
+                             f"{type(model).__name__}")
+        tied = [n for n in saved_layers if f"{n}.weight" in _tied_weights(model)]
+        if not tied:
+            return model
+        if attempt == 0:
+            for c in {id(config): config, id(config.get_text_config()): config.get_text_config()}.values():
+                c.tie_word_embeddings = False
+    raise ValueError(f"{path!r}: the 4-bit layers {tied[:3]} share their weight with another layer in "
+                     f"{type(model).__name__}, and untying the word embeddings does not separate them")
+
+
+def _module_or_none(model: nn.Module, name: str) -> Optional[nn.Module]:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
 def load_4bit(path: str, target_modules: Optional[Iterable[str]] = None, quant_type: str = "nf4",
               double_quant: bool = True, blocksize: int = 64, dtype: torch.dtype = torch.bfloat16,
               device="cpu", compute_dtype: Optional[torch.dtype] = None,
@@ -105,46 +185,58 @@ def load_4bit(path: str, target_modules: Optional[Iterable[str]] = None, quant_t
     A chosen layer whose in_features is not a multiple of blocksize, or whose weight is tied to another parameter,
     is loaded dense (prepare_model then treats it as after from_pretrained). Tensors that are not the model's are
     skipped with a warning, as from_pretrained skips them; a checkpoint of the bare base model (without the
-    model's base_model_prefix) is read as from_pretrained reads it. Raises ValueError for a pre-quantized
-    checkpoint, a model that keeps modules in float32 at `dtype`, a checkpoint that lacks some of the model's
-    tensors (names transformers would map), or a bad target."""
-    from accelerate import init_empty_weights
+    model's base_model_prefix) is read as from_pretrained reads it.
+    A 4-bit checkpoint written by save_4bit is read as it was saved: its 4-bit layers are rebuilt from their
+    codes and constants (no requantization; target_modules, exclude, quant_type, double_quant and blocksize apply
+    to dense checkpoints only), everything else as above.
+    Raises ValueError for a checkpoint quantized by another library, a model that keeps modules in float32 at
+    `dtype`, a checkpoint that lacks some of the model's tensors (names transformers would map) or whose 4-bit
+    tensors do not fit their layers, or a bad target."""
     from accelerate.utils import set_module_tensor_to_device
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoConfig, GenerationConfig
 
     if quant_type not in ("nf4", "fp4", "int4"):
         raise ValueError(f"quant_type must be 'nf4', 'fp4' or 'int4', got {quant_type!r}")
     device = torch.device(device)
     config = AutoConfig.from_pretrained(path)
-    if getattr(config, "quantization_config", None):
-        raise ValueError(f"{path!r} is a quantized checkpoint ({config.quantization_config.get('quant_method', '?')}"
-                         "): load it with from_pretrained, whose quantizer reads it (prepare_model takes over "
-                         "bitsandbytes 4-bit layers exactly)")
+    saved_layers = quantized_layers(config, path)   # None for a dense checkpoint
+    if saved_layers is not None:
+        del config.quantization_config   # the loaded model is a plain one holding Linear4bit layers
     files = checkpoint_files(path)
-    with init_empty_weights():  # parameters on the meta device; buffers (rotary frequencies) computed for real
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = _skeleton(config, dtype, saved_layers, path)
     fp32_plan = _keep_in_fp32(model, dtype)
     if fp32_plan:
         raise ValueError(f"{type(model).__name__} keeps {sorted(fp32_plan)} in float32 when loaded in {dtype}, "
                          "which load_4bit does not reproduce: load it with from_pretrained and prepare_model")
-    # A weight shared with another parameter (an lm_head tied to the embedding) is loaded as it is: prepare_model
-    # quantizes a copy of it later, as it does after from_pretrained.
-    names_of = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        names_of.setdefault(id(p), []).append(name)
-    quantized = {n for n in chosen_linears(model, target_modules, exclude)
-                 if model.get_submodule(n).in_features % blocksize == 0
-                 and len(names_of[id(model.get_submodule(n).weight)]) == 1}
-    expected = set(model.state_dict().keys())  # persistent tensors: what from_pretrained reads from a checkpoint
+    if saved_layers is not None:
+        quantized = set(saved_layers)
+    else:
+        # A weight shared with another parameter (an lm_head tied to the embedding) is loaded as it is:
+        # prepare_model quantizes a copy of it later, as it does after from_pretrained.
+        tied = _tied_weights(model)
+        quantized = {n for n in chosen_linears(model, target_modules, exclude)
+                     if model.get_submodule(n).in_features % blocksize == 0 and f"{n}.weight" not in tied}
+    shapes = {n: (model.get_submodule(n).out_features, model.get_submodule(n).in_features) for n in quantized}
+    with_bias = {n for n in quantized if model.get_submodule(n).bias is not None}
+    # persistent tensors: what from_pretrained reads from a checkpoint (a saved 4-bit layer's weight is its buffers)
+    expected = set(model.state_dict().keys())
+    if saved_layers is not None:
+        expected -= {f"{n}.weight" for n in quantized}
     # a checkpoint of the bare base model (LlamaModel's "layers.0...." for LlamaForCausalLM's "model.layers.0....")
     prefix = f"{model.base_model_prefix}." if getattr(model, "base_model_prefix", "") else ""
     biases: Dict[str, torch.Tensor] = {}
+    packed: Dict[str, Dict[str, torch.Tensor]] = {n: {} for n in quantized}
     unexpected = []
     for key, tensor in _tensors(files):
-        if key not in expected and prefix and prefix + key in expected:
-            key = prefix + key
         module_name, _, tensor_name = key.rpartition(".")
-        if key not in expected:  # skipped, as from_pretrained skips them (e.g. stale rotary inv_freq)
+        if prefix and key not in expected and module_name not in quantized and (
+                prefix + key in expected or prefix + module_name in quantized):
+            key = prefix + key
+            module_name = prefix + module_name
+        if saved_layers is not None and module_name in quantized and tensor_name in _QUANT_BUFFERS:
+            # the packed data as saved (a copy on the CPU: a view would keep the memory-mapped shard resident)
+            packed[module_name][tensor_name] = tensor.to(device, copy=True)
+        elif key not in expected:  # skipped, as from_pretrained skips them (e.g. stale rotary inv_freq)
             unexpected.append(key)
         elif module_name in quantized and tensor_name == "weight":
             w = tensor.to(device=device, dtype=dtype)
@@ -152,17 +244,23 @@ def load_4bit(path: str, target_modules: Optional[Iterable[str]] = None, quant_t
                                                                       None, compute_dtype))
             del w
         elif module_name in quantized and tensor_name == "bias":
-            biases[module_name] = tensor
+            biases[module_name] = tensor.clone()   # (a view would keep its part of the shard mapped)
         else:
             if device.type == "cpu":  # a copy: a view would keep the whole memory-mapped shard resident
                 tensor = tensor.clone()
             set_module_tensor_to_device(model, key, device, value=tensor,
                                         dtype=dtype if tensor.is_floating_point() else None)
+    if saved_layers is not None:
+        for name, fmt in saved_layers.items():
+            q = quant_state_of(name, packed.pop(name), fmt, shapes[name], dtype)
+            _set_module(model, name, Linear4bit.from_quantized(q, None, compute_dtype))
+    lacking_bias = sorted(with_bias - set(biases))
     for module_name, bias in biases.items():
         layer = model.get_submodule(module_name)
         layer.bias = nn.Parameter(bias.to(device=device, dtype=dtype, copy=True), requires_grad=False)
     model.tie_weights()  # tied weights (an lm_head sharing the embedding) point at the loaded tensor again
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    missing += [f"{n}.bias" for n in lacking_bias]
     if missing:
         raise ValueError(f"{path!r} lacks {len(missing)} tensor(s) of the model, e.g. {missing[:3]}" + (
             f", and holds {len(unexpected)} it does not have, e.g. {unexpected[:3]}: names transformers maps at "

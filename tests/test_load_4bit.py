@@ -216,3 +216,20 @@ def test_cuda_same_model_and_peak_below_the_dense_model(tmp_path):
     a = qlora_ext.prepare_model(loaded, r=4, compute_dtype=torch.bfloat16)
     b = qlora_ext.prepare_model(dense, r=4, compute_dtype=torch.bfloat16)
     _assert_same_model(a, b)
+
+
+def test_safetensors_are_read_in_spans_of_bounded_size(tmp_path, monkeypatch):
+    # every tensor once, in file order, each opening reading at most _SPAN_BYTES unless one tensor is larger
+    from safetensors.torch import save_file
+    import importlib
+    module = importlib.import_module("qlora_ext.load_4bit")   # (the package's load_4bit is the function)
+    tensors = {f"t{i}": torch.full((n,), float(i)) for i, n in enumerate([10, 300, 5, 1000, 7, 7, 7, 260])}
+    save_file(tensors, str(tmp_path / "x.safetensors"))
+    monkeypatch.setattr(module, "_SPAN_BYTES", 1200)   # bytes: 300 float32 values
+    spans = module._safetensors_spans(str(tmp_path / "x.safetensors"))
+    assert sorted(k for span in spans for k in span) == sorted(tensors)
+    for span in spans:
+        assert len(span) == 1 or sum(tensors[k].numel() * 4 for k in span) <= 1200
+    assert len(spans) < len(tensors)   # small neighbours share an opening
+    read = dict(module._tensors([str(tmp_path / "x.safetensors")]))
+    assert read.keys() == tensors.keys() and all(torch.equal(read[k], tensors[k]) for k in tensors)

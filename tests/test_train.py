@@ -235,6 +235,44 @@ def test_merge_writes_a_dense_model_that_computes_the_trained_one(tiny, tmp_path
         assert "holds no run" in capsys.readouterr().err
 
 
+def test_a_4bit_checkpoint_trains_the_run_that_quantizing_the_dense_one_trains(tiny, tmp_path, capsys):
+    """`qlora-train quantize` writes a 4-bit copy (save_4bit); a run on it reads the 4-bit layers as saved and is
+    the run that quantizes the dense checkpoint with the same settings, bit for bit (minus the dense eval); its
+    merged model too. Settings that need dense weights are refused."""
+    from safetensors.torch import load_file
+    model_dir, _ = tiny
+    q = tmp_path / "q"
+    assert cli_main(["quantize", "--model", model_dir, "--to", str(q)]) == 0
+    assert "4-bit model:" in capsys.readouterr().out
+    assert cli_main(["quantize", "--model", model_dir, "--to", str(q)]) == 2
+    assert "exists and is not an empty folder" in capsys.readouterr().err
+    logs = []
+    runs = {name: train(_cfg(tiny, tmp_path / name, steps=4, eval_every=2, save_every=2, model=m),
+                        log=logs.append if name == "4bit" else lambda s: None)
+            for name, m in (("4bit", str(q)), ("dense", model_dir))}
+    four, dense = runs["4bit"], runs["dense"]
+    assert four["base_from_4bit_checkpoint"] and not four["base_quantized_while_loading"]
+    assert not dense["base_from_4bit_checkpoint"]
+    assert four["dense_eval_loss"] is None and dense["dense_eval_loss"] is not None
+    assert four["evals"] == dense["evals"] and four["quantized_layers"] == dense["quantized_layers"] == 14
+    assert [h["loss"] for h in four["history"]] == [h["loss"] for h in dense["history"]]
+    a, b = load_file(four["adapter"]), load_file(dense["adapter"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any("a 4-bit checkpoint (save_4bit)" in m for m in logs)
+    assert "a 4-bit checkpoint (`qlora-train quantize`" in open(four["report"]["markdown"]).read()
+    for name in ("4bit", "dense"):
+        assert cli_main(["merge", "--output-dir", str(tmp_path / name), "--to", str(tmp_path / f"m-{name}")]) == 0
+    m4, md = load_file(str(tmp_path / "m-4bit" / "model.safetensors")), load_file(str(tmp_path / "m-dense" /
+                                                                                     "model.safetensors"))
+    assert m4.keys() == md.keys() and all(torch.equal(m4[k], md[k]) for k in m4)
+    assert "as saved 4-bit by qlora_ext.save_4bit" in (tmp_path / "m-4bit" / "MERGED_FROM.txt").read_text()
+    for change, message in ((dict(load_in_4bit="off"), "--load-in-4bit off needs dense weights"),
+                            (dict(quant_type="none"), "--quant-type none .* needs dense weights"),
+                            (dict(init_lora_weights="loftq"), "--init-lora-weights loftq needs dense weights")):
+        with pytest.raises(ConfigError, match=message):
+            Trainer(_cfg(tiny, tmp_path / "refused", model=str(q), **change), log=lambda s: None).setup()
+
+
 def test_trains_a_prequantized_bitsandbytes_model(tiny, tmp_path):
     """A model directory saved by transformers with BitsAndBytesConfig (nf4, bitsandbytes' double quant) trains:
     its 4-bit layers are taken over exactly (tests/test_bnb_io.py), with their absmax in float32 (4.5 bits/param),

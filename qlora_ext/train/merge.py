@@ -13,6 +13,7 @@ import os
 import torch
 
 from .._files import atomic_write_folder
+from ..load_4bit import is_4bit_checkpoint
 from .config import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -45,6 +46,7 @@ def merge_run(output_dir: str, target: str, dtype=None, log=print) -> str:
     model.config.dtype = dtype or load_dtype
     untie_if_adapted(model)
     prequantized_note = "as bitsandbytes had quantized it (the checkpoint's own format)" if run.prequantized \
+        else "as saved 4-bit by qlora_ext.save_4bit" if is_4bit_checkpoint(run.model_dir) \
         else f"as the run quantized it ({cfg.quant_type}, double quant {cfg.double_quant}, blocksize " \
         f"{cfg.blocksize})"
 

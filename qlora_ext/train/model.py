@@ -107,21 +107,28 @@ def resolve_model_dir(model: str, log=print) -> str:
     return model
 
 
+def load_tokenizer(path: str):
+    """The tokenizer of the model directory `path`."""
+    _require_transformers()
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()   # a bar for a local load of a few seconds is noise
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # transformers raises many kinds here
+        raise ConfigError(f"cannot load a tokenizer from {path!r}: {e}") from e
+
+
 def load_model_and_tokenizer(model: str, dtype: torch.dtype = torch.float32, device="cpu",
                              log=print, quantize: Optional[dict] = None) -> Tuple[torch.nn.Module, object, str]:
     """(model in eval mode on device with dtype weights, its tokenizer, the directory it came from). quantize:
     qlora_ext.load_4bit's settings (target_modules, quant_type, ...) to quantize the chosen layers as the
     checkpoint is read, instead of loading the dense model."""
     _require_transformers()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = resolve_model_dir(model, log)
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()   # a bar for a local load of a few seconds is noise
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except Exception as e:  # transformers raises many kinds here
-        raise ConfigError(f"cannot load a tokenizer from {path!r}: {e}") from e
+    tokenizer = load_tokenizer(path)
     if quantize is not None:
         from ..load_4bit import load_4bit
         try:

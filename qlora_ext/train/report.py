@@ -42,6 +42,8 @@ def markdown(r: dict) -> str:
     ]
     if r.get("base_quantized_while_loading"):
         lines.append("| base | quantized as the checkpoint was read (`--load-in-4bit`): no dense model held |")
+    if r.get("base_from_4bit_checkpoint"):
+        lines.append("| base | a 4-bit checkpoint (`qlora-train quantize` / `save_4bit`), read as it was saved |")
     if r.get("dense_eval_loss") is not None:
         d = r["dense_eval_loss"]
         lines.append(f"| eval perplexity, dense base | {math.exp(d):.2f} (loss {d:.4f}) |")

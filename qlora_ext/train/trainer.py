@@ -20,6 +20,7 @@ import torch
 
 from .. import model_summary, prepare_model, set_linear_backend
 from ..bnb_io import holds_bnb_linear_4bit
+from ..load_4bit import is_4bit_checkpoint, load_4bit_problem
 from ..nn import Linear4bit
 from ..peft_io import load_peft_adapter, save_peft_adapter
 from . import checkpoint as ckpt
@@ -79,7 +80,13 @@ def resolve_load_in_4bit(cfg: TrainConfig, device: torch.device, model_dir: str,
     dense model first: --load-in-4bit on (an error where it cannot), off, or auto: on a GPU wherever it can
     (on the CPU the dense model is loaded, and its eval loss reported beside the quantized one's), and on the
     CPU too with auto_on_cpu (a rebuilt run, which reports nothing)."""
-    from ..load_4bit import load_4bit_problem
+    if is_4bit_checkpoint(model_dir):   # written by save_4bit: only load_4bit reads it, and it has no dense weights
+        for refused, why in ((cfg.load_in_4bit == "off", "--load-in-4bit off"),
+                             (cfg.quant_type == "none", "--quant-type none (16-bit LoRA)"),
+                             (cfg.init_lora_weights == "loftq", "--init-lora-weights loftq")):
+            if refused:
+                raise ConfigError(f"{why} needs dense weights, and {model_dir!r} is a 4-bit checkpoint (save_4bit)")
+        return True
     if cfg.load_in_4bit == "off" or cfg.quant_type == "none" or cfg.init_lora_weights == "loftq":
         return False   # (validate() refuses "on" with the last two)
     problem = load_4bit_problem(model_dir)
@@ -99,7 +106,7 @@ def load_for_run(cfg: TrainConfig, model_dir: str, dtype: torch.dtype, device: t
     try:
         return (*load_model_and_tokenizer(model_dir, dtype, device, log, quantize=settings), quantize)
     except ConfigError as e:
-        if not quantize or cfg.load_in_4bit == "on":
+        if not quantize or cfg.load_in_4bit == "on" or is_4bit_checkpoint(model_dir):
             raise
         log(f"note: {e}; loading the dense model instead")
         return (*load_model_and_tokenizer(model_dir, dtype, device, log), False)
@@ -195,7 +202,9 @@ class Trainer:
         self.model, self.tokenizer, self.model_dir, self.loaded_4bit = load_for_run(
             cfg, model_dir, dtype, dev, resolve_load_in_4bit(cfg, dev, model_dir), self.log)
         if self.loaded_4bit:
-            self.log("model: quantized as its checkpoint was read (the dense model was never held)")
+            self.log("model: a 4-bit checkpoint (save_4bit), its 4-bit layers read as they were saved"
+                     if is_4bit_checkpoint(self.model_dir) else
+                     "model: quantized as its checkpoint was read (the dense model was never held)")
         limit = max_positions(self.model)
         if limit and cfg.seq_len > limit:
             raise ConfigError(f"--seq-len {cfg.seq_len} is longer than the model allows "
@@ -342,7 +351,8 @@ class Trainer:
             "model_bytes": self.summary.model_bytes,
             "quantized_layers": self.summary.quantized_layers,
             "base_bits_per_param": bits,
-            "base_quantized_while_loading": self.loaded_4bit,
+            "base_quantized_while_loading": self.loaded_4bit and not is_4bit_checkpoint(self.model_dir),
+            "base_from_4bit_checkpoint": is_4bit_checkpoint(self.model_dir),
             "tokens_trained": state["tokens"],
             "train_seconds": state["train_seconds"],
             "tokens_per_s": state["tokens"] / max(state["train_seconds"], 1e-9),
