@@ -18,7 +18,8 @@
 # The report is written in every case, also after a failed build.
 #
 # Parts: build (run when another part needs it; reused when the sources, arch list and torch are those of the
-# last successful build on this machine), wgmma_smoke (the Hopper kernels alone, first; on failure
+# last successful build on this machine; installed from .prebuilt/ when bench/prebuild_gpu_extension.sh built
+# it elsewhere for the same inputs), wgmma_smoke (the Hopper kernels alone, first; on failure
 # wgmma_diagnose prints how they are wrong and the rest runs with QLORA_DISABLE_WGMMA=1; the verdict is reused
 # with the build), tests (tests_cuda; tests_cpu in the background), sanitizer (in the background beside
 # tests_cuda: memcheck_pytest and racecheck_linear, the fused GEMMs, dropout and optimizers; then
@@ -168,18 +169,31 @@ tee -a "$log" < "$scratch/env.txt"
 
 # The build is reused when the sources and arch list are those of the last successful build here (call 2 of a
 # session runs on call 1's machine, whose copy of the tree may carry fresh file times that would make ninja
-# recompile everything: about a minute of the 15).
-build_inputs_hash() {
-  { echo "$QLORA_CUDA_ARCHS"; python3 -c "import torch; print(torch.__version__)"
-    find csrc setup.py -type f -print0 2>/dev/null | sort -z | xargs -0 -r sha256sum; } | sha256sum | cut -d' ' -f1
+# recompile everything: about a minute of the 15), or installed from .prebuilt/ when
+# bench/prebuild_gpu_extension.sh made it for the same inputs on another machine (bench/build_inputs_hash.sh).
+install_prebuilt() {
+  [ -f .prebuilt/build_inputs ] && [ "$(cat .prebuilt/build_inputs)" = "$inputs" ] &&
+    ls .prebuilt/_C*.so.xz >/dev/null 2>&1 || return 1
+  for xz in .prebuilt/_C*.so.xz; do
+    python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" \
+      "$xz" "qlora_ext/$(basename "$xz" .xz)" || return 1
+  done
+  if python3 -c "import torch, qlora_ext; assert qlora_ext.build_info()['cuda']" >>"$log" 2>&1; then
+    return 0
+  fi
+  rm -f qlora_ext/_C*.so; return 1
 }
 stamp="$ROOT/build/gpu_check_build.stamp"
 if want build || want tests || want bench || want train || want sanitizer; then
-  inputs=$(build_inputs_hash)
+  inputs=$(bash bench/build_inputs_hash.sh)
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$inputs" ] && ls qlora_ext/_C*.so >/dev/null 2>&1 &&
      python3 -c "import qlora_ext" >/dev/null 2>&1; then
     echo "0 0 0" > "$status/build"
     echo "=== build: reused (same sources, arch list and torch as the last build on this machine)" | tee -a "$log"
+  elif install_prebuilt; then
+    echo "0 0 0" > "$status/build"
+    mkdir -p "$(dirname "$stamp")" && echo "$inputs" > "$stamp"
+    echo "=== build: installed from .prebuilt/ (the same inputs; $(tr '\n' ' ' < .prebuilt/INFO))" | tee -a "$log"
   elif part build 240 python3 setup.py build_ext --inplace; then
     mkdir -p "$(dirname "$stamp")" && echo "$inputs" > "$stamp"
   else
