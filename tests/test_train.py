@@ -259,6 +259,7 @@ def test_a_4bit_checkpoint_trains_the_run_that_quantizing_the_dense_one_trains(t
     a, b = load_file(four["adapter"]), load_file(dense["adapter"])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any("a 4-bit checkpoint (save_4bit)" in m for m in logs)
+    assert any("eval before training" in m and "(a 4-bit checkpoint: no dense base)" in m for m in logs)
     assert "a 4-bit checkpoint (`qlora-train quantize`" in open(four["report"]["markdown"]).read()
     for name in ("4bit", "dense"):
         assert cli_main(["merge", "--output-dir", str(tmp_path / name), "--to", str(tmp_path / f"m-{name}")]) == 0

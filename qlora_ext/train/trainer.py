@@ -270,6 +270,7 @@ class Trainer:
             state["evals"].append({"step": 0, "loss": loss0, "ppl": math.exp(loss0)})
             self.log(f"eval before training: loss {loss0:.4f}, perplexity {math.exp(loss0):.2f} " + (
                 "(the model was loaded 4-bit by bitsandbytes: no dense base)" if self.prequantized else
+                "(a 4-bit checkpoint: no dense base)" if is_4bit_checkpoint(self.model_dir) else
                 "(quantized as it loaded: no dense base evaluated)" if self.dense_eval_loss is None else
                 f"(dense base before quantization: {math.exp(self.dense_eval_loss):.2f})"))
 
