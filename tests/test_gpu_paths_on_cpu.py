@@ -87,6 +87,8 @@ report and `-c` snippets with the real interpreter."""
 import json, os, sys, time
 REAL = {python!r}
 args = sys.argv[1:]
+if args[:1] == ["-c"] and "build_info()['cuda']" in args[1]:  # gpu_check's test of a prebuilt extension
+    sys.exit(int(os.environ.get("FAKE_PREBUILT_IMPORT_RC", "0")))
 if args[:1] == ["-c"] or any(a.endswith("gpu_report.py") for a in args):
     os.execv(REAL, [REAL] + args)
 def arg_after(flag):
@@ -167,7 +169,7 @@ _FAKE_TOOLS = {
 def _fake_gpu_machine(tmp_path):
     root = tmp_path / "repo"
     (root / "bench").mkdir(parents=True, exist_ok=True)
-    for name in ("gpu_check.sh", "gpu_report.py"):
+    for name in ("gpu_check.sh", "gpu_report.py", "build_inputs_hash.sh"):
         (root / "bench" / name).write_text(open(os.path.join(ROOT, "bench", name)).read())
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
@@ -257,6 +259,37 @@ def test_gpu_check_second_call_reuses_the_build_and_the_smoke_verdict(tmp_path):
     _gpu_check(tmp_path, "--only", "bench")
     text = log.read_text()
     assert "fake build" in text and "=== wgmma_smoke (" in text and "reused" not in text
+
+
+@pytest.mark.parametrize("case", ["match", "other inputs", "import fails"])
+def test_gpu_check_installs_a_prebuilt_extension_only_for_the_same_inputs(tmp_path, case):
+    """bench/prebuild_gpu_extension.sh's output (.prebuilt/: the xz-compressed extension and the build-inputs
+    hash) is installed instead of a build when the hash is the machine's and it imports with CUDA; else built."""
+    import lzma
+    root, _ = _fake_gpu_machine(tmp_path)
+    (root / "csrc").mkdir()
+    (root / "csrc" / "kernel.cu").write_text("// v1\n")
+    (root / "qlora_ext").mkdir()
+    env = dict(os.environ, QLORA_CUDA_ARCHS="9.0a")
+    inputs = subprocess.run(["bash", "bench/build_inputs_hash.sh"], cwd=root, env=env, capture_output=True,
+                            text=True, check=True).stdout.strip()
+    assert len(inputs) == 64
+    (root / ".prebuilt").mkdir()
+    (root / ".prebuilt" / "build_inputs").write_text(("0" * 64 if case == "other inputs" else inputs) + "\n")
+    (root / ".prebuilt" / "INFO").write_text("commit: abc1234\n")
+    with lzma.open(root / ".prebuilt" / "_C.prebuilt.so.xz", "wb") as f:
+        f.write(b"prebuilt bytes")
+    _gpu_check(tmp_path, "--only", "build", FAKE_PREBUILT_IMPORT_RC="1" if case == "import fails" else "0")
+    log = (tmp_path / "out" / "gpu_check.log").read_text()
+    if case == "match":
+        assert "=== build: installed from .prebuilt/" in log and "fake build" not in log, log
+        assert (root / "qlora_ext" / "_C.prebuilt.so").read_bytes() == b"prebuilt bytes"
+        # and a second call on the same machine reuses it
+        _gpu_check(tmp_path, "--only", "build")
+        assert "=== build: reused" in (tmp_path / "out" / "gpu_check.log").read_text()
+    else:
+        assert "installed from .prebuilt" not in log and "fake build" in log, log
+        assert not (root / "qlora_ext" / "_C.prebuilt.so").exists()
 
 
 def test_gpu_check_failed_build_still_reports(tmp_path):
