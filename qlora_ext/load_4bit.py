@@ -20,7 +20,8 @@ from torch import nn
 
 from .nn import _QUANT_BUFFERS, Linear4bit, chosen_linears
 from .quantize import quantize
-from .save_4bit import QUANT_METHOD, WEIGHTS_INDEX, WEIGHTS_PATTERN, quant_state_of, quantized_layers
+from .save_4bit import (QUANT_METHOD, WEIGHTS_INDEX, WEIGHTS_PATTERN, is_4bit_checkpoint, quant_state_of,
+                        quantized_layers)
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -41,16 +42,6 @@ def checkpoint_files(path: str) -> List[str]:
             return [os.path.join(path, s) for s in shards]
     raise ValueError(f"{path!r} holds no {' or '.join(n for pair in names for n in pair)}: load_4bit reads Hugging "
                      "Face checkpoints in those formats")
-
-
-def is_4bit_checkpoint(path: str) -> bool:
-    """Whether the model directory `path` is a 4-bit checkpoint written by save_4bit (which only load_4bit reads)."""
-    try:
-        with open(os.path.join(path, "config.json")) as f:
-            quantization = json.load(f).get("quantization_config")
-    except (OSError, ValueError):
-        return False
-    return isinstance(quantization, dict) and quantization.get("quant_method") == QUANT_METHOD
 
 
 def load_4bit_problem(path: str) -> Optional[str]:
@@ -157,7 +148,8 @@ def _skeleton(config, dtype: torch.dtype, saved_layers: Optional[Dict[str, dict]
         if not_linear:
             raise ValueError(f"{path!r}: the checkpoint's 4-bit layers {not_linear[:3]} are not linear layers of "
                              f"{type(model).__name__}")
-        tied = [n for n in saved_layers if f"{n}.weight" in _tied_weights(model)]
+        tied_weights = _tied_weights(model)
+        tied = [n for n in saved_layers if f"{n}.weight" in tied_weights]
         if not tied:
             return model
         if attempt == 0:
@@ -175,20 +167,21 @@ def _module_or_none(model: nn.Module, name: str) -> Optional[nn.Module]:
 
 
 def load_4bit(path: str, target_modules: Optional[Iterable[str]] = None, quant_type: str = "nf4",
-              double_quant: bool = True, blocksize: int = 64, dtype: torch.dtype = torch.bfloat16,
+              double_quant: bool = True, blocksize: int = 64, dtype: Optional[torch.dtype] = None,
               device="cpu", compute_dtype: Optional[torch.dtype] = None,
               exclude: Iterable[str] = ("lm_head",)) -> nn.Module:
     """The causal LM in the Hugging Face directory `path`, on `device`, in eval mode: the linear layers that
     prepare_model(model, target_modules, exclude=exclude) would adapt are Linear4bit (quant_type, blocksize,
     double_quant; weight_dtype `dtype`; compute_dtype as prepare_model's), quantized from the checkpoint's weights
-    cast to `dtype` on `device`; everything else is loaded in `dtype` (floating tensors).
+    cast to `dtype` on `device`; everything else is loaded in `dtype` (floating tensors; default bfloat16).
     A chosen layer whose in_features is not a multiple of blocksize, or whose weight is tied to another parameter,
     is loaded dense (prepare_model then treats it as after from_pretrained). Tensors that are not the model's are
     skipped with a warning, as from_pretrained skips them; a checkpoint of the bare base model (without the
     model's base_model_prefix) is read as from_pretrained reads it.
     A 4-bit checkpoint written by save_4bit is read as it was saved: its 4-bit layers are rebuilt from their
-    codes and constants (no requantization; target_modules, exclude, quant_type, double_quant and blocksize apply
-    to dense checkpoints only), everything else as above.
+    codes and constants with their saved weight_dtype (no requantization; target_modules, exclude, quant_type,
+    double_quant and blocksize apply to dense checkpoints only), everything else as above, in the dtype it was
+    saved in unless `dtype` says otherwise.
     Raises ValueError for a checkpoint quantized by another library, a model that keeps modules in float32 at
     `dtype`, a checkpoint that lacks some of the model's tensors (names transformers would map) or whose 4-bit
     tensors do not fit their layers, or a bad target."""
@@ -202,6 +195,9 @@ def load_4bit(path: str, target_modules: Optional[Iterable[str]] = None, quant_t
     saved_layers = quantized_layers(config, path)   # None for a dense checkpoint
     if saved_layers is not None:
         del config.quantization_config   # the loaded model is a plain one holding Linear4bit layers
+    if dtype is None:
+        saved_dtype = getattr(config, "dtype", None) if saved_layers is not None else None
+        dtype = getattr(torch, saved_dtype) if isinstance(saved_dtype, str) else saved_dtype or torch.bfloat16
     files = checkpoint_files(path)
     model = _skeleton(config, dtype, saved_layers, path)
     fp32_plan = _keep_in_fp32(model, dtype)
@@ -252,13 +248,22 @@ def load_4bit(path: str, target_modules: Optional[Iterable[str]] = None, quant_t
                                         dtype=dtype if tensor.is_floating_point() else None)
     if saved_layers is not None:
         for name, fmt in saved_layers.items():
-            q = quant_state_of(name, packed.pop(name), fmt, shapes[name], dtype)
+            q = quant_state_of(name, packed.pop(name), fmt, shapes[name])
             _set_module(model, name, Linear4bit.from_quantized(q, None, compute_dtype))
     lacking_bias = sorted(with_bias - set(biases))
     for module_name, bias in biases.items():
+        if not bias.is_floating_point() or tuple(bias.shape) != (shapes[module_name][0],):
+            raise ValueError(f"{module_name}.bias must be a floating tensor [{shapes[module_name][0]}] for the "
+                             f"{list(shapes[module_name])} layer, got {bias.dtype} {list(bias.shape)}")
         layer = model.get_submodule(module_name)
         layer.bias = nn.Parameter(bias.to(device=device, dtype=dtype, copy=True), requires_grad=False)
-    model.tie_weights()  # tied weights (an lm_head sharing the embedding) point at the loaded tensor again
+    # Tied weights (an lm_head sharing the embedding) point at the loaded tensor again; as in from_pretrained, a
+    # pair that the checkpoint holds twice with different values stays untied (transformers warns).
+    not_loaded = {n for n, t in model.named_parameters(remove_duplicate=False) if t.is_meta}
+    try:
+        model.tie_weights(missing_keys=not_loaded, recompute_mapping=False)
+    except TypeError:   # a transformers without symmetric tying
+        model.tie_weights()
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     missing += [f"{n}.bias" for n in lacking_bias]
     if missing:

@@ -4,8 +4,9 @@ Quantizing is done once: `save_4bit(model, path)` writes the frozen base of a mo
 Linear4bit (after load_4bit or prepare_model) as config.json, safetensors shards of the packed buffers and the
 other tensors, the generation config and, if given, the tokenizer. The config's quantization_config says which
 layers are 4-bit and in which format ({"quant_method": "qlora_ext", "format_version": 1, "layers": {name:
-{"quant_type", "blocksize", "double_quant"}}}), so `load_4bit(path)` rebuilds exactly those layers from their
-codes and constants: no dense weight is read or held, and the 4-bit values are the saved ones, to the bit. The
+{"quant_type", "blocksize", "double_quant", "weight_dtype"}}, "source": the dense model's folder}), so
+`load_4bit(path)` rebuilds exactly those layers from their codes and constants: no dense weight is read or held,
+and the 4-bit values are the saved ones, to the bit. The
 checkpoint holds a quarter of a 16-bit model's bytes (LLaMA-65B: 35 GB instead of 130 GB).
 
 LoRA adapters are not part of the base: LoRALinear layers are saved as their bases under the layer's own name,
@@ -24,8 +25,8 @@ import torch
 from torch import nn
 
 from ._files import atomic_write_folder
-from .bnb_io import is_bnb_linear_4bit, is_bnb_linear_8bit
 from ._ops import BLOCKSIZES, QUANT_TYPES
+from .bnb_io import is_bnb_linear_4bit, is_bnb_linear_8bit
 from .nn import Linear4bit, LoRALinear
 from .quantize import QuantState
 
@@ -35,7 +36,8 @@ FORMAT_VERSION = 1
 # 4-bit layers with random weights; without the file it knows, it refuses the folder instead.
 WEIGHTS_PATTERN = "qlora_ext_4bit{suffix}.safetensors"
 WEIGHTS_INDEX = "qlora_ext_4bit.safetensors.index.json"
-_LAYER_KEYS = ("quant_type", "blocksize", "double_quant")
+_LAYER_KEYS = ("quant_type", "blocksize", "double_quant", "weight_dtype")
+WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _base_tensors(model: nn.Module) -> Tuple[Dict[str, torch.Tensor], Dict[str, dict]]:
@@ -59,13 +61,43 @@ def _base_tensors(model: nn.Module) -> Tuple[Dict[str, torch.Tensor], Dict[str, 
     for name, m in model.named_modules():
         if isinstance(m, Linear4bit):
             layers[saved_name(name)] = {"quant_type": m.quant_type, "blocksize": m.blocksize,
-                                        "double_quant": m.double_quant}
+                                        "double_quant": m.double_quant,
+                                        "weight_dtype": str(m.weight_dtype).removeprefix("torch.")}
     tensors = {}
     for key, t in model.state_dict().items():
         saved = saved_name(key)
         if saved is not None:
             tensors[saved] = t
     return tensors, layers
+
+
+def _embeddings_tied(model: nn.Module) -> bool:
+    """Whether the model's output embedding (lm_head) shares the input embedding's weight."""
+    try:
+        output, inputs = model.get_output_embeddings(), model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return False
+    return output is not None and inputs is not None and getattr(output, "weight", None) is inputs.weight
+
+
+def _source_of(config) -> Optional[str]:
+    """The dense model's folder a model came from (transformers' _name_or_path; through a save_4bit folder, the
+    one it records), for PEFT adapters trained on it, whose base must be the dense model."""
+    path = getattr(config, "_name_or_path", "") or None
+    if path and is_4bit_checkpoint(path):
+        with open(os.path.join(path, "config.json")) as f:
+            return json.load(f)["quantization_config"].get("source")
+    return os.path.abspath(path) if path and os.path.isdir(path) else path
+
+
+def is_4bit_checkpoint(path: str) -> bool:
+    """Whether the model directory `path` is a 4-bit checkpoint written by save_4bit (which only load_4bit reads)."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            quantization = json.load(f).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(quantization, dict) and quantization.get("quant_method") == QUANT_METHOD
 
 
 def _loftq_warning(model: nn.Module) -> None:
@@ -107,7 +139,12 @@ def save_4bit(model: nn.Module, path: str, tokenizer=None, max_shard_size: str |
         seen.setdefault(ident, key)
     config = copy.deepcopy(config)
     config.quantization_config = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,
-                                  "layers": dict(sorted(layers.items()))}
+                                  "layers": dict(sorted(layers.items())), "source": _source_of(config)}
+    if not _embeddings_tied(model):
+        # an lm_head with a weight of its own (quantized, or loaded untied): a loader must not tie it again
+        for c in {id(config): config, id(config.get_text_config()): config.get_text_config()}.values():
+            if getattr(c, "tie_word_embeddings", False):
+                c.tie_word_embeddings = False
     floats = [t.dtype for t in tensors.values() if t.is_floating_point()]
     if floats:
         config.dtype = floats[0]
@@ -135,7 +172,7 @@ other tensors as they were. transformers' `from_pretrained` cannot read this for
 
 ```python
 import qlora_ext
-model = qlora_ext.load_4bit("path/to/this/folder", dtype=..., device=...)
+model = qlora_ext.load_4bit("path/to/this/folder", device="cuda")   # the dtypes it was saved in
 ```
 
 or train on it with `qlora-train --model path/to/this/folder`.
@@ -143,38 +180,49 @@ or train on it with `qlora-train --model path/to/this/folder`.
 
 
 def quantized_layers(config, path: str) -> Optional[Dict[str, dict]]:
-    """The 4-bit layers (name -> quant_type, blocksize, double_quant) of a checkpoint whose config is `config`
-    (a transformers config), if save_4bit wrote it; None for a dense checkpoint. Raises ValueError for another
-    quantization method or a description this version cannot read."""
+    """The 4-bit layers (name -> quant_type, blocksize, double_quant, weight_dtype) of a checkpoint whose config is
+    `config` (a transformers config), if save_4bit wrote it; None for a dense checkpoint. Raises ValueError for
+    another quantization method or a description this version cannot read."""
     spec = getattr(config, "quantization_config", None)
     if not spec:
         return None
     if not isinstance(spec, dict):
-        spec = spec.to_dict()
+        spec = spec.to_dict() if hasattr(spec, "to_dict") else None
+        if not isinstance(spec, dict):
+            raise ValueError(f"{path!r}/config.json: quantization_config must be a mapping")
     method = spec.get("quant_method", "?")
     if method != QUANT_METHOD:
         raise ValueError(f"{path!r} is a quantized checkpoint ({method}): load it with from_pretrained, whose "
                          "quantizer reads it (prepare_model takes over bitsandbytes 4-bit layers exactly)")
-    if spec.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path!r} is a qlora_ext checkpoint of format version {spec.get('format_version')!r}; "
-                         f"this qlora_ext reads version {FORMAT_VERSION}")
+    version = spec.get("format_version")
+    if type(version) is not int or version != FORMAT_VERSION:
+        raise ValueError(f"{path!r} is a qlora_ext checkpoint of format version {version!r}; this qlora_ext reads "
+                         f"version {FORMAT_VERSION}")
     layers = spec.get("layers")
     if not isinstance(layers, dict) or not layers:
         raise ValueError(f"{path!r}/config.json: quantization_config.layers must name the 4-bit layers")
     for name, fmt in layers.items():
         if (not isinstance(fmt, dict) or sorted(fmt) != sorted(_LAYER_KEYS) or fmt["quant_type"] not in QUANT_TYPES
-                or fmt["blocksize"] not in BLOCKSIZES or not isinstance(fmt["double_quant"], bool)):
+                or type(fmt["blocksize"]) is not int or fmt["blocksize"] not in BLOCKSIZES
+                or type(fmt["double_quant"]) is not bool or fmt["weight_dtype"] not in WEIGHT_DTYPES):
             raise ValueError(f"{path!r}/config.json: layer {name!r} must give exactly {list(_LAYER_KEYS)} (quant_type "
-                             f"in {QUANT_TYPES}, blocksize in {BLOCKSIZES}, double_quant a bool), got {fmt!r}")
+                             f"in {QUANT_TYPES}, blocksize an int in {BLOCKSIZES}, double_quant a bool, weight_dtype "
+                             f"in {sorted(WEIGHT_DTYPES)}), got {fmt!r}")
     return layers
 
 
-def quant_state_of(name: str, parts: Dict[str, torch.Tensor], fmt: dict, shape: Tuple[int, int],
-                   dtype: torch.dtype) -> QuantState:
+def checkpoint_source(path: str) -> Optional[str]:
+    """The dense model's folder that the save_4bit checkpoint `path` was quantized from, as recorded (None if
+    unknown)."""
+    with open(os.path.join(path, "config.json")) as f:
+        return json.load(f)["quantization_config"].get("source")
+
+
+def quant_state_of(name: str, parts: Dict[str, torch.Tensor], fmt: dict, shape: Tuple[int, int]) -> QuantState:
     """The QuantState of 4-bit layer `name` [out_features, in_features] = shape from its checkpoint tensors
-    (`parts`: Linear4bit's buffer names -> tensors) in format `fmt`, checked against the shape; dtype is the
-    weight dtype it stands for (what dequantize returns). Raises ValueError naming the tensor that is missing or
-    does not fit."""
+    (`parts`: Linear4bit's buffer names -> tensors) in format `fmt` (its weight_dtype: the dtype dequantize
+    returns, as saved), checked against the shape. Raises ValueError naming the tensor that is missing or does
+    not fit."""
     out_features, in_features = shape
     blocksize, double_quant = fmt["blocksize"], fmt["double_quant"]
     if in_features % blocksize:
@@ -197,5 +245,6 @@ def quant_state_of(name: str, parts: Dict[str, torch.Tensor], fmt: dict, shape: 
     if extra:
         raise ValueError(f"{name}: {extra} do not belong to a 4-bit layer with double_quant={double_quant}")
     return QuantState(parts["weight_codes"], parts["weight_absmax"], parts.get("weight_absmax_scale"),
-                      parts.get("weight_absmax_mean"), torch.Size(shape), dtype, blocksize, fmt["quant_type"])
+                      parts.get("weight_absmax_mean"), torch.Size(shape), WEIGHT_DTYPES[fmt["weight_dtype"]], blocksize,
+                      fmt["quant_type"])
 

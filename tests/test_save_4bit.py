@@ -64,7 +64,10 @@ def test_round_trip_is_bit_exact(dense_dirs, tmp_path, fmt, dtype):
     assert not is_4bit_checkpoint(dense_dirs["untied"])
     spec = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert spec["quant_method"] == "qlora_ext" and spec["format_version"] == 1
-    assert len(spec["layers"]) == 12 and all(v == fmt for v in spec["layers"].values())   # 6 per block, no down_proj
+    dtype_name = str(dtype).removeprefix("torch.")
+    assert len(spec["layers"]) == 12   # 6 per block, no down_proj
+    assert all(v == dict(fmt, weight_dtype=dtype_name) for v in spec["layers"].values())
+    assert spec["source"] == os.path.abspath(dense_dirs["untied"])   # the dense base, for PEFT adapters
     # asked for other settings, the checkpoint's own format wins (as prepare_model keeps a 4-bit layer's format)
     back = load_4bit(str(tmp_path / "q"), dtype=dtype, quant_type="nf4", double_quant=not fmt["double_quant"],
                      blocksize=64, target_modules=["q_proj"])
@@ -77,6 +80,23 @@ def test_round_trip_is_bit_exact(dense_dirs, tmp_path, fmt, dtype):
     ids = _ids()
     with torch.no_grad():
         assert torch.equal(back(ids).logits, model(ids).logits)
+    # without a dtype, everything comes back in the dtypes it was saved in
+    _assert_same_state(load_4bit(str(tmp_path / "q")), model)
+
+
+def test_each_layer_keeps_the_weight_dtype_it_dequantizes_to(dense_dirs, tmp_path):
+    # a model loaded in float32 and cast to bfloat16: its 4-bit layers still dequantize to float32 (the format's
+    # constants are not cast), and so they do after the round trip
+    model = load_4bit(dense_dirs["untied"], dtype=torch.float32).to(torch.bfloat16)
+    assert model.model.layers[0].self_attn.q_proj.weight_dtype == torch.float32
+    save_4bit(model, str(tmp_path / "q"))
+    back = load_4bit(str(tmp_path / "q"))
+    assert back.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert back.model.layers[0].self_attn.q_proj.weight_dtype == torch.float32
+    for name, layer in model.named_modules():
+        if isinstance(layer, qlora_ext.Linear4bit):
+            assert torch.equal(back.get_submodule(name).dequantized_weight(), layer.dequantized_weight()), name
+    # (the logits are not compared: .to(bfloat16) also cast the model's rotary frequencies, a load does not)
 
 
 def test_a_prepared_model_saves_its_base_and_trains_on_as_before(dense_dirs, tmp_path):
@@ -121,6 +141,26 @@ def test_tied_embeddings(dense_dirs, tmp_path):
     save_4bit(model, str(tmp_path / "head"))
     back = load_4bit(str(tmp_path / "head"), dtype=torch.float32)
     assert isinstance(back.lm_head, qlora_ext.Linear4bit) and back.config.tie_word_embeddings is False
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, model(ids).logits)
+
+
+def test_a_config_that_says_tied_with_two_different_weights_keeps_both(tmp_path):
+    # transformers keeps such a checkpoint's lm_head (it warns and does not tie): so must both loaders, and the
+    # saved config must no longer say tied
+    from transformers import AutoModelForCausalLM
+    dense = _dense(tmp_path / "dense", tie=False)
+    config = json.loads((tmp_path / "dense" / "config.json").read_text())
+    (tmp_path / "dense" / "config.json").write_text(json.dumps(dict(config, tie_word_embeddings=True)))
+    reference = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32)
+    assert reference.lm_head.weight is not reference.model.embed_tokens.weight
+    model = load_4bit(dense, dtype=torch.float32)
+    assert torch.equal(model.lm_head.weight, reference.lm_head.weight)
+    save_4bit(model, str(tmp_path / "q"))
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["tie_word_embeddings"] is False
+    back = load_4bit(str(tmp_path / "q"))
+    assert torch.equal(back.lm_head.weight, reference.lm_head.weight)
     ids = _ids()
     with torch.no_grad():
         assert torch.equal(back(ids).logits, model(ids).logits)
@@ -171,7 +211,16 @@ Q = "model.layers.0.self_attn.q_proj"
     (lambda t: t.pop(f"{Q}.bias"), None, rf"lacks 1 tensor\(s\) of the model, e.g. \['{Q}.bias'\]"),
     (None, lambda s: s["layers"][Q].update(double_quant=False),
      r"do not belong to a 4-bit layer with double_quant=False|must be torch.float32"),
-    (None, lambda s: s["layers"][Q].update(blocksize=100), r"blocksize in \(64, 128, 256\)"),
+    (lambda t: t.update({f"{Q}.bias": t[f"{Q}.bias"][:-1]}), None,
+     rf"{Q}.bias must be a floating tensor \[256\] for the \[256, 256\] layer, got torch.float32 \[255\]"),
+    (lambda t: t.update({f"{Q}.bias": t[f"{Q}.bias"].int()}), None, rf"{Q}.bias must be a floating tensor"),
+    (None, lambda s: s["layers"][Q].update(blocksize=100), r"blocksize an int in \(64, 128, 256\)"),
+    (None, lambda s: s["layers"][Q].update(blocksize=64.0), r"blocksize an int in"),
+    (None, lambda s: s["layers"][Q].update(double_quant=1), r"double_quant a bool"),
+    (None, lambda s: s["layers"][Q].update(weight_dtype="float64"), r"weight_dtype in"),
+    (None, lambda s: s["layers"][Q].pop("weight_dtype"), r"must give exactly"),
+    (None, lambda s: s.update(format_version=True), "of format version True"),
+    (None, lambda s: s.update(format_version=1.0), "of format version 1.0"),
     (None, lambda s: s["layers"].update({"model.layers.0.input_layernorm": s["layers"][Q]}),
      r"4-bit layers \['model.layers.0.input_layernorm'\] are not linear layers of LlamaForCausalLM"),
     (None, lambda s: s["layers"].update({"model.layers.9.mlp.up_proj": s["layers"][Q]}),

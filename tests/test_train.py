@@ -267,11 +267,32 @@ def test_a_4bit_checkpoint_trains_the_run_that_quantizing_the_dense_one_trains(t
                                                                                      "model.safetensors"))
     assert m4.keys() == md.keys() and all(torch.equal(m4[k], md[k]) for k in m4)
     assert "as saved 4-bit by qlora_ext.save_4bit" in (tmp_path / "m-4bit" / "MERGED_FROM.txt").read_text()
+    peft_config = json.loads((tmp_path / "4bit" / "peft_adapter" / "adapter_config.json").read_text())
+    assert peft_config["base_model_name_or_path"] == os.path.abspath(model_dir)   # the dense base, not q
+    assert cli_main(["quantize", "--model", str(q), "--to", str(tmp_path / "qq")]) == 2
+    assert "already a 4-bit checkpoint" in capsys.readouterr().err
     for change, message in ((dict(load_in_4bit="off"), "--load-in-4bit off needs dense weights"),
                             (dict(quant_type="none"), "--quant-type none .* needs dense weights"),
                             (dict(init_lora_weights="loftq"), "--init-lora-weights loftq needs dense weights")):
         with pytest.raises(ConfigError, match=message):
             Trainer(_cfg(tiny, tmp_path / "refused", model=str(q), **change), log=lambda s: None).setup()
+
+
+def test_a_4bit_checkpoint_in_another_format_and_dtype_says_so(tiny, tmp_path, capsys):
+    """The checkpoint's layers keep their format whatever the run's flags: the report shows the formats they
+    hold, and the log says where flags or load dtype differ from the checkpoint's."""
+    model_dir, _ = tiny
+    q = tmp_path / "q"
+    assert cli_main(["quantize", "--model", model_dir, "--to", str(q), "--quant-type", "fp4", "--no-double-quant",
+                     "--dtype", "bfloat16"]) == 0
+    capsys.readouterr()
+    logs = []
+    r = train(_cfg(tiny, tmp_path / "run", steps=2, eval_every=2, save_every=2, model=str(q)), log=logs.append)
+    assert r["base_formats"] == ["14 x fp4, blocksize 64"] and 4.49 < r["base_bits_per_param"] < 4.51
+    assert "| base | 14 x fp4, blocksize 64 (as the 4-bit checkpoint holds them) |" in \
+        open(r["report"]["markdown"]).read()
+    assert any("keep their format (fp4 blocksize 64)" in m for m in logs)
+    assert any("quantized from bfloat16 weights and this run loads in float32" in m for m in logs)
 
 
 def test_trains_a_prequantized_bitsandbytes_model(tiny, tmp_path):

@@ -27,7 +27,8 @@ def quantize_model(model: str, target: str, quant_type: str = "nf4", double_quan
     target with its linear layers 4-bit (those prepare_model would adapt; quant_type, double_quant, blocksize),
     the weights cast to dtype before quantizing and the other tensors kept in it (default: float32 on the CPU,
     bfloat16 on a GPU: the dtype the trainer loads a model in there). Returns target."""
-    from ..load_4bit import load_4bit
+    from ..load_4bit import is_4bit_checkpoint, load_4bit
+    from ..nn import Linear4bit
     from ..save_4bit import save_4bit
     from .model import load_tokenizer, resolve_model_dir
 
@@ -38,11 +39,17 @@ def quantize_model(model: str, target: str, quant_type: str = "nf4", double_quan
         raise ConfigError(f"--device {device}: no CUDA GPU is visible")
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     path = resolve_model_dir(model, log)
+    if is_4bit_checkpoint(path):
+        raise ConfigError(f"--model {path!r} is already a 4-bit checkpoint (its layers would keep their format): "
+                          "quantize the dense model it came from")
     tokenizer = load_tokenizer(path)
     t0 = time.perf_counter()
     try:
         net = load_4bit(path, target_modules=target_modules, quant_type=quant_type, double_quant=double_quant,
                         blocksize=blocksize, dtype=dtype, device=dev)
+        if not any(isinstance(m, Linear4bit) for m in net.modules()):
+            raise ConfigError(f"no layer of {type(net).__name__} was quantized: the chosen layers are not nn.Linear "
+                              f"(GPT-2's Conv1D is not) or their in_features are not multiples of {blocksize}")
         save_4bit(net, target, tokenizer=tokenizer, max_shard_size=max_shard_size)
     except ValueError as e:   # a checkpoint load_4bit cannot read, a target that matches nothing, ...
         raise ConfigError(str(e)) from e

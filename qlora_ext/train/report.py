@@ -22,8 +22,7 @@ def markdown(r: dict) -> str:
         "# qlora_ext training run", "",
         f"model `{r['model_dir']}` on {r['device']}, torch {r['torch']}", "",
         "| | |", "| --- | --- |",
-        f"| base | {c['quant_type']}" + (f" + double quant, blocksize {c['blocksize']}" if c['quant_type'] != 'none'
-                                          and c['double_quant'] else "") + " |",
+        f"| base | {_base(r)} |",
         f"| base bits/param (measured) | {'%.3f' % bits if bits is not None else 'dense'} |",
         f"| LoRA | r={c['r']}, alpha={c['alpha']}, dropout={c['dropout']}, targets "
         f"{','.join(c['target_modules']) if c['target_modules'] else 'all linear but lm_head'} |",
@@ -58,6 +57,16 @@ def markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _base(r: dict) -> str:
+    """The base's format: the run's flags, or for a base that came 4-bit (a save_4bit or bitsandbytes checkpoint)
+    the formats its layers hold."""
+    c = r["config"]
+    if r.get("base_from_4bit_checkpoint") and r.get("base_formats"):
+        return "; ".join(r["base_formats"]) + " (as the 4-bit checkpoint holds them)"
+    return c["quant_type"] + (f" + double quant, blocksize {c['blocksize']}"
+                              if c["quant_type"] != "none" and c["double_quant"] else "")
+
+
 def plot_loss(r: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -71,7 +80,8 @@ def plot_loss(r: dict, path: str) -> None:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats/token)")
     c = r["config"]
-    ax.set_title(f"{os.path.basename(r['model_dir'].rstrip('/'))}: {c['quant_type']} base, LoRA r={c['r']}")
+    quant = "4-bit checkpoint" if r.get("base_from_4bit_checkpoint") else c["quant_type"]
+    ax.set_title(f"{os.path.basename(r['model_dir'].rstrip('/'))}: {quant} base, LoRA r={c['r']}")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -6,8 +6,10 @@ bf16 autocast on CUDA (base weights bf16, adapters and optimizer states fp32); p
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import importlib
+import json
 import math
 import os
 import random
@@ -23,6 +25,7 @@ from ..bnb_io import holds_bnb_linear_4bit
 from ..load_4bit import is_4bit_checkpoint, load_4bit_problem
 from ..nn import Linear4bit
 from ..peft_io import load_peft_adapter, save_peft_adapter
+from ..save_4bit import checkpoint_source
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig
 from .data import TokenBlocks, batch_indices, find_text_files, pack, tokenize_files
@@ -176,6 +179,34 @@ def base_bits_per_param(model) -> Optional[float]:
     return 8.0 * nbytes / numel
 
 
+def base_formats(model) -> list:
+    """The formats of the model's 4-bit layers, with counts ("210 x nf4 + double quant, blocksize 64"), most
+    common first: what the base is, whatever the run's flags (a 4-bit checkpoint keeps its own)."""
+    counts = collections.Counter(
+        f"{m.quant_type}{' + double quant' if m.double_quant else ''}, blocksize {m.blocksize}"
+        for m in model.modules() if isinstance(m, Linear4bit))
+    return [f"{n} x {fmt}" for fmt, n in counts.most_common()]
+
+
+def note_4bit_checkpoint(cfg: TrainConfig, model_dir: str, dtype: torch.dtype, log: Callable[[str], None]) -> None:
+    """Says where a save_4bit checkpoint's layers differ from what the run's flags and load dtype would build from
+    the dense model: they keep their saved format, and their codes were computed from weights in their saved
+    weight_dtype (a run that quantizes the dense model in another dtype has another base)."""
+    with open(os.path.join(model_dir, "config.json")) as f:
+        layers = json.load(f)["quantization_config"]["layers"]
+    formats = {(v["quant_type"], v["double_quant"], v["blocksize"]) for v in layers.values()}
+    if formats != {(cfg.quant_type, cfg.double_quant, cfg.blocksize)}:
+        shown = ", ".join(f"{q}{' + double quant' if dq else ''} blocksize {b}" for q, dq, b in sorted(formats))
+        log(f"note: the 4-bit checkpoint's layers keep their format ({shown}); --quant-type, --double-quant and "
+            "--blocksize apply only to layers it holds dense")
+    dtypes = sorted({v["weight_dtype"] for v in layers.values()})
+    name = str(dtype).removeprefix("torch.")
+    if dtypes != [name]:
+        log(f"note: the 4-bit checkpoint was quantized from {'/'.join(dtypes)} weights and this run loads in {name}: "
+            f"quantizing the dense model here would give another base (`qlora-train quantize --dtype {name}` "
+            "gives this run's)")
+
+
 def _fmt_bytes(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
@@ -201,10 +232,12 @@ class Trainer:
         model_dir = resolve_model_dir(cfg.model, self.log)
         self.model, self.tokenizer, self.model_dir, self.loaded_4bit = load_for_run(
             cfg, model_dir, dtype, dev, resolve_load_in_4bit(cfg, dev, model_dir), self.log)
-        if self.loaded_4bit:
-            self.log("model: a 4-bit checkpoint (save_4bit), its 4-bit layers read as they were saved"
-                     if is_4bit_checkpoint(self.model_dir) else
-                     "model: quantized as its checkpoint was read (the dense model was never held)")
+        self.from_4bit_checkpoint = is_4bit_checkpoint(self.model_dir)
+        if self.from_4bit_checkpoint:
+            self.log("model: a 4-bit checkpoint (save_4bit), its 4-bit layers read as they were saved")
+            note_4bit_checkpoint(cfg, self.model_dir, dtype, self.log)
+        elif self.loaded_4bit:
+            self.log("model: quantized as its checkpoint was read (the dense model was never held)")
         limit = max_positions(self.model)
         if limit and cfg.seq_len > limit:
             raise ConfigError(f"--seq-len {cfg.seq_len} is longer than the model allows "
@@ -270,7 +303,7 @@ class Trainer:
             state["evals"].append({"step": 0, "loss": loss0, "ppl": math.exp(loss0)})
             self.log(f"eval before training: loss {loss0:.4f}, perplexity {math.exp(loss0):.2f} " + (
                 "(the model was loaded 4-bit by bitsandbytes: no dense base)" if self.prequantized else
-                "(a 4-bit checkpoint: no dense base)" if is_4bit_checkpoint(self.model_dir) else
+                "(a 4-bit checkpoint: no dense base)" if self.from_4bit_checkpoint else
                 "(quantized as it loaded: no dense base evaluated)" if self.dense_eval_loss is None else
                 f"(dense base before quantization: {math.exp(self.dense_eval_loss):.2f})"))
 
@@ -330,7 +363,9 @@ class Trainer:
             bar.close()
         ckpt.save_adapters(os.path.join(cfg.output_dir, ckpt.ADAPTER_FILE), self.model, config)
         # the same adapters for PEFT and the tools that read its folders (peft.PeftModel.from_pretrained)
-        save_peft_adapter(self.model, os.path.join(cfg.output_dir, PEFT_DIR), base_model_name_or_path=self.model_dir)
+        # a PEFT adapter's base is the dense model (PEFT cannot load a 4-bit checkpoint): the one it was quantized from
+        base = checkpoint_source(self.model_dir) if self.from_4bit_checkpoint else self.model_dir
+        save_peft_adapter(self.model, os.path.join(cfg.output_dir, PEFT_DIR), base_model_name_or_path=base)
         return self.result(state, step)
 
     def result(self, state: dict, step: int) -> dict:
@@ -352,8 +387,9 @@ class Trainer:
             "model_bytes": self.summary.model_bytes,
             "quantized_layers": self.summary.quantized_layers,
             "base_bits_per_param": bits,
-            "base_quantized_while_loading": self.loaded_4bit and not is_4bit_checkpoint(self.model_dir),
-            "base_from_4bit_checkpoint": is_4bit_checkpoint(self.model_dir),
+            "base_quantized_while_loading": self.loaded_4bit and not self.from_4bit_checkpoint,
+            "base_from_4bit_checkpoint": self.from_4bit_checkpoint,
+            "base_formats": base_formats(self.model),
             "tokens_trained": state["tokens"],
             "train_seconds": state["train_seconds"],
             "tokens_per_s": state["tokens"] / max(state["train_seconds"], 1e-9),
