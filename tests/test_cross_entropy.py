@@ -235,6 +235,22 @@ def test_causal_lm_loss_matches_transformers(tie, checkpointing):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_causal_lm_loss_with_ignored_labels_matches_transformers(fused):
+    # instruction data: labels -100 where a token is context only; both paths give transformers' loss
+    pytest.importorskip("transformers")
+    from qlora_ext.train.loss import causal_lm_loss, fused_head
+    model = tiny_llama(tie=False)
+    targets = None if fused else ["q_proj", "lm_head"]
+    qlora_ext.prepare_model(model, target_modules=targets, r=4, alpha=8, quant_type="none")
+    assert (fused_head(model) is not None) == fused
+    ids = torch.randint(0, 301, (3, 17), generator=torch.Generator().manual_seed(3))
+    labels = ids.masked_fill(torch.rand(ids.shape, generator=torch.Generator().manual_seed(4)) < 0.6, -100)
+    labels[:, 1] = ids[:, 1]   # at least one label per row
+    torch.testing.assert_close(causal_lm_loss(model, ids, labels),
+                               model(input_ids=ids, labels=labels, use_cache=False).loss, rtol=1e-6, atol=0)
+
+
 def test_causal_lm_loss_falls_back_when_the_head_is_adapted_or_unknown():
     pytest.importorskip("transformers")
     from qlora_ext.train.loss import causal_lm_loss, fused_head

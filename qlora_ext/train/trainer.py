@@ -28,7 +28,7 @@ from ..peft_io import load_peft_adapter, save_peft_adapter
 from ..save_4bit import checkpoint_source
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig
-from .data import TokenBlocks, batch_indices, find_text_files, pack, tokenize_files
+from .data import IGNORE, TokenBlocks, batch_indices, find_text_files, pack, tokenize_data
 from .loss import causal_lm_loss
 from .model import load_model_and_tokenizer, max_positions, resolve_model_dir
 
@@ -133,18 +133,23 @@ def autocast_for(device: torch.device):
 
 
 @torch.no_grad()
-def evaluate(model, blocks: torch.Tensor, batch_size: int, device: torch.device) -> float:
-    """Mean next-token cross-entropy (nats) over all eval blocks (every block has the same length, so the
-    mean of the per-batch means weighted by batch size is the mean over tokens)."""
+def evaluate(model, blocks: torch.Tensor, batch_size: int, device: torch.device,
+             labels: Optional[torch.Tensor] = None) -> float:
+    """Mean next-token cross-entropy (nats) over the predicted tokens of all eval blocks that are trained on
+    (labels not -100; without labels all of them: every block has the same length, so the mean of the per-batch
+    means weighted by batch size is the mean over tokens; with labels, each batch's mean is weighted by its
+    count of labelled tokens)."""
     was_training = model.training
     model.eval()
     total, n = 0.0, 0
     for i in range(0, blocks.shape[0], batch_size):
         ids = blocks[i: i + batch_size].to(device)
+        batch_labels = None if labels is None else labels[i: i + batch_size].to(device)
         with autocast_for(device):
-            loss = causal_lm_loss(model, ids)
-        total += float(loss) * ids.shape[0]
-        n += ids.shape[0]
+            loss = causal_lm_loss(model, ids, batch_labels)
+        weight = ids.shape[0] if batch_labels is None else int((batch_labels[:, 1:] != IGNORE).sum())
+        total += float(loss) * weight
+        n += weight
     model.train(was_training)
     return total / n
 
@@ -242,8 +247,8 @@ class Trainer:
         if limit and cfg.seq_len > limit:
             raise ConfigError(f"--seq-len {cfg.seq_len} is longer than the model allows "
                               f"(max_position_embeddings = {limit})")
-        self.data: TokenBlocks = pack(tokenize_files(files, self.tokenizer, cfg.max_tokens), cfg.seq_len,
-                                      cfg.eval_blocks, files)
+        ids, trained = tokenize_data(files, self.tokenizer, cfg.max_tokens)
+        self.data: TokenBlocks = pack(ids, cfg.seq_len, cfg.eval_blocks, files, trained)
         self.log(f"data: {self.data.describe()}")
         if self.data.train.shape[0] < cfg.batch_size:
             self.log(f"note: only {self.data.train.shape[0]} training blocks for --batch-size {cfg.batch_size}: "
@@ -253,7 +258,7 @@ class Trainer:
         # base to compare with
         self.prequantized = holds_bnb_linear_4bit(self.model)
         if not cfg.resume and not self.prequantized and not self.loaded_4bit:
-            self.dense_eval_loss = evaluate(self.model, self.data.eval, cfg.batch_size, dev)
+            self.dense_eval_loss = evaluate(self.model, self.data.eval, cfg.batch_size, dev, self.data.eval_labels)
         prepare_for_run(self.model, cfg, dev)
         if cfg.init_adapter and not cfg.resume:  # (a resumed run takes its checkpoint's adapters)
             try:
@@ -299,7 +304,7 @@ class Trainer:
                 self.log(f"new run in {cfg.output_dir}: removing the previous run's checkpoints")
                 shutil.rmtree(old)
             cfg.save(os.path.join(cfg.output_dir, ckpt.CONFIG_FILE))
-            loss0 = evaluate(self.model, self.data.eval, cfg.batch_size, dev)
+            loss0 = evaluate(self.model, self.data.eval, cfg.batch_size, dev, self.data.eval_labels)
             state["evals"].append({"step": 0, "loss": loss0, "ppl": math.exp(loss0)})
             self.log(f"eval before training: loss {loss0:.4f}, perplexity {math.exp(loss0):.2f} " + (
                 "(the model was loaded 4-bit by bitsandbytes: no dense base)" if self.prequantized else
@@ -325,8 +330,9 @@ class Trainer:
             for _ in range(cfg.grad_accum):
                 idx = batch_indices(n_train, cfg.batch_size, cfg.seed, state["micro_step"])
                 ids = self.data.train[idx].to(dev, non_blocking=True)
+                labels = None if self.data.train_labels is None else self.data.train_labels[idx].to(dev)
                 with autocast_for(dev):
-                    loss = causal_lm_loss(self.model, ids)
+                    loss = causal_lm_loss(self.model, ids, labels)
                 (loss / cfg.grad_accum).backward()
                 loss_sum += float(loss.detach())
                 state["micro_step"] += 1
@@ -353,7 +359,7 @@ class Trainer:
                                 refresh=False)
                 bar.update(1)
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                ev = evaluate(self.model, self.data.eval, cfg.batch_size, dev)
+                ev = evaluate(self.model, self.data.eval, cfg.batch_size, dev, self.data.eval_labels)
                 state["evals"].append({"step": step, "loss": ev, "ppl": math.exp(ev)})
                 msg = f"step {step}: eval loss {ev:.4f}, perplexity {math.exp(ev):.2f}"
                 bar.write(msg) if bar is not None else self.log(msg)
@@ -379,6 +385,7 @@ class Trainer:
                                           if self.device.type == "cuda" else ""),
             "torch": torch.__version__,
             "data": {"files": len(self.data.files), "tokens": self.data.total_tokens,
+                     "trained_tokens": self.data.trained_tokens,
                      "train_blocks": int(self.data.train.shape[0]), "eval_blocks": int(self.data.eval.shape[0]),
                      "seq_len": cfg.seq_len},
             "steps": step,
