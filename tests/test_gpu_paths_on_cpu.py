@@ -270,7 +270,7 @@ def test_gpu_check_installs_a_prebuilt_extension_only_for_the_same_inputs(tmp_pa
     (root / "csrc").mkdir()
     (root / "csrc" / "kernel.cu").write_text("// v1\n")
     (root / "qlora_ext").mkdir()
-    env = dict(os.environ, QLORA_CUDA_ARCHS="9.0a")
+    env = dict(os.environ, QLORA_CUDA_ARCHS="9.0a", PYTHON=sys.executable)   # the fake machine's python3 runs it
     inputs = subprocess.run(["bash", "bench/build_inputs_hash.sh"], cwd=root, env=env, capture_output=True,
                             text=True, check=True).stdout.strip()
     assert len(inputs) == 64
