@@ -3,12 +3,13 @@ prompt/completion: the completion; messages: the assistant turns as the chat tem
 with labels, and a run on such data whose eval loss is the loss over the trained tokens only."""
 import json
 import math
+import os
 
 import pytest
 import torch
 
 from qlora_ext.train.config import ConfigError
-from qlora_ext.train.data import IGNORE, pack, tokenize_data
+from qlora_ext.train.data import IGNORE, find_text_files, pack, tokenize_data
 from qlora_ext.train.instructions import tokenize_jsonl, tokenize_record
 from tests.test_train import _cfg, tiny  # noqa: F401  (the tiny llama and its BPE tokenizer, a fixture)
 
@@ -76,17 +77,42 @@ def test_a_conversation_that_starts_with_the_assistant(tokenizer):
 @pytest.mark.parametrize("line,message", [
     ('{"text": "a"', "x.jsonl:2: not valid JSON"),
     ('[1, 2]', "x.jsonl:2: a record must be a JSON object"),
-    ('{"prompt": "a"}', r"x.jsonl:2: a record must be .* got the keys \['prompt'\]"),
-    ('{"prompt": "a", "completion": 3}', "x.jsonl:2: a record must be"),
+    ('{"prompt": "a"}', r"x.jsonl:2: a record must hold exactly one of .* got the keys \['prompt'\]"),
+    ('{"text": "a", "messages": []}', r"x.jsonl:2: a record must hold exactly one of"),
+    ('{"prompt": "a", "completion": 3}', "x.jsonl:2: \"completion\" must be a string"),
+    ('{"text": "\\ud800"}', "x.jsonl:2: TypeError"),
+    ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "RAISE"}]}',
+     "x.jsonl:2: TemplateError: roles must alternate"),
     ('{"messages": []}', "must be a non-empty list"),
     ('{"messages": [{"role": "king", "content": "a"}]}', "each message must be"),
     ('{"messages": [{"role": "user", "content": "a"}]}', "without an assistant message"),
 ])
 def test_bad_records_name_their_line(tokenizer, tmp_path, line, message):
+    import copy
+    tok = copy.deepcopy(tokenizer)   # a template that raises, as Mistral's does when roles do not alternate
+    tok.chat_template = "{% if messages[-1]['content'] == 'RAISE' %}{{ raise_exception('roles must alternate') }}" \
+        "{% endif %}" + CHATML
     path = tmp_path / "x.jsonl"
     path.write_text('{"text": "fine"}\n' + line + "\n")
     with pytest.raises(ConfigError, match=message):
+        tokenize_jsonl(str(path), tok)
+
+
+def test_bytes_that_are_not_utf8_name_their_line(tokenizer, tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"text": "a BOM is fine"}\n{"text": "\xff"}\n')
+    with pytest.raises(ConfigError, match="x.jsonl:2: not UTF-8"):
         tokenize_jsonl(str(path), tokenizer)
+
+
+def test_extra_keys_and_conversational_prompt_completion(tokenizer):
+    ids, trained = tokenize_record(tokenizer, {"id": 7, "prompt": "the ghost of", "completion": " the king"}, "x")
+    assert _trained_text(tokenizer, ids, trained) == " the king" + tokenizer.eos_token
+    record = {"prompt": [{"role": "user", "content": "who"}, {"role": "assistant", "content": "the king"},
+                         {"role": "user", "content": "and"}],
+              "completion": [{"role": "assistant", "content": "the queen"}]}
+    ids, trained = tokenize_record(tokenizer, record, "x")
+    assert _trained_text(tokenizer, ids, trained) == "the queen<|im_end|>\n"   # the prompt's turn is context
 
 
 def test_conversations_need_a_prefix_stable_chat_template(tokenizer, tmp_path):
@@ -96,15 +122,37 @@ def test_conversations_need_a_prefix_stable_chat_template(tokenizer, tmp_path):
     plain.chat_template = None
     with pytest.raises(ConfigError, match="need a tokenizer with a chat template"):
         tokenize_record(plain, record, "x")
-    plain.chat_template = "{{ messages|length }}:" + CHATML   # rewrites its first characters as messages come
-    with pytest.raises(ConfigError, match="rewrites earlier text"):
+    plain.chat_template = "{{ messages[-1]['content']|length }}:" + CHATML   # a content that changes other text
+    with pytest.raises(ConfigError, match="cannot be located in the conversation"):
         tokenize_record(plain, record, "x")
+
+
+@pytest.mark.parametrize("template", [
+    # no add_generation_prompt branch: the assistant header is still context
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}",
+    # a generation prompt unlike the header of a rendered assistant message
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\nthinking:{% endif %}",
+    # the last assistant turn rendered differently (as Qwen3 adds an empty think block to it)
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' and loop.last %}<t></t>"
+    "{% endif %}{{ m['content'] }}<|im_end|>\n{% endfor %}",
+])
+def test_templates_of_other_shapes(tokenizer, template):
+    import copy
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = template
+    messages = [{"role": "user", "content": "who walks"}, {"role": "assistant", "content": "the king"},
+                {"role": "user", "content": "and then"}, {"role": "assistant", "content": "the queen"}]
+    ids, trained = tokenize_record(tok, {"messages": messages}, "x")
+    assert tok.decode(ids) == tok.apply_chat_template(messages, tokenize=False)
+    assert _trained_text(tok, ids, trained) == "the king<|im_end|>\nthe queen<|im_end|>\n"
 
 
 def test_pack_labels_and_leaves_out_blocks_without_a_trained_token():
     ids = list(range(100, 140))
-    trained = [False] * 16 + [True] * 4 + [False] * 12 + [True] * 8   # blocks of 8: 0, 1 context only; block
-    data = pack(ids, 8, 1, ["x"], trained)                             # 3 trains only its first token
+    # blocks of 8: 0 and 1 context only; 3 trains only its first token, which no block predicts
+    trained = [False] * 16 + [True] * 4 + [False] * 4 + [True] + [False] * 7 + [True] * 8
+    data = pack(ids, 8, 1, ["x"], trained)
     assert data.dropped_blocks == 3 and data.train.shape[0] + data.eval.shape[0] == 2
     blocks = torch.cat([data.train, data.eval])
     labels = torch.cat([data.train_labels, data.eval_labels])
@@ -112,19 +160,25 @@ def test_pack_labels_and_leaves_out_blocks_without_a_trained_token():
     for b, l in zip(blocks, labels):
         assert all((lv == IGNORE) != trained[int(bv) - 100] for bv, lv in zip(b, l))
         assert torch.equal(l[l != IGNORE], b[l != IGNORE])
-    assert data.trained_tokens == 12
+    assert data.trained_tokens == 3 + 7   # the labelled tokens the loss sees (not a block's first)
     assert pack(ids, 8, 1, ["x"]).train_labels is None   # text: every token is trained on
 
 
 def test_mixed_text_and_jsonl_files(tokenizer, tmp_path):
     (tmp_path / "a.txt").write_text("the king walks")
+    (tmp_path / "blank.txt").write_text("\n")   # skipped, as in a folder of text only
     (tmp_path / "b.jsonl").write_text(json.dumps({"prompt": "the ghost", "completion": " speaks"}) + "\n")
-    files = [str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")]
+    (tmp_path / "C.JSONL").write_text(json.dumps({"prompt": "the queen", "completion": " walks"}) + "\n")
+    assert [os.path.basename(f) for f in find_text_files([str(tmp_path)])] == ["C.JSONL", "a.txt", "b.jsonl",
+                                                                              "blank.txt"]
+    files = [str(tmp_path / "a.txt"), str(tmp_path / "blank.txt"), str(tmp_path / "b.jsonl")]
     ids, trained = tokenize_data(files, tokenizer)
     text_ids = tokenizer("the king walks", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     assert ids[:len(text_ids)] == text_ids and all(trained[:len(text_ids)])
     assert _trained_text(tokenizer, ids[len(text_ids):], trained[len(text_ids):]) == " speaks" + tokenizer.eos_token
-    assert tokenize_data(files[:1], tokenizer)[1] is None
+    assert tokenize_data(files[:2], tokenizer)[1] is None
+    ids, trained = tokenize_data([str(tmp_path / "C.JSONL")], tokenizer)   # the extension in any case
+    assert _trained_text(tokenizer, ids, trained) == " walks" + tokenizer.eos_token
 
 
 def test_training_on_instruction_data(tiny, tmp_path):
@@ -158,3 +212,25 @@ def test_training_on_instruction_data(tiny, tmp_path):
     r = train(cfg, log=lambda s: None)
     assert r["eval_after"]["loss"] < r["eval_before"]["loss"] - 0.2
     assert 0 < r["data"]["trained_tokens"] < r["data"]["tokens"]
+
+
+def test_grad_accumulation_weights_micro_batches_by_their_trained_tokens(tiny, tmp_path):
+    """With labels, batch 4 x accum 1 and batch 2 x accum 2 take the same step (the mean over all trained tokens
+    of the step), as they do on text."""
+    from safetensors.torch import load_file
+    from qlora_ext.train.trainer import train
+    g = torch.Generator().manual_seed(1)
+    words = "the king and queen of denmark walk in the garden at night".split()
+    lines = []
+    for _ in range(300):   # prompts and completions of different lengths: micro-batches differ in trained tokens
+        n, m = int(torch.randint(1, 8, (1,), generator=g)), int(torch.randint(1, 8, (1,), generator=g))
+        lines.append(json.dumps({"prompt": " ".join(words[:n]), "completion": " " + " ".join(words[-m:])}))
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    runs = [train(_cfg(tiny, tmp_path / f"r{accum}", data=[str(tmp_path / "d.jsonl")], steps=2, eval_every=2,
+                       save_every=2, batch_size=4 // accum, grad_accum=accum, dropout=0.0, max_grad_norm=0.0,
+                       optimizer="adamw"), log=lambda s: None) for accum in (1, 2)]
+    a, b = (load_file(r["adapter"]) for r in runs)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)   # (Adam magnifies rounding)
+    for step in range(2):   # a mean of the micro-batches' means would differ in the 4th digit
+        assert math.isclose(runs[0]["history"][step]["loss"], runs[1]["history"][step]["loss"], rel_tol=1e-5)

@@ -45,8 +45,8 @@ def find_text_files(paths: Sequence[str]) -> List[str]:
         if os.path.isfile(p):
             files.append(p)
         elif os.path.isdir(p):
-            found = sorted(f for ext in ("txt", "jsonl") for f in glob.glob(os.path.join(p, "**", f"*.{ext}"),
-                                                                           recursive=True))
+            found = sorted(f for f in glob.glob(os.path.join(p, "**", "*"), recursive=True)
+                           if os.path.isfile(f) and f.lower().endswith((".txt", ".jsonl")))
             if not found:
                 raise ConfigError(f"--data folder {p!r} has no .txt or .jsonl files")
             files += found
@@ -64,7 +64,7 @@ class TokenBlocks:
     # the labels (int64, like train / eval; IGNORE where not trained on), or None: every token is trained on
     train_labels: Optional[torch.Tensor] = None
     eval_labels: Optional[torch.Tensor] = None
-    trained_tokens: Optional[int] = None   # tokens trained on, with labels
+    trained_tokens: Optional[int] = None   # with labels: the labelled tokens the loss sees (train and eval blocks)
     dropped_blocks: int = 0                # blocks without a trained token, left out
 
     def describe(self) -> str:
@@ -81,17 +81,15 @@ def tokenize_data(files: Sequence[str], tokenizer, max_tokens: int = 0) -> Tuple
     """(all files' tokens, whether each is trained on): text files' tokens as tokenize_files gives them, .jsonl
     files' examples as instructions.tokenize_jsonl does, in the files' order; the flags are None when every
     token is trained on (no .jsonl file). Cut at max_tokens (0: all)."""
-    texts = [f for f in files if not f.endswith(".jsonl")]
-    if len(texts) == len(files):
+    if not any(is_jsonl(f) for f in files):
         return tokenize_files(files, tokenizer, max_tokens), None
-    text_ids = iter([tokenize_files([f], tokenizer) for f in texts])
     ids: List[int] = []
     trained: List[bool] = []
     for f in files:
-        if f.endswith(".jsonl"):
+        if is_jsonl(f):
             file_ids, file_trained = tokenize_jsonl(f, tokenizer)
         else:
-            file_ids = next(text_ids)
+            file_ids = tokenize_files([f], tokenizer, allow_empty=True)
             file_trained = [True] * len(file_ids)
         ids += file_ids
         trained += file_trained
@@ -100,8 +98,13 @@ def tokenize_data(files: Sequence[str], tokenizer, max_tokens: int = 0) -> Tuple
     return (ids[:max_tokens], trained[:max_tokens]) if max_tokens else (ids, trained)
 
 
-def tokenize_files(files: Sequence[str], tokenizer, max_tokens: int = 0) -> List[int]:
-    """All text files' tokens, each file followed by the end-of-sequence token (when the tokenizer has one)."""
+def is_jsonl(path: str) -> bool:
+    return path.lower().endswith(".jsonl")
+
+
+def tokenize_files(files: Sequence[str], tokenizer, max_tokens: int = 0, allow_empty: bool = False) -> List[int]:
+    """All text files' tokens, each file followed by the end-of-sequence token (when the tokenizer has one);
+    blank files are skipped (all blank: an error, unless allow_empty)."""
     texts = []
     for f in files:
         with open(f, "rb") as fh:
@@ -111,6 +114,8 @@ def tokenize_files(files: Sequence[str], tokenizer, max_tokens: int = 0) -> List
         except UnicodeDecodeError:
             texts.append(raw.decode("latin-1"))
     texts = [t for t in texts if t.strip()]
+    if not texts and allow_empty:
+        return []
     if not texts:
         raise ConfigError(f"the text files ({len(files)}: {', '.join(files[:3])}{'...' if len(files) > 3 else ''}) "
                           "hold no text")
@@ -152,7 +157,7 @@ def pack(ids: List[int], seq_len: int, eval_blocks: int, files: Sequence[str],
     if labels is None:
         return TokenBlocks(blocks[train_idx], blocks[eval_idx], list(files), len(ids))
     return TokenBlocks(blocks[train_idx], blocks[eval_idx], list(files), len(ids), labels[train_idx],
-                       labels[eval_idx], int(sum(trained)), n_blocks - len(kept))
+                       labels[eval_idx], int((labels[:, 1:] != IGNORE).sum()), n_blocks - len(kept))
 
 
 def batch_indices(n_train: int, batch_size: int, seed: int, micro_step: int) -> torch.Tensor:

@@ -4,14 +4,16 @@ are ignored by the loss, as TRL's completion-only and assistant-only losses do):
 
     {"text": "..."}                                  every token (and an end-of-sequence token)
     {"prompt": "...", "completion": "..."}           the completion's tokens and an end-of-sequence token
-    {"messages": [{"role": "system" | "user" | "assistant", "content": "..."}, ...]}
-        rendered by the tokenizer's chat template; the assistant turns' tokens (their end-of-turn marks included)
+    {"messages": [{"role": "system" | "user" | "assistant" | "tool", "content": "..."}, ...]}
+        rendered by the tokenizer's chat template; the assistant turns, their end-of-turn marks included
+    {"prompt": [messages], "completion": [messages]}  a conversation whose completion's assistant turns are trained
 
-A conversation is rendered one message at a time (the chat template applied to the first k messages, and with
-the generation prompt before an assistant turn; before a first message that is the assistant's, what the template
-puts before its content), so each assistant turn is the text its message adds; a template
-that rewrites earlier text when a message is added cannot be cut this way and is refused. Each piece is tokenized
-on its own, so a token never spans a trained and an untrained piece.
+Other keys of a record (an id, a source) are ignored. A conversation is rendered whole, once; each assistant turn
+starts where the template puts its content (found by rendering the conversation with a stand-in content for
+that message) and ends where the rendering of the conversation up to that message ends (or, for a template that
+renders a last turn differently, after its content and its end-of-turn mark). The text is tokenized whole,
+and a token is trained on when its last character lies in a trained span: the tokens are those of the rendered
+text, with no token of its own at a piece boundary.
 """
 from __future__ import annotations
 
@@ -23,26 +25,67 @@ from .config import ConfigError
 ROLES = ("system", "user", "assistant", "tool")
 
 
-def _ids(tokenizer, text: str) -> List[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+_SENTINEL = "\x00qlora_ext\x00"   # a stand-in content, to find where the template puts a message's content
 
 
-def _render(tokenizer, messages, generation_prompt: bool) -> str:
+def _render(tokenizer, messages, generation_prompt: bool = False) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
-_SENTINEL = "\x00qlora_ext\x00"
+def _tokens(tokenizer, text: str, spans: List[Tuple[int, int]]) -> Tuple[List[int], List[bool]]:
+    """The tokens of `text` and whether each is trained on: the text is tokenized whole, and a token is trained on
+    when its last character lies in one of the character spans [start, end) (so a token that brings a space
+    into a span, as SentencePiece's "▁" does, counts for the span). A slow tokenizer (no offsets) tokenizes each
+    piece on its own instead."""
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        trained = [any(s < b <= e for s, e in spans) for _, b in enc["offset_mapping"]]
+        return list(enc["input_ids"]), trained
+    ids: List[int] = []
+    trained = []
+    cuts = sorted({0, len(text), *(c for span in spans for c in span)})
+    for a, b in zip(cuts, cuts[1:]):
+        piece = tokenizer(text[a:b], add_special_tokens=False)["input_ids"] if b > a else []
+        ids += piece
+        trained += [any(s <= a and b <= e for s, e in spans)] * len(piece)
+    return ids, trained
 
 
-def _before_first_assistant(tokenizer, message: dict) -> str:
-    """What the template renders before the content of a conversation's first message when that is the
-    assistant's (a default system prompt, the assistant header): the text before a stand-in content."""
-    text = _render(tokenizer, [dict(message, content=_SENTINEL)], False)
-    return text[:text.index(_SENTINEL)] if _SENTINEL in text else ""
+def _assistant_spans(tokenizer, messages: list, first: int, where: str) -> Tuple[str, List[Tuple[int, int]]]:
+    """(the conversation as the chat template renders it, the character spans of the assistant turns from message
+    `first` on). A turn starts where the template puts its content (found by rendering the conversation with a
+    stand-in content for it) and ends where the rendering of the conversation up to it ends, its end-of-turn
+    mark included; when that is not how the whole conversation goes on (a template that renders a last turn
+    differently, as Qwen3's does), after its content and the end-of-turn mark the template gives a last turn (or
+    the end-of-sequence mark), where the conversation has it."""
+    full = _render(tokenizer, messages)
+    eos = getattr(tokenizer, "eos_token", None) or ""
+    spans = []
+    for k in range(first, len(messages)):
+        if messages[k]["role"] != "assistant":
+            continue
+        stand_in = _render(tokenizer, messages[:k] + [dict(messages[k], content=_SENTINEL)] + messages[k + 1:])
+        cut = stand_in.find(_SENTINEL)
+        before, after = stand_in[:cut], stand_in[cut + len(_SENTINEL):]
+        if cut < 0 or not full.startswith(before) or not full.endswith(after) or len(before) + len(after) > len(full):
+            raise ConfigError(f"{where}: the tokenizer's chat template renders message {k} (the assistant's) in a way "
+                              "that cannot be located in the conversation (it changes other text with its content)")
+        start, content_end = len(before), len(full) - len(after)
+        upto = _render(tokenizer, messages[:k + 1])
+        if full.startswith(upto) and len(upto) >= content_end:
+            end = len(upto)
+        else:  # the end-of-turn mark the template puts after this turn's content when it is the last one
+            last = _render(tokenizer, messages[:k] + [dict(messages[k], content=_SENTINEL)])
+            mark = last[last.find(_SENTINEL) + len(_SENTINEL):] if _SENTINEL in last else ""
+            if not (mark and full.startswith(mark, content_end)):
+                mark = eos if eos and full.startswith(eos, content_end) else ""
+            end = content_end + len(mark)
+        spans.append((start, end))
+    return full, spans
 
 
-def _conversation(tokenizer, messages: list, where: str) -> Tuple[List[int], List[bool]]:
-    """(ids, trained) of a conversation: the chat template's text cut at each message, assistant turns trained."""
+def _conversation(tokenizer, messages, where: str, first: int = 0) -> Tuple[List[int], List[bool]]:
+    """(ids, trained) of a conversation: the chat template's text, assistant turns from message `first` trained."""
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError(f"{where}: \"messages\" need a tokenizer with a chat template, and this one has none "
                           "(use {\"prompt\", \"completion\"} records instead)")
@@ -52,68 +95,67 @@ def _conversation(tokenizer, messages: list, where: str) -> Tuple[List[int], Lis
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
             raise ConfigError(f"{where}: each message must be {{\"role\": one of {ROLES}, \"content\": a string}}, "
                               f"got {m!r}")
-    if not any(m["role"] == "assistant" for m in messages):
+    if not any(m["role"] == "assistant" for m in messages[first:]):
         raise ConfigError(f"{where}: a conversation without an assistant message has nothing to train on")
-    pieces: List[Tuple[str, bool]] = []
-    done = ""
-    for k, m in enumerate(messages):
-        if m["role"] == "assistant":
-            prompt = _render(tokenizer, messages[:k], True) if k else _before_first_assistant(tokenizer, m)
-            if not prompt.startswith(done):
-                break
-            pieces.append((prompt[len(done):], False))
-            done = prompt
-        text = _render(tokenizer, messages[:k + 1], False)
-        if not text.startswith(done):
-            break
-        pieces.append((text[len(done):], m["role"] == "assistant"))
-        done = text
-    else:
-        ids: List[int] = []
-        trained: List[bool] = []
-        for text, train in pieces:
-            piece = _ids(tokenizer, text)
-            ids += piece
-            trained += [train] * len(piece)
-        return ids, trained
-    raise ConfigError(f"{where}: the tokenizer's chat template rewrites earlier text when a message is added, so "
-                      "the assistant turns cannot be cut out of the conversation")
+    full, spans = _assistant_spans(tokenizer, messages, first, where)
+    return _tokens(tokenizer, full, spans)
 
 
 def tokenize_record(tokenizer, record, where: str) -> Tuple[List[int], List[bool]]:
-    """(token ids, trained flag per token) of one JSONL record (see the module's docstring)."""
+    """(token ids, trained flag per token) of one JSONL record (see the module's docstring); other keys of the
+    record (an id, a source) are ignored."""
     eos = getattr(tokenizer, "eos_token_id", None)
     end = [eos] if eos is not None else []
     if not isinstance(record, dict):
         raise ConfigError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
-    keys = set(record)
-    if keys == {"text"} and isinstance(record["text"], str):
-        ids = _ids(tokenizer, record["text"]) + end
-        return ids, [True] * len(ids)
-    if keys == {"prompt", "completion"} and all(isinstance(record[k], str) for k in keys):
-        prompt, completion = _ids(tokenizer, record["prompt"]), _ids(tokenizer, record["completion"]) + end
-        return prompt + completion, [False] * len(prompt) + [True] * len(completion)
-    if keys == {"messages"}:
+    kinds = [k for k, keys in (("messages", {"messages"}), ("prompt", {"prompt", "completion"}), ("text", {"text"}))
+             if keys <= set(record)]
+    if len(kinds) != 1:
+        raise ConfigError(f"{where}: a record must hold exactly one of \"text\", \"prompt\" + \"completion\" or "
+                          f"\"messages\", got the keys {sorted(record)}")
+    if kinds[0] == "messages":
         return _conversation(tokenizer, record["messages"], where)
-    raise ConfigError(f"{where}: a record must be {{\"text\": str}}, {{\"prompt\": str, \"completion\": str}} or "
-                      f"{{\"messages\": [...]}}, got the keys {sorted(keys)}")
+    if kinds[0] == "text":
+        if not isinstance(record["text"], str):
+            raise ConfigError(f"{where}: \"text\" must be a string, got {type(record['text']).__name__}")
+        ids, _ = _tokens(tokenizer, record["text"], [])
+        return ids + end, [True] * (len(ids) + len(end))
+    prompt, completion = record["prompt"], record["completion"]
+    if isinstance(prompt, list) and isinstance(completion, list):   # TRL's conversational prompt-completion
+        return _conversation(tokenizer, prompt + completion, where, first=len(prompt))
+    for key in ("prompt", "completion"):
+        if not isinstance(record[key], str):
+            raise ConfigError(f"{where}: \"{key}\" must be a string (or both lists of messages), got "
+                              f"{type(record[key]).__name__}")
+    ids, trained = _tokens(tokenizer, prompt + completion, [(len(prompt), len(prompt) + len(completion))])
+    return ids + end, trained + [True] * len(end)
 
 
 def tokenize_jsonl(path: str, tokenizer) -> Tuple[List[int], List[bool]]:
     """The examples of the JSON Lines file `path`, one after the other: (token ids, trained flag per token).
-    Blank lines are skipped; a line that is not a record of a known format is an error naming the line."""
+    Blank lines are skipped; a line that is not UTF-8, not JSON, not a record of a known format, or that the
+    tokenizer or its chat template cannot take is an error naming the line."""
     ids: List[int] = []
     trained: List[bool] = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"{where}: not UTF-8 ({e.reason} at byte {e.start})") from e
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{where}: not valid JSON ({e.msg})") from e
-            record_ids, record_trained = tokenize_record(tokenizer, record, where)
+            try:
+                record_ids, record_trained = tokenize_record(tokenizer, record, where)
+            except ConfigError:
+                raise
+            except Exception as e:  # a chat template's raise_exception (roles must alternate, ...), a lone surrogate
+                raise ConfigError(f"{where}: {type(e).__name__}: {e}") from e
             ids += record_ids
             trained += record_trained
     if not ids:

@@ -327,14 +327,25 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = 0.0
-            for _ in range(cfg.grad_accum):
-                idx = batch_indices(n_train, cfg.batch_size, cfg.seed, state["micro_step"])
+            micro = [batch_indices(n_train, cfg.batch_size, cfg.seed, state["micro_step"] + i)
+                     for i in range(cfg.grad_accum)]
+            # With labels, the micro-batches' mean losses are weighted by their labelled tokens, so the step's
+            # gradient is that of the mean over all its trained tokens (not a mean of means); text: 1 / grad_accum.
+            weights = None
+            if self.data.train_labels is not None:
+                counts = [int((self.data.train_labels[idx][:, 1:] != IGNORE).sum()) for idx in micro]
+                weights = [c / sum(counts) for c in counts]
+            for i, idx in enumerate(micro):
                 ids = self.data.train[idx].to(dev, non_blocking=True)
                 labels = None if self.data.train_labels is None else self.data.train_labels[idx].to(dev)
                 with autocast_for(dev):
                     loss = causal_lm_loss(self.model, ids, labels)
-                (loss / cfg.grad_accum).backward()
-                loss_sum += float(loss.detach())
+                if weights is None:
+                    (loss / cfg.grad_accum).backward()
+                    loss_sum += float(loss.detach())
+                else:
+                    (loss * weights[i]).backward()
+                    loss_sum += float(loss.detach()) * weights[i] * cfg.grad_accum   # (train_loss divides by it)
                 state["micro_step"] += 1
             if cfg.max_grad_norm > 0:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
