@@ -60,7 +60,8 @@ def test_conversations_train_on_the_assistant_turns_only(tokenizer):
                 {"role": "assistant", "content": "the queen"}]
     ids, trained = tokenize_record(tokenizer, {"messages": messages}, "x")
     full = tokenizer.apply_chat_template(messages, tokenize=False)
-    assert tokenizer.decode(ids) == full   # the pieces add up to the rendered conversation
+    assert tokenizer.decode(ids) == full   # the pieces add up to the rendered conversation,
+    assert ids == tokenizer(full, add_special_tokens=False)["input_ids"]   # tokenized whole
     assert _trained_text(tokenizer, ids, trained) == "the king<|im_end|>\nthe queen<|im_end|>\n"
     context = _context_text(tokenizer, ids, trained)
     assert "who walks" in context and "<|im_start|>assistant\n" in context and "the king" not in context
