@@ -85,8 +85,7 @@ def _source_of(config) -> Optional[str]:
     one it records), for PEFT adapters trained on it, whose base must be the dense model."""
     path = getattr(config, "_name_or_path", "") or None
     if path and is_4bit_checkpoint(path):
-        with open(os.path.join(path, "config.json")) as f:
-            return json.load(f)["quantization_config"].get("source")
+        return checkpoint_source(path)
     return os.path.abspath(path) if path and os.path.isdir(path) else path
 
 
@@ -211,11 +210,16 @@ def quantized_layers(config, path: str) -> Optional[Dict[str, dict]]:
     return layers
 
 
+def checkpoint_spec(path: str) -> dict:
+    """The quantization_config of the save_4bit checkpoint `path`, from its config.json (layers, source, ...)."""
+    with open(os.path.join(path, "config.json")) as f:
+        return json.load(f)["quantization_config"]
+
+
 def checkpoint_source(path: str) -> Optional[str]:
     """The dense model's folder that the save_4bit checkpoint `path` was quantized from, as recorded (None if
     unknown)."""
-    with open(os.path.join(path, "config.json")) as f:
-        return json.load(f)["quantization_config"].get("source")
+    return checkpoint_spec(path).get("source")
 
 
 def quant_state_of(name: str, parts: Dict[str, torch.Tensor], fmt: dict, shape: Tuple[int, int]) -> QuantState:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import importlib
-import json
 import math
 import os
 import random
@@ -25,7 +24,7 @@ from ..bnb_io import holds_bnb_linear_4bit
 from ..load_4bit import is_4bit_checkpoint, load_4bit_problem
 from ..nn import Linear4bit
 from ..peft_io import load_peft_adapter, save_peft_adapter
-from ..save_4bit import checkpoint_source
+from ..save_4bit import checkpoint_source, checkpoint_spec
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig
 from .data import IGNORE, TokenBlocks, batch_indices, find_text_files, pack, tokenize_data
@@ -197,8 +196,7 @@ def note_4bit_checkpoint(cfg: TrainConfig, model_dir: str, dtype: torch.dtype, l
     """Says where a save_4bit checkpoint's layers differ from what the run's flags and load dtype would build from
     the dense model: they keep their saved format, and their codes were computed from weights in their saved
     weight_dtype (a run that quantizes the dense model in another dtype has another base)."""
-    with open(os.path.join(model_dir, "config.json")) as f:
-        layers = json.load(f)["quantization_config"]["layers"]
+    layers = checkpoint_spec(model_dir)["layers"]
     formats = {(v["quant_type"], v["double_quant"], v["blocksize"]) for v in layers.values()}
     if formats != {(cfg.quant_type, cfg.double_quant, cfg.blocksize)}:
         shown = ", ".join(f"{q}{' + double quant' if dq else ''} blocksize {b}" for q, dq, b in sorted(formats))
