@@ -11,6 +11,7 @@ import torch
 from qlora_ext.train.config import ConfigError
 from qlora_ext.train.data import IGNORE, find_text_files, pack, tokenize_data
 from qlora_ext.train.instructions import tokenize_jsonl, tokenize_record
+from tests.conftest import cuda_only
 from tests.test_train import _cfg, tiny  # noqa: F401  (the tiny llama and its BPE tokenizer, a fixture)
 
 pytest.importorskip("transformers")
@@ -235,3 +236,15 @@ def test_grad_accumulation_weights_micro_batches_by_their_trained_tokens(tiny, t
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)   # (Adam magnifies rounding)
     for step in range(2):   # a mean of the micro-batches' means would differ in the 4th digit
         assert math.isclose(runs[0]["history"][step]["loss"], runs[1]["history"][step]["loss"], rel_tol=1e-5)
+
+
+@cuda_only
+def test_training_on_instruction_data_on_cuda(tiny, tmp_path):
+    # the labels go to the GPU with the blocks; bf16 autocast; the loss over the completions falls
+    from qlora_ext.train.trainer import train
+    lines = [json.dumps({"prompt": "the king and", "completion": " the queen walk"}) for _ in range(200)]
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    r = train(_cfg(tiny, tmp_path / "run", data=[str(tmp_path / "d.jsonl")], device="cuda", steps=8,
+                   grad_accum=2), log=lambda s: None)
+    assert all(math.isfinite(h["loss"]) for h in r["history"])
+    assert r["eval_after"]["loss"] < r["eval_before"]["loss"] - 0.2
