@@ -248,3 +248,25 @@ def test_training_on_instruction_data_on_cuda(tiny, tmp_path):
                    grad_accum=2), log=lambda s: None)
     assert all(math.isfinite(h["loss"]) for h in r["history"])
     assert r["eval_after"]["loss"] < r["eval_before"]["loss"] - 0.2
+
+
+def test_generate_chat_answers_a_user_message(tiny):
+    """`qlora-train generate --chat`: the prompt goes in as a user message with the assistant's generation prompt,
+    and the reply alone comes back (the tokens after the prompt)."""
+    import copy
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from qlora_ext.train.generate import generate_text
+    model = AutoModelForCausalLM.from_pretrained(tiny[0])
+    tok = AutoTokenizer.from_pretrained(tiny[0])
+    with pytest.raises(ConfigError, match="--chat needs a tokenizer with a chat template"):
+        generate_text(model, tok, "the king", 4, temperature=0, chat=True)
+    tok = copy.deepcopy(tok)
+    tok.chat_template = CHATML
+    reply = generate_text(model, tok, "the king", 6, temperature=0, chat=True)
+    prompt = tok(tok.apply_chat_template([{"role": "user", "content": "the king"}], tokenize=False,
+                                         add_generation_prompt=True), add_special_tokens=False,
+                 return_tensors="pt").input_ids
+    assert prompt.shape[1] > len(tok("the king").input_ids)   # the template's tokens are there
+    out = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=tok.eos_token_id)
+    assert out.shape[1] > prompt.shape[1] and reply == tok.decode(out[0, prompt.shape[1]:], skip_special_tokens=True)
+    assert not reply.startswith("<|im_start|>")

@@ -11,23 +11,32 @@ from .config import ConfigError
 
 
 def generate_text(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: int = 60,
-                  temperature: float = 0.8, top_p: float = 0.95, seed: int = 0) -> str:
+                  temperature: float = 0.8, top_p: float = 0.95, seed: int = 0, chat: bool = False) -> str:
     """prompt followed by up to max_new_tokens generated tokens (greedy when temperature is 0; else sampled with
-    torch's generator seeded by seed, so the same call gives the same text)."""
+    torch's generator seeded by seed, so the same call gives the same text). chat: the prompt is a user message
+    rendered by the tokenizer's chat template with the assistant's generation prompt, and the reply alone is
+    returned (what a model trained on {"messages"} data answers)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()   # no dropout
     try:
-        return _generate(model, tokenizer, prompt, max_new_tokens, temperature, top_p, seed, device)
+        return _generate(model, tokenizer, prompt, max_new_tokens, temperature, top_p, seed, device, chat)
     finally:
         model.train(was_training)
 
 
 @torch.no_grad()
-def _generate(model, tokenizer, prompt, max_new_tokens, temperature, top_p, seed, device) -> str:
+def _generate(model, tokenizer, prompt, max_new_tokens, temperature, top_p, seed, device, chat) -> str:
     from .trainer import autocast_for
 
-    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError("--chat needs a tokenizer with a chat template, and this model's has none")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
+    else:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
     if ids.shape[1] == 0:
         raise ConfigError("--prompt is empty after tokenization: give some text to continue")
     sample = temperature > 0
@@ -37,7 +46,7 @@ def _generate(model, tokenizer, prompt, max_new_tokens, temperature, top_p, seed
         with autocast_for(device):
             out = model.generate(ids, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id,
                                  use_cache=True, **kwargs)
-    return tokenizer.decode(out[0], skip_special_tokens=True)
+    return tokenizer.decode(out[0, ids.shape[1]:] if chat else out[0], skip_special_tokens=True)
 
 
 def main(argv=None) -> int:
@@ -49,6 +58,9 @@ def main(argv=None) -> int:
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy (default 0.8)")
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat", action="store_true",
+                   help="send the prompt as a user message through the tokenizer's chat template and print the "
+                        "reply (for a model trained on chat data)")
     p.add_argument("--device", default=None,
                    help="cpu or cuda[:N] (default: the CPU, or the GPU for a LoftQ run that trained on one)")
     args = p.parse_args(argv)
@@ -58,5 +70,5 @@ def main(argv=None) -> int:
 
     run = rebuild_run(args.output_dir, args.device, log=lambda s: None)
     print(generate_text(run.model, run.tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_p,
-                        args.seed))
+                        args.seed, args.chat))
     return 0
