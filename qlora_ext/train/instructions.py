@@ -28,8 +28,8 @@ ROLES = ("system", "user", "assistant", "tool")
 _SENTINEL = "\x00qlora_ext\x00"   # a stand-in content, to find where the template puts a message's content
 
 
-def _render(tokenizer, messages, generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+def _render(tokenizer, messages) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False)
 
 
 def _tokens(tokenizer, text: str, spans: List[Tuple[int, int]]) -> Tuple[List[int], List[bool]]:
