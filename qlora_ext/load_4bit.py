@@ -21,7 +21,7 @@ from torch import nn
 from .nn import _QUANT_BUFFERS, Linear4bit, chosen_linears
 from .quantize import quantize
 from .save_4bit import (QUANT_METHOD, WEIGHTS_INDEX, WEIGHTS_PATTERN, is_4bit_checkpoint, quant_state_of,
-                        quantized_layers)
+                        quantized_layers, untie_word_embeddings)
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -153,8 +153,7 @@ def _skeleton(config, dtype: torch.dtype, saved_layers: Optional[Dict[str, dict]
         if not tied:
             return model
         if attempt == 0:
-            for c in {id(config): config, id(config.get_text_config()): config.get_text_config()}.values():
-                c.tie_word_embeddings = False
+            untie_word_embeddings(config)
     raise ValueError(f"{path!r}: the 4-bit layers {tied[:3]} share their weight with another layer in "
                      f"{type(model).__name__}, and untying the word embeddings does not separate them")
 

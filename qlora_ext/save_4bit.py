@@ -11,7 +11,7 @@ checkpoint holds a quarter of a 16-bit model's bytes (LLaMA-65B: 35 GB instead o
 
 LoRA adapters are not part of the base: LoRALinear layers are saved as their bases under the layer's own name,
 their adapters left out (save them with save_peft_adapter or the trainer's adapter file).
-transformers' from_pretrained does not know this quant_method and says so; load_4bit reads it.
+transformers' from_pretrained cannot read it (it finds no weights file it knows and refuses); load_4bit reads it.
 """
 from __future__ import annotations
 
@@ -80,6 +80,14 @@ def _embeddings_tied(model: nn.Module) -> bool:
     return output is not None and inputs is not None and getattr(output, "weight", None) is inputs.weight
 
 
+def untie_word_embeddings(config) -> None:
+    """Makes a transformers config (and its text config, for a composite model) say that the output embedding is
+    not tied to the input embedding."""
+    for c in {id(config): config, id(config.get_text_config()): config.get_text_config()}.values():
+        if getattr(c, "tie_word_embeddings", False):
+            c.tie_word_embeddings = False
+
+
 def _source_of(config) -> Optional[str]:
     """The dense model's folder a model came from (transformers' _name_or_path; through a save_4bit folder, the
     one it records), for PEFT adapters trained on it, whose base must be the dense model."""
@@ -140,10 +148,7 @@ def save_4bit(model: nn.Module, path: str, tokenizer=None, max_shard_size: str |
     config.quantization_config = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,
                                   "layers": dict(sorted(layers.items())), "source": _source_of(config)}
     if not _embeddings_tied(model):
-        # an lm_head with a weight of its own (quantized, or loaded untied): a loader must not tie it again
-        for c in {id(config): config, id(config.get_text_config()): config.get_text_config()}.values():
-            if getattr(c, "tie_word_embeddings", False):
-                c.tie_word_embeddings = False
+        untie_word_embeddings(config)   # an lm_head with a weight of its own: a loader must not tie it again
     floats = [t.dtype for t in tensors.values() if t.is_floating_point()]
     if floats:
         config.dtype = floats[0]
