@@ -174,13 +174,15 @@ def test_mixed_text_and_jsonl_files(tokenizer, tmp_path):
     assert [os.path.basename(f) for f in find_text_files([str(tmp_path)])] == ["C.JSONL", "a.txt", "b.jsonl",
                                                                               "blank.txt"]
     files = [str(tmp_path / "a.txt"), str(tmp_path / "blank.txt"), str(tmp_path / "b.jsonl")]
-    ids, trained = tokenize_data(files, tokenizer)
+    stream = tokenize_data(files, tokenizer)
+    ids, trained = stream.ids, stream.trained
     text_ids = tokenizer("the king walks", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     assert ids[:len(text_ids)] == text_ids and all(trained[:len(text_ids)])
     assert _trained_text(tokenizer, ids[len(text_ids):], trained[len(text_ids):]) == " speaks" + tokenizer.eos_token
-    assert tokenize_data(files[:2], tokenizer)[1] is None
-    ids, trained = tokenize_data([str(tmp_path / "C.JSONL")], tokenizer)   # the extension in any case
-    assert _trained_text(tokenizer, ids, trained) == " walks" + tokenizer.eos_token
+    assert stream.starts == [0, len(text_ids)]   # each file and record an example of its own
+    assert tokenize_data(files[:2], tokenizer).trained is None
+    stream = tokenize_data([str(tmp_path / "C.JSONL")], tokenizer)   # the extension in any case
+    assert _trained_text(tokenizer, stream.ids, stream.trained) == " walks" + tokenizer.eos_token
 
 
 def test_training_on_instruction_data(tiny, tmp_path):
@@ -204,13 +206,15 @@ def test_training_on_instruction_data(tiny, tmp_path):
     assert t.data.train_labels is not None and (t.data.eval_labels == IGNORE).any()
     model = AutoModelForCausalLM.from_pretrained(tiny[0])
     total = count = 0.0
-    for ids, labels in zip(t.data.eval, t.data.eval_labels):
+    assert t.packing == "bfd" and t.data.eval_positions is not None   # (auto: .jsonl data)
+    for ids, labels, positions in zip(t.data.eval, t.data.eval_labels, t.data.eval_positions):
         n = int((labels[1:] != IGNORE).sum())
         with torch.no_grad():
-            total += float(model(input_ids=ids[None], labels=labels[None]).loss) * n
+            total += float(model(input_ids=ids[None], labels=labels[None], position_ids=positions[None],
+                                 use_cache=False).loss) * n
         count += n
-    assert math.isclose(evaluate(t.model, t.data.eval, 4, t.device, t.data.eval_labels), total / count,
-                        rel_tol=1e-5)
+    assert math.isclose(evaluate(t.model, t.data.eval, 4, t.device, t.data.eval_labels, t.data.eval_positions),
+                        total / count, rel_tol=1e-5)
     r = train(cfg, log=lambda s: None)
     assert r["eval_after"]["loss"] < r["eval_before"]["loss"] - 0.2
     assert 0 < r["data"]["trained_tokens"] < r["data"]["tokens"]

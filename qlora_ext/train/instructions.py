@@ -4,6 +4,7 @@ are ignored by the loss, as TRL's completion-only and assistant-only losses do):
 
     {"text": "..."}                                  every token (and an end-of-sequence token)
     {"prompt": "...", "completion": "..."}           the completion's tokens and an end-of-sequence token
+        (both start with the tokenizer's BOS, or whatever special tokens tokenizer(text) puts first, as context)
     {"messages": [{"role": "system" | "user" | "assistant" | "tool", "content": "..."}, ...]}
         rendered by the tokenizer's chat template; the assistant turns, their end-of-turn marks included
     {"prompt": [messages], "completion": [messages]}  a conversation whose completion's assistant turns are trained
@@ -18,7 +19,7 @@ text, with no token of its own at a piece boundary.
 from __future__ import annotations
 
 import json
-from typing import List, Tuple
+from typing import List, Sequence, Tuple
 
 from .config import ConfigError
 
@@ -101,11 +102,25 @@ def _conversation(tokenizer, messages, where: str, first: int = 0) -> Tuple[List
     return _tokens(tokenizer, full, spans)
 
 
-def tokenize_record(tokenizer, record, where: str) -> Tuple[List[int], List[bool]]:
+def special_prefix(tokenizer) -> List[int]:
+    """The special tokens tokenizer(text) puts before a text's own tokens: [BOS] for Llama- and Mistral-style
+    tokenizers, [] for most others. (A chat template writes its own, so a conversation gets none added.)"""
+    probe = "a"
+    with_special = list(tokenizer(probe)["input_ids"])
+    plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    for i in range(len(with_special) - len(plain) + 1):
+        if with_special[i:i + len(plain)] == plain:
+            return with_special[:i]
+    return []
+
+
+def tokenize_record(tokenizer, record, where: str, prefix: Sequence[int] = ()) -> Tuple[List[int], List[bool]]:
     """(token ids, trained flag per token) of one JSONL record (see the module's docstring); other keys of the
-    record (an id, a source) are ignored."""
+    record (an id, a source) are ignored. A text or a prompt starts with `prefix` (special_prefix(tokenizer),
+    or nothing), as context."""
     eos = getattr(tokenizer, "eos_token_id", None)
     end = [eos] if eos is not None else []
+    start, start_trained = list(prefix), [False] * len(prefix)
     if not isinstance(record, dict):
         raise ConfigError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
     kinds = [k for k, keys in (("messages", {"messages"}), ("prompt", {"prompt", "completion"}), ("text", {"text"}))
@@ -119,7 +134,7 @@ def tokenize_record(tokenizer, record, where: str) -> Tuple[List[int], List[bool
         if not isinstance(record["text"], str):
             raise ConfigError(f"{where}: \"text\" must be a string, got {type(record['text']).__name__}")
         ids, _ = _tokens(tokenizer, record["text"], [])
-        return ids + end, [True] * (len(ids) + len(end))
+        return start + ids + end, start_trained + [True] * (len(ids) + len(end))
     prompt, completion = record["prompt"], record["completion"]
     if isinstance(prompt, list) and isinstance(completion, list):   # TRL's conversational prompt-completion
         return _conversation(tokenizer, prompt + completion, where, first=len(prompt))
@@ -128,15 +143,14 @@ def tokenize_record(tokenizer, record, where: str) -> Tuple[List[int], List[bool
             raise ConfigError(f"{where}: \"{key}\" must be a string (or both lists of messages), got "
                               f"{type(record[key]).__name__}")
     ids, trained = _tokens(tokenizer, prompt + completion, [(len(prompt), len(prompt) + len(completion))])
-    return ids + end, trained + [True] * len(end)
+    return start + ids + end, start_trained + trained + [True] * len(end)
 
 
-def tokenize_jsonl(path: str, tokenizer) -> Tuple[List[int], List[bool]]:
-    """The examples of the JSON Lines file `path`, one after the other: (token ids, trained flag per token).
-    Blank lines are skipped; a line that is not UTF-8, not JSON, not a record of a known format, or that the
-    tokenizer or its chat template cannot take is an error naming the line."""
-    ids: List[int] = []
-    trained: List[bool] = []
+def tokenize_jsonl(path: str, tokenizer, prefix: Sequence[int] = ()) -> List[Tuple[List[int], List[bool]]]:
+    """The examples of the JSON Lines file `path`, in order: (token ids, trained flag per token) each, texts and
+    prompts starting with `prefix`. Blank lines are skipped; a line that is not UTF-8, not JSON, not a record of
+    a known format, or that the tokenizer or its chat template cannot take is an error naming the line."""
+    examples: List[Tuple[List[int], List[bool]]] = []
     with open(path, "rb") as f:
         for number, raw in enumerate(f, 1):
             where = f"{path}:{number}"
@@ -151,13 +165,11 @@ def tokenize_jsonl(path: str, tokenizer) -> Tuple[List[int], List[bool]]:
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{where}: not valid JSON ({e.msg})") from e
             try:
-                record_ids, record_trained = tokenize_record(tokenizer, record, where)
+                examples.append(tokenize_record(tokenizer, record, where, prefix))
             except ConfigError:
                 raise
             except Exception as e:  # a chat template's raise_exception (roles must alternate, ...), a lone surrogate
                 raise ConfigError(f"{where}: {type(e).__name__}: {e}") from e
-            ids += record_ids
-            trained += record_trained
-    if not ids:
+    if not examples:
         raise ConfigError(f"{path} holds no examples")
-    return ids, trained
+    return examples

@@ -9,6 +9,15 @@ import os
 from .._files import atomic_write, atomic_write_text
 
 
+def _packing(data: dict) -> str:
+    """', 1,234 examples packed whole (bfd), 0.4% padding' for a bfd run (older reports: nothing)."""
+    if data.get("packing") != "bfd":
+        return ""
+    blocks = (data["train_blocks"] + data["eval_blocks"]) * data["seq_len"]
+    return (f", {data['examples']:,} examples packed whole (bfd), "
+            f"{100 * data['padding_tokens'] / max(blocks, 1):.1f}% padding")
+
+
 def _gib(n) -> str:
     return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
 
@@ -29,7 +38,7 @@ def markdown(r: dict) -> str:
         f"| trainable params | {r['trainable_params']:,} of {r['total_params']:,} "
         f"({100 * r['trainable_params'] / max(r['total_params'], 1):.2f}%) |",
         f"| data | {r['data']['files']} file(s), {r['data']['tokens']:,} tokens, {r['data']['train_blocks']} train / "
-        f"{r['data']['eval_blocks']} eval blocks of {r['data']['seq_len']} |",
+        f"{r['data']['eval_blocks']} eval blocks of {r['data']['seq_len']}{_packing(r['data'])} |",
         f"| steps | {r['steps']} x batch {c['batch_size']} x accum {c['grad_accum']}, lr {c['lr']} "
         f"({c['schedule']}, warmup {c['warmup_steps']}), optimizer {c['optimizer']} |",
         f"| tokens/s (training) | {r['tokens_per_s']:.0f} ({r['tokens_trained']:,} tokens in "

@@ -101,13 +101,14 @@ def item1_storage(args, log) -> dict:
 
 
 def eval_blocks_for(args, tokenizer):
-    """(the held-out blocks, their labels or None) of --data, as the trainer packs them (instruction files: the
-    trained tokens only, as item 3's runs evaluate)."""
-    from .data import find_text_files, pack, tokenize_data
+    """(the held-out blocks, their labels or None, their position ids or None) of --data, as the trainer packs
+    them by default (instruction files: whole examples, the trained tokens only, as item 3's runs evaluate)."""
+    from .data import find_text_files, pack, pad_token_id, resolve_packing, tokenize_data
     files = find_text_files(args.data)
-    ids, trained = tokenize_data(files, tokenizer)
-    data = pack(ids, args.seq_len, args.eval_blocks, files, trained)
-    return data.eval, data.eval_labels
+    stream = tokenize_data(files, tokenizer)
+    data = pack(stream.ids, args.seq_len, args.eval_blocks, files, stream.trained, starts=stream.starts,
+                packing=resolve_packing("auto", files), pad_id=pad_token_id(tokenizer))
+    return data.eval, data.eval_labels, data.eval_positions
 
 
 def item2_zero_shot(args, log) -> dict:
@@ -118,11 +119,11 @@ def item2_zero_shot(args, log) -> dict:
         f"(the default model's 'dense' weights are themselves dequantized Q4_1: see qlora_ext.train.model)")
     for quant_type, dq in variants:
         model, tok, _ = load_dense(args.model, args.device)
-        blocks, labels = eval_blocks_for(args, tok)
+        blocks, labels, positions = eval_blocks_for(args, tok)
         if quant_type != "dense":
             quantize_linears(model, quant_type, dq)
         t0 = time.perf_counter()
-        loss = evaluate(model, blocks, args.batch_size, torch.device(args.device), labels)
+        loss = evaluate(model, blocks, args.batch_size, torch.device(args.device), labels, positions)
         name = quant_type if quant_type == "dense" else f"{quant_type}{' + DQ' if dq else ''}"
         bits = measured_bits(model)["bits_per_param"] if quant_type != "dense" else None
         rows.append({"base": name, "quant_type": quant_type, "double_quant": dq, "eval_loss": loss,

@@ -27,8 +27,9 @@ from ..peft_io import load_peft_adapter, save_peft_adapter
 from ..save_4bit import checkpoint_source, checkpoint_spec
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig
-from .data import IGNORE, TokenBlocks, batch_indices, find_text_files, pack, tokenize_data
-from .loss import causal_lm_loss
+from .data import (IGNORE, TokenBlocks, batch_indices, find_text_files, pack, pad_token_id, resolve_packing,
+                   tokenize_data)
+from .loss import causal_lm_loss, packed_attention_problem
 from .model import load_model_and_tokenizer, max_positions, resolve_model_dir
 
 PEFT_DIR = "peft_adapter"  # <output_dir>/peft_adapter: the adapters in PEFT's format
@@ -133,19 +134,20 @@ def autocast_for(device: torch.device):
 
 @torch.no_grad()
 def evaluate(model, blocks: torch.Tensor, batch_size: int, device: torch.device,
-             labels: Optional[torch.Tensor] = None) -> float:
+             labels: Optional[torch.Tensor] = None, positions: Optional[torch.Tensor] = None) -> float:
     """Mean next-token cross-entropy (nats) over the predicted tokens of all eval blocks that are trained on
     (labels not -100; without labels all of them: every block has the same length, so the mean of the per-batch
     means weighted by batch size is the mean over tokens; with labels, each batch's mean is weighted by its
-    count of labelled tokens)."""
+    count of labelled tokens). positions: the blocks' position ids (bfd packing)."""
     was_training = model.training
     model.eval()
     total, n = 0.0, 0
     for i in range(0, blocks.shape[0], batch_size):
         ids = blocks[i: i + batch_size].to(device)
         batch_labels = None if labels is None else labels[i: i + batch_size].to(device)
+        batch_positions = None if positions is None else positions[i: i + batch_size].to(device)
         with autocast_for(device):
-            loss = causal_lm_loss(model, ids, batch_labels)
+            loss = causal_lm_loss(model, ids, batch_labels, batch_positions)
         weight = ids.shape[0] if batch_labels is None else int((batch_labels[:, 1:] != IGNORE).sum())
         total += float(loss) * weight
         n += weight
@@ -245,9 +247,16 @@ class Trainer:
         if limit and cfg.seq_len > limit:
             raise ConfigError(f"--seq-len {cfg.seq_len} is longer than the model allows "
                               f"(max_position_embeddings = {limit})")
-        ids, trained = tokenize_data(files, self.tokenizer, cfg.max_tokens)
-        self.data: TokenBlocks = pack(ids, cfg.seq_len, cfg.eval_blocks, files, trained)
+        stream = tokenize_data(files, self.tokenizer, cfg.max_tokens, add_bos=cfg.add_bos)
+        self.packing = resolve_packing(cfg.packing, files)
+        self.data: TokenBlocks = pack(stream.ids, cfg.seq_len, cfg.eval_blocks, files, stream.trained,
+                                      starts=stream.starts, packing=self.packing,
+                                      pad_id=pad_token_id(self.tokenizer))
         self.log(f"data: {self.data.describe()}")
+        if self.packing == "bfd":
+            problem = packed_attention_problem(self.model, dev, autocast_for(dev))
+            if problem is not None:
+                raise ConfigError(f"--packing bfd: {problem}; use --packing wrapped")
         if self.data.train.shape[0] < cfg.batch_size:
             self.log(f"note: only {self.data.train.shape[0]} training blocks for --batch-size {cfg.batch_size}: "
                      "blocks repeat within a batch")
@@ -256,7 +265,7 @@ class Trainer:
         # base to compare with
         self.prequantized = holds_bnb_linear_4bit(self.model)
         if not cfg.resume and not self.prequantized and not self.loaded_4bit:
-            self.dense_eval_loss = evaluate(self.model, self.data.eval, cfg.batch_size, dev, self.data.eval_labels)
+            self.dense_eval_loss = self.evaluate()
         prepare_for_run(self.model, cfg, dev)
         if cfg.init_adapter and not cfg.resume:  # (a resumed run takes its checkpoint's adapters)
             try:
@@ -280,6 +289,11 @@ class Trainer:
         self.optimizer = make_optimizer(cfg.optimizer, self.params, cfg.lr, cfg.weight_decay)
         self.setup_seconds = time.perf_counter() - t0
 
+    def evaluate(self) -> float:
+        """The eval loss of the model now on the held-out blocks."""
+        return evaluate(self.model, self.data.eval, self.cfg.batch_size, self.device, self.data.eval_labels,
+                        self.data.eval_positions)
+
     # -- loop ----------------------------------------------------------------------------------------
     def run(self) -> dict:
         cfg, dev = self.cfg, self.device
@@ -302,7 +316,7 @@ class Trainer:
                 self.log(f"new run in {cfg.output_dir}: removing the previous run's checkpoints")
                 shutil.rmtree(old)
             cfg.save(os.path.join(cfg.output_dir, ckpt.CONFIG_FILE))
-            loss0 = evaluate(self.model, self.data.eval, cfg.batch_size, dev, self.data.eval_labels)
+            loss0 = self.evaluate()
             state["evals"].append({"step": 0, "loss": loss0, "ppl": math.exp(loss0)})
             self.log(f"eval before training: loss {loss0:.4f}, perplexity {math.exp(loss0):.2f} " + (
                 "(the model was loaded 4-bit by bitsandbytes: no dense base)" if self.prequantized else
@@ -336,8 +350,9 @@ class Trainer:
             for i, idx in enumerate(micro):
                 ids = self.data.train[idx].to(dev, non_blocking=True)
                 labels = None if self.data.train_labels is None else self.data.train_labels[idx].to(dev)
+                positions = None if self.data.train_positions is None else self.data.train_positions[idx].to(dev)
                 with autocast_for(dev):
-                    loss = causal_lm_loss(self.model, ids, labels)
+                    loss = causal_lm_loss(self.model, ids, labels, positions)
                 if weights is None:
                     (loss / cfg.grad_accum).backward()
                     loss_sum += float(loss.detach())
@@ -368,7 +383,7 @@ class Trainer:
                                 refresh=False)
                 bar.update(1)
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                ev = evaluate(self.model, self.data.eval, cfg.batch_size, dev, self.data.eval_labels)
+                ev = self.evaluate()
                 state["evals"].append({"step": step, "loss": ev, "ppl": math.exp(ev)})
                 msg = f"step {step}: eval loss {ev:.4f}, perplexity {math.exp(ev):.2f}"
                 bar.write(msg) if bar is not None else self.log(msg)
@@ -394,7 +409,9 @@ class Trainer:
                                           if self.device.type == "cuda" else ""),
             "torch": torch.__version__,
             "data": {"files": len(self.data.files), "tokens": self.data.total_tokens,
-                     "trained_tokens": self.data.trained_tokens,
+                     "trained_tokens": self.data.trained_tokens, "packing": self.packing,
+                     "examples": self.data.examples if self.packing == "bfd" else None,
+                     "padding_tokens": self.data.padding_tokens if self.packing == "bfd" else None,
                      "train_blocks": int(self.data.train.shape[0]), "eval_blocks": int(self.data.eval.shape[0]),
                      "seq_len": cfg.seq_len},
             "steps": step,
