@@ -8,7 +8,7 @@ from ._C import build_info
 from .cross_entropy import linear_cross_entropy
 from .linear import fused_large_kernel, linear_4bit, linear_backend, set_linear_backend
 from .load_4bit import load_4bit
-from .nn import Linear4bit, LoRALinear, merge_and_unload, model_summary, prepare_model
+from .nn import Linear4bit, LoRALinear, adapters_disabled, merge_and_unload, model_summary, prepare_model
 from .optim import PagedAdamW, PagedAdamW8bit
 from .peft_io import load_peft_adapter, save_peft_adapter
 from .quantize import QuantState, code_table, dequantize, quantize
@@ -17,7 +17,8 @@ from .routing import auto_routing, set_auto_routing
 
 __version__ = "0.1.0"
 set_auto_routing()  # the measured routing of "auto" (qlora_ext/auto_routing.json, or QLORA_AUTO_ROUTING)
-__all__ = ["Linear4bit", "LoRALinear", "PagedAdamW", "PagedAdamW8bit", "QuantState", "auto_routing", "build_info",
-           "code_table", "dequantize", "fused_large_kernel", "linear_4bit", "linear_backend", "linear_cross_entropy",
-           "load_4bit", "load_peft_adapter", "merge_and_unload", "model_summary", "prepare_model", "quantize",
-           "save_4bit", "save_peft_adapter", "set_auto_routing", "set_linear_backend"]
+__all__ = ["Linear4bit", "LoRALinear", "PagedAdamW", "PagedAdamW8bit", "QuantState", "adapters_disabled",
+           "auto_routing", "build_info", "code_table", "dequantize", "fused_large_kernel", "linear_4bit",
+           "linear_backend", "linear_cross_entropy", "load_4bit", "load_peft_adapter", "merge_and_unload",
+           "model_summary", "prepare_model", "quantize", "save_4bit", "save_peft_adapter", "set_auto_routing",
+           "set_linear_backend"]

@@ -3,10 +3,11 @@ which turns the nn.Linear layers of any model (Hugging Face transformers models 
 4-bit bases with trainable adapters."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import warnings
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -230,6 +231,21 @@ class LoRALinear(nn.Module):
         else:
             w = self.base.weight.float()
         return (w + (self.lora_B.float() @ self.lora_A.float()) * self.scaling).to(dtype)
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, every LoRALinear of model computes its base alone (PEFT's `with model.disable_adapter()`):
+    the adapters' scaling is 0, so their product adds exactly zero; restored on the way out."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    saved = [m.scaling for m in layers]
+    try:
+        for m in layers:
+            m.scaling = 0.0
+        yield model
+    finally:
+        for m, scaling in zip(layers, saved):
+            m.scaling = scaling
 
 
 @torch.no_grad()

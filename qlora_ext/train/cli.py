@@ -1,5 +1,5 @@
 """`qlora-train` and `python -m qlora_ext.train`: train (the default), the demo, the paper-claims study, merge a
-finished run into a dense model, generate text with it, or quantize a model to 4 bits once.
+finished run into a dense model, generate text with it, evaluate it, or quantize a model to 4 bits once.
 
     qlora-train demo                                  # the quickstart: a few minutes on a 2-core CPU
     qlora-train --model DIR --data FILE_OR_DIR ...    # your model and text (see --help)
@@ -7,6 +7,7 @@ finished run into a dense model, generate text with it, or quantize a model to 4
     qlora-train study                                 # the QLoRA paper's claims, in miniature
     qlora-train merge --output-dir runs/x --to DIR    # the run's model as one dense Hugging Face model
     qlora-train generate --output-dir runs/x --prompt "..."   # text from the run's model
+    qlora-train eval --output-dir runs/x [--data FILE]   # the run's eval loss (on its held-out blocks, or FILE)
     qlora-train quantize --model DIR --to DIR4        # a 4-bit copy of a model, to train on (--model DIR4)
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 
 from .config import DEMO_OVERRIDES, ConfigError, add_arguments, config_from_args, resume_config
 
-COMMANDS = ("train", "demo", "study", "merge", "generate", "quantize")
+COMMANDS = ("train", "demo", "study", "merge", "generate", "eval", "quantize")
 DEMO_PROMPT = "KING.\nWhat news, my lord?"  # the trained model continues it in the demo's last lines
 
 
@@ -73,6 +74,9 @@ def main(argv=None) -> int:
         if command == "quantize":
             from .quantize_model import main as quantize_main
             return quantize_main(argv)
+        if command == "eval":
+            from .eval_run import main as eval_main
+            return eval_main(argv)
         if command == "generate":
             from .generate import main as generate_main
             return generate_main(argv)

@@ -243,6 +243,15 @@ def pack(ids: List[int], seq_len: int, eval_blocks: int, files: Sequence[str],
                        packing=packing, **extra)
 
 
+def blocks_for(files: Sequence[str], tokenizer, seq_len: int, eval_blocks: int, packing: str = "auto",
+               add_bos: bool = True, max_tokens: int = 0) -> TokenBlocks:
+    """The files tokenized (tokenize_data) and packed (pack, --packing resolved for them), as a run reads its
+    data."""
+    stream = tokenize_data(files, tokenizer, max_tokens, add_bos=add_bos)
+    return pack(stream.ids, seq_len, eval_blocks, files, stream.trained, starts=stream.starts,
+                packing=resolve_packing(packing, files), pad_id=pad_token_id(tokenizer))
+
+
 def batch_indices(n_train: int, batch_size: int, seed: int, micro_step: int) -> torch.Tensor:
     """The train block indices (int64 [batch_size]) of micro-batch number micro_step (0-based): blocks are
     visited in a fresh random order each epoch, seeded by (seed, epoch). A pure function of its arguments,

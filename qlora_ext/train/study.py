@@ -103,11 +103,8 @@ def item1_storage(args, log) -> dict:
 def eval_blocks_for(args, tokenizer):
     """(the held-out blocks, their labels or None, their position ids or None) of --data, as the trainer packs
     them by default (instruction files: whole examples, the trained tokens only, as item 3's runs evaluate)."""
-    from .data import find_text_files, pack, pad_token_id, resolve_packing, tokenize_data
-    files = find_text_files(args.data)
-    stream = tokenize_data(files, tokenizer)
-    data = pack(stream.ids, args.seq_len, args.eval_blocks, files, stream.trained, starts=stream.starts,
-                packing=resolve_packing("auto", files), pad_id=pad_token_id(tokenizer))
+    from .data import blocks_for, find_text_files
+    data = blocks_for(find_text_files(args.data), tokenizer, args.seq_len, args.eval_blocks)
     return data.eval, data.eval_labels, data.eval_positions
 
 

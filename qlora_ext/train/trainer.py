@@ -27,8 +27,7 @@ from ..peft_io import load_peft_adapter, save_peft_adapter
 from ..save_4bit import checkpoint_source, checkpoint_spec
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig
-from .data import (IGNORE, TokenBlocks, batch_indices, find_text_files, pack, pad_token_id, resolve_packing,
-                   tokenize_data)
+from .data import IGNORE, TokenBlocks, batch_indices, blocks_for, find_text_files
 from .loss import causal_lm_loss, packed_attention_problem
 from .model import load_model_and_tokenizer, max_positions, resolve_model_dir
 
@@ -247,11 +246,9 @@ class Trainer:
         if limit and cfg.seq_len > limit:
             raise ConfigError(f"--seq-len {cfg.seq_len} is longer than the model allows "
                               f"(max_position_embeddings = {limit})")
-        stream = tokenize_data(files, self.tokenizer, cfg.max_tokens, add_bos=cfg.add_bos)
-        self.packing = resolve_packing(cfg.packing, files)
-        self.data: TokenBlocks = pack(stream.ids, cfg.seq_len, cfg.eval_blocks, files, stream.trained,
-                                      starts=stream.starts, packing=self.packing,
-                                      pad_id=pad_token_id(self.tokenizer))
+        self.data: TokenBlocks = blocks_for(files, self.tokenizer, cfg.seq_len, cfg.eval_blocks, cfg.packing,
+                                            cfg.add_bos, cfg.max_tokens)
+        self.packing = self.data.packing
         self.log(f"data: {self.data.describe()}")
         if self.packing == "bfd":
             problem = packed_attention_problem(self.model, dev, autocast_for(dev))

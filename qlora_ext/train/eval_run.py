@@ -1,0 +1,89 @@
+"""`qlora-train eval`: the eval loss and perplexity of a finished run's model (the 4-bit base with its trained
+adapters, rebuilt as the run built it; --base: the base alone) on the run's own held-out blocks (the report's
+last eval, computed again) or on other text or instruction files (--data: every block of them, packed as the run
+packs its data unless --packing says otherwise). The loss is the mean over the predicted tokens that are trained
+on, as the trainer's eval is."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+
+from .config import PACKINGS, ConfigError
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="qlora-train eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output-dir", required=True, help="the finished run's folder (as given to qlora-train)")
+    p.add_argument("--data", nargs="+", default=None,
+                   help=".txt / .jsonl files or folders, every block of which is evaluated (default: the run's "
+                        "held-out blocks of its own data)")
+    p.add_argument("--seq-len", type=int, default=None, help="block length (default: the run's)")
+    p.add_argument("--packing", choices=PACKINGS, default=None, help="default: the run's (auto: bfd for .jsonl data)")
+    p.add_argument("--max-tokens", type=int, default=0, help="with --data: its first N tokens only (0: all)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the run's (auto: bfd for .jsonl data)")
+    p.add_argument("--base", action="store_true", help="the base without the adapters (PEFT's disable_adapter)")
+    p.add_argument("--device", default=None,
+                   help="cpu or cuda[:N] (default: the CPU, or the GPU for a LoftQ run that trained on one)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a sentence")
+    args = p.parse_args(argv)
+    for name in ("seq_len", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.max_tokens < 0:
+        raise ConfigError(f"--max-tokens must be >= 0, got {args.max_tokens}")
+    if args.max_tokens and args.data is None:
+        raise ConfigError("--max-tokens applies to --data (the run's held-out blocks are what the run held out)")
+    result = evaluate_run(args.output_dir, data=args.data, seq_len=args.seq_len, packing=args.packing,
+                          max_tokens=args.max_tokens, batch_size=args.batch_size, base=args.base,
+                          device=args.device)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{result['what']}: loss {result['loss']:.4f}, perplexity {result['ppl']:.2f} over "
+              f"{result['predicted_tokens']:,} predicted tokens in {result['blocks']} blocks of {result['seq_len']} "
+              f"({result['packing']} packing)")
+    return 0
+
+
+def evaluate_run(output_dir: str, data=None, seq_len=None, packing=None, max_tokens: int = 0, batch_size=None,
+                 base: bool = False, device=None, log=lambda s: None) -> dict:
+    """The numbers `qlora-train eval` prints (see the module's docstring), as a dict."""
+    from ..nn import adapters_disabled
+    from .data import IGNORE, blocks_for, find_text_files
+    from .model import max_positions
+    from .rebuild import rebuild_run
+    from .trainer import evaluate
+
+    run = rebuild_run(output_dir, device, log=log)
+    cfg = run.cfg
+    seq_len = seq_len or cfg.seq_len
+    limit = max_positions(run.model)
+    if limit and seq_len > limit:
+        raise ConfigError(f"--seq-len {seq_len} is longer than the model allows (max_position_embeddings = {limit})")
+    if data is None:
+        if seq_len != cfg.seq_len or (packing or cfg.packing) != cfg.packing:
+            raise ConfigError("the run's held-out blocks are those of its --seq-len and --packing: give --data to "
+                              "evaluate other blocks")
+        files = find_text_files(cfg.data)
+        held_out = blocks_for(files, run.tokenizer, cfg.seq_len, cfg.eval_blocks, cfg.packing, cfg.add_bos,
+                              cfg.max_tokens)
+        blocks, labels, positions = held_out.eval, held_out.eval_labels, held_out.eval_positions
+        what, packed = "the run's held-out blocks", held_out.packing
+    else:
+        files = find_text_files(data)
+        # no held-out split: every block (pack puts them all on the train side, in order)
+        every = blocks_for(files, run.tokenizer, seq_len, 0, packing or cfg.packing, cfg.add_bos, max_tokens)
+        blocks, labels, positions = every.train, every.train_labels, every.train_positions
+        what, packed = f"{len(files)} file(s)", every.packing
+    dev = next(run.model.parameters()).device
+    with adapters_disabled(run.model) if base else contextlib.nullcontext():
+        loss = evaluate(run.model, blocks, batch_size or cfg.batch_size, dev, labels, positions)
+    predicted = blocks.shape[0] * (blocks.shape[1] - 1) if labels is None else int((labels[:, 1:] != IGNORE).sum())
+    return {"what": ("base without adapters" if base else "run") + f" on {what}", "loss": loss,
+            "ppl": math.exp(loss), "predicted_tokens": predicted, "blocks": int(blocks.shape[0]), "seq_len": seq_len,
+            "packing": packed, "base_only": base, "output_dir": output_dir}
+
