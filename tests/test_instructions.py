@@ -10,7 +10,7 @@ import torch
 
 from qlora_ext.train.config import ConfigError
 from qlora_ext.train.data import IGNORE, find_text_files, pack, tokenize_data
-from qlora_ext.train.instructions import tokenize_jsonl, tokenize_record
+from qlora_ext.train.instructions import tokenize_record, tokenize_record_file
 from tests.conftest import cuda_only
 from tests.test_train import _cfg, tiny  # noqa: F401  (the tiny llama and its BPE tokenizer, a fixture)
 
@@ -97,14 +97,14 @@ def test_bad_records_name_their_line(tokenizer, tmp_path, line, message):
     path = tmp_path / "x.jsonl"
     path.write_text('{"text": "fine"}\n' + line + "\n")
     with pytest.raises(ConfigError, match=message):
-        tokenize_jsonl(str(path), tok)
+        tokenize_record_file(str(path), tok)
 
 
 def test_bytes_that_are_not_utf8_name_their_line(tokenizer, tmp_path):
     path = tmp_path / "x.jsonl"
     path.write_bytes(b'\xef\xbb\xbf{"text": "a BOM is fine"}\n{"text": "\xff"}\n')
     with pytest.raises(ConfigError, match="x.jsonl:2: not UTF-8"):
-        tokenize_jsonl(str(path), tokenizer)
+        tokenize_record_file(str(path), tokenizer)
 
 
 def test_extra_keys_and_conversational_prompt_completion(tokenizer):

@@ -107,7 +107,7 @@ def test_pack_bfd_splits_labels_and_positions_together():
             start = max(s for s in bounds if s <= b - 100)
             assert p == (b - 100 - start) % 16
     assert data.trained_tokens == 60 - 9   # every token but each piece's first (7 examples, two cut in two)
-    assert "7 examples packed whole" in data.describe() and "2 longer than --seq-len" in data.describe()
+    assert "7 examples packed best fit" in data.describe() and "2 longer than --seq-len" in data.describe()
     with pytest.raises(ValueError, match="packing"):
         pack(ids, 16, 1, ["x"], packing="sorted")
 
@@ -178,15 +178,52 @@ def test_the_probe_refuses_a_model_that_ignores_packed_position_ids(tiny, tmp_pa
     problem = packed_attention_problem(shared, torch.device("cpu"))
     assert problem is not None and "does not keep packed examples apart" in problem
     assert shared.training is False   # (left as it was)
-    # the trainer refuses bfd on such a model, naming the way out
+    # the trainer refuses bfd asked for on such a model, naming the way out; auto packs wrapped, with a note
     from qlora_ext.train import trainer as trainer_module
     monkeypatch.setattr(trainer_module, "packed_attention_problem", lambda *a: problem)
     data = _examples_file(tmp_path / "d.jsonl")
     with pytest.raises(ConfigError, match="--packing bfd: its attention .* use --packing wrapped"):
-        trainer_module.Trainer(_cfg(tiny, tmp_path / "run", data=[data]), log=lambda s: None).setup()
-    t = trainer_module.Trainer(_cfg(tiny, tmp_path / "run", data=[data], packing="wrapped"), log=lambda s: None)
-    t.setup()   # wrapped needs no probe
-    assert t.data.train_positions is None
+        trainer_module.Trainer(_cfg(tiny, tmp_path / "run", data=[data], packing="bfd"), log=lambda s: None).setup()
+    notes = []
+    t = trainer_module.Trainer(_cfg(tiny, tmp_path / "run", data=[data]), log=notes.append)
+    t.setup()
+    assert t.packing == "wrapped" and t.data.train_positions is None
+    assert any("packed wrapped instead" in n for n in notes)
+
+
+def test_the_probe_sees_rows_packed_differently_and_short_position_tables(tiny):
+    """A model that keeps each row's examples apart only where all rows are packed alike is refused; a model
+    whose position table is shorter than the probe gets a probe that fits it."""
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    class FirstRowMasks(LlamaForCausalLM):   # builds every row's mask from row 0's position ids
+        def forward(self, *args, position_ids=None, **kwargs):
+            if position_ids is not None:
+                position_ids = position_ids[:1].expand_as(position_ids)
+            return super().forward(*args, position_ids=position_ids, **kwargs)
+
+    problem = packed_attention_problem(FirstRowMasks.from_pretrained(tiny[0]), torch.device("cpu"))
+    assert problem is not None and "in two packings" in problem
+    model = AutoModelForCausalLM.from_pretrained(tiny[0])
+    assert packed_attention_problem(model, torch.device("cpu"), max_length=12) is None
+    # bf16 rounding (different shapes alone and packed) is not taken for mixing
+    assert packed_attention_problem(model.to(torch.bfloat16), torch.device("cpu"),
+                                    torch.autocast("cpu", dtype=torch.bfloat16)) is None
+    assert "too few" in packed_attention_problem(model, torch.device("cpu"), max_length=4)
+
+
+def test_padding_uses_an_id_the_embedding_has(tiny, tmp_path):
+    """A pad token added to the tokenizer without resizing the embedding is passed over (the padding is never
+    trained on nor attended to, so any id the embedding has will do)."""
+    from transformers import AutoTokenizer
+    from qlora_ext.train.data import blocks_for, pad_token_id
+    tok = AutoTokenizer.from_pretrained(tiny[0])
+    vocab = len(tok)
+    tok.add_special_tokens({"pad_token": "<pad>"})
+    assert tok.pad_token_id == vocab
+    assert pad_token_id(tok, vocab) == tok.eos_token_id and pad_token_id(tok) == vocab
+    data = blocks_for([_examples_file(tmp_path / "d.jsonl")], tok, 32, 2, "bfd", vocab_size=vocab)
+    assert data.padding_tokens > 0 and int(torch.cat([data.train, data.eval]).max()) < vocab
 
 
 def test_a_bfd_run_trains_and_resumes_bit_exactly(tiny, tmp_path):
@@ -198,7 +235,7 @@ def test_a_bfd_run_trains_and_resumes_bit_exactly(tiny, tmp_path):
     assert straight["data"]["packing"] == "bfd" and straight["data"]["examples"] == 400
     assert 0 <= straight["data"]["padding_tokens"] < straight["data"]["tokens"]
     assert straight["eval_after"]["loss"] < straight["eval_before"]["loss"]
-    assert "400 examples packed whole (bfd)" in (out / "report.md").read_text()
+    assert "400 examples packed best fit (bfd)" in (out / "report.md").read_text()
     final = load_file(str(out / "adapter.safetensors"))
     shutil.rmtree(out / "checkpoints" / "step-000006")
     (out / "checkpoints" / "latest").write_text("step-000003\n")
@@ -272,3 +309,28 @@ def test_texts_and_prompts_start_with_the_tokenizers_bos(bos_tokenizer, tmp_path
     stream = tokenize_data(files, tok, add_bos=False)
     assert bos not in stream.ids
     assert tokenize_data(files[:1], tok).ids[0] == bos   # plain text too, as tokenizer(text) would
+    # in a mix of text files and records, a text file's BOS is context, as a record's is
+    mixed = tokenize_data(files, tok)
+    assert [mixed.trained[s] for s in mixed.starts] == [False, False]
+
+
+def test_a_text_that_has_its_bos_or_eos_gets_it_once(bos_tokenizer):
+    tok = bos_tokenizer
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    ids, trained = tokenize_record(tok, {"text": "<s>the king</s>"}, "x", [bos])
+    assert ids.count(bos) == 1 and ids.count(eos) == 1 and ids[0] == bos and ids[-1] == eos
+    assert trained == [False] + [True] * (len(ids) - 1)
+    ids, trained = tokenize_record(tok, {"prompt": "<s>the king", "completion": " speaks</s>"}, "x", [bos])
+    assert ids.count(bos) == 1 and ids.count(eos) == 1
+    assert tok.decode([t for t, f in zip(ids, trained) if f]) == " speaks</s>"
+    # runs from before --add-bos (prefix None) keep their framing: no BOS, the end always added
+    ids, _ = tokenize_record(tok, {"text": "the king</s>"}, "x", None)
+    assert ids.count(eos) == 2 and bos not in ids
+
+
+def test_special_prefix_tries_another_probe_where_the_vocabulary_cannot_spell_one():
+    class Spelling:   # "a" is not in the vocabulary (and there is no unknown token): it tokenizes to nothing
+        def __call__(self, text, add_special_tokens=True):
+            ids = [] if text == "a" else [5]
+            return {"input_ids": ([0] if add_special_tokens else []) + ids}
+    assert special_prefix(Spelling()) == [0]

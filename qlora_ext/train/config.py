@@ -33,7 +33,7 @@ class ConfigError(ValueError):
 class TrainConfig:
     # what to train
     model: str = DEFAULT_MODEL          # a local Hugging Face model directory, or "smollm2" (embedded default)
-    data: List[str] = dataclasses.field(default_factory=list)  # .txt/.jsonl files or folders; empty: Shakespeare
+    data: List[str] = dataclasses.field(default_factory=list)  # .txt .jsonl .json .parquet, folders; none: Shakespeare
     output_dir: str = "runs/qlora"      # adapters, checkpoints and the report go here
     # quantization and LoRA
     quant_type: str = "nf4"             # nf4 | fp4 | int4 | none (16-bit LoRA on a dense base)
@@ -52,7 +52,7 @@ class TrainConfig:
     seq_len: int = 256
     eval_blocks: int = 32               # held-out blocks of seq_len tokens (never trained on)
     max_tokens: int = 0                 # use only the first N tokens of the text (0: all of it)
-    packing: str = "auto"               # wrapped (one stream cut in blocks) | bfd (whole examples) | auto (bfd: .jsonl)
+    packing: str = "auto"               # wrapped (a stream cut in blocks) | bfd (whole examples) | auto (bfd: records)
     add_bos: bool = True                # start texts and non-chat examples with the tokenizer's BOS (as tokenizer())
     # optimization
     batch_size: int = 4

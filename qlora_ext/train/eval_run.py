@@ -18,12 +18,13 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", required=True, help="the finished run's folder (as given to qlora-train)")
     p.add_argument("--data", nargs="+", default=None,
-                   help=".txt / .jsonl files or folders, every block of which is evaluated (default: the run's "
-                        "held-out blocks of its own data)")
+                   help=".txt / .jsonl / .json / .parquet files or folders, every block of which is evaluated "
+                        "(default: the run's held-out blocks of its own data)")
     p.add_argument("--seq-len", type=int, default=None, help="block length (default: the run's)")
-    p.add_argument("--packing", choices=PACKINGS, default=None, help="default: the run's (auto: bfd for .jsonl data)")
+    p.add_argument("--packing", choices=PACKINGS, default=None,
+                   help="default: the run's (auto: bfd for instruction data)")
     p.add_argument("--max-tokens", type=int, default=0, help="with --data: its first N tokens only (0: all)")
-    p.add_argument("--batch-size", type=int, default=None, help="default: the run's (auto: bfd for .jsonl data)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the run's")
     p.add_argument("--base", action="store_true", help="the base without the adapters (PEFT's disable_adapter)")
     p.add_argument("--device", default=None,
                    help="cpu or cuda[:N] (default: the CPU, or the GPU for a LoftQ run that trained on one)")
@@ -54,12 +55,14 @@ def evaluate_run(output_dir: str, data=None, seq_len=None, packing=None, max_tok
     """The numbers `qlora-train eval` prints (see the module's docstring), as a dict."""
     from ..nn import adapters_disabled
     from .data import IGNORE, blocks_for, find_text_files
+    from .loss import vocab_size
     from .model import max_positions
     from .rebuild import rebuild_run
-    from .trainer import evaluate
+    from .trainer import evaluate, packing_for
 
     run = rebuild_run(output_dir, device, log=log)
     cfg = run.cfg
+    dev = next(run.model.parameters()).device
     seq_len = seq_len or cfg.seq_len
     limit = max_positions(run.model)
     if limit and seq_len > limit:
@@ -69,17 +72,19 @@ def evaluate_run(output_dir: str, data=None, seq_len=None, packing=None, max_tok
             raise ConfigError("the run's held-out blocks are those of its --seq-len and --packing: give --data to "
                               "evaluate other blocks")
         files = find_text_files(cfg.data)
-        held_out = blocks_for(files, run.tokenizer, cfg.seq_len, cfg.eval_blocks, cfg.packing, cfg.add_bos,
-                              cfg.max_tokens)
+        held_out = blocks_for(files, run.tokenizer, cfg.seq_len, cfg.eval_blocks,
+                              packing_for(cfg.packing, files, run.model, dev, log), cfg.add_bos, cfg.max_tokens,
+                              vocab_size(run.model))
         blocks, labels, positions = held_out.eval, held_out.eval_labels, held_out.eval_positions
         what, packed = "the run's held-out blocks", held_out.packing
     else:
         files = find_text_files(data)
         # no held-out split: every block (pack puts them all on the train side, in order)
-        every = blocks_for(files, run.tokenizer, seq_len, 0, packing or cfg.packing, cfg.add_bos, max_tokens)
+        every = blocks_for(files, run.tokenizer, seq_len, 0,
+                           packing_for(packing or cfg.packing, files, run.model, dev, log), cfg.add_bos, max_tokens,
+                           vocab_size(run.model))
         blocks, labels, positions = every.train, every.train_labels, every.train_positions
         what, packed = f"{len(files)} file(s)", every.packing
-    dev = next(run.model.parameters()).device
     with adapters_disabled(run.model) if base else contextlib.nullcontext():
         loss = evaluate(run.model, blocks, batch_size or cfg.batch_size, dev, labels, positions)
     predicted = blocks.shape[0] * (blocks.shape[1] - 1) if labels is None else int((labels[:, 1:] != IGNORE).sum())

@@ -1,6 +1,7 @@
-"""Instruction data for the trainer: JSON Lines files (.jsonl), one example per line, in the formats TRL's SFTTrainer
-reads, each tokenized with a mask of the tokens that are trained on (the others are context only: their labels
-are ignored by the loss, as TRL's completion-only and assistant-only losses do):
+"""Instruction data for the trainer: files of records (.jsonl, .json, .parquet: records.py), one example per
+record, in the formats TRL's SFTTrainer reads, each tokenized with a mask of the tokens that are trained on (the
+others are context only: their labels are ignored by the loss, as TRL's completion-only and assistant-only losses
+do):
 
     {"text": "..."}                                  every token (and an end-of-sequence token)
     {"prompt": "...", "completion": "..."}           the completion's tokens and an end-of-sequence token
@@ -18,10 +19,10 @@ text, with no token of its own at a piece boundary.
 """
 from __future__ import annotations
 
-import json
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from .config import ConfigError
+from .records import read_records
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -105,22 +106,42 @@ def _conversation(tokenizer, messages, where: str, first: int = 0) -> Tuple[List
 def special_prefix(tokenizer) -> List[int]:
     """The special tokens tokenizer(text) puts before a text's own tokens: [BOS] for Llama- and Mistral-style
     tokenizers, [] for most others. (A chat template writes its own, so a conversation gets none added.)"""
-    probe = "a"
-    with_special = list(tokenizer(probe)["input_ids"])
-    plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
-    for i in range(len(with_special) - len(plain) + 1):
-        if with_special[i:i + len(plain)] == plain:
-            return with_special[:i]
+    for probe in ("a", "the", "0", " ", "."):
+        plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+        if not plain:   # a probe the vocabulary cannot spell (no unknown token): try another
+            continue
+        with_special = list(tokenizer(probe)["input_ids"])
+        for i in range(len(with_special) - len(plain) + 1):
+            if with_special[i:i + len(plain)] == plain:
+                return with_special[:i]
+        return []
     return []
 
 
-def tokenize_record(tokenizer, record, where: str, prefix: Sequence[int] = ()) -> Tuple[List[int], List[bool]]:
+def frame(ids: Sequence[int], prefix: Optional[Sequence[int]], end: Sequence[int]) -> Tuple[List[int], List[int]]:
+    """(the tokens to put before ids, those to put after): prefix and end. prefix None: the framing of runs from
+    before --add-bos (nothing before, end after, always). Otherwise a prefix or an end the ids already have (a
+    text that starts with "<s>" or ends with "</s>") is not added twice, as TRL adds them."""
+    if prefix is None:
+        return [], list(end)
+    prefix, end, ids = list(prefix), list(end), list(ids)
+    has_prefix = bool(prefix) and ids[:len(prefix)] == prefix
+    has_end = bool(end) and ids[-len(end):] == end
+    return ([] if has_prefix else prefix), ([] if has_end else end)
+
+
+def leading(ids: Sequence[int], prefix: Optional[Sequence[int]]) -> int:
+    """How many of the first ids are the prefix (added or the text's own): context, not trained on."""
+    return len(prefix) if prefix and list(ids[:len(prefix)]) == list(prefix) else 0
+
+
+def tokenize_record(tokenizer, record, where: str,
+                    prefix: Optional[Sequence[int]] = None) -> Tuple[List[int], List[bool]]:
     """(token ids, trained flag per token) of one JSONL record (see the module's docstring); other keys of the
-    record (an id, a source) are ignored. A text or a prompt starts with `prefix` (special_prefix(tokenizer),
-    or nothing), as context."""
+    record (an id, a source) are ignored. A text or a prompt starts with `prefix` (special_prefix(tokenizer)),
+    as context, and an example ends with one end-of-sequence token (frame(); prefix None: as before --add-bos)."""
     eos = getattr(tokenizer, "eos_token_id", None)
     end = [eos] if eos is not None else []
-    start, start_trained = list(prefix), [False] * len(prefix)
     if not isinstance(record, dict):
         raise ConfigError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
     kinds = [k for k, keys in (("messages", {"messages"}), ("prompt", {"prompt", "completion"}), ("text", {"text"}))
@@ -133,8 +154,11 @@ def tokenize_record(tokenizer, record, where: str, prefix: Sequence[int] = ()) -
     if kinds[0] == "text":
         if not isinstance(record["text"], str):
             raise ConfigError(f"{where}: \"text\" must be a string, got {type(record['text']).__name__}")
-        ids, _ = _tokens(tokenizer, record["text"], [])
-        return start + ids + end, start_trained + [True] * (len(ids) + len(end))
+        body, _ = _tokens(tokenizer, record["text"], [])
+        head, tail = frame(body, prefix, end)
+        ids = head + body + tail
+        n = leading(ids, prefix)
+        return ids, [False] * n + [True] * (len(ids) - n)
     prompt, completion = record["prompt"], record["completion"]
     if isinstance(prompt, list) and isinstance(completion, list):   # TRL's conversational prompt-completion
         return _conversation(tokenizer, prompt + completion, where, first=len(prompt))
@@ -142,34 +166,24 @@ def tokenize_record(tokenizer, record, where: str, prefix: Sequence[int] = ()) -
         if not isinstance(record[key], str):
             raise ConfigError(f"{where}: \"{key}\" must be a string (or both lists of messages), got "
                               f"{type(record[key]).__name__}")
-    ids, trained = _tokens(tokenizer, prompt + completion, [(len(prompt), len(prompt) + len(completion))])
-    return start + ids + end, start_trained + trained + [True] * len(end)
+    body, trained = _tokens(tokenizer, prompt + completion, [(len(prompt), len(prompt) + len(completion))])
+    head, tail = frame(body, prefix, end)
+    return head + body + tail, [False] * len(head) + trained + [True] * len(tail)
 
 
-def tokenize_jsonl(path: str, tokenizer, prefix: Sequence[int] = ()) -> List[Tuple[List[int], List[bool]]]:
-    """The examples of the JSON Lines file `path`, in order: (token ids, trained flag per token) each, texts and
-    prompts starting with `prefix`. Blank lines are skipped; a line that is not UTF-8, not JSON, not a record of
-    a known format, or that the tokenizer or its chat template cannot take is an error naming the line."""
+def tokenize_record_file(path: str, tokenizer,
+                         prefix: Optional[Sequence[int]] = None) -> List[Tuple[List[int], List[bool]]]:
+    """The examples of a file of records (.jsonl, .json or .parquet: records.py), in order: (token ids, trained
+    flag per token) each, framed with `prefix` as tokenize_record says. A record that cannot be read, is not of a
+    known format, or that the tokenizer or its chat template cannot take is an error naming its line or row."""
     examples: List[Tuple[List[int], List[bool]]] = []
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
-            where = f"{path}:{number}"
-            try:
-                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise ConfigError(f"{where}: not UTF-8 ({e.reason} at byte {e.start})") from e
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{where}: not valid JSON ({e.msg})") from e
-            try:
-                examples.append(tokenize_record(tokenizer, record, where, prefix))
-            except ConfigError:
-                raise
-            except Exception as e:  # a chat template's raise_exception (roles must alternate, ...), a lone surrogate
-                raise ConfigError(f"{where}: {type(e).__name__}: {e}") from e
+    for where, record in read_records(path):
+        try:
+            examples.append(tokenize_record(tokenizer, record, where, prefix))
+        except ConfigError:
+            raise
+        except Exception as e:  # a chat template's raise_exception (roles must alternate), a lone surrogate
+            raise ConfigError(f"{where}: {type(e).__name__}: {e}") from e
     if not examples:
         raise ConfigError(f"{path} holds no examples")
     return examples

@@ -10,11 +10,11 @@ from .._files import atomic_write, atomic_write_text
 
 
 def _packing(data: dict) -> str:
-    """', 1,234 examples packed whole (bfd), 0.4% padding' for a bfd run (older reports: nothing)."""
+    """', 1,234 examples packed best fit (bfd), 0.4% padding' for a bfd run (older reports: nothing)."""
     if data.get("packing") != "bfd":
         return ""
     blocks = (data["train_blocks"] + data["eval_blocks"]) * data["seq_len"]
-    return (f", {data['examples']:,} examples packed whole (bfd), "
+    return (f", {data['examples']:,} examples packed best fit (bfd), "
             f"{100 * data['padding_tokens'] / max(blocks, 1):.1f}% padding")
 
 

@@ -100,11 +100,16 @@ def item1_storage(args, log) -> dict:
     return out
 
 
-def eval_blocks_for(args, tokenizer):
+def eval_blocks_for(args, tokenizer, model, log=lambda s: None):
     """(the held-out blocks, their labels or None, their position ids or None) of --data, as the trainer packs
-    them by default (instruction files: whole examples, the trained tokens only, as item 3's runs evaluate)."""
+    them by default for this model (instruction files: whole examples, the trained tokens only, as item 3's
+    runs evaluate)."""
     from .data import blocks_for, find_text_files
-    data = blocks_for(find_text_files(args.data), tokenizer, args.seq_len, args.eval_blocks)
+    from .loss import vocab_size
+    from .trainer import packing_for
+    files = find_text_files(args.data)
+    packing = packing_for("auto", files, model, torch.device(args.device), log)
+    data = blocks_for(files, tokenizer, args.seq_len, args.eval_blocks, packing, vocab_size=vocab_size(model))
     return data.eval, data.eval_labels, data.eval_positions
 
 
@@ -116,7 +121,7 @@ def item2_zero_shot(args, log) -> dict:
         f"(the default model's 'dense' weights are themselves dequantized Q4_1: see qlora_ext.train.model)")
     for quant_type, dq in variants:
         model, tok, _ = load_dense(args.model, args.device)
-        blocks, labels, positions = eval_blocks_for(args, tok)
+        blocks, labels, positions = eval_blocks_for(args, tok, model, log if quant_type == "dense" else lambda s: None)
         if quant_type != "dense":
             quantize_linears(model, quant_type, dq)
         t0 = time.perf_counter()

@@ -27,8 +27,8 @@ from ..peft_io import load_peft_adapter, save_peft_adapter
 from ..save_4bit import checkpoint_source, checkpoint_spec
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig
-from .data import IGNORE, TokenBlocks, batch_indices, blocks_for, find_text_files
-from .loss import causal_lm_loss, packed_attention_problem
+from .data import IGNORE, TokenBlocks, batch_indices, blocks_for, find_text_files, resolve_packing
+from .loss import causal_lm_loss, packed_attention_problem, vocab_size
 from .model import load_model_and_tokenizer, max_positions, resolve_model_dir
 
 PEFT_DIR = "peft_adapter"  # <output_dir>/peft_adapter: the adapters in PEFT's format
@@ -112,6 +112,23 @@ def load_for_run(cfg: TrainConfig, model_dir: str, dtype: torch.dtype, device: t
             raise
         log(f"note: {e}; loading the dense model instead")
         return (*load_model_and_tokenizer(model_dir, dtype, device, log), False)
+
+
+def packing_for(packing: str, files, model: torch.nn.Module, device: torch.device,
+                log: Callable[[str], None]) -> str:
+    """--packing resolved for these files and this model: auto is bfd for instruction data, where the model keeps
+    packed examples apart (loss.packed_attention_problem; else wrapped, with a note); bfd asked for on a model
+    that cannot is an error."""
+    resolved = resolve_packing(packing, files)
+    if resolved != "bfd":
+        return resolved
+    problem = packed_attention_problem(model, device, autocast_for(device), max_positions(model))
+    if problem is None:
+        return "bfd"
+    if packing == "bfd":
+        raise ConfigError(f"--packing bfd: {problem}; use --packing wrapped")
+    log(f"note: {problem}: the examples are packed wrapped instead (one stream cut into blocks)")
+    return "wrapped"
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -246,14 +263,10 @@ class Trainer:
         if limit and cfg.seq_len > limit:
             raise ConfigError(f"--seq-len {cfg.seq_len} is longer than the model allows "
                               f"(max_position_embeddings = {limit})")
-        self.data: TokenBlocks = blocks_for(files, self.tokenizer, cfg.seq_len, cfg.eval_blocks, cfg.packing,
-                                            cfg.add_bos, cfg.max_tokens)
-        self.packing = self.data.packing
+        self.packing = packing_for(cfg.packing, files, self.model, dev, self.log)
+        self.data: TokenBlocks = blocks_for(files, self.tokenizer, cfg.seq_len, cfg.eval_blocks, self.packing,
+                                            cfg.add_bos, cfg.max_tokens, vocab_size(self.model))
         self.log(f"data: {self.data.describe()}")
-        if self.packing == "bfd":
-            problem = packed_attention_problem(self.model, dev, autocast_for(dev))
-            if problem is not None:
-                raise ConfigError(f"--packing bfd: {problem}; use --packing wrapped")
         if self.data.train.shape[0] < cfg.batch_size:
             self.log(f"note: only {self.data.train.shape[0]} training blocks for --batch-size {cfg.batch_size}: "
                      "blocks repeat within a batch")
@@ -324,7 +337,6 @@ class Trainer:
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         self.model.train()
-        tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
         bar = None
         if cfg.progress:
             from tqdm.auto import tqdm
@@ -340,6 +352,10 @@ class Trainer:
                      for i in range(cfg.grad_accum)]
             # With labels, the micro-batches' mean losses are weighted by their labelled tokens, so the step's
             # gradient is that of the mean over all its trained tokens (not a mean of means); text: 1 / grad_accum.
+            # the tokens the step trains on: its blocks less their padding (bfd)
+            tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+            if self.data.train_padding is not None:
+                tokens_per_step -= sum(int(self.data.train_padding[idx].sum()) for idx in micro)
             weights = None
             if self.data.train_labels is not None:
                 counts = [int((self.data.train_labels[idx][:, 1:] != IGNORE).sum()) for idx in micro]

@@ -1,0 +1,95 @@
+"""Files of instruction records (qlora_ext/train/records.py): .jsonl, .json (an array, or JSON Lines under that
+name) and .parquet (rows, list-of-struct "messages" columns, columns a row does not use) read as the same
+examples, and bad files give errors naming the file and the line, record or row."""
+import json
+
+import pytest
+
+from qlora_ext.train.config import ConfigError
+from qlora_ext.train.data import find_text_files, resolve_packing
+from qlora_ext.train.records import read_records
+
+RECORDS = [{"prompt": "the ghost", "completion": " speaks"},
+           {"messages": [{"role": "user", "content": "who"}, {"role": "assistant", "content": "the king"}]},
+           {"text": "the queen walks", "id": 7}]
+
+
+def _write(tmp_path, name, records=RECORDS):
+    path = tmp_path / name
+    if name.lower().endswith(".parquet"):
+        pa = pytest.importorskip("pyarrow")
+        import pyarrow.parquet as pq
+        keys = list(dict.fromkeys(k for r in records for k in r))   # every column in every row, as datasets writes
+        pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in records]), str(path),
+                       row_group_size=2)
+    elif name.endswith(".json") and "lines" not in name:
+        path.write_text(json.dumps(records, indent=1))
+    else:
+        path.write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("name", ["r.jsonl", "r.json", "r_lines.json", "r.parquet", "R.PARQUET"])
+def test_every_format_reads_the_same_records(tmp_path, name):
+    got = [record for _, record in read_records(_write(tmp_path, name))]
+    assert got == RECORDS   # (parquet: the columns a row does not use are left out, not None)
+    assert resolve_packing("auto", [name]) == "bfd"
+
+
+def test_folders_find_record_files(tmp_path):
+    for name in ("a.jsonl", "b.json", "c.parquet", "d.txt", "e.md"):
+        (tmp_path / name).write_text("x")
+    assert [f.rsplit("/", 1)[1] for f in find_text_files([str(tmp_path)])] == ["a.jsonl", "b.json", "c.parquet",
+                                                                              "d.txt"]
+
+
+def test_where_names_the_line_record_or_row(tmp_path):
+    assert [w for w, _ in read_records(_write(tmp_path, "r.jsonl"))] == [f"{tmp_path}/r.jsonl:{i}" for i in (1, 2, 3)]
+    assert [w for w, _ in read_records(_write(tmp_path, "r.json"))][-1] == f"{tmp_path}/r.json: record 3"
+    pytest.importorskip("pyarrow")
+    assert [w for w, _ in read_records(_write(tmp_path, "r.parquet"))][-1] == f"{tmp_path}/r.parquet: row 3"
+
+
+def test_bad_files_give_errors_naming_them(tmp_path, monkeypatch):
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"text": "a"},\n {"text": }]')
+    with pytest.raises(ConfigError, match=r"bad.json:2: not valid JSON"):
+        list(read_records(str(bad)))
+    bad.write_text('{"text": "a"}\n{"text": ]\n')   # JSON Lines under a .json name
+    with pytest.raises(ConfigError, match=r"bad.json:2: not valid JSON"):
+        list(read_records(str(bad)))
+    bad.write_text('[1, 2')
+    with pytest.raises(ConfigError, match="bad.json"):
+        list(read_records(str(bad)))
+    scalar = tmp_path / "scalar.json"
+    scalar.write_text('"text"')
+    # not an array: read as JSON Lines, whose one record is not an object (which instructions.py refuses)
+    assert list(read_records(str(scalar))) == [(f"{scalar}:1", "text")]
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"not parquet")
+    pytest.importorskip("pyarrow")
+    with pytest.raises(ConfigError, match="broken.parquet: not a readable parquet file"):
+        list(read_records(str(broken)))
+    import sys
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)   # pyarrow not installed
+    with pytest.raises(ConfigError, match="needs pyarrow"):
+        list(read_records(str(broken)))
+
+
+def test_a_parquet_file_trains_like_its_jsonl(tmp_path):
+    """The same records as .jsonl and .parquet give the same tokens and labels."""
+    pytest.importorskip("pyarrow")
+    transformers = pytest.importorskip("transformers")
+    from tests.test_instructions import CHATML
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["the king speaks to the ghost"] * 10, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["</s>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>")
+    fast.chat_template = CHATML
+    from qlora_ext.train.data import tokenize_data
+    a = tokenize_data([_write(tmp_path, "r.jsonl")], fast)
+    b = tokenize_data([_write(tmp_path, "r.parquet")], fast)
+    assert (a.ids, a.trained, a.starts) == (b.ids, b.trained, b.starts) and len(a.starts) == 3
