@@ -3,6 +3,7 @@ computed again equals the report's last eval, the base alone its first (the adap
 file's loss is the mean of its examples' losses computed one by one, and bad flags give clear errors."""
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 pytest.importorskip("transformers")
 
 import qlora_ext  # noqa: E402
-from qlora_ext.train import ConfigError, train  # noqa: E402
+from qlora_ext.train import ConfigError, TrainConfig, train  # noqa: E402
 from qlora_ext.train.cli import main as cli_main  # noqa: E402
 from qlora_ext.train.data import IGNORE  # noqa: E402
 from qlora_ext.train.eval_run import evaluate_run  # noqa: E402
@@ -94,3 +95,46 @@ def test_eval_refuses_bad_flags(run, tmp_path):
         evaluate_run(out, data=[str(tmp_path)], seq_len=4096)
     assert cli_main(["eval", "--output-dir", out, "--max-tokens", "10"]) == 2
     assert cli_main(["eval", "--output-dir", out, "--seq-len", "0"]) == 2
+
+
+def test_eval_reads_the_files_and_packing_the_run_recorded(tiny, tmp_path, monkeypatch):  # noqa: F811
+    """A run whose --data was relative is evaluated from elsewhere; its packing is the one it trained with even
+    where a new probe of the rebuilt model would say otherwise; data edited since the run is an error."""
+    from qlora_ext.train import trainer as trainer_module
+    (tmp_path / "work").mkdir()
+    _examples_file(tmp_path / "work" / "d.jsonl", n=300)
+    monkeypatch.chdir(tmp_path / "work")
+    report = train(_cfg(tiny, tmp_path / "run", data=["d.jsonl"], steps=2, eval_every=2, save_every=2),
+                   log=lambda s: None)
+    assert report["data"]["packing"] == "bfd" and report["data"]["file_paths"] == [str(tmp_path / "work" / "d.jsonl")]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(trainer_module, "packed_attention_problem", lambda *a: "refused")
+    got = evaluate_run(str(tmp_path / "run"))
+    assert got["packing"] == "bfd" and math.isclose(got["loss"], report["eval_after"]["loss"], rel_tol=1e-6)
+    with open(tmp_path / "work" / "d.jsonl", "a") as f:
+        f.write(json.dumps({"prompt": "the king", "completion": " walks"}) + "\n")
+    with pytest.raises(ConfigError, match="no longer packs into the blocks"):
+        evaluate_run(str(tmp_path / "run"))
+
+
+def test_resume_refuses_data_edited_since_the_run_began(tiny, tmp_path):  # noqa: F811
+    data = tmp_path / "d.txt"
+    data.write_text(open(tiny[1] + "/a.txt").read())
+    out = tmp_path / "run"
+    train(_cfg(tiny, out, data=[str(data)], steps=4, eval_every=2, save_every=2), log=lambda s: None)
+    shutil.rmtree(out / "checkpoints" / "step-000004")
+    (out / "checkpoints" / "latest").write_text("step-000002\n")
+    data.write_text(data.read_text() + "The ghost speaks of murder.\n" * 50)
+    with pytest.raises(ConfigError, match="no longer packs into the blocks the run began with"):
+        train(TrainConfig.from_dict({**json.load(open(out / "config.json")), "resume": True}), log=lambda s: None)
+
+
+def test_eval_data_too_short_and_seq_len_one(run, tmp_path):
+    out, _ = run
+    short = tmp_path / "short.txt"
+    short.write_text("the king")
+    with pytest.raises(ConfigError, match="no block of --seq-len 32; give more text or lower --seq-len"):
+        evaluate_run(out, data=[str(short)])
+    assert cli_main(["eval", "--output-dir", out, "--data", str(short), "--seq-len", "1"]) == 2
+    with pytest.raises(ConfigError, match="--seq-len must be at least 2"):
+        TrainConfig(seq_len=1).validate()

@@ -103,6 +103,8 @@ class TrainConfig:
         for name in ("r", "seq_len", "batch_size", "grad_accum", "steps", "eval_blocks", "eval_every",
                      "save_every", "loftq_iters"):
             need(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        need(self.seq_len >= 2, f"--seq-len must be at least 2 (a block's first token predicts the second), got "
+                                f"{self.seq_len}")
         for name in ("warmup_steps", "max_tokens", "weight_decay", "max_grad_norm"):
             need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         need(self.lr > 0, f"--lr must be positive, got {self.lr}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
 import importlib.util
 import os
 from typing import List, Optional, Sequence, Tuple
@@ -24,7 +25,7 @@ import torch
 
 from .config import ConfigError
 from .instructions import frame, leading, special_prefix, tokenize_record_file
-from .records import RECORD_SUFFIXES, is_record_file
+from .records import FOLDER_RECORD_SUFFIXES, is_record_file
 from .packing import IGNORE, pack_examples
 
 SPLIT_SEED = 1234   # the train/eval split does not depend on the run's --seed, so runs compare on one eval set
@@ -43,8 +44,8 @@ def default_text_files() -> List[str]:
 
 
 def find_text_files(paths: Sequence[str]) -> List[str]:
-    """Files as given, folders searched recursively for *.txt and record files (*.jsonl, *.json, *.parquet;
-    sorted); no paths: the default text."""
+    """Files as given, folders searched recursively for *.txt, *.jsonl and *.parquet (sorted; a .json file of
+    records is named on its own: folders hold other .json files); no paths: the default text."""
     if not paths:
         return default_text_files()
     files = []
@@ -53,9 +54,9 @@ def find_text_files(paths: Sequence[str]) -> List[str]:
             files.append(p)
         elif os.path.isdir(p):
             found = sorted(f for f in glob.glob(os.path.join(p, "**", "*"), recursive=True)
-                           if os.path.isfile(f) and f.lower().endswith((".txt",) + RECORD_SUFFIXES))
+                           if os.path.isfile(f) and f.lower().endswith((".txt",) + FOLDER_RECORD_SUFFIXES))
             if not found:
-                raise ConfigError(f"--data folder {p!r} has no .txt, .jsonl, .json or .parquet files")
+                raise ConfigError(f"--data folder {p!r} has no .txt, .jsonl or .parquet files")
             files += found
         else:
             raise ConfigError(f"--data path {p!r} does not exist")
@@ -90,6 +91,15 @@ class TokenBlocks:
     split_examples: int = 0
     padding_tokens: int = 0                # bfd: padding in the train and eval blocks
     train_padding: Optional[torch.Tensor] = None   # bfd: int64 [n_train], the padding tokens of each train block
+
+    def fingerprint(self) -> str:
+        """A hash of the blocks (tokens, labels and position ids, train and eval): what a resumed run and `qlora-train
+        eval` check, so that data edited since the run began is an error, not another run."""
+        h = hashlib.sha256()
+        for t in (self.train, self.eval, self.train_labels, self.eval_labels, self.train_positions,
+                  self.eval_positions):
+            h.update(b"-" if t is None else str(tuple(t.shape)).encode() + t.contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
 
     def describe(self) -> str:
         n, t = self.train.shape
@@ -231,6 +241,10 @@ def pack(ids: List[int], seq_len: int, eval_blocks: int, files: Sequence[str],
     if labels is not None:
         blocks, labels = blocks[kept], labels[kept]
         positions = None if positions is None else positions[kept]
+    if len(kept) == 0 and eval_blocks == 0:   # (qlora-train eval --data: every block is evaluated)
+        raise ConfigError(f"the text has {len(ids):,} tokens: no block of --seq-len {seq_len}"
+                          f"{' with tokens to train on' if labels is not None else ''}; give more text or lower "
+                          "--seq-len")
     if len(kept) < eval_blocks + 1:
         raise ConfigError(f"the text has {len(ids):,} tokens: {len(kept)} block(s) of --seq-len {seq_len}"
                           f"{' with tokens to train on' if labels is not None else ''}, but --eval-blocks "

@@ -9,6 +9,8 @@ import argparse
 import contextlib
 import json
 import math
+import os
+import sys
 
 from .config import PACKINGS, ConfigError
 
@@ -30,17 +32,18 @@ def main(argv=None) -> int:
                    help="cpu or cuda[:N] (default: the CPU, or the GPU for a LoftQ run that trained on one)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a sentence")
     args = p.parse_args(argv)
-    for name in ("seq_len", "batch_size"):
-        value = getattr(args, name)
-        if value is not None and value <= 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.seq_len is not None and args.seq_len < 2:
+        raise ConfigError(f"--seq-len must be at least 2 (a block's first token predicts the second), got "
+                          f"{args.seq_len}")
+    if args.batch_size is not None and args.batch_size <= 0:
+        raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
     if args.max_tokens < 0:
         raise ConfigError(f"--max-tokens must be >= 0, got {args.max_tokens}")
     if args.max_tokens and args.data is None:
         raise ConfigError("--max-tokens applies to --data (the run's held-out blocks are what the run held out)")
     result = evaluate_run(args.output_dir, data=args.data, seq_len=args.seq_len, packing=args.packing,
                           max_tokens=args.max_tokens, batch_size=args.batch_size, base=args.base,
-                          device=args.device)
+                          device=args.device, log=lambda s: print(s, file=sys.stderr))
     if args.json:
         print(json.dumps(result))
     else:
@@ -52,7 +55,8 @@ def main(argv=None) -> int:
 
 def evaluate_run(output_dir: str, data=None, seq_len=None, packing=None, max_tokens: int = 0, batch_size=None,
                  base: bool = False, device=None, log=lambda s: None) -> dict:
-    """The numbers `qlora-train eval` prints (see the module's docstring), as a dict."""
+    """The numbers `qlora-train eval` prints (see the module's docstring), as a dict. Notes (a packing that falls
+    back, what --base leaves out) go to log."""
     from ..nn import adapters_disabled
     from .data import IGNORE, blocks_for, find_text_files
     from .loss import vocab_size
@@ -60,7 +64,7 @@ def evaluate_run(output_dir: str, data=None, seq_len=None, packing=None, max_tok
     from .rebuild import rebuild_run
     from .trainer import evaluate, packing_for
 
-    run = rebuild_run(output_dir, device, log=log)
+    run = rebuild_run(output_dir, device, log=lambda s: None)
     cfg = run.cfg
     dev = next(run.model.parameters()).device
     seq_len = seq_len or cfg.seq_len
@@ -68,23 +72,19 @@ def evaluate_run(output_dir: str, data=None, seq_len=None, packing=None, max_tok
     if limit and seq_len > limit:
         raise ConfigError(f"--seq-len {seq_len} is longer than the model allows (max_position_embeddings = {limit})")
     if data is None:
-        if seq_len != cfg.seq_len or (packing or cfg.packing) != cfg.packing:
-            raise ConfigError("the run's held-out blocks are those of its --seq-len and --packing: give --data to "
-                              "evaluate other blocks")
-        files = find_text_files(cfg.data)
-        held_out = blocks_for(files, run.tokenizer, cfg.seq_len, cfg.eval_blocks,
-                              packing_for(cfg.packing, files, run.model, dev, log), cfg.add_bos, cfg.max_tokens,
-                              vocab_size(run.model))
-        blocks, labels, positions = held_out.eval, held_out.eval_labels, held_out.eval_positions
-        what, packed = "the run's held-out blocks", held_out.packing
+        blocks, labels, positions, packed = _held_out(run, output_dir, seq_len, packing)
+        what = "the run's held-out blocks"
     else:
         files = find_text_files(data)
         # no held-out split: every block (pack puts them all on the train side, in order)
         every = blocks_for(files, run.tokenizer, seq_len, 0,
                            packing_for(packing or cfg.packing, files, run.model, dev, log), cfg.add_bos, max_tokens,
                            vocab_size(run.model))
-        blocks, labels, positions = every.train, every.train_labels, every.train_positions
-        what, packed = f"{len(files)} file(s)", every.packing
+        blocks, labels, positions, packed = every.train, every.train_labels, every.train_positions, every.packing
+        what = f"{len(files)} file(s)"
+    if base and (cfg.init_lora_weights != "default" or cfg.init_adapter):
+        log("note: --base is the 4-bit base alone; the run's eval before training included the adapters' start "
+            f"({'--init-adapter' if cfg.init_adapter else '--init-lora-weights ' + cfg.init_lora_weights})")
     with adapters_disabled(run.model) if base else contextlib.nullcontext():
         loss = evaluate(run.model, blocks, batch_size or cfg.batch_size, dev, labels, positions)
     predicted = blocks.shape[0] * (blocks.shape[1] - 1) if labels is None else int((labels[:, 1:] != IGNORE).sum())
@@ -92,3 +92,35 @@ def evaluate_run(output_dir: str, data=None, seq_len=None, packing=None, max_tok
             "ppl": math.exp(loss), "predicted_tokens": predicted, "blocks": int(blocks.shape[0]), "seq_len": seq_len,
             "packing": packed, "base_only": base, "output_dir": output_dir}
 
+
+def _held_out(run, output_dir: str, seq_len: int, packing):
+    """(blocks, labels, positions, packing) of the run's held-out blocks, from the files and packing its report
+    records (older reports: its config's), checked against the report's fingerprint of its blocks."""
+    from .data import blocks_for, find_text_files, resolve_packing
+    from .loss import vocab_size
+
+    cfg = run.cfg
+    with open(os.path.join(output_dir, "report.json")) as f:
+        recorded = json.load(f).get("data", {})
+    files = recorded.get("file_paths")
+    if files is None:   # a report from before file_paths: the config's --data, relative to where the run ran
+        try:
+            files = find_text_files(cfg.data)
+        except ConfigError as e:
+            raise ConfigError(f"{e} (the run's --data, as it was given where the run ran: evaluate from there, or "
+                              "give --data)") from e
+    run_packing = recorded.get("packing") or resolve_packing(cfg.packing, files)
+    if seq_len != cfg.seq_len or (packing is not None and packing != run_packing):
+        raise ConfigError(f"the run's held-out blocks are those of its --seq-len {cfg.seq_len} and --packing "
+                          f"{run_packing}: give --data to evaluate other blocks")
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        raise ConfigError(f"the run's data file {missing[0]} is gone ({len(missing)} of {len(files)} missing): give "
+                          "--data to evaluate other text")
+    held_out = blocks_for(files, run.tokenizer, cfg.seq_len, cfg.eval_blocks, run_packing, cfg.add_bos,
+                          cfg.max_tokens, vocab_size(run.model))
+    if recorded.get("fingerprint") not in (None, held_out.fingerprint()):
+        raise ConfigError("the run's data no longer packs into the blocks it trained and evaluated on (files "
+                          "edited since): its held-out blocks cannot be rebuilt; give --data to evaluate the text as "
+                          "it is now")
+    return held_out.eval, held_out.eval_labels, held_out.eval_positions, held_out.packing

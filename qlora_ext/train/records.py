@@ -1,11 +1,11 @@
 """Files of instruction records, read one record at a time with where it came from (for error messages):
 
     .jsonl     JSON Lines: one JSON object per line (blank lines skipped)              "FILE:LINE"
-    .json      a JSON array of objects, or JSON Lines under a .json name (what
-               datasets' Dataset.to_json writes)                                       "FILE: record N"
+    .json      a JSON array of objects (or one object), or JSON Lines under a .json
+               name (what datasets' Dataset.to_json writes)                            "FILE: record N"
     .parquet   a table whose rows are the records (datasets' to_parquet, the Hub's
                parquet exports; list-of-struct columns such as "messages" included;
-               needs pyarrow)                                                          "FILE: row N"
+               other columns are not read; needs pyarrow)                              "FILE: row N"
 
 The records themselves (TRL's formats) are instructions.py's business.
 """
@@ -17,6 +17,9 @@ from typing import Iterator, Tuple
 from .config import ConfigError
 
 RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
+# what a --data folder is searched for: not .json, which folders hold for other reasons (a dataset's
+# dataset_info.json, a model's config.json); a .json file of records is named on its own
+FOLDER_RECORD_SUFFIXES = (".jsonl", ".parquet")
 
 
 def is_record_file(path: str) -> bool:
@@ -29,11 +32,8 @@ def read_records(path: str) -> Iterator[Tuple[str, object]]:
     suffix = path.lower().rsplit(".", 1)[-1]
     if suffix == "parquet":
         yield from _parquet(path)
-        return
-    with open(path, "rb") as f:
-        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-    if suffix == "json" and head.startswith(b"["):
-        yield from _json_array(path)
+    elif suffix == "json":
+        yield from _json(path)
     else:
         yield from _json_lines(path)
 
@@ -54,18 +54,39 @@ def _json_lines(path: str) -> Iterator[Tuple[str, object]]:
                 raise ConfigError(f"{where}: not valid JSON ({e.msg})") from e
 
 
-def _json_array(path: str) -> Iterator[Tuple[str, object]]:
+def _json(path: str) -> Iterator[Tuple[str, object]]:
+    """A .json file: one JSON value (an array of records, or a single record, however it is laid out), else
+    JSON Lines (the first value is followed by more: "Extra data")."""
     try:
         with open(path, encoding="utf-8-sig") as f:
-            records = json.load(f)
+            value = json.load(f)
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from e
     except json.JSONDecodeError as e:
+        if e.msg == "Extra data":
+            yield from _json_lines(path)
+            return
         raise ConfigError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
-    if not isinstance(records, list):
-        raise ConfigError(f"{path}: a .json file must hold an array of records (or one record per line)")
-    for number, record in enumerate(records, 1):
+    if isinstance(value, dict):
+        yield f"{path}: record 1", value
+        return
+    if not isinstance(value, list):
+        raise ConfigError(f"{path}: a .json file must hold an array of records, a record, or one record per line; "
+                          f"it holds a {type(value).__name__}")
+    for number, record in enumerate(value, 1):
         yield f"{path}: record {number}", record
+
+
+RECORD_KEYS = ("text", "prompt", "completion", "messages")   # the columns a record can use (instructions.py)
+
+
+def _without_nulls(value):
+    """A parquet row's value with the None fields of its structs left out (a message's unused "tool_calls")."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
 
 
 def _parquet(path: str) -> Iterator[Tuple[str, object]]:
@@ -77,9 +98,13 @@ def _parquet(path: str) -> Iterator[Tuple[str, object]]:
         reader = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ...
         raise ConfigError(f"{path}: not a readable parquet file ({e})") from e
+    # only the columns a record can use: a table's other columns (images, ids) are never read
+    columns = [c for c in reader.schema_arrow.names if c in RECORD_KEYS]
+    if not columns:
+        raise ConfigError(f"{path}: no column of {RECORD_KEYS} (the columns are {reader.schema_arrow.names})")
     number = 0
-    for batch in reader.iter_batches(batch_size=1024):   # a row group at a time, not the whole table
+    for batch in reader.iter_batches(batch_size=1024, columns=columns):   # a batch at a time, not the whole table
         for record in batch.to_pylist():
             number += 1
             # a column a row does not use (a table of "text" and "messages" rows) reads as None: not a key of it
-            yield f"{path}: row {number}", {k: v for k, v in record.items() if v is not None}
+            yield f"{path}: row {number}", _without_nulls(record)

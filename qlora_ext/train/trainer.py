@@ -249,6 +249,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         t0 = time.perf_counter()
         files = find_text_files(cfg.data)   # before the model loads: a wrong path fails in a second
+        self.files = [os.path.abspath(f) for f in files]
         dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
         model_dir = resolve_model_dir(cfg.model, self.log)
         self.model, self.tokenizer, self.model_dir, self.loaded_4bit = load_for_run(
@@ -311,7 +312,7 @@ class Trainer:
         os.makedirs(cfg.output_dir, exist_ok=True)
         config = cfg.to_dict()
         state = {"micro_step": 0, "history": [], "evals": [], "train_seconds": 0.0, "tokens": 0,
-                 "dense_eval_loss": self.dense_eval_loss}
+                 "dense_eval_loss": self.dense_eval_loss, "data_fingerprint": self.data.fingerprint()}
         step = 0
         if cfg.resume:
             path = ckpt.latest_checkpoint(cfg.output_dir)
@@ -319,6 +320,11 @@ class Trainer:
                 raise ConfigError(f"--resume: no checkpoint in {cfg.output_dir}/checkpoints")
             state = ckpt.load_checkpoint(path, self.model, self.optimizer)
             step = state.pop("step")
+            began = state.setdefault("data_fingerprint", None)   # (None: a checkpoint from before fingerprints)
+            if began is not None and began != self.data.fingerprint():
+                raise ConfigError(f"--resume: the data ({', '.join(cfg.data) or 'the default text'}) no longer packs "
+                                  "into the blocks the run began with (files edited, added or removed since): a "
+                                  "resumed run would be another run; start a new one in another --output-dir")
             self.log(f"resumed from {path} at step {step}")
         else:
             old = os.path.join(cfg.output_dir, "checkpoints")
@@ -423,6 +429,7 @@ class Trainer:
             "torch": torch.__version__,
             "data": {"files": len(self.data.files), "tokens": self.data.total_tokens,
                      "trained_tokens": self.data.trained_tokens, "packing": self.packing,
+                     "file_paths": self.files, "fingerprint": self.data.fingerprint(),
                      "examples": self.data.examples if self.packing == "bfd" else None,
                      "padding_tokens": self.data.padding_tokens if self.packing == "bfd" else None,
                      "train_blocks": int(self.data.train.shape[0]), "eval_blocks": int(self.data.eval.shape[0]),
