@@ -138,3 +138,39 @@ def test_eval_data_too_short_and_seq_len_one(run, tmp_path):
     assert cli_main(["eval", "--output-dir", out, "--data", str(short), "--seq-len", "1"]) == 2
     with pytest.raises(ConfigError, match="--seq-len must be at least 2"):
         TrainConfig(seq_len=1).validate()
+
+
+def test_eval_data_holds_out_other_files(tiny, tmp_path):  # noqa: F811
+    """--eval-data: every block of --data trains, every block of the eval files is evaluated (and qlora-train eval
+    evaluates them again); records beside text pack alike."""
+    from qlora_ext.train.trainer import Trainer
+    held = _examples_file(tmp_path / "held.jsonl", n=80, seed=9)
+    cfg = _cfg(tiny, tmp_path / "run", eval_data=[held], steps=2, eval_every=2, save_every=2)
+    t = Trainer(cfg, log=lambda s: None)
+    t.setup()
+    from qlora_ext.train.data import blocks_for, find_text_files
+    assert t.packing == "bfd"   # (auto: a record file among the run's files)
+    train_side = blocks_for(find_text_files([tiny[1]]), t.tokenizer, 32, 0, "bfd")
+    eval_side = blocks_for([held], t.tokenizer, 32, 0, "bfd")
+    assert torch.equal(t.data.train, train_side.train) and torch.equal(t.data.eval, eval_side.train)
+    assert torch.equal(t.data.eval_labels, eval_side.train_labels)
+    assert torch.equal(t.data.eval_positions, eval_side.train_positions)
+    report = train(cfg, log=lambda s: None)
+    assert report["data"]["eval_file_paths"] == [held]
+    assert math.isclose(evaluate_run(report["config"]["output_dir"])["loss"], report["eval_after"]["loss"],
+                        rel_tol=1e-6)
+
+
+def test_run_blocks_label_text_beside_records(tiny, tmp_path):  # noqa: F811
+    from transformers import AutoTokenizer
+    from qlora_ext.train.data import find_text_files, run_blocks
+    tok = AutoTokenizer.from_pretrained(tiny[0])
+    held = _examples_file(tmp_path / "held.jsonl", n=80, seed=9)
+    text = find_text_files([tiny[1]])
+    both = run_blocks(text, [held], tok, 32, 4, "wrapped")
+    assert torch.equal(both.train_labels, both.train)   # text: every token labelled, as records' trained ones
+    assert (both.eval_labels == IGNORE).any() and both.train_positions is None
+    assert both.trained_tokens == int((both.train_labels[:, 1:] != IGNORE).sum() +
+                                      (both.eval_labels[:, 1:] != IGNORE).sum())
+    plain = run_blocks(text, text[:1], tok, 32, 4, "wrapped")
+    assert plain.train_labels is None and plain.eval_labels is None

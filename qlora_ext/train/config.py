@@ -51,6 +51,7 @@ class TrainConfig:
     # data
     seq_len: int = 256
     eval_blocks: int = 32               # held-out blocks of seq_len tokens (never trained on)
+    eval_data: List[str] = dataclasses.field(default_factory=list)  # held-out files: all their blocks evaluated
     max_tokens: int = 0                 # use only the first N tokens of the text (0: all of it)
     packing: str = "auto"               # wrapped (a stream cut in blocks) | bfd (whole examples) | auto (bfd: records)
     add_bos: bool = True                # start texts and non-chat examples with the tokenizer's BOS (as tokenizer())
@@ -149,10 +150,12 @@ def add_arguments(p: argparse.ArgumentParser, defaults: Optional[dict] = None) -
         if f.type in ("bool", bool):
             p.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=default,
                            help=f"{h} (default: {default})")
-        elif f.name in ("data", "target_modules"):
-            p.add_argument(_flag(f.name), dest=f.name, nargs="+" if f.name == "data" else None,
-                           default=default, type=str if f.name == "data" else _comma_list,
-                           help=f"{h} (default: {default or 'see above'})" + (
+        elif f.name in ("data", "eval_data", "target_modules"):
+            files = f.name != "target_modules"
+            shown = default or ("--eval-blocks of --data" if f.name == "eval_data" else "see above")
+            p.add_argument(_flag(f.name), dest=f.name, nargs="+" if files else None,
+                           default=default, type=str if files else _comma_list,
+                           help=f"{h} (default: {shown})" + (
                                "; comma-separated" if f.name == "target_modules" else ""))
         else:
             typ = {"int": int, "float": float, "str": str, "Optional[str]": str}[str(f.type).split(".")[-1].strip("'")]

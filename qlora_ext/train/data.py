@@ -272,6 +272,29 @@ def blocks_for(files: Sequence[str], tokenizer, seq_len: int, eval_blocks: int, 
                 packing=resolve_packing(packing, files), pad_id=pad_token_id(tokenizer, vocab_size))
 
 
+def run_blocks(files: Sequence[str], eval_files: Sequence[str], tokenizer, seq_len: int, eval_blocks: int,
+               packing: str, add_bos: bool = True, max_tokens: int = 0, vocab_size: int = 0) -> TokenBlocks:
+    """A run's blocks: without eval_files, blocks_for's (eval_blocks of the files held out); with them (--eval-data),
+    every block of the files to train on (max_tokens of them) and every block of eval_files to evaluate on,
+    packed alike (packing: resolved already, for both)."""
+    if not eval_files:
+        return blocks_for(files, tokenizer, seq_len, eval_blocks, packing, add_bos, max_tokens, vocab_size)
+    train = blocks_for(files, tokenizer, seq_len, 0, packing, add_bos, max_tokens, vocab_size)
+    held = blocks_for(eval_files, tokenizer, seq_len, 0, packing, add_bos, 0, vocab_size)
+    labelled = train.train_labels is not None or held.train_labels is not None
+
+    def labels_of(blocks: TokenBlocks) -> Optional[torch.Tensor]:   # text beside records: every token labelled
+        return blocks.train_labels if blocks.train_labels is not None or not labelled else blocks.train.clone()
+
+    return TokenBlocks(
+        train.train, held.train, list(train.files) + list(held.files), train.total_tokens + held.total_tokens,
+        labels_of(train), labels_of(held),
+        (sum(int((labels_of(b)[:, 1:] != IGNORE).sum()) for b in (train, held)) if labelled else None),
+        train.dropped_blocks + held.dropped_blocks, train.packing, train.train_positions, held.train_positions,
+        train.examples + held.examples, train.split_examples + held.split_examples,
+        train.padding_tokens + held.padding_tokens, train.train_padding)
+
+
 def batch_indices(n_train: int, batch_size: int, seed: int, micro_step: int) -> torch.Tensor:
     """The train block indices (int64 [batch_size]) of micro-batch number micro_step (0-based): blocks are
     visited in a fresh random order each epoch, seeded by (seed, epoch). A pure function of its arguments,

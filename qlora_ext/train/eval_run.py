@@ -96,31 +96,31 @@ def evaluate_run(output_dir: str, data=None, seq_len=None, packing=None, max_tok
 def _held_out(run, output_dir: str, seq_len: int, packing):
     """(blocks, labels, positions, packing) of the run's held-out blocks, from the files and packing its report
     records (older reports: its config's), checked against the report's fingerprint of its blocks."""
-    from .data import blocks_for, find_text_files, resolve_packing
+    from .data import find_text_files, resolve_packing, run_blocks
     from .loss import vocab_size
 
     cfg = run.cfg
     with open(os.path.join(output_dir, "report.json")) as f:
         recorded = json.load(f).get("data", {})
-    files = recorded.get("file_paths")
-    if files is None:   # a report from before file_paths: the config's --data, relative to where the run ran
-        try:
-            files = find_text_files(cfg.data)
-        except ConfigError as e:
-            raise ConfigError(f"{e} (the run's --data, as it was given where the run ran: evaluate from there, or "
-                              "give --data)") from e
-    run_packing = recorded.get("packing") or resolve_packing(cfg.packing, files)
+    files, eval_files = recorded.get("file_paths"), recorded.get("eval_file_paths")
+    try:   # a report from before file_paths: the config's --data, relative to where the run ran
+        files = find_text_files(cfg.data) if files is None else files
+        eval_files = (find_text_files(cfg.eval_data) if cfg.eval_data else []) if eval_files is None else eval_files
+    except ConfigError as e:
+        raise ConfigError(f"{e} (the run's --data, as it was given where the run ran: evaluate from there, or "
+                          "give --data)") from e
+    run_packing = recorded.get("packing") or resolve_packing(cfg.packing, list(files) + list(eval_files))
     if seq_len != cfg.seq_len or (packing is not None and packing != run_packing):
         raise ConfigError(f"the run's held-out blocks are those of its --seq-len {cfg.seq_len} and --packing "
                           f"{run_packing}: give --data to evaluate other blocks")
-    missing = [f for f in files if not os.path.isfile(f)]
+    missing = [f for f in list(files) + list(eval_files) if not os.path.isfile(f)]
     if missing:
-        raise ConfigError(f"the run's data file {missing[0]} is gone ({len(missing)} of {len(files)} missing): give "
-                          "--data to evaluate other text")
-    held_out = blocks_for(files, run.tokenizer, cfg.seq_len, cfg.eval_blocks, run_packing, cfg.add_bos,
-                          cfg.max_tokens, vocab_size(run.model))
-    if recorded.get("fingerprint") not in (None, held_out.fingerprint()):
+        raise ConfigError(f"the run's data file {missing[0]} is gone ({len(missing)} missing): give --data to "
+                          "evaluate other text")
+    blocks = run_blocks(files, eval_files, run.tokenizer, cfg.seq_len, cfg.eval_blocks, run_packing, cfg.add_bos,
+                        cfg.max_tokens, vocab_size(run.model))
+    if recorded.get("fingerprint") not in (None, blocks.fingerprint()):
         raise ConfigError("the run's data no longer packs into the blocks it trained and evaluated on (files "
                           "edited since): its held-out blocks cannot be rebuilt; give --data to evaluate the text as "
                           "it is now")
-    return held_out.eval, held_out.eval_labels, held_out.eval_positions, held_out.packing
+    return blocks.eval, blocks.eval_labels, blocks.eval_positions, blocks.packing

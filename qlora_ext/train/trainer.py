@@ -27,7 +27,7 @@ from ..peft_io import load_peft_adapter, save_peft_adapter
 from ..save_4bit import checkpoint_source, checkpoint_spec
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig
-from .data import IGNORE, TokenBlocks, batch_indices, blocks_for, find_text_files, resolve_packing
+from .data import IGNORE, TokenBlocks, batch_indices, find_text_files, resolve_packing, run_blocks
 from .loss import causal_lm_loss, packed_attention_problem, vocab_size
 from .model import load_model_and_tokenizer, max_positions, resolve_model_dir
 
@@ -249,7 +249,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         t0 = time.perf_counter()
         files = find_text_files(cfg.data)   # before the model loads: a wrong path fails in a second
+        eval_files = find_text_files(cfg.eval_data) if cfg.eval_data else []
         self.files = [os.path.abspath(f) for f in files]
+        self.eval_files = [os.path.abspath(f) for f in eval_files]
         dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
         model_dir = resolve_model_dir(cfg.model, self.log)
         self.model, self.tokenizer, self.model_dir, self.loaded_4bit = load_for_run(
@@ -264,9 +266,9 @@ class Trainer:
         if limit and cfg.seq_len > limit:
             raise ConfigError(f"--seq-len {cfg.seq_len} is longer than the model allows "
                               f"(max_position_embeddings = {limit})")
-        self.packing = packing_for(cfg.packing, files, self.model, dev, self.log)
-        self.data: TokenBlocks = blocks_for(files, self.tokenizer, cfg.seq_len, cfg.eval_blocks, self.packing,
-                                            cfg.add_bos, cfg.max_tokens, vocab_size(self.model))
+        self.packing = packing_for(cfg.packing, files + eval_files, self.model, dev, self.log)
+        self.data: TokenBlocks = run_blocks(files, eval_files, self.tokenizer, cfg.seq_len, cfg.eval_blocks,
+                                            self.packing, cfg.add_bos, cfg.max_tokens, vocab_size(self.model))
         self.log(f"data: {self.data.describe()}")
         if self.data.train.shape[0] < cfg.batch_size:
             self.log(f"note: only {self.data.train.shape[0]} training blocks for --batch-size {cfg.batch_size}: "
@@ -429,7 +431,8 @@ class Trainer:
             "torch": torch.__version__,
             "data": {"files": len(self.data.files), "tokens": self.data.total_tokens,
                      "trained_tokens": self.data.trained_tokens, "packing": self.packing,
-                     "file_paths": self.files, "fingerprint": self.data.fingerprint(),
+                     "file_paths": self.files, "eval_file_paths": self.eval_files,
+                     "fingerprint": self.data.fingerprint(),
                      "examples": self.data.examples if self.packing == "bfd" else None,
                      "padding_tokens": self.data.padding_tokens if self.packing == "bfd" else None,
                      "train_blocks": int(self.data.train.shape[0]), "eval_blocks": int(self.data.eval.shape[0]),
