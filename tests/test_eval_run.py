@@ -142,19 +142,18 @@ def test_eval_data_too_short_and_seq_len_one(run, tmp_path):
 
 def test_eval_data_holds_out_other_files(tiny, tmp_path):  # noqa: F811
     """--eval-data: every block of --data trains, every block of the eval files is evaluated (and qlora-train eval
-    evaluates them again); records beside text pack alike."""
+    evaluates them again), packed as the train files are."""
     from qlora_ext.train.trainer import Trainer
     held = _examples_file(tmp_path / "held.jsonl", n=80, seed=9)
     cfg = _cfg(tiny, tmp_path / "run", eval_data=[held], steps=2, eval_every=2, save_every=2)
     t = Trainer(cfg, log=lambda s: None)
     t.setup()
     from qlora_ext.train.data import blocks_for, find_text_files
-    assert t.packing == "bfd"   # (auto: a record file among the run's files)
-    train_side = blocks_for(find_text_files([tiny[1]]), t.tokenizer, 32, 0, "bfd")
-    eval_side = blocks_for([held], t.tokenizer, 32, 0, "bfd")
+    assert t.packing == "wrapped"   # (auto: the train files', plain text)
+    train_side = blocks_for(find_text_files([tiny[1]]), t.tokenizer, 32, 0, "wrapped")
+    eval_side = blocks_for([held], t.tokenizer, 32, 0, "wrapped")
     assert torch.equal(t.data.train, train_side.train) and torch.equal(t.data.eval, eval_side.train)
-    assert torch.equal(t.data.eval_labels, eval_side.train_labels)
-    assert torch.equal(t.data.eval_positions, eval_side.train_positions)
+    assert torch.equal(t.data.eval_labels, eval_side.train_labels) and t.data.eval_positions is None
     report = train(cfg, log=lambda s: None)
     assert report["data"]["eval_file_paths"] == [held]
     assert math.isclose(evaluate_run(report["config"]["output_dir"])["loss"], report["eval_after"]["loss"],
@@ -174,3 +173,29 @@ def test_run_blocks_label_text_beside_records(tiny, tmp_path):  # noqa: F811
                                       (both.eval_labels[:, 1:] != IGNORE).sum())
     plain = run_blocks(text, text[:1], tok, 32, 4, "wrapped")
     assert plain.train_labels is None and plain.eval_labels is None
+
+
+def test_eval_data_overlapping_data_is_refused(tiny, tmp_path):  # noqa: F811
+    from qlora_ext.train.trainer import Trainer
+    cfg = _cfg(tiny, tmp_path / "run", eval_data=[tiny[1] + "/a.txt"])
+    with pytest.raises(ConfigError, match="--eval-data would evaluate on text the run trains on: .*a.txt"):
+        Trainer(cfg, log=lambda s: None).setup()
+    with pytest.raises(ConfigError, match="--eval-data path .* does not exist"):
+        Trainer(_cfg(tiny, tmp_path / "run", eval_data=[str(tmp_path / "nope")]), log=lambda s: None).setup()
+
+
+def test_resume_keeps_the_packing_the_run_began_with(tiny, tmp_path, monkeypatch):  # noqa: F811
+    """The probe is not asked again on --resume (on another device it might answer otherwise)."""
+    from safetensors.torch import load_file
+    from qlora_ext.train import trainer as trainer_module
+    data = _examples_file(tmp_path / "d.jsonl", n=300)
+    out = tmp_path / "run"
+    train(_cfg(tiny, out, data=[data], steps=4, eval_every=2, save_every=2), log=lambda s: None)
+    final = load_file(str(out / "adapter.safetensors"))
+    shutil.rmtree(out / "checkpoints" / "step-000004")
+    (out / "checkpoints" / "latest").write_text("step-000002\n")
+    monkeypatch.setattr(trainer_module, "packed_attention_problem", lambda *a: "refused")
+    assert cli_main(["--output-dir", str(out), "--resume", "--no-progress"]) == 0
+    resumed = load_file(str(out / "adapter.safetensors"))
+    assert all(torch.equal(resumed[k], final[k]) for k in final)
+    assert evaluate_run(str(out), packing="auto")["packing"] == "bfd"

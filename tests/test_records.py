@@ -72,6 +72,10 @@ def test_bad_files_give_errors_naming_them(tmp_path, monkeypatch):
     pretty = tmp_path / "pretty.json"   # one record, laid out over lines: one record, not JSON Lines
     pretty.write_text(json.dumps(RECORDS[0], indent=2))
     assert list(read_records(str(pretty))) == [(f"{pretty}: record 1", RECORDS[0])]
+    empty = tmp_path / "empty.json"
+    empty.write_text("\n")
+    with pytest.raises(ConfigError, match="empty.json is empty"):
+        list(read_records(str(empty)))
     spaced = tmp_path / "spaced.json"   # however much space comes before the array
     spaced.write_text(" " * 10000 + json.dumps(RECORDS))
     assert [r for _, r in read_records(str(spaced))] == RECORDS

@@ -118,6 +118,13 @@ def latest_checkpoint(output_dir: str) -> Optional[str]:
     return path if os.path.exists(os.path.join(path, STATE_FILE)) else None
 
 
+def saved_trainer_value(path: str, key: str):
+    """One value of a checkpoint folder's trainer state (None if it has none), without touching a model."""
+    # mmap: the optimizer state in the same file is not read
+    state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=True, mmap=True)
+    return state.get(key)
+
+
 def load_checkpoint(path: str, model, optimizer) -> dict:
     """Restores adapters, optimizer state and RNG states from a checkpoint folder; returns the trainer state
     (step, micro_step, history, ...)."""

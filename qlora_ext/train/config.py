@@ -51,7 +51,7 @@ class TrainConfig:
     # data
     seq_len: int = 256
     eval_blocks: int = 32               # held-out blocks of seq_len tokens (never trained on)
-    eval_data: List[str] = dataclasses.field(default_factory=list)  # held-out files: all their blocks evaluated
+    eval_data: List[str] = dataclasses.field(default_factory=list)  # held-out files, all blocks (not --eval-blocks)
     max_tokens: int = 0                 # use only the first N tokens of the text (0: all of it)
     packing: str = "auto"               # wrapped (a stream cut in blocks) | bfd (whole examples) | auto (bfd: records)
     add_bos: bool = True                # start texts and non-chat examples with the tokenizer's BOS (as tokenizer())

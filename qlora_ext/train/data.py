@@ -43,7 +43,7 @@ def default_text_files() -> List[str]:
     return files
 
 
-def find_text_files(paths: Sequence[str]) -> List[str]:
+def find_text_files(paths: Sequence[str], flag: str = "--data") -> List[str]:
     """Files as given, folders searched recursively for *.txt, *.jsonl and *.parquet (sorted; a .json file of
     records is named on its own: folders hold other .json files); no paths: the default text."""
     if not paths:
@@ -56,10 +56,10 @@ def find_text_files(paths: Sequence[str]) -> List[str]:
             found = sorted(f for f in glob.glob(os.path.join(p, "**", "*"), recursive=True)
                            if os.path.isfile(f) and f.lower().endswith((".txt",) + FOLDER_RECORD_SUFFIXES))
             if not found:
-                raise ConfigError(f"--data folder {p!r} has no .txt, .jsonl or .parquet files")
+                raise ConfigError(f"{flag} folder {p!r} has no .txt, .jsonl or .parquet files")
             files += found
         else:
-            raise ConfigError(f"--data path {p!r} does not exist")
+            raise ConfigError(f"{flag} path {p!r} does not exist")
     return files
 
 
@@ -98,7 +98,11 @@ class TokenBlocks:
         h = hashlib.sha256()
         for t in (self.train, self.eval, self.train_labels, self.eval_labels, self.train_positions,
                   self.eval_positions):
-            h.update(b"-" if t is None else str(tuple(t.shape)).encode() + t.contiguous().numpy().tobytes())
+            if t is None:
+                h.update(b"-")
+            else:   # (the tensor's bytes as they are: no copy of a large data set)
+                h.update(str(tuple(t.shape)).encode())
+                h.update(memoryview(t.contiguous().numpy()).cast("B"))
         return h.hexdigest()[:16]
 
     def describe(self) -> str:
@@ -275,12 +279,15 @@ def blocks_for(files: Sequence[str], tokenizer, seq_len: int, eval_blocks: int, 
 def run_blocks(files: Sequence[str], eval_files: Sequence[str], tokenizer, seq_len: int, eval_blocks: int,
                packing: str, add_bos: bool = True, max_tokens: int = 0, vocab_size: int = 0) -> TokenBlocks:
     """A run's blocks: without eval_files, blocks_for's (eval_blocks of the files held out); with them (--eval-data),
-    every block of the files to train on (max_tokens of them) and every block of eval_files to evaluate on,
-    packed alike (packing: resolved already, for both)."""
+    every block of the files to train on (max_tokens of them) and every block of eval_files to evaluate on
+    (eval_blocks and max_tokens do not apply), packed alike (packing: resolved already, from the train files)."""
     if not eval_files:
         return blocks_for(files, tokenizer, seq_len, eval_blocks, packing, add_bos, max_tokens, vocab_size)
     train = blocks_for(files, tokenizer, seq_len, 0, packing, add_bos, max_tokens, vocab_size)
-    held = blocks_for(eval_files, tokenizer, seq_len, 0, packing, add_bos, 0, vocab_size)
+    try:
+        held = blocks_for(eval_files, tokenizer, seq_len, 0, packing, add_bos, 0, vocab_size)
+    except ConfigError as e:
+        raise ConfigError(f"--eval-data: {e}") from e
     labelled = train.train_labels is not None or held.train_labels is not None
 
     def labels_of(blocks: TokenBlocks) -> Optional[torch.Tensor]:   # text beside records: every token labelled

@@ -105,12 +105,13 @@ def _held_out(run, output_dir: str, seq_len: int, packing):
     files, eval_files = recorded.get("file_paths"), recorded.get("eval_file_paths")
     try:   # a report from before file_paths: the config's --data, relative to where the run ran
         files = find_text_files(cfg.data) if files is None else files
-        eval_files = (find_text_files(cfg.eval_data) if cfg.eval_data else []) if eval_files is None else eval_files
+        if eval_files is None:
+            eval_files = find_text_files(cfg.eval_data, "--eval-data") if cfg.eval_data else []
     except ConfigError as e:
         raise ConfigError(f"{e} (the run's --data, as it was given where the run ran: evaluate from there, or "
                           "give --data)") from e
     run_packing = recorded.get("packing") or resolve_packing(cfg.packing, list(files) + list(eval_files))
-    if seq_len != cfg.seq_len or (packing is not None and packing != run_packing):
+    if seq_len != cfg.seq_len or packing not in (None, "auto", run_packing):
         raise ConfigError(f"the run's held-out blocks are those of its --seq-len {cfg.seq_len} and --packing "
                           f"{run_packing}: give --data to evaluate other blocks")
     missing = [f for f in list(files) + list(eval_files) if not os.path.isfile(f)]

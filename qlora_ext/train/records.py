@@ -55,17 +55,29 @@ def _json_lines(path: str) -> Iterator[Tuple[str, object]]:
 
 
 def _json(path: str) -> Iterator[Tuple[str, object]]:
-    """A .json file: one JSON value (an array of records, or a single record, however it is laid out), else
-    JSON Lines (the first value is followed by more: "Extra data")."""
+    """A .json file: JSON Lines when its first line is a JSON value of its own and more follows (streamed, as
+    a .jsonl is: datasets' to_json writes these, gigabytes of them), else one JSON value: an array of records
+    or a single record, however it is laid out."""
+    with open(path, "rb") as f:
+        first = f.readline()
+        more = bool(f.read(4096).strip())
+    try:
+        json.loads(first.decode("utf-8-sig"))
+        lines = more
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        lines = False
+    if lines:
+        yield from _json_lines(path)
+        return
     try:
         with open(path, encoding="utf-8-sig") as f:
-            value = json.load(f)
+            text = f.read()
+        if not text.strip():
+            raise ConfigError(f"{path} is empty")
+        value = json.loads(text)
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from e
     except json.JSONDecodeError as e:
-        if e.msg == "Extra data":
-            yield from _json_lines(path)
-            return
         raise ConfigError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
     if isinstance(value, dict):
         yield f"{path}: record 1", value

@@ -249,9 +249,13 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         t0 = time.perf_counter()
         files = find_text_files(cfg.data)   # before the model loads: a wrong path fails in a second
-        eval_files = find_text_files(cfg.eval_data) if cfg.eval_data else []
+        eval_files = find_text_files(cfg.eval_data, "--eval-data") if cfg.eval_data else []
         self.files = [os.path.abspath(f) for f in files]
         self.eval_files = [os.path.abspath(f) for f in eval_files]
+        both = sorted({os.path.realpath(f) for f in files} & {os.path.realpath(f) for f in eval_files})
+        if both:
+            raise ConfigError(f"--eval-data would evaluate on text the run trains on: {both[0]}"
+                              f"{f' and {len(both) - 1} more' if len(both) > 1 else ''} are in --data too")
         dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
         model_dir = resolve_model_dir(cfg.model, self.log)
         self.model, self.tokenizer, self.model_dir, self.loaded_4bit = load_for_run(
@@ -266,7 +270,8 @@ class Trainer:
         if limit and cfg.seq_len > limit:
             raise ConfigError(f"--seq-len {cfg.seq_len} is longer than the model allows "
                               f"(max_position_embeddings = {limit})")
-        self.packing = packing_for(cfg.packing, files + eval_files, self.model, dev, self.log)
+        self.packing = packing_for(cfg.packing, files, self.model, dev, self.log) if not cfg.resume else (
+            self.resumed_packing(files))
         self.data: TokenBlocks = run_blocks(files, eval_files, self.tokenizer, cfg.seq_len, cfg.eval_blocks,
                                             self.packing, cfg.add_bos, cfg.max_tokens, vocab_size(self.model))
         self.log(f"data: {self.data.describe()}")
@@ -302,6 +307,13 @@ class Trainer:
         self.optimizer = make_optimizer(cfg.optimizer, self.params, cfg.lr, cfg.weight_decay)
         self.setup_seconds = time.perf_counter() - t0
 
+    def resumed_packing(self, files) -> str:
+        """The packing a resumed run began with (its checkpoint says; the probe is not asked again: on another
+        device or load path it might answer otherwise), else as a new run resolves it."""
+        path = ckpt.latest_checkpoint(self.cfg.output_dir)
+        saved = ckpt.saved_trainer_value(path, "packing") if path else None
+        return saved or packing_for(self.cfg.packing, files, self.model, self.device, self.log)
+
     def evaluate(self) -> float:
         """The eval loss of the model now on the held-out blocks."""
         return evaluate(self.model, self.data.eval, self.cfg.batch_size, self.device, self.data.eval_labels,
@@ -314,7 +326,8 @@ class Trainer:
         os.makedirs(cfg.output_dir, exist_ok=True)
         config = cfg.to_dict()
         state = {"micro_step": 0, "history": [], "evals": [], "train_seconds": 0.0, "tokens": 0,
-                 "dense_eval_loss": self.dense_eval_loss, "data_fingerprint": self.data.fingerprint()}
+                 "dense_eval_loss": self.dense_eval_loss, "data_fingerprint": self.data.fingerprint(),
+                 "packing": self.packing}
         step = 0
         if cfg.resume:
             path = ckpt.latest_checkpoint(cfg.output_dir)
@@ -322,11 +335,13 @@ class Trainer:
                 raise ConfigError(f"--resume: no checkpoint in {cfg.output_dir}/checkpoints")
             state = ckpt.load_checkpoint(path, self.model, self.optimizer)
             step = state.pop("step")
-            began = state.setdefault("data_fingerprint", None)   # (None: a checkpoint from before fingerprints)
+            began = state.get("data_fingerprint")   # (None: a checkpoint from before fingerprints: adopt today's)
             if began is not None and began != self.data.fingerprint():
-                raise ConfigError(f"--resume: the data ({', '.join(cfg.data) or 'the default text'}) no longer packs "
-                                  "into the blocks the run began with (files edited, added or removed since): a "
-                                  "resumed run would be another run; start a new one in another --output-dir")
+                data = ", ".join(cfg.data + cfg.eval_data) or "the default text"
+                raise ConfigError(f"--resume: the data ({data}) no longer packs into the blocks the run began with "
+                                  "(files edited, added or removed since, or another tokenizers or torch version): "
+                                  "a resumed run would be another run; start a new one in another --output-dir")
+            state["data_fingerprint"] = self.data.fingerprint()
             self.log(f"resumed from {path} at step {step}")
         else:
             old = os.path.join(cfg.output_dir, "checkpoints")
