@@ -3,7 +3,6 @@ computed again equals the report's last eval, the base alone its first (the adap
 file's loss is the mean of its examples' losses computed one by one, and bad flags give clear errors."""
 import json
 import math
-import shutil
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from qlora_ext.train.cli import main as cli_main  # noqa: E402
 from qlora_ext.train.data import IGNORE  # noqa: E402
 from qlora_ext.train.eval_run import evaluate_run  # noqa: E402
 from tests.test_packing import _examples_file  # noqa: E402
-from tests.test_train import _cfg, tiny  # noqa: F401  (the tiny llama and its BPE tokenizer, a fixture)
+from tests.test_train import _cfg, resume_adapters, rewind, tiny  # noqa: F401  (tiny: a fixture)
 
 
 @pytest.fixture(scope="module")
@@ -122,8 +121,7 @@ def test_resume_refuses_data_edited_since_the_run_began(tiny, tmp_path):  # noqa
     data.write_text(open(tiny[1] + "/a.txt").read())
     out = tmp_path / "run"
     train(_cfg(tiny, out, data=[str(data)], steps=4, eval_every=2, save_every=2), log=lambda s: None)
-    shutil.rmtree(out / "checkpoints" / "step-000004")
-    (out / "checkpoints" / "latest").write_text("step-000002\n")
+    rewind(out, 2)
     data.write_text(data.read_text() + "The ghost speaks of murder.\n" * 50)
     with pytest.raises(ConfigError, match="no longer packs into the blocks the run began with"):
         train(TrainConfig.from_dict({**json.load(open(out / "config.json")), "resume": True}), log=lambda s: None)
@@ -192,10 +190,8 @@ def test_resume_keeps_the_packing_the_run_began_with(tiny, tmp_path, monkeypatch
     out = tmp_path / "run"
     train(_cfg(tiny, out, data=[data], steps=4, eval_every=2, save_every=2), log=lambda s: None)
     final = load_file(str(out / "adapter.safetensors"))
-    shutil.rmtree(out / "checkpoints" / "step-000004")
-    (out / "checkpoints" / "latest").write_text("step-000002\n")
+    rewind(out, 2)
     monkeypatch.setattr(trainer_module, "packed_attention_problem", lambda *a: "refused")
-    assert cli_main(["--output-dir", str(out), "--resume", "--no-progress"]) == 0
-    resumed = load_file(str(out / "adapter.safetensors"))
+    resumed = resume_adapters(out)
     assert all(torch.equal(resumed[k], final[k]) for k in final)
     assert evaluate_run(str(out), packing="auto")["packing"] == "bfd"

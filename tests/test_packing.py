@@ -5,7 +5,6 @@ prefix (--add-bos), and runs saved before these flags resuming as they began."""
 import json
 import math
 import random
-import shutil
 
 import pytest
 import torch
@@ -13,12 +12,11 @@ import torch
 pytest.importorskip("transformers")
 
 from qlora_ext.train import ConfigError, TrainConfig, train  # noqa: E402
-from qlora_ext.train.cli import main as cli_main  # noqa: E402
 from qlora_ext.train.data import IGNORE, pack, resolve_packing, tokenize_data  # noqa: E402
 from qlora_ext.train.instructions import special_prefix, tokenize_record  # noqa: E402
 from qlora_ext.train.loss import packed_attention_problem  # noqa: E402
 from qlora_ext.train.packing import best_fit_decreasing, pack_examples  # noqa: E402
-from tests.test_train import _cfg, tiny  # noqa: F401  (the tiny llama and its BPE tokenizer, a fixture)
+from tests.test_train import _cfg, resume_adapters, rewind, tiny  # noqa: F401  (tiny: a fixture)
 
 
 def _reference_bfd_loads(lengths, capacity):
@@ -237,10 +235,8 @@ def test_a_bfd_run_trains_and_resumes_bit_exactly(tiny, tmp_path):
     assert straight["eval_after"]["loss"] < straight["eval_before"]["loss"]
     assert "400 examples packed best fit (bfd)" in (out / "report.md").read_text()
     final = load_file(str(out / "adapter.safetensors"))
-    shutil.rmtree(out / "checkpoints" / "step-000006")
-    (out / "checkpoints" / "latest").write_text("step-000003\n")
-    assert cli_main(["--output-dir", str(out), "--resume", "--no-progress"]) == 0
-    resumed = load_file(str(out / "adapter.safetensors"))
+    rewind(out, 3)
+    resumed = resume_adapters(out)
     assert all(torch.equal(resumed[k], final[k]) for k in final)
     with open(out / "report.json") as f:
         assert json.load(f)["evals"] == straight["evals"]
@@ -263,9 +259,8 @@ def test_a_run_saved_before_packing_and_add_bos_resumes_as_it_began(tiny, tmp_pa
     assert TrainConfig().packing == "auto" and TrainConfig().add_bos is True   # new runs
     with open(out / "report.json") as f:
         before = json.load(f)
-    shutil.rmtree(out / "checkpoints" / "step-000004")
-    (out / "checkpoints" / "latest").write_text("step-000002\n")
-    assert cli_main(["--output-dir", str(out), "--resume", "--no-progress"]) == 0
+    rewind(out, 2)
+    resume_adapters(out)
     with open(out / "report.json") as f:
         after = json.load(f)
     assert after["data"]["packing"] == "wrapped" and after["evals"] == before["evals"]

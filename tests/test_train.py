@@ -70,6 +70,21 @@ def _cfg(tiny, out, **kw):
     return TrainConfig(**base)
 
 
+def rewind(out, step: int) -> None:
+    """Pretends the run in `out` stopped after `step`: its later checkpoints gone, `latest` pointing at step."""
+    for folder in (out / "checkpoints").glob("step-*"):
+        if int(folder.name.split("-")[1]) > step:
+            shutil.rmtree(folder)
+    (out / "checkpoints" / "latest").write_text(f"step-{step:06d}\n")
+
+
+def resume_adapters(out) -> dict:
+    """Resumes the run in `out` from the command line; returns its final adapters."""
+    from safetensors.torch import load_file
+    assert cli_main(["--output-dir", str(out), "--resume", "--no-progress"]) == 0
+    return load_file(str(out / "adapter.safetensors"))
+
+
 def test_train_end_to_end_loss_falls_and_report_parses(tiny, tmp_path):
     r = train(_cfg(tiny, tmp_path / "run"), log=lambda s: None, sample_prompt="The king")  # the demo's sample
     assert isinstance(r["sample"], str) and len(r["sample"]) > len("The king")
@@ -327,10 +342,8 @@ def test_trains_a_prequantized_bitsandbytes_model(tiny, tmp_path):
     from safetensors.torch import load_file
     out = tmp_path / "run"
     final = load_file(str(out / "adapter.safetensors"))
-    shutil.rmtree(out / "checkpoints" / "step-000008")
-    (out / "checkpoints" / "latest").write_text("step-000004\n")
-    assert cli_main(["--output-dir", str(out), "--resume", "--no-progress"]) == 0
-    resumed = load_file(str(out / "adapter.safetensors"))
+    rewind(out, 4)
+    resumed = resume_adapters(out)
     assert resumed.keys() == final.keys() and all(torch.equal(resumed[k], final[k]) for k in final)
     # merged, it is a dense model: no quantization config left for transformers to apply
     assert cli_main(["merge", "--output-dir", str(out), "--to", str(tmp_path / "merged")]) == 0
@@ -360,11 +373,9 @@ def test_resume_is_bit_exact(tiny, tmp_path, optimizer, init, monkeypatch):
     from safetensors.torch import load_file
     final = load_file(str(out / "adapter.safetensors"))
     # Pretend the run stopped after step 3: drop the later checkpoint, then resume from the command line.
-    shutil.rmtree(out / "checkpoints" / "step-000006")
-    (out / "checkpoints" / "latest").write_text("step-000003\n")
+    rewind(out, 3)
     os.remove(out / "adapter.safetensors")
-    assert cli_main(["--output-dir", str(out), "--resume", "--no-progress"]) == 0
-    resumed_adapters = load_file(str(out / "adapter.safetensors"))
+    resumed_adapters = resume_adapters(out)
     assert resumed_adapters.keys() == final.keys()
     assert all(torch.equal(resumed_adapters[k], final[k]) for k in final)
     with open(out / "report.json") as f:
@@ -516,8 +527,6 @@ def _train_resume_on_cuda(tiny, out, optimizer, linear_backend):
     assert r["memory"]["cuda_max_allocated"] > 0 and r["memory"]["peak"] >= r["memory"]["cuda_max_allocated"]
     from safetensors.torch import load_file
     final = load_file(str(out / "adapter.safetensors"))
-    shutil.rmtree(out / "checkpoints" / "step-000006")
-    (out / "checkpoints" / "latest").write_text("step-000003\n")
-    assert cli_main(["--output-dir", str(out), "--resume", "--no-progress"]) == 0
-    resumed = load_file(str(out / "adapter.safetensors"))
+    rewind(out, 3)
+    resumed = resume_adapters(out)
     assert all(torch.equal(resumed[k], final[k]) for k in final)
