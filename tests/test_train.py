@@ -530,3 +530,23 @@ def _train_resume_on_cuda(tiny, out, optimizer, linear_backend):
     rewind(out, 3)
     resumed = resume_adapters(out)
     assert all(torch.equal(resumed[k], final[k]) for k in final)
+
+
+def test_epochs_set_the_steps(tiny, tmp_path, capsys):
+    import math as _math
+    from safetensors.torch import load_file
+    out = tmp_path / "run"
+    r = train(_cfg(tiny, out, epochs=1.5, eval_every=100, save_every=3), log=lambda s: None)
+    per_step = 4   # batch 4 x accum 1
+    assert r["steps"] == _math.ceil(1.5 * r["data"]["train_blocks"] / per_step) == len(r["history"])
+    assert r["config"]["steps"] == r["steps"] and r["config"]["epochs"] == 1.5
+    with open(out / "config.json") as f:
+        assert json.load(f)["steps"] == r["steps"]   # (a resumed run computes the same)
+    final = load_file(str(out / "adapter.safetensors"))
+    rewind(out, 3)
+    resumed = resume_adapters(out)
+    assert all(torch.equal(resumed[k], final[k]) for k in final)
+    assert cli_main(["--output-dir", str(tmp_path / "x"), "--steps", "5", "--epochs", "1"]) == 2
+    assert "give --steps or --epochs, not both" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="--epochs must be >= 0"):
+        TrainConfig(epochs=-1).validate()

@@ -42,8 +42,11 @@ def run_train(argv, demo: bool) -> int:
     desc = ("The demo: LoRA on an NF4+DQ base of the embedded SmolLM2-135M-Instruct, on Shakespeare; "
             "under 10 minutes on a 2-core CPU. Every training flag can be changed." if demo else None)
     args = _train_parser(prog, defaults, desc).parse_args(argv)
+    given = _explicit_flags(_train_parser(prog, defaults), argv)
+    if "steps" in given and given.get("epochs"):
+        raise ConfigError("give --steps or --epochs, not both (--epochs sets the steps)")
     if args.resume:
-        cfg = resume_config(args.output_dir, _explicit_flags(_train_parser(prog, defaults), argv))
+        cfg = resume_config(args.output_dir, given)
     else:
         cfg = config_from_args(args)
     from .trainer import train

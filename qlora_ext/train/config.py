@@ -59,6 +59,7 @@ class TrainConfig:
     batch_size: int = 4
     grad_accum: int = 1
     steps: int = 200                    # optimizer steps
+    epochs: float = 0.0                 # passes over the train blocks; sets --steps (0: --steps says)
     lr: float = 2e-4
     warmup_steps: int = 10
     schedule: str = "cosine"            # cosine (to 0 at the last step) | constant, after linear warmup
@@ -106,7 +107,7 @@ class TrainConfig:
             need(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         need(self.seq_len >= 2, f"--seq-len must be at least 2 (a block's first token predicts the second), got "
                                 f"{self.seq_len}")
-        for name in ("warmup_steps", "max_tokens", "weight_decay", "max_grad_norm"):
+        for name in ("warmup_steps", "max_tokens", "weight_decay", "max_grad_norm", "epochs"):
             need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         need(self.lr > 0, f"--lr must be positive, got {self.lr}")
         need(0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import importlib
 import math
 import os
@@ -275,6 +276,12 @@ class Trainer:
         self.data: TokenBlocks = run_blocks(files, eval_files, self.tokenizer, cfg.seq_len, cfg.eval_blocks,
                                             self.packing, cfg.add_bos, cfg.max_tokens, vocab_size(self.model))
         self.log(f"data: {self.data.describe()}")
+        if cfg.epochs:
+            per_step = cfg.batch_size * cfg.grad_accum
+            steps = max(1, math.ceil(cfg.epochs * self.data.train.shape[0] / per_step))
+            self.cfg = cfg = dataclasses.replace(cfg, steps=steps)
+            self.log(f"--epochs {cfg.epochs:g}: {steps} steps of {per_step} blocks over "
+                     f"{self.data.train.shape[0]} train blocks")
         if self.data.train.shape[0] < cfg.batch_size:
             self.log(f"note: only {self.data.train.shape[0]} training blocks for --batch-size {cfg.batch_size}: "
                      "blocks repeat within a batch")
@@ -321,8 +328,8 @@ class Trainer:
 
     # -- loop ----------------------------------------------------------------------------------------
     def run(self) -> dict:
-        cfg, dev = self.cfg, self.device
         self.setup()
+        cfg, dev = self.cfg, self.device   # (after setup: --epochs sets the steps)
         os.makedirs(cfg.output_dir, exist_ok=True)
         config = cfg.to_dict()
         state = {"micro_step": 0, "history": [], "evals": [], "train_seconds": 0.0, "tokens": 0,
