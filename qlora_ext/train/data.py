@@ -24,7 +24,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from .config import ConfigError
-from .instructions import frame, leading, special_prefix, tokenize_record_file
+from .instructions import frame, special_prefix, text_trained, tokenize_record_file
 from .records import FOLDER_RECORD_SUFFIXES, is_record_file
 from .packing import IGNORE, pack_examples
 
@@ -135,7 +135,7 @@ def tokenize_data(files: Sequence[str], tokenizer, max_tokens: int = 0, add_bos:
             if is_record_file(f):
                 found = tokenize_record_file(f, tokenizer, prefix)
             else:
-                found = [(doc, [False] * leading(doc, prefix) + [True] * (len(doc) - leading(doc, prefix)))
+                found = [(doc, text_trained(doc, prefix))
                          for doc in text_documents([f], tokenizer, prefix, allow_empty=True)]
             examples += found
             n += sum(len(ids) for ids, _ in found)

@@ -130,9 +130,11 @@ def frame(ids: Sequence[int], prefix: Optional[Sequence[int]], end: Sequence[int
     return ([] if has_prefix else prefix), ([] if has_end else end)
 
 
-def leading(ids: Sequence[int], prefix: Optional[Sequence[int]]) -> int:
-    """How many of the first ids are the prefix (added or the text's own): context, not trained on."""
-    return len(prefix) if prefix and list(ids[:len(prefix)]) == list(prefix) else 0
+def text_trained(ids: Sequence[int], prefix: Optional[Sequence[int]]) -> List[bool]:
+    """The trained flags of a framed text: every token but a leading prefix (added or the text's own), which is
+    context."""
+    n = len(prefix) if prefix and list(ids[:len(prefix)]) == list(prefix) else 0
+    return [False] * n + [True] * (len(ids) - n)
 
 
 def tokenize_record(tokenizer, record, where: str,
@@ -157,8 +159,7 @@ def tokenize_record(tokenizer, record, where: str,
         body, _ = _tokens(tokenizer, record["text"], [])
         head, tail = frame(body, prefix, end)
         ids = head + body + tail
-        n = leading(ids, prefix)
-        return ids, [False] * n + [True] * (len(ids) - n)
+        return ids, text_trained(ids, prefix)
     prompt, completion = record["prompt"], record["completion"]
     if isinstance(prompt, list) and isinstance(completion, list):   # TRL's conversational prompt-completion
         return _conversation(tokenizer, prompt + completion, where, first=len(prompt))
