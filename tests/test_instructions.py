@@ -10,7 +10,8 @@ import torch
 
 from qlora_ext.train.config import ConfigError
 from qlora_ext.train.data import IGNORE, find_text_files, pack, tokenize_data
-from qlora_ext.train.instructions import tokenize_record, tokenize_record_file
+from qlora_ext.train.instructions import tokenize_record
+from qlora_ext.train.record_workers import tokenize_record_file
 from tests.conftest import cuda_only
 from tests.test_train import _cfg, tiny  # noqa: F401  (the tiny llama and its BPE tokenizer, a fixture)
 

@@ -55,6 +55,7 @@ class TrainConfig:
     max_tokens: int = 0                 # use only the first N tokens of the text (0: all of it)
     packing: str = "auto"               # wrapped (a stream cut in blocks) | bfd (whole examples) | auto (bfd: records)
     add_bos: bool = True                # start texts and non-chat examples with the tokenizer's BOS (as tokenizer())
+    num_proc: int = 0                   # processes tokenizing large record files (0: one per CPU core; same result)
     # optimization
     batch_size: int = 4
     grad_accum: int = 1
@@ -107,7 +108,7 @@ class TrainConfig:
             need(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         need(self.seq_len >= 2, f"--seq-len must be at least 2 (a block's first token predicts the second), got "
                                 f"{self.seq_len}")
-        for name in ("warmup_steps", "max_tokens", "weight_decay", "max_grad_norm", "epochs"):
+        for name in ("warmup_steps", "max_tokens", "weight_decay", "max_grad_norm", "epochs", "num_proc"):
             need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         need(self.lr > 0, f"--lr must be positive, got {self.lr}")
         need(0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}")
@@ -185,7 +186,7 @@ def _field_help() -> dict:
 
 # Flags that may differ on --resume: they do not change what is computed.
 # (load_in_4bit builds the same 4-bit base as loading the dense model and quantizing it, bit for bit.)
-RESUME_MAY_CHANGE = ("resume", "progress", "device", "linear_backend", "output_dir", "load_in_4bit")
+RESUME_MAY_CHANGE = ("resume", "progress", "device", "linear_backend", "output_dir", "load_in_4bit", "num_proc")
 
 
 def resume_config(output_dir: str, explicit: dict) -> TrainConfig:

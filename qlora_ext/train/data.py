@@ -1,7 +1,7 @@
-"""Training data: plain-text files, JSON Lines instruction files (instructions.py) or folders of them, tokenized,
-packed into seq_len blocks (with labels: the token ids, or -100 where an instruction file's context is not trained
-on), split into train and held-out eval blocks, and a deterministic batch order that a resumed run can pick up
-mid-epoch.
+"""Training data: plain-text files, instruction record files (instructions.py, records.py) or folders of them,
+tokenized (record_workers.py), packed into seq_len blocks (with labels: the token ids, or -100 where an
+instruction file's context is not trained on), split into train and held-out eval blocks, and a deterministic
+batch order that a resumed run can pick up mid-epoch.
 
 Two packings (--packing):
 - wrapped: the examples one after the other, cut into blocks (an example runs on into the next block, and
@@ -24,7 +24,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from .config import ConfigError
-from .instructions import frame, special_prefix, text_trained, tokenize_record_file
+from .instructions import frame, special_prefix, text_trained
+from .record_workers import RecordTokenizer
 from .records import FOLDER_RECORD_SUFFIXES, is_record_file
 from .packing import IGNORE, pack_examples
 
@@ -119,11 +120,13 @@ class TokenBlocks:
         return text
 
 
-def tokenize_data(files: Sequence[str], tokenizer, max_tokens: int = 0, add_bos: bool = True) -> TokenStream:
+def tokenize_data(files: Sequence[str], tokenizer, max_tokens: int = 0, add_bos: bool = True,
+                  num_proc: int = 0) -> TokenStream:
     """All files' examples: a text file is one example (its tokens as tokenize_files gives them), a record file
-    (.jsonl, .json, .parquet) one per record (instructions.tokenize_record_file), in the files' order; trained is
-    None when every token is trained on (no record file). With add_bos, texts and non-chat records start with
-    the special tokens tokenizer(text) puts first (BOS, where the tokenizer has one). Cut at max_tokens (0: all)."""
+    (.jsonl, .json, .parquet) one per record (record_workers.RecordTokenizer: up to num_proc processes for a large
+    file, 0: one per CPU core; the same examples however many), in the files' order; trained is None when every
+    token is trained on (no record file). With add_bos, texts and non-chat records start with the special tokens
+    tokenizer(text) puts first (BOS, where the tokenizer has one). Cut at max_tokens (0: all)."""
     prefix = special_prefix(tokenizer) if add_bos else None   # (None: the framing of runs from before add_bos)
     examples: List[Tuple[List[int], Optional[List[bool]]]] = []
     records = any(is_record_file(f) for f in files)
@@ -131,16 +134,17 @@ def tokenize_data(files: Sequence[str], tokenizer, max_tokens: int = 0, add_bos:
         examples = [(doc, None) for doc in text_documents(files, tokenizer, prefix)]
     else:
         n = 0
-        for f in files:
-            if is_record_file(f):
-                found = tokenize_record_file(f, tokenizer, prefix)
-            else:
-                found = [(doc, text_trained(doc, prefix))
-                         for doc in text_documents([f], tokenizer, prefix, allow_empty=True)]
-            examples += found
-            n += sum(len(ids) for ids, _ in found)
-            if max_tokens and n >= max_tokens:
-                break
+        with RecordTokenizer(tokenizer, prefix, num_proc) as record_tokenizer:
+            for f in files:
+                if is_record_file(f):
+                    found = record_tokenizer.file(f)
+                else:
+                    found = [(doc, text_trained(doc, prefix))
+                             for doc in text_documents([f], tokenizer, prefix, allow_empty=True)]
+                examples += found
+                n += sum(len(ids) for ids, _ in found)
+                if max_tokens and n >= max_tokens:
+                    break
     ids: List[int] = []
     trained: Optional[List[bool]] = [] if records else None
     starts: List[int] = []
@@ -268,24 +272,25 @@ def pack(ids: List[int], seq_len: int, eval_blocks: int, files: Sequence[str],
 
 
 def blocks_for(files: Sequence[str], tokenizer, seq_len: int, eval_blocks: int, packing: str = "auto",
-               add_bos: bool = True, max_tokens: int = 0, vocab_size: int = 0) -> TokenBlocks:
-    """The files tokenized (tokenize_data) and packed (pack, --packing resolved for them), as a run reads its
-    data; vocab_size: the model's embedding rows (pad ids must be below it)."""
-    stream = tokenize_data(files, tokenizer, max_tokens, add_bos=add_bos)
+               add_bos: bool = True, max_tokens: int = 0, vocab_size: int = 0, num_proc: int = 0) -> TokenBlocks:
+    """The files tokenized (tokenize_data, with up to num_proc processes) and packed (pack, --packing resolved for
+    them), as a run reads its data; vocab_size: the model's embedding rows (pad ids must be below it)."""
+    stream = tokenize_data(files, tokenizer, max_tokens, add_bos=add_bos, num_proc=num_proc)
     return pack(stream.ids, seq_len, eval_blocks, files, stream.trained, starts=stream.starts,
                 packing=resolve_packing(packing, files), pad_id=pad_token_id(tokenizer, vocab_size))
 
 
 def run_blocks(files: Sequence[str], eval_files: Sequence[str], tokenizer, seq_len: int, eval_blocks: int,
-               packing: str, add_bos: bool = True, max_tokens: int = 0, vocab_size: int = 0) -> TokenBlocks:
+               packing: str, add_bos: bool = True, max_tokens: int = 0, vocab_size: int = 0,
+               num_proc: int = 0) -> TokenBlocks:
     """A run's blocks: without eval_files, blocks_for's (eval_blocks of the files held out); with them (--eval-data),
     every block of the files to train on (max_tokens of them) and every block of eval_files to evaluate on
     (eval_blocks and max_tokens do not apply), packed alike (packing: resolved already, from the train files)."""
     if not eval_files:
-        return blocks_for(files, tokenizer, seq_len, eval_blocks, packing, add_bos, max_tokens, vocab_size)
-    train = blocks_for(files, tokenizer, seq_len, 0, packing, add_bos, max_tokens, vocab_size)
+        return blocks_for(files, tokenizer, seq_len, eval_blocks, packing, add_bos, max_tokens, vocab_size, num_proc)
+    train = blocks_for(files, tokenizer, seq_len, 0, packing, add_bos, max_tokens, vocab_size, num_proc)
     try:
-        held = blocks_for(eval_files, tokenizer, seq_len, 0, packing, add_bos, 0, vocab_size)
+        held = blocks_for(eval_files, tokenizer, seq_len, 0, packing, add_bos, 0, vocab_size, num_proc)
     except ConfigError as e:
         raise ConfigError(f"--eval-data: {e}") from e
     labelled = train.train_labels is not None or held.train_labels is not None

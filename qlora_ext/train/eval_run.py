@@ -79,7 +79,7 @@ def evaluate_run(output_dir: str, data=None, seq_len=None, packing=None, max_tok
         # no held-out split: every block (pack puts them all on the train side, in order)
         every = blocks_for(files, run.tokenizer, seq_len, 0,
                            packing_for(packing or cfg.packing, files, run.model, dev, log), cfg.add_bos, max_tokens,
-                           vocab_size(run.model))
+                           vocab_size(run.model), cfg.num_proc)
         blocks, labels, positions, packed = every.train, every.train_labels, every.train_positions, every.packing
         what = f"{len(files)} file(s)"
     if base and (cfg.init_lora_weights != "default" or cfg.init_adapter):
@@ -119,7 +119,7 @@ def _held_out(run, output_dir: str, seq_len: int, packing):
         raise ConfigError(f"the run's data file {missing[0]} is gone ({len(missing)} missing): give --data to "
                           "evaluate other text")
     blocks = run_blocks(files, eval_files, run.tokenizer, cfg.seq_len, cfg.eval_blocks, run_packing, cfg.add_bos,
-                        cfg.max_tokens, vocab_size(run.model))
+                        cfg.max_tokens, vocab_size(run.model), cfg.num_proc)
     if recorded.get("fingerprint") not in (None, blocks.fingerprint()):
         raise ConfigError("the run's data no longer packs into the blocks it trained and evaluated on (files "
                           "edited since): its held-out blocks cannot be rebuilt; give --data to evaluate the text as "

@@ -19,10 +19,10 @@ text, with no token of its own at a piece boundary.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import List, Optional, Sequence, Tuple
 
 from .config import ConfigError
-from .records import read_records
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -34,23 +34,38 @@ def _render(tokenizer, messages) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False)
 
 
-def _tokens(tokenizer, text: str, spans: List[Tuple[int, int]]) -> Tuple[List[int], List[bool]]:
-    """The tokens of `text` and whether each is trained on: the text is tokenized whole, and a token is trained on
-    when its last character lies in one of the character spans [start, end) (so a token that brings a space
-    into a span, as SentencePiece's "▁" does, counts for the span). A slow tokenizer (no offsets) tokenizes each
-    piece on its own instead."""
+def _trained_flags(offsets, spans: Sequence[Tuple[int, int]], length: int) -> List[bool]:
+    """Whether each token (its character offsets) is trained on: its last character lies in one of the spans
+    [start, end), i.e. start < token end <= end (one pass over the text and one over the tokens)."""
+    if not spans:
+        return [False] * len(offsets)
+    inside = bytearray(length + 1)
+    for s, e in spans:
+        inside[s + 1:e + 1] = b"\x01" * max(e - s, 0)
+    return [inside[b] == 1 for _, b in offsets]
+
+
+def _tokens_batch(tokenizer, texts: Sequence[str],
+                  spans: Sequence[Sequence[Tuple[int, int]]]) -> List[Tuple[List[int], List[bool]]]:
+    """The tokens of each text and whether each is trained on: the text is tokenized whole, and a token is
+    trained on when its last character lies in one of its character spans [start, end) (so a token that brings
+    a space into a span, as SentencePiece's "▁" does, counts for the span). A fast tokenizer takes the texts in
+    one call (its threads share them out); a slow tokenizer (no offsets) tokenizes each piece on its own."""
     if getattr(tokenizer, "is_fast", False):
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        trained = [any(s < b <= e for s, e in spans) for _, b in enc["offset_mapping"]]
-        return list(enc["input_ids"]), trained
-    ids: List[int] = []
-    trained = []
-    cuts = sorted({0, len(text), *(c for span in spans for c in span)})
-    for a, b in zip(cuts, cuts[1:]):
-        piece = tokenizer(text[a:b], add_special_tokens=False)["input_ids"] if b > a else []
-        ids += piece
-        trained += [any(s <= a and b <= e for s, e in spans)] * len(piece)
-    return ids, trained
+        enc = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
+        return [(list(ids), _trained_flags(offsets, text_spans, len(text)))
+                for ids, offsets, text, text_spans in zip(enc["input_ids"], enc["offset_mapping"], texts, spans)]
+    out = []
+    for text, text_spans in zip(texts, spans):
+        ids: List[int] = []
+        trained: List[bool] = []
+        cuts = sorted({0, len(text), *(c for span in text_spans for c in span)})
+        for a, b in zip(cuts, cuts[1:]):
+            piece = tokenizer(text[a:b], add_special_tokens=False)["input_ids"] if b > a else []
+            ids += piece
+            trained += [any(s <= a and b <= e for s, e in text_spans)] * len(piece)
+        out.append((ids, trained))
+    return out
 
 
 def _assistant_spans(tokenizer, messages: list, first: int, where: str) -> Tuple[str, List[Tuple[int, int]]]:
@@ -86,8 +101,9 @@ def _assistant_spans(tokenizer, messages: list, first: int, where: str) -> Tuple
     return full, spans
 
 
-def _conversation(tokenizer, messages, where: str, first: int = 0) -> Tuple[List[int], List[bool]]:
-    """(ids, trained) of a conversation: the chat template's text, assistant turns from message `first` trained."""
+def _conversation(tokenizer, messages, where: str, first: int = 0) -> Tuple[str, List[Tuple[int, int]]]:
+    """(the chat template's text of a conversation, the character spans of its assistant turns from message
+    `first` on: those trained)."""
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError(f"{where}: \"messages\" need a tokenizer with a chat template, and this one has none "
                           "(use {\"prompt\", \"completion\"} records instead)")
@@ -99,8 +115,7 @@ def _conversation(tokenizer, messages, where: str, first: int = 0) -> Tuple[List
                               f"got {m!r}")
     if not any(m["role"] == "assistant" for m in messages[first:]):
         raise ConfigError(f"{where}: a conversation without an assistant message has nothing to train on")
-    full, spans = _assistant_spans(tokenizer, messages, first, where)
-    return _tokens(tokenizer, full, spans)
+    return _assistant_spans(tokenizer, messages, first, where)
 
 
 def special_prefix(tokenizer) -> List[int]:
@@ -137,13 +152,21 @@ def text_trained(ids: Sequence[int], prefix: Optional[Sequence[int]]) -> List[bo
     return [False] * n + [True] * (len(ids) - n)
 
 
-def tokenize_record(tokenizer, record, where: str,
-                    prefix: Optional[Sequence[int]] = None) -> Tuple[List[int], List[bool]]:
-    """(token ids, trained flag per token) of one JSONL record (see the module's docstring); other keys of the
-    record (an id, a source) are ignored. A text or a prompt starts with `prefix` (special_prefix(tokenizer)),
-    as context, and an example ends with one end-of-sequence token (frame(); prefix None: as before --add-bos)."""
-    eos = getattr(tokenizer, "eos_token_id", None)
-    end = [eos] if eos is not None else []
+@dataclasses.dataclass
+class RenderedRecord:
+    """A record as text, before tokenizing: the text, the character spans trained on, and how it is framed:
+    "text" (every token but the prefix trained), "completion" (prompt + completion, the completion's span
+    trained; both framed with the prefix and an end-of-sequence token) or "conversation" (a chat template's
+    text, which writes its own special tokens)."""
+    where: str
+    text: str
+    spans: List[Tuple[int, int]]
+    kind: str
+
+
+def render_record(tokenizer, record, where: str) -> RenderedRecord:
+    """One record (see the module's docstring) as text to tokenize; other keys of the record (an id, a source)
+    are ignored. A record of no known format is an error naming `where`."""
     if not isinstance(record, dict):
         raise ConfigError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
     kinds = [k for k, keys in (("messages", {"messages"}), ("prompt", {"prompt", "completion"}), ("text", {"text"}))
@@ -152,39 +175,66 @@ def tokenize_record(tokenizer, record, where: str,
         raise ConfigError(f"{where}: a record must hold exactly one of \"text\", \"prompt\" + \"completion\" or "
                           f"\"messages\", got the keys {sorted(record)}")
     if kinds[0] == "messages":
-        return _conversation(tokenizer, record["messages"], where)
+        return RenderedRecord(where, *_conversation(tokenizer, record["messages"], where), "conversation")
     if kinds[0] == "text":
         if not isinstance(record["text"], str):
             raise ConfigError(f"{where}: \"text\" must be a string, got {type(record['text']).__name__}")
-        body, _ = _tokens(tokenizer, record["text"], [])
-        head, tail = frame(body, prefix, end)
-        ids = head + body + tail
-        return ids, text_trained(ids, prefix)
+        return RenderedRecord(where, record["text"], [], "text")
     prompt, completion = record["prompt"], record["completion"]
     if isinstance(prompt, list) and isinstance(completion, list):   # TRL's conversational prompt-completion
-        return _conversation(tokenizer, prompt + completion, where, first=len(prompt))
+        return RenderedRecord(where, *_conversation(tokenizer, prompt + completion, where, first=len(prompt)),
+                              "conversation")
     for key in ("prompt", "completion"):
         if not isinstance(record[key], str):
             raise ConfigError(f"{where}: \"{key}\" must be a string (or both lists of messages), got "
                               f"{type(record[key]).__name__}")
-    body, trained = _tokens(tokenizer, prompt + completion, [(len(prompt), len(prompt) + len(completion))])
-    head, tail = frame(body, prefix, end)
-    return head + body + tail, [False] * len(head) + trained + [True] * len(tail)
+    return RenderedRecord(where, prompt + completion, [(len(prompt), len(prompt) + len(completion))], "completion")
 
 
-def tokenize_record_file(path: str, tokenizer,
-                         prefix: Optional[Sequence[int]] = None) -> List[Tuple[List[int], List[bool]]]:
-    """The examples of a file of records (.jsonl, .json or .parquet: records.py), in order: (token ids, trained
-    flag per token) each, framed with `prefix` as tokenize_record says. A record that cannot be read, is not of a
-    known format, or that the tokenizer or its chat template cannot take is an error naming its line or row."""
-    examples: List[Tuple[List[int], List[bool]]] = []
-    for where, record in read_records(path):
-        try:
-            examples.append(tokenize_record(tokenizer, record, where, prefix))
-        except ConfigError:
-            raise
-        except Exception as e:  # a chat template's raise_exception (roles must alternate), a lone surrogate
-            raise ConfigError(f"{where}: {type(e).__name__}: {e}") from e
-    if not examples:
-        raise ConfigError(f"{path} holds no examples")
+def tokenize_rendered(tokenizer, rendered: Sequence[RenderedRecord],
+                      prefix: Optional[Sequence[int]] = None) -> List[Tuple[List[int], List[bool]]]:
+    """(token ids, trained flag per token) of each rendered record, the texts tokenized in one call: a text or a
+    prompt + completion starts with `prefix` (special_prefix(tokenizer)), as context, and ends with one
+    end-of-sequence token (frame(); prefix None: as before --add-bos); a conversation is its template's tokens.
+    An error of the tokenizer names the record it came from."""
+    try:
+        bodies = _tokens_batch(tokenizer, [r.text for r in rendered], [r.spans for r in rendered])
+    except Exception as e:  # find the record (a lone surrogate, say) that the tokenizer refused
+        if len(rendered) > 1:
+            return [example for r in rendered for example in tokenize_rendered(tokenizer, [r], prefix)]
+        raise ConfigError(f"{rendered[0].where}: {type(e).__name__}: {e}") from e
+    eos = getattr(tokenizer, "eos_token_id", None)
+    end = [eos] if eos is not None else []
+    examples = []
+    for r, (body, trained) in zip(rendered, bodies):
+        if r.kind == "conversation":
+            examples.append((body, trained))
+            continue
+        head, tail = frame(body, prefix, end)
+        ids = head + body + tail
+        if r.kind == "text":
+            examples.append((ids, text_trained(ids, prefix)))
+        else:
+            examples.append((ids, [False] * len(head) + trained + [True] * len(tail)))
     return examples
+
+
+def tokenize_record(tokenizer, record, where: str,
+                    prefix: Optional[Sequence[int]] = None) -> Tuple[List[int], List[bool]]:
+    """(token ids, trained flag per token) of one record (see the module's docstring): render_record, then
+    tokenize_rendered."""
+    return tokenize_rendered(tokenizer, [checked_render(tokenizer, record, where)], prefix)[0]
+
+
+def checked_render(tokenizer, record, where: str) -> RenderedRecord:
+    """render_record, with any error (a chat template's) a ConfigError naming `where`."""
+    try:
+        return render_record(tokenizer, record, where)
+    except ConfigError:
+        raise
+    except Exception as e:  # a chat template's raise_exception (roles must alternate)
+        raise ConfigError(f"{where}: {type(e).__name__}: {e}") from e
+
+
+TOKENIZE_BATCH = 512   # records rendered, then tokenized in one call
+

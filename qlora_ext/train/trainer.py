@@ -274,7 +274,8 @@ class Trainer:
         self.packing = packing_for(cfg.packing, files, self.model, dev, self.log) if not cfg.resume else (
             self.resumed_packing(files))
         self.data: TokenBlocks = run_blocks(files, eval_files, self.tokenizer, cfg.seq_len, cfg.eval_blocks,
-                                            self.packing, cfg.add_bos, cfg.max_tokens, vocab_size(self.model))
+                                            self.packing, cfg.add_bos, cfg.max_tokens, vocab_size(self.model),
+                                            cfg.num_proc)
         self.log(f"data: {self.data.describe()}")
         if cfg.epochs:
             per_step = cfg.batch_size * cfg.grad_accum
