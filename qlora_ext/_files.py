@@ -35,9 +35,11 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp-", dir=folder)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make the saved file private
     try:
         write(tmp)
+        # the mode of a file open() creates: mkstemp's 0600, or a writer's own (safetensors >= 0.8 writes through a
+        # temporary file of its own, 0600), would make the saved file private to this user
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -72,8 +74,11 @@ def atomic_write_folder(path: str, write: Callable[[str], None]) -> None:
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would make the saved folder private
     try:
         write(tmp)
-        for root, _, files in os.walk(tmp):
-            for name in files:
+        for root, folders, files in os.walk(tmp):
+            for name in folders:
+                os.chmod(os.path.join(root, name), 0o777 & ~_umask())
+            for name in files:   # as atomic_write: the modes of files open() creates, not a writer's 0600
+                os.chmod(os.path.join(root, name), 0o666 & ~_umask())
                 with open(os.path.join(root, name), "rb+") as f:
                     os.fsync(f.fileno())
             _fsync_folder(root)

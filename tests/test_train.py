@@ -116,6 +116,12 @@ def test_train_end_to_end_loss_falls_and_report_parses(tiny, tmp_path):
     assert math.isclose(evaluate(t2.model, t2.data.eval, 4, t2.device), r["eval_after"]["loss"], rel_tol=1e-6)
     assert f"PEFT adapter folder (`peft.PeftModel.from_pretrained(base, folder)`): `{r['peft_adapter']}`" in \
         open(r["report"]["markdown"]).read()
+    # Every file the run wrote has the mode a file open() creates (safetensors >= 0.8 alone makes its files 0600)
+    mask = os.umask(0)
+    os.umask(mask)
+    written = [os.path.join(d, f) for d, _, files in os.walk(tmp_path / "run") for f in files]
+    assert any(f.endswith(".safetensors") for f in written)
+    assert {f: os.stat(f).st_mode & 0o777 for f in written} == {f: 0o666 & ~mask for f in written}
 
 
 def test_load_in_4bit_trains_the_run_that_loading_dense_trains(tiny, tmp_path):
