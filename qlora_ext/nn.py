@@ -158,15 +158,23 @@ class Dropout(nn.Module):
         return f"p={self.p}"
 
 
+def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
+    """The factor of the low-rank product: alpha / r, or with rsLoRA (Kalajdzievski 2023, PEFT's use_rslora)
+    alpha / sqrt(r), which keeps the update's size from shrinking as r grows (QLoRA's r = 64 trains at the
+    rate r = 1 does)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
 class LoRALinear(nn.Module):
-    """base(x) + dropout(x) @ A^T @ B^T * (alpha / r), with the base frozen.
+    """base(x) + dropout(x) @ A^T @ B^T * scaling, with the base frozen; scaling = alpha / r, or alpha / sqrt(r)
+    with use_rslora (lora_scaling).
 
     lora_A [r, in_features] starts Kaiming-uniform, lora_B [out_features, r] starts at zero, so the initial
     output equals the base's. The adapters are float32 by default; the low-rank product runs in their dtype
     and is added in the base output's dtype."""
 
     def __init__(self, base: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-                 adapter_dtype: torch.dtype = torch.float32):
+                 adapter_dtype: torch.dtype = torch.float32, use_rslora: bool = False):
         super().__init__()
         if r <= 0:
             raise ValueError(f"r must be a positive integer, got {r}")
@@ -175,7 +183,8 @@ class LoRALinear(nn.Module):
         self.base = base
         for p in base.parameters():
             p.requires_grad_(False)
-        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        self.r, self.alpha, self.use_rslora = r, alpha, bool(use_rslora)
+        self.scaling = lora_scaling(r, alpha, self.use_rslora)
         device = base.weight_codes.device if isinstance(base, Linear4bit) else base.weight.device
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=device, dtype=adapter_dtype))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=device, dtype=adapter_dtype))
@@ -225,7 +234,7 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merged_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """base weight + (alpha/r) B @ A as a dense [out_features, in_features] tensor, for export."""
+        """base weight + scaling B @ A as a dense [out_features, in_features] tensor, for export."""
         if isinstance(self.base, Linear4bit):
             w = self.base.dequantized_weight(torch.float32)
         else:
@@ -394,7 +403,8 @@ def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = No
                   alpha: float = 16.0, dropout: float = 0.0, quant_type: str = "nf4", double_quant: bool = True,
                   blocksize: int = 64, compute_dtype: Optional[torch.dtype] = None,
                   exclude: Iterable[str] = ("lm_head",), verbose: bool = False,
-                  init_lora_weights: str = "default", loftq_iters: int = 1, loftq_svd: str = "exact") -> nn.Module:
+                  init_lora_weights: str = "default", loftq_iters: int = 1, loftq_svd: str = "exact",
+                  use_rslora: bool = False) -> nn.Module:
     """Replaces matching nn.Linear layers of model (in place) with LoRALinear(Linear4bit(...)), or with
     LoRALinear(frozen nn.Linear) when quant_type is "none" (16-bit LoRA), and freezes everything else. Applied
     again, it adds adapters to the newly matching layers and leaves existing adapters (trainable) as they are.
@@ -406,8 +416,9 @@ def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = No
     (A Kaiming-uniform, B zero: the model starts as the quantized base) or "loftq" (qlora_ext.loftq, with
     loftq_iters alternations: the adapters start at the rank-r approximation of each layer's quantization
     error, and the base is quantized from the weight less that; quantized layers only; loftq_svd "exact" or
-    "randomized", see loftq_init). Returns the model;
-    model_summary(model) gives trainable/total parameters and bytes.
+    "randomized", see loftq_init). use_rslora: scale the adapters by alpha / sqrt(r) instead of alpha / r
+    (rsLoRA, PEFT's use_rslora; lora_scaling). Returns the model; model_summary(model) gives trainable/total
+    parameters and bytes.
 
     Layers that are already 4-bit keep their format and values (quant_type, blocksize and double_quant apply
     to dense layers only): a bare Linear4bit becomes the base as it is; a bitsandbytes Linear4bit (a model
@@ -444,15 +455,15 @@ def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = No
             kept_dense.append(f"{name} (in_features {linear.in_features} is not a multiple of blocksize {blocksize})")
             base = linear
         elif init_lora_weights == "loftq":
-            q, lora_A, lora_B = loftq_init(linear.weight, r, alpha / r, quant_type, blocksize, double_quant,
-                                           loftq_iters, loftq_svd)
+            q, lora_A, lora_B = loftq_init(linear.weight, r, lora_scaling(r, alpha, use_rslora), quant_type,
+                                           blocksize, double_quant, loftq_iters, loftq_svd)
             base = Linear4bit.from_quantized(dataclasses.replace(q, dtype=linear.weight.dtype), linear.bias,
                                              compute_dtype)
         else:
             base = linear if quant_type == "none" else Linear4bit.from_linear(
                 linear, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
                 compute_dtype=compute_dtype)
-        adapter = LoRALinear(base, r=r, alpha=alpha, dropout=dropout)
+        adapter = LoRALinear(base, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
         if isinstance(base, Linear4bit) and init_lora_weights == "loftq":
             adapter.init_adapters(lora_A, lora_B)
         parent_name, _, child = name.rpartition(".")

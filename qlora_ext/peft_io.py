@@ -5,18 +5,21 @@ reads PEFT adapters: merging, serving), and loads such a folder written by PEFT 
 The folder: adapter_config.json (PEFT's LoraConfig: peft_type LORA, r, lora_alpha, lora_dropout, target_modules,
 bias "none") and adapter_model.safetensors with the tensors under PEFT's names: the adapter of the layer at
 module path P of the model is "base_model.model.P.lora_A.weight" [r, in] and "...lora_B.weight" [out, r], the
-same layouts and scaling (lora_alpha / r) as LoRALinear's lora_A, lora_B and alpha. Only what both sides mean
-the same way is accepted: one r and one alpha for all layers, no DoRA, no rsLoRA, no trained biases.
+same layouts and scaling (lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora) as LoRALinear's lora_A,
+lora_B, alpha and use_rslora. Only what both sides mean the same way is accepted: one r, one alpha and one
+use_rslora for all layers, no DoRA, no trained biases.
 
 The adapters were trained against the 4-bit base; PEFT users reproduce the training-time outputs by loading the
 same base weights (for a dense base: the dequantized ones), and close to them with the original dense weights.
 A model whose adapters started from LoftQ (prepare_model(init_lora_weights="loftq")) is written as what training
-changed, s (B A - B0 A0), a rank-2r adapter (A stacked over A0, B beside -B0, lora_alpha doubled so that s is
-unchanged) for the original dense weights; LoftQ's own start, which stands in for the quantization error, is
-not part of it. Such a model cannot load a PEFT adapter (its base is not the weight the adapter was made for).
+changed, s (B A - B0 A0), a rank-2r adapter (A stacked over A0, B beside -B0, lora_alpha doubled, or times
+sqrt(2) with rsLoRA, so that s is unchanged up to rounding) for the original dense weights; LoftQ's own start,
+which stands in for the quantization error, is not part of it. Such a model cannot load a PEFT adapter (its base
+is not the weight the adapter was made for).
 Needs safetensors (pip install safetensors); PEFT itself is not needed to write or read the folder.
 """
 import json
+import math
 import os
 from typing import Dict, Optional
 
@@ -94,6 +97,7 @@ def save_peft_adapter(model: torch.nn.Module, directory: str, base_model_name_or
     alpha = _one({n: float(a.alpha) for n, a in adapters.items()}, "lora_alpha")
     dropout = _one({n: a.dropout.p if isinstance(a.dropout, Dropout) else 0.0 for n, a in adapters.items()},
                    "lora_dropout")
+    use_rslora = _one({n: a.use_rslora for n, a in adapters.items()}, "use_rslora")
     from_start = lora_init_of(model) == "loftq"  # write what training changed only
     tensors = {}
     for name, a in adapters.items():
@@ -104,12 +108,12 @@ def save_peft_adapter(model: torch.nn.Module, directory: str, base_model_name_or
             lora_A, lora_B = torch.cat([lora_A, A0.to(lora_A)]), torch.cat([lora_B, -B0.to(lora_B)], dim=1)
         tensors[f"{_PREFIX}{name}.lora_A.weight"] = lora_A.to("cpu", dtype).contiguous()
         tensors[f"{_PREFIX}{name}.lora_B.weight"] = lora_B.to("cpu", dtype).contiguous()
-    if from_start:
-        r, alpha = 2 * r, 2 * alpha
+    if from_start:   # the same scaling at rank 2r
+        r, alpha = 2 * r, alpha * math.sqrt(2) if use_rslora else 2 * alpha
     config = {
         "peft_type": "LORA", "task_type": _task_type(model), "base_model_name_or_path": base_model_name_or_path,
         "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": _target_modules(model, adapters),
-        "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "modules_to_save": None,
+        "bias": "none", "fan_in_fan_out": False, "use_rslora": use_rslora, "use_dora": False, "modules_to_save": None,
         "inference_mode": True, "init_lora_weights": True,
     }
     os.makedirs(directory, exist_ok=True)
@@ -121,7 +125,7 @@ def save_peft_adapter(model: torch.nn.Module, directory: str, base_model_name_or
 def load_peft_adapter(model: torch.nn.Module, directory: str) -> None:
     """Copies a PEFT LoRA adapter folder's tensors into the model's LoRALinear layers (prepare the model with the
     same target modules, r and alpha first). Anything that would not compute what PEFT computes is a ValueError
-    naming it: another r or alpha, DoRA, rsLoRA, fan_in_fan_out, trained biases or modules, missing or extra
+    naming it: another r, alpha or use_rslora, DoRA, fan_in_fan_out, trained biases or modules, missing or extra
     tensors, other shapes."""
     from safetensors.torch import load_file
 
@@ -134,7 +138,7 @@ def load_peft_adapter(model: torch.nn.Module, directory: str) -> None:
         config = json.load(f)
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{config_path}: peft_type must be 'LORA', got {config.get('peft_type')!r}")
-    for key, ok in (("use_dora", False), ("use_rslora", False), ("fan_in_fan_out", False), ("bias", "none")):
+    for key, ok in (("use_dora", False), ("fan_in_fan_out", False), ("bias", "none")):
         if config.get(key, ok) != ok:
             raise ValueError(f"{config_path}: {key}={config[key]!r} is not supported (LoRALinear computes "
                              f"{key}={ok!r})")
@@ -155,10 +159,12 @@ def load_peft_adapter(model: torch.nn.Module, directory: str) -> None:
             raise ValueError(f"layer {name} was prepared with init_lora_weights='loftq': its base is quantized from "
                              "the weight less LoftQ's start, not the weight a PEFT adapter is made for; prepare the "
                              "model with the default init to load one")
-        if a.r != config["r"] or float(a.alpha) != float(config["lora_alpha"]):
-            raise ValueError(f"{config_path}: r={config['r']}, lora_alpha={config['lora_alpha']}, but the model's "
-                             f"layer {name} has r={a.r}, alpha={a.alpha}: prepare_model(r=..., alpha=...) as the "
-                             "adapter was trained")
+        use_rslora = bool(config.get("use_rslora") or False)
+        if a.r != config["r"] or float(a.alpha) != float(config["lora_alpha"]) or a.use_rslora != use_rslora:
+            raise ValueError(f"{config_path}: r={config['r']}, lora_alpha={config['lora_alpha']}, use_rslora="
+                             f"{use_rslora}, but the model's layer {name} has r={a.r}, alpha={a.alpha}, use_rslora="
+                             f"{a.use_rslora}: prepare_model(r=..., alpha=..., use_rslora=...) as the adapter was "
+                             "trained")
     tensors = load_file(weights_path)
     wanted = {f"{_PREFIX}{n}.lora_{ab}.weight": (a, ab) for n, a in adapters.items() for ab in "AB"}
     missing, extra = sorted(set(wanted) - set(tensors)), sorted(set(tensors) - set(wanted))

@@ -80,6 +80,59 @@ def test_we_load_what_peft_saves_and_compute_the_same(tmp_path):
         assert torch.equal(p, q), n
 
 
+@pytest.mark.parametrize("quant_type", ["none", "nf4"])
+def test_rslora_adapters_go_both_ways_with_peft(tmp_path, quant_type):
+    """use_rslora scales by alpha / sqrt(r): PEFT computes what we compute, both ways, and a model prepared
+    without it refuses such an adapter (the same tensors would compute another model)."""
+    base = tiny_llama()
+    ours = qlora_ext.prepare_model(copy.deepcopy(base), r=4, alpha=8.0, quant_type=quant_type, use_rslora=True)
+    assert {m.scaling for m in ours.modules() if isinstance(m, qlora_ext.LoRALinear)} == {4.0}   # 8 / sqrt(4)
+    randomize_adapters(ours.eval())
+    save_peft_adapter(ours, str(tmp_path / "ours"))
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["use_rslora"] is True
+    if quant_type == "none":
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours")).eval()
+        torch.testing.assert_close(logits(theirs, IDS), logits(ours, IDS), rtol=1e-5, atol=1e-5)
+        plain = qlora_ext.prepare_model(copy.deepcopy(base), r=4, alpha=8.0, quant_type="none")
+        randomize_adapters(plain)
+        assert not torch.allclose(logits(plain.eval(), IDS), logits(ours, IDS), atol=1e-3)   # the scaling matters
+    again = qlora_ext.prepare_model(copy.deepcopy(base), r=4, alpha=8.0, quant_type=quant_type, use_rslora=True)
+    load_peft_adapter(again, str(tmp_path / "ours"))
+    torch.testing.assert_close(logits(again.eval(), IDS), logits(ours, IDS), rtol=0, atol=0)
+    plain = qlora_ext.prepare_model(copy.deepcopy(base), r=4, alpha=8.0, quant_type=quant_type)
+    with pytest.raises(ValueError, match="use_rslora=True, but the model's layer .* use_rslora=False"):
+        load_peft_adapter(plain, str(tmp_path / "ours"))
+
+    cfg = peft.LoraConfig(r=16, lora_alpha=8, target_modules=TARGETS, use_rslora=True, task_type="CAUSAL_LM")
+    theirs = peft.get_peft_model(copy.deepcopy(base), cfg)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    theirs.save_pretrained(str(tmp_path / "peft"))
+    ours = qlora_ext.prepare_model(copy.deepcopy(base), r=16, alpha=8.0, quant_type="none", use_rslora=True)
+    load_peft_adapter(ours, str(tmp_path / "peft"))
+    torch.testing.assert_close(logits(ours.eval(), IDS), logits(theirs.eval(), IDS), rtol=1e-5, atol=1e-5)
+
+
+def test_a_loftq_rslora_model_exports_the_same_scaling_at_rank_2r(tmp_path):
+    base = tiny_llama()
+    ours = qlora_ext.prepare_model(copy.deepcopy(base), r=4, alpha=8.0, init_lora_weights="loftq", use_rslora=True)
+    randomize_adapters(ours, seed=7)
+    save_peft_adapter(ours, str(tmp_path / "trained"))
+    config = json.loads((tmp_path / "trained" / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["use_rslora"] is True
+    assert abs(config["lora_alpha"] / 8 ** 0.5 - 8.0 / 4 ** 0.5) < 1e-12
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "trained")).eval()
+    merged = copy.deepcopy(base)
+    with torch.no_grad():
+        for name, a in ours.named_modules():
+            if isinstance(a, qlora_ext.LoRALinear):
+                merged.get_submodule(name).weight += a.scaling * (a.lora_B @ a.lora_A - a.lora_B_init @ a.lora_A_init)
+    torch.testing.assert_close(logits(theirs, IDS), logits(merged, IDS), rtol=1e-5, atol=1e-5)
+
+
 def test_a_4bit_model_round_trips_its_adapters(tmp_path):
     model = qlora_ext.prepare_model(tiny_llama(), r=4, alpha=8.0, quant_type="nf4")
     randomize_adapters(model)
@@ -100,11 +153,13 @@ def _edit_config(folder, **changes):
 
 @pytest.mark.parametrize("changes,message", [
     ({"use_dora": True}, "use_dora=True is not supported"),
-    ({"use_rslora": True}, "use_rslora=True is not supported"),
+    ({"use_rslora": True}, "use_rslora=True, but the model's layer model.layers.0.self_attn.q_proj has r=4, "
+                           "alpha=8.0, use_rslora=False"),
     ({"bias": "all"}, "bias='all' is not supported"),
     ({"rank_pattern": {"q_proj": 8}}, "rank_pattern is not supported"),
     ({"peft_type": "IA3"}, "peft_type must be 'LORA'"),
-    ({"r": 8}, "r=8, lora_alpha=8.0, but the model's layer model.layers.0.self_attn.q_proj has r=4"),
+    ({"r": 8}, "r=8, lora_alpha=8.0, use_rslora=False, but the model's layer model.layers.0.self_attn.q_proj has "
+               "r=4"),
     ({"lora_bias": True}, "lora_bias=True is not supported"),
     ({"layer_replication": [[0, 2]]}, "layer_replication=[[0, 2]] is not supported"),
     ({"some_future_option": "x"}, "some_future_option='x' is not supported"),

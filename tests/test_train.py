@@ -207,7 +207,8 @@ def test_init_adapter_continues_from_a_peft_folder(tiny, tmp_path, capsys):
     # another rank does not fit: a clear error, no traceback
     assert cli_main(argv[:-2] + ["--r", "8", "--init-adapter", first["peft_adapter"]]) == 2
     err = capsys.readouterr().err
-    assert "--init-adapter:" in err and "r=4, lora_alpha=8.0, but the model's layer" in err and "has r=8" in err
+    assert "--init-adapter:" in err and "r=4, lora_alpha=8.0, use_rslora=False, but the model's layer" in err \
+        and "has r=8" in err
     # a resumed run takes its checkpoint's adapters: the folder it started from may be gone
     shutil.rmtree(first["peft_adapter"])
     assert cli_main(["--output-dir", str(tmp_path / "b"), "--resume", "--no-progress"]) == 0
@@ -254,6 +255,34 @@ def test_merge_writes_a_dense_model_that_computes_the_trained_one(tiny, tmp_path
         assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
         assert cli_main(["merge", "--output-dir", str(tmp_path / "none"), "--to", str(tmp_path / "x")]) == 2
         assert "holds no run" in capsys.readouterr().err
+
+
+def test_rslora_run_scales_by_alpha_over_sqrt_r_everywhere(tiny, tmp_path, capsys):
+    """--use-rslora: the run's adapters scale by alpha / sqrt(r); its PEFT folder says so (PEFT's use_rslora), its
+    merged model computes its eval loss, and neither its adapters nor a resume fit a model prepared without it."""
+    from transformers import AutoModelForCausalLM
+    from qlora_ext.train.trainer import evaluate
+
+    out = tmp_path / "run"
+    r = train(_cfg(tiny, out, steps=4, use_rslora=True), log=lambda s: None)
+    assert json.loads(open(os.path.join(r["peft_adapter"], "adapter_config.json")).read())["use_rslora"] is True
+    assert "alpha=8 (rsLoRA: alpha / sqrt(r))" in open(r["report"]["markdown"]).read()
+    t = Trainer(_cfg(tiny, tmp_path / "check", dropout=0.0, use_rslora=True), log=lambda s: None)
+    t.setup()
+    scalings = {m.scaling for m in t.model.modules() if isinstance(m, qlora_ext.LoRALinear)}
+    assert scalings == {4.0}   # 8 / sqrt(4), not 8 / 4
+    load_adapters(t.model, r["adapter"])
+    assert math.isclose(evaluate(t.model, t.data.eval, 4, t.device), r["eval_after"]["loss"], rel_tol=1e-6)
+    assert cli_main(["merge", "--output-dir", str(out), "--to", str(tmp_path / "merged")]) == 0
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert math.isclose(evaluate(dense, t.data.eval, 4, t.device), r["eval_after"]["loss"], rel_tol=1e-5)
+    plain = Trainer(_cfg(tiny, tmp_path / "plain"), log=lambda s: None)
+    plain.setup()
+    with pytest.raises(ConfigError, match="trained with --use-rslora, the model is prepared without it"):
+        load_adapters(plain.model, r["adapter"])
+    capsys.readouterr()
+    assert cli_main(["--output-dir", str(out), "--resume", "--no-use-rslora", "--no-progress"]) == 2
+    assert "--use-rslora (saved True, given False)" in capsys.readouterr().err
 
 
 def test_a_4bit_checkpoint_trains_the_run_that_quantizing_the_dense_one_trains(tiny, tmp_path, capsys):

@@ -60,6 +60,11 @@ def load_adapters(model: torch.nn.Module, path: str) -> None:
     if saved_init != model_init:
         raise ConfigError(f"adapter file {path!r} was trained with --init-lora-weights {saved_init}, the model is "
                           f"prepared with {model_init}: prepare it as the run did")
+    saved_rslora = bool(read_adapter_config(path).get("use_rslora", False))
+    model_rslora = any(getattr(m, "use_rslora", False) for m in model.modules())
+    if saved_rslora != model_rslora:   # the same tensors, another scaling: another model
+        raise ConfigError(f"adapter file {path!r} was trained with{'' if saved_rslora else 'out'} --use-rslora, the "
+                          f"model is prepared with{'' if model_rslora else 'out'} it: prepare it as the run did")
     tensors = load_file(path)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))

@@ -42,6 +42,7 @@ class TrainConfig:
     r: int = 16
     alpha: float = 32.0
     dropout: float = 0.05
+    use_rslora: bool = False            # rsLoRA: scale the adapters by alpha / sqrt(r), not alpha / r (PEFT's)
     target_modules: Optional[List[str]] = None   # default (or all-linear): every nn.Linear except lm_head
     init_lora_weights: str = "default"  # default (A Kaiming, B zero) | loftq (start at each layer's quantization error)
     loftq_iters: int = 1                # LoftQ's quantize / SVD alternations (with --init-lora-weights loftq)

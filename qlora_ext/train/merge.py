@@ -2,8 +2,9 @@
 converting (GGUF, vLLM) without qlora_ext.
 
 The run's model is rebuilt as the run built it (rebuild.py: the same 4-bit base bit for bit, its adapters), then
-merged into dense weights (qlora_ext.merge_and_unload): the dequantized base plus (alpha/r) B A, i.e. what the
-trained model computed. The folder is written under a temporary name and renamed.
+merged into dense weights (qlora_ext.merge_and_unload): the dequantized base plus scaling B A (alpha / r, or
+alpha / sqrt(r) with --use-rslora), i.e. what the trained model computed. The folder is written under a
+temporary name and renamed.
 """
 from __future__ import annotations
 
@@ -55,7 +56,8 @@ def merge_run(output_dir: str, target: str, dtype=None, log=print) -> str:
         run.tokenizer.save_pretrained(folder)
         with open(os.path.join(folder, "MERGED_FROM.txt"), "w") as f:
             f.write(f"Merged by qlora_ext from the run in {os.path.abspath(output_dir)}: the base {run.model_dir} "
-                    f"{prequantized_note}, dequantized, plus its LoRA adapters (r={cfg.r}, alpha={cfg.alpha}).\n")
+                    f"{prequantized_note}, dequantized, plus its LoRA adapters (r={cfg.r}, alpha={cfg.alpha}"
+                    f"{', rsLoRA scaling alpha / sqrt(r)' if cfg.use_rslora else ''}).\n")
 
     try:
         atomic_write_folder(target, write)

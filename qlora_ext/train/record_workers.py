@@ -1,6 +1,6 @@
 """Record files tokenized (instructions.py renders and tokenizes each record), by several processes with
---num-proc, as datasets' map(num_proc=) does for TRL: chat templates are Python (Jinja), so one process renders some 2,000 conversations a second, and a file of
-millions takes minutes.
+--num-proc, as datasets' map(num_proc=) does for TRL: chat templates are Python (Jinja), so one process renders
+some 2,000 conversations a second, and a file of millions takes minutes.
 
 The examples, their order and the first error are exactly those of one process (tokenize_record_file): this process
 reads the records and hands batches of them, in order, to the workers; the results are taken back in the order
