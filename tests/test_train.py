@@ -477,6 +477,9 @@ def test_schedule_and_batch_order():
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0] and lrs[4] == 1.0
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] < 0.03
     assert lr_at(10, TrainConfig(lr=1.0, warmup_steps=4, schedule="constant")) == 1.0
+    linear = [lr_at(s, TrainConfig(lr=1.0, warmup_steps=4, steps=14, schedule="linear")) for s in range(14)]
+    assert linear[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert linear[4:] == pytest.approx([1.0 - k / 10 for k in range(10)])   # transformers' linear schedule
     # Each epoch visits every block once; the order is a pure function of (seed, micro-step).
     seen = torch.cat([batch_indices(10, 3, 7, k) for k in range(10)])   # 30 draws = 3 epochs of 10
     for e in range(3):

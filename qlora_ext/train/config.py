@@ -13,7 +13,7 @@ from ..loftq import LOFTQ_SVDS
 
 DEFAULT_MODEL = "smollm2"          # the embedded SmolLM2-135M-Instruct (see qlora_ext.train.model)
 QUANT_TYPES = ("nf4", "fp4", "int4", "none")
-SCHEDULES = ("cosine", "constant")
+SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "paged_adamw", "paged_adamw8bit")
 LINEAR_BACKENDS = ("auto", "fused", "fused_mma", "dequant", "tune")
 LORA_INITS = ("default", "loftq")
@@ -64,7 +64,7 @@ class TrainConfig:
     epochs: float = 0.0                 # passes over the train blocks; sets --steps (0: --steps says)
     lr: float = 2e-4
     warmup_steps: int = 10
-    schedule: str = "cosine"            # cosine (to 0 at the last step) | constant, after linear warmup
+    schedule: str = "cosine"            # cosine | linear (toward 0 at the last step) | constant, after warmup
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0          # 0 disables clipping
     optimizer: str = "paged_adamw"      # paged_adamw | paged_adamw8bit (qlora_ext.PagedAdamW[8bit]) | adamw (torch)

@@ -134,14 +134,18 @@ def packing_for(packing: str, files, model: torch.nn.Module, device: torch.devic
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup over warmup_steps, then constant or
-    cosine decay to 0 at the last step. A pure function of the step, so resuming needs no scheduler state."""
+    """Learning rate for optimizer step `step` (0-based): linear warmup over warmup_steps, then constant, or a
+    cosine or linear decay toward 0 at the last step (transformers' cosine and linear schedules). A pure function
+    of the step, so resuming needs no scheduler state."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return cfg.lr
     span = max(cfg.steps - cfg.warmup_steps, 1)
-    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * (step - cfg.warmup_steps) / span))
+    progress = (step - cfg.warmup_steps) / span
+    if cfg.schedule == "linear":
+        return cfg.lr * max(0.0, 1.0 - progress)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def autocast_for(device: torch.device):
