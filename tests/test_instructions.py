@@ -88,6 +88,9 @@ def test_a_conversation_that_starts_with_the_assistant(tokenizer):
      "x.jsonl:2: TemplateError: roles must alternate"),
     ('{"messages": []}', "must be a non-empty list"),
     ('{"messages": [{"role": "king", "content": "a"}]}', "each message must be"),
+    ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": null, "tool_calls": '
+     '[{"type": "function", "function": {"name": "f", "arguments": {}}}]}]}',
+     'x.jsonl:2: messages with "tool_calls" \\(function calling\\) are not supported'),
     ('{"messages": [{"role": "user", "content": "a"}]}', "without an assistant message"),
 ])
 def test_bad_records_name_their_line(tokenizer, tmp_path, line, message):

@@ -110,6 +110,9 @@ def _conversation(tokenizer, messages, where: str, first: int = 0) -> Tuple[str,
     if not isinstance(messages, list) or not messages:
         raise ConfigError(f"{where}: \"messages\" must be a non-empty list")
     for m in messages:
+        if isinstance(m, dict) and m.get("tool_calls"):
+            raise ConfigError(f"{where}: messages with \"tool_calls\" (function calling) are not supported: each "
+                              f"message must be {{\"role\", \"content\": a string}}, got {m!r}")
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
             raise ConfigError(f"{where}: each message must be {{\"role\": one of {ROLES}, \"content\": a string}}, "
                               f"got {m!r}")
