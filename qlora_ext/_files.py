@@ -4,6 +4,7 @@ loss finds the old file or the new one, never half of one or an empty one. Folde
 filled under a temporary name beside the target, flushed, renamed."""
 import os
 import shutil
+import stat
 import tempfile
 from typing import Callable, Optional
 
@@ -24,9 +25,27 @@ def _fsync_folder(folder: str) -> None:
 
 
 def _umask() -> int:
+    """The process's umask: read from /proc where it can be (setting it, even for a moment, would give a file that
+    another thread creates meanwhile the mode 0666)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def _new_file_mode(path: str, umask: int) -> int:
+    """The mode a file written to `path` should end with: an existing file's own (a user who made it private keeps
+    it private), else what open() gives a new file."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return 0o666 & ~umask
 
 
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
@@ -37,9 +56,9 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
-        # the mode of a file open() creates: mkstemp's 0600, or a writer's own (safetensors >= 0.8 writes through a
+        # the mode open() would leave: mkstemp's 0600, or a writer's own (safetensors >= 0.8 writes through a
         # temporary file of its own, 0600), would make the saved file private to this user
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, _new_file_mode(path, _umask()))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -71,15 +90,21 @@ def atomic_write_folder(path: str, write: Callable[[str], None]) -> None:
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(os.path.abspath(path)) + ".tmp-", dir=parent)
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would make the saved folder private
+    umask = _umask()
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the saved folder private
     try:
         write(tmp)
         for root, folders, files in os.walk(tmp):
             for name in folders:
-                os.chmod(os.path.join(root, name), 0o777 & ~_umask())
-            for name in files:   # as atomic_write: the modes of files open() creates, not a writer's 0600
-                os.chmod(os.path.join(root, name), 0o666 & ~_umask())
-                with open(os.path.join(root, name), "rb+") as f:
+                if not os.path.islink(os.path.join(root, name)):
+                    os.chmod(os.path.join(root, name), 0o777 & ~umask)
+            for name in files:   # as atomic_write: the modes open() and mkdir() give, not a writer's 0600
+                file = os.path.join(root, name)
+                if os.path.islink(file):   # (chmod would change what it points to)
+                    continue
+                executable = os.stat(file).st_mode & 0o111
+                os.chmod(file, (0o777 if executable else 0o666) & ~umask)
+                with open(file, "rb+") as f:
                     os.fsync(f.fileno())
             _fsync_folder(root)
         os.replace(tmp, path)

@@ -3,9 +3,10 @@ Quantization for Large Language Models", ICLR 2024; PEFT's init_lora_weights="lo
 
 QLoRA starts from B = 0, i.e. from the quantized model, whose quantization error the adapters must then learn
 away. LoftQ starts the adapters at the best rank-r approximation of that error instead: alternately quantize
-W - s B A (s = alpha / r) and set s B A to the rank-r truncated SVD of W - dequantize(Q). After one iteration the
-remaining error is the part of W - dequantize(Q(W)) beyond its r largest singular values. The quantized base is
-then Q(W - s B A) of the last iteration, so base + adapter is closer to W than the quantized W alone.
+W - s B A (s: the adapters' scaling, alpha / r or rsLoRA's alpha / sqrt(r)) and set s B A to the rank-r
+truncated SVD of W - dequantize(Q). After one iteration the remaining error is the part of W - dequantize(Q(W))
+beyond its r largest singular values. The quantized base is then Q(W - s B A) of the last iteration, so base +
+adapter is closer to W than the quantized W alone.
 
 The adapters then describe base-specific values: the trained change is s (B A - B0 A0), a rank <= 2r update of W,
 which qlora_ext.peft_io writes for PEFT when it exports a LoftQ model (see LoRALinear.lora_A_init).
@@ -49,7 +50,7 @@ def loftq_init(weight: torch.Tensor, r: int, scaling: float, quant_type: str = "
     if r < 1:
         raise ValueError(f"r must be a positive integer, got {r}")
     if not scaling > 0:
-        raise ValueError(f"LoftQ needs a positive scaling alpha / r (it splits the error's singular values between "
+        raise ValueError(f"LoftQ needs a positive scaling (it splits the error's singular values between "
                          f"B and A by their square roots), got {scaling}")
     if svd not in LOFTQ_SVDS:
         raise ValueError(f"loftq svd must be one of {LOFTQ_SVDS}, got {svd!r}")

@@ -173,6 +173,8 @@ class LoRALinear(nn.Module):
     output equals the base's. The adapters are float32 by default; the low-rank product runs in their dtype
     and is added in the base output's dtype."""
 
+    use_rslora = False   # (what a module pickled before rsLoRA existed computes)
+
     def __init__(self, base: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                  adapter_dtype: torch.dtype = torch.float32, use_rslora: bool = False):
         super().__init__()
@@ -226,7 +228,7 @@ class LoRALinear(nn.Module):
                                     draw_seed(x.device) if p > 0.0 else None,
                                     None if base.bias is None else base.bias.to(x.dtype))
         y = base(x)
-        # alpha/r scales the rank-r intermediate, not the [..., out_features] product: r/out as many multiplies
+        # the scaling applies to the rank-r intermediate, not the [..., out_features] product: r/out as many multiplies
         t = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A) * self.scaling
         if y.dtype == t.dtype:  # add B's product into y inside the GEMM (no separate pass over y)
             return torch.addmm(y.reshape(-1, y.shape[-1]), t.reshape(-1, self.r), self.lora_B.t()).view(y.shape)
@@ -260,7 +262,7 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
 @torch.no_grad()
 def merge_and_unload(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:
     """Turns the model dense again, in place, for export (PEFT's merge_and_unload): each LoRALinear becomes an
-    nn.Linear holding base + (alpha/r) B @ A (LoRALinear.merged_weight: the dequantized 4-bit base, so the dense
+    nn.Linear holding base + scaling B @ A (LoRALinear.merged_weight: the dequantized 4-bit base, so the dense
     model computes what the trained one did, not the original weights plus the adapter), each remaining
     Linear4bit or bitsandbytes 4-bit layer an nn.Linear holding its dequantized weight. dtype: the weights' dtype
     (default: each layer's original dtype); biases follow it. Everything comes out frozen, on the layer's device.

@@ -55,3 +55,29 @@ def test_a_folder_replaces_only_an_empty_one(tmp_path):
     with pytest.raises(OSError):
         atomic_write_folder(str(tmp_path / "empty"), lambda d: open(os.path.join(d, "other"), "w").close())
     assert os.listdir(tmp_path / "empty") == ["config.json"] and sorted(os.listdir(tmp_path)) == ["empty"]
+
+
+def test_an_overwritten_file_keeps_its_mode_and_a_folder_keeps_links_and_executables(tmp_path):
+    path = tmp_path / "adapter.safetensors"
+    path.write_text("old")
+    os.chmod(path, 0o600)   # made private by its user: a new save keeps it so
+    old = os.umask(0o022)
+    try:
+        import torch
+        atomic_save_safetensors({"w": torch.zeros(2)}, str(path))
+        outside = tmp_path / "outside.txt"
+        outside.write_text("x")
+        os.chmod(outside, 0o600)
+
+        def folder(d):
+            os.symlink(outside, os.path.join(d, "link"))   # chmod through it would open the file outside
+            with open(os.path.join(d, "run.sh"), "w") as f:
+                f.write("#!/bin/sh\n")
+            os.chmod(os.path.join(d, "run.sh"), 0o700)
+
+        atomic_write_folder(str(tmp_path / "model"), folder)
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert os.stat(outside).st_mode & 0o777 == 0o600
+    assert os.stat(tmp_path / "model" / "run.sh").st_mode & 0o777 == 0o755

@@ -68,7 +68,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="r must be a positive integer, got 0"):
         loftq_init(weight(), 0, 1.0)
     for bad in (0.0, -2.0):
-        with pytest.raises(ValueError, match=f"LoftQ needs a positive scaling alpha / r .*got {bad}"):
+        with pytest.raises(ValueError, match=f"LoftQ needs a positive scaling .*got {bad}"):
             loftq_init(weight(), 4, bad)
     with pytest.raises(ValueError, match="init_lora_weights='loftq' needs a quantized base"):
         prepare_model(TinyLM(), quant_type="none", init_lora_weights="loftq")
@@ -116,3 +116,22 @@ def test_a_rank_above_the_layer_size_starts_the_extra_ranks_as_lora_does():
     left = w.double() - dequantize(q, torch.float32).double() - 2.0 * (B.double() @ A.double())
     assert left.abs().max() < 1e-5  # rank 4 captures all of a 4-row error
     assert B[:, 4:].abs().max() == 0 and A[4:].abs().max() > 0
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_prepare_model_starts_loftq_at_the_adapters_own_scaling(use_rslora):
+    """The start is computed for the scaling the adapters run with (alpha / sqrt(r) under rsLoRA): the merged
+    weight is W less exactly the tail of the quantization error's spectrum, as loftq_init gives it for that
+    scaling (with the other scaling the start would miss W by a factor of sqrt(r))."""
+    w = weight()
+    linear = nn.Linear(128, 96, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(w)
+    model = prepare_model(nn.Sequential(linear), r=8, alpha=16.0, exclude=(), init_lora_weights="loftq",
+                          use_rslora=use_rslora)
+    a = model[0]
+    assert a.scaling == (16.0 / 8 ** 0.5 if use_rslora else 2.0)
+    error = (w - dequantize(quantize(w, 64, "nf4", True), torch.float32)).double().numpy()
+    tail = np.sqrt((np.linalg.svd(error, compute_uv=False)[8:] ** 2).sum())
+    left = (w.double() - a.merged_weight(torch.float64)).numpy()
+    assert np.linalg.norm(left) == pytest.approx(tail, rel=1e-4)

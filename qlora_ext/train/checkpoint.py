@@ -34,7 +34,14 @@ def adapter_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
     return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _uses_rslora(model: torch.nn.Module) -> bool:
+    return any(getattr(m, "use_rslora", False) for m in model.modules())
+
+
 def save_adapters(path: str, model: torch.nn.Module, config: dict) -> None:
+    """The model's adapters (adapter_state) and the run config in the file's metadata, with the model's own
+    use_rslora (the scaling the tensors belong to, whatever `config` says)."""
+    config = dict(config, use_rslora=_uses_rslora(model))
     atomic_save_safetensors(adapter_state(model), path, metadata={"format": "qlora_ext-lora",
                                                                   "config": json.dumps(config)})
 
@@ -55,13 +62,13 @@ def load_adapters(model: torch.nn.Module, path: str) -> None:
         raise ConfigError(f"adapter file {path!r} does not exist")
     # LoftQ's adapters belong to the base quantized from the weight less their start: they do not fit a base
     # quantized from the weight itself, nor the other way round (the file's run config says which it was)
-    saved_init = read_adapter_config(path).get("init_lora_weights", "default")
+    saved = read_adapter_config(path)
+    saved_init = saved.get("init_lora_weights", "default")
     model_init = lora_init_of(model)
     if saved_init != model_init:
         raise ConfigError(f"adapter file {path!r} was trained with --init-lora-weights {saved_init}, the model is "
                           f"prepared with {model_init}: prepare it as the run did")
-    saved_rslora = bool(read_adapter_config(path).get("use_rslora", False))
-    model_rslora = any(getattr(m, "use_rslora", False) for m in model.modules())
+    saved_rslora, model_rslora = bool(saved.get("use_rslora", False)), _uses_rslora(model)
     if saved_rslora != model_rslora:   # the same tensors, another scaling: another model
         raise ConfigError(f"adapter file {path!r} was trained with{'' if saved_rslora else 'out'} --use-rslora, the "
                           f"model is prepared with{'' if model_rslora else 'out'} it: prepare it as the run did")

@@ -1,5 +1,5 @@
 """The training loop: load, quantize and wrap the model, then train the LoRA adapters with gradient
-accumulation, clipping, warmup + cosine/constant schedule and gradient checkpointing; evaluate, save
+accumulation, clipping, warmup + cosine/linear/constant schedule and gradient checkpointing; evaluate, save
 resumable checkpoints, and return the run's numbers for the report.
 
 bf16 autocast on CUDA (base weights bf16, adapters and optimizer states fp32); plain fp32 on the CPU.
