@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import dora
 from ._ops import ops
 from .bnb_io import (bnb_dense_weight, bnb_state_bytes, bnb_takeover_problem, is_bnb_linear_4bit,
                      is_bnb_linear_8bit, is_quantized_bnb_linear_4bit, quant_state_from_bnb_module)
@@ -167,16 +168,18 @@ def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
 
 class LoRALinear(nn.Module):
     """base(x) + dropout(x) @ A^T @ B^T * scaling, with the base frozen; scaling = alpha / r, or alpha / sqrt(r)
-    with use_rslora (lora_scaling).
+    with use_rslora (lora_scaling). With use_dora, DoRA (qlora_ext.dora): a trained magnitude per output row,
+    lora_magnitude_vector [out_features], rescales the adapted weight's rows.
 
-    lora_A [r, in_features] starts Kaiming-uniform, lora_B [out_features, r] starts at zero, so the initial
-    output equals the base's. The adapters are float32 by default; the low-rank product runs in their dtype
-    and is added in the base output's dtype."""
+    lora_A [r, in_features] starts Kaiming-uniform, lora_B [out_features, r] starts at zero (and the magnitude at
+    the base's row norms), so the initial output equals the base's. The adapters are float32 by default; the
+    low-rank product runs in their dtype and is added in the base output's dtype."""
 
-    use_rslora = False   # (what a module pickled before rsLoRA existed computes)
+    use_rslora = False   # (what a module pickled before rsLoRA or DoRA existed computes)
+    use_dora = False
 
     def __init__(self, base: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-                 adapter_dtype: torch.dtype = torch.float32, use_rslora: bool = False):
+                 adapter_dtype: torch.dtype = torch.float32, use_rslora: bool = False, use_dora: bool = False):
         super().__init__()
         if r <= 0:
             raise ValueError(f"r must be a positive integer, got {r}")
@@ -199,11 +202,19 @@ class LoRALinear(nn.Module):
         # (prepare_model computes them again with the base they belong to).
         self.lora_A_init: Optional[torch.Tensor] = None
         self.lora_B_init: Optional[torch.Tensor] = None
+        self.use_dora = bool(use_dora)
+        if self.use_dora:
+            # ||W_i||^2 of the base, taken once (dora.weight_norm); not in the state_dict: it belongs to the base
+            self.register_buffer("dora_weight_sq", dora.weight_row_norms_squared(base)
+                                 if isinstance(base, Linear4bit) else None, persistent=False)
+            self.lora_magnitude_vector = nn.Parameter(dora.weight_norm(self).to(adapter_dtype))
 
     @torch.no_grad()
     def init_adapters(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
         """Starts the adapters at (lora_A, lora_B) instead of (Kaiming, zero), remembering the start (on the
         CPU, in float32)."""
+        if self.use_dora:
+            raise ValueError("a DoRA layer starts at B = 0 (its magnitude at the base's row norms)")
         self.lora_A.copy_(lora_A)
         self.lora_B.copy_(lora_B)
         self.lora_A_init = self.lora_A.detach().to("cpu", torch.float32, copy=True)
@@ -218,6 +229,8 @@ class LoRALinear(nn.Module):
         return self.base.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_dora:
+            return dora.dora_forward(self, x)
         base = self.base
         if isinstance(base, Linear4bit) and base.compute_dtype in (None, x.dtype) and isinstance(
                 self.dropout, (Dropout, nn.Identity)):
@@ -236,7 +249,10 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merged_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """base weight + scaling B @ A as a dense [out_features, in_features] tensor, for export."""
+        """base weight + scaling B @ A (with DoRA: its rows rescaled to the magnitude) as a dense [out_features,
+        in_features] tensor, for export."""
+        if self.use_dora:
+            return dora.merged_weight(self, dtype)
         if isinstance(self.base, Linear4bit):
             w = self.base.dequantized_weight(torch.float32)
         else:
@@ -406,7 +422,7 @@ def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = No
                   blocksize: int = 64, compute_dtype: Optional[torch.dtype] = None,
                   exclude: Iterable[str] = ("lm_head",), verbose: bool = False,
                   init_lora_weights: str = "default", loftq_iters: int = 1, loftq_svd: str = "exact",
-                  use_rslora: bool = False) -> nn.Module:
+                  use_rslora: bool = False, use_dora: bool = False) -> nn.Module:
     """Replaces matching nn.Linear layers of model (in place) with LoRALinear(Linear4bit(...)), or with
     LoRALinear(frozen nn.Linear) when quant_type is "none" (16-bit LoRA), and freezes everything else. Applied
     again, it adds adapters to the newly matching layers and leaves existing adapters (trainable) as they are.
@@ -419,7 +435,8 @@ def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = No
     loftq_iters alternations: the adapters start at the rank-r approximation of each layer's quantization
     error, and the base is quantized from the weight less that; quantized layers only; loftq_svd "exact" or
     "randomized", see loftq_init). use_rslora: scale the adapters by alpha / sqrt(r) instead of alpha / r
-    (rsLoRA, PEFT's use_rslora; lora_scaling). Returns the model; model_summary(model) gives trainable/total
+    (rsLoRA, PEFT's use_rslora; lora_scaling). use_dora: DoRA layers (qlora_ext.dora; PEFT's use_dora), which
+    start at the default init only. Returns the model; model_summary(model) gives trainable/total
     parameters and bytes.
 
     Layers that are already 4-bit keep their format and values (quant_type, blocksize and double_quant apply
@@ -434,6 +451,9 @@ def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = No
         raise ValueError(f"init_lora_weights must be 'default' or 'loftq', got {init_lora_weights!r}")
     if loftq_svd not in LOFTQ_SVDS:
         raise ValueError(f"loftq_svd must be one of {LOFTQ_SVDS}, got {loftq_svd!r}")
+    if init_lora_weights == "loftq" and use_dora:
+        raise ValueError("init_lora_weights='loftq' cannot start DoRA layers (use_dora=True): DoRA starts at B = 0, "
+                         "its magnitude at the base's row norms")
     if init_lora_weights == "loftq" and quant_type == "none":
         raise ValueError("init_lora_weights='loftq' needs a quantized base (quant_type nf4, fp4 or int4): a dense "
                          "base has no quantization error to start from, and A = B = 0 would never train")
@@ -465,7 +485,7 @@ def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = No
             base = linear if quant_type == "none" else Linear4bit.from_linear(
                 linear, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
                 compute_dtype=compute_dtype)
-        adapter = LoRALinear(base, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
+        adapter = LoRALinear(base, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, use_dora=use_dora)
         if isinstance(base, Linear4bit) and init_lora_weights == "loftq":
             adapter.init_adapters(lora_A, lora_B)
         parent_name, _, child = name.rpartition(".")

@@ -7,7 +7,8 @@ bias "none") and adapter_model.safetensors with the tensors under PEFT's names: 
 module path P of the model is "base_model.model.P.lora_A.weight" [r, in] and "...lora_B.weight" [out, r], the
 same layouts and scaling (lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora) as LoRALinear's lora_A,
 lora_B, alpha and use_rslora. Only what both sides mean the same way is accepted: one r, one alpha and one
-use_rslora for all layers, no DoRA, no trained biases.
+use_rslora and one use_dora (DoRA's magnitudes: "...P.lora_magnitude_vector" [out]) for all layers, no trained
+biases.
 
 The adapters were trained against the 4-bit base; PEFT users reproduce the training-time outputs by loading the
 same base weights (for a dense base: the dequantized ones), and close to them with the original dense weights.
@@ -34,11 +35,11 @@ _PREFIX = "base_model.model."
 
 
 # adapter_config.json keys that cannot change what the adapter computes, given the checks below (the others must
-# be unset: DoRA, biases in lora_B, layer replication, quantization-aware variants, new PEFT methods, ...)
+# be unset: biases in lora_B, layer replication, quantization-aware variants, new PEFT methods, ...)
 _HARMLESS_KEYS = {
     "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
     "r", "target_modules", "exclude_modules", "lora_alpha", "lora_dropout", "fan_in_fan_out", "bias", "use_rslora",
-    "modules_to_save", "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern",
+    "use_dora", "modules_to_save", "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern",
     "megatron_core", "runtime_config", "qalora_group_size", "ensure_weight_tying", "eva_config",
 }
 # PEFT starts that leave the base weights alone; PiSSA, OLoRA, CorDA and LoftQ change them (the adapter then only
@@ -98,7 +99,8 @@ def save_peft_adapter(model: torch.nn.Module, directory: str, base_model_name_or
     dropout = _one({n: a.dropout.p if isinstance(a.dropout, Dropout) else 0.0 for n, a in adapters.items()},
                    "lora_dropout")
     use_rslora = _one({n: a.use_rslora for n, a in adapters.items()}, "use_rslora")
-    from_start = lora_init_of(model) == "loftq"  # write what training changed only
+    use_dora = _one({n: a.use_dora for n, a in adapters.items()}, "use_dora")
+    from_start = lora_init_of(model) == "loftq"  # write what training changed only (never DoRA: prepare_model)
     tensors = {}
     for name, a in adapters.items():
         lora_A, lora_B = a.lora_A.detach(), a.lora_B.detach()
@@ -108,13 +110,16 @@ def save_peft_adapter(model: torch.nn.Module, directory: str, base_model_name_or
             lora_A, lora_B = torch.cat([lora_A, A0.to(lora_A)]), torch.cat([lora_B, -B0.to(lora_B)], dim=1)
         tensors[f"{_PREFIX}{name}.lora_A.weight"] = lora_A.to("cpu", dtype).contiguous()
         tensors[f"{_PREFIX}{name}.lora_B.weight"] = lora_B.to("cpu", dtype).contiguous()
+        if use_dora:
+            tensors[f"{_PREFIX}{name}.lora_magnitude_vector"] = a.lora_magnitude_vector.detach().to(
+                "cpu", dtype).contiguous()
     if from_start:   # the same scaling at rank 2r
         r, alpha = 2 * r, alpha * math.sqrt(2) if use_rslora else 2 * alpha
     config = {
         "peft_type": "LORA", "task_type": _task_type(model), "base_model_name_or_path": base_model_name_or_path,
         "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": _target_modules(model, adapters),
-        "bias": "none", "fan_in_fan_out": False, "use_rslora": use_rslora, "use_dora": False, "modules_to_save": None,
-        "inference_mode": True, "init_lora_weights": True,
+        "bias": "none", "fan_in_fan_out": False, "use_rslora": use_rslora, "use_dora": use_dora,
+        "modules_to_save": None, "inference_mode": True, "init_lora_weights": True,
     }
     os.makedirs(directory, exist_ok=True)
     atomic_save_safetensors(tensors, os.path.join(directory, WEIGHTS_FILE), metadata={"format": "pt"})
@@ -125,7 +130,7 @@ def save_peft_adapter(model: torch.nn.Module, directory: str, base_model_name_or
 def load_peft_adapter(model: torch.nn.Module, directory: str) -> None:
     """Copies a PEFT LoRA adapter folder's tensors into the model's LoRALinear layers (prepare the model with the
     same target modules, r and alpha first). Anything that would not compute what PEFT computes is a ValueError
-    naming it: another r, alpha or use_rslora, DoRA, fan_in_fan_out, trained biases or modules, missing or extra
+    naming it: another r, alpha, use_rslora or use_dora, fan_in_fan_out, trained biases or modules, missing or extra
     tensors, other shapes."""
     from safetensors.torch import load_file
 
@@ -138,7 +143,7 @@ def load_peft_adapter(model: torch.nn.Module, directory: str) -> None:
         config = json.load(f)
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{config_path}: peft_type must be 'LORA', got {config.get('peft_type')!r}")
-    for key, ok in (("use_dora", False), ("fan_in_fan_out", False), ("bias", "none")):
+    for key, ok in (("fan_in_fan_out", False), ("bias", "none")):
         if config.get(key, ok) != ok:
             raise ValueError(f"{config_path}: {key}={config[key]!r} is not supported (LoRALinear computes "
                              f"{key}={ok!r})")
@@ -159,21 +164,25 @@ def load_peft_adapter(model: torch.nn.Module, directory: str) -> None:
             raise ValueError(f"layer {name} was prepared with init_lora_weights='loftq': its base is quantized from "
                              "the weight less LoftQ's start, not the weight a PEFT adapter is made for; prepare the "
                              "model with the default init to load one")
-        use_rslora = bool(config.get("use_rslora") or False)
-        if a.r != config["r"] or float(a.alpha) != float(config["lora_alpha"]) or a.use_rslora != use_rslora:
+        use_rslora, use_dora = bool(config.get("use_rslora") or False), bool(config.get("use_dora") or False)
+        if (a.r, float(a.alpha), a.use_rslora, a.use_dora) != (config["r"], float(config["lora_alpha"]), use_rslora,
+                                                               use_dora):
             raise ValueError(f"{config_path}: r={config['r']}, lora_alpha={config['lora_alpha']}, use_rslora="
-                             f"{use_rslora}, but the model's layer {name} has r={a.r}, alpha={a.alpha}, use_rslora="
-                             f"{a.use_rslora}: prepare_model(r=..., alpha=..., use_rslora=...) as the adapter was "
-                             "trained")
+                             f"{use_rslora}, use_dora={use_dora}, but the model's layer {name} has r={a.r}, alpha="
+                             f"{a.alpha}, use_rslora={a.use_rslora}, use_dora={a.use_dora}: prepare the model with "
+                             "the adapter's settings (prepare_model(r=..., alpha=..., use_rslora=..., use_dora=...), "
+                             "or the trainer's --r, --alpha, --use-rslora, --use-dora)")
     tensors = load_file(weights_path)
-    wanted = {f"{_PREFIX}{n}.lora_{ab}.weight": (a, ab) for n, a in adapters.items() for ab in "AB"}
+    wanted = {f"{_PREFIX}{n}.lora_{ab}.weight": (a, "lora_" + ab) for n, a in adapters.items() for ab in "AB"}
+    wanted.update({f"{_PREFIX}{n}.lora_magnitude_vector": (a, "lora_magnitude_vector")
+                   for n, a in adapters.items() if a.use_dora})
     missing, extra = sorted(set(wanted) - set(tensors)), sorted(set(tensors) - set(wanted))
     if missing or extra:
         raise ValueError(f"{weights_path} does not fit the model: {len(missing)} missing tensor(s) {missing[:2]}, "
                          f"{len(extra)} extra {extra[:2]} (were the same target modules used?)")
     with torch.no_grad():
-        for key, (a, ab) in wanted.items():
-            param = a.lora_A if ab == "A" else a.lora_B
+        for key, (a, attribute) in wanted.items():
+            param = getattr(a, attribute)
             if tensors[key].shape != param.shape:
                 raise ValueError(f"{weights_path}: {key} has shape {tuple(tensors[key].shape)}, the model's "
                                  f"{tuple(param.shape)}")

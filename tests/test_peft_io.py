@@ -100,7 +100,7 @@ def test_rslora_adapters_go_both_ways_with_peft(tmp_path, quant_type):
     load_peft_adapter(again, str(tmp_path / "ours"))
     torch.testing.assert_close(logits(again.eval(), IDS), logits(ours, IDS), rtol=0, atol=0)
     plain = qlora_ext.prepare_model(copy.deepcopy(base), r=4, alpha=8.0, quant_type=quant_type)
-    with pytest.raises(ValueError, match="use_rslora=True, but the model's layer .* use_rslora=False"):
+    with pytest.raises(ValueError, match="use_rslora=True, use_dora=False, but the model's layer .* use_rslora=False"):
         load_peft_adapter(plain, str(tmp_path / "ours"))
 
     cfg = peft.LoraConfig(r=16, lora_alpha=8, target_modules=TARGETS, use_rslora=True, task_type="CAUSAL_LM")
@@ -152,14 +152,15 @@ def _edit_config(folder, **changes):
 
 
 @pytest.mark.parametrize("changes,message", [
-    ({"use_dora": True}, "use_dora=True is not supported"),
-    ({"use_rslora": True}, "use_rslora=True, but the model's layer model.layers.0.self_attn.q_proj has r=4, "
-                           "alpha=8.0, use_rslora=False"),
+    ({"use_dora": True}, "use_dora=True, but the model's layer model.layers.0.self_attn.q_proj has r=4, alpha=8.0, "
+                         "use_rslora=False, use_dora=False"),
+    ({"use_rslora": True}, "use_rslora=True, use_dora=False, but the model's layer model.layers.0.self_attn.q_proj "
+                           "has r=4, alpha=8.0, use_rslora=False"),
     ({"bias": "all"}, "bias='all' is not supported"),
     ({"rank_pattern": {"q_proj": 8}}, "rank_pattern is not supported"),
     ({"peft_type": "IA3"}, "peft_type must be 'LORA'"),
-    ({"r": 8}, "r=8, lora_alpha=8.0, use_rslora=False, but the model's layer model.layers.0.self_attn.q_proj has "
-               "r=4"),
+    ({"r": 8}, "r=8, lora_alpha=8.0, use_rslora=False, use_dora=False, but the model's layer "
+               "model.layers.0.self_attn.q_proj has r=4"),
     ({"lora_bias": True}, "lora_bias=True is not supported"),
     ({"layer_replication": [[0, 2]]}, "layer_replication=[[0, 2]] is not supported"),
     ({"some_future_option": "x"}, "some_future_option='x' is not supported"),

@@ -34,14 +34,17 @@ def adapter_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
     return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _uses_rslora(model: torch.nn.Module) -> bool:
-    return any(getattr(m, "use_rslora", False) for m in model.modules())
+VARIANTS = {"use_rslora": "--use-rslora", "use_dora": "--use-dora"}   # what the same tensors compute differently
+
+
+def _variants(model: torch.nn.Module) -> dict:
+    return {k: any(getattr(m, k, False) for m in model.modules()) for k in VARIANTS}
 
 
 def save_adapters(path: str, model: torch.nn.Module, config: dict) -> None:
     """The model's adapters (adapter_state) and the run config in the file's metadata, with the model's own
-    use_rslora (the scaling the tensors belong to, whatever `config` says)."""
-    config = dict(config, use_rslora=_uses_rslora(model))
+    use_rslora and use_dora (what the tensors belong to, whatever `config` says)."""
+    config = dict(config, **_variants(model))
     atomic_save_safetensors(adapter_state(model), path, metadata={"format": "qlora_ext-lora",
                                                                   "config": json.dumps(config)})
 
@@ -68,10 +71,11 @@ def load_adapters(model: torch.nn.Module, path: str) -> None:
     if saved_init != model_init:
         raise ConfigError(f"adapter file {path!r} was trained with --init-lora-weights {saved_init}, the model is "
                           f"prepared with {model_init}: prepare it as the run did")
-    saved_rslora, model_rslora = bool(saved.get("use_rslora", False)), _uses_rslora(model)
-    if saved_rslora != model_rslora:   # the same tensors, another scaling: another model
-        raise ConfigError(f"adapter file {path!r} was trained with{'' if saved_rslora else 'out'} --use-rslora, the "
-                          f"model is prepared with{'' if model_rslora else 'out'} it: prepare it as the run did")
+    for key, model_value in _variants(model).items():   # the same tensors, another layer: another model
+        saved_value = bool(saved.get(key, False))
+        if saved_value != model_value:
+            raise ConfigError(f"adapter file {path!r} was trained with{'' if saved_value else 'out'} {VARIANTS[key]}, "
+                              f"the model is prepared with{'' if model_value else 'out'} it: prepare it as the run did")
     tensors = load_file(path)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))

@@ -43,6 +43,7 @@ class TrainConfig:
     alpha: float = 32.0
     dropout: float = 0.05
     use_rslora: bool = False            # rsLoRA: scale the adapters by alpha / sqrt(r), not alpha / r (PEFT's)
+    use_dora: bool = False              # DoRA: a trained magnitude per output row (PEFT's use_dora)
     target_modules: Optional[List[str]] = None   # default (or all-linear): every nn.Linear except lm_head
     init_lora_weights: str = "default"  # default (A Kaiming, B zero) | loftq (start at each layer's quantization error)
     loftq_iters: int = 1                # LoftQ's quantize / SVD alternations (with --init-lora-weights loftq)
@@ -96,6 +97,8 @@ class TrainConfig:
              "--load-in-4bit on needs a quantized base: --quant-type none keeps the dense weights")
         need(self.load_in_4bit != "on" or self.init_lora_weights != "loftq",
              "--load-in-4bit on cannot start LoftQ, which needs each layer's dense weight")
+        need(self.init_lora_weights != "loftq" or not self.use_dora,
+             "--init-lora-weights loftq cannot start DoRA layers (--use-dora): DoRA starts at B = 0")
         need(self.init_lora_weights != "loftq" or self.quant_type != "none",
              "--init-lora-weights loftq needs a quantized base (--quant-type nf4, fp4 or int4)")
         need(self.init_adapter is None or self.resume or os.path.isdir(self.init_adapter),  # resume: checkpoint's

@@ -57,7 +57,8 @@ def merge_run(output_dir: str, target: str, dtype=None, log=print) -> str:
         with open(os.path.join(folder, "MERGED_FROM.txt"), "w") as f:
             f.write(f"Merged by qlora_ext from the run in {os.path.abspath(output_dir)}: the base {run.model_dir} "
                     f"{prequantized_note}, dequantized, plus its LoRA adapters (r={cfg.r}, alpha={cfg.alpha}"
-                    f"{', rsLoRA scaling alpha / sqrt(r)' if cfg.use_rslora else ''}).\n")
+                    f"{', rsLoRA scaling alpha / sqrt(r)' if cfg.use_rslora else ''}"
+                    f"{', DoRA: each row rescaled to its trained magnitude' if cfg.use_dora else ''}).\n")
 
     try:
         atomic_write_folder(target, write)

@@ -33,7 +33,8 @@ def markdown(r: dict) -> str:
         "| | |", "| --- | --- |",
         f"| base | {_base(r)} |",
         f"| base bits/param (measured) | {'%.3f' % bits if bits is not None else 'dense'} |",
-        f"| LoRA | r={c['r']}, alpha={c['alpha']}{' (rsLoRA: alpha / sqrt(r))' if c.get('use_rslora') else ''}, "
+        f"| {'DoRA' if c.get('use_dora') else 'LoRA'} | r={c['r']}, alpha={c['alpha']}"
+        f"{' (rsLoRA: alpha / sqrt(r))' if c.get('use_rslora') else ''}, "
         f"dropout={c['dropout']}, targets "
         f"{','.join(c['target_modules']) if c['target_modules'] else 'all linear but lm_head'} |",
         f"| trainable params | {r['trainable_params']:,} of {r['total_params']:,} "

@@ -1,0 +1,91 @@
+"""DoRA (Liu et al., "DoRA: Weight-Decomposed Low-Rank Adaptation", ICML 2024; PEFT's use_dora=True) on a frozen,
+possibly 4-bit, base: the adapted weight is split into a trained magnitude m (one per output row) and a
+direction, W' = m / ||W + s B A||_row * (W + s B A). As in the paper (section 4.3) and PEFT, the norm is treated
+as a constant (no gradient flows through it), so the layer computes
+
+    y = base(x) + (m / n - 1) * W x_d + (m / n) * s * B A x_d,    n = ||W + s B A||_row (detached),
+
+with x_d = dropout(x) (x itself when dropout is off: then W x_d is base(x) less its bias, not a second GEMM).
+
+PEFT dequantizes the whole 4-bit weight at every forward to take that norm. Here the norm comes from the 4-bit
+weight without ever making it dense:
+
+    n_i^2 = ||W_i||^2 + 2 s B_i . (W A^T)_i + s^2 B_i (A A^T) B_i^T,
+
+where ||W_i||^2 is taken once (LoRALinear keeps it in a buffer) and W A^T is one 4-bit GEMM with r rows (the fused
+op, as for a decode step). A dense base takes the norm directly, as PEFT does. The norm is computed in float32.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .linear import linear_4bit
+
+
+def _no_autocast(device: torch.device):
+    return torch.autocast(device.type, enabled=False)
+
+
+@torch.no_grad()
+def weight_row_norms_squared(base) -> torch.Tensor:
+    """||W_i||^2 of each row of the base's (dequantized) weight, float32 [out_features]; computed once per layer
+    (a dense copy of one layer's weight exists for the moment)."""
+    from .nn import Linear4bit
+    w = base.dequantized_weight(torch.float32) if isinstance(base, Linear4bit) else base.weight.float()
+    return torch.linalg.vector_norm(w, dim=1).square()
+
+
+@torch.no_grad()
+def weight_norm(layer) -> torch.Tensor:
+    """n = ||W + s B A||_row (float32 [out_features], no gradient) of a LoRALinear with use_dora."""
+    from .nn import Linear4bit
+    base, s = layer.base, float(layer.scaling)
+    with _no_autocast(layer.lora_A.device):
+        A, B = layer.lora_A.float(), layer.lora_B.float()
+        if not isinstance(base, Linear4bit):
+            return torch.linalg.vector_norm(base.weight.float() + s * (B @ A), dim=1)
+        WA = linear_4bit(A, base.weight)                     # [r, out]: one 4-bit GEMM with r rows
+        cross = (B * WA.t()).sum(dim=1)
+        quad = ((B @ (A @ A.t())) * B).sum(dim=1)
+        squared = layer.dora_weight_sq + 2.0 * s * cross + (s * s) * quad
+        return squared.clamp_min(0.0).sqrt()
+
+
+def _base_and_direction(base, x: torch.Tensor, dropped: torch.Tensor):
+    """(base(x), W dropped) with one GEMM over both (the 4-bit weight decoded once, not twice)."""
+    from .nn import Linear4bit
+    both = torch.stack([x, dropped])
+    if isinstance(base, Linear4bit):
+        both = linear_4bit(both if base.compute_dtype is None else both.to(base.compute_dtype), base.weight, None)
+    else:
+        both = F.linear(both, base.weight)
+    y, direction = both[0], both[1]
+    return (y if base.bias is None else y + base.bias.to(y.dtype)), direction
+
+
+def dora_forward(layer, x: torch.Tensor) -> torch.Tensor:
+    """The DoRA layer's output (see the module's docstring), in the base output's dtype."""
+    base = layer.base
+    if layer.scaling == 0.0:   # adapters_disabled: the base alone, whatever the magnitude learned
+        return base(x)
+    dropped = layer.dropout(x)
+    if dropped is x:
+        y = base(x)
+        direction = y if base.bias is None else y - base.bias.to(y.dtype)   # W x: the base's own GEMM again
+    else:
+        y, direction = _base_and_direction(base, x, dropped)
+    scale = layer.lora_magnitude_vector / weight_norm(layer)          # m / n: the gradient reaches m only
+    lora = F.linear(F.linear(dropped.to(layer.lora_A.dtype), layer.lora_A), layer.lora_B)
+    out = y.float() + (scale - 1.0) * direction.float() + scale * (lora.float() * layer.scaling)
+    return out.to(y.dtype)
+
+
+@torch.no_grad()
+def merged_weight(layer, dtype: torch.dtype) -> torch.Tensor:
+    """m / n * (W + s B A) as a dense [out_features, in_features] tensor, for export."""
+    from .nn import Linear4bit
+    base = layer.base
+    w = base.dequantized_weight(torch.float32) if isinstance(base, Linear4bit) else base.weight.float()
+    w = w + (layer.lora_B.float() @ layer.lora_A.float()) * layer.scaling
+    return ((layer.lora_magnitude_vector.float() / weight_norm(layer))[:, None] * w).to(dtype)
