@@ -23,6 +23,9 @@ import torch.nn.functional as F
 from .linear import linear_4bit
 
 
+_TINY = torch.finfo(torch.float32).tiny
+
+
 def _no_autocast(device: torch.device):
     return torch.autocast(device.type, enabled=False)
 
@@ -44,12 +47,14 @@ def weight_norm(layer) -> torch.Tensor:
     with _no_autocast(layer.lora_A.device):
         A, B = layer.lora_A.float(), layer.lora_B.float()
         if not isinstance(base, Linear4bit):
-            return torch.linalg.vector_norm(base.weight.float() + s * (B @ A), dim=1)
+            return torch.linalg.vector_norm(base.weight.float() + s * (B @ A), dim=1).clamp_min(_TINY)
         WA = linear_4bit(A, base.weight)                     # [r, out]: one 4-bit GEMM with r rows
         cross = (B * WA.t()).sum(dim=1)
         quad = ((B @ (A @ A.t())) * B).sum(dim=1)
         squared = layer.dora_weight_sq + 2.0 * s * cross + (s * s) * quad
-        return squared.clamp_min(0.0).sqrt()
+        # (a row of zeros has n = 0 and m = 0: a tiny n makes m / n = 0 and the row computes the base, where PEFT
+        # gives NaN; the relative error of the expansion is about 1e-7 (||W_i|| / n_i)^2)
+        return squared.clamp_min(_TINY).sqrt()
 
 
 def _base_and_direction(base, x: torch.Tensor, dropped: torch.Tensor):
@@ -75,10 +80,12 @@ def dora_forward(layer, x: torch.Tensor) -> torch.Tensor:
         direction = y if base.bias is None else y - base.bias.to(y.dtype)   # W x: the base's own GEMM again
     else:
         y, direction = _base_and_direction(base, x, dropped)
-    scale = layer.lora_magnitude_vector / weight_norm(layer)          # m / n: the gradient reaches m only
+    scale = layer.lora_magnitude_vector.float() / weight_norm(layer)   # m / n: the gradient reaches m only
     lora = F.linear(F.linear(dropped.to(layer.lora_A.dtype), layer.lora_A), layer.lora_B)
-    out = y.float() + (scale - 1.0) * direction.float() + scale * (lora.float() * layer.scaling)
-    return out.to(y.dtype)
+    # y + (m/n - 1) W x_d + (m/n) s B A x_d as y - W x_d + (m/n) (W x_d + s B A x_d): autograd keeps one tensor
+    # of the output's size, in the output's dtype, for m's gradient (not two in float32)
+    adapted = direction + (lora * layer.scaling).to(direction.dtype)
+    return ((y.float() - direction.float()) + scale * adapted).to(y.dtype)
 
 
 @torch.no_grad()

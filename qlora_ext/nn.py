@@ -204,10 +204,21 @@ class LoRALinear(nn.Module):
         self.lora_B_init: Optional[torch.Tensor] = None
         self.use_dora = bool(use_dora)
         if self.use_dora:
-            # ||W_i||^2 of the base, taken once (dora.weight_norm); not in the state_dict: it belongs to the base
+            # ||W_i||^2 of a 4-bit base, taken once (dora.weight_norm) and again whenever load_state_dict fills
+            # the base; float32 whatever .to(dtype) says; not in the state_dict: it belongs to the base
             self.register_buffer("dora_weight_sq", dora.weight_row_norms_squared(base)
                                  if isinstance(base, Linear4bit) else None, persistent=False)
-            self.lora_magnitude_vector = nn.Parameter(dora.weight_norm(self).to(adapter_dtype))
+            self.register_load_state_dict_post_hook(_refresh_dora_weight_sq)
+            # float32 whatever adapter_dtype is: a rounded magnitude would make a fresh layer differ from its base
+            self.lora_magnitude_vector = nn.Parameter(dora.weight_norm(self))
+
+    def _apply(self, fn, recurse=True):
+        kept = self._buffers.get("dora_weight_sq")
+        super()._apply(fn, recurse)
+        new = self._buffers.get("dora_weight_sq")
+        if kept is not None and new.dtype != kept.dtype:   # (model.half() would overflow squares above 65504)
+            self._buffers["dora_weight_sq"] = kept.to(new.device)
+        return self
 
     @torch.no_grad()
     def init_adapters(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
@@ -258,6 +269,13 @@ class LoRALinear(nn.Module):
         else:
             w = self.base.weight.float()
         return (w + (self.lora_B.float() @ self.lora_A.float()) * self.scaling).to(dtype)
+
+
+def _refresh_dora_weight_sq(layer: "LoRALinear", incompatible_keys) -> None:
+    """After load_state_dict: the base's weight may be another one now (a model built with placeholder weights,
+    then loaded), so its row norms are taken again."""
+    if layer.dora_weight_sq is not None:
+        layer.dora_weight_sq = dora.weight_row_norms_squared(layer.base)
 
 
 @contextlib.contextmanager

@@ -125,6 +125,56 @@ def test_torch_compile_fullgraph_matches_eager():
     torch.testing.assert_close(compiled(x), layer(x), rtol=1e-6, atol=1e-6)
 
 
+def test_the_base_row_norms_follow_a_loaded_base_and_stay_float32():
+    """The 4-bit base's row norms are taken again when load_state_dict fills the base (a model built with
+    placeholder weights, then loaded), and stay float32 under model.half() (squares above 65504 would overflow)."""
+    def make(seed):
+        torch.manual_seed(seed)
+        return prepare_model(nn.Sequential(nn.Linear(128, 64)), r=4, exclude=(), use_dora=True)
+
+    x = torch.randn(3, 128)
+    a, b = make(0), make(1)
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(b(x), a(x))
+    placeholder = prepare_model(nn.Sequential(qlora_ext.Linear4bit(128, 64)), r=4, exclude=(), use_dora=True)
+    placeholder.load_state_dict(a.state_dict())
+    assert torch.equal(placeholder(x), a(x))
+
+    big = nn.Linear(4096, 8, bias=False)
+    with torch.no_grad():
+        big.weight.fill_(5.0)   # ||W_i||^2 = 102400: above float16's range
+    layer = prepare_model(nn.Sequential(big), r=4, exclude=(), use_dora=True).half()[0]
+    assert layer.dora_weight_sq.dtype == torch.float32
+    xh = torch.ones(2, 4096, dtype=torch.float16)
+    torch.testing.assert_close(layer(xh), layer.base(xh))
+
+
+def test_a_zero_row_computes_its_base_and_bf16_adapters_start_at_the_base():
+    linear = nn.Linear(64, 8)
+    with torch.no_grad():
+        linear.weight[3] = 0.0   # a pruned row: n = m = 0 (PEFT gives NaN)
+    layer = prepare_model(nn.Sequential(linear), r=4, exclude=(), use_dora=True)[0]
+    x = torch.randn(5, 64, requires_grad=True)
+    y = layer(x)
+    torch.testing.assert_close(y, layer.base(x), rtol=0, atol=1e-6)
+    y.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector, x))
+    bf16 = LoRALinear(qlora_ext.Linear4bit.from_linear(nn.Linear(64, 8)), r=4, use_dora=True,
+                      adapter_dtype=torch.bfloat16)
+    assert bf16.lora_magnitude_vector.dtype == torch.float32   # (a bf16 magnitude would not be the base's norm)
+    torch.testing.assert_close(bf16(x.detach()), bf16.base(x.detach()), rtol=0, atol=1e-6)
+
+
+def test_under_autocast_the_output_has_the_autocast_dtype():
+    layer = _layer("nf4").train()
+    x = torch.randn(4, 128)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    want, _ = _reference(layer, x)
+    assert (y.double() - want).abs().max() < 0.02 * want.abs().max()
+
+
 def test_what_dora_cannot_start_from_is_refused():
     with pytest.raises(ValueError, match="cannot start DoRA layers"):
         prepare_model(nn.Sequential(nn.Linear(64, 32)), r=4, exclude=(), use_dora=True, init_lora_weights="loftq")
@@ -185,6 +235,25 @@ def test_peft_computes_our_dora_adapters_and_we_compute_its(tmp_path, use_rslora
                           quant_type="none", use_rslora=use_rslora)
     with pytest.raises(ValueError, match="use_dora=True, but the model's layer .* use_dora=False"):
         load_peft_adapter(plain, str(tmp_path / "peft"))
+
+
+def test_peft_on_the_dequantized_weights_computes_our_4bit_dora_model(tmp_path):
+    """A 4-bit DoRA model's adapters in PEFT, on a dense model holding the dequantized 4-bit weights, compute
+    what ours computes (the row norms from the 4-bit weight against PEFT's dense ones)."""
+    base = _tiny_llama()
+    ours = prepare_model(copy.deepcopy(base), r=4, alpha=8.0, use_dora=True).eval()
+    g = torch.Generator().manual_seed(2)
+    dense = copy.deepcopy(base)
+    with torch.no_grad():
+        for name, m in ours.named_modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.1)
+                m.lora_magnitude_vector.mul_(1 + 0.2 * torch.randn(m.lora_magnitude_vector.shape, generator=g))
+                dense.get_submodule(name).weight.copy_(m.base.dequantized_weight(torch.float32))
+    save_peft_adapter(ours, str(tmp_path / "ours"))
+    theirs = peft.PeftModel.from_pretrained(dense, str(tmp_path / "ours")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(input_ids=IDS).logits, ours(input_ids=IDS).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_a_4bit_dora_model_round_trips_its_adapters(tmp_path):
