@@ -2,6 +2,8 @@
 the same order as one process, and the same first error (a record that cannot be rendered, tokenized or read),
 with the workers really started (the batch sizes are made small so a test file is "large")."""
 import json
+import os
+import signal
 
 import pytest
 
@@ -57,7 +59,7 @@ def test_workers_give_the_examples_of_one_process(tokenizer, tmp_path, small_bat
         assert many.file(path) == one
         assert many.workers == 2   # (the workers did the work: not the one-process path again)
         assert many.file(path) == one   # a second file reuses them
-    assert many.pool is None   # leaving the context stops them
+    assert many.executor is None   # leaving the context stops them
     assert len(one) == 101 and all(len(ids) == len(trained) > 0 for ids, trained in one)
 
 
@@ -75,6 +77,8 @@ def test_a_small_file_is_tokenized_without_workers(tokenizer, tmp_path, small_ba
     ({70: "not json"}, ":70: not valid JSON"),
     ({40: json.dumps({"prompt": "no completion"}), 70: "not json"}, ":40: a record must hold"),   # the first
     ({41: '{"text": "a lone \\ud800 surrogate"}', 42: json.dumps({"prompt": "x"})}, ":41: "),  # one batch
+    ({41: json.dumps({"prompt": "x"}), 42: "not json"}, ":41: a record must hold"),   # read error after, one batch
+    ({60: json.dumps({"prompt": "x"}), 64: "not json"}, ":60: a record must hold"),   # ... in a batch still out
 ])
 def test_workers_report_the_first_bad_record(tokenizer, tmp_path, small_batches, bad, error):
     path = _write(tmp_path / "r.jsonl", _records(101), bad)
@@ -86,6 +90,21 @@ def test_workers_report_the_first_bad_record(tokenizer, tmp_path, small_batches,
         assert many.workers == 2
     assert str(parallel.value) == str(one.value)
     assert f"{path}:{min(bad)}: " in str(one.value)
+
+
+def _dying_work(batch):
+    """record_workers._work, but the worker process is killed (as by the OOM killer) on the batch of line 50."""
+    if any(where.endswith(":50") for where, _ in batch):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return record_workers.tokenize_batch(record_workers._tokenizer, batch, record_workers._prefix)
+
+
+def test_a_worker_that_dies_is_an_error_not_a_hang(tokenizer, tmp_path, small_batches, monkeypatch):
+    monkeypatch.setattr(record_workers, "_work", _dying_work)
+    path = _write(tmp_path / "r.jsonl", _records(101))
+    with RecordTokenizer(tokenizer, [], num_proc=2) as many:
+        with pytest.raises(ConfigError, match="a process tokenizing it stopped .* --num-proc 1 starts fewer"):
+            many.file(path)
 
 
 def test_tokenize_data_is_the_same_for_any_num_proc(tokenizer, tmp_path, small_batches):

@@ -39,6 +39,7 @@ def _trained_flags(offsets, spans: Sequence[Tuple[int, int]], length: int) -> Li
     [start, end), i.e. start < token end <= end (one pass over the text and one over the tokens)."""
     if not spans:
         return [False] * len(offsets)
+    assert all(0 <= s <= e <= length for s, e in spans), (spans, length)
     inside = bytearray(length + 1)
     for s, e in spans:
         inside[s + 1:e + 1] = b"\x01" * max(e - s, 0)
@@ -237,7 +238,3 @@ def checked_render(tokenizer, record, where: str) -> RenderedRecord:
         raise
     except Exception as e:  # a chat template's raise_exception (roles must alternate)
         raise ConfigError(f"{where}: {type(e).__name__}: {e}") from e
-
-
-TOKENIZE_BATCH = 512   # records rendered, then tokenized in one call
-

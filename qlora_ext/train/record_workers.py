@@ -10,28 +10,39 @@ files and the demo never wait for them; they are forked (_start_pool says why) a
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import multiprocessing
 import os
+import signal
 from typing import List, Optional, Sequence, Tuple
 
 from .config import ConfigError
-from .instructions import TOKENIZE_BATCH, checked_render, tokenize_rendered
+from .instructions import checked_render, tokenize_rendered
 from .records import read_records
 
 Example = Tuple[List[int], List[bool]]
 
+TOKENIZE_BATCH = 512   # records rendered, then tokenized in one call (a fast tokenizer's threads share them)
 # Records read before workers are started: a second or so of work in this process
 START_AFTER = 4 * TOKENIZE_BATCH
 IN_FLIGHT_PER_WORKER = 2   # batches queued per worker: enough to keep it busy, few enough to bound memory
 
 
 def default_num_proc() -> int:
-    """--num-proc 0: one worker per CPU this process may run on, at most 16."""
+    """--num-proc 0: one worker per CPU this process may run on (its affinity, and a container's CPU quota, cgroup
+    v2's cpu.max), at most 8."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:   # (not on Linux)
         cpus = os.cpu_count() or 1
-    return max(1, min(cpus, 16))
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, min(cpus, 8))
 
 
 _tokenizer = None
@@ -41,6 +52,7 @@ _prefix: Optional[List[int]] = None
 def _start_worker(tokenizer, prefix: Optional[List[int]]) -> None:
     global _tokenizer, _prefix
     os.environ["TOKENIZERS_PARALLELISM"] = "false"   # the processes share the CPUs, not each one's threads
+    signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C stops the run: the parent stops the workers
     _tokenizer, _prefix = tokenizer, prefix
 
 
@@ -81,7 +93,7 @@ class RecordTokenizer:
         self.tokenizer = tokenizer
         self.prefix = None if prefix is None else list(prefix)
         self.num_proc = num_proc or default_num_proc()
-        self.pool = None
+        self.executor: Optional[concurrent.futures.ProcessPoolExecutor] = None
 
     def __enter__(self) -> "RecordTokenizer":
         return self
@@ -90,22 +102,27 @@ class RecordTokenizer:
         self.close()
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
-            self.pool = None
+        """Stops the workers: batches not started are dropped, those started finish first (a batch is a
+        fraction of a second; a pool's terminate() can deadlock on a worker that holds its queue's lock)."""
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
+            self.executor = None
 
-    def _start_pool(self):
-        """The worker processes, forked as datasets' map(num_proc=) forks them: a spawned process would import
-        the user's main script again (an error without its `if __name__ == "__main__":`), and torch with it.
-        They inherit TOKENIZERS_PARALLELISM=false: the tokenizer's threads do not survive a fork (tokenizers
-        would warn, in each worker, that it turns them off)."""
+    def _submit(self, batch) -> concurrent.futures.Future:
+        """Sends a batch to the workers, started at the first: forked, as datasets' map(num_proc=) forks them (a
+        spawned process would import the user's main script again, an error without its `if __name__ ==
+        "__main__":`, and torch with it), with TOKENIZERS_PARALLELISM=false (the tokenizer's threads do not
+        survive a fork: tokenizers would warn, in each worker, that it turns them off)."""
+        if self.executor is not None:
+            return self.executor.submit(_work, batch)
         methods = multiprocessing.get_all_start_methods()
         context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+        self.executor = concurrent.futures.ProcessPoolExecutor(
+            self.num_proc, mp_context=context, initializer=_start_worker, initargs=(self.tokenizer, self.prefix))
         saved = os.environ.get("TOKENIZERS_PARALLELISM")
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         try:
-            return context.Pool(self.num_proc, initializer=_start_worker, initargs=(self.tokenizer, self.prefix))
+            return self.executor.submit(_work, batch)   # (a forking executor starts all its workers here)
         finally:
             if saved is None:
                 del os.environ["TOKENIZERS_PARALLELISM"]
@@ -115,24 +132,29 @@ class RecordTokenizer:
     @property
     def workers(self) -> int:
         """The worker processes started so far (0: everything ran in this process)."""
-        return 0 if self.pool is None else self.num_proc
+        return 0 if self.executor is None else self.num_proc
 
     def file(self, path: str) -> List[Example]:
-        """The examples of a file of records, as instructions.tokenize_record_file gives them."""
+        """The examples of a file of records, as tokenize_record_file gives them (the same first error too)."""
         examples: List[Example] = []
-        pending: collections.deque = collections.deque()   # results of the batches sent, in order
+        pending: collections.deque = collections.deque()   # the batches sent, in order
         batch: List[Tuple[str, object]] = []
         seen = 0
 
+        def collect(future: concurrent.futures.Future) -> None:
+            try:
+                examples.extend(future.result())
+            except concurrent.futures.process.BrokenProcessPool as e:
+                raise ConfigError(f"{path}: a process tokenizing it stopped ({e}); out of memory? --num-proc "
+                                  f"{max(self.num_proc // 2, 1)} starts fewer") from e
+
         def send(batch):
-            if self.pool is None and (self.num_proc == 1 or seen < START_AFTER):
+            if self.executor is None and (self.num_proc == 1 or seen < START_AFTER):
                 examples.extend(tokenize_batch(self.tokenizer, batch, self.prefix))
                 return
-            if self.pool is None:
-                self.pool = self._start_pool()
-            pending.append(self.pool.apply_async(_work, (batch,)))
+            pending.append(self._submit(batch))
             while len(pending) > IN_FLIGHT_PER_WORKER * self.num_proc:
-                examples.extend(pending.popleft().get())
+                collect(pending.popleft())
 
         records = read_records(path)
         while True:
@@ -140,9 +162,11 @@ class RecordTokenizer:
                 where, record = next(records)
             except StopIteration:
                 break
-            except BaseException:   # a record that cannot be read: the batches before it, and their errors, first
+            except Exception:   # a record that cannot be read: the records before it, and their errors, first
                 while pending:
-                    examples.extend(pending.popleft().get())
+                    collect(pending.popleft())
+                if batch:
+                    examples.extend(tokenize_batch(self.tokenizer, batch, self.prefix))
                 raise
             batch.append((where, record))
             seen += 1
@@ -152,7 +176,7 @@ class RecordTokenizer:
         if batch:
             send(batch)
         while pending:
-            examples.extend(pending.popleft().get())
+            collect(pending.popleft())
         if not examples:
             raise ConfigError(f"{path} holds no examples")
         return examples
