@@ -34,6 +34,29 @@ def randomize_adapters(model, seed=1):
                 m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.1)
 
 
+def peft_model_with_random_adapters(base, config, folder: str):
+    """PEFT's model of (a copy of) base with config, its adapters random (as if trained), saved to folder."""
+    theirs = peft.get_peft_model(copy.deepcopy(base), config)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    theirs.save_pretrained(folder)
+    return theirs
+
+
+def trained_change_merged(base, ours):
+    """A copy of the dense base with each adapted layer's W + s (B A - B0 A0): what training changed, from LoftQ's
+    start."""
+    merged = copy.deepcopy(base)
+    with torch.no_grad():
+        for name, a in ours.named_modules():
+            if isinstance(a, qlora_ext.LoRALinear):
+                merged.get_submodule(name).weight += a.scaling * (a.lora_B @ a.lora_A - a.lora_B_init @ a.lora_A_init)
+    return merged
+
+
 def logits(model, ids):
     with torch.no_grad():
         return model(input_ids=ids).logits
@@ -61,13 +84,7 @@ def test_peft_loads_what_we_save_and_computes_the_same(tmp_path, targets):
 def test_we_load_what_peft_saves_and_compute_the_same(tmp_path):
     base = tiny_llama()
     cfg = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
-    theirs = peft.get_peft_model(copy.deepcopy(base), cfg)
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for n, p in theirs.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    theirs.save_pretrained(str(tmp_path / "peft"))
+    theirs = peft_model_with_random_adapters(base, cfg, str(tmp_path / "peft"))
     ours = qlora_ext.prepare_model(copy.deepcopy(base), target_modules=TARGETS, r=8, alpha=16.0,
                                    quant_type="none").eval()
     load_peft_adapter(ours, str(tmp_path / "peft"))
@@ -104,13 +121,7 @@ def test_rslora_adapters_go_both_ways_with_peft(tmp_path, quant_type):
         load_peft_adapter(plain, str(tmp_path / "ours"))
 
     cfg = peft.LoraConfig(r=16, lora_alpha=8, target_modules=TARGETS, use_rslora=True, task_type="CAUSAL_LM")
-    theirs = peft.get_peft_model(copy.deepcopy(base), cfg)
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for n, p in theirs.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    theirs.save_pretrained(str(tmp_path / "peft"))
+    theirs = peft_model_with_random_adapters(base, cfg, str(tmp_path / "peft"))
     ours = qlora_ext.prepare_model(copy.deepcopy(base), r=16, alpha=8.0, quant_type="none", use_rslora=True)
     load_peft_adapter(ours, str(tmp_path / "peft"))
     torch.testing.assert_close(logits(ours.eval(), IDS), logits(theirs.eval(), IDS), rtol=1e-5, atol=1e-5)
@@ -125,12 +136,8 @@ def test_a_loftq_rslora_model_exports_the_same_scaling_at_rank_2r(tmp_path):
     assert config["r"] == 8 and config["use_rslora"] is True
     assert abs(config["lora_alpha"] / 8 ** 0.5 - 8.0 / 4 ** 0.5) < 1e-12
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "trained")).eval()
-    merged = copy.deepcopy(base)
-    with torch.no_grad():
-        for name, a in ours.named_modules():
-            if isinstance(a, qlora_ext.LoRALinear):
-                merged.get_submodule(name).weight += a.scaling * (a.lora_B @ a.lora_A - a.lora_B_init @ a.lora_A_init)
-    torch.testing.assert_close(logits(theirs, IDS), logits(merged, IDS), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits(theirs, IDS), logits(trained_change_merged(base, ours), IDS), rtol=1e-5,
+                               atol=1e-5)
 
 
 def test_a_4bit_model_round_trips_its_adapters(tmp_path):
@@ -208,12 +215,8 @@ def test_a_loftq_model_exports_what_training_changed_for_the_dense_weights(tmp_p
     randomize_adapters(ours, seed=7)  # as if trained
     save_peft_adapter(ours, str(tmp_path / "trained"))
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "trained")).eval()
-    merged = copy.deepcopy(base)
-    with torch.no_grad():
-        for name, a in ours.named_modules():
-            if isinstance(a, qlora_ext.LoRALinear):
-                merged.get_submodule(name).weight += a.scaling * (a.lora_B @ a.lora_A - a.lora_B_init @ a.lora_A_init)
-    torch.testing.assert_close(logits(theirs, IDS), logits(merged, IDS), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits(theirs, IDS), logits(trained_change_merged(base, ours), IDS), rtol=1e-5,
+                               atol=1e-5)
     with pytest.raises(ValueError, match="prepared with init_lora_weights='loftq'"):
         load_peft_adapter(ours, str(tmp_path / "trained"))
 
