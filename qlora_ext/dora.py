@@ -17,6 +17,8 @@ op, as for a decode step). A dense base takes the norm directly, as PEFT does. T
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -27,7 +29,27 @@ _TINY = torch.finfo(torch.float32).tiny
 
 
 def _no_autocast(device: torch.device):
+    if device.type not in ("cpu", "cuda"):   # (meta: nothing to compute, and no autocast to leave)
+        return contextlib.nullcontext()
     return torch.autocast(device.type, enabled=False)
+
+
+class _Rescale(torch.autograd.Function):
+    """rest + scale * adapted, computed and differentiated in float32, returned in out_dtype; for scale's gradient
+    it keeps adapted in out_dtype (the output's: one bf16 tensor of the output's size under autocast, not a float32
+    one), while the gradients of rest and adapted are float32 (not rounded to the output's dtype)."""
+
+    @staticmethod
+    def forward(ctx, rest, scale, adapted, out_dtype):
+        ctx.save_for_backward(scale, adapted.to(out_dtype))
+        return (rest + scale * adapted).to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        scale, adapted = ctx.saved_tensors
+        grad = grad.float()
+        grad_scale = (grad * adapted.float()).reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
+        return grad, grad_scale, grad * scale, None
 
 
 @torch.no_grad()
@@ -82,10 +104,10 @@ def dora_forward(layer, x: torch.Tensor) -> torch.Tensor:
         y, direction = _base_and_direction(base, x, dropped)
     scale = layer.lora_magnitude_vector.float() / weight_norm(layer)   # m / n: the gradient reaches m only
     lora = F.linear(F.linear(dropped.to(layer.lora_A.dtype), layer.lora_A), layer.lora_B)
-    # y + (m/n - 1) W x_d + (m/n) s B A x_d as y - W x_d + (m/n) (W x_d + s B A x_d): autograd keeps one tensor
-    # of the output's size, in the output's dtype, for m's gradient (not two in float32)
-    adapted = direction + (lora * layer.scaling).to(direction.dtype)
-    return ((y.float() - direction.float()) + scale * adapted).to(y.dtype)
+    # y + (m/n - 1) W x_d + (m/n) s B A x_d as y - W x_d + (m/n) (W x_d + s B A x_d): for m's gradient one tensor of
+    # the output's size is kept, in the output's dtype (not two in float32)
+    adapted = direction.float() + lora.float() * layer.scaling
+    return _Rescale.apply(y.float() - direction.float(), scale, adapted, y.dtype)
 
 
 @torch.no_grad()

@@ -5,7 +5,9 @@ some 2,000 conversations a second, and a file of millions takes minutes.
 The examples, their order and the first error are exactly those of one process (tokenize_record_file): this process
 reads the records and hands batches of them, in order, to the workers; the results are taken back in the order
 the batches were sent. Workers start only once a file turns out to be large (START_AFTER records), so small
-files and the demo never wait for them; they are forked (_start_pool says why) and tokenize on one thread each.
+files and the demo never wait for them; they are forked (RecordTokenizer._submit says why), tokenize on one
+thread each, ignore Ctrl-C (the parent kills them on any error or interrupt, without waiting for their batches),
+and die with the parent (Linux's parent-death signal: a parent killed by SIGKILL leaves no orphans).
 """
 from __future__ import annotations
 
@@ -49,10 +51,24 @@ _tokenizer = None
 _prefix: Optional[List[int]] = None
 
 
-def _start_worker(tokenizer, prefix: Optional[List[int]]) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Linux: SIGKILL this process when its parent dies (prctl PR_SET_PDEATHSIG); elsewhere nothing."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)   # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:   # the parent died before the prctl
+        os._exit(1)
+
+
+def _start_worker(tokenizer, prefix: Optional[List[int]], parent: int) -> None:
     global _tokenizer, _prefix
     os.environ["TOKENIZERS_PARALLELISM"] = "false"   # the processes share the CPUs, not each one's threads
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C stops the run: the parent stops the workers
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})   # (blocked by the parent across the fork)
+    _die_with_parent(parent)
     _tokenizer, _prefix = tokenizer, prefix
 
 
@@ -98,15 +114,22 @@ class RecordTokenizer:
     def __enter__(self) -> "RecordTokenizer":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(abort=exc_type is not None)
 
-    def close(self) -> None:
-        """Stops the workers: batches not started are dropped, those started finish first (a batch is a
-        fraction of a second; a pool's terminate() can deadlock on a worker that holds its queue's lock)."""
-        if self.executor is not None:
-            self.executor.shutdown(wait=True, cancel_futures=True)
-            self.executor = None
+    def close(self, abort: bool = True) -> None:
+        """Stops the workers. abort (an error, Ctrl-C): they are killed at once, their batches dropped (waiting
+        for them would make Ctrl-C slow, and a second Ctrl-C during the wait can hang the interpreter's exit);
+        otherwise they finish what they hold (nothing, after file() returned) and exit."""
+        if self.executor is None:
+            return
+        executor, self.executor = self.executor, None
+        if abort:
+            for process in list((getattr(executor, "_processes", None) or {}).values()):
+                process.kill()
+            executor.shutdown(wait=False, cancel_futures=True)
+        else:
+            executor.shutdown(wait=True, cancel_futures=True)
 
     def _submit(self, batch) -> concurrent.futures.Future:
         """Sends a batch to the workers, started at the first: forked, as datasets' map(num_proc=) forks them (a
@@ -118,12 +141,16 @@ class RecordTokenizer:
         methods = multiprocessing.get_all_start_methods()
         context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
         self.executor = concurrent.futures.ProcessPoolExecutor(
-            self.num_proc, mp_context=context, initializer=_start_worker, initargs=(self.tokenizer, self.prefix))
+            self.num_proc, mp_context=context, initializer=_start_worker,
+            initargs=(self.tokenizer, self.prefix, os.getpid()))
         saved = os.environ.get("TOKENIZERS_PARALLELISM")
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        # SIGINT blocked across the fork: a worker interrupted before it ignores Ctrl-C would look like a broken pool
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             return self.executor.submit(_work, batch)   # (a forking executor starts all its workers here)
         finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
             if saved is None:
                 del os.environ["TOKENIZERS_PARALLELISM"]
             else:
@@ -136,25 +163,25 @@ class RecordTokenizer:
 
     def file(self, path: str) -> List[Example]:
         """The examples of a file of records, as tokenize_record_file gives them (the same first error too)."""
+        try:
+            return self._tokenize_file(path)
+        except concurrent.futures.process.BrokenProcessPool as e:   # (from a result, or from a submit)
+            raise ConfigError(f"{path}: a process tokenizing it stopped ({e}); out of memory? --num-proc "
+                              f"{max(self.num_proc // 2, 1)} starts fewer") from e
+
+    def _tokenize_file(self, path: str) -> List[Example]:
         examples: List[Example] = []
-        pending: collections.deque = collections.deque()   # the batches sent, in order
+        pending: collections.deque = collections.deque()   # the batches sent to the workers, in order
         batch: List[Tuple[str, object]] = []
         seen = 0
 
-        def collect(future: concurrent.futures.Future) -> None:
-            try:
-                examples.extend(future.result())
-            except concurrent.futures.process.BrokenProcessPool as e:
-                raise ConfigError(f"{path}: a process tokenizing it stopped ({e}); out of memory? --num-proc "
-                                  f"{max(self.num_proc // 2, 1)} starts fewer") from e
-
-        def send(batch):
+        def send(batch: List[Tuple[str, object]]) -> None:
             if self.executor is None and (self.num_proc == 1 or seen < START_AFTER):
                 examples.extend(tokenize_batch(self.tokenizer, batch, self.prefix))
                 return
             pending.append(self._submit(batch))
             while len(pending) > IN_FLIGHT_PER_WORKER * self.num_proc:
-                collect(pending.popleft())
+                examples.extend(pending.popleft().result())
 
         records = read_records(path)
         while True:
@@ -164,7 +191,7 @@ class RecordTokenizer:
                 break
             except Exception:   # a record that cannot be read: the records before it, and their errors, first
                 while pending:
-                    collect(pending.popleft())
+                    examples.extend(pending.popleft().result())
                 if batch:
                     examples.extend(tokenize_batch(self.tokenizer, batch, self.prefix))
                 raise
@@ -176,7 +203,7 @@ class RecordTokenizer:
         if batch:
             send(batch)
         while pending:
-            collect(pending.popleft())
+            examples.extend(pending.popleft().result())
         if not examples:
             raise ConfigError(f"{path} holds no examples")
         return examples
