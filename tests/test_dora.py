@@ -175,6 +175,11 @@ def test_under_autocast_the_output_has_the_autocast_dtype():
     assert (y.double() - want).abs().max() < 0.02 * want.abs().max()
 
 
+def test_a_dense_dora_layer_builds_and_runs_on_meta():
+    layer = LoRALinear(nn.Linear(64, 32, device="meta"), r=4, use_dora=True)   # (as a model built before loading)
+    assert layer(torch.empty(2, 64, device="meta")).shape == (2, 32)
+
+
 def test_what_dora_cannot_start_from_is_refused():
     with pytest.raises(ValueError, match="cannot start DoRA layers"):
         prepare_model(nn.Sequential(nn.Linear(64, 32)), r=4, exclude=(), use_dora=True, init_lora_weights="loftq")
