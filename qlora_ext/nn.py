@@ -231,6 +231,10 @@ class LoRALinear(nn.Module):
         self.lora_A_init = self.lora_A.detach().to("cpu", torch.float32, copy=True)
         self.lora_B_init = self.lora_B.detach().to("cpu", torch.float32, copy=True)
 
+    def adapter_parameters(self) -> list:
+        """What trains: lora_A, lora_B (and DoRA's magnitudes)."""
+        return [self.lora_A, self.lora_B] + ([self.lora_magnitude_vector] if self.use_dora else [])
+
     @property
     def in_features(self) -> int:
         return self.base.in_features
@@ -484,8 +488,14 @@ def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = No
     for p in model.parameters():
         p.requires_grad_(False)
     for name in adapted:  # adapters of an earlier prepare_model keep training
-        for p in (model.get_submodule(name).lora_A, model.get_submodule(name).lora_B):
+        for p in model.get_submodule(name).adapter_parameters():
             p.requires_grad_(True)
+    mixed = sorted({(m.use_rslora, m.use_dora) for m in model.modules() if isinstance(m, LoRALinear)}
+                   - {(bool(use_rslora), bool(use_dora))})
+    if adapted and chosen and mixed:
+        warnings.warn(f"the model's existing adapters have (use_rslora, use_dora) = {mixed}, the new ones "
+                      f"{(bool(use_rslora), bool(use_dora))}: a mixed model (PEFT's format cannot hold it)",
+                      stacklevel=2)
     for name in chosen:
         linear = linears[name]
         if prequantized[name][0] is not None:

@@ -175,6 +175,16 @@ def test_under_autocast_the_output_has_the_autocast_dtype():
     assert (y.double() - want).abs().max() < 0.02 * want.abs().max()
 
 
+def test_prepare_model_again_keeps_the_magnitudes_training_and_warns_of_a_mix():
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 64))
+    prepare_model(model, r=4, target_modules=["0"], exclude=(), use_dora=True)
+    prepare_model(model, r=4, target_modules=["1"], exclude=(), use_dora=True)
+    assert model[0].lora_magnitude_vector.requires_grad and model[1].lora_magnitude_vector.requires_grad
+    with pytest.warns(UserWarning, match=r"existing adapters have \(use_rslora, use_dora\) = \[\(False, True\)\]"):
+        prepare_model(model, r=4, target_modules=["2"], exclude=())
+    assert model[0].lora_magnitude_vector.requires_grad and not model[2].use_dora
+
+
 def test_a_dense_dora_layer_builds_and_runs_on_meta():
     layer = LoRALinear(nn.Linear(64, 32, device="meta"), r=4, use_dora=True)   # (as a model built before loading)
     assert layer(torch.empty(2, 64, device="meta")).shape == (2, 32)
