@@ -52,13 +52,16 @@ class _Rescale(torch.autograd.Function):
         return grad, grad_scale, grad * scale, None
 
 
+def _dense_weight(base) -> torch.Tensor:
+    """The base's weight in float32 (a 4-bit one dequantized: a dense copy exists for the moment)."""
+    from .nn import Linear4bit
+    return base.dequantized_weight(torch.float32) if isinstance(base, Linear4bit) else base.weight.float()
+
+
 @torch.no_grad()
 def weight_row_norms_squared(base) -> torch.Tensor:
-    """||W_i||^2 of each row of the base's (dequantized) weight, float32 [out_features]; computed once per layer
-    (a dense copy of one layer's weight exists for the moment)."""
-    from .nn import Linear4bit
-    w = base.dequantized_weight(torch.float32) if isinstance(base, Linear4bit) else base.weight.float()
-    return torch.linalg.vector_norm(w, dim=1).square()
+    """||W_i||^2 of each row of the base's weight, float32 [out_features]; computed once per layer."""
+    return torch.linalg.vector_norm(_dense_weight(base), dim=1).square()
 
 
 @torch.no_grad()
@@ -113,8 +116,5 @@ def dora_forward(layer, x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def merged_weight(layer, dtype: torch.dtype) -> torch.Tensor:
     """m / n * (W + s B A) as a dense [out_features, in_features] tensor, for export."""
-    from .nn import Linear4bit
-    base = layer.base
-    w = base.dequantized_weight(torch.float32) if isinstance(base, Linear4bit) else base.weight.float()
-    w = w + (layer.lora_B.float() @ layer.lora_A.float()) * layer.scaling
+    w = _dense_weight(layer.base) + (layer.lora_B.float() @ layer.lora_A.float()) * layer.scaling
     return ((layer.lora_magnitude_vector.float() / weight_norm(layer))[:, None] * w).to(dtype)

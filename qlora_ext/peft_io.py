@@ -39,8 +39,8 @@ _PREFIX = "base_model.model."
 _HARMLESS_KEYS = {
     "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
     "r", "target_modules", "exclude_modules", "lora_alpha", "lora_dropout", "fan_in_fan_out", "bias", "use_rslora",
-    "use_dora", "modules_to_save", "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern",
-    "megatron_core", "runtime_config", "qalora_group_size", "ensure_weight_tying", "eva_config",
+    "use_dora", "modules_to_save", "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern",
+    "alpha_pattern", "megatron_core", "runtime_config", "qalora_group_size", "ensure_weight_tying", "eva_config",
 }
 # PEFT starts that leave the base weights alone; PiSSA, OLoRA, CorDA and LoftQ change them (the adapter then only
 # fits the changed base, until PEFT converts it)
