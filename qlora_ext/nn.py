@@ -7,13 +7,13 @@ import contextlib
 import dataclasses
 import math
 import warnings
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Mapping, Optional
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from . import dora
+from . import dora, lora_patterns
 from ._ops import ops
 from .bnb_io import (bnb_dense_weight, bnb_state_bytes, bnb_takeover_problem, is_bnb_linear_4bit,
                      is_bnb_linear_8bit, is_quantized_bnb_linear_4bit, quant_state_from_bnb_module)
@@ -444,7 +444,8 @@ def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = No
                   blocksize: int = 64, compute_dtype: Optional[torch.dtype] = None,
                   exclude: Iterable[str] = ("lm_head",), verbose: bool = False,
                   init_lora_weights: str = "default", loftq_iters: int = 1, loftq_svd: str = "exact",
-                  use_rslora: bool = False, use_dora: bool = False) -> nn.Module:
+                  use_rslora: bool = False, use_dora: bool = False, rank_pattern: Optional[Mapping[str, int]] = None,
+                  alpha_pattern: Optional[Mapping[str, float]] = None) -> nn.Module:
     """Replaces matching nn.Linear layers of model (in place) with LoRALinear(Linear4bit(...)), or with
     LoRALinear(frozen nn.Linear) when quant_type is "none" (16-bit LoRA), and freezes everything else. Applied
     again, it adds adapters to the newly matching layers and leaves existing adapters (trainable) as they are.
@@ -458,8 +459,11 @@ def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = No
     error, and the base is quantized from the weight less that; quantized layers only; loftq_svd "exact" or
     "randomized", see loftq_init). use_rslora: scale the adapters by alpha / sqrt(r) instead of alpha / r
     (rsLoRA, PEFT's use_rslora; lora_scaling). use_dora: DoRA layers (qlora_ext.dora; PEFT's use_dora), which
-    start at the default init only. Returns the model; model_summary(model) gives trainable/total
-    parameters and bytes.
+    start at the default init only. rank_pattern / alpha_pattern: another r / alpha for the layers whose module path
+    a key selects, as PEFT's LoraConfig takes them (qlora_ext.lora_patterns: regular expressions matched against
+    the path's end, the first matching key wins; {"q_proj": 64, "model.layers.0.mlp.down_proj": 4}); a key that
+    selects none of the layers adapted here is warned about. Returns the model; model_summary(model) gives
+    trainable/total parameters and bytes.
 
     Layers that are already 4-bit keep their format and values (quant_type, blocksize and double_quant apply
     to dense layers only): a bare Linear4bit becomes the base as it is; a bitsandbytes Linear4bit (a model
@@ -479,9 +483,18 @@ def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = No
     if init_lora_weights == "loftq" and quant_type == "none":
         raise ValueError("init_lora_weights='loftq' needs a quantized base (quant_type nf4, fp4 or int4): a dense "
                          "base has no quantization error to start from, and A = B = 0 would never train")
+    rank_pattern = lora_patterns.check_patterns(rank_pattern, "rank_pattern", integer=True)
+    alpha_pattern = lora_patterns.check_patterns(alpha_pattern, "alpha_pattern", integer=False)
     linears = _linear_names(model)
     adapted = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
     chosen = chosen_linears(model, target_modules, exclude)
+    idle = [f"{what} keys {keys}" for what, keys in (("rank_pattern", lora_patterns.unmatched(rank_pattern, chosen)),
+                                                     ("alpha_pattern", lora_patterns.unmatched(alpha_pattern, chosen)))
+            if keys]
+    if idle:
+        warnings.warn(f"{' and '.join(idle)} select none of the {len(chosen)} layer(s) adapted here (keys are "
+                      "regular expressions matched against the end of a module path, e.g. 'q_proj' or "
+                      "'model.layers.0.mlp.down_proj')", stacklevel=2)
     # Layers that are already 4-bit, converted before anything changes (a refusal leaves the model as it was).
     prequantized = {n: _quantized_base(n, linears[n], quant_type, init_lora_weights, compute_dtype) for n in chosen}
     kept_dense = [f"{n} ({why}; dequantized)" for n, (_, why) in prequantized.items() if why is not None]
@@ -498,6 +511,8 @@ def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = No
                       stacklevel=2)
     for name in chosen:
         linear = linears[name]
+        r_here = lora_patterns.value_for(rank_pattern, name, r)
+        alpha_here = lora_patterns.value_for(alpha_pattern, name, alpha)
         if prequantized[name][0] is not None:
             base = prequantized[name][0]
         elif quant_type != "none" and linear.in_features % blocksize:
@@ -505,15 +520,16 @@ def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = No
             kept_dense.append(f"{name} (in_features {linear.in_features} is not a multiple of blocksize {blocksize})")
             base = linear
         elif init_lora_weights == "loftq":
-            q, lora_A, lora_B = loftq_init(linear.weight, r, lora_scaling(r, alpha, use_rslora), quant_type,
-                                           blocksize, double_quant, loftq_iters, loftq_svd)
+            q, lora_A, lora_B = loftq_init(linear.weight, r_here, lora_scaling(r_here, alpha_here, use_rslora),
+                                           quant_type, blocksize, double_quant, loftq_iters, loftq_svd)
             base = Linear4bit.from_quantized(dataclasses.replace(q, dtype=linear.weight.dtype), linear.bias,
                                              compute_dtype)
         else:
             base = linear if quant_type == "none" else Linear4bit.from_linear(
                 linear, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
                 compute_dtype=compute_dtype)
-        adapter = LoRALinear(base, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, use_dora=use_dora)
+        adapter = LoRALinear(base, r=r_here, alpha=alpha_here, dropout=dropout, use_rslora=use_rslora,
+                             use_dora=use_dora)
         if isinstance(base, Linear4bit) and init_lora_weights == "loftq":
             adapter.init_adapters(lora_A, lora_B)
         parent_name, _, child = name.rpartition(".")

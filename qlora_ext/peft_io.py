@@ -6,7 +6,8 @@ The folder: adapter_config.json (PEFT's LoraConfig: peft_type LORA, r, lora_alph
 bias "none") and adapter_model.safetensors with the tensors under PEFT's names: the adapter of the layer at
 module path P of the model is "base_model.model.P.lora_A.weight" [r, in] and "...lora_B.weight" [out, r], the
 same layouts and scaling (lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora) as LoRALinear's lora_A,
-lora_B, alpha and use_rslora. Only what both sides mean the same way is accepted: one r, one alpha and one
+lora_B, alpha and use_rslora. Layers with their own r or alpha are written and read as PEFT's rank_pattern and
+alpha_pattern (qlora_ext.lora_patterns). Only what both sides mean the same way is accepted: one dropout, one
 use_rslora and one use_dora (DoRA's magnitudes: "...P.lora_magnitude_vector" [out]) for all layers, no trained
 biases.
 
@@ -27,6 +28,7 @@ from typing import Dict, Optional
 import torch
 
 from ._files import atomic_save_safetensors, atomic_write_text
+from .lora_patterns import as_patterns, check_patterns, value_for
 from .nn import Dropout, LoRALinear, lora_init_of
 
 CONFIG_FILE = "adapter_config.json"
@@ -68,8 +70,7 @@ def _adapters(model: torch.nn.Module) -> Dict[str, LoRALinear]:
 def _one(values: dict, what: str):
     distinct = sorted(set(values.values()))
     if len(distinct) != 1:
-        raise ValueError(f"PEFT's format has one {what} for all layers (rank_pattern/alpha_pattern are not written); "
-                         f"the model's layers have {distinct}")
+        raise ValueError(f"PEFT's format has one {what} for all layers; the model's layers have {distinct}")
     return distinct[0]
 
 
@@ -94,8 +95,6 @@ def save_peft_adapter(model: torch.nn.Module, directory: str, base_model_name_or
     """Writes the model's LoRA adapters as a PEFT adapter folder (created if missing; each file written
     atomically). `base_model_name_or_path` goes into the config for PEFT's users. Returns the folder."""
     adapters = _adapters(model)
-    r = _one({n: a.r for n, a in adapters.items()}, "r")
-    alpha = _one({n: float(a.alpha) for n, a in adapters.items()}, "lora_alpha")
     dropout = _one({n: a.dropout.p if isinstance(a.dropout, Dropout) else 0.0 for n, a in adapters.items()},
                    "lora_dropout")
     use_rslora = _one({n: a.use_rslora for n, a in adapters.items()}, "use_rslora")
@@ -113,12 +112,15 @@ def save_peft_adapter(model: torch.nn.Module, directory: str, base_model_name_or
         if use_dora:
             tensors[f"{_PREFIX}{name}.lora_magnitude_vector"] = a.lora_magnitude_vector.detach().to(
                 "cpu", dtype).contiguous()
-    if from_start:   # the same scaling at rank 2r
-        r, alpha = 2 * r, alpha * math.sqrt(2) if use_rslora else 2 * alpha
+    # the same scaling at rank 2r for a LoftQ start's export
+    r, rank_pattern = as_patterns({n: 2 * a.r if from_start else a.r for n, a in adapters.items()})
+    alpha, alpha_pattern = as_patterns({n: float(a.alpha) * (1 if not from_start else math.sqrt(2) if use_rslora
+                                                              else 2) for n, a in adapters.items()})
     config = {
         "peft_type": "LORA", "task_type": _task_type(model), "base_model_name_or_path": base_model_name_or_path,
         "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": _target_modules(model, adapters),
         "bias": "none", "fan_in_fan_out": False, "use_rslora": use_rslora, "use_dora": use_dora,
+        "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
         "modules_to_save": None, "inference_mode": True, "init_lora_weights": True,
     }
     os.makedirs(directory, exist_ok=True)
@@ -129,9 +131,9 @@ def save_peft_adapter(model: torch.nn.Module, directory: str, base_model_name_or
 
 def load_peft_adapter(model: torch.nn.Module, directory: str) -> None:
     """Copies a PEFT LoRA adapter folder's tensors into the model's LoRALinear layers (prepare the model with the
-    same target modules, r and alpha first). Anything that would not compute what PEFT computes is a ValueError
-    naming it: another r, alpha, use_rslora or use_dora, fan_in_fan_out, trained biases or modules, missing or extra
-    tensors, other shapes."""
+    same target modules, r, alpha, rank_pattern and alpha_pattern first). Anything that would not compute what
+    PEFT computes is a ValueError naming it: another r or alpha for a layer, use_rslora or use_dora, fan_in_fan_out,
+    trained biases or modules, missing or extra tensors, other shapes."""
     from safetensors.torch import load_file
 
     config_path, weights_path = os.path.join(directory, CONFIG_FILE), os.path.join(directory, WEIGHTS_FILE)
@@ -147,9 +149,10 @@ def load_peft_adapter(model: torch.nn.Module, directory: str) -> None:
         if config.get(key, ok) != ok:
             raise ValueError(f"{config_path}: {key}={config[key]!r} is not supported (LoRALinear computes "
                              f"{key}={ok!r})")
-    for key in ("rank_pattern", "alpha_pattern", "modules_to_save"):
-        if config.get(key):
-            raise ValueError(f"{config_path}: {key} is not supported (got {config[key]!r})")
+    if config.get("modules_to_save"):
+        raise ValueError(f"{config_path}: modules_to_save is not supported (got {config['modules_to_save']!r})")
+    rank_pattern = check_patterns(config.get("rank_pattern"), f"{config_path}: rank_pattern", integer=True)
+    alpha_pattern = check_patterns(config.get("alpha_pattern"), f"{config_path}: alpha_pattern", integer=False)
     for key, value in config.items():
         if key not in _HARMLESS_KEYS and value not in (None, False, 0, "", [], {}):
             raise ValueError(f"{config_path}: {key}={value!r} is not supported (it changes what the adapter "
@@ -165,13 +168,14 @@ def load_peft_adapter(model: torch.nn.Module, directory: str) -> None:
                              "the weight less LoftQ's start, not the weight a PEFT adapter is made for; prepare the "
                              "model with the default init to load one")
         use_rslora, use_dora = bool(config.get("use_rslora") or False), bool(config.get("use_dora") or False)
-        if (a.r, float(a.alpha), a.use_rslora, a.use_dora) != (config["r"], float(config["lora_alpha"]), use_rslora,
-                                                               use_dora):
-            raise ValueError(f"{config_path}: r={config['r']}, lora_alpha={config['lora_alpha']}, use_rslora="
-                             f"{use_rslora}, use_dora={use_dora}, but the model's layer {name} has r={a.r}, alpha="
+        r, alpha = value_for(rank_pattern, name, config["r"]), value_for(alpha_pattern, name, config["lora_alpha"])
+        if (a.r, float(a.alpha), a.use_rslora, a.use_dora) != (r, float(alpha), use_rslora, use_dora):
+            raise ValueError(f"{config_path}: the adapter has r={r}, lora_alpha={alpha}, use_rslora={use_rslora}, "
+                             f"use_dora={use_dora} for layer {name}, but the model's layer has r={a.r}, alpha="
                              f"{a.alpha}, use_rslora={a.use_rslora}, use_dora={a.use_dora}: prepare the model with "
-                             "the adapter's settings (prepare_model(r=..., alpha=..., use_rslora=..., use_dora=...), "
-                             "or the trainer's --r, --alpha, --use-rslora, --use-dora)")
+                             "the adapter's settings (prepare_model(r=..., alpha=..., use_rslora=..., use_dora=..., "
+                             "rank_pattern=..., alpha_pattern=...), or the trainer's --r, --alpha, --use-rslora, "
+                             "--use-dora, --rank-pattern, --alpha-pattern)")
     tensors = load_file(weights_path)
     wanted = {f"{_PREFIX}{n}.lora_{ab}.weight": (a, "lora_" + ab) for n, a in adapters.items() for ab in "AB"}
     wanted.update({f"{_PREFIX}{n}.lora_magnitude_vector": (a, "lora_magnitude_vector")

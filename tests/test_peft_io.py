@@ -117,7 +117,8 @@ def test_rslora_adapters_go_both_ways_with_peft(tmp_path, quant_type):
     load_peft_adapter(again, str(tmp_path / "ours"))
     torch.testing.assert_close(logits(again.eval(), IDS), logits(ours, IDS), rtol=0, atol=0)
     plain = qlora_ext.prepare_model(copy.deepcopy(base), r=4, alpha=8.0, quant_type=quant_type)
-    with pytest.raises(ValueError, match="use_rslora=True, use_dora=False, but the model's layer .* use_rslora=False"):
+    with pytest.raises(ValueError, match="use_rslora=True, use_dora=False for layer .*, but the model's layer has .*"
+                                         "use_rslora=False"):
         load_peft_adapter(plain, str(tmp_path / "ours"))
 
     cfg = peft.LoraConfig(r=16, lora_alpha=8, target_modules=TARGETS, use_rslora=True, task_type="CAUSAL_LM")
@@ -159,15 +160,21 @@ def _edit_config(folder, **changes):
 
 
 @pytest.mark.parametrize("changes,message", [
-    ({"use_dora": True}, "use_dora=True, but the model's layer model.layers.0.self_attn.q_proj has r=4, alpha=8.0, "
-                         "use_rslora=False, use_dora=False"),
-    ({"use_rslora": True}, "use_rslora=True, use_dora=False, but the model's layer model.layers.0.self_attn.q_proj "
-                           "has r=4, alpha=8.0, use_rslora=False"),
+    ({"use_dora": True}, "use_dora=True for layer model.layers.0.self_attn.q_proj, but the model's layer has r=4, "
+                         "alpha=8.0, use_rslora=False, use_dora=False"),
+    ({"use_rslora": True}, "use_rslora=True, use_dora=False for layer model.layers.0.self_attn.q_proj, but the "
+                           "model's layer has r=4, alpha=8.0, use_rslora=False"),
     ({"bias": "all"}, "bias='all' is not supported"),
-    ({"rank_pattern": {"q_proj": 8}}, "rank_pattern is not supported"),
+    ({"rank_pattern": {"v_proj": 8}}, "the adapter has r=8, lora_alpha=8.0, use_rslora=False, use_dora=False for "
+                                      "layer model.layers.0.self_attn.v_proj, but the model's layer has r=4"),
+    ({"alpha_pattern": {"layers\\.1\\..*": 2}}, "the adapter has r=4, lora_alpha=2.0, use_rslora=False, "
+                                                  "use_dora=False for layer model.layers.1.self_attn.q_proj"),
+    ({"rank_pattern": {"q_proj": 0}}, "rank_pattern['q_proj'] must be a positive integer, got 0"),
+    ({"alpha_pattern": {"(q_proj": 2}}, "alpha_pattern: '(q_proj' is not a regular expression"),
+    ({"modules_to_save": ["lm_head"]}, "modules_to_save is not supported"),
     ({"peft_type": "IA3"}, "peft_type must be 'LORA'"),
-    ({"r": 8}, "r=8, lora_alpha=8.0, use_rslora=False, use_dora=False, but the model's layer "
-               "model.layers.0.self_attn.q_proj has r=4"),
+    ({"r": 8}, "the adapter has r=8, lora_alpha=8.0, use_rslora=False, use_dora=False for layer "
+               "model.layers.0.self_attn.q_proj, but the model's layer has r=4"),
     ({"lora_bias": True}, "lora_bias=True is not supported"),
     ({"layer_replication": [[0, 2]]}, "layer_replication=[[0, 2]] is not supported"),
     ({"some_future_option": "x"}, "some_future_option='x' is not supported"),
@@ -193,11 +200,81 @@ def test_other_layers_or_missing_files_are_refused(tmp_path):
         save_peft_adapter(tiny_llama(), str(tmp_path / "b"))
 
 
-def test_mixed_ranks_cannot_be_written(tmp_path):
+def test_mixed_dropouts_cannot_be_written(tmp_path):
     model = qlora_ext.prepare_model(tiny_llama(), target_modules=["q_proj"], r=4, alpha=8.0, quant_type="none")
-    qlora_ext.prepare_model(model, target_modules=["v_proj"], r=2, alpha=8.0, quant_type="none")
-    with pytest.raises(ValueError, match="one r for all layers"):
+    qlora_ext.prepare_model(model, target_modules=["v_proj"], r=4, alpha=8.0, dropout=0.1, quant_type="none")
+    with pytest.raises(ValueError, match="one lora_dropout for all layers"):
         save_peft_adapter(model, str(tmp_path / "a"))
+
+
+PATTERNS = dict(rank_pattern={"v_proj": 2, "model.layers.1.mlp.down_proj": 6},
+                alpha_pattern={"^model\\.layers\\.0\\..*": 4.0, "up_proj": 12.0})
+
+
+def _ranks_and_alphas(model):
+    return {n: (m.r, m.alpha) for n, m in model.named_modules() if isinstance(m, qlora_ext.LoRALinear)}
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_rank_and_alpha_patterns_go_both_ways_with_peft(tmp_path, use_rslora):
+    """PEFT's rank_pattern / alpha_pattern: PEFT's model with patterns loads here (prepared with the same patterns)
+    and computes the same; ours is written with patterns PEFT resolves to the same layers, and computes the same
+    there; a model prepared without the patterns refuses the folder."""
+    base = tiny_llama()
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, use_rslora=use_rslora, task_type="CAUSAL_LM",
+                          **PATTERNS)
+    theirs = peft_model_with_random_adapters(base, cfg, str(tmp_path / "peft")).eval()
+    peft_ranks = {n.removeprefix("base_model.model."): (m.r["default"], m.lora_alpha["default"])
+                  for n, m in theirs.named_modules() if hasattr(m, "lora_A") and "default" in getattr(m, "r", {})}
+    ours = qlora_ext.prepare_model(copy.deepcopy(base), r=4, alpha=8.0, quant_type="none", use_rslora=use_rslora,
+                                   **PATTERNS).eval()
+    assert _ranks_and_alphas(ours) == peft_ranks
+    assert len(set(peft_ranks.values())) == 6   # (4, 8), (2, 4), (2, 8), (4, 4), (6, 8), (4, 12): first key wins
+    load_peft_adapter(ours, str(tmp_path / "peft"))
+    torch.testing.assert_close(logits(ours, IDS), logits(theirs, IDS), rtol=1e-5, atol=1e-5)
+
+    save_peft_adapter(ours, str(tmp_path / "ours"))
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours")).eval()
+    torch.testing.assert_close(logits(back, IDS), logits(ours, IDS), rtol=1e-5, atol=1e-5)
+    again = qlora_ext.prepare_model(copy.deepcopy(base), r=config["r"], alpha=config["lora_alpha"],
+                                    quant_type="none", use_rslora=use_rslora, rank_pattern=config["rank_pattern"],
+                                    alpha_pattern=config["alpha_pattern"])
+    assert _ranks_and_alphas(again) == _ranks_and_alphas(ours)
+    plain = qlora_ext.prepare_model(copy.deepcopy(base), r=4, alpha=8.0, quant_type="none", use_rslora=use_rslora)
+    with pytest.raises(ValueError, match="the adapter has r=4, lora_alpha=4.0, .* for layer "
+                                         "model.layers.0.self_attn.q_proj, but the model's layer has r=4, alpha=8.0"):
+        load_peft_adapter(plain, str(tmp_path / "peft"))
+
+
+def test_per_layer_values_are_written_as_the_shortest_patterns(tmp_path):
+    """Layers of one name that agree get one pattern for the name; the others one anchored pattern each; the
+    commonest value is the default."""
+    model = qlora_ext.prepare_model(tiny_llama(), r=4, alpha=8.0, quant_type="none",
+                                    rank_pattern={"q_proj": 8, "model.layers.1.mlp.down_proj": 2},
+                                    alpha_pattern={"k_proj": 16, "v_proj": 16, "o_proj": 16, "gate_proj": 16})
+    save_peft_adapter(model, str(tmp_path / "a"))
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"]) == (4, 16.0)   # alpha 16 on 4 of the 7 layer names
+    assert config["rank_pattern"] == {"q_proj": 8, "^model\\.layers\\.1\\.mlp\\.down_proj": 2}
+    assert config["alpha_pattern"] == {"q_proj": 8.0, "up_proj": 8.0, "down_proj": 8.0}
+
+
+def test_a_loftq_model_with_patterns_exports_each_layers_scaling_at_rank_2r(tmp_path):
+    base = tiny_llama()
+    ours = qlora_ext.prepare_model(copy.deepcopy(base), r=4, alpha=8.0, init_lora_weights="loftq",
+                                   rank_pattern={"down_proj": 2}, alpha_pattern={"q_proj": 3.0})
+    assert {n: m.lora_A.shape[0] for n, m in ours.named_modules()
+            if isinstance(m, qlora_ext.LoRALinear) and n.endswith("down_proj")} == {
+        "model.layers.0.mlp.down_proj": 2, "model.layers.1.mlp.down_proj": 2}
+    randomize_adapters(ours, seed=7)
+    save_peft_adapter(ours, str(tmp_path / "trained"))
+    config = json.loads((tmp_path / "trained" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["rank_pattern"], config["alpha_pattern"]) == (
+        8, 16.0, {"down_proj": 4}, {"q_proj": 6.0})
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "trained")).eval()
+    torch.testing.assert_close(logits(theirs, IDS), logits(trained_change_merged(base, ours), IDS), rtol=1e-5,
+                               atol=1e-5)
 
 
 def test_a_loftq_model_exports_what_training_changed_for_the_dense_weights(tmp_path):

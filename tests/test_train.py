@@ -208,7 +208,7 @@ def test_init_adapter_continues_from_a_peft_folder(tiny, tmp_path, capsys):
     assert cli_main(argv[:-2] + ["--r", "8", "--init-adapter", first["peft_adapter"]]) == 2
     err = capsys.readouterr().err
     assert "--init-adapter:" in err and "has r=8" in err
-    assert "r=4, lora_alpha=8.0, use_rslora=False, use_dora=False, but the model's layer" in err
+    assert "the adapter has r=4, lora_alpha=8.0, use_rslora=False, use_dora=False for layer" in err
     # a resumed run takes its checkpoint's adapters: the folder it started from may be gone
     shutil.rmtree(first["peft_adapter"])
     assert cli_main(["--output-dir", str(tmp_path / "b"), "--resume", "--no-progress"]) == 0
@@ -453,6 +453,52 @@ def test_resume_is_bit_exact(tiny, tmp_path, optimizer, init, monkeypatch):
         resumed = json.load(f)
     assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in straight["history"]]
     assert resumed["evals"] == straight["evals"]
+
+
+def test_rank_and_alpha_patterns_run_from_the_command_line_to_peft_and_merge(tiny, tmp_path, capsys):
+    """--rank-pattern / --alpha-pattern (JSON): each layer trains at its own r and alpha, the PEFT folder holds
+    the patterns, the merged model computes the run's eval loss, a resume must keep them, and the adapter file
+    does not fit a model prepared with other alphas (same shapes: only the recorded alphas tell)."""
+    from transformers import AutoModelForCausalLM
+    from qlora_ext.train.trainer import evaluate
+
+    model_dir, data_dir = tiny
+    out = tmp_path / "run"
+    argv = ["--model", model_dir, "--data", data_dir, "--output-dir", str(out), "--seq-len", "32", "--eval-blocks",
+            "4", "--steps", "2", "--r", "4", "--alpha", "8", "--device", "cpu", "--no-progress", "--dropout", "0",
+            "--rank-pattern", '{"q_proj": 8, "layers\\\\.1\\\\.mlp\\\\..*": 2}',
+            "--alpha-pattern", '{"v_proj": 2.5}']
+    assert cli_main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["rank_pattern"] == {"q_proj": 8, "layers\\.1\\.mlp\\..*": 2}
+    assert 'rank_pattern {"q_proj": 8, "layers\\\\.1\\\\.mlp\\\\..*": 2}; alpha_pattern {"v_proj": 2.5}' in (
+        out / "report.md").read_text()
+    peft_config = json.loads((out / "peft_adapter" / "adapter_config.json").read_text())
+    assert (peft_config["r"], peft_config["rank_pattern"], peft_config["alpha_pattern"]) == (
+        4, {"^model\\.layers\\.1\\.mlp\\.gate_proj": 2, "^model\\.layers\\.1\\.mlp\\.up_proj": 2,
+            "^model\\.layers\\.1\\.mlp\\.down_proj": 2, "q_proj": 8}, {"v_proj": 2.5})
+    t = Trainer(_cfg(tiny, tmp_path / "check", dropout=0.0, rank_pattern=report["config"]["rank_pattern"]),
+                log=lambda s: None)
+    t.setup()
+    ranks = {n: m.r for n, m in t.model.named_modules() if isinstance(m, qlora_ext.LoRALinear)}
+    assert ranks["model.layers.0.self_attn.q_proj"] == 8 and ranks["model.layers.1.mlp.up_proj"] == 2
+    assert ranks["model.layers.0.mlp.up_proj"] == 4
+    with pytest.raises(ConfigError, match="another alpha for 2 layer\\(s\\): model.layers.0.self_attn.v_proj "
+                                          "\\(file 2.5, model 8.0\\)"):
+        load_adapters(t.model, str(out / "adapter.safetensors"))
+    assert cli_main(["merge", "--output-dir", str(out), "--to", str(tmp_path / "merged")]) == 0
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert math.isclose(evaluate(dense, t.data.eval, 4, t.device), report["eval_after"]["loss"], rel_tol=1e-5)
+    capsys.readouterr()
+    assert cli_main(["--output-dir", str(out), "--resume", "--rank-pattern", '{"q_proj": 4}', "--no-progress"]) == 2
+    assert "--rank-pattern (saved {'q_proj': 8" in capsys.readouterr().err
+    for bad, message in (("q_proj=8", "argument --rank-pattern: not JSON"),   # argparse's usage error
+                         ('["q_proj"]', "argument --rank-pattern: must be a JSON object")):
+        with pytest.raises(SystemExit) as e:
+            cli_main(argv[:-4] + ["--rank-pattern", bad])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    assert cli_main(argv[:-4] + ["--rank-pattern", '{"q_proj": 0.5}']) == 2
+    assert "--rank-pattern['q_proj'] must be a positive integer, got 0.5" in capsys.readouterr().err
 
 
 def test_resume_refuses_changed_flags(tiny, tmp_path, capsys):

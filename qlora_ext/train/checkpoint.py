@@ -21,7 +21,7 @@ from typing import Dict, Optional
 import torch
 
 from .._files import atomic_save_safetensors, atomic_write_text
-from ..nn import lora_init_of
+from ..nn import LoRALinear, lora_init_of
 from .config import ConfigError
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -41,10 +41,15 @@ def _variants(model: torch.nn.Module) -> dict:
     return {k: any(getattr(m, k, False) for m in model.modules()) for k in VARIANTS}
 
 
+def _layer_alphas(model: torch.nn.Module) -> Dict[str, float]:
+    """Each adapter's alpha by layer name: the tensors do not show it (with --alpha-pattern it differs by layer)."""
+    return {n: float(m.alpha) for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
 def save_adapters(path: str, model: torch.nn.Module, config: dict) -> None:
     """The model's adapters (adapter_state) and the run config in the file's metadata, with the model's own
-    use_rslora and use_dora (what the tensors belong to, whatever `config` says)."""
-    config = dict(config, **_variants(model))
+    use_rslora and use_dora and each layer's alpha (what the tensors belong to, whatever `config` says)."""
+    config = dict(config, **_variants(model), layer_alphas=_layer_alphas(model))
     atomic_save_safetensors(adapter_state(model), path, metadata={"format": "qlora_ext-lora",
                                                                   "config": json.dumps(config)})
 
@@ -76,13 +81,19 @@ def load_adapters(model: torch.nn.Module, path: str) -> None:
         if saved_value != model_value:
             raise ConfigError(f"adapter file {path!r} was trained with{'' if saved_value else 'out'} {VARIANTS[key]}, "
                               f"the model is prepared with{'' if model_value else 'out'} it: prepare it as the run did")
+    saved_alphas = saved.get("layer_alphas") or {}   # (files written before it: not checked)
+    other = [f"{n} (file {saved_alphas[n]}, model {a})" for n, a in _layer_alphas(model).items()
+             if n in saved_alphas and saved_alphas[n] != a]
+    if other:
+        raise ConfigError(f"adapter file {path!r} was trained with another alpha for {len(other)} layer(s): "
+                          f"{', '.join(other[:3])}: prepare the model with the run's --alpha and --alpha-pattern")
     tensors = load_file(path)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
     if missing or unexpected:
         raise ConfigError(f"adapter file {path!r} does not fit the model: {len(missing)} missing tensor(s) "
                           f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]} (were the same "
-                          "target modules and r used?)")
+                          "target modules, r and --rank-pattern used?)")
     with torch.no_grad():
         for n, p in params.items():
             if tensors[n].shape != p.shape:

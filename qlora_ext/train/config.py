@@ -6,10 +6,11 @@ import argparse
 import dataclasses
 import json
 import os
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from .._files import atomic_write_text
 from ..loftq import LOFTQ_SVDS
+from ..lora_patterns import check_patterns
 
 DEFAULT_MODEL = "smollm2"          # the embedded SmolLM2-135M-Instruct (see qlora_ext.train.model)
 QUANT_TYPES = ("nf4", "fp4", "int4", "none")
@@ -44,6 +45,8 @@ class TrainConfig:
     dropout: float = 0.05
     use_rslora: bool = False            # rsLoRA: scale the adapters by alpha / sqrt(r), not alpha / r (PEFT's)
     use_dora: bool = False              # DoRA: a trained magnitude per output row (PEFT's use_dora)
+    rank_pattern: Dict[str, int] = dataclasses.field(default_factory=dict)    # JSON: r of the layers a key selects
+    alpha_pattern: Dict[str, float] = dataclasses.field(default_factory=dict)  # JSON: their alpha (PEFT's patterns)
     target_modules: Optional[List[str]] = None   # default (or all-linear): every nn.Linear except lm_head
     init_lora_weights: str = "default"  # default (A Kaiming, B zero) | loftq (start at each layer's quantization error)
     loftq_iters: int = 1                # LoftQ's quantize / SVD alternations (with --init-lora-weights loftq)
@@ -120,6 +123,11 @@ class TrainConfig:
              f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
         need(self.linear_backend in LINEAR_BACKENDS,
              f"--linear-backend must be one of {LINEAR_BACKENDS}, got {self.linear_backend!r}")
+        for name in ("rank_pattern", "alpha_pattern"):
+            try:
+                check_patterns(getattr(self, name), _flag(name), integer=name == "rank_pattern")
+            except ValueError as e:
+                raise ConfigError(str(e)) from e
         return self
 
     def to_dict(self) -> dict:
@@ -156,6 +164,11 @@ def add_arguments(p: argparse.ArgumentParser, defaults: Optional[dict] = None) -
         if f.type in ("bool", bool):
             p.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=default,
                            help=f"{h} (default: {default})")
+        elif f.name in ("rank_pattern", "alpha_pattern"):
+            p.add_argument(_flag(f.name), dest=f.name, type=_json_object, default=default,
+                           help=f"{h}, e.g. '{{\"q_proj\": 64, \"model.layers.0.mlp.down_proj\": 8}}': regular "
+                                "expressions matched against the end of each layer's module path, the first match "
+                                "wins (PEFT's rank_pattern / alpha_pattern) (default: none)")
         elif f.name in ("data", "eval_data", "target_modules"):
             files = f.name != "target_modules"
             shown = default or ("--eval-blocks of --data" if f.name == "eval_data" else "see above")
@@ -170,6 +183,16 @@ def add_arguments(p: argparse.ArgumentParser, defaults: Optional[dict] = None) -
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}).validate()
+
+
+def _json_object(s: str) -> dict:
+    try:
+        value = json.loads(s)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e}): give an object such as '{{\"q_proj\": 64}}'") from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object (pattern -> value), got {s!r}")
+    return value
 
 
 def _comma_list(s: str) -> List[str]:

@@ -9,6 +9,7 @@ temporary name and renamed.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 import torch
@@ -58,6 +59,8 @@ def merge_run(output_dir: str, target: str, dtype=None, log=print) -> str:
             f.write(f"Merged by qlora_ext from the run in {os.path.abspath(output_dir)}: the base {run.model_dir} "
                     f"{prequantized_note}, dequantized, plus its LoRA adapters (r={cfg.r}, alpha={cfg.alpha}"
                     f"{', rsLoRA scaling alpha / sqrt(r)' if cfg.use_rslora else ''}"
+                    f"{f', rank_pattern {json.dumps(cfg.rank_pattern)}' if cfg.rank_pattern else ''}"
+                    f"{f', alpha_pattern {json.dumps(cfg.alpha_pattern)}' if cfg.alpha_pattern else ''}"
                     f"{', DoRA: each row rescaled to its trained magnitude' if cfg.use_dora else ''}).\n")
 
     try:

@@ -22,6 +22,10 @@ def _gib(n) -> str:
     return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
 
 
+def _patterns(c: dict) -> str:
+    return "".join(f"; {key} {json.dumps(c[key])}" for key in ("rank_pattern", "alpha_pattern") if c.get(key))
+
+
 def markdown(r: dict) -> str:
     c = r["config"]
     before, after = r["eval_before"], r["eval_after"]
@@ -34,7 +38,7 @@ def markdown(r: dict) -> str:
         f"| base | {_base(r)} |",
         f"| base bits/param (measured) | {'%.3f' % bits if bits is not None else 'dense'} |",
         f"| {'DoRA' if c.get('use_dora') else 'LoRA'} | r={c['r']}, alpha={c['alpha']}"
-        f"{' (rsLoRA: alpha / sqrt(r))' if c.get('use_rslora') else ''}, "
+        f"{' (rsLoRA: alpha / sqrt(r))' if c.get('use_rslora') else ''}{_patterns(c)}, "
         f"dropout={c['dropout']}, targets "
         f"{','.join(c['target_modules']) if c['target_modules'] else 'all linear but lm_head'} |",
         f"| trainable params | {r['trainable_params']:,} of {r['total_params']:,} "

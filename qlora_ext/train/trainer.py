@@ -74,7 +74,8 @@ def prepare_for_run(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
                       quant_type=cfg.quant_type, double_quant=cfg.double_quant, blocksize=cfg.blocksize,
                       compute_dtype=compute_dtype_for(device),
                       init_lora_weights=cfg.init_lora_weights, loftq_iters=cfg.loftq_iters, loftq_svd=cfg.loftq_svd,
-                      use_rslora=cfg.use_rslora, use_dora=cfg.use_dora)
+                      use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, rank_pattern=cfg.rank_pattern,
+                      alpha_pattern=cfg.alpha_pattern)
     except ValueError as e:   # unknown target module, a layer that cannot be taken over, ...
         raise ConfigError(f"cannot prepare the model: {e}") from e
 
