@@ -248,7 +248,7 @@ def test_peft_computes_our_dora_adapters_and_we_compute_its(tmp_path, use_rslora
                                    atol=1e-5)
     plain = prepare_model(copy.deepcopy(base), target_modules=["q_proj", "v_proj", "down_proj"], r=4, alpha=8.0,
                           quant_type="none", use_rslora=use_rslora)
-    with pytest.raises(ValueError, match="use_dora=True, but the model's layer .* use_dora=False"):
+    with pytest.raises(ValueError, match="use_dora=True for layer .*, but the model's layer has .* use_dora=False"):
         load_peft_adapter(plain, str(tmp_path / "peft"))
 
 

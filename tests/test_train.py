@@ -455,6 +455,58 @@ def test_resume_is_bit_exact(tiny, tmp_path, optimizer, init, monkeypatch):
     assert resumed["evals"] == straight["evals"]
 
 
+def _log_lines(out):
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def _tensorboard_scalars(folder) -> dict:
+    """tag -> [(step, value)] of the event files in folder."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_the_live_log_and_tensorboard_follow_the_run_and_a_resume_rewrites_them(tiny, tmp_path, capsys):
+    """train_log.jsonl holds each step and each eval once, as the report's history; --report-to tensorboard writes
+    the same scalars; a run resumed from an earlier checkpoint rewrites both from it (nothing twice, nothing lost),
+    and --report-to may change on --resume."""
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    r = train(_cfg(tiny, out, steps=6, save_every=3, eval_every=3, report_to="tensorboard"), log=lambda s: None)
+    lines = _log_lines(out)
+    assert [x for x in lines if "loss" in x] == r["history"] and len(r["history"]) == 6
+    assert [(x["step"], x["eval_loss"]) for x in lines if "eval_loss" in x] == [(e["step"], e["loss"])
+                                                                               for e in r["evals"]]
+    assert [x["step"] for x in lines] == [0, 1, 2, 3, 3, 4, 5, 6, 6]   # a step's eval after its training
+    assert all(x["peak_memory_bytes"] > 0 and x["tokens_per_s"] > 0 for x in r["history"])
+    scalars = _tensorboard_scalars(out / "tensorboard")
+    assert scalars["train/loss"] == [(h["step"], pytest.approx(h["loss"], rel=1e-6)) for h in r["history"]]
+    assert [s for s, _ in scalars["eval/loss"]] == [0, 3, 6]
+    assert {"train/lr", "train/grad_norm", "train/tokens_per_s", "eval/ppl"} <= set(scalars)
+
+    rewind(out, 3)   # as if the run died after step 4 had been logged: the log goes back to the checkpoint
+    with open(out / "train_log.jsonl", "a") as f:
+        f.write(json.dumps({"step": 4, "loss": 99.0}) + "\n")
+    capsys.readouterr()
+    assert cli_main(["--output-dir", str(out), "--resume", "--no-progress", "--report-to", "none"]) == 0
+    again = _log_lines(out)
+    assert [x["step"] for x in again] == [0, 1, 2, 3, 3, 4, 5, 6, 6]
+    assert again[:5] == lines[:5] and [x["loss"] for x in again if "loss" in x][3:] == [
+        h["loss"] for h in r["history"]][3:]   # the same steps trained again (bit-exact resume)
+    assert cli_main(["--output-dir", str(out), "--resume", "--no-progress", "--report-to", "tensorboard"]) == 0
+    assert [s for s, _ in _tensorboard_scalars(out / "tensorboard")["train/loss"]] == [1, 2, 3, 4, 5, 6]
+
+
+def test_report_to_tensorboard_without_the_package_fails_before_the_model_loads(tiny, tmp_path, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    with pytest.raises(ConfigError, match="--report-to tensorboard needs the tensorboard package"):
+        Trainer(_cfg(tiny, tmp_path / "run", report_to="tensorboard", model="/not/loaded"), log=lambda s: None).setup()
+    with pytest.raises(ConfigError, match="--report-to must be one of \\('none', 'tensorboard'\\), got 'wandb'"):
+        _cfg(tiny, tmp_path / "run", report_to="wandb").validate()
+
+
 def test_rank_and_alpha_patterns_run_from_the_command_line_to_peft_and_merge(tiny, tmp_path, capsys):
     """--rank-pattern / --alpha-pattern (JSON): each layer trains at its own r and alpha, the PEFT folder holds
     the patterns, the merged model computes the run's eval loss, a resume must keep them, and the adapter file

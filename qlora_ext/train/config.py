@@ -20,6 +20,7 @@ LINEAR_BACKENDS = ("auto", "fused", "fused_mma", "dequant", "tune")
 LORA_INITS = ("default", "loftq")
 LOAD_IN_4BIT = ("auto", "on", "off")
 PACKINGS = ("auto", "wrapped", "bfd")
+REPORT_TO = ("none", "tensorboard")
 
 # Fields added after runs were first saved, with the value that reproduces a run saved before them: a run whose
 # config.json lacks the key continues (--resume, merge, generate) as it began.
@@ -81,6 +82,7 @@ class TrainConfig:
     linear_backend: str = "auto"        # CUDA 4-bit GEMMs: auto | fused | fused_mma | dequant | tune (see README)
     resume: bool = False                # continue the run in output_dir from its latest checkpoint
     progress: bool = True               # the tqdm bar
+    report_to: str = "none"             # none | tensorboard: the live log (train_log.jsonl) as TensorBoard events too
 
     def validate(self) -> "TrainConfig":
         def need(ok, msg):
@@ -94,6 +96,7 @@ class TrainConfig:
              f"--init-lora-weights must be one of {LORA_INITS}, got {self.init_lora_weights!r}")
         need(self.loftq_svd in LOFTQ_SVDS, f"--loftq-svd must be one of {LOFTQ_SVDS}, got {self.loftq_svd!r}")
         need(self.packing in PACKINGS, f"--packing must be one of {PACKINGS}, got {self.packing!r}")
+        need(self.report_to in REPORT_TO, f"--report-to must be one of {REPORT_TO}, got {self.report_to!r}")
         need(self.load_in_4bit in LOAD_IN_4BIT,
              f"--load-in-4bit must be one of {LOAD_IN_4BIT}, got {self.load_in_4bit!r}")
         need(self.load_in_4bit != "on" or self.quant_type != "none",
@@ -213,7 +216,8 @@ def _field_help() -> dict:
 
 # Flags that may differ on --resume: they do not change what is computed.
 # (load_in_4bit builds the same 4-bit base as loading the dense model and quantizing it, bit for bit.)
-RESUME_MAY_CHANGE = ("resume", "progress", "device", "linear_backend", "output_dir", "load_in_4bit", "num_proc")
+RESUME_MAY_CHANGE = ("resume", "progress", "device", "linear_backend", "output_dir", "load_in_4bit", "num_proc",
+                     "report_to")
 
 
 def resume_config(output_dir: str, explicit: dict) -> TrainConfig:

@@ -31,6 +31,7 @@ from .config import ConfigError, TrainConfig
 from .data import IGNORE, TokenBlocks, batch_indices, find_text_files, resolve_packing, run_blocks
 from .loss import causal_lm_loss, packed_attention_problem, vocab_size
 from .model import load_model_and_tokenizer, max_positions, resolve_model_dir
+from .run_log import RunLog, summary_writer_class
 
 PEFT_DIR = "peft_adapter"  # <output_dir>/peft_adapter: the adapters in PEFT's format
 
@@ -255,6 +256,7 @@ class Trainer:
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         t0 = time.perf_counter()
+        summary_writer_class(cfg.report_to)   # before the model loads: a missing package fails in a second
         files = find_text_files(cfg.data)   # before the model loads: a wrong path fails in a second
         eval_files = find_text_files(cfg.eval_data, "--eval-data") if cfg.eval_data else []
         self.files = [os.path.abspath(f) for f in files]
@@ -373,6 +375,22 @@ class Trainer:
 
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
+        run_log = RunLog(cfg.output_dir, cfg.report_to, state["history"], state["evals"])
+        try:
+            step = self._train(state, step, run_log)
+        finally:
+            run_log.close()
+        ckpt.save_adapters(os.path.join(cfg.output_dir, ckpt.ADAPTER_FILE), self.model, config)
+        # the same adapters for PEFT and the tools that read its folders (peft.PeftModel.from_pretrained)
+        # a PEFT adapter's base is the dense model (PEFT cannot load a 4-bit checkpoint): the one it was quantized from
+        base = checkpoint_source(self.model_dir) if self.from_4bit_checkpoint else self.model_dir
+        save_peft_adapter(self.model, os.path.join(cfg.output_dir, PEFT_DIR), base_model_name_or_path=base)
+        return self.result(state, step)
+
+    def _train(self, state: dict, step: int, run_log: RunLog) -> int:
+        """The optimizer steps from `step` to --steps, with evaluations and checkpoints; returns the last step."""
+        cfg, dev = self.cfg, self.device
+        config = cfg.to_dict()
         self.model.train()
         bar = None
         if cfg.progress:
@@ -425,28 +443,25 @@ class Trainer:
             train_loss = loss_sum / cfg.grad_accum
             if not math.isfinite(train_loss):
                 raise FloatingPointError(f"training loss is {train_loss} at step {step}; lower --lr")
+            mem = memory_bytes(dev, self.optimizer)["peak"]
             state["history"].append({"step": step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm,
-                                     "tokens_per_s": tokens_per_step / dt})
+                                     "tokens_per_s": tokens_per_step / dt, "peak_memory_bytes": mem})
+            run_log.step(state["history"][-1])
             if bar is not None:
-                mem = memory_bytes(dev, self.optimizer)["peak"]
                 bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_step / dt:.0f}", mem=_fmt_bytes(mem),
                                 refresh=False)
                 bar.update(1)
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 ev = self.evaluate()
                 state["evals"].append({"step": step, "loss": ev, "ppl": math.exp(ev)})
+                run_log.evaluation(step, ev)
                 msg = f"step {step}: eval loss {ev:.4f}, perplexity {math.exp(ev):.2f}"
                 bar.write(msg) if bar is not None else self.log(msg)
             if step % cfg.save_every == 0 or step == cfg.steps:
                 ckpt.save_checkpoint(cfg.output_dir, step, self.model, self.optimizer, state, config)
         if bar is not None:
             bar.close()
-        ckpt.save_adapters(os.path.join(cfg.output_dir, ckpt.ADAPTER_FILE), self.model, config)
-        # the same adapters for PEFT and the tools that read its folders (peft.PeftModel.from_pretrained)
-        # a PEFT adapter's base is the dense model (PEFT cannot load a 4-bit checkpoint): the one it was quantized from
-        base = checkpoint_source(self.model_dir) if self.from_4bit_checkpoint else self.model_dir
-        save_peft_adapter(self.model, os.path.join(cfg.output_dir, PEFT_DIR), base_model_name_or_path=base)
-        return self.result(state, step)
+        return step
 
     def result(self, state: dict, step: int) -> dict:
         cfg = self.cfg
