@@ -498,6 +498,47 @@ def test_the_live_log_and_tensorboard_follow_the_run_and_a_resume_rewrites_them(
     assert [s for s, _ in _tensorboard_scalars(out / "tensorboard")["train/loss"]] == [1, 2, 3, 4, 5, 6]
 
 
+def test_neftune_noise_is_bounded_and_only_in_training():
+    from qlora_ext.train.neftune import add_neftune
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4))
+    emb = model.get_input_embeddings()
+    ids = torch.randint(0, 50, (3, 25))
+    emb.requires_grad_(False)   # frozen, as in a run
+    clean = emb(ids)
+    handle = add_neftune(model, 5.0)
+    emb.train()
+    noise = emb(ids) - clean
+    bound = 5.0 / math.sqrt(25 * 32)
+    assert noise.abs().max() <= bound and noise.abs().max() > 0.9 * bound
+    assert abs(float(noise.mean())) < 0.05 * bound and not torch.equal(emb(ids) - clean, noise)   # fresh each call
+    emb.eval()
+    assert torch.equal(emb(ids), clean)
+    handle.remove()
+    emb.train()
+    assert torch.equal(emb(ids), clean)
+    with pytest.raises(ValueError, match="has none"):
+        add_neftune(torch.nn.Linear(2, 2), 5.0)
+
+
+def test_neftune_run_trains_with_noise_evaluates_without_and_resumes_bit_exactly(tiny, tmp_path):
+    """--neftune-noise-alpha: the first step's loss is another than without it (the noise is on), the eval before
+    training is the same (no noise in eval mode), the report says so, and a resume draws the same noise."""
+    from safetensors.torch import load_file
+    plain = train(_cfg(tiny, tmp_path / "plain", steps=2, eval_every=2), log=lambda s: None)
+    out = tmp_path / "run"
+    noisy = train(_cfg(tiny, out, steps=6, save_every=3, eval_every=3, neftune_noise_alpha=5.0), log=lambda s: None)
+    assert noisy["eval_before"] == plain["eval_before"]
+    assert noisy["history"][0]["loss"] != plain["history"][0]["loss"]
+    final = load_file(str(out / "adapter.safetensors"))
+    rewind(out, 3)
+    resumed = resume_adapters(out)
+    assert all(torch.equal(resumed[k], final[k]) for k in final)
+    with pytest.raises(ConfigError, match="--neftune-noise-alpha must be >= 0, got -1"):
+        _cfg(tiny, out, neftune_noise_alpha=-1.0).validate()
+
+
 def test_report_to_tensorboard_without_the_package_fails_before_the_model_loads(tiny, tmp_path, monkeypatch):
     import sys
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)

@@ -74,6 +74,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0          # 0 disables clipping
     optimizer: str = "paged_adamw"      # paged_adamw | paged_adamw8bit (qlora_ext.PagedAdamW[8bit]) | adamw (torch)
     gradient_checkpointing: bool = True
+    neftune_noise_alpha: float = 0.0    # NEFTune: noise of alpha / sqrt(L d) on the input embeddings in training
     seed: int = 0
     # bookkeeping
     eval_every: int = 50                # steps between evaluations (and one before training, one at the end)
@@ -118,7 +119,8 @@ class TrainConfig:
             need(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         need(self.seq_len >= 2, f"--seq-len must be at least 2 (a block's first token predicts the second), got "
                                 f"{self.seq_len}")
-        for name in ("warmup_steps", "max_tokens", "weight_decay", "max_grad_norm", "epochs", "num_proc"):
+        for name in ("warmup_steps", "max_tokens", "weight_decay", "max_grad_norm", "epochs", "num_proc",
+                     "neftune_noise_alpha"):
             need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         need(self.lr > 0, f"--lr must be positive, got {self.lr}")
         need(0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}")

@@ -30,6 +30,7 @@ from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig
 from .data import IGNORE, TokenBlocks, batch_indices, find_text_files, resolve_packing, run_blocks
 from .loss import causal_lm_loss, packed_attention_problem, vocab_size
+from .neftune import add_neftune
 from .model import load_model_and_tokenizer, max_positions, resolve_model_dir
 from .run_log import RunLog, summary_writer_class
 
@@ -317,6 +318,12 @@ class Trainer:
                 self.log("note: this model has no gradient_checkpointing_enable(); training without it")
         if getattr(self.model, "config", None) is not None:
             self.model.config.use_cache = False
+        self.neftune = None
+        if cfg.neftune_noise_alpha:
+            try:
+                self.neftune = add_neftune(self.model, cfg.neftune_noise_alpha)
+            except ValueError as e:
+                raise ConfigError(f"--neftune-noise-alpha: {e}") from e
         self.summary = model_summary(self.model)
         self.log(f"model: {self.model_dir}: {self.summary}")
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -380,6 +387,8 @@ class Trainer:
             step = self._train(state, step, run_log)
         finally:
             run_log.close()
+            if self.neftune is not None:   # (the trained model generates and merges without it)
+                self.neftune.remove()
         ckpt.save_adapters(os.path.join(cfg.output_dir, ckpt.ADAPTER_FILE), self.model, config)
         # the same adapters for PEFT and the tools that read its folders (peft.PeftModel.from_pretrained)
         # a PEFT adapter's base is the dense model (PEFT cannot load a 4-bit checkpoint): the one it was quantized from
