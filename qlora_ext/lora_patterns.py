@@ -1,14 +1,19 @@
 """Per-layer rank and alpha, as PEFT's rank_pattern / alpha_pattern give them: a mapping from a regular expression
 to a value, where a layer takes the value of the first key (in the mapping's order) that matches the end of its
-module path at a name boundary (`re.match(rf"(.*\\.)?({key})$", name)`, PEFT's get_pattern_key), and the default
-otherwise. So {"q_proj": 64} sets every q_proj, {"model.layers.0.mlp.down_proj": 8} one layer, and
-{"layers\\.(0|1)\\..*": 4} a range of blocks.
+module path at a name boundary (`re.match(rf"(.*\\.)?({key})$", name)`, PEFT's get_pattern_key; a path that is
+itself a key but matches none takes that key's value), and the default otherwise. So {"q_proj": 64} sets every
+q_proj, {"model.layers.0.mlp.down_proj": 8} one layer, and {"layers\\.(0|1)\\..*": 4} a range of blocks. Paths
+are those of the model PEFT sees: without torch.compile's or DataParallel's wrapper.
 
-prepare_model resolves the patterns it is given; qlora_ext.peft_io writes a model's per-layer values back as the
-shortest patterns that give them (one per layer name where all layers of that name agree, else one per layer)."""
+prepare_model resolves the patterns it is given; qlora_ext.peft_io writes a model's per-layer values back as
+patterns that select disjoint sets of layers (so their order cannot matter: PEFT saves them sorted): one per layer
+name whose layers all take the same value other than the default, else one per such layer, the shortest ending of
+its path that names it alone (which PEFT before 0.15, matching `.*\\.{key}$`, reads the same way)."""
+
 from __future__ import annotations
 
 import collections
+import math
 import numbers
 import re
 from typing import Dict, Iterable, Mapping, Optional, Tuple
@@ -16,7 +21,7 @@ from typing import Dict, Iterable, Mapping, Optional, Tuple
 
 def check_patterns(patterns: Optional[Mapping], what: str, integer: bool) -> Dict[str, float]:
     """The patterns as a plain dict (empty for None), after checking that each key is a regular expression and
-    each value a positive number (an int when `integer`); ValueError naming `what` otherwise."""
+    each value a positive finite number (an int when `integer`); ValueError naming `what` otherwise."""
     if patterns is None:
         return {}
     if not isinstance(patterns, Mapping):
@@ -31,8 +36,8 @@ def check_patterns(patterns: Optional[Mapping], what: str, integer: bool) -> Dic
         except re.error as e:
             raise ValueError(f"{what}: {key!r} is not a regular expression ({e})") from e
         wanted = numbers.Integral if integer else numbers.Real
-        if isinstance(value, bool) or not isinstance(value, wanted) or not value > 0:
-            raise ValueError(f"{what}[{key!r}] must be a positive {'integer' if integer else 'number'}, got "
+        if isinstance(value, bool) or not isinstance(value, wanted) or not 0 < value < math.inf:
+            raise ValueError(f"{what}[{key!r}] must be a positive {'integer' if integer else 'finite number'}, got "
                              f"{value!r}")
         out[key] = int(value) if integer else float(value)
     return out
@@ -40,10 +45,11 @@ def check_patterns(patterns: Optional[Mapping], what: str, integer: bool) -> Dic
 
 def matching_key(patterns: Iterable[str], name: str) -> Optional[str]:
     """The first pattern that selects the module path `name` (PEFT's rule, above), or None."""
+    patterns = list(patterns)
     for key in patterns:
         if re.match(rf"(.*\.)?({key})$", name):
             return key
-    return None
+    return name if name in patterns else None
 
 
 def value_for(patterns: Mapping[str, float], name: str, default):
@@ -55,30 +61,44 @@ def value_for(patterns: Mapping[str, float], name: str, default):
 def unmatched(patterns: Mapping[str, float], names: Iterable[str]) -> list:
     """The patterns that select none of `names` (a typo, or a layer the targets leave out)."""
     names = list(names)
-    return [key for key in patterns if not any(re.match(rf"(.*\.)?({key})$", n) for n in names)]
+    return [key for key in patterns if not any(matching_key([key], n) for n in names)]
 
 
-def as_patterns(values: Mapping[str, float]) -> Tuple[float, Dict[str, float]]:
-    """A default and patterns that give each layer (name -> value) its value under PEFT's rule: the default is
-    the commonest value, each layer name (its last component) whose commonest value is another gets one pattern,
-    and the layers that differ from their name's commonest value one pattern each, anchored and escaped so that it
-    selects that layer only, and placed first (the first matching key wins). Ties go to the default, then to the
-    value seen first."""
-    default = _commonest(list(values.values()))
+def as_patterns(values: Mapping[str, float], paths: Iterable[str]) -> Tuple[float, Dict[str, float]]:
+    """A default and patterns that give each layer (path -> value) its value under PEFT's rule, whatever their
+    order. The default is the commonest value (among equals, the first seen); a layer name (the path's last
+    component) whose layers all take one other value gets one pattern; a layer whose name's layers disagree
+    gets one of its own, the shortest ending of its path that no other of `paths` (every module of the model)
+    ends with (_own_pattern), anchored with "^" only where its whole path is another's ending."""
+    counts = collections.Counter(values.values())
+    order = list(values.values())
+    default = max(counts, key=lambda v: (counts[v], -order.index(v)))
+    paths = set(paths) | set(values)
     by_leaf = collections.defaultdict(dict)
     for name, value in values.items():
         by_leaf[name.split(".")[-1]][name] = value
-    layers, leaves = {}, {}
-    for leaf, named in by_leaf.items():
-        usual = _commonest(list(named.values()), prefer=default)
-        if usual != default:
-            leaves[re.escape(leaf)] = usual
-        # "^": the whole path (a nested model may hold the same path under a longer prefix)
-        layers.update({"^" + re.escape(n): v for n, v in named.items() if v != usual})
-    return default, {**layers, **leaves}
+    patterns = {}
+    for leaf, layers in by_leaf.items():
+        distinct = set(layers.values())
+        if distinct == {default}:
+            continue
+        if len(distinct) == 1:
+            patterns[re.escape(leaf)] = distinct.pop()
+            continue
+        for name, value in layers.items():
+            if value != default:
+                patterns[_own_pattern(name, paths)] = value
+    return default, patterns
 
 
-def _commonest(values: list, prefer=None):
-    """The value seen most often; among equals `prefer`, then the first seen."""
-    counts = collections.Counter(values)
-    return max(counts, key=lambda v: (counts[v], v == prefer, -values.index(v)))
+def _own_pattern(name: str, paths: set) -> str:
+    """The shortest ending of `name` (whole components, escaped) that no other path ends with at a boundary, and
+    that starts with a name rather than an index ("layers.1.mlp.down_proj", not "1.mlp.down_proj")."""
+    parts = name.split(".")
+    for k in range(len(parts) - 1, -1, -1):
+        ending = ".".join(parts[k:])
+        if k and parts[k].isdigit():
+            continue
+        if not any(p != name and (p == ending or p.endswith("." + ending)) for p in paths):
+            return re.escape(ending)
+    return "^" + re.escape(name)   # another module's path ends with this whole path (a nested look-alike)

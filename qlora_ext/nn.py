@@ -365,6 +365,25 @@ def model_summary(model: nn.Module) -> ModelSummary:
     return ModelSummary(trainable, total, nbytes, len(quantized), adapters)
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module whose names PEFT sees: without torch.compile's and (Distributed)DataParallel's wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+def _unwrapped_names(model: nn.Module) -> dict:
+    """Each module path of model -> its path in unwrap_model(model) (for a wrapper, without its prefix)."""
+    inner = unwrap_model(model)
+    prefix = next(n for n, m in model.named_modules() if m is inner)
+    cut = len(prefix) + 1 if prefix else 0
+    return {n: n[cut:] for n, _ in model.named_modules() if not prefix or n.startswith(prefix + ".")}
+
+
 def lora_init_of(model: nn.Module) -> str:
     """How the model's adapters started: "loftq" if any started from LoftQ (LoRALinear.init_adapters), else
     "default"; what the trainer's --init-lora-weights records."""
@@ -488,9 +507,11 @@ def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = No
     linears = _linear_names(model)
     adapted = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
     chosen = chosen_linears(model, target_modules, exclude)
-    idle = [f"{what} keys {keys}" for what, keys in (("rank_pattern", lora_patterns.unmatched(rank_pattern, chosen)),
-                                                     ("alpha_pattern", lora_patterns.unmatched(alpha_pattern, chosen)))
-            if keys]
+    paths = _unwrapped_names(model)   # patterns match the paths PEFT sees (no torch.compile prefix)
+    chosen_paths = [paths[n] for n in chosen]
+    idle = [f"{what} keys {keys}" for what, keys in
+            (("rank_pattern", lora_patterns.unmatched(rank_pattern, chosen_paths)),
+             ("alpha_pattern", lora_patterns.unmatched(alpha_pattern, chosen_paths))) if keys]
     if idle:
         warnings.warn(f"{' and '.join(idle)} select none of the {len(chosen)} layer(s) adapted here (keys are "
                       "regular expressions matched against the end of a module path, e.g. 'q_proj' or "
@@ -511,8 +532,8 @@ def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = No
                       stacklevel=2)
     for name in chosen:
         linear = linears[name]
-        r_here = lora_patterns.value_for(rank_pattern, name, r)
-        alpha_here = lora_patterns.value_for(alpha_pattern, name, alpha)
+        r_here = lora_patterns.value_for(rank_pattern, paths[name], r)
+        alpha_here = lora_patterns.value_for(alpha_pattern, paths[name], alpha)
         if prequantized[name][0] is not None:
             base = prequantized[name][0]
         elif quant_type != "none" and linear.in_features % blocksize:

@@ -29,7 +29,7 @@ import torch
 
 from ._files import atomic_save_safetensors, atomic_write_text
 from .lora_patterns import as_patterns, check_patterns, value_for
-from .nn import Dropout, LoRALinear, lora_init_of
+from .nn import Dropout, LoRALinear, lora_init_of, unwrap_model
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -49,19 +49,8 @@ _HARMLESS_KEYS = {
 _PLAIN_INITS = (True, False, None, "gaussian", "orthogonal", "eva")
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module whose names PEFT sees: without torch.compile's and (Distributed)DataParallel's wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, torch.nn.Module):
-            model = model._orig_mod
-        elif isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
-            model = model.module
-        else:
-            return model
-
-
 def _adapters(model: torch.nn.Module) -> Dict[str, LoRALinear]:
-    adapters = {name: m for name, m in _unwrap(model).named_modules() if isinstance(m, LoRALinear)}
+    adapters = {name: m for name, m in unwrap_model(model).named_modules() if isinstance(m, LoRALinear)}
     if not adapters:
         raise ValueError("the model has no LoRALinear layers: apply qlora_ext.prepare_model first")
     return adapters
@@ -78,7 +67,7 @@ def _target_modules(model: torch.nn.Module, names) -> list:
     """The layers' last name components when they select exactly these layers among all the model's modules
     (PEFT matches a target by that suffix, whatever the module's type), else the full module paths."""
     leaves = {n.split(".")[-1] for n in names}
-    outside = {n for n, _ in _unwrap(model).named_modules() if n and not any(n.startswith(a + ".") for a in names)}
+    outside = {n for n, _ in unwrap_model(model).named_modules() if n and not any(n.startswith(a + ".") for a in names)}
     if {n for n in outside if n.split(".")[-1] in leaves} == set(names):
         return sorted(leaves)
     return sorted(names)
@@ -87,7 +76,7 @@ def _target_modules(model: torch.nn.Module, names) -> list:
 def _task_type(model: torch.nn.Module) -> Optional[str]:
     """CAUSAL_LM for a transformers causal LM (PEFT then builds its PeftModelForCausalLM, which generates), else
     none (PEFT's plain PeftModel, which any module can carry)."""
-    return "CAUSAL_LM" if type(_unwrap(model)).__name__.endswith("ForCausalLM") else None
+    return "CAUSAL_LM" if type(unwrap_model(model)).__name__.endswith("ForCausalLM") else None
 
 
 def save_peft_adapter(model: torch.nn.Module, directory: str, base_model_name_or_path: Optional[str] = None,
@@ -112,10 +101,12 @@ def save_peft_adapter(model: torch.nn.Module, directory: str, base_model_name_or
         if use_dora:
             tensors[f"{_PREFIX}{name}.lora_magnitude_vector"] = a.lora_magnitude_vector.detach().to(
                 "cpu", dtype).contiguous()
-    # the same scaling at rank 2r for a LoftQ start's export
-    r, rank_pattern = as_patterns({n: 2 * a.r if from_start else a.r for n, a in adapters.items()})
-    alpha, alpha_pattern = as_patterns({n: float(a.alpha) * (1 if not from_start else math.sqrt(2) if use_rslora
-                                                              else 2) for n, a in adapters.items()})
+    # a LoftQ start's export is rank 2r: alpha grows with it so that the scaling stays
+    rank_factor = 2 if from_start else 1
+    alpha_factor = 1 if not from_start else math.sqrt(2) if use_rslora else 2
+    paths = [n for n, _ in unwrap_model(model).named_modules()]
+    r, rank_pattern = as_patterns({n: a.r * rank_factor for n, a in adapters.items()}, paths)
+    alpha, alpha_pattern = as_patterns({n: float(a.alpha) * alpha_factor for n, a in adapters.items()}, paths)
     config = {
         "peft_type": "LORA", "task_type": _task_type(model), "base_model_name_or_path": base_model_name_or_path,
         "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": _target_modules(model, adapters),

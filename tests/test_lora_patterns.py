@@ -24,10 +24,12 @@ PATTERNS = ["q_proj", "model.layers.1.mlp.up_proj", "^model.layers.1.mlp.up_proj
 def test_the_matching_rule_is_peft_s():
     other = pytest.importorskip("peft.utils.other")
     rng = random.Random(0)
+    names = NAMES + ["heads.a+b", "heads.aab"]   # a path with regex characters: PEFT's exact-name fallback
     for _ in range(200):
-        keys = rng.sample(PATTERNS, rng.randint(1, 4))
-        for name in NAMES:
-            assert (matching_key(keys, name) or name) == other.get_pattern_key(keys, name), (keys, name)
+        keys = rng.sample(PATTERNS + ["heads.a+b"], rng.randint(1, 4))
+        patterns = {k: i + 1 for i, k in enumerate(keys)}
+        for name in names:
+            assert value_for(patterns, name, 0) == patterns.get(other.get_pattern_key(keys, name), 0), (keys, name)
 
 
 def test_matching_selects_at_a_name_boundary_and_the_first_key_wins():
@@ -38,11 +40,20 @@ def test_matching_selects_at_a_name_boundary_and_the_first_key_wins():
     assert value_for({"up_proj": 2, "layers\\.1\\..*": 3}, "model.layers.1.mlp.up_proj", 7) == 2
     assert value_for({"layers\\.1\\..*": 3, "up_proj": 2}, "model.layers.1.mlp.up_proj", 7) == 3
     assert value_for({"layers\\.1\\..*": 3}, "model.layers.11.mlp.up_proj", 7) == 7
+    assert value_for({"heads.a+b": 3}, "heads.a+b", 7) == 3   # no regex match, but the path itself is a key
     assert unmatched({"q_proj": 2, "qkv": 3, "layers\\.99\\..*": 4}, NAMES) == ["qkv", "layers\\.99\\..*"]
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_the_patterns_written_for_any_values_give_them_back(seed):
+def _old_peft_value(patterns, name, default):
+    """PEFT before 0.15: the first key with re.match(f".*\\.{key}$", name)."""
+    for key in patterns:
+        if re.match(rf".*\.{key}$", name):
+            return patterns[key]
+    return default
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_the_patterns_written_for_any_values_give_them_back_in_any_order(seed):
     rng = random.Random(seed)
     values = {n: 8 for n in NAMES}
     for leaf in rng.sample(["q_proj", "v_proj", "up_proj", "down_proj", "proj"], 2):   # whole layer names
@@ -51,18 +62,29 @@ def test_the_patterns_written_for_any_values_give_them_back(seed):
                 values[n] = 16
     for n in rng.sample(NAMES, rng.randint(0, 12)):   # and single layers, the nested twins included
         values[n] = rng.choice([2, 4, 32])
-    default, patterns = as_patterns(values)
-    assert {n: value_for(patterns, n, default) for n in NAMES} == values
-    assert default == 8 and len(patterns) <= 2 + 12
+    default, patterns = as_patterns(values, NAMES + ["model", "model.layers", "model.layers.0"])
+    assert default == 8
+    for order in range(3):   # PEFT saves them sorted: the order must not matter
+        keys = list(patterns)
+        rng.shuffle(keys)
+        shuffled = {k: patterns[k] for k in keys}
+        assert {n: value_for(shuffled, n, default) for n in NAMES} == values
+        for n in NAMES:   # PEFT 0.14 reads them the same, but for a whole path (it wants a "." before a key)
+            key = matching_key(shuffled, n)
+            if key is None or not (key.startswith("^") or key == re.escape(n)):
+                assert _old_peft_value(shuffled, n, default) == values[n], (n, patterns)
 
 
-def test_one_name_one_pattern_and_the_commonest_value_is_the_default():
+def test_one_pattern_per_agreeing_name_else_the_layer_s_own_ending():
     values = {"a.q_proj": 4, "b.q_proj": 4, "a.v_proj": 8, "b.v_proj": 8, "c.v_proj": 8, "a.o_proj": 2,
               "b.o_proj": 8}
-    assert as_patterns(values) == (8, {"q_proj": 4, "^a\\.o_proj": 2})
-    values.update({"c.o_proj": 2, "d.o_proj": 2})   # now o_proj's commonest value is 2: b.o_proj is the exception
-    assert list(as_patterns(values)[1].items()) == [("^b\\.o_proj", 8), ("q_proj", 4), ("o_proj", 2)]
-    assert as_patterns({"a.q": 1.5, "a.k": 2.0}) == (1.5, {"k": 2.0})   # a tie: the first value seen
+    assert as_patterns(values, values) == (8, {"q_proj": 4, "a\\.o_proj": 2})
+    assert as_patterns({"a.q": 1.5, "a.k": 2.0}, []) == (1.5, {"k": 2.0})   # a tie: the first value seen
+    layers = {f"model.layers.{i}.mlp.down_proj": 4 for i in range(12)}
+    layers["model.layers.1.mlp.down_proj"] = 2   # "1.mlp.down_proj" would do, but an index does not start it
+    assert as_patterns(layers, layers)[1] == {"layers\\.1\\.mlp\\.down_proj": 2}
+    nested = {"model.layers.1.mlp.up_proj": 2, "vision.model.layers.1.mlp.up_proj": 4, "x.up_proj": 4}
+    assert as_patterns(nested, nested)[1] == {"^model\\.layers\\.1\\.mlp\\.up_proj": 2}
 
 
 @pytest.mark.parametrize("patterns,integer,message", [
@@ -74,8 +96,9 @@ def test_one_name_one_pattern_and_the_commonest_value_is_the_default():
     ({"q_proj": 8.0}, True, "must be a positive integer, got 8.0"),
     ({"q_proj": True}, True, "must be a positive integer, got True"),
     ({"q_proj": "8"}, True, "must be a positive integer, got '8'"),
-    ({"q_proj": -1.0}, False, "rank_pattern['q_proj'] must be a positive number, got -1.0"),
-    ({"q_proj": float("nan")}, False, "must be a positive number, got nan"),
+    ({"q_proj": -1.0}, False, "rank_pattern['q_proj'] must be a positive finite number, got -1.0"),
+    ({"q_proj": float("nan")}, False, "must be a positive finite number, got nan"),
+    ({"q_proj": float("inf")}, False, "must be a positive finite number, got inf"),
 ])
 def test_bad_patterns_are_refused_by_name(patterns, integer, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -141,7 +164,7 @@ def test_loftq_starts_each_layer_at_its_own_rank():
 
 def test_bad_patterns_leave_the_model_as_it_was():
     model = Blocks()
-    with pytest.raises(ValueError, match=re.escape("alpha_pattern['q_proj'] must be a positive number")):
+    with pytest.raises(ValueError, match=re.escape("alpha_pattern['q_proj'] must be a positive finite number")):
         qlora_ext.prepare_model(model, r=4, quant_type="none", alpha_pattern={"q_proj": 0})
     assert not any(isinstance(m, qlora_ext.LoRALinear) for m in model.modules())
     assert all(p.requires_grad for p in model.parameters())

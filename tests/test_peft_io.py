@@ -4,6 +4,7 @@ and computes what PEFT's model computes; what would compute something else is re
 import copy
 import json
 import re
+import warnings
 
 import pytest
 import torch
@@ -247,17 +248,47 @@ def test_rank_and_alpha_patterns_go_both_ways_with_peft(tmp_path, use_rslora):
         load_peft_adapter(plain, str(tmp_path / "peft"))
 
 
-def test_per_layer_values_are_written_as_the_shortest_patterns(tmp_path):
-    """Layers of one name that agree get one pattern for the name; the others one anchored pattern each; the
-    commonest value is the default."""
-    model = qlora_ext.prepare_model(tiny_llama(), r=4, alpha=8.0, quant_type="none",
+def test_per_layer_values_are_written_as_patterns_whose_order_cannot_matter(tmp_path):
+    """Layers of one name that agree get one pattern for the name; the others each the shortest ending of their
+    path that names them alone; the commonest value is the default. PEFT saves the config with its keys sorted:
+    such a folder, saved again by PEFT, still computes the same."""
+    base = tiny_llama()
+    model = qlora_ext.prepare_model(copy.deepcopy(base), r=4, alpha=8.0, quant_type="none",
                                     rank_pattern={"q_proj": 8, "model.layers.1.mlp.down_proj": 2},
-                                    alpha_pattern={"k_proj": 16, "v_proj": 16, "o_proj": 16, "gate_proj": 16})
+                                    alpha_pattern={"k_proj": 16, "v_proj": 16, "o_proj": 16, "gate_proj": 16,
+                                                   "layers\\.0\\.mlp\\.up_proj": 3})
+    randomize_adapters(model.eval())
     save_peft_adapter(model, str(tmp_path / "a"))
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"]) == (4, 16.0)   # alpha 16 on 4 of the 7 layer names
-    assert config["rank_pattern"] == {"q_proj": 8, "^model\\.layers\\.1\\.mlp\\.down_proj": 2}
-    assert config["alpha_pattern"] == {"q_proj": 8.0, "up_proj": 8.0, "down_proj": 8.0}
+    assert config["rank_pattern"] == {"q_proj": 8, "layers\\.1\\.mlp\\.down_proj": 2}
+    assert config["alpha_pattern"] == {"q_proj": 8.0, "layers\\.0\\.mlp\\.up_proj": 3.0,
+                                       "layers\\.1\\.mlp\\.up_proj": 8.0, "down_proj": 8.0}
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "a"))
+    theirs.save_pretrained(str(tmp_path / "resaved"))
+    resaved = json.loads((tmp_path / "resaved" / "adapter_config.json").read_text())["alpha_pattern"]
+    assert list(resaved) == sorted(resaved)   # (PEFT sorts them)
+    again = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "resaved")).eval()
+    torch.testing.assert_close(logits(again, IDS), logits(model, IDS), rtol=1e-5, atol=1e-5)
+
+
+def test_patterns_match_the_paths_peft_sees_on_a_compiled_model(tmp_path):
+    base = tiny_llama()
+    ours = qlora_ext.prepare_model(copy.deepcopy(base), r=4, alpha=8.0, quant_type="none",
+                                   rank_pattern={"model.layers.1.mlp.down_proj": 2})
+    randomize_adapters(ours)
+    save_peft_adapter(ours, str(tmp_path / "a"))
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    compiled = torch.compile(copy.deepcopy(base))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # no "select none of the layers"
+        qlora_ext.prepare_model(compiled, r=config["r"], alpha=config["lora_alpha"], quant_type="none",
+                                rank_pattern=config["rank_pattern"], alpha_pattern={"^model\\.layers\\.0\\..*": 2})
+    assert compiled._orig_mod.model.layers[1].mlp.down_proj.r == 2
+    assert compiled._orig_mod.model.layers[0].mlp.down_proj.alpha == 2
+    with pytest.raises(ValueError, match="lora_alpha=8.0, .* for layer model.layers.0.self_attn.q_proj, but the "
+                                         "model's layer has r=4, alpha=2"):
+        load_peft_adapter(compiled, str(tmp_path / "a"))
 
 
 def test_a_loftq_model_with_patterns_exports_each_layers_scaling_at_rank_2r(tmp_path):

@@ -559,17 +559,17 @@ def test_rank_and_alpha_patterns_run_from_the_command_line_to_peft_and_merge(tin
     out = tmp_path / "run"
     argv = ["--model", model_dir, "--data", data_dir, "--output-dir", str(out), "--seq-len", "32", "--eval-blocks",
             "4", "--steps", "2", "--r", "4", "--alpha", "8", "--device", "cpu", "--no-progress", "--dropout", "0",
-            "--rank-pattern", '{"q_proj": 8, "layers\\\\.1\\\\.mlp\\\\..*": 2}',
+            "--rank-pattern", '{"q_proj": 8, "layers\\\\.1\\\\.mlp\\\\.(up|down)_proj": 2}',
             "--alpha-pattern", '{"v_proj": 2.5}']
     assert cli_main(argv) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["config"]["rank_pattern"] == {"q_proj": 8, "layers\\.1\\.mlp\\..*": 2}
-    assert 'rank_pattern {"q_proj": 8, "layers\\\\.1\\\\.mlp\\\\..*": 2}; alpha_pattern {"v_proj": 2.5}' in (
+    assert report["config"]["rank_pattern"] == {"q_proj": 8, "layers\\.1\\.mlp\\.(up|down)_proj": 2}
+    assert ('rank_pattern {"q_proj": 8, "layers\\\\.1\\\\.mlp\\\\.(up\\|down)_proj": 2}; alpha_pattern '  # "|": a cell
+            '{"v_proj": 2.5}') in (
         out / "report.md").read_text()
     peft_config = json.loads((out / "peft_adapter" / "adapter_config.json").read_text())
     assert (peft_config["r"], peft_config["rank_pattern"], peft_config["alpha_pattern"]) == (
-        4, {"^model\\.layers\\.1\\.mlp\\.gate_proj": 2, "^model\\.layers\\.1\\.mlp\\.up_proj": 2,
-            "^model\\.layers\\.1\\.mlp\\.down_proj": 2, "q_proj": 8}, {"v_proj": 2.5})
+        4, {"layers\\.1\\.mlp\\.up_proj": 2, "layers\\.1\\.mlp\\.down_proj": 2, "q_proj": 8}, {"v_proj": 2.5})
     t = Trainer(_cfg(tiny, tmp_path / "check", dropout=0.0, rank_pattern=report["config"]["rank_pattern"]),
                 log=lambda s: None)
     t.setup()
@@ -585,6 +585,9 @@ def test_rank_and_alpha_patterns_run_from_the_command_line_to_peft_and_merge(tin
     capsys.readouterr()
     assert cli_main(["--output-dir", str(out), "--resume", "--rank-pattern", '{"q_proj": 4}', "--no-progress"]) == 2
     assert "--rank-pattern (saved {'q_proj': 8" in capsys.readouterr().err
+    reordered = '{"layers\\\\.1\\\\.mlp\\\\.(up|down)_proj": 2, "q_proj": 8}'   # the first match wins: another run
+    assert cli_main(["--output-dir", str(out), "--resume", "--rank-pattern", reordered, "--no-progress"]) == 2
+    assert "--rank-pattern (saved" in capsys.readouterr().err
     for bad, message in (("q_proj=8", "argument --rank-pattern: not JSON"),   # argparse's usage error
                          ('["q_proj"]', "argument --rank-pattern: must be a JSON object")):
         with pytest.raises(SystemExit) as e:
@@ -592,6 +595,25 @@ def test_rank_and_alpha_patterns_run_from_the_command_line_to_peft_and_merge(tin
         assert e.value.code == 2 and message in capsys.readouterr().err
     assert cli_main(argv[:-4] + ["--rank-pattern", '{"q_proj": 0.5}']) == 2
     assert "--rank-pattern['q_proj'] must be a positive integer, got 0.5" in capsys.readouterr().err
+
+
+def test_an_adapter_file_from_before_layer_alphas_is_checked_against_its_run_s_alpha(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from qlora_ext.train.checkpoint import save_adapters
+
+    def model(alpha, r=4):
+        torch.manual_seed(0)
+        return qlora_ext.prepare_model(transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=50, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4)),
+            r=r, alpha=alpha, quant_type="none")
+    path = str(tmp_path / "adapter.safetensors")
+    save_adapters(path, model(8.0), {"alpha": 8.0, "r": 4})
+    save_file(load_file(path), path, metadata={"format": "qlora_ext-lora", "config": json.dumps({"alpha": 8.0})})
+    load_adapters(model(8.0), path)
+    with pytest.raises(ConfigError, match="another alpha for 7 layer"):
+        load_adapters(model(16.0), path)
+    with pytest.raises(ConfigError, match="another rank: prepare the model with the run's --r and --rank-pattern"):
+        load_adapters(model(8.0, r=2), path)
 
 
 def test_resume_refuses_changed_flags(tiny, tmp_path, capsys):

@@ -81,7 +81,10 @@ def load_adapters(model: torch.nn.Module, path: str) -> None:
         if saved_value != model_value:
             raise ConfigError(f"adapter file {path!r} was trained with{'' if saved_value else 'out'} {VARIANTS[key]}, "
                               f"the model is prepared with{'' if model_value else 'out'} it: prepare it as the run did")
-    saved_alphas = saved.get("layer_alphas") or {}   # (files written before it: not checked)
+    saved_alphas = saved.get("layer_alphas")
+    if saved_alphas is None and isinstance(saved.get("alpha"), (int, float)) and not saved.get("alpha_pattern"):
+        saved_alphas = {n: float(saved["alpha"]) for n in _layer_alphas(model)}   # a file from before layer_alphas
+    saved_alphas = saved_alphas or {}
     other = [f"{n} (file {saved_alphas[n]}, model {a})" for n, a in _layer_alphas(model).items()
              if n in saved_alphas and saved_alphas[n] != a]
     if other:
@@ -93,12 +96,13 @@ def load_adapters(model: torch.nn.Module, path: str) -> None:
     if missing or unexpected:
         raise ConfigError(f"adapter file {path!r} does not fit the model: {len(missing)} missing tensor(s) "
                           f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]} (were the same "
-                          "target modules, r and --rank-pattern used?)")
+                          "target modules used?)")
     with torch.no_grad():
         for n, p in params.items():
             if tensors[n].shape != p.shape:
                 raise ConfigError(f"adapter tensor {n}: shape {tuple(tensors[n].shape)} in the file, "
-                                  f"{tuple(p.shape)} in the model")
+                                  f"{tuple(p.shape)} in the model (another rank: prepare the model with the run's "
+                                  "--r and --rank-pattern)")
             p.copy_(tensors[n])
 
 

@@ -46,8 +46,8 @@ class TrainConfig:
     dropout: float = 0.05
     use_rslora: bool = False            # rsLoRA: scale the adapters by alpha / sqrt(r), not alpha / r (PEFT's)
     use_dora: bool = False              # DoRA: a trained magnitude per output row (PEFT's use_dora)
-    rank_pattern: Dict[str, int] = dataclasses.field(default_factory=dict)    # JSON: r of the layers a key selects
-    alpha_pattern: Dict[str, float] = dataclasses.field(default_factory=dict)  # JSON: their alpha (PEFT's patterns)
+    rank_pattern: Dict[str, int] = dataclasses.field(default_factory=dict)     # JSON: r of the layers a key selects
+    alpha_pattern: Dict[str, float] = dataclasses.field(default_factory=dict)  # JSON: alpha of the layers a key selects
     target_modules: Optional[List[str]] = None   # default (or all-linear): every nn.Linear except lm_head
     init_lora_weights: str = "default"  # default (A Kaiming, B zero) | loftq (start at each layer's quantization error)
     loftq_iters: int = 1                # LoftQ's quantize / SVD alternations (with --init-lora-weights loftq)
@@ -170,10 +170,11 @@ def add_arguments(p: argparse.ArgumentParser, defaults: Optional[dict] = None) -
             p.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=default,
                            help=f"{h} (default: {default})")
         elif f.name in ("rank_pattern", "alpha_pattern"):
+            example = '{"q_proj": 64, "model.layers.0.mlp.down_proj": 8}' if f.name == "rank_pattern" else \
+                '{"q_proj": 128}'
             p.add_argument(_flag(f.name), dest=f.name, type=_json_object, default=default,
-                           help=f"{h}, e.g. '{{\"q_proj\": 64, \"model.layers.0.mlp.down_proj\": 8}}': regular "
-                                "expressions matched against the end of each layer's module path, the first match "
-                                "wins (PEFT's rank_pattern / alpha_pattern) (default: none)")
+                           help=f"{h}, e.g. '{example}': regular expressions matched against the end of each "
+                                f"layer's module path, the first match wins (PEFT's {f.name}) (default: none)")
         elif f.name in ("data", "eval_data", "target_modules"):
             files = f.name != "target_modules"
             shown = default or ("--eval-blocks of --data" if f.name == "eval_data" else "see above")
@@ -222,6 +223,11 @@ RESUME_MAY_CHANGE = ("resume", "progress", "device", "linear_backend", "output_d
                      "report_to")
 
 
+def _ordered(value):
+    """A value as compared on --resume: a mapping's order counts (the first pattern that matches wins)."""
+    return list(value.items()) if isinstance(value, dict) else value
+
+
 def resume_config(output_dir: str, explicit: dict) -> TrainConfig:
     """The saved config of the run in output_dir, with `resume` on. Flags given explicitly on the command
     line must agree with it (except RESUME_MAY_CHANGE): a resumed run is the same run, continued."""
@@ -231,7 +237,7 @@ def resume_config(output_dir: str, explicit: dict) -> TrainConfig:
     with open(path) as f:
         saved = TrainConfig.from_dict(json.load(f))
     changed = {k: (getattr(saved, k), v) for k, v in explicit.items()
-               if k not in RESUME_MAY_CHANGE and getattr(saved, k) != v}
+               if k not in RESUME_MAY_CHANGE and _ordered(getattr(saved, k)) != _ordered(v)}
     if changed:
         raise ConfigError("--resume continues the saved run; these flags differ from it: " + ", ".join(
             f"{_flag(k)} (saved {a!r}, given {b!r})" for k, (a, b) in changed.items()))

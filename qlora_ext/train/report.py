@@ -23,7 +23,9 @@ def _gib(n) -> str:
 
 
 def _patterns(c: dict) -> str:
-    return "".join(f"; {key} {json.dumps(c[key])}" for key in ("rank_pattern", "alpha_pattern") if c.get(key))
+    # (a "|" in a pattern, as in "layers\\.(0|1)", would end the table's cell)
+    return "".join(f"; {key} {json.dumps(c[key])}".replace("|", "\\|") for key in ("rank_pattern", "alpha_pattern")
+                   if c.get(key))
 
 
 def markdown(r: dict) -> str:
