@@ -90,7 +90,19 @@ def test_a_conversation_that_starts_with_the_assistant(tokenizer):
     ('{"messages": [{"role": "king", "content": "a"}]}', "each message must be"),
     ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": null, "tool_calls": '
      '[{"type": "function", "function": {"name": "f", "arguments": {}}}]}]}',
-     'x.jsonl:2: messages with "tool_calls" \\(function calling\\) are not supported'),
+     'x.jsonl:2: the tokenizer\'s chat template does not render "tool_calls" \\(message 1\\)'),
+    ('{"messages": [{"role": "user", "content": null}, {"role": "assistant", "content": "a"}]}',
+     'x.jsonl:2: a message\'s "content" must be a string \\(it may be null or missing only beside "tool_calls"\\), '
+     'got null or missing'),
+    ('{"messages": [{"role": "user", "content": "a", "tool_calls": [{"function": {}}]}, '
+     '{"role": "assistant", "content": "b"}]}', '"tool_calls" must be a non-empty list of objects'),
+    ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "tools": "[{"}',
+     '"tools" is a string but not JSON'),
+    ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "tools": [1]}',
+     '"tools" must be a list of function definitions'),
+    ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "tools": [{}]}',
+     'the tokenizer\'s chat template leaves "tools" out of the text'),
+    ('{"prompt": "a", "completion": "b", "tools": [{}]}', '"tools" go with conversations'),
     ('{"messages": [{"role": "user", "content": "a"}]}', "without an assistant message"),
 ])
 def test_bad_records_name_their_line(tokenizer, tmp_path, line, message):
@@ -152,6 +164,100 @@ def test_templates_of_other_shapes(tokenizer, template):
     ids, trained = tokenize_record(tok, {"messages": messages}, "x")
     assert tok.decode(ids) == tok.apply_chat_template(messages, tokenize=False)
     assert _trained_text(tok, ids, trained) == "the king<|im_end|>\nthe queen<|im_end|>\n"
+
+
+# ChatML with function calling, shaped as Qwen2.5's: the tools' definitions in the system turn, each call in
+# <tool_call> tags after the assistant's content (a newline before each, content only where there is one), the
+# results as user turns in <tool_response> tags
+TOOLS_CHATML = (   # (a newline right after a block tag goes in {{ }}: apply_chat_template trims it otherwise)
+    "{% if tools %}<|im_start|>system\n{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n"
+    "{% endif %}Tools:\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}<|im_end|>\n"
+    "{% elif messages[0]['role'] == 'system' %}<|im_start|>system\n{{ messages[0]['content'] }}<|im_end|>\n"
+    "{% endif %}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'tool' %}<|im_start|>user\n<tool_response>{{ m['content'] }}</tool_response><|im_end|>\n"
+    "{% elif m['role'] == 'assistant' %}<|im_start|>assistant"
+    "{% if m['content'] %}{{ '\\n' + m['content'] }}{% endif %}"
+    "{% for c in m.get('tool_calls') or [] %}{{ '\\n' }}<tool_call>{{ c['function'] | tojson }}</tool_call>"
+    "{% endfor %}"
+    "<|im_end|>\n"
+    "{% elif m['role'] != 'system' %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+LOOK = {"type": "function", "function": {"name": "look", "description": "where someone walks",
+                                         "parameters": {"type": "object", "properties": {"who": {"type": "string"}}}}}
+
+
+def _call(arguments):
+    return {"type": "function", "function": {"name": "look", "arguments": arguments}}
+
+
+@pytest.fixture()
+def tools_tokenizer(tokenizer):
+    import copy
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = TOOLS_CHATML
+    return tok
+
+
+@pytest.mark.parametrize("tools_as_string", [False, True])
+def test_function_calling_trains_the_calls_and_replies_not_the_tools_or_results(tools_tokenizer, tools_as_string):
+    tok = tools_tokenizer
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "who walks"},
+                {"role": "assistant", "content": None, "tool_calls": [_call({"who": "king"})]},
+                {"role": "tool", "content": "the garden"},
+                {"role": "assistant", "content": "the king, and then", "tool_calls": [_call('{"who": "queen"}')]},
+                {"role": "tool", "content": "the hall"},
+                {"role": "assistant", "content": "the queen walks"}]
+    record = {"messages": messages, "tools": json.dumps([LOOK]) if tools_as_string else [LOOK]}
+    ids, trained = tokenize_record(tok, record, "x")
+    full = tok.apply_chat_template([dict(m, content=m["content"] or "") for m in messages], tools=[LOOK],
+                                   tokenize=False)
+    assert tok.decode(ids) == full and ids == tok(full, add_special_tokens=False)["input_ids"]
+    assert _trained_text(tok, ids, trained) == (
+        '<tool_call>{"name": "look", "arguments": {"who": "king"}}</tool_call><|im_end|>\n'
+        'the king, and then\n<tool_call>{"name": "look", "arguments": "{\\"who\\": \\"queen\\"}"}</tool_call>'
+        '<|im_end|>\nthe queen walks<|im_end|>\n')
+    context = _context_text(tok, ids, trained)
+    assert '"description": "where someone walks"' in context and "<tool_response>the garden</tool_response>" in context
+    assert context.count("<|im_start|>assistant") == 3   # the headers are context
+
+
+def test_function_calling_in_a_conversational_prompt_completion_and_a_parquet_file(tools_tokenizer, tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    from qlora_ext.train.records import read_records
+    tok = tools_tokenizer
+    prompt = [{"role": "user", "content": "who walks"},
+              {"role": "assistant", "content": None, "tool_calls": [_call('{"who": "king"}')]},
+              {"role": "tool", "content": "the garden"}]
+    completion = [{"role": "assistant", "content": "the king walks"}]
+    record = {"prompt": prompt, "completion": completion, "tools": json.dumps([LOOK])}
+    ids, trained = tokenize_record(tok, record, "x")
+    assert _trained_text(tok, ids, trained) == "the king walks<|im_end|>\n"   # the prompt's call is context
+    # datasets writes a table of such rows: struct fields a message does not use read as null (dropped)
+    rows = [{"messages": prompt + completion, "tools": json.dumps([LOOK])},
+            {"messages": [{"role": "user", "content": "who"}, {"role": "assistant", "content": "the king"}],
+             "tools": None}]
+    pq.write_table(pa.Table.from_pylist(rows), str(tmp_path / "calls.parquet"))
+    records = [r for _, r in read_records(str(tmp_path / "calls.parquet"))]
+    first, _ = tokenize_record(tok, records[0], "row 1")
+    want, _ = tokenize_record(tok, rows[0], "row 1")
+    assert first == want
+    assert "tools" not in records[1] and tokenize_record(tok, records[1], "row 2")[0]
+
+
+def test_a_call_only_turn_that_cannot_be_located_is_refused(tools_tokenizer):
+    import copy
+    tok = copy.deepcopy(tools_tokenizer)   # a generation prompt unlike the rendered assistant header
+    tok.chat_template = TOOLS_CHATML.replace("{% if add_generation_prompt %}<|im_start|>assistant\n",
+                                             "{% if add_generation_prompt %}<|im_start|>assistant\nthinking:")
+    messages = [{"role": "user", "content": "who walks"},
+                {"role": "assistant", "tool_calls": [_call({"who": "king"})]},
+                {"role": "tool", "content": "the garden"}, {"role": "assistant", "content": "the king"}]
+    with pytest.raises(ConfigError, match="x: the tokenizer's chat template renders message 1 \\(the assistant's "
+                                          "tool calls\\) in a way that cannot be located"):
+        tokenize_record(tok, {"messages": messages, "tools": [LOOK]}, "x")
 
 
 def test_pack_labels_and_leaves_out_blocks_without_a_trained_token():

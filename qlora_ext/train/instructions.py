@@ -10,6 +10,12 @@ do):
         rendered by the tokenizer's chat template; the assistant turns, their end-of-turn marks included
     {"prompt": [messages], "completion": [messages]}  a conversation whose completion's assistant turns are trained
 
+Function calling, as TRL and transformers' chat templates take it: a conversation's record may hold "tools" (a
+list of JSON-schema function definitions, or that list as a JSON string), passed to the template as `tools=`, and
+an assistant message may hold "tool_calls" ([{"type": "function", "function": {"name", "arguments"}}], content
+then optional); the tool calls are trained on with their turn, the tools' definitions and the "tool" messages
+(the results) are context. A template that would leave the tools or a tool call out of the text is an error.
+
 Other keys of a record (an id, a source) are ignored. A conversation is rendered whole, once; each assistant turn
 starts where the template puts its content (found by rendering the conversation with a stand-in content for
 that message) and ends where the rendering of the conversation up to that message ends (or, for a template that
@@ -20,6 +26,7 @@ text, with no token of its own at a piece boundary.
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import List, Optional, Sequence, Tuple
 
 from .config import ConfigError
@@ -30,8 +37,9 @@ ROLES = ("system", "user", "assistant", "tool")
 _SENTINEL = "\x00qlora_ext\x00"   # a stand-in content, to find where the template puts a message's content
 
 
-def _render(tokenizer, messages) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False)
+def _render(tokenizer, messages, tools=None, generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                         add_generation_prompt=generation_prompt)
 
 
 def _trained_flags(offsets, spans: Sequence[Tuple[int, int]], length: int) -> List[bool]:
@@ -69,31 +77,38 @@ def _tokens_batch(tokenizer, texts: Sequence[str],
     return out
 
 
-def _assistant_spans(tokenizer, messages: list, first: int, where: str) -> Tuple[str, List[Tuple[int, int]]]:
+def _assistant_spans(tokenizer, messages: list, first: int, where: str,
+                     tools: Optional[list] = None) -> Tuple[str, List[Tuple[int, int]]]:
     """(the conversation as the chat template renders it, the character spans of the assistant turns from message
     `first` on). A turn starts where the template puts its content (found by rendering the conversation with a
     stand-in content for it) and ends where the rendering of the conversation up to it ends, its end-of-turn
     mark included; when that is not how the whole conversation goes on (a template that renders a last turn
     differently, as Qwen3's does), after its content and the end-of-turn mark the template gives a last turn (or
-    the end-of-sequence mark), where the conversation has it."""
-    full = _render(tokenizer, messages)
+    the end-of-sequence mark), where the conversation has it. A turn of tool calls alone (no content to stand in
+    for) starts where the template's generation prompt ends."""
+    full = _render(tokenizer, messages, tools)
     eos = getattr(tokenizer, "eos_token", None) or ""
     spans = []
     for k in range(first, len(messages)):
         if messages[k]["role"] != "assistant":
             continue
-        stand_in = _render(tokenizer, messages[:k] + [dict(messages[k], content=_SENTINEL)] + messages[k + 1:])
+        if messages[k].get("tool_calls"):
+            _check_calls_rendered(tokenizer, messages, k, tools, where)
+            if not messages[k]["content"]:
+                spans.append(_call_only_span(tokenizer, messages, k, tools, full, where))
+                continue
+        stand_in = _render(tokenizer, messages[:k] + [dict(messages[k], content=_SENTINEL)] + messages[k + 1:], tools)
         cut = stand_in.find(_SENTINEL)
         before, after = stand_in[:cut], stand_in[cut + len(_SENTINEL):]
         if cut < 0 or not full.startswith(before) or not full.endswith(after) or len(before) + len(after) > len(full):
             raise ConfigError(f"{where}: the tokenizer's chat template renders message {k} (the assistant's) in a way "
                               "that cannot be located in the conversation (it changes other text with its content)")
         start, content_end = len(before), len(full) - len(after)
-        upto = _render(tokenizer, messages[:k + 1])
+        upto = _render(tokenizer, messages[:k + 1], tools)
         if full.startswith(upto) and len(upto) >= content_end:
             end = len(upto)
         else:  # the end-of-turn mark the template puts after this turn's content when it is the last one
-            last = _render(tokenizer, messages[:k] + [dict(messages[k], content=_SENTINEL)])
+            last = _render(tokenizer, messages[:k] + [dict(messages[k], content=_SENTINEL)], tools)
             mark = last[last.find(_SENTINEL) + len(_SENTINEL):] if _SENTINEL in last else ""
             if not (mark and full.startswith(mark, content_end)):
                 mark = eos if eos and full.startswith(eos, content_end) else ""
@@ -102,7 +117,32 @@ def _assistant_spans(tokenizer, messages: list, first: int, where: str) -> Tuple
     return full, spans
 
 
-def _conversation(tokenizer, messages, where: str, first: int = 0) -> Tuple[str, List[Tuple[int, int]]]:
+def _check_calls_rendered(tokenizer, messages: list, k: int, tools, where: str) -> None:
+    """A template without function calling renders an assistant turn's content and drops its tool calls: the
+    turn would train on a reply the data does not hold."""
+    without = {key: value for key, value in messages[k].items() if key != "tool_calls"}
+    if _render(tokenizer, messages[:k + 1], tools) == _render(tokenizer, messages[:k] + [without], tools):
+        raise ConfigError(f"{where}: the tokenizer's chat template does not render \"tool_calls\" (message {k}): "
+                          "use a model whose template supports function calling (tools=, tool_calls)")
+
+
+def _call_only_span(tokenizer, messages: list, k: int, tools, full: str, where: str) -> Tuple[int, int]:
+    """The span of assistant message k made of tool calls only: from where the generation prompt after the
+    messages before it ends to where the conversation up to it ends."""
+    try:
+        prompt = _render(tokenizer, messages[:k], tools, generation_prompt=True) if k else ""
+    except Exception:   # a template that wants a first message
+        prompt = None
+    upto = _render(tokenizer, messages[:k + 1], tools)
+    if prompt is None or not full.startswith(prompt) or not full.startswith(upto) or len(prompt) >= len(upto):
+        raise ConfigError(f"{where}: the tokenizer's chat template renders message {k} (the assistant's tool calls) "
+                          "in a way that cannot be located in the conversation (it does not follow the generation "
+                          "prompt, or changes earlier text)")
+    return len(prompt), len(upto)
+
+
+def _conversation(tokenizer, messages, where: str, first: int = 0,
+                  tools=None) -> Tuple[str, List[Tuple[int, int]]]:
     """(the chat template's text of a conversation, the character spans of its assistant turns from message
     `first` on: those trained)."""
     if not getattr(tokenizer, "chat_template", None):
@@ -110,16 +150,52 @@ def _conversation(tokenizer, messages, where: str, first: int = 0) -> Tuple[str,
                           "(use {\"prompt\", \"completion\"} records instead)")
     if not isinstance(messages, list) or not messages:
         raise ConfigError(f"{where}: \"messages\" must be a non-empty list")
-    for m in messages:
-        if isinstance(m, dict) and m.get("tool_calls"):
-            raise ConfigError(f"{where}: messages with \"tool_calls\" (function calling) are not supported: each "
-                              f"message must be {{\"role\", \"content\": a string}}, got {m!r}")
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise ConfigError(f"{where}: each message must be {{\"role\": one of {ROLES}, \"content\": a string}}, "
-                              f"got {m!r}")
+    messages = [_checked_message(m, where) for m in messages]
     if not any(m["role"] == "assistant" for m in messages[first:]):
         raise ConfigError(f"{where}: a conversation without an assistant message has nothing to train on")
-    return _assistant_spans(tokenizer, messages, first, where)
+    tools = _checked_tools(tools, where)
+    if tools is not None and _render(tokenizer, messages, tools) == _render(tokenizer, messages):
+        raise ConfigError(f"{where}: the tokenizer's chat template leaves \"tools\" out of the text (it has no "
+                          "function calling): use a model whose template supports tools=")
+    return _assistant_spans(tokenizer, messages, first, where, tools)
+
+
+def _checked_message(m, where: str) -> dict:
+    """A message as the template gets it; an assistant's tool calls may come without content (None, missing: "",
+    which templates test for)."""
+    if not isinstance(m, dict) or m.get("role") not in ROLES:
+        raise ConfigError(f"{where}: each message must be {{\"role\": one of {ROLES}, \"content\": a string}}, "
+                          f"got {m!r}")
+    calls = m.get("tool_calls")
+    if calls is not None:
+        if m["role"] != "assistant" or not isinstance(calls, list) or not calls or \
+                not all(isinstance(c, dict) for c in calls):
+            raise ConfigError(f"{where}: \"tool_calls\" must be a non-empty list of objects ({{\"type\": "
+                              f"\"function\", \"function\": {{\"name\", \"arguments\"}}}}) on an assistant message, "
+                              f"got {m!r}")
+        if m.get("content") is None:
+            m = dict(m, content="")
+    if not isinstance(m.get("content"), str):
+        what = "null or missing" if m.get("content") is None else type(m["content"]).__name__
+        raise ConfigError(f"{where}: a message's \"content\" must be a string (it may be null or missing only "
+                          f"beside \"tool_calls\"), got {what} in {m!r}")
+    return m
+
+
+def _checked_tools(tools, where: str) -> Optional[list]:
+    """A record's "tools": a list of function definitions (objects), or that list as a JSON string (as datasets
+    often store it); None when the record has none."""
+    if tools is None:
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{where}: \"tools\" is a string but not JSON ({e})") from e
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise ConfigError(f"{where}: \"tools\" must be a list of function definitions (JSON objects), got "
+                          f"{tools!r}"[:300])
+    return tools or None
 
 
 def special_prefix(tokenizer) -> List[int]:
@@ -178,16 +254,22 @@ def render_record(tokenizer, record, where: str) -> RenderedRecord:
     if len(kinds) != 1:
         raise ConfigError(f"{where}: a record must hold exactly one of \"text\", \"prompt\" + \"completion\" or "
                           f"\"messages\", got the keys {sorted(record)}")
+    tools = record.get("tools")
+    conversational = kinds[0] == "messages" or isinstance(record.get("prompt"), list)
+    if tools is not None and not conversational:
+        raise ConfigError(f"{where}: \"tools\" go with conversations (\"messages\", or prompt and completion as "
+                          "lists of messages), whose chat template renders them")
     if kinds[0] == "messages":
-        return RenderedRecord(where, *_conversation(tokenizer, record["messages"], where), "conversation")
+        return RenderedRecord(where, *_conversation(tokenizer, record["messages"], where, tools=tools),
+                              "conversation")
     if kinds[0] == "text":
         if not isinstance(record["text"], str):
             raise ConfigError(f"{where}: \"text\" must be a string, got {type(record['text']).__name__}")
         return RenderedRecord(where, record["text"], [], "text")
     prompt, completion = record["prompt"], record["completion"]
     if isinstance(prompt, list) and isinstance(completion, list):   # TRL's conversational prompt-completion
-        return RenderedRecord(where, *_conversation(tokenizer, prompt + completion, where, first=len(prompt)),
-                              "conversation")
+        return RenderedRecord(where, *_conversation(tokenizer, prompt + completion, where, first=len(prompt),
+                                                    tools=tools), "conversation")
     for key in ("prompt", "completion"):
         if not isinstance(record[key], str):
             raise ConfigError(f"{where}: \"{key}\" must be a string (or both lists of messages), got "

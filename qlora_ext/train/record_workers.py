@@ -16,6 +16,7 @@ import concurrent.futures
 import multiprocessing
 import os
 import signal
+from concurrent.futures.process import BrokenProcessPool   # (not an attribute until that module loads)
 from typing import List, Optional, Sequence, Tuple
 
 from .config import ConfigError
@@ -165,7 +166,7 @@ class RecordTokenizer:
         """The examples of a file of records, as tokenize_record_file gives them (the same first error too)."""
         try:
             return self._tokenize_file(path)
-        except concurrent.futures.process.BrokenProcessPool as e:   # (from a result, or from a submit)
+        except BrokenProcessPool as e:   # (from a result, or from a submit)
             raise ConfigError(f"{path}: a process tokenizing it stopped ({e}); out of memory? --num-proc "
                               f"{max(self.num_proc // 2, 1)} starts fewer") from e
 

@@ -89,7 +89,7 @@ def _json(path: str) -> Iterator[Tuple[str, object]]:
         yield f"{path}: record {number}", record
 
 
-RECORD_KEYS = ("text", "prompt", "completion", "messages")   # the columns a record can use (instructions.py)
+RECORD_KEYS = ("text", "prompt", "completion", "messages", "tools")   # the columns a record can use (instructions.py)
 
 
 def _without_nulls(value):
