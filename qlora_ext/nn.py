@@ -20,6 +20,7 @@ from .bnb_io import (bnb_dense_weight, bnb_state_bytes, bnb_takeover_problem, is
 from .hf_quantization import forget_quantization
 from .linear import linear_4bit, lora_linear_4bit
 from .loftq import LOFTQ_SVDS, loftq_init
+from .modules_to_save import ModuleToSave, unwrap_trained, wrap_modules_to_save
 from .quantize import QuantState, dequantize, quantize
 
 _QUANT_BUFFERS = ("weight_codes", "weight_absmax", "weight_absmax_scale", "weight_absmax_mean")
@@ -285,16 +286,23 @@ def _refresh_dora_weight_sq(layer: "LoRALinear", incompatible_keys) -> None:
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block, every LoRALinear of model computes its base alone (PEFT's `with model.disable_adapter()`):
-    the adapters' scaling is 0, so their product adds exactly zero; restored on the way out."""
+    the adapters' scaling is 0, so their product adds exactly zero, and each module trained whole
+    (modules_to_save) runs its original; restored on the way out."""
     layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
     saved = [m.scaling for m in layers]
+    whole = [m for m in model.modules() if isinstance(m, ModuleToSave)]
+    enabled = [m.enabled for m in whole]
     try:
         for m in layers:
             m.scaling = 0.0
+        for m in whole:   # modules_to_save: their originals
+            m.enabled = False
         yield model
     finally:
         for m, scaling in zip(layers, saved):
             m.scaling = scaling
+        for m, e in zip(whole, enabled):
+            m.enabled = e
 
 
 @torch.no_grad()
@@ -305,7 +313,8 @@ def merge_and_unload(model: nn.Module, dtype: Optional[torch.dtype] = None) -> n
     Linear4bit or bitsandbytes 4-bit layer an nn.Linear holding its dequantized weight. dtype: the weights' dtype
     (default: each layer's original dtype); biases follow it. Everything comes out frozen, on the layer's device.
     A transformers model loaded quantized (bitsandbytes) forgets that, so save_pretrained writes a dense model.
-    Returns model (a bare LoRALinear or Linear4bit is returned as its replacement). Raises ValueError, before
+    Each module trained whole (modules_to_save) becomes its trained copy. Returns model (a bare LoRALinear or
+    Linear4bit is returned as its replacement). Raises ValueError, before
     changing anything, if a bitsandbytes 8-bit layer would stay quantized."""
     def dense(module: nn.Module) -> Optional[nn.Linear]:
         if isinstance(module, LoRALinear):
@@ -325,6 +334,7 @@ def merge_and_unload(model: nn.Module, dtype: Optional[torch.dtype] = None) -> n
     top = dense(model)
     if top is not None:
         return top
+    unwrap_trained(model)   # modules_to_save: their trained copies (and the config untied where that unties)
     # LoRALinear first (its base goes with it), then the 4-bit layers left without an adapter
     for is_kind in (lambda m: isinstance(m, LoRALinear), lambda m: isinstance(m, Linear4bit), is_bnb_linear_4bit):
         for name, module in [(n, m) for n, m in model.named_modules() if is_kind(m)]:
@@ -414,10 +424,13 @@ def chosen_linears(model: nn.Module, target_modules: Optional[Iterable[str]] = N
 
 def _linear_names(model: nn.Module) -> dict:
     """The layers prepare_model can adapt, by name: nn.Linear (bitsandbytes' layers included) and bare Linear4bit,
-    but not the frozen base of an existing adapter (a second prepare_model must not wrap it in another adapter)."""
+    but not the frozen base of an existing adapter (a second prepare_model must not wrap it in another adapter)
+    nor a module trained whole (modules_to_save) or its original."""
     adapted = {name for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    whole = [name for name, m in model.named_modules() if isinstance(m, ModuleToSave)]
     return {name: m for name, m in model.named_modules()
-            if isinstance(m, (nn.Linear, Linear4bit)) and name.rpartition(".")[0] not in adapted}
+            if isinstance(m, (nn.Linear, Linear4bit)) and name.rpartition(".")[0] not in adapted
+            and not any(name.startswith(w + ".") for w in whole)}
 
 
 def _frozen_linear(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Linear:
@@ -464,7 +477,8 @@ def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = No
                   exclude: Iterable[str] = ("lm_head",), verbose: bool = False,
                   init_lora_weights: str = "default", loftq_iters: int = 1, loftq_svd: str = "exact",
                   use_rslora: bool = False, use_dora: bool = False, rank_pattern: Optional[Mapping[str, int]] = None,
-                  alpha_pattern: Optional[Mapping[str, float]] = None) -> nn.Module:
+                  alpha_pattern: Optional[Mapping[str, float]] = None,
+                  modules_to_save: Optional[Iterable[str]] = None) -> nn.Module:
     """Replaces matching nn.Linear layers of model (in place) with LoRALinear(Linear4bit(...)), or with
     LoRALinear(frozen nn.Linear) when quant_type is "none" (16-bit LoRA), and freezes everything else. Applied
     again, it adds adapters to the newly matching layers and leaves existing adapters (trainable) as they are.
@@ -481,8 +495,10 @@ def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = No
     start at the default init only. rank_pattern / alpha_pattern: another r / alpha for the layers whose module path
     a key selects, as PEFT's LoraConfig takes them (qlora_ext.lora_patterns: regular expressions matched against
     the path's end, the first matching key wins; {"q_proj": 64, "model.layers.0.mlp.down_proj": 4}); a key that
-    selects none of the layers adapted here is warned about. Returns the model; model_summary(model) gives
-    trainable/total parameters and bytes.
+    selects none of the layers adapted here is warned about. modules_to_save: modules trained whole beside the
+    adapters, PEFT's modules_to_save (names as in target_modules, e.g. ["lm_head", "embed_tokens"]): each becomes
+    a qlora_ext.modules_to_save.ModuleToSave, its original frozen and a copy trained (an exclude no longer
+    applies to it). Returns the model; model_summary(model) gives trainable/total parameters and bytes.
 
     Layers that are already 4-bit keep their format and values (quant_type, blocksize and double_quant apply
     to dense layers only): a bare Linear4bit becomes the base as it is; a bitsandbytes Linear4bit (a model
@@ -506,7 +522,13 @@ def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = No
     alpha_pattern = lora_patterns.check_patterns(alpha_pattern, "alpha_pattern", integer=False)
     linears = _linear_names(model)
     adapted = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    to_save = [modules_to_save] if isinstance(modules_to_save, str) else list(modules_to_save or [])
     chosen = chosen_linears(model, target_modules, exclude)
+    both = [n for n in chosen if any(n == t or n.endswith("." + t) or n.startswith(t + ".") or f".{t}." in n
+                                     for t in to_save)]
+    if both:
+        raise ValueError(f"{both[0]} is both a LoRA target (target_modules) and in modules_to_save {to_save} (or "
+                         "inside one): a module is either adapted or trained whole; leave it out of one of them")
     paths = _unwrapped_names(model)   # patterns match the paths PEFT sees (no torch.compile prefix)
     chosen_paths = [paths[n] for n in chosen]
     idle = [f"{what} keys {keys}" for what, keys in
@@ -519,11 +541,16 @@ def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = No
     # Layers that are already 4-bit, converted before anything changes (a refusal leaves the model as it was).
     prequantized = {n: _quantized_base(n, linears[n], quant_type, init_lora_weights, compute_dtype) for n in chosen}
     kept_dense = [f"{n} ({why}; dequantized)" for n, (_, why) in prequantized.items() if why is not None]
+    if to_save:   # (refuses, before anything changes, a name that selects nothing or an adapted module)
+        wrap_modules_to_save(model, to_save, adapted)
     for p in model.parameters():
         p.requires_grad_(False)
     for name in adapted:  # adapters of an earlier prepare_model keep training
         for p in model.get_submodule(name).adapter_parameters():
             p.requires_grad_(True)
+    for m in model.modules():   # and modules trained whole
+        if isinstance(m, ModuleToSave):
+            m.trained_module.requires_grad_(True)
     mixed = sorted({(m.use_rslora, m.use_dora) for m in model.modules() if isinstance(m, LoRALinear)}
                    - {(bool(use_rslora), bool(use_dora))})
     if adapted and chosen and mixed:

@@ -7,9 +7,10 @@ bias "none") and adapter_model.safetensors with the tensors under PEFT's names: 
 module path P of the model is "base_model.model.P.lora_A.weight" [r, in] and "...lora_B.weight" [out, r], the
 same layouts and scaling (lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora) as LoRALinear's lora_A,
 lora_B, alpha and use_rslora. Layers with their own r or alpha are written and read as PEFT's rank_pattern and
-alpha_pattern (qlora_ext.lora_patterns). Only what both sides mean the same way is accepted: one dropout, one
-use_rslora and one use_dora (DoRA's magnitudes: "...P.lora_magnitude_vector" [out]) for all layers, no trained
-biases.
+alpha_pattern (qlora_ext.lora_patterns), and modules trained whole (modules_to_save, qlora_ext.modules_to_save)
+as PEFT's modules_to_save: their trained copy's tensors under the module's path ("base_model.model.P.weight").
+Only what both sides mean the same way is accepted: one dropout, one use_rslora and one use_dora (DoRA's
+magnitudes: "...P.lora_magnitude_vector" [out]) for all layers, no trained biases.
 
 The adapters were trained against the 4-bit base; PEFT users reproduce the training-time outputs by loading the
 same base weights (for a dense base: the dequantized ones), and close to them with the original dense weights.
@@ -29,6 +30,7 @@ import torch
 
 from ._files import atomic_save_safetensors, atomic_write_text
 from .lora_patterns import as_patterns, check_patterns, value_for
+from .modules_to_save import ModuleToSave
 from .nn import Dropout, LoRALinear, lora_init_of, unwrap_model
 
 CONFIG_FILE = "adapter_config.json"
@@ -54,6 +56,10 @@ def _adapters(model: torch.nn.Module) -> Dict[str, LoRALinear]:
     if not adapters:
         raise ValueError("the model has no LoRALinear layers: apply qlora_ext.prepare_model first")
     return adapters
+
+
+def _modules_to_save(model: torch.nn.Module) -> Dict[str, ModuleToSave]:
+    return {n: m for n, m in unwrap_model(model).named_modules() if isinstance(m, ModuleToSave)}
 
 
 def _one(values: dict, what: str):
@@ -101,6 +107,10 @@ def save_peft_adapter(model: torch.nn.Module, directory: str, base_model_name_or
         if use_dora:
             tensors[f"{_PREFIX}{name}.lora_magnitude_vector"] = a.lora_magnitude_vector.detach().to(
                 "cpu", dtype).contiguous()
+    whole = _modules_to_save(model)
+    for name, m in whole.items():   # the trained copies, under the module's own path (PEFT drops its wrapper's)
+        tensors.update({f"{_PREFIX}{name}.{k}": t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype)
+                        .contiguous() for k, t in m.trained_module.state_dict().items()})
     # a LoftQ start's export is rank 2r: alpha grows with it so that the scaling stays
     rank_factor = 2 if from_start else 1
     alpha_factor = 1 if not from_start else math.sqrt(2) if use_rslora else 2
@@ -112,7 +122,8 @@ def save_peft_adapter(model: torch.nn.Module, directory: str, base_model_name_or
         "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": _target_modules(model, adapters),
         "bias": "none", "fan_in_fan_out": False, "use_rslora": use_rslora, "use_dora": use_dora,
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
-        "modules_to_save": None, "inference_mode": True, "init_lora_weights": True,
+        "modules_to_save": _target_modules(model, whole) if whole else None,
+        "inference_mode": True, "init_lora_weights": True,
     }
     os.makedirs(directory, exist_ok=True)
     atomic_save_safetensors(tensors, os.path.join(directory, WEIGHTS_FILE), metadata={"format": "pt"})
@@ -140,8 +151,15 @@ def load_peft_adapter(model: torch.nn.Module, directory: str) -> None:
         if config.get(key, ok) != ok:
             raise ValueError(f"{config_path}: {key}={config[key]!r} is not supported (LoRALinear computes "
                              f"{key}={ok!r})")
-    if config.get("modules_to_save"):
-        raise ValueError(f"{config_path}: modules_to_save is not supported (got {config['modules_to_save']!r})")
+    whole = _modules_to_save(model)
+    saved_whole = config.get("modules_to_save") or []
+    if isinstance(saved_whole, str):
+        saved_whole = [saved_whole]
+    selected = {n for n, _ in unwrap_model(model).named_modules() if n and any(n.endswith(t) for t in saved_whole)}
+    if not set(whole) <= selected or not all(any(w.endswith(t) for w in whole) for t in saved_whole):
+        raise ValueError(f"{config_path}: modules_to_save={config.get('modules_to_save')!r}, but the model trains "
+                         f"{sorted(whole) or 'no module'} whole: prepare it with the adapter's modules_to_save "
+                         "(prepare_model(modules_to_save=...), the trainer's --modules-to-save)")
     rank_pattern = check_patterns(config.get("rank_pattern"), f"{config_path}: rank_pattern", integer=True)
     alpha_pattern = check_patterns(config.get("alpha_pattern"), f"{config_path}: alpha_pattern", integer=False)
     for key, value in config.items():
@@ -168,16 +186,17 @@ def load_peft_adapter(model: torch.nn.Module, directory: str) -> None:
                              "rank_pattern=..., alpha_pattern=...), or the trainer's --r, --alpha, --use-rslora, "
                              "--use-dora, --rank-pattern, --alpha-pattern)")
     tensors = load_file(weights_path)
-    wanted = {f"{_PREFIX}{n}.lora_{ab}.weight": (a, "lora_" + ab) for n, a in adapters.items() for ab in "AB"}
-    wanted.update({f"{_PREFIX}{n}.lora_magnitude_vector": (a, "lora_magnitude_vector")
+    wanted = {f"{_PREFIX}{n}.lora_{ab}.weight": getattr(a, "lora_" + ab) for n, a in adapters.items() for ab in "AB"}
+    wanted.update({f"{_PREFIX}{n}.lora_magnitude_vector": a.lora_magnitude_vector
                    for n, a in adapters.items() if a.use_dora})
+    wanted.update({f"{_PREFIX}{n}.{k}": t for n, m in whole.items()
+                   for k, t in m.trained_module.state_dict(keep_vars=True).items()})
     missing, extra = sorted(set(wanted) - set(tensors)), sorted(set(tensors) - set(wanted))
     if missing or extra:
         raise ValueError(f"{weights_path} does not fit the model: {len(missing)} missing tensor(s) {missing[:2]}, "
                          f"{len(extra)} extra {extra[:2]} (were the same target modules used?)")
     with torch.no_grad():
-        for key, (a, attribute) in wanted.items():
-            param = getattr(a, attribute)
+        for key, param in wanted.items():
             if tensors[key].shape != param.shape:
                 raise ValueError(f"{weights_path}: {key} has shape {tuple(tensors[key].shape)}, the model's "
                                  f"{tuple(param.shape)}")

@@ -616,6 +616,34 @@ def test_an_adapter_file_from_before_layer_alphas_is_checked_against_its_run_s_a
         load_adapters(model(8.0, r=2), path)
 
 
+def test_modules_to_save_run_trains_the_head_resumes_merges_and_exports(tiny, tmp_path):
+    """--modules-to-save lm_head: the head's copy trains with the adapters (in the adapter file and the PEFT folder,
+    under PEFT's name), a resume is bit-exact, and the merged model computes the run's eval loss."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    from qlora_ext.train.trainer import evaluate
+
+    out = tmp_path / "run"
+    r = train(_cfg(tiny, out, steps=6, save_every=3, eval_every=3, modules_to_save=["lm_head"]), log=lambda s: None)
+    assert r["eval_after"]["loss"] < r["eval_before"]["loss"]
+    final = load_file(str(out / "adapter.safetensors"))
+    assert "lm_head.trained_module.weight" in final and len(final) == 2 * 14 + 1
+    assert "trained whole: lm_head" in open(r["report"]["markdown"]).read()
+    peft_dir = out / "peft_adapter"
+    assert json.loads((peft_dir / "adapter_config.json").read_text())["modules_to_save"] == ["lm_head"]
+    assert torch.equal(load_file(str(peft_dir / "adapter_model.safetensors"))["base_model.model.lm_head.weight"],
+                       final["lm_head.trained_module.weight"])
+    assert cli_main(["merge", "--output-dir", str(out), "--to", str(tmp_path / "merged")]) == 0
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    t = Trainer(_cfg(tiny, tmp_path / "data-only"), log=lambda s: None)
+    t.setup()
+    assert math.isclose(evaluate(dense, t.data.eval, 4, t.device), r["eval_after"]["loss"], rel_tol=1e-5)
+    rewind(out, 3)
+    os.remove(out / "adapter.safetensors")
+    resumed = resume_adapters(out)
+    assert resumed.keys() == final.keys() and all(torch.equal(resumed[k], final[k]) for k in final)
+
+
 def test_resume_refuses_changed_flags(tiny, tmp_path, capsys):
     train(_cfg(tiny, tmp_path / "run", steps=2, save_every=2), log=lambda s: None)
     assert cli_main(["--output-dir", str(tmp_path / "run"), "--resume", "--lr", "0.5"]) == 2

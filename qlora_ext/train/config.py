@@ -49,6 +49,7 @@ class TrainConfig:
     rank_pattern: Dict[str, int] = dataclasses.field(default_factory=dict)     # JSON: r of the layers a key selects
     alpha_pattern: Dict[str, float] = dataclasses.field(default_factory=dict)  # JSON: alpha of the layers a key selects
     target_modules: Optional[List[str]] = None   # default (or all-linear): every nn.Linear except lm_head
+    modules_to_save: Optional[List[str]] = None  # modules trained whole beside the adapters (PEFT's), e.g. lm_head
     init_lora_weights: str = "default"  # default (A Kaiming, B zero) | loftq (start at each layer's quantization error)
     loftq_iters: int = 1                # LoftQ's quantize / SVD alternations (with --init-lora-weights loftq)
     loftq_svd: str = "exact"            # exact | randomized (LoftQ's truncated SVD; randomized: 30-80x faster)
@@ -175,13 +176,13 @@ def add_arguments(p: argparse.ArgumentParser, defaults: Optional[dict] = None) -
             p.add_argument(_flag(f.name), dest=f.name, type=_json_object, default=default,
                            help=f"{h}, e.g. '{example}': regular expressions matched against the end of each "
                                 f"layer's module path, the first match wins (PEFT's {f.name}) (default: none)")
-        elif f.name in ("data", "eval_data", "target_modules"):
-            files = f.name != "target_modules"
-            shown = default or ("--eval-blocks of --data" if f.name == "eval_data" else "see above")
+        elif f.name in ("data", "eval_data", "target_modules", "modules_to_save"):
+            files = f.name in ("data", "eval_data")
+            shown = default or {"eval_data": "--eval-blocks of --data", "modules_to_save": "none"}.get(f.name,
+                                                                                                  "see above")
             p.add_argument(_flag(f.name), dest=f.name, nargs="+" if files else None,
                            default=default, type=str if files else _comma_list,
-                           help=f"{h} (default: {shown})" + (
-                               "; comma-separated" if f.name == "target_modules" else ""))
+                           help=f"{h} (default: {shown})" + ("" if files else "; comma-separated"))
         else:
             typ = {"int": int, "float": float, "str": str, "Optional[str]": str}[str(f.type).split(".")[-1].strip("'")]
             p.add_argument(_flag(f.name), dest=f.name, type=typ, default=default, help=f"{h} (default: {default})")

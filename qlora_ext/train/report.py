@@ -42,7 +42,8 @@ def markdown(r: dict) -> str:
         f"| {'DoRA' if c.get('use_dora') else 'LoRA'} | r={c['r']}, alpha={c['alpha']}"
         f"{' (rsLoRA: alpha / sqrt(r))' if c.get('use_rslora') else ''}{_patterns(c)}, "
         f"dropout={c['dropout']}, targets "
-        f"{','.join(c['target_modules']) if c['target_modules'] else 'all linear but lm_head'} |",
+        f"{','.join(c['target_modules']) if c['target_modules'] else 'all linear but lm_head'}"
+        f"{'; trained whole: ' + ','.join(c['modules_to_save']) if c.get('modules_to_save') else ''} |",
         f"| trainable params | {r['trainable_params']:,} of {r['total_params']:,} "
         f"({100 * r['trainable_params'] / max(r['total_params'], 1):.2f}%) |",
         f"| data | {r['data']['files']} file(s), {r['data']['tokens']:,} tokens, {r['data']['train_blocks']} train / "

@@ -77,7 +77,7 @@ def prepare_for_run(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
                       compute_dtype=compute_dtype_for(device),
                       init_lora_weights=cfg.init_lora_weights, loftq_iters=cfg.loftq_iters, loftq_svd=cfg.loftq_svd,
                       use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, rank_pattern=cfg.rank_pattern,
-                      alpha_pattern=cfg.alpha_pattern)
+                      alpha_pattern=cfg.alpha_pattern, modules_to_save=cfg.modules_to_save)
     except ValueError as e:   # unknown target module, a layer that cannot be taken over, ...
         raise ConfigError(f"cannot prepare the model: {e}") from e
 
