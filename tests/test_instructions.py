@@ -90,12 +90,13 @@ def test_a_conversation_that_starts_with_the_assistant(tokenizer):
     ('{"messages": [{"role": "king", "content": "a"}]}', "each message must be"),
     ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": null, "tool_calls": '
      '[{"type": "function", "function": {"name": "f", "arguments": {}}}]}]}',
-     'x.jsonl:2: the tokenizer\'s chat template does not render "tool_calls" \\(message 1\\)'),
+     'x.jsonl:2: the tokenizer\'s chat template does not render "tool_calls" '
+     '\\(message 1; the record has no "tools"\\)'),
     ('{"messages": [{"role": "user", "content": null}, {"role": "assistant", "content": "a"}]}',
      'x.jsonl:2: a message\'s "content" must be a string \\(it may be null or missing only beside "tool_calls"\\), '
      'got null or missing'),
     ('{"messages": [{"role": "user", "content": "a", "tool_calls": [{"function": {}}]}, '
-     '{"role": "assistant", "content": "b"}]}', '"tool_calls" must be a non-empty list of objects'),
+     '{"role": "assistant", "content": "b"}]}', '"tool_calls" must be a list of objects'),
     ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "tools": "[{"}',
      '"tools" is a string but not JSON'),
     ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "tools": [1]}',
@@ -247,17 +248,75 @@ def test_function_calling_in_a_conversational_prompt_completion_and_a_parquet_fi
     assert "tools" not in records[1] and tokenize_record(tok, records[1], "row 2")[0]
 
 
-def test_a_call_only_turn_that_cannot_be_located_is_refused(tools_tokenizer):
+# Qwen3's shape: the last assistant turn gets an empty think block, and a newline separates the calls from a content
+QWEN3_LIKE = TOOLS_CHATML.replace(
+    "{% elif m['role'] == 'assistant' %}<|im_start|>assistant"
+    "{% if m['content'] %}{{ '\\n' + m['content'] }}{% endif %}"
+    "{% for c in m.get('tool_calls') or [] %}{{ '\\n' }}",
+    "{% elif m['role'] == 'assistant' %}<|im_start|>assistant{{ '\\n' }}"
+    "{% if loop.last %}<think>{{ '\\n\\n' }}</think>{{ '\\n\\n' }}{% endif %}{{ m['content'] }}"
+    "{% for c in m.get('tool_calls') or [] %}{% if not loop.first or m['content'] %}{{ '\\n' }}{% endif %}")
+# a template that drops the content beside calls and has no generation prompt: a call-only turn's start is unknown
+NO_START = TOOLS_CHATML.replace("{% if m['content'] %}", "{% if m['content'] and not m.get('tool_calls') %}") \
+    .replace("{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}", "")
+assert "<think>" in QWEN3_LIKE and "add_generation_prompt" not in NO_START and "not m.get" in NO_START
+CALL_ONLY = [{"role": "user", "content": "who walks"}, {"role": "assistant", "tool_calls": [_call({"who": "king"})]},
+             {"role": "tool", "content": "the garden"}]
+KING_CALL = '<tool_call>{"name": "look", "arguments": {"who": "king"}}</tool_call><|im_end|>\n'
+
+
+@pytest.mark.parametrize("template,messages,want", [
+    # Qwen3's shape, the call-only turn in the middle and last: the think block is context, as for content turns
+    (QWEN3_LIKE, CALL_ONLY + [{"role": "assistant", "content": "the king"}], [KING_CALL, "the king<|im_end|>\n"]),
+    (QWEN3_LIKE, CALL_ONLY[:2], [KING_CALL]),
+    # a call-only first message: the template's preamble (the tools) and the header are context
+    (TOOLS_CHATML, CALL_ONLY[1:] + [{"role": "assistant", "content": "the king"}],
+     [KING_CALL, "the king<|im_end|>\n"]),
+    # no generation-prompt branch: the header is still context
+    (TOOLS_CHATML.replace("{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}", ""), CALL_ONLY[:2],
+     [KING_CALL]),
+    # an empty "tool_calls" is no calls; results as JSON; Llama 3.1's ipython role for a result
+    (TOOLS_CHATML, [{"role": "user", "content": "who walks", "tool_calls": []}, CALL_ONLY[1],
+                    {"role": "tool", "content": {"where": "garden"}}, {"role": "ipython", "content": "garden"},
+                    {"role": "assistant", "content": "the king"}], [KING_CALL, "the king<|im_end|>\n"]),
+])
+def test_call_only_turns_of_other_template_shapes(tools_tokenizer, template, messages, want):
     import copy
-    tok = copy.deepcopy(tools_tokenizer)   # a generation prompt unlike the rendered assistant header
-    tok.chat_template = TOOLS_CHATML.replace("{% if add_generation_prompt %}<|im_start|>assistant\n",
-                                             "{% if add_generation_prompt %}<|im_start|>assistant\nthinking:")
-    messages = [{"role": "user", "content": "who walks"},
-                {"role": "assistant", "tool_calls": [_call({"who": "king"})]},
-                {"role": "tool", "content": "the garden"}, {"role": "assistant", "content": "the king"}]
-    with pytest.raises(ConfigError, match="x: the tokenizer's chat template renders message 1 \\(the assistant's "
-                                          "tool calls\\) in a way that cannot be located"):
-        tokenize_record(tok, {"messages": messages, "tools": [LOOK]}, "x")
+    tok = copy.deepcopy(tools_tokenizer)
+    tok.chat_template = template
+    ids, trained = tokenize_record(tok, {"messages": messages, "tools": [LOOK]}, "x")
+    runs, run = [], []
+    for i, t in zip(ids, trained):
+        if t:
+            run.append(i)
+        elif run:
+            runs, run = runs + [tok.decode(run)], []
+    assert runs + ([tok.decode(run)] if run else []) == want
+    context = _context_text(tok, ids, trained)
+    assert "Tools:" in context and context.count("<|im_start|>assistant") == sum(m["role"] == "assistant"
+                                                                              for m in messages)
+
+
+@pytest.mark.parametrize("template,record,message", [
+    (NO_START, {"messages": CALL_ONLY + [{"role": "assistant", "content": "the king"}], "tools": [LOOK]},
+     "renders message 1 \\(the assistant's tool calls\\) in a way that cannot be located"),
+    # calls before the content: they would be context
+    (TOOLS_CHATML.replace("{% if m['content'] %}{{ '\\n' + m['content'] }}{% endif %}", "")
+     .replace("</tool_call>{% endfor %}", "</tool_call>{% endfor %}{% if m['content'] %}{{ '\\n' + m['content'] }}"
+                                          "{% endif %}"),
+     {"messages": CALL_ONLY[:1] + [dict(CALL_ONLY[1], content="let me look")], "tools": [LOOK]},
+     "puts the tool calls of message 1 outside the turn's text"),
+    # calls in a conversational prompt, by a template without function calling: refused, not dropped
+    (CHATML, {"prompt": CALL_ONLY, "completion": [{"role": "assistant", "content": "the king"}]},
+     'does not render "tool_calls" \\(message 1; the record has no "tools"\\)'),
+])
+def test_calls_that_would_not_be_trained_as_written_are_refused(tools_tokenizer, template, record, message):
+    import copy
+    assert template != TOOLS_CHATML
+    tok = copy.deepcopy(tools_tokenizer)
+    tok.chat_template = template
+    with pytest.raises(ConfigError, match="x: .*" + message):
+        tokenize_record(tok, record, "x")
 
 
 def test_pack_labels_and_leaves_out_blocks_without_a_trained_token():

@@ -31,7 +31,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from .config import ConfigError
 
-ROLES = ("system", "user", "assistant", "tool")
+ROLES = ("system", "user", "assistant", "tool", "ipython")   # ipython: Llama 3.1's tool results
 
 
 _SENTINEL = "\x00qlora_ext\x00"   # a stand-in content, to find where the template puts a message's content
@@ -84,61 +84,99 @@ def _assistant_spans(tokenizer, messages: list, first: int, where: str,
     stand-in content for it) and ends where the rendering of the conversation up to it ends, its end-of-turn
     mark included; when that is not how the whole conversation goes on (a template that renders a last turn
     differently, as Qwen3's does), after its content and the end-of-turn mark the template gives a last turn (or
-    the end-of-sequence mark), where the conversation has it. A turn of tool calls alone (no content to stand in
-    for) starts where the template's generation prompt ends."""
+    the end-of-sequence mark), where the conversation has it. A turn of tool calls alone: _call_only_span. The
+    tool calls of every message must be in the text, and those of a trained turn within its span."""
     full = _render(tokenizer, messages, tools)
     eos = getattr(tokenizer, "eos_token", None) or ""
+    calls = {k: _calls_region(tokenizer, messages, k, tools, full, where)
+             for k, m in enumerate(messages) if m.get("tool_calls")}
     spans = []
     for k in range(first, len(messages)):
         if messages[k]["role"] != "assistant":
             continue
-        if messages[k].get("tool_calls"):
-            _check_calls_rendered(tokenizer, messages, k, tools, where)
-            if not messages[k]["content"]:
-                spans.append(_call_only_span(tokenizer, messages, k, tools, full, where))
-                continue
-        stand_in = _render(tokenizer, messages[:k] + [dict(messages[k], content=_SENTINEL)] + messages[k + 1:], tools)
-        cut = stand_in.find(_SENTINEL)
-        before, after = stand_in[:cut], stand_in[cut + len(_SENTINEL):]
-        if cut < 0 or not full.startswith(before) or not full.endswith(after) or len(before) + len(after) > len(full):
-            raise ConfigError(f"{where}: the tokenizer's chat template renders message {k} (the assistant's) in a way "
-                              "that cannot be located in the conversation (it changes other text with its content)")
-        start, content_end = len(before), len(full) - len(after)
-        upto = _render(tokenizer, messages[:k + 1], tools)
-        if full.startswith(upto) and len(upto) >= content_end:
-            end = len(upto)
-        else:  # the end-of-turn mark the template puts after this turn's content when it is the last one
-            last = _render(tokenizer, messages[:k] + [dict(messages[k], content=_SENTINEL)], tools)
-            mark = last[last.find(_SENTINEL) + len(_SENTINEL):] if _SENTINEL in last else ""
-            if not (mark and full.startswith(mark, content_end)):
-                mark = eos if eos and full.startswith(eos, content_end) else ""
-            end = content_end + len(mark)
+        if k in calls and not messages[k]["content"]:
+            start, end = _call_only_span(tokenizer, messages, k, tools, full, where)
+        else:
+            start, end = _content_span(tokenizer, messages, k, tools, full, eos, where)
+        lo, hi = calls.get(k, (start, end))
+        if not (start <= lo or full[lo:start].isspace()) or not (hi <= end or full[end:hi].isspace()):
+            raise ConfigError(f"{where}: the tokenizer's chat template puts the tool calls of message {k} outside "
+                              "the turn's text from its content on (before the content?): they would not be "
+                              "trained on")
         spans.append((start, end))
     return full, spans
 
 
-def _check_calls_rendered(tokenizer, messages: list, k: int, tools, where: str) -> None:
-    """A template without function calling renders an assistant turn's content and drops its tool calls: the
-    turn would train on a reply the data does not hold."""
-    without = {key: value for key, value in messages[k].items() if key != "tool_calls"}
-    if _render(tokenizer, messages[:k + 1], tools) == _render(tokenizer, messages[:k] + [without], tools):
-        raise ConfigError(f"{where}: the tokenizer's chat template does not render \"tool_calls\" (message {k}): "
-                          "use a model whose template supports function calling (tools=, tool_calls)")
+def _content_span(tokenizer, messages: list, k: int, tools, full: str, eos: str, where: str) -> Tuple[int, int]:
+    stand_in = _render(tokenizer, messages[:k] + [dict(messages[k], content=_SENTINEL)] + messages[k + 1:], tools)
+    cut = stand_in.find(_SENTINEL)
+    before, after = stand_in[:cut], stand_in[cut + len(_SENTINEL):]
+    if cut < 0 or not full.startswith(before) or not full.endswith(after) or len(before) + len(after) > len(full):
+        why = ("drops the content beside its tool calls, or changes other text with it" if messages[k].get("tool_calls")
+               else "changes other text with its content")
+        raise ConfigError(f"{where}: the tokenizer's chat template renders message {k} (the assistant's) in a way "
+                          f"that cannot be located in the conversation (it {why})")
+    start, content_end = len(before), len(full) - len(after)
+    upto = _render(tokenizer, messages[:k + 1], tools)
+    if full.startswith(upto) and len(upto) >= content_end:
+        return start, len(upto)
+    # the end-of-turn mark the template puts after this turn's content when it is the last one
+    last = _render(tokenizer, messages[:k] + [dict(messages[k], content=_SENTINEL)], tools)
+    mark = last[last.find(_SENTINEL) + len(_SENTINEL):] if _SENTINEL in last else ""
+    if not (mark and full.startswith(mark, content_end)):
+        mark = eos if eos and full.startswith(eos, content_end) else ""
+    return start, content_end + len(mark)
+
+
+def _calls_region(tokenizer, messages: list, k: int, tools, full: str, where: str) -> Tuple[int, int]:
+    """Where message k's tool calls are in `full`: the characters that change when they are left out (with the
+    whitespace that separates them from the content). None change in a template without function calling, which
+    would train a turn on a reply the data does not hold."""
+    without = _render(tokenizer, messages[:k] + [{key: v for key, v in messages[k].items() if key != "tool_calls"}]
+                      + messages[k + 1:], tools)
+    if without == full:
+        raise ConfigError(f"{where}: the tokenizer's chat template does not render \"tool_calls\" (message {k}; "
+                          f"{'the record has no' if tools is None else 'with'} \"tools\"): use a model whose template "
+                          "supports function calling (tools=, tool_calls)")
+    lo = 0
+    while lo < min(len(full), len(without)) and full[lo] == without[lo]:
+        lo += 1
+    common_tail = 0
+    while common_tail < min(len(full), len(without)) - lo and full[-1 - common_tail] == without[-1 - common_tail]:
+        common_tail += 1
+    return lo, len(full) - common_tail
 
 
 def _call_only_span(tokenizer, messages: list, k: int, tools, full: str, where: str) -> Tuple[int, int]:
-    """The span of assistant message k made of tool calls only: from where the generation prompt after the
-    messages before it ends to where the conversation up to it ends."""
-    try:
-        prompt = _render(tokenizer, messages[:k], tools, generation_prompt=True) if k else ""
-    except Exception:   # a template that wants a first message
-        prompt = None
+    """The span of assistant message k made of tool calls alone. It starts where the template puts a content
+    (with a stand-in content), or, for a template that drops content beside calls, where its generation prompt
+    after the messages before ends; it ends where the conversation up to it ends, or, where the template renders
+    a last turn differently (Qwen3's think block), where the calls and the end-of-turn mark of such a last turn
+    end in the conversation."""
+    message = dict(messages[k], content=_SENTINEL)
+    stand_in = _render(tokenizer, messages[:k] + [message] + messages[k + 1:], tools)
+    cut = stand_in.find(_SENTINEL)
+    start = cut if cut >= 0 and full.startswith(stand_in[:cut]) else None
+    if start is None:
+        try:   # a template may refuse a conversation cut before message k (Llama 3.1 with tools, no user yet)
+            bare = _render(tokenizer, messages[:k], tools) if k else ""
+            prompt = _render(tokenizer, messages[:k], tools, generation_prompt=True)
+        except Exception:
+            bare = prompt = ""
+        if len(prompt) > len(bare) and full.startswith(prompt):   # (no generation prompt: the header is unknown)
+            start = len(prompt)
     upto = _render(tokenizer, messages[:k + 1], tools)
-    if prompt is None or not full.startswith(prompt) or not full.startswith(upto) or len(prompt) >= len(upto):
+    end = len(upto) if full.startswith(upto) else None
+    if end is None and start is not None:   # this turn's calls and end mark as a last turn renders them
+        last = _render(tokenizer, messages[:k] + [message], tools)
+        tail = last[last.find(_SENTINEL) + len(_SENTINEL):] if _SENTINEL in last else ""
+        # (a separator between content and calls, such as Qwen's newline, is not there without the content)
+        end = next((start + len(tail) - i for i in range(min(8, len(tail))) if full.startswith(tail[i:], start)),
+                   None)
+    if start is None or end is None or end <= start:
         raise ConfigError(f"{where}: the tokenizer's chat template renders message {k} (the assistant's tool calls) "
-                          "in a way that cannot be located in the conversation (it does not follow the generation "
-                          "prompt, or changes earlier text)")
-    return len(prompt), len(upto)
+                          "in a way that cannot be located in the conversation (where it starts or ends)")
+    return start, end
 
 
 def _conversation(tokenizer, messages, where: str, first: int = 0,
@@ -167,14 +205,18 @@ def _checked_message(m, where: str) -> dict:
         raise ConfigError(f"{where}: each message must be {{\"role\": one of {ROLES}, \"content\": a string}}, "
                           f"got {m!r}")
     calls = m.get("tool_calls")
+    if calls == []:   # (exports write it for "no calls")
+        m, calls = {key: v for key, v in m.items() if key != "tool_calls"}, None
     if calls is not None:
-        if m["role"] != "assistant" or not isinstance(calls, list) or not calls or \
+        if m["role"] != "assistant" or not isinstance(calls, list) or \
                 not all(isinstance(c, dict) for c in calls):
-            raise ConfigError(f"{where}: \"tool_calls\" must be a non-empty list of objects ({{\"type\": "
+            raise ConfigError(f"{where}: \"tool_calls\" must be a list of objects ({{\"type\": "
                               f"\"function\", \"function\": {{\"name\", \"arguments\"}}}}) on an assistant message, "
                               f"got {m!r}")
         if m.get("content") is None:
             m = dict(m, content="")
+    if m["role"] in ("tool", "ipython") and isinstance(m.get("content"), (dict, list)):
+        return m   # a tool's result as JSON (Llama 3.1's template renders it with tojson)
     if not isinstance(m.get("content"), str):
         what = "null or missing" if m.get("content") is None else type(m["content"]).__name__
         raise ConfigError(f"{where}: a message's \"content\" must be a string (it may be null or missing only "
