@@ -8,7 +8,7 @@ are those of the model PEFT sees: without torch.compile's or DataParallel's wrap
 prepare_model resolves the patterns it is given; qlora_ext.peft_io writes a model's per-layer values back as
 patterns that select disjoint sets of layers (so their order cannot matter: PEFT saves them sorted): one per layer
 name whose layers all take the same value other than the default, else one per such layer, the shortest ending of
-its path that names it alone (which PEFT before 0.15, matching `.*\\.{key}$`, reads the same way)."""
+its path that names it alone. (PEFT 0.15 and later read them so; older versions matched keys otherwise.)"""
 
 from __future__ import annotations
 

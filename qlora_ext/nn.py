@@ -407,19 +407,22 @@ def chosen_linears(model: nn.Module, target_modules: Optional[Iterable[str]] = N
     ValueError for a target that matches no linear layer."""
     linears = _linear_names(model)
     adapted = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    paths = _unwrapped_names(model)   # full names as PEFT writes them: without torch.compile's prefix
     exclude = set(exclude)
     if target_modules == "all-linear" or target_modules == ["all-linear"]:  # PEFT's spelling of the default
         target_modules = None
     if target_modules is None:
-        return [n for n in linears if n.split(".")[-1] not in exclude and n not in exclude]
+        return [n for n in linears if n.split(".")[-1] not in exclude and n not in exclude
+                and paths.get(n) not in exclude]
     targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
     # a layer that already has an adapter is known (applying prepare_model again leaves it as it is)
-    known = {n.split(".")[-1] for n in [*linears, *adapted]} | set(linears) | set(adapted)
+    known = {n.split(".")[-1] for n in [*linears, *adapted]} | set(linears) | set(adapted) | {
+        paths.get(n) for n in [*linears, *adapted]}
     unknown = [t for t in targets if t not in known]
     if unknown:
         raise ValueError(f"target_modules {unknown} match no nn.Linear in the model; its linear layers are "
                          f"named {sorted({n.split('.')[-1] for n in linears})}")
-    return [n for n in linears if n in targets or n.split(".")[-1] in targets]
+    return [n for n in linears if n in targets or paths.get(n) in targets or n.split(".")[-1] in targets]
 
 
 def _linear_names(model: nn.Module) -> dict:

@@ -172,7 +172,7 @@ def _edit_config(folder, **changes):
                                                   "use_dora=False for layer model.layers.1.self_attn.q_proj"),
     ({"rank_pattern": {"q_proj": 0}}, "rank_pattern['q_proj'] must be a positive integer, got 0"),
     ({"alpha_pattern": {"(q_proj": 2}}, "alpha_pattern: '(q_proj' is not a regular expression"),
-    ({"modules_to_save": ["lm_head"]}, "modules_to_save is not supported"),
+    ({"modules_to_save": ["lm_head"]}, "modules_to_save=['lm_head'], but the model trains no module whole"),
     ({"peft_type": "IA3"}, "peft_type must be 'LORA'"),
     ({"r": 8}, "the adapter has r=8, lora_alpha=8.0, use_rslora=False, use_dora=False for layer "
                "model.layers.0.self_attn.q_proj, but the model's layer has r=4"),
@@ -285,6 +285,10 @@ def test_patterns_match_the_paths_peft_sees_on_a_compiled_model(tmp_path):
         qlora_ext.prepare_model(compiled, r=config["r"], alpha=config["lora_alpha"], quant_type="none",
                                 rank_pattern=config["rank_pattern"], alpha_pattern={"^model\\.layers\\.0\\..*": 2})
     assert compiled._orig_mod.model.layers[1].mlp.down_proj.r == 2
+    other = torch.compile(copy.deepcopy(base))   # full paths in target_modules, as PEFT writes them, match too
+    qlora_ext.prepare_model(other, target_modules=["model.layers.1.mlp.down_proj"], quant_type="none")
+    assert [n for n, m in other.named_modules() if isinstance(m, qlora_ext.LoRALinear)] == [
+        "_orig_mod.model.layers.1.mlp.down_proj"]
     assert compiled._orig_mod.model.layers[0].mlp.down_proj.alpha == 2
     with pytest.raises(ValueError, match="lora_alpha=8.0, .* for layer model.layers.0.self_attn.q_proj, but the "
                                          "model's layer has r=4, alpha=2"):

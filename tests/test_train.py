@@ -490,6 +490,7 @@ def test_the_live_log_and_tensorboard_follow_the_run_and_a_resume_rewrites_them(
         f.write(json.dumps({"step": 4, "loss": 99.0}) + "\n")
     capsys.readouterr()
     assert cli_main(["--output-dir", str(out), "--resume", "--no-progress", "--report-to", "none"]) == 0
+    assert not (out / "tensorboard").exists()   # the dead process's events, beyond the checkpoint: gone
     again = _log_lines(out)
     assert [x["step"] for x in again] == [0, 1, 2, 3, 3, 4, 5, 6, 6]
     assert again[:5] == lines[:5] and [x["loss"] for x in again if "loss" in x][3:] == [
@@ -499,7 +500,7 @@ def test_the_live_log_and_tensorboard_follow_the_run_and_a_resume_rewrites_them(
 
 
 def test_neftune_noise_is_bounded_and_only_in_training():
-    from qlora_ext.train.neftune import add_neftune
+    from qlora_ext.train.neftune import neftune
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4))
@@ -507,19 +508,24 @@ def test_neftune_noise_is_bounded_and_only_in_training():
     ids = torch.randint(0, 50, (3, 25))
     emb.requires_grad_(False)   # frozen, as in a run
     clean = emb(ids)
-    handle = add_neftune(model, 5.0)
+    with neftune(model, 5.0):
+        emb.train()
+        noise = emb(ids) - clean
+        bound = 5.0 / math.sqrt(25 * 32)
+        assert noise.abs().max() <= bound and noise.abs().max() > 0.9 * bound
+        assert abs(float(noise.mean())) < 0.05 * bound and not torch.equal(emb(ids) - clean, noise)   # fresh
+        emb.eval()
+        assert torch.equal(emb(ids), clean)
     emb.train()
-    noise = emb(ids) - clean
-    bound = 5.0 / math.sqrt(25 * 32)
-    assert noise.abs().max() <= bound and noise.abs().max() > 0.9 * bound
-    assert abs(float(noise.mean())) < 0.05 * bound and not torch.equal(emb(ids) - clean, noise)   # fresh each call
-    emb.eval()
-    assert torch.equal(emb(ids), clean)
-    handle.remove()
-    emb.train()
-    assert torch.equal(emb(ids), clean)
-    with pytest.raises(ValueError, match="has none"):
-        add_neftune(torch.nn.Linear(2, 2), 5.0)
+    assert torch.equal(emb(ids), clean)   # gone after the block
+    with pytest.raises(ValueError, match="has none"), neftune(torch.nn.Linear(2, 2), 5.0):
+        pass
+
+    class NoEmbeddings(transformers.LlamaForCausalLM):   # transformers raises NotImplementedError for these
+        def get_input_embeddings(self):
+            raise NotImplementedError
+    with pytest.raises(ValueError, match="NoEmbeddings has none"), neftune(NoEmbeddings(model.config), 5.0):
+        pass
 
 
 def test_neftune_run_trains_with_noise_evaluates_without_and_resumes_bit_exactly(tiny, tmp_path):
@@ -537,6 +543,30 @@ def test_neftune_run_trains_with_noise_evaluates_without_and_resumes_bit_exactly
     assert all(torch.equal(resumed[k], final[k]) for k in final)
     with pytest.raises(ConfigError, match="--neftune-noise-alpha must be >= 0, got -1"):
         _cfg(tiny, out, neftune_noise_alpha=-1.0).validate()
+    with pytest.raises(ConfigError, match="--neftune-noise-alpha must be finite, got inf"):
+        _cfg(tiny, out, neftune_noise_alpha=math.inf).validate()
+
+
+def test_a_gradient_that_is_not_finite_stops_the_run_before_its_step(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: torch.tensor(math.inf))
+    with pytest.raises(FloatingPointError, match="the gradient's norm is inf at step 1; lower --lr"):
+        train(_cfg(tiny, out, save_every=1), log=lambda s: None)
+    assert not (out / "checkpoints").exists() or not list((out / "checkpoints").glob("step-*"))
+    lines = _log_lines(out)   # the eval before training, and no step
+    assert [x["step"] for x in lines] == [0] and "eval_loss" in lines[0]
+
+
+def test_log_lines_are_strict_json(tmp_path):
+    from qlora_ext.train.run_log import RunLog
+    log = RunLog(str(tmp_path), "none", [{"step": 1, "loss": 2.0, "grad_norm": math.nan}],
+                 [{"step": 0, "loss": 1e6}])
+    log.step({"step": 2, "loss": 1.0, "grad_norm": math.inf})
+    log.close()
+    lines = (tmp_path / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(x, parse_constant=lambda c: pytest.fail(c)) for x in lines] == [
+        {"step": 0, "eval_loss": 1e6, "eval_ppl": None}, {"step": 1, "loss": 2.0, "grad_norm": None},
+        {"step": 2, "loss": 1.0, "grad_norm": None}]
 
 
 def test_report_to_tensorboard_without_the_package_fails_before_the_model_loads(tiny, tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 from typing import Dict, List, Optional
 
@@ -123,6 +124,9 @@ class TrainConfig:
         for name in ("warmup_steps", "max_tokens", "weight_decay", "max_grad_norm", "epochs", "num_proc",
                      "neftune_noise_alpha"):
             need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            need(not isinstance(value, float) or math.isfinite(value), f"{_flag(f.name)} must be finite, got {value}")
         need(self.lr > 0, f"--lr must be positive, got {self.lr}")
         need(0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}")
         need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),

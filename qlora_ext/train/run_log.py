@@ -5,9 +5,11 @@ a crash loses nothing already logged. With --report-to tensorboard the same scal
 in <output_dir>/tensorboard (`tensorboard --logdir runs/`).
 
 A resumed run continues from its checkpoint, not from the last line: both logs are written again from the
-checkpoint's history (the steps after it were not kept and will be trained again), then continued."""
+checkpoint's history (the steps after it were not kept and will be trained again; the events' wall times are the
+resume's), then continued. A value that is not a finite number is written as null."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -20,7 +22,20 @@ TENSORBOARD_DIR = "tensorboard"
 
 
 def eval_record(step: int, loss: float) -> dict:
-    return {"step": step, "eval_loss": loss, "eval_ppl": math.exp(loss)}
+    return {"step": step, "eval_loss": loss, "eval_ppl": math.exp(loss) if loss < 700 else math.inf}
+
+
+def _json_line(record: dict) -> str:
+    """One line of strict JSON: a value that is not a finite number (an overflowed perplexity) is null."""
+    return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                       for k, v in record.items()}, allow_nan=False) + "\n"
+
+
+def remove_run_logs(output_dir: str) -> None:
+    """An earlier run's logs, removed when a new run starts in its folder."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(output_dir, LOG_FILE))
+    shutil.rmtree(os.path.join(output_dir, TENSORBOARD_DIR), ignore_errors=True)
 
 
 def summary_writer_class(report_to: str):
@@ -45,14 +60,14 @@ class RunLog:
     def __init__(self, output_dir: str, report_to: str, history: list, evals: list):
         self._writer = None
         SummaryWriter = summary_writer_class(report_to)
+        # this run's events beyond its checkpoint, or an earlier run's, whatever --report-to says now
+        shutil.rmtree(os.path.join(output_dir, TENSORBOARD_DIR), ignore_errors=True)
         if SummaryWriter is not None:
-            folder = os.path.join(output_dir, TENSORBOARD_DIR)
-            shutil.rmtree(folder, ignore_errors=True)   # an earlier run's, or this one's beyond the checkpoint
-            self._writer = SummaryWriter(folder)
+            self._writer = SummaryWriter(os.path.join(output_dir, TENSORBOARD_DIR))
         records = sorted([eval_record(e["step"], e["loss"]) for e in evals] + list(history),
                          key=lambda r: (r["step"], "eval_loss" in r))   # a step's training, then its eval
         path = os.path.join(output_dir, LOG_FILE)
-        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+        atomic_write_text(path, "".join(_json_line(r) for r in records))
         self._file = open(path, "a", encoding="utf-8")
         for r in records:
             self._scalars(r)
@@ -69,7 +84,7 @@ class RunLog:
             self._writer.close()
 
     def _write(self, record: dict) -> None:
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(_json_line(record))
         self._file.flush()
         self._scalars(record)
         if self._writer is not None:
@@ -79,6 +94,6 @@ class RunLog:
         if self._writer is None:
             return
         for key, value in record.items():
-            if key != "step" and value is not None:
+            if key != "step" and value is not None and math.isfinite(value):
                 tag = f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
                 self._writer.add_scalar(tag, value, record["step"])

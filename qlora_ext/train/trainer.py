@@ -30,9 +30,9 @@ from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig
 from .data import IGNORE, TokenBlocks, batch_indices, find_text_files, resolve_packing, run_blocks
 from .loss import causal_lm_loss, packed_attention_problem, vocab_size
-from .neftune import add_neftune
 from .model import load_model_and_tokenizer, max_positions, resolve_model_dir
-from .run_log import RunLog, summary_writer_class
+from .neftune import input_embeddings, neftune
+from .run_log import RunLog, remove_run_logs, summary_writer_class
 
 PEFT_DIR = "peft_adapter"  # <output_dir>/peft_adapter: the adapters in PEFT's format
 
@@ -318,10 +318,9 @@ class Trainer:
                 self.log("note: this model has no gradient_checkpointing_enable(); training without it")
         if getattr(self.model, "config", None) is not None:
             self.model.config.use_cache = False
-        self.neftune = None
-        if cfg.neftune_noise_alpha:
+        if cfg.neftune_noise_alpha:   # (the noise is on while run() trains)
             try:
-                self.neftune = add_neftune(self.model, cfg.neftune_noise_alpha)
+                input_embeddings(self.model)
             except ValueError as e:
                 raise ConfigError(f"--neftune-noise-alpha: {e}") from e
         self.summary = model_summary(self.model)
@@ -371,6 +370,7 @@ class Trainer:
             if os.path.isdir(old):   # a new run here: never let --resume mix it with an earlier one
                 self.log(f"new run in {cfg.output_dir}: removing the previous run's checkpoints")
                 shutil.rmtree(old)
+            remove_run_logs(cfg.output_dir)   # nor its logs pass for this run's
             cfg.save(os.path.join(cfg.output_dir, ckpt.CONFIG_FILE))
             loss0 = self.evaluate()
             state["evals"].append({"step": 0, "loss": loss0, "ppl": math.exp(loss0)})
@@ -383,12 +383,11 @@ class Trainer:
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         run_log = RunLog(cfg.output_dir, cfg.report_to, state["history"], state["evals"])
-        try:
-            step = self._train(state, step, run_log)
+        try:   # (the trained model generates and merges without NEFTune's noise)
+            with neftune(self.model, cfg.neftune_noise_alpha):
+                step = self._train(state, step, run_log, config)
         finally:
             run_log.close()
-            if self.neftune is not None:   # (the trained model generates and merges without it)
-                self.neftune.remove()
         ckpt.save_adapters(os.path.join(cfg.output_dir, ckpt.ADAPTER_FILE), self.model, config)
         # the same adapters for PEFT and the tools that read its folders (peft.PeftModel.from_pretrained)
         # a PEFT adapter's base is the dense model (PEFT cannot load a 4-bit checkpoint): the one it was quantized from
@@ -396,15 +395,18 @@ class Trainer:
         save_peft_adapter(self.model, os.path.join(cfg.output_dir, PEFT_DIR), base_model_name_or_path=base)
         return self.result(state, step)
 
-    def _train(self, state: dict, step: int, run_log: RunLog) -> int:
+    def _train(self, state: dict, step: int, run_log: RunLog, config: dict) -> int:
         """The optimizer steps from `step` to --steps, with evaluations and checkpoints; returns the last step."""
-        cfg, dev = self.cfg, self.device
-        config = cfg.to_dict()
+        cfg = self.cfg
         self.model.train()
-        bar = None
-        if cfg.progress:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=cfg.steps, initial=step, desc="train", dynamic_ncols=True)
+        if not cfg.progress:
+            return self._steps(state, step, run_log, config, None)
+        from tqdm.auto import tqdm
+        with tqdm(total=cfg.steps, initial=step, desc="train", dynamic_ncols=True) as bar:
+            return self._steps(state, step, run_log, config, bar)
+
+    def _steps(self, state: dict, step: int, run_log: RunLog, config: dict, bar) -> int:
+        cfg, dev = self.cfg, self.device
         n_train = self.data.train.shape[0]
         while step < cfg.steps:
             t0 = time.perf_counter()
@@ -441,6 +443,8 @@ class Trainer:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
             else:
                 grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None]))
+            if not math.isfinite(grad_norm):   # before the step: no checkpoint of NaN adapters
+                raise FloatingPointError(f"the gradient's norm is {grad_norm} at step {step + 1}; lower --lr")
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             if dev.type == "cuda":
@@ -468,8 +472,6 @@ class Trainer:
                 bar.write(msg) if bar is not None else self.log(msg)
             if step % cfg.save_every == 0 or step == cfg.steps:
                 ckpt.save_checkpoint(cfg.output_dir, step, self.model, self.optimizer, state, config)
-        if bar is not None:
-            bar.close()
         return step
 
     def result(self, state: dict, step: int) -> dict:
