@@ -45,7 +45,9 @@ class ModuleToSave(nn.Module):
 
 
 def matches(path: str, names: Iterable[str]) -> bool:
-    """Whether module path `path` is one of `names` (a whole path, or its last components: "lm_head")."""
+    """Whether module path `path` is one of `names`: a whole path, or its last components ("lm_head",
+    "layers.0.mlp"), at a name boundary (PEFT matches the end of the name by characters: peft_io writes names
+    it reads the same way)."""
     return any(path == n or path.endswith("." + n) for n in names)
 
 
@@ -69,17 +71,22 @@ def wrap_modules_to_save(model: nn.Module, names: Iterable[str], adapted: Iterab
         if isinstance(module, ModuleToSave):
             continue
         inner = [f"{name}.{n}" if n else name for n, m in module.named_modules()
-                 if isinstance(m, (LoRALinear, Linear4bit)) or is_bnb_linear_4bit(m) or is_bnb_linear_8bit(m)]
+                 if isinstance(m, (LoRALinear, Linear4bit, ModuleToSave)) or is_bnb_linear_4bit(m)
+                 or is_bnb_linear_8bit(m)]
         inner += [a for a in adapted if a == name or a.startswith(name + ".")]
         if inner:
-            raise ValueError(f"modules_to_save: {name} holds LoRA adapters or quantized weights ({inner[0]}): a "
-                             "module is either adapted (target_modules) or trained whole (modules_to_save)")
-    own = {id(p) for n in chosen for p in model.get_submodule(n).parameters()}
-    shared = sorted({n for n, m in model.named_modules() if n not in chosen and not any(
-        n.startswith(c + ".") for c in chosen) and any(id(p) in own for p in m.parameters(recurse=False))})
+            raise ValueError(f"modules_to_save: {name} holds LoRA adapters, quantized weights or a module trained "
+                             f"whole already ({inner[0]}): a module is either adapted (target_modules) or trained "
+                             "whole (modules_to_save), once")
+    owner = {}   # parameter -> the modules holding it (tied embeddings: two)
+    for n, m in model.named_modules(remove_duplicate=False):
+        for p in m.parameters(recurse=False):
+            owner.setdefault(id(p), set()).add(n)
+    shared = sorted({o for n in chosen for p in model.get_submodule(n).parameters() for o in owner[id(p)]
+                     if o != n and not o.startswith(n + ".")})
     if shared:
-        warnings.warn(f"modules_to_save: {chosen} share weights with {shared} (tied embeddings): the trained copy "
-                      "is untied from them, as in PEFT, and the merged model is saved untied", stacklevel=3)
+        warnings.warn(f"modules_to_save: {chosen} share weights with {shared} (tied embeddings): each trained copy "
+                      "is untied from the others, as in PEFT, and the merged model is saved untied", stacklevel=3)
     for name in chosen:
         module = model.get_submodule(name)
         if isinstance(module, ModuleToSave):
@@ -107,7 +114,5 @@ def unwrap_trained(model: nn.Module) -> None:
     except (AttributeError, NotImplementedError):
         return
     if emb is not None and head is not None and getattr(head, "weight", None) is not getattr(emb, "weight", None):
-        text = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else config
-        for c in (config, text):
-            if getattr(c, "tie_word_embeddings", False):
-                c.tie_word_embeddings = False
+        from .save_4bit import untie_word_embeddings
+        untie_word_embeddings(config)

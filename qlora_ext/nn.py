@@ -499,9 +499,10 @@ def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = No
     a key selects, as PEFT's LoraConfig takes them (qlora_ext.lora_patterns: regular expressions matched against
     the path's end, the first matching key wins; {"q_proj": 64, "model.layers.0.mlp.down_proj": 4}); a key that
     selects none of the layers adapted here is warned about. modules_to_save: modules trained whole beside the
-    adapters, PEFT's modules_to_save (names as in target_modules, e.g. ["lm_head", "embed_tokens"]): each becomes
-    a qlora_ext.modules_to_save.ModuleToSave, its original frozen and a copy trained (an exclude no longer
-    applies to it). Returns the model; model_summary(model) gives trainable/total parameters and bytes.
+    adapters, PEFT's modules_to_save (module paths or their last components at a name boundary, e.g. ["lm_head",
+    "embed_tokens"] or ["layers.0.mlp"]): each becomes a qlora_ext.modules_to_save.ModuleToSave, its original
+    frozen and a copy trained (an exclude no longer applies to it). Returns the model; model_summary(model) gives
+    trainable/total parameters and bytes.
 
     Layers that are already 4-bit keep their format and values (quant_type, blocksize and double_quant apply
     to dense layers only): a bare Linear4bit becomes the base as it is; a bitsandbytes Linear4bit (a model

@@ -44,7 +44,7 @@ _HARMLESS_KEYS = {
     "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
     "r", "target_modules", "exclude_modules", "lora_alpha", "lora_dropout", "fan_in_fan_out", "bias", "use_rslora",
     "use_dora", "modules_to_save", "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern",
-    "alpha_pattern", "megatron_core", "runtime_config", "qalora_group_size", "ensure_weight_tying", "eva_config",
+    "alpha_pattern", "megatron_core", "runtime_config", "qalora_group_size", "eva_config",
 }
 # PEFT starts that leave the base weights alone; PiSSA, OLoRA, CorDA and LoftQ change them (the adapter then only
 # fits the changed base, until PEFT converts it)
@@ -62,6 +62,33 @@ def _modules_to_save(model: torch.nn.Module) -> Dict[str, ModuleToSave]:
     return {n: m for n, m in unwrap_model(model).named_modules() if isinstance(m, ModuleToSave)}
 
 
+def _peft_paths(model: torch.nn.Module) -> list:
+    """The module paths PEFT sees: the model's, with each modules_to_save wrapper standing for its original
+    module (its trained copy left out)."""
+    whole = _modules_to_save(model)
+    paths = []
+    for n, _ in unwrap_model(model).named_modules():
+        w = next((w for w in whole if n.startswith(w + ".")), None)
+        if w is None:
+            paths.append(n)
+        elif n[len(w) + 1:].split(".")[0] == "original_module" and n != f"{w}.original_module":
+            paths.append(w + n[len(w) + len(".original_module"):])
+    return [p for p in paths if p]
+
+
+def _names_to_save(model: torch.nn.Module, whole) -> list:
+    """modules_to_save as PEFT reads it: it trains every module whose path ends with one of the names (by
+    characters: "norm" is also "input_layernorm"), so each path is written as its shortest ending of whole
+    components, not starting with an index, that ends no other path."""
+    paths = _peft_paths(model)
+    names = []
+    for path in whole:
+        parts = path.split(".")
+        endings = [".".join(parts[k:]) for k in range(len(parts) - 1, -1, -1) if k == 0 or not parts[k].isdigit()]
+        names.append(next((e for e in endings if all(p == path or not p.endswith(e) for p in paths)), path))
+    return sorted(names)
+
+
 def _one(values: dict, what: str):
     distinct = sorted(set(values.values()))
     if len(distinct) != 1:
@@ -73,7 +100,7 @@ def _target_modules(model: torch.nn.Module, names) -> list:
     """The layers' last name components when they select exactly these layers among all the model's modules
     (PEFT matches a target by that suffix, whatever the module's type), else the full module paths."""
     leaves = {n.split(".")[-1] for n in names}
-    outside = {n for n, _ in unwrap_model(model).named_modules() if n and not any(n.startswith(a + ".") for a in names)}
+    outside = {n for n in _peft_paths(model) if not any(n.startswith(a + ".") for a in names)}
     if {n for n in outside if n.split(".")[-1] in leaves} == set(names):
         return sorted(leaves)
     return sorted(names)
@@ -122,7 +149,7 @@ def save_peft_adapter(model: torch.nn.Module, directory: str, base_model_name_or
         "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": _target_modules(model, adapters),
         "bias": "none", "fan_in_fan_out": False, "use_rslora": use_rslora, "use_dora": use_dora,
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
-        "modules_to_save": _target_modules(model, whole) if whole else None,
+        "modules_to_save": _names_to_save(model, whole) if whole else None,
         "inference_mode": True, "init_lora_weights": True,
     }
     os.makedirs(directory, exist_ok=True)
@@ -135,7 +162,7 @@ def load_peft_adapter(model: torch.nn.Module, directory: str) -> None:
     """Copies a PEFT LoRA adapter folder's tensors into the model's LoRALinear layers (prepare the model with the
     same target modules, r, alpha, rank_pattern and alpha_pattern first). Anything that would not compute what
     PEFT computes is a ValueError naming it: another r or alpha for a layer, use_rslora or use_dora, fan_in_fan_out,
-    trained biases or modules, missing or extra tensors, other shapes."""
+    trained biases, other modules_to_save, ensure_weight_tying, missing or extra tensors, other shapes."""
     from safetensors.torch import load_file
 
     config_path, weights_path = os.path.join(directory, CONFIG_FILE), os.path.join(directory, WEIGHTS_FILE)
@@ -155,10 +182,11 @@ def load_peft_adapter(model: torch.nn.Module, directory: str) -> None:
     saved_whole = config.get("modules_to_save") or []
     if isinstance(saved_whole, str):
         saved_whole = [saved_whole]
-    selected = {n for n, _ in unwrap_model(model).named_modules() if n and any(n.endswith(t) for t in saved_whole)}
-    if not set(whole) <= selected or not all(any(w.endswith(t) for w in whole) for t in saved_whole):
-        raise ValueError(f"{config_path}: modules_to_save={config.get('modules_to_save')!r}, but the model trains "
-                         f"{sorted(whole) or 'no module'} whole: prepare it with the adapter's modules_to_save "
+    selected = {n for n in _peft_paths(model) if any(n.endswith(t) for t in saved_whole)}
+    if selected != set(whole):
+        raise ValueError(f"{config_path}: modules_to_save={config.get('modules_to_save')!r} (PEFT trains "
+                         f"{sorted(selected) or 'no module'} whole: the names whose end is one of these), but the "
+                         f"model trains {sorted(whole) or 'no module'} whole: prepare it with those modules "
                          "(prepare_model(modules_to_save=...), the trainer's --modules-to-save)")
     rank_pattern = check_patterns(config.get("rank_pattern"), f"{config_path}: rank_pattern", integer=True)
     alpha_pattern = check_patterns(config.get("alpha_pattern"), f"{config_path}: alpha_pattern", integer=False)

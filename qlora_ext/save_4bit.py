@@ -27,6 +27,7 @@ from torch import nn
 from ._files import atomic_write_folder
 from ._ops import BLOCKSIZES, QUANT_TYPES
 from .bnb_io import is_bnb_linear_4bit, is_bnb_linear_8bit
+from .modules_to_save import ModuleToSave
 from .nn import Linear4bit, LoRALinear
 from .quantize import QuantState
 
@@ -42,8 +43,10 @@ WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16"
 
 def _base_tensors(model: nn.Module) -> Tuple[Dict[str, torch.Tensor], Dict[str, dict]]:
     """(the base model's tensors by checkpoint name, the 4-bit layers' formats by layer name): every LoRALinear
-    stands for its base under its own name, without its adapters."""
+    stands for its base under its own name, without its adapters, and every module trained whole (modules_to_save)
+    for its frozen original."""
     adapters = {n for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    wrappers = {n for n, m in model.named_modules() if isinstance(m, ModuleToSave)}
     problems = [n for n, m in model.named_modules() if is_bnb_linear_4bit(m) or is_bnb_linear_8bit(m)]
     if problems:
         raise ValueError(f"{problems[:3]} are bitsandbytes layers, which this format does not hold: "
@@ -55,6 +58,8 @@ def _base_tensors(model: nn.Module) -> Tuple[Dict[str, torch.Tensor], Dict[str, 
         for i in range(1, len(parts)):
             if ".".join(parts[:i]) in adapters:  # lora_A, lora_B (dropout holds no tensors) are left out
                 return ".".join(parts[:i] + parts[i + 1:]) if parts[i] == "base" else None
+            if ".".join(parts[:i]) in wrappers:  # the trained copy is left out
+                return ".".join(parts[:i] + parts[i + 1:]) if parts[i] == "original_module" else None
         return name
 
     layers = {}
@@ -77,6 +82,7 @@ def _embeddings_tied(model: nn.Module) -> bool:
         output, inputs = model.get_output_embeddings(), model.get_input_embeddings()
     except (AttributeError, NotImplementedError):
         return False
+    output, inputs = (m.original_module if isinstance(m, ModuleToSave) else m for m in (output, inputs))
     return output is not None and inputs is not None and getattr(output, "weight", None) is inputs.weight
 
 

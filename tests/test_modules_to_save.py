@@ -122,10 +122,11 @@ def test_peft_loads_what_we_save_and_we_load_what_peft_saves(tmp_path, tied, qua
         mine = prepared(tied, ["lm_head"])
         load_peft_adapter(mine, str(tmp_path / "peft"))
         torch.testing.assert_close(logits(mine), logits(theirs.eval()), rtol=1e-5, atol=1e-5)
-        with pytest.raises(ValueError, match=re.escape("modules_to_save=['lm_head'], but the model trains no "
-                                                       "module whole")):
+        with pytest.raises(ValueError, match=re.escape("modules_to_save=['lm_head'] (PEFT trains ['lm_head'] "
+                                                       "whole: the names whose end is one of these), but the model "
+                                                       "trains no module whole")):
             load_peft_adapter(prepared(tied, None), str(tmp_path / "peft"))
-        with pytest.raises(ValueError, match="modules_to_save=\\['lm_head'\\], but the model trains "
+        with pytest.raises(ValueError, match="modules_to_save=\\['lm_head'\\] .*, but the model trains "
                                              "\\['lm_head', 'model.embed_tokens'\\] whole"):
             load_peft_adapter(prepared(tied, to_save), str(tmp_path / "peft"))
 
@@ -141,7 +142,7 @@ def test_misuse_is_refused_before_anything_changes():
     assert not any(isinstance(m, (ModuleToSave, qlora_ext.LoRALinear)) for m in model.modules())
     assert all(p.requires_grad for p in model.parameters())
     qlora_ext.prepare_model(model, target_modules=["q_proj"], quant_type="none")
-    with pytest.raises(ValueError, match="model.layers.0.self_attn holds LoRA adapters or quantized weights"):
+    with pytest.raises(ValueError, match="model.layers.0.self_attn holds LoRA adapters, quantized weights"):
         qlora_ext.prepare_model(model, target_modules=["up_proj"], quant_type="none", modules_to_save=["self_attn"])
     with pytest.raises(ValueError, match="model.layers.0.mlp.up_proj is both a LoRA target .* \\(or inside one\\)"):
         qlora_ext.prepare_model(model, target_modules=["up_proj"], quant_type="none", modules_to_save=["mlp"])
@@ -164,3 +165,52 @@ def test_a_prepared_model_copies_and_pickles():
     for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         torch.testing.assert_close(logits(other), logits(model), rtol=0, atol=0)
         assert other.lm_head.trained_module.weight.requires_grad
+
+
+def test_exported_names_select_the_same_modules_in_peft(tmp_path):
+    """PEFT trains every module whose path ends with a modules_to_save name, by characters ("norm" is also
+    "input_layernorm"): the names written select exactly the modules trained here, and a PEFT folder whose names
+    select others is refused with what PEFT would train."""
+    base = tiny_llama(False)
+    ours = prepared(False, ["norm", "layers.1.mlp"], target_modules=["q_proj"])
+    assert sorted(n for n, m in ours.named_modules() if isinstance(m, ModuleToSave)) == [
+        "model.layers.1.mlp", "model.norm"]
+    train_a_little(ours)
+    save_peft_adapter(ours, str(tmp_path / "ours"))
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["layers.1.mlp", "model.norm"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours")).eval()
+    torch.testing.assert_close(logits(theirs), logits(ours), rtol=1e-5, atol=1e-5)
+
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["norm"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft.get_peft_model(copy.deepcopy(base), cfg).save_pretrained(str(tmp_path / "peft"))
+    with pytest.raises(ValueError, match=re.escape("modules_to_save=['norm'] (PEFT trains ['model.layers.0.input_"
+                                                   "layernorm', ")):
+        load_peft_adapter(prepared(False, ["norm"], target_modules=["q_proj"]), str(tmp_path / "peft"))
+
+
+def test_save_4bit_writes_the_originals_of_modules_trained_whole(tmp_path):
+    model = prepared(True, ["lm_head"], quant_type="nf4")
+    train_a_little(model)
+    with qlora_ext.adapters_disabled(model):
+        want = logits(model)
+    qlora_ext.save_4bit(model, str(tmp_path / "q4"))
+    assert json.loads((tmp_path / "q4" / "config.json").read_text())["tie_word_embeddings"] is True
+    again = qlora_ext.load_4bit(str(tmp_path / "q4")).eval()
+    torch.testing.assert_close(logits(again), want, rtol=0, atol=0)
+
+
+def test_a_module_holding_a_module_trained_whole_is_refused():
+    model = prepared(False, ["layers.1.mlp.down_proj"], target_modules=["q_proj"])
+    with pytest.raises(ValueError, match="model.layers.1.mlp holds LoRA adapters, quantized weights or a module "
+                                         "trained whole already"):
+        qlora_ext.prepare_model(model, target_modules=["k_proj"], quant_type="none", modules_to_save=["mlp"])
+
+
+def test_both_tied_modules_trained_whole_warn():
+    with pytest.warns(UserWarning, match="share weights with .*lm_head.*model.embed_tokens"):
+        qlora_ext.prepare_model(tiny_llama(True), quant_type="none", modules_to_save=["lm_head", "embed_tokens"])

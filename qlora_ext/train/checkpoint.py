@@ -30,7 +30,8 @@ CONFIG_FILE = "config.json"
 
 
 def adapter_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    """The trainable tensors (the LoRA A and B matrices) by parameter name, detached, on the CPU."""
+    """The trainable tensors (the LoRA A and B matrices, DoRA's magnitudes, the copies of modules trained whole)
+    by parameter name, detached, on the CPU."""
     return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -96,7 +97,7 @@ def load_adapters(model: torch.nn.Module, path: str) -> None:
     if missing or unexpected:
         raise ConfigError(f"adapter file {path!r} does not fit the model: {len(missing)} missing tensor(s) "
                           f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]} (were the same "
-                          "target modules used?)")
+                          "target modules and --modules-to-save used?)")
     with torch.no_grad():
         for n, p in params.items():
             if tensors[n].shape != p.shape:

@@ -228,9 +228,12 @@ RESUME_MAY_CHANGE = ("resume", "progress", "device", "linear_backend", "output_d
                      "report_to")
 
 
-def _ordered(value):
-    """A value as compared on --resume: a mapping's order counts (the first pattern that matches wins)."""
-    return list(value.items()) if isinstance(value, dict) else value
+def _ordered(name: str, value):
+    """A flag's value as compared on --resume: a mapping's order counts (the first pattern that matches wins), a
+    module list's does not (the files' order does: it orders the data)."""
+    if isinstance(value, dict):
+        return list(value.items())
+    return sorted(value) if name in ("target_modules", "modules_to_save") and isinstance(value, list) else value
 
 
 def resume_config(output_dir: str, explicit: dict) -> TrainConfig:
@@ -242,7 +245,7 @@ def resume_config(output_dir: str, explicit: dict) -> TrainConfig:
     with open(path) as f:
         saved = TrainConfig.from_dict(json.load(f))
     changed = {k: (getattr(saved, k), v) for k, v in explicit.items()
-               if k not in RESUME_MAY_CHANGE and _ordered(getattr(saved, k)) != _ordered(v)}
+               if k not in RESUME_MAY_CHANGE and _ordered(k, getattr(saved, k)) != _ordered(k, v)}
     if changed:
         raise ConfigError("--resume continues the saved run; these flags differ from it: " + ", ".join(
             f"{_flag(k)} (saved {a!r}, given {b!r})" for k, (a, b) in changed.items()))

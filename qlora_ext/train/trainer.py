@@ -2,7 +2,8 @@
 accumulation, clipping, warmup + cosine/linear/constant schedule and gradient checkpointing; evaluate, save
 resumable checkpoints, and return the run's numbers for the report.
 
-bf16 autocast on CUDA (base weights bf16, adapters and optimizer states fp32); plain fp32 on the CPU.
+bf16 autocast on CUDA (base weights bf16, adapters and optimizer states fp32; modules trained whole keep the
+model's dtype, as in PEFT); plain fp32 on the CPU.
 """
 from __future__ import annotations
 
