@@ -674,6 +674,17 @@ def test_modules_to_save_run_trains_the_head_resumes_merges_and_exports(tiny, tm
     assert resumed.keys() == final.keys() and all(torch.equal(resumed[k], final[k]) for k in final)
 
 
+def test_save_total_limit_keeps_the_newest_checkpoints_and_resumes(tiny, tmp_path):
+    out = tmp_path / "run"
+    train(_cfg(tiny, out, steps=5, save_every=1, eval_every=5, save_total_limit=2), log=lambda s: None)
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-000004", "step-000005"]
+    rewind(out, 4)
+    assert cli_main(["--output-dir", str(out), "--resume", "--no-progress", "--save-total-limit", "1"]) == 0
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-000005"]
+    with pytest.raises(ConfigError, match="--save-total-limit must be >= 0"):
+        _cfg(tiny, out, save_total_limit=-1).validate()
+
+
 def test_resume_refuses_changed_flags(tiny, tmp_path, capsys):
     train(_cfg(tiny, tmp_path / "run", steps=2, save_every=2), log=lambda s: None)
     assert cli_main(["--output-dir", str(tmp_path / "run"), "--resume", "--lr", "0.5"]) == 2

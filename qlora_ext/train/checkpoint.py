@@ -121,9 +121,11 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(output_dir: str, step: int, model, optimizer, trainer_state: dict, config: dict) -> str:
-    """Writes checkpoints/step-NNNNNN/ through a temporary folder, then points `latest` at it. A crash at
-    any point leaves the previous checkpoint usable."""
+def save_checkpoint(output_dir: str, step: int, model, optimizer, trainer_state: dict, config: dict,
+                    keep: int = 0) -> str:
+    """Writes checkpoints/step-NNNNNN/ through a temporary folder, then points `latest` at it; with keep > 0,
+    removes all but the newest `keep` checkpoints after that. A crash at any point leaves the previous
+    checkpoint usable."""
     root = os.path.join(output_dir, "checkpoints")
     os.makedirs(root, exist_ok=True)
     name = f"step-{step:06d}"
@@ -138,6 +140,12 @@ def save_checkpoint(output_dir: str, step: int, model, optimizer, trainer_state:
         shutil.rmtree(final)
     os.replace(tmp, final)
     atomic_write_text(os.path.join(root, "latest"), name + "\n")
+    if keep > 0:   # (after `latest` moved on: the one it named before may go)
+        steps = sorted((int(d.split("-")[1]), d) for d in os.listdir(root)
+                       if d.startswith("step-") and d.split("-")[1].isdigit())
+        for _, old in steps[:-keep]:
+            if old != name:
+                shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     return final
 
 

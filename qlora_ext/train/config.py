@@ -81,6 +81,7 @@ class TrainConfig:
     # bookkeeping
     eval_every: int = 50                # steps between evaluations (and one before training, one at the end)
     save_every: int = 50                # steps between resumable checkpoints (and one at the end)
+    save_total_limit: int = 0           # keep only the newest N checkpoints (0: all of them)
     device: str = "auto"                # auto: cuda when available, else cpu
     linear_backend: str = "auto"        # CUDA 4-bit GEMMs: auto | fused | fused_mma | dequant | tune (see README)
     resume: bool = False                # continue the run in output_dir from its latest checkpoint
@@ -122,7 +123,7 @@ class TrainConfig:
         need(self.seq_len >= 2, f"--seq-len must be at least 2 (a block's first token predicts the second), got "
                                 f"{self.seq_len}")
         for name in ("warmup_steps", "max_tokens", "weight_decay", "max_grad_norm", "epochs", "num_proc",
-                     "neftune_noise_alpha"):
+                     "neftune_noise_alpha", "save_total_limit"):
             need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -225,7 +226,7 @@ def _field_help() -> dict:
 # Flags that may differ on --resume: they do not change what is computed.
 # (load_in_4bit builds the same 4-bit base as loading the dense model and quantizing it, bit for bit.)
 RESUME_MAY_CHANGE = ("resume", "progress", "device", "linear_backend", "output_dir", "load_in_4bit", "num_proc",
-                     "report_to")
+                     "report_to", "save_total_limit")
 
 
 def _ordered(name: str, value):

@@ -472,7 +472,8 @@ class Trainer:
                 msg = f"step {step}: eval loss {ev:.4f}, perplexity {math.exp(ev):.2f}"
                 bar.write(msg) if bar is not None else self.log(msg)
             if step % cfg.save_every == 0 or step == cfg.steps:
-                ckpt.save_checkpoint(cfg.output_dir, step, self.model, self.optimizer, state, config)
+                ckpt.save_checkpoint(cfg.output_dir, step, self.model, self.optimizer, state, config,
+                                     keep=cfg.save_total_limit)
         return step
 
     def result(self, state: dict, step: int) -> dict:
