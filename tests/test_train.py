@@ -823,6 +823,24 @@ def test_train_on_cuda_bf16_autocast(tiny, tmp_path, linear_backend):
         qlora_ext.set_linear_backend("auto")
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not (torch.cuda.is_available() and qlora_ext.build_info()["cuda"]),
+                    reason="needs a CUDA GPU and a CUDA build")
+def test_train_on_cuda_with_a_head_trained_whole_and_neftune(tiny, tmp_path):
+    """--modules-to-save lm_head (a bf16 copy trained beside fp32 adapters) and NEFTune's noise on the GPU: the loss
+    falls, the copy is bf16 as the model, and a resume is bit-exact (the CUDA generator's state is in the checkpoint)."""
+    from safetensors.torch import load_file
+    out = tmp_path / "run"
+    r = train(_cfg(tiny, out, device="cuda", steps=6, save_every=3, eval_every=3, modules_to_save=["lm_head"],
+                   neftune_noise_alpha=5.0), log=lambda s: None)
+    assert r["eval_after"]["loss"] < r["eval_before"]["loss"]
+    final = load_file(str(out / "adapter.safetensors"))
+    assert final["lm_head.trained_module.weight"].dtype == torch.bfloat16
+    rewind(out, 3)
+    resumed = resume_adapters(out)
+    assert all(torch.equal(resumed[k], final[k]) for k in final)
+
+
 def _train_resume_on_cuda(tiny, out, optimizer, linear_backend):
     r = train(_cfg(tiny, out, device="cuda", optimizer=optimizer, steps=6, save_every=3, eval_every=3,
                    linear_backend=linear_backend), log=lambda s: None)
