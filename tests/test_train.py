@@ -828,7 +828,8 @@ def test_train_on_cuda_bf16_autocast(tiny, tmp_path, linear_backend):
                     reason="needs a CUDA GPU and a CUDA build")
 def test_train_on_cuda_with_a_head_trained_whole_and_neftune(tiny, tmp_path):
     """--modules-to-save lm_head (a bf16 copy trained beside fp32 adapters) and NEFTune's noise on the GPU: the loss
-    falls, the copy is bf16 as the model, and a resume is bit-exact (the CUDA generator's state is in the checkpoint)."""
+    falls, the copy is bf16 as the model is, and a resume is bit-exact (the CUDA generator's state is in the
+    checkpoint)."""
     from safetensors.torch import load_file
     out = tmp_path / "run"
     r = train(_cfg(tiny, out, device="cuda", steps=6, save_every=3, eval_every=3, modules_to_save=["lm_head"],
