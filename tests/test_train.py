@@ -214,6 +214,28 @@ def test_init_adapter_continues_from_a_peft_folder(tiny, tmp_path, capsys):
     assert cli_main(["--output-dir", str(tmp_path / "b"), "--resume", "--no-progress"]) == 0
 
 
+def test_init_adapter_takes_the_folder_s_adapter_settings_the_command_line_leaves_out(tiny, tmp_path, capsys):
+    """Without --r, --alpha, ... the run takes them from the folder (as PEFT's from_pretrained would): a folder of
+    rank 8 with patterns, rsLoRA and a head trained whole starts a run that needs no adapter flags."""
+    first = train(_cfg(tiny, tmp_path / "a", steps=2, dropout=0.0, r=8, alpha=4.0, use_rslora=True,
+                       rank_pattern={"q_proj": 2}, modules_to_save=["lm_head"], target_modules=["q_proj", "v_proj"]),
+                  log=lambda s: None)
+    model_dir, data_dir = tiny
+    argv = ["--model", model_dir, "--data", data_dir, "--output-dir", str(tmp_path / "b"), "--seq-len", "32",
+            "--eval-blocks", "4", "--steps", "1", "--device", "cpu", "--no-progress", "--seed", "3",
+            "--init-adapter", first["peft_adapter"]]
+    capsys.readouterr()
+    assert cli_main(argv + ["--alpha", "4"]) == 0
+    out = capsys.readouterr().out
+    # (the folder says r 2 with v_proj at 8: as many layers of each rank, the first layer's is the default)
+    assert ("--init-adapter: --modules-to-save ['lm_head'], --r 2, --rank-pattern {'v_proj': 8}, --target-modules "
+            "['q_proj', 'v_proj'], --use-rslora True from the folder's adapter_config.json") in out
+    second = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert math.isclose(second["eval_before"]["loss"], first["eval_after"]["loss"], rel_tol=1e-6)
+    assert cli_main(["--output-dir", str(tmp_path / "b"), "--resume", "--no-progress", "--steps", "2"]) == 2   # same
+    assert "--steps (saved 1, given 2)" in capsys.readouterr().err   # (the taken flags are the saved run's)
+
+
 @pytest.mark.parametrize("init", ["default", "loftq"])
 def test_merge_writes_a_dense_model_that_computes_the_trained_one(tiny, tmp_path, capsys, init):
     """`qlora-train merge`: plain transformers loads the folder and computes the run's final eval loss."""

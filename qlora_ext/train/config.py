@@ -223,6 +223,42 @@ def _field_help() -> dict:
     return out
 
 
+# What a PEFT adapter folder's adapter_config.json says about the adapters it holds, by TrainConfig field.
+ADAPTER_SETTINGS = {"r": "r", "alpha": "lora_alpha", "use_rslora": "use_rslora", "use_dora": "use_dora",
+                    "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern",
+                    "modules_to_save": "modules_to_save", "target_modules": "target_modules"}
+
+
+def with_init_adapter_settings(cfg: TrainConfig, given: dict) -> tuple:
+    """(cfg with the adapter settings of its --init-adapter folder where the command line gave none, the names of
+    those taken): the adapters the run starts from decide their shape, as PEFT's from_pretrained does. A
+    target_modules that is a regular expression (PEFT's string form) is left to the flags."""
+    if not cfg.init_adapter or cfg.resume:
+        return cfg, []
+    path = os.path.join(cfg.init_adapter, "adapter_config.json")
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--init-adapter: cannot read {path}: {e}") from e
+    taken = {}
+    for field, key in ADAPTER_SETTINGS.items():
+        value = saved.get(key)
+        if field in given or value is None:
+            continue
+        if field == "target_modules" and isinstance(value, str):
+            if value != "all-linear":
+                continue
+            value = None
+        if field == "modules_to_save" and isinstance(value, str):
+            value = [value]
+        if field == "target_modules" and isinstance(value, list):
+            value = sorted(value)
+        if value != getattr(cfg, field):
+            taken[field] = value
+    return dataclasses.replace(cfg, **taken).validate(), sorted(taken)
+
+
 # Flags that may differ on --resume: they do not change what is computed.
 # (load_in_4bit builds the same 4-bit base as loading the dense model and quantizing it, bit for bit.)
 RESUME_MAY_CHANGE = ("resume", "progress", "device", "linear_backend", "output_dir", "load_in_4bit", "num_proc",
