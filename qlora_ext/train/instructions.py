@@ -108,6 +108,7 @@ def _assistant_spans(tokenizer, messages: list, first: int, where: str,
 
 
 def _content_span(tokenizer, messages: list, k: int, tools, full: str, eos: str, where: str) -> Tuple[int, int]:
+    """The span of assistant message k with a content (see _assistant_spans)."""
     stand_in = _render(tokenizer, messages[:k] + [dict(messages[k], content=_SENTINEL)] + messages[k + 1:], tools)
     cut = stand_in.find(_SENTINEL)
     before, after = stand_in[:cut], stand_in[cut + len(_SENTINEL):]

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+
 from .._files import atomic_write_text
 from .config import REPORT_TO, ConfigError
 
