@@ -16,12 +16,18 @@ RECORDS = [{"prompt": "the ghost", "completion": " speaks"},
 
 def _write(tmp_path, name, records=RECORDS):
     path = tmp_path / name
-    if name.lower().endswith(".parquet"):
+    if name.lower().endswith((".parquet", ".arrow")):
         pa = pytest.importorskip("pyarrow")
         import pyarrow.parquet as pq
         keys = list(dict.fromkeys(k for r in records for k in r))   # every column in every row, as datasets writes
-        pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in records]), str(path),
-                       row_group_size=2)
+        table = pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in records])
+        if name.lower().endswith(".parquet"):
+            pq.write_table(table, str(path), row_group_size=2)
+        else:   # datasets' save_to_disk shards are IPC streams; the IPC file format reads too
+            writer = (pa.ipc.new_file if "file" in name else pa.ipc.new_stream)(str(path), table.schema)
+            for batch in table.to_batches(max_chunksize=2):
+                writer.write_batch(batch)
+            writer.close()
     elif name.endswith(".json") and "lines" not in name:
         path.write_text(json.dumps(records, indent=1))
     else:
@@ -29,10 +35,11 @@ def _write(tmp_path, name, records=RECORDS):
     return str(path)
 
 
-@pytest.mark.parametrize("name", ["r.jsonl", "r.json", "r_lines.json", "r.parquet", "R.PARQUET"])
+@pytest.mark.parametrize("name", ["r.jsonl", "r.json", "r_lines.json", "r.parquet", "R.PARQUET", "r.arrow",
+                                  "r_file.arrow"])
 def test_every_format_reads_the_same_records(tmp_path, name):
     got = [record for _, record in read_records(_write(tmp_path, name))]
-    if name.lower().endswith(".parquet"):   # only the columns a record can use are read ("id" is not)
+    if name.lower().endswith((".parquet", ".arrow")):   # only the columns a record can use are read ("id" is not)
         assert got == [{k: v for k, v in r.items() if k != "id"} for r in RECORDS]
     else:
         assert got == RECORDS   # (parquet: the columns a row does not use are left out, not None)
@@ -40,10 +47,11 @@ def test_every_format_reads_the_same_records(tmp_path, name):
 
 
 def test_folders_find_record_files(tmp_path):
-    for name in ("a.jsonl", "b.json", "c.parquet", "d.txt", "e.md"):
+    for name in ("a.jsonl", "b.json", "c.parquet", "d.txt", "e.md", "f.arrow"):
         (tmp_path / name).write_text("x")
     # not .json, which folders hold for other reasons (a dataset's dataset_info.json): named on its own
-    assert [f.rsplit("/", 1)[1] for f in find_text_files([str(tmp_path)])] == ["a.jsonl", "c.parquet", "d.txt"]
+    assert [f.rsplit("/", 1)[1] for f in find_text_files([str(tmp_path)])] == ["a.jsonl", "c.parquet", "d.txt",
+                                                                               "f.arrow"]
     assert find_text_files([str(tmp_path / "b.json")]) == [str(tmp_path / "b.json")]
 
 
@@ -107,3 +115,26 @@ def test_a_parquet_file_trains_like_its_jsonl(tmp_path):
     a = tokenize_data([_write(tmp_path, "r.jsonl")], fast)
     b = tokenize_data([_write(tmp_path, "r.parquet")], fast)
     assert (a.ids, a.trained, a.starts) == (b.ids, b.trained, b.starts) and len(a.starts) == 3
+
+
+def test_a_datasets_save_to_disk_folder_is_data_and_a_dataset_dict_is_refused(tmp_path):
+    """A Dataset saved with save_to_disk: Arrow shards (IPC streams) beside dataset_info.json and state.json, read
+    in shard order; a DatasetDict (a folder per split) would mix the splits, and is refused naming them."""
+    split = tmp_path / "dd" / "train"
+    split.mkdir(parents=True)
+    (tmp_path / "dd" / "test").mkdir()
+    (tmp_path / "dd" / "dataset_dict.json").write_text('{"splits": ["train", "test"]}')
+    for i, records in enumerate((RECORDS[:2], RECORDS[2:])):
+        _write(split, f"data-{i:05d}-of-00002.arrow", records)
+    (split / "dataset_info.json").write_text("{}")
+    (split / "state.json").write_text("{}")
+    files = find_text_files([str(split)])
+    assert [f.rsplit("/", 1)[1] for f in files] == ["data-00000-of-00002.arrow", "data-00001-of-00002.arrow"]
+    got = [r for f in files for _, r in read_records(f)]
+    assert got == [{k: v for k, v in r.items() if k != "id"} for r in RECORDS]
+    with pytest.raises(ConfigError, match=r"holds a datasets DatasetDict \(save_to_disk of the splits "
+                                          r"\['train', 'test'\]\): give one split's folder, e.g. '.*train'"):
+        find_text_files([str(tmp_path / "dd")])
+    (tmp_path / "bad.arrow").write_bytes(b"not arrow")
+    with pytest.raises(ConfigError, match="bad.arrow: not a readable Arrow file"):
+        list(read_records(str(tmp_path / "bad.arrow")))

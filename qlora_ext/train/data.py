@@ -45,8 +45,9 @@ def default_text_files() -> List[str]:
 
 
 def find_text_files(paths: Sequence[str], flag: str = "--data") -> List[str]:
-    """Files as given, folders searched recursively for *.txt, *.jsonl and *.parquet (sorted; a .json file of
-    records is named on its own: folders hold other .json files); no paths: the default text."""
+    """Files as given, folders searched recursively for *.txt, *.jsonl, *.parquet and *.arrow (sorted; a .json
+    file of records is named on its own: folders hold other .json files); no paths: the default text. A folder
+    of datasets' DatasetDict (its splits in subfolders) is refused: one split's folder is the data."""
     if not paths:
         return default_text_files()
     files = []
@@ -54,10 +55,19 @@ def find_text_files(paths: Sequence[str], flag: str = "--data") -> List[str]:
         if os.path.isfile(p):
             files.append(p)
         elif os.path.isdir(p):
+            dataset_dicts = glob.glob(os.path.join(p, "**", "dataset_dict.json"), recursive=True)
+            if dataset_dicts:   # its splits would all be trained on: the test split too
+                root = os.path.dirname(dataset_dicts[0])
+                splits = sorted((d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))),
+                                key=lambda d: (d != "train", d))
+                raise ConfigError(f"{flag} folder {p!r} holds a datasets DatasetDict (save_to_disk of the splits "
+                                  f"{splits}): give one split's folder, e.g. {os.path.join(root, splits[0])!r} "
+                                  "(and another as --eval-data)" if splits else
+                                  f"{flag} folder {p!r} holds a datasets DatasetDict: give one split's folder")
             found = sorted(f for f in glob.glob(os.path.join(p, "**", "*"), recursive=True)
                            if os.path.isfile(f) and f.lower().endswith((".txt",) + FOLDER_RECORD_SUFFIXES))
             if not found:
-                raise ConfigError(f"{flag} folder {p!r} has no .txt, .jsonl or .parquet files")
+                raise ConfigError(f"{flag} folder {p!r} has no .txt, .jsonl, .parquet or .arrow files")
             files += found
         else:
             raise ConfigError(f"{flag} path {p!r} does not exist")

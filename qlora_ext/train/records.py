@@ -6,6 +6,8 @@
     .parquet   a table whose rows are the records (datasets' to_parquet, the Hub's
                parquet exports; list-of-struct columns such as "messages" included;
                other columns are not read; needs pyarrow)                              "FILE: row N"
+    .arrow     the same, as Arrow IPC (the shards datasets' save_to_disk writes,
+               data-00000-of-0000N.arrow: a folder of them is a dataset)               "FILE: row N"
 
 The records themselves (TRL's formats) are instructions.py's business.
 """
@@ -16,10 +18,10 @@ from typing import Iterator, Tuple
 
 from .config import ConfigError
 
-RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
+RECORD_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")
 # what a --data folder is searched for: not .json, which folders hold for other reasons (a dataset's
 # dataset_info.json, a model's config.json); a .json file of records is named on its own
-FOLDER_RECORD_SUFFIXES = (".jsonl", ".parquet")
+FOLDER_RECORD_SUFFIXES = (".jsonl", ".parquet", ".arrow")
 
 
 def is_record_file(path: str) -> bool:
@@ -32,6 +34,8 @@ def read_records(path: str) -> Iterator[Tuple[str, object]]:
     suffix = path.lower().rsplit(".", 1)[-1]
     if suffix == "parquet":
         yield from _parquet(path)
+    elif suffix == "arrow":
+        yield from _arrow(path)
     elif suffix == "json":
         yield from _json(path)
     else:
@@ -102,20 +106,54 @@ def _without_nulls(value):
 
 
 def _parquet(path: str) -> Iterator[Tuple[str, object]]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as e:
-        raise ConfigError(f"{path}: reading .parquet files needs pyarrow (pip install pyarrow)") from e
+    pq = _pyarrow(path, "parquet").parquet
     try:
         reader = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ...
         raise ConfigError(f"{path}: not a readable parquet file ({e})") from e
-    # only the columns a record can use: a table's other columns (images, ids) are never read
-    columns = [c for c in reader.schema_arrow.names if c in RECORD_KEYS]
+    columns = _columns(path, reader.schema_arrow.names)
+    yield from _rows(path, reader.iter_batches(batch_size=1024, columns=columns))
+
+
+def _arrow(path: str) -> Iterator[Tuple[str, object]]:
+    """An Arrow IPC stream (what datasets writes) or file, memory-mapped: a batch at a time."""
+    pa = _pyarrow(path, "arrow")
+    try:
+        source = pa.memory_map(path)
+        try:
+            stream = pa.ipc.open_stream(source)
+            batches, schema = iter(stream), stream.schema
+        except pa.ArrowInvalid:
+            source.seek(0)
+            file = pa.ipc.open_file(source)
+            batches, schema = (file.get_batch(i) for i in range(file.num_record_batches)), file.schema
+    except Exception as e:  # ArrowInvalid, OSError, ...
+        raise ConfigError(f"{path}: not a readable Arrow file ({e})") from e
+    columns = _columns(path, schema.names)
+    yield from _rows(path, (batch.select(columns) for batch in batches))
+
+
+def _pyarrow(path: str, kind: str):
+    try:
+        import pyarrow
+        import pyarrow.ipc  # noqa: F401
+        import pyarrow.parquet  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f"{path}: reading .{kind} files needs pyarrow (pip install pyarrow)") from e
+    return pyarrow
+
+
+def _columns(path: str, names) -> list:
+    """The columns a record can use: a table's other columns (images, ids) are never read."""
+    columns = [c for c in names if c in RECORD_KEYS]
     if not columns:
-        raise ConfigError(f"{path}: no column of {RECORD_KEYS} (the columns are {reader.schema_arrow.names})")
+        raise ConfigError(f"{path}: no column of {RECORD_KEYS} (the columns are {list(names)})")
+    return columns
+
+
+def _rows(path: str, batches) -> Iterator[Tuple[str, object]]:
     number = 0
-    for batch in reader.iter_batches(batch_size=1024, columns=columns):   # a batch at a time, not the whole table
+    for batch in batches:   # a batch at a time, not the whole table
         for record in batch.to_pylist():
             number += 1
             # a column a row does not use (a table of "text" and "messages" rows) reads as None: not a key of it
