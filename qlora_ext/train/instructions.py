@@ -1,4 +1,4 @@
-"""Instruction data for the trainer: files of records (.jsonl, .json, .parquet: records.py), one example per
+"""Instruction data for the trainer: files of records (.jsonl, .json, .parquet, .arrow: records.py), one example per
 record, in the formats TRL's SFTTrainer reads, each tokenized with a mask of the tokens that are trained on (the
 others are context only: their labels are ignored by the loss, as TRL's completion-only and assistant-only losses
 do):
