@@ -138,3 +138,22 @@ def test_a_datasets_save_to_disk_folder_is_data_and_a_dataset_dict_is_refused(tm
     (tmp_path / "bad.arrow").write_bytes(b"not arrow")
     with pytest.raises(ConfigError, match="bad.arrow: not a readable Arrow file"):
         list(read_records(str(tmp_path / "bad.arrow")))
+    # cut inside its second batch (as a copy stopped half way): the rows before it, then an error naming the file
+    whole = (split / "data-00000-of-00002.arrow").read_bytes()
+    (tmp_path / "cut.arrow").write_bytes(whole[:len(whole) - 40])
+    rows = read_records(str(tmp_path / "cut.arrow"))
+    with pytest.raises(ConfigError, match=r"cut.arrow: not a readable Arrow file after row \d"):
+        list(rows)
+
+
+def test_a_save_to_disk_folder_is_its_listed_shards_not_datasets_cache_files(tmp_path):
+    """After load_from_disk(folder).map(...), datasets leaves cache-*.arrow files in the folder: the dataset is the
+    shards its state.json lists, in that order."""
+    for i, records in enumerate((RECORDS[:2], RECORDS[2:])):
+        _write(tmp_path, f"data-{i:05d}-of-00002.arrow", records)
+    _write(tmp_path, "cache-0123abcd.arrow", RECORDS)   # sorts first: it would come first, and twice the data
+    (tmp_path / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00001-of-00002.arrow"},
+                                                                     {"filename": "data-00000-of-00002.arrow"}]}))
+    (tmp_path / "notes.txt").write_text("a text file beside it is still data")
+    names = [f.rsplit("/", 1)[1] for f in find_text_files([str(tmp_path)])]
+    assert names == ["data-00001-of-00002.arrow", "data-00000-of-00002.arrow", "notes.txt"]

@@ -227,13 +227,41 @@ def test_init_adapter_takes_the_folder_s_adapter_settings_the_command_line_leave
     capsys.readouterr()
     assert cli_main(argv + ["--alpha", "4"]) == 0
     out = capsys.readouterr().out
-    # (the folder says r 2 with v_proj at 8: as many layers of each rank, the first layer's is the default)
-    assert ("--init-adapter: --modules-to-save ['lm_head'], --r 2, --rank-pattern {'v_proj': 8}, --target-modules "
-            "['q_proj', 'v_proj'], --use-rslora True from the folder's adapter_config.json") in out
+    # (the folder says r 2 with v_proj at 8: as many layers of each rank, the first layer's is the default; the
+    # layers come from its tensors, as full paths)
+    layers = ",".join(f"model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "qv")
+    assert (f"--init-adapter: --modules-to-save lm_head --r 2 --rank-pattern '{{\"v_proj\": 8}}' --target-modules "
+            f"{layers} --use-rslora from the folder") in out
     second = json.loads((tmp_path / "b" / "report.json").read_text())
     assert math.isclose(second["eval_before"]["loss"], first["eval_after"]["loss"], rel_tol=1e-6)
     assert cli_main(["--output-dir", str(tmp_path / "b"), "--resume", "--no-progress", "--steps", "2"]) == 2   # same
     assert "--steps (saved 1, given 2)" in capsys.readouterr().err   # (the taken flags are the saved run's)
+
+
+def test_init_adapter_takes_the_layers_of_a_peft_folder_however_it_selected_them(tiny, tmp_path, capsys):
+    """A PEFT folder whose target_modules are dotted suffixes, limited by layers_to_transform, and whose
+    modules_to_save "norm" PEFT matches by characters (every *_layernorm too): the run takes the layers its tensors
+    name, and the folder loads into its model."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+    model_dir, data_dir = tiny
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["self_attn.q_proj", "mlp.down_proj"],
+                             layers_to_transform=[1], modules_to_save=["norm"])
+    theirs = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), config)
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+    theirs.save_pretrained(str(tmp_path / "peft"))
+    argv = ["--model", model_dir, "--data", data_dir, "--output-dir", str(tmp_path / "run"), "--seq-len", "32",
+            "--eval-blocks", "4", "--steps", "1", "--device", "cpu", "--no-progress", "--quant-type", "none",
+            "--dropout", "0", "--r", "4", "--alpha", "8", "--init-adapter", str(tmp_path / "peft")]
+    assert cli_main(argv) == 0, capsys.readouterr().err
+    run = json.loads((tmp_path / "run" / "report.json").read_text())["config"]
+    assert run["target_modules"] == ["model.layers.1.mlp.down_proj", "model.layers.1.self_attn.q_proj"]
+    assert run["modules_to_save"] == ["model.layers.0.input_layernorm", "model.layers.0.post_attention_layernorm",
+                                      "model.layers.1.input_layernorm", "model.layers.1.post_attention_layernorm",
+                                      "model.norm"]
 
 
 @pytest.mark.parametrize("init", ["default", "loftq"])

@@ -16,8 +16,8 @@ import argparse
 import sys
 import time
 
-from .config import (DEMO_OVERRIDES, ConfigError, add_arguments, config_from_args, resume_config,
-                     with_init_adapter_settings)
+from .config import (DEMO_OVERRIDES, ConfigError, add_arguments, as_command_line, config_from_args,
+                     resume_config, with_init_adapter_settings)
 
 COMMANDS = ("train", "demo", "study", "merge", "generate", "eval", "quantize")
 DEMO_PROMPT = "KING.\nWhat news, my lord?"  # the trained model continues it in the demo's last lines
@@ -51,8 +51,7 @@ def run_train(argv, demo: bool) -> int:
     else:
         cfg, taken = with_init_adapter_settings(config_from_args(args), given)
         if taken:
-            flags = ", ".join("--" + k.replace("_", "-") + f" {getattr(cfg, k)!r}" for k in taken)
-            print(f"--init-adapter: {flags} from the folder's adapter_config.json")
+            print(f"--init-adapter: {as_command_line(cfg, taken)} from the folder")
     from .trainer import train
 
     t0 = time.perf_counter()

@@ -223,40 +223,67 @@ def _field_help() -> dict:
     return out
 
 
-# What a PEFT adapter folder's adapter_config.json says about the adapters it holds, by TrainConfig field.
+# What a PEFT adapter folder's adapter_config.json says about the adapters it holds, by TrainConfig field (the
+# layers adapted and trained whole come from its tensors' names instead).
 ADAPTER_SETTINGS = {"r": "r", "alpha": "lora_alpha", "use_rslora": "use_rslora", "use_dora": "use_dora",
-                    "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern",
-                    "modules_to_save": "modules_to_save", "target_modules": "target_modules"}
+                    "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern"}
 
 
 def with_init_adapter_settings(cfg: TrainConfig, given: dict) -> tuple:
-    """(cfg with the adapter settings of its --init-adapter folder where the command line gave none, the names of
-    those taken): the adapters the run starts from decide their shape, as PEFT's from_pretrained does. A
-    target_modules that is a regular expression (PEFT's string form) is left to the flags."""
+    """(cfg with the adapter settings of its --init-adapter folder where the command line (`given`) has none, the
+    names of those taken), so that the folder alone says what the adapters are. r, alpha, rsLoRA, DoRA and the
+    patterns come from adapter_config.json; the layers adapted and those trained whole (modules_to_save) from the
+    tensors' names, as full module paths: whatever way the folder selected them (suffixes, a regular expression,
+    layers_to_transform, PEFT's character-suffix modules_to_save), those are the layers it holds. (The command
+    line's business: the Python API takes a TrainConfig as given.)"""
     if not cfg.init_adapter or cfg.resume:
         return cfg, []
+    from safetensors import safe_open
     path = os.path.join(cfg.init_adapter, "adapter_config.json")
     try:
         with open(path) as f:
             saved = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"--init-adapter: cannot read {path}: {e}") from e
-    taken = {}
-    for field, key in ADAPTER_SETTINGS.items():
-        value = saved.get(key)
-        if field in given or value is None:
-            continue
-        if field == "target_modules" and isinstance(value, str):
-            if value != "all-linear":
-                continue
-            value = None
-        if field == "modules_to_save" and isinstance(value, str):
-            value = [value]
-        if field == "target_modules" and isinstance(value, list):
-            value = sorted(value)
-        if value != getattr(cfg, field):
-            taken[field] = value
+        if not isinstance(saved, dict):
+            raise ValueError(f"a JSON object expected, got {type(saved).__name__}")
+        with safe_open(os.path.join(cfg.init_adapter, "adapter_model.safetensors"), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as e:  # OSError, JSON errors, safetensors' errors
+        raise ConfigError(f"--init-adapter {cfg.init_adapter}: cannot read its adapter_config.json and "
+                          f"adapter_model.safetensors: {e}") from e
+    found = {field: saved.get(key) for field, key in ADAPTER_SETTINGS.items()}
+    prefix = "base_model.model."
+    paths = [k[len(prefix):] for k in keys if k.startswith(prefix)]
+    adapted = sorted({p.split(".lora_")[0] for p in paths if ".lora_" in p})
+    found["target_modules"] = adapted or None
+    names = saved.get("modules_to_save") or []
+    names = [names] if isinstance(names, str) else list(names)
+    whole = set()
+    for p in paths:   # the module PEFT wrapped: the shortest start of the tensor's path that ends with a name
+        if ".lora_" not in p:
+            parts = p.split(".")
+            whole |= {next((".".join(parts[:i]) for i in range(1, len(parts))
+                            if any(".".join(parts[:i]).endswith(n) for n in names)), ".".join(parts[:-1]))}
+    found["modules_to_save"] = sorted(whole) or None
+    taken = {field: value for field, value in found.items()
+             if field not in given and value is not None and value != getattr(cfg, field)}
     return dataclasses.replace(cfg, **taken).validate(), sorted(taken)
+
+
+def as_command_line(cfg: TrainConfig, names) -> str:
+    """The flags `names` of cfg as a command line would give them (a long list as its length)."""
+    out = []
+    for name in names:
+        value = getattr(cfg, name)
+        if isinstance(value, bool):
+            out.append(_flag(name) if value else "--no-" + _flag(name)[2:])
+        elif isinstance(value, list):
+            out.append(f"{_flag(name)} {','.join(value)}" if len(value) <= 4 else
+                       f"{_flag(name)} ({len(value)} names)")
+        elif isinstance(value, dict):
+            out.append(f"{_flag(name)} '{json.dumps(value)}'")
+        else:
+            out.append(f"{_flag(name)} {value}")
+    return " ".join(out)
 
 
 # Flags that may differ on --resume: they do not change what is computed.

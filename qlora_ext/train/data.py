@@ -18,6 +18,7 @@ import dataclasses
 import glob
 import hashlib
 import importlib.util
+import json
 import os
 from typing import List, Optional, Sequence, Tuple
 
@@ -44,6 +45,28 @@ def default_text_files() -> List[str]:
     return files
 
 
+def _dataset_shards_only(files: List[str]) -> List[str]:
+    """files, where a folder is a datasets save_to_disk folder (a state.json listing its shards), with that folder's
+    .arrow files replaced by the shards it lists, in their order: datasets also writes cache-*.arrow files there
+    (map, filter, shuffle after load_from_disk), which are not the dataset."""
+    shards = {}
+    for folder in {os.path.dirname(f) for f in files if f.lower().endswith(".arrow")}:
+        try:
+            with open(os.path.join(folder, "state.json")) as fh:
+                shards[folder] = [os.path.join(folder, d["filename"]) for d in json.load(fh)["_data_files"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    out, seen = [], set()
+    for f in files:
+        folder = os.path.dirname(f)
+        if not f.lower().endswith(".arrow") or folder not in shards:
+            out.append(f)
+        elif folder not in seen:
+            seen.add(folder)
+            out += shards[folder]
+    return out
+
+
 def find_text_files(paths: Sequence[str], flag: str = "--data") -> List[str]:
     """Files as given, folders searched recursively for *.txt, *.jsonl, *.parquet and *.arrow (sorted; a .json
     file of records is named on its own: folders hold other .json files); no paths: the default text. A folder
@@ -61,11 +84,12 @@ def find_text_files(paths: Sequence[str], flag: str = "--data") -> List[str]:
                 splits = sorted((d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))),
                                 key=lambda d: (d != "train", d))
                 raise ConfigError(f"{flag} folder {p!r} holds a datasets DatasetDict (save_to_disk of the splits "
-                                  f"{splits}): give one split's folder, e.g. {os.path.join(root, splits[0])!r} "
-                                  "(and another as --eval-data)" if splits else
+                                  f"{splits}): give one split's folder, e.g. {os.path.join(root, splits[0])!r}"
+                                  if splits else
                                   f"{flag} folder {p!r} holds a datasets DatasetDict: give one split's folder")
-            found = sorted(f for f in glob.glob(os.path.join(p, "**", "*"), recursive=True)
-                           if os.path.isfile(f) and f.lower().endswith((".txt",) + FOLDER_RECORD_SUFFIXES))
+            found = _dataset_shards_only(sorted(f for f in glob.glob(os.path.join(p, "**", "*"), recursive=True)
+                                                if os.path.isfile(f) and
+                                                f.lower().endswith((".txt",) + FOLDER_RECORD_SUFFIXES)))
             if not found:
                 raise ConfigError(f"{flag} folder {p!r} has no .txt, .jsonl, .parquet or .arrow files")
             files += found

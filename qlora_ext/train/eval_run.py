@@ -20,7 +20,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", required=True, help="the finished run's folder (as given to qlora-train)")
     p.add_argument("--data", nargs="+", default=None,
-                   help=".txt / .jsonl / .json / .parquet files or folders, every block of which is evaluated "
+                   help=".txt / .jsonl / .json / .parquet / .arrow files or folders, every block of which is evaluated "
                         "(default: the run's held-out blocks of its own data)")
     p.add_argument("--seq-len", type=int, default=None, help="block length (default: the run's)")
     p.add_argument("--packing", choices=PACKINGS, default=None,

@@ -92,7 +92,7 @@ def tokenize_batch(tokenizer, batch: Sequence[Tuple[str, object]], prefix: Optio
 
 
 def tokenize_record_file(path: str, tokenizer, prefix: Optional[Sequence[int]] = None) -> List[Example]:
-    """The examples of a file of records (.jsonl, .json or .parquet: records.py), in order, in this process:
+    """The examples of a file of records (.jsonl, .json, .parquet or .arrow: records.py), in order, in this process:
     (token ids, trained flag per token) each, framed with `prefix` (instructions.tokenize_rendered). A record that
     cannot be read, is not of a known format, or that the tokenizer or its chat template cannot take is an error
     naming its line or row."""

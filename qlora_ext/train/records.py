@@ -97,7 +97,7 @@ RECORD_KEYS = ("text", "prompt", "completion", "messages", "tools")   # the colu
 
 
 def _without_nulls(value):
-    """A parquet row's value with the None fields of its structs left out (a message's unused "tool_calls")."""
+    """A table row's value with the None fields of its structs left out (a message's unused "tool_calls")."""
     if isinstance(value, dict):
         return {k: _without_nulls(v) for k, v in value.items() if v is not None}
     if isinstance(value, list):
@@ -112,7 +112,7 @@ def _parquet(path: str) -> Iterator[Tuple[str, object]]:
     except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ...
         raise ConfigError(f"{path}: not a readable parquet file ({e})") from e
     columns = _columns(path, reader.schema_arrow.names)
-    yield from _rows(path, reader.iter_batches(batch_size=1024, columns=columns))
+    yield from _rows(path, "parquet", reader.iter_batches(batch_size=1024, columns=columns))
 
 
 def _arrow(path: str) -> Iterator[Tuple[str, object]]:
@@ -130,7 +130,7 @@ def _arrow(path: str) -> Iterator[Tuple[str, object]]:
     except Exception as e:  # ArrowInvalid, OSError, ...
         raise ConfigError(f"{path}: not a readable Arrow file ({e})") from e
     columns = _columns(path, schema.names)
-    yield from _rows(path, (batch.select(columns) for batch in batches))
+    yield from _rows(path, "Arrow", (batch.select(columns) for batch in batches))
 
 
 def _pyarrow(path: str, kind: str):
@@ -151,10 +151,20 @@ def _columns(path: str, names) -> list:
     return columns
 
 
-def _rows(path: str, batches) -> Iterator[Tuple[str, object]]:
+def _rows(path: str, kind: str, batches) -> Iterator[Tuple[str, object]]:
+    """The rows of record batches, 1,024 at a time (a file may hold one batch of millions), as records; a file
+    damaged past its header (truncated) is an error naming it."""
     number = 0
-    for batch in batches:   # a batch at a time, not the whole table
-        for record in batch.to_pylist():
-            number += 1
-            # a column a row does not use (a table of "text" and "messages" rows) reads as None: not a key of it
-            yield f"{path}: row {number}", _without_nulls(record)
+    batches = iter(batches)
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as e:  # OSError, ArrowInvalid: a damaged or truncated file
+            raise ConfigError(f"{path}: not a readable {kind} file after row {number} ({e})") from e
+        if batch is None:
+            return
+        for start in range(0, batch.num_rows, 1024):
+            for record in batch.slice(start, 1024).to_pylist():
+                number += 1
+                # a column a row does not use (a table of "text" and "messages" rows) reads as None: not a key
+                yield f"{path}: row {number}", _without_nulls(record)

@@ -22,6 +22,11 @@ def _gib(n) -> str:
     return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
 
 
+def _names(names: list) -> str:
+    """Module names for the table: a long list (full paths, as --init-adapter takes them) as its first few."""
+    return ",".join(names) if len(names) <= 8 else f"{','.join(names[:3])}, ... ({len(names)} modules)"
+
+
 def _patterns(c: dict) -> str:
     # (a "|" in a pattern, as in "layers\\.(0|1)", would end the table's cell)
     return "".join(f"; {key} {json.dumps(c[key])}".replace("|", "\\|") for key in ("rank_pattern", "alpha_pattern")
@@ -42,8 +47,8 @@ def markdown(r: dict) -> str:
         f"| {'DoRA' if c.get('use_dora') else 'LoRA'} | r={c['r']}, alpha={c['alpha']}"
         f"{' (rsLoRA: alpha / sqrt(r))' if c.get('use_rslora') else ''}{_patterns(c)}, "
         f"dropout={c['dropout']}, targets "
-        f"{','.join(c['target_modules']) if c['target_modules'] else 'all linear but lm_head'}"
-        f"{'; trained whole: ' + ','.join(c['modules_to_save']) if c.get('modules_to_save') else ''} |",
+        f"{_names(c['target_modules']) if c['target_modules'] else 'all linear but lm_head'}"
+        f"{'; trained whole: ' + _names(c['modules_to_save']) if c.get('modules_to_save') else ''} |",
         f"| trainable params | {r['trainable_params']:,} of {r['total_params']:,} "
         f"({100 * r['trainable_params'] / max(r['total_params'], 1):.2f}%) |",
         f"| data | {r['data']['files']} file(s), {r['data']['tokens']:,} tokens, {r['data']['train_blocks']} train / "
