@@ -24,7 +24,7 @@ Needs safetensors (pip install safetensors); PEFT itself is not needed to write 
 import json
 import math
 import os
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -87,6 +87,23 @@ def _names_to_save(model: torch.nn.Module, whole) -> list:
         endings = [".".join(parts[k:]) for k in range(len(parts) - 1, -1, -1) if k == 0 or not parts[k].isdigit()]
         names.append(next((e for e in endings if all(p == path or not p.endswith(e) for p in paths)), path))
     return sorted(names)
+
+
+def modules_saved_whole(config: dict, tensor_names) -> List[str]:
+    """The paths of the modules a PEFT folder holds trained whole (its modules_to_save), from its tensors' names:
+    for each tensor that is no adapter's, the shortest start of its path that ends with one of the config's
+    names. (PEFT 0.21 matched those names by characters, "norm" being every "*_layernorm" too, and later
+    versions at a name boundary: the tensors say which modules it was.)"""
+    names = config.get("modules_to_save") or []
+    names = [names] if isinstance(names, str) else list(names)
+    whole = set()
+    for key in tensor_names:
+        if not key.startswith(_PREFIX) or ".lora_" in key:
+            continue
+        parts = key[len(_PREFIX):].split(".")
+        whole.add(next((".".join(parts[:i]) for i in range(1, len(parts))
+                        if any(".".join(parts[:i]).endswith(n) for n in names)), ".".join(parts[:-1])))
+    return sorted(whole)
 
 
 def _one(values: dict, what: str):
@@ -179,14 +196,13 @@ def load_peft_adapter(model: torch.nn.Module, directory: str) -> None:
             raise ValueError(f"{config_path}: {key}={config[key]!r} is not supported (LoRALinear computes "
                              f"{key}={ok!r})")
     whole = _modules_to_save(model)
-    saved_whole = config.get("modules_to_save") or []
-    if isinstance(saved_whole, str):
-        saved_whole = [saved_whole]
-    selected = {n for n in _peft_paths(model) if any(n.endswith(t) for t in saved_whole)}
+    from safetensors import safe_open
+    with safe_open(weights_path, framework="pt") as f:
+        selected = set(modules_saved_whole(config, f.keys()))
     if selected != set(whole):
-        raise ValueError(f"{config_path}: modules_to_save={config.get('modules_to_save')!r} (PEFT trains "
-                         f"{sorted(selected) or 'no module'} whole: the names whose end is one of these), but the "
-                         f"model trains {sorted(whole) or 'no module'} whole: prepare it with those modules "
+        raise ValueError(f"{config_path}: modules_to_save={config.get('modules_to_save')!r} (the folder holds "
+                         f"{sorted(selected) or 'no module'} trained whole), but the model trains "
+                         f"{sorted(whole) or 'no module'} whole: prepare it with those modules "
                          "(prepare_model(modules_to_save=...), the trainer's --modules-to-save)")
     rank_pattern = check_patterns(config.get("rank_pattern"), f"{config_path}: rank_pattern", integer=True)
     alpha_pattern = check_patterns(config.get("alpha_pattern"), f"{config_path}: alpha_pattern", integer=False)

@@ -122,9 +122,8 @@ def test_peft_loads_what_we_save_and_we_load_what_peft_saves(tmp_path, tied, qua
         mine = prepared(tied, ["lm_head"])
         load_peft_adapter(mine, str(tmp_path / "peft"))
         torch.testing.assert_close(logits(mine), logits(theirs.eval()), rtol=1e-5, atol=1e-5)
-        with pytest.raises(ValueError, match=re.escape("modules_to_save=['lm_head'] (PEFT trains ['lm_head'] "
-                                                       "whole: the names whose end is one of these), but the model "
-                                                       "trains no module whole")):
+        with pytest.raises(ValueError, match=re.escape("modules_to_save=['lm_head'] (the folder holds ['lm_head'] "
+                                                       "trained whole), but the model trains no module whole")):
             load_peft_adapter(prepared(tied, None), str(tmp_path / "peft"))
         with pytest.raises(ValueError, match="modules_to_save=\\['lm_head'\\] .*, but the model trains "
                                              "\\['lm_head', 'model.embed_tokens'\\] whole"):
@@ -168,9 +167,9 @@ def test_a_prepared_model_copies_and_pickles():
 
 
 def test_exported_names_select_the_same_modules_in_peft(tmp_path):
-    """PEFT trains every module whose path ends with a modules_to_save name, by characters ("norm" is also
-    "input_layernorm"): the names written select exactly the modules trained here, and a PEFT folder whose names
-    select others is refused with what PEFT would train."""
+    """PEFT 0.21 trains every module whose path ends with a modules_to_save name, by characters ("norm" is also
+    "input_layernorm"): the names written select exactly the modules trained here, and a PEFT folder loads into a
+    model that trains the modules its tensors hold whole (and is refused, naming them, by one that does not)."""
     base = tiny_llama(False)
     ours = prepared(False, ["norm", "layers.1.mlp"], target_modules=["q_proj"])
     assert sorted(n for n, m in ours.named_modules() if isinstance(m, ModuleToSave)) == [
@@ -187,10 +186,18 @@ def test_exported_names_select_the_same_modules_in_peft(tmp_path):
     cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["norm"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        peft.get_peft_model(copy.deepcopy(base), cfg).save_pretrained(str(tmp_path / "peft"))
-    with pytest.raises(ValueError, match=re.escape("modules_to_save=['norm'] (PEFT trains ['model.layers.0.input_"
-                                                   "layernorm', ")):
-        load_peft_adapter(prepared(False, ["norm"], target_modules=["q_proj"]), str(tmp_path / "peft"))
+        theirs = peft.get_peft_model(copy.deepcopy(base), cfg)
+    theirs.save_pretrained(str(tmp_path / "peft"))
+    peft_whole = sorted(n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
+                        if type(m).__name__ == "ModulesToSaveWrapper")
+    # PEFT 0.21 trains every module whose path ends with "norm" by characters; the folder's tensors say which
+    mine = prepared(False, peft_whole, target_modules=["q_proj"])
+    load_peft_adapter(mine, str(tmp_path / "peft"))
+    torch.testing.assert_close(logits(mine), logits(theirs.eval()), rtol=1e-5, atol=1e-5)
+    if peft_whole != ["model.norm"]:
+        with pytest.raises(ValueError, match=re.escape(f"modules_to_save=['norm'] (the folder holds {peft_whole} "
+                                                       "trained whole), but the model trains ['model.norm'] whole")):
+            load_peft_adapter(prepared(False, ["norm"], target_modules=["q_proj"]), str(tmp_path / "peft"))
 
 
 def test_save_4bit_writes_the_originals_of_modules_trained_whole(tmp_path):

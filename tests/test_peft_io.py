@@ -172,7 +172,6 @@ def _edit_config(folder, **changes):
                                                   "use_dora=False for layer model.layers.1.self_attn.q_proj"),
     ({"rank_pattern": {"q_proj": 0}}, "rank_pattern['q_proj'] must be a positive integer, got 0"),
     ({"alpha_pattern": {"(q_proj": 2}}, "alpha_pattern: '(q_proj' is not a regular expression"),
-    ({"modules_to_save": ["lm_head"]}, "modules_to_save=['lm_head'] (PEFT trains ['lm_head'] whole"),
     ({"peft_type": "IA3"}, "peft_type must be 'LORA'"),
     ({"r": 8}, "the adapter has r=8, lora_alpha=8.0, use_rslora=False, use_dora=False for layer "
                "model.layers.0.self_attn.q_proj, but the model's layer has r=4"),

@@ -239,6 +239,8 @@ def with_init_adapter_settings(cfg: TrainConfig, given: dict) -> tuple:
     if not cfg.init_adapter or cfg.resume:
         return cfg, []
     from safetensors import safe_open
+
+    from ..peft_io import modules_saved_whole
     path = os.path.join(cfg.init_adapter, "adapter_config.json")
     try:
         with open(path) as f:
@@ -255,15 +257,7 @@ def with_init_adapter_settings(cfg: TrainConfig, given: dict) -> tuple:
     paths = [k[len(prefix):] for k in keys if k.startswith(prefix)]
     adapted = sorted({p.split(".lora_")[0] for p in paths if ".lora_" in p})
     found["target_modules"] = adapted or None
-    names = saved.get("modules_to_save") or []
-    names = [names] if isinstance(names, str) else list(names)
-    whole = set()
-    for p in paths:   # the module PEFT wrapped: the shortest start of the tensor's path that ends with a name
-        if ".lora_" not in p:
-            parts = p.split(".")
-            whole |= {next((".".join(parts[:i]) for i in range(1, len(parts))
-                            if any(".".join(parts[:i]).endswith(n) for n in names)), ".".join(parts[:-1]))}
-    found["modules_to_save"] = sorted(whole) or None
+    found["modules_to_save"] = modules_saved_whole(saved, keys) or None
     taken = {field: value for field, value in found.items()
              if field not in given and value is not None and value != getattr(cfg, field)}
     return dataclasses.replace(cfg, **taken).validate(), sorted(taken)
