@@ -89,6 +89,12 @@ def _names_to_save(model: torch.nn.Module, whole) -> list:
     return sorted(names)
 
 
+def adapted_layers(tensor_names) -> List[str]:
+    """The paths of the layers a PEFT folder holds adapters of, from its tensors' names."""
+    return sorted({k[len(_PREFIX):].split(".lora_")[0] for k in tensor_names
+                   if k.startswith(_PREFIX) and ".lora_" in k})
+
+
 def modules_saved_whole(config: dict, tensor_names) -> List[str]:
     """The paths of the modules a PEFT folder holds trained whole (its modules_to_save), from its tensors' names:
     for each tensor that is no adapter's, the shortest start of its path that ends with one of the config's

@@ -240,7 +240,7 @@ def with_init_adapter_settings(cfg: TrainConfig, given: dict) -> tuple:
         return cfg, []
     from safetensors import safe_open
 
-    from ..peft_io import modules_saved_whole
+    from ..peft_io import adapted_layers, modules_saved_whole
     path = os.path.join(cfg.init_adapter, "adapter_config.json")
     try:
         with open(path) as f:
@@ -253,10 +253,7 @@ def with_init_adapter_settings(cfg: TrainConfig, given: dict) -> tuple:
         raise ConfigError(f"--init-adapter {cfg.init_adapter}: cannot read its adapter_config.json and "
                           f"adapter_model.safetensors: {e}") from e
     found = {field: saved.get(key) for field, key in ADAPTER_SETTINGS.items()}
-    prefix = "base_model.model."
-    paths = [k[len(prefix):] for k in keys if k.startswith(prefix)]
-    adapted = sorted({p.split(".lora_")[0] for p in paths if ".lora_" in p})
-    found["target_modules"] = adapted or None
+    found["target_modules"] = adapted_layers(keys) or None
     found["modules_to_save"] = modules_saved_whole(saved, keys) or None
     taken = {field: value for field, value in found.items()
              if field not in given and value is not None and value != getattr(cfg, field)}
