@@ -92,13 +92,24 @@ def as_patterns(values: Mapping[str, float], paths: Iterable[str]) -> Tuple[floa
 
 
 def _own_pattern(name: str, paths: set) -> str:
-    """The shortest ending of `name` (whole components, escaped) that no other path ends with at a boundary, and
-    that starts with a name rather than an index ("layers.1.mlp.down_proj", not "1.mlp.down_proj")."""
+    """unique_ending's ending of `name`, escaped; "^" and the whole path where another module's path ends with
+    it (a nested look-alike)."""
+    ending = unique_ending(name, paths)
+    return re.escape(ending) if ending is not None else "^" + re.escape(name)
+
+
+def unique_ending(name: str, paths: Iterable[str], by_characters: bool = False) -> Optional[str]:
+    """The shortest ending of module path `name` (whole components) that no other of `paths` ends with, at a
+    name boundary or, by_characters, as PEFT 0.21 matches modules_to_save ("norm" ends "input_layernorm"); one
+    that starts with a name rather than an index ("layers.1.mlp.down_proj", not "1.mlp.down_proj"). None when
+    even the whole path ends another."""
+    paths = [p for p in paths if p != name]
     parts = name.split(".")
     for k in range(len(parts) - 1, -1, -1):
         ending = ".".join(parts[k:])
         if k and parts[k].isdigit():
             continue
-        if not any(p != name and (p == ending or p.endswith("." + ending)) for p in paths):
-            return re.escape(ending)
-    return "^" + re.escape(name)   # another module's path ends with this whole path (a nested look-alike)
+        if not any(p.endswith(ending) if by_characters else (p == ending or p.endswith("." + ending))
+                   for p in paths):
+            return ending
+    return None

@@ -99,20 +99,15 @@ def wrap_modules_to_save(model: nn.Module, names: Iterable[str], adapted: Iterab
 def unwrap_trained(model: nn.Module) -> None:
     """Replaces each ModuleToSave of model by its trained copy (frozen), in place (merge_and_unload); where that
     unties the output embeddings from the input embeddings, the config says so."""
-    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, ModuleToSave)]:
+    from .save_4bit import embeddings_tied, untie_word_embeddings
+
+    wrapped = [(n, m) for n, m in model.named_modules() if isinstance(m, ModuleToSave)]
+    for name, module in wrapped:
         trained = module.trained_module
         for p in trained.parameters():
             p.requires_grad_(False)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, trained)
     config = getattr(model, "config", None)
-    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
-    if config is None or not callable(get_in) or not callable(get_out):
-        return
-    try:
-        emb, head = get_in(), get_out()
-    except (AttributeError, NotImplementedError):
-        return
-    if emb is not None and head is not None and getattr(head, "weight", None) is not getattr(emb, "weight", None):
-        from .save_4bit import untie_word_embeddings
+    if wrapped and hasattr(config, "get_text_config") and not embeddings_tied(model):
         untie_word_embeddings(config)

@@ -20,7 +20,7 @@ from .bnb_io import (bnb_dense_weight, bnb_state_bytes, bnb_takeover_problem, is
 from .hf_quantization import forget_quantization
 from .linear import linear_4bit, lora_linear_4bit
 from .loftq import LOFTQ_SVDS, loftq_init
-from .modules_to_save import ModuleToSave, unwrap_trained, wrap_modules_to_save
+from .modules_to_save import ModuleToSave, matches, unwrap_trained, wrap_modules_to_save
 from .quantize import QuantState, dequantize, quantize
 
 _QUANT_BUFFERS = ("weight_codes", "weight_absmax", "weight_absmax_scale", "weight_absmax_mean")
@@ -528,8 +528,8 @@ def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = No
     adapted = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
     to_save = [modules_to_save] if isinstance(modules_to_save, str) else list(modules_to_save or [])
     chosen = chosen_linears(model, target_modules, exclude)
-    both = [n for n in chosen if any(n == t or n.endswith("." + t) or n.startswith(t + ".") or f".{t}." in n
-                                     for t in to_save)]
+    both = [n for n in chosen if any(matches(".".join(n.split(".")[:i]), to_save)   # it, or a module it is in
+                                     for i in range(1, n.count(".") + 2))]
     if both:
         raise ValueError(f"{both[0]} is both a LoRA target (target_modules) and in modules_to_save {to_save} (or "
                          "inside one): a module is either adapted or trained whole; leave it out of one of them")

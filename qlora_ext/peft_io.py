@@ -29,7 +29,7 @@ from typing import Dict, List, Optional
 import torch
 
 from ._files import atomic_save_safetensors, atomic_write_text
-from .lora_patterns import as_patterns, check_patterns, value_for
+from .lora_patterns import as_patterns, check_patterns, unique_ending, value_for
 from .modules_to_save import ModuleToSave
 from .nn import Dropout, LoRALinear, lora_init_of, unwrap_model
 
@@ -81,12 +81,7 @@ def _names_to_save(model: torch.nn.Module, whole) -> list:
     characters: "norm" is also "input_layernorm"), so each path is written as its shortest ending of whole
     components, not starting with an index, that ends no other path."""
     paths = _peft_paths(model)
-    names = []
-    for path in whole:
-        parts = path.split(".")
-        endings = [".".join(parts[k:]) for k in range(len(parts) - 1, -1, -1) if k == 0 or not parts[k].isdigit()]
-        names.append(next((e for e in endings if all(p == path or not p.endswith(e) for p in paths)), path))
-    return sorted(names)
+    return sorted(unique_ending(path, paths, by_characters=True) or path for path in whole)
 
 
 def adapted_layers(tensor_names) -> List[str]:

@@ -76,7 +76,7 @@ def _base_tensors(model: nn.Module) -> Tuple[Dict[str, torch.Tensor], Dict[str, 
     return tensors, layers
 
 
-def _embeddings_tied(model: nn.Module) -> bool:
+def embeddings_tied(model: nn.Module) -> bool:
     """Whether the model's output embedding (lm_head) shares the input embedding's weight."""
     try:
         output, inputs = model.get_output_embeddings(), model.get_input_embeddings()
@@ -153,7 +153,7 @@ def save_4bit(model: nn.Module, path: str, tokenizer=None, max_shard_size: str |
     config = copy.deepcopy(config)
     config.quantization_config = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,
                                   "layers": dict(sorted(layers.items())), "source": _source_of(config)}
-    if not _embeddings_tied(model):
+    if not embeddings_tied(model):
         untie_word_embeddings(config)   # an lm_head with a weight of its own: a loader must not tie it again
     floats = [t.dtype for t in tensors.values() if t.is_floating_point()]
     if floats:
