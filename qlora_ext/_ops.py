@@ -160,30 +160,46 @@ def _dequantize_8bit_dynamic_fake(codes, absmax, is_signed):
 
 
 @torch.library.register_fake("qlora_ext::linear_cross_entropy")
-def _linear_cross_entropy_fake(hidden, weight, bias, labels, ignore_index, compute_grad, chunk_rows=0):
+def _linear_cross_entropy_fake(hidden, weight, bias, labels, ignore_index, compute_grad, chunk_rows=0,
+                               compute_head_grad=False):
     torch._check(hidden.dim() == 2 and weight.dim() == 2 and weight.shape[1] == hidden.shape[1],
                  lambda: "hidden must be [tokens, hidden_size] and weight [vocab, hidden_size]")
     torch._check(labels.dim() == 1 and labels.shape[0] == hidden.shape[0], lambda: "labels must be [tokens]")
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     grad_shape = hidden.shape if compute_grad else (0, hidden.shape[1])
-    return hidden.new_empty((), dtype=acc), hidden.new_empty(grad_shape)
+    weight_grad_shape = weight.shape if compute_head_grad else (0, hidden.shape[1])
+    bias_grad_shape = (weight.shape[0],) if compute_head_grad and bias is not None else (0,)
+    return (hidden.new_empty((), dtype=acc), hidden.new_empty(grad_shape),
+            hidden.new_empty(weight_grad_shape, dtype=acc), hidden.new_empty(bias_grad_shape, dtype=acc))
 
 
 def _linear_cross_entropy_setup_context(ctx, inputs, output):
-    ctx.compute_grad = inputs[5]
-    ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(output[1])
+    ctx.compute_grad, ctx.compute_head_grad = inputs[5], inputs[7]   # (defaults filled in by torch.library)
+    ctx.head_dtypes = inputs[1].dtype, None if inputs[2] is None else inputs[2].dtype
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(*output[1:])
 
 
-def _linear_cross_entropy_backward(ctx, grad_loss, _grad_of_grad):
-    if not ctx.compute_grad:
-        raise RuntimeError("linear_cross_entropy was called with compute_grad=False: it has no gradient to give")
-    (grad_hidden,) = ctx.saved_tensors
-    # The forward pass computed d(loss)/d(hidden); chain rule with the incoming scalar gradient, applied in
-    # float32 and rounded once (a bf16 copy of, say, 1/3 from gradient accumulation would be 0.2% off).
-    if grad_hidden.dtype in (torch.float32, torch.float64):
-        return grad_hidden * grad_loss.to(grad_hidden.dtype), None, None, None, None, None, None
-    return (grad_hidden.float() * grad_loss.float()).to(grad_hidden.dtype), None, None, None, None, None, None
+def _scaled(grad: torch.Tensor, grad_loss: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """grad * grad_loss in dtype. The forward pass computed d(loss)/d(input); this is the chain rule with the
+    incoming scalar gradient, applied in float32 (or float64) and rounded once (a bf16 copy of, say, 1/3 from
+    gradient accumulation would be 0.2% off)."""
+    if grad.dtype in (torch.float32, torch.float64):
+        return (grad * grad_loss.to(grad.dtype)).to(dtype)
+    return (grad.float() * grad_loss.float()).to(dtype)
+
+
+def _linear_cross_entropy_backward(ctx, grad_loss, *_grads_of_grads):
+    grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+    if (ctx.needs_input_grad[0] and not ctx.compute_grad) or \
+            ((ctx.needs_input_grad[1] or ctx.needs_input_grad[2]) and not ctx.compute_head_grad):
+        raise RuntimeError("linear_cross_entropy was called with compute_grad=False or compute_head_grad=False: "
+                           "it has no gradient to give for that input")
+    weight_dtype, bias_dtype = ctx.head_dtypes
+    return (_scaled(grad_hidden, grad_loss, grad_hidden.dtype) if ctx.needs_input_grad[0] else None,
+            _scaled(grad_weight, grad_loss, weight_dtype) if ctx.needs_input_grad[1] else None,
+            _scaled(grad_bias, grad_loss, bias_dtype) if ctx.needs_input_grad[2] else None,
+            None, None, None, None, None)
 
 
 torch.library.register_autograd("qlora_ext::linear_cross_entropy", _linear_cross_entropy_backward,

@@ -1,5 +1,5 @@
-"""Cross-entropy of a frozen linear head (a language model's lm_head) computed a chunk of tokens at a time,
-so the [tokens, vocab] logits never exist whole: the functional form the trainer's loss uses."""
+"""Cross-entropy of a linear head (a language model's lm_head) computed a chunk of tokens at a time, so the
+[tokens, vocab] logits never exist whole: the functional form the trainer's loss uses."""
 from typing import Optional
 
 import torch
@@ -14,15 +14,13 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     `F.cross_entropy(F.linear(hidden, weight, bias).float(), labels)` computes it, without the logits.
 
     hidden [..., hidden_size] and labels [...] (int64) with the same leading shape; weight [vocab, hidden_size]
-    and bias [vocab] are frozen (no gradient: a trainable head needs the plain path). Differentiable in hidden;
-    the gradient is computed during the forward pass, a chunk at a time, so the memory of the logits is one
-    chunk (chunk_rows rows, 0: about 8M logits). Under torch.autocast, hidden, weight and bias are cast to
-    the autocast dtype first (as nn.Linear would be); the softmax runs in float32. NaN when every label is
+    and bias [vocab]. Differentiable in hidden, weight and bias (a trained head: PEFT's
+    modules_to_save=["lm_head"]); the gradients are computed during the forward pass, a chunk at a time, so
+    the memory of the logits is one chunk (chunk_rows rows, 0: about 8M logits, and at least 1024 rows when
+    the head trains), and a trained head's gradient is summed over the chunks in float32 (one weight-sized
+    float32 buffer from the forward to the backward). Under torch.autocast, hidden, weight and bias are cast
+    to the autocast dtype first (as nn.Linear would be); the softmax runs in float32. NaN when every label is
     ignore_index (as torch's mean cross-entropy)."""
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.requires_grad and torch.is_grad_enabled():
-            raise ValueError(f"{name} requires grad: linear_cross_entropy gives no gradient for the head; "
-                             "freeze it (prepare_model does) or use F.cross_entropy on the logits")
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(f"labels must have hidden's leading shape {tuple(hidden.shape[:-1])}, got "
                          f"{tuple(labels.shape)}")
@@ -31,7 +29,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         dtype = torch.get_autocast_dtype(device_type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
-    compute_grad = hidden.requires_grad and torch.is_grad_enabled()
-    loss, _ = ops.linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1),
-                                       ignore_index, compute_grad, chunk_rows)
+    grad_enabled = torch.is_grad_enabled()
+    compute_grad = hidden.requires_grad and grad_enabled
+    compute_head_grad = grad_enabled and (weight.requires_grad or (bias is not None and bias.requires_grad))
+    loss = ops.linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1),
+                                    ignore_index, compute_grad, chunk_rows, compute_head_grad)[0]
     return loss

@@ -1,6 +1,6 @@
 """qlora_ext.linear_cross_entropy (the chunked lm_head cross-entropy op) against a float64 reference,
-chunking, ignore_index, gradcheck, opcheck, torch.compile, autocast, bad inputs; and the trainer's
-causal_lm_loss against transformers' own loss on a tiny Llama."""
+chunking, ignore_index, gradcheck, opcheck, torch.compile, autocast, bad inputs, a trained head's gradients;
+and the trainer's causal_lm_loss against transformers' own loss on a tiny Llama."""
 import math
 
 import pytest
@@ -106,8 +106,8 @@ def test_every_label_ignored_gives_nan_loss_and_zero_gradient(device, rng):
 @pytest.mark.parametrize("device", DEVICES)
 def test_no_grad_skips_the_gradient(device, rng):
     h, w, _, labels = make_inputs(rng, 8, 16, 7, torch.float32, device)
-    loss, grad = ops.linear_cross_entropy(h, w, None, labels, IGNORE, False)
-    assert grad.shape == (0, 16)
+    loss, grad, grad_weight, grad_bias = ops.linear_cross_entropy(h, w, None, labels, IGNORE, False)
+    assert grad.shape == (0, 16) and grad_weight.shape == (0, 16) and grad_bias.shape == (0,)
     torch.testing.assert_close(loss, F.cross_entropy(F.linear(h, w), labels), rtol=2e-6, atol=0)
     with torch.no_grad():
         assert torch.equal(linear_cross_entropy(h.requires_grad_(), w, labels), loss)
@@ -145,8 +145,9 @@ def test_autocast_casts_like_nn_linear(rng):
 def test_opcheck(device, rng):
     for dtype in (torch.float32, torch.bfloat16):
         h, w, b, labels = make_inputs(rng, 33, 16, 29, dtype, device, ignore_every=3, bias=True)
-        torch.library.opcheck(ops.linear_cross_entropy, (h, w, b, labels, IGNORE, False, 0))
-        torch.library.opcheck(ops.linear_cross_entropy, (h.requires_grad_(), w, None, labels, IGNORE, True, 8))
+        torch.library.opcheck(ops.linear_cross_entropy, (h, w, b, labels, IGNORE, False, 0, False))
+        torch.library.opcheck(ops.linear_cross_entropy, (h.requires_grad_(), w, None, labels, IGNORE, True, 8,
+                                                         False))
 
 
 def test_torch_compile_fullgraph(rng):
@@ -183,8 +184,6 @@ def test_bad_inputs_give_clear_errors(device, rng):
         linear_cross_entropy(h, w[:, :8], labels)
     with pytest.raises(TypeError, match="hidden must be float32"):
         linear_cross_entropy(h.int(), w, labels)
-    with pytest.raises(ValueError, match="weight requires grad"):
-        linear_cross_entropy(h, w.clone().requires_grad_(), labels)
     with pytest.raises(ValueError, match="chunk_rows must be >= 0"):
         linear_cross_entropy(h, w, labels, chunk_rows=-1)
 
@@ -197,6 +196,130 @@ def test_device_mismatch_is_an_error(rng):
         linear_cross_entropy(h.cuda(), w, labels.cuda())
     with pytest.raises(RuntimeError, match="labels must be on hidden's device"):
         linear_cross_entropy(h.cuda(), w.cuda(), labels)
+
+
+# ---- a trained head (modules_to_save=["lm_head"]): gradients for weight and bias too ---------------------
+
+def head_reference(h, w, b, labels):
+    """Loss and gradients of hidden, weight and bias in float64 on the upcast inputs (torch's own ops)."""
+    leaves = [t.detach().double().requires_grad_() for t in (h, w, b)]
+    loss = F.cross_entropy(F.linear(*leaves), labels, ignore_index=IGNORE)
+    return (loss.detach(), *torch.autograd.grad(loss, leaves))
+
+
+def head_ours(h, w, b, labels, chunk_rows=0):
+    leaves = [t.detach().clone().requires_grad_() for t in (h, w, b)]
+    loss = linear_cross_entropy(leaves[0], leaves[1], labels, bias=leaves[2], chunk_rows=chunk_rows)
+    return (loss.detach(), *torch.autograd.grad(loss, leaves))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("tokens,vocab", [(1, 97), (65, 97), (97, 4097), (300, 65)])
+@pytest.mark.parametrize("chunk_rows", [0, 1, 17])
+def test_head_gradients_match_float64_reference(device, tokens, vocab, chunk_rows, rng):
+    h, w, b, labels = make_inputs(rng, tokens, 64, vocab, torch.float32, device, ignore_every=5, bias=True)
+    if (labels == IGNORE).all():
+        labels[0] = 0
+    got = head_ours(h, w, b, labels, chunk_rows)
+    want = head_reference(h, w, b, labels)
+    for g, t in zip(got[1:], (h, w, b)):
+        assert g.dtype == t.dtype and g.shape == t.shape
+    torch.testing.assert_close(got[0].double().cpu(), want[0].cpu(), rtol=2e-6, atol=1e-6)
+    for g, ref in zip(got[1:], want[1:]):
+        torch.testing.assert_close(g.double().cpu(), ref.cpu(), rtol=1e-4, atol=1e-6)
+    ignored = labels == IGNORE
+    if ignored.any():   # ignored rows contribute nothing: dropping them changes no head gradient
+        kept = head_ours(h[~ignored], w, b, labels[~ignored], chunk_rows)
+        torch.testing.assert_close(kept[2], got[2], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_head_gradients_at_most_twice_the_usual_path_error(device, dtype, rng):
+    h, w, b, labels = make_inputs(rng, 97, 128, 4097, dtype, device, ignore_every=7, bias=True)
+    want = head_reference(h, w, b, labels)
+    leaves = [t.detach().clone().requires_grad_() for t in (h, w, b)]
+    usual = torch.autograd.grad(F.cross_entropy(F.linear(*leaves).float(), labels, ignore_index=IGNORE), leaves)
+    got = head_ours(h, w, b, labels, chunk_rows=13)
+    for g, u, ref in zip(got[1:], usual, want[1:]):
+        assert g.dtype == dtype
+        err = (g.double().cpu() - ref.cpu()).abs().max()
+        usual_err = (u.double().cpu() - ref.cpu()).abs().max()
+        assert err <= 2 * usual_err + 1e-7, (err, usual_err)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_head_gradcheck_float64(device, rng):
+    h, w, b, labels = make_inputs(rng, 9, 8, 11, torch.float64, device, ignore_every=4, bias=True)
+    inputs = tuple(t.requires_grad_() for t in (h, w, b))
+    assert torch.autograd.gradcheck(lambda x, y, z: linear_cross_entropy(x, y, labels, bias=z, chunk_rows=4),
+                                    inputs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_head_alone_trains_with_frozen_hidden(device, rng):
+    # a head trained on frozen features: hidden needs no gradient, the weight and bias do
+    h, w, b, labels = make_inputs(rng, 20, 16, 13, torch.float32, device, bias=True)
+    wt, bt = w.clone().requires_grad_(), b.clone().requires_grad_()
+    linear_cross_entropy(h, wt, labels, bias=bt, chunk_rows=6).backward()
+    _, _, want_w, want_b = head_reference(h, w, b, labels)
+    torch.testing.assert_close(wt.grad.double().cpu(), want_w.cpu(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(bt.grad.double().cpu(), want_b.cpu(), rtol=1e-4, atol=1e-6)
+    wf = w.clone().requires_grad_()   # weight trained, bias frozen
+    linear_cross_entropy(h, wf, labels, bias=b).backward()
+    torch.testing.assert_close(wf.grad.double().cpu(), want_w.cpu(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_incoming_gradient_scales_bf16_head_gradient_in_float32(device, rng):
+    h, w, _, labels = make_inputs(rng, 12, 16, 9, torch.bfloat16, device)
+    w1, w3 = w.clone().requires_grad_(), w.clone().requires_grad_()
+    loss1 = linear_cross_entropy(h, w1, labels)
+    loss1.backward()
+    (linear_cross_entropy(h, w3, labels) / 3).backward()
+    _, _, raw, _ = ops.linear_cross_entropy(h, w, None, labels, IGNORE, False, 0, True)
+    assert raw.dtype == torch.float32
+    assert torch.equal(w1.grad, raw.bfloat16())
+    assert torch.equal(w3.grad, (raw / 3).bfloat16())
+
+
+def test_autocast_trains_a_float32_head_through_its_bf16_copy(rng):
+    h, w, b, labels = make_inputs(rng, 33, 64, 97, torch.float32, "cpu", bias=True)
+    wt, bt = w.clone().requires_grad_(), b.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        linear_cross_entropy(h, wt, labels, bias=bt).backward()
+    _, _, want_w, want_b = ops.linear_cross_entropy(h.bfloat16(), w.bfloat16(), b.bfloat16(), labels, IGNORE,
+                                                    False, 0, True)
+    assert wt.grad.dtype == torch.float32 and bt.grad.dtype == torch.float32
+    # the float32 sum passes through the bf16 copy's gradient (the cast's backward) on its way to the weight
+    assert torch.equal(wt.grad, want_w.bfloat16().float())
+    assert torch.equal(bt.grad, want_b.bfloat16().float())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_head_opcheck(device, rng):
+    for dtype in (torch.float32, torch.bfloat16):
+        h, w, b, labels = make_inputs(rng, 33, 16, 29, dtype, device, ignore_every=3, bias=True)
+        torch.library.opcheck(ops.linear_cross_entropy,
+                              (h.requires_grad_(), w.requires_grad_(), b.requires_grad_(), labels, IGNORE, True, 8,
+                               True))
+        torch.library.opcheck(ops.linear_cross_entropy, (h.detach(), w.detach(), None, labels, IGNORE, False, 0, True))
+
+
+def test_head_torch_compile_fullgraph(rng):
+    h, w, b, labels = make_inputs(rng, 24, 32, 40, torch.float32, "cpu", bias=True)
+    proj = torch.nn.Linear(32, 32)
+
+    def step(x, weight, bias):
+        return linear_cross_entropy(torch.tanh(proj(x)), weight, labels, bias=bias)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    eager_leaves = [t.clone().requires_grad_() for t in (h, w, b)]
+    compiled_leaves = [t.clone().requires_grad_() for t in (h, w, b)]
+    step(*eager_leaves).backward()
+    compiled(*compiled_leaves).backward()
+    for e, c in zip(eager_leaves, compiled_leaves):
+        torch.testing.assert_close(c.grad, e.grad)
 
 
 # ---- the trainer's loss on a real transformers model ----------------------------------------------------
@@ -299,3 +422,36 @@ def test_cuda_graph_capture_and_replay(rng):
     # the captured GEMM may be another cuBLAS algorithm than the eager one: not bit for bit
     torch.testing.assert_close(loss, want, rtol=1e-3, atol=0)
     assert (first - want).abs() > 1e-2 * want.abs()  # the replay read the new inputs
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_causal_lm_loss_with_a_trained_head_matches_transformers(tie):
+    # modules_to_save=["lm_head"]: the head trains whole and the loss still skips the logits
+    pytest.importorskip("transformers")
+    import warnings
+    from qlora_ext.train.loss import causal_lm_loss, fused_head
+    model = tiny_llama(tie)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # (tied: the trained copy is untied from the embeddings)
+        qlora_ext.prepare_model(model, r=4, alpha=8, dropout=0.0, modules_to_save=["lm_head"])
+    model.train()
+    assert fused_head(model)[1] is model.lm_head.trained_module
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert any(p is model.lm_head.trained_module.weight for p in params)
+    for p in params:
+        if p.abs().max() == 0:
+            torch.nn.init.normal_(p, std=0.02)
+    ids = torch.randint(0, 301, (3, 17), generator=torch.Generator().manual_seed(5))
+    labels = ids.masked_fill(torch.rand(ids.shape, generator=torch.Generator().manual_seed(6)) < 0.3, -100)
+    want = model(input_ids=ids, labels=labels, use_cache=False).loss
+    want_grads = torch.autograd.grad(want, params)
+    got = causal_lm_loss(model, ids, labels)
+    got_grads = torch.autograd.grad(got, params)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7)
+    with qlora_ext.adapters_disabled(model):   # the frozen original runs, still without the logits
+        assert fused_head(model)[1] is model.lm_head.original_module
+        with torch.no_grad():
+            torch.testing.assert_close(causal_lm_loss(model, ids, labels),
+                                       model(input_ids=ids, labels=labels, use_cache=False).loss, rtol=1e-6, atol=0)

@@ -1,8 +1,10 @@
 // Cross-entropy of a linear head (an LM's lm_head) without the [tokens, vocab] logits: the rows are taken a
-// chunk at a time (about 8M logits, 32 MB in fp32), and each chunk's loss and gradient with respect to the
-// hidden states are computed before the next chunk's logits overwrite it. The usual path keeps the whole
-// logits tensor, its log-softmax and their gradients (4 x 100 MB for SmolLM2 at 512 tokens); here one chunk
-// exists at a time. The gradient is computed in the forward pass (when asked for) and scaled in backward.
+// chunk at a time (about 8M logits, 32 MB in fp32), and each chunk's loss and gradients are computed before the
+// next chunk's logits overwrite it. The usual path keeps the whole logits tensor, its log-softmax and their
+// gradients (4 x 100 MB for SmolLM2 at 512 tokens); here one chunk exists at a time. The gradients are
+// computed in the forward pass (when asked for) and scaled in backward: with respect to the hidden states,
+// and, for a trained head (PEFT's modules_to_save=["lm_head"]), with respect to its weight and bias, summed
+// over the chunks in float32.
 //
 // Built from ATen ops only, so one implementation serves CPU and CUDA (registered for both keys). It is
 // numerically the path of a Hugging Face causal LM: logits in the input dtype (bf16 under autocast), loss
@@ -36,6 +38,10 @@ bool capturing(const at::Tensor& t) {
 }
 
 constexpr int64_t kChunkLogits = int64_t(1) << 23;
+// With the head's gradient, each chunk also writes a [vocab, hidden_size] partial product and adds it into the
+// float32 sum: about 12 bytes of memory traffic per weight element for 2 * rows flops per weight element. At
+// 1024 rows or more per chunk that traffic stays below the GEMM's time on a GPU (H100: ~240 flop per byte).
+constexpr int64_t kMinHeadGradRows = 1024;
 
 void check_args(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                 const at::Tensor& labels, int64_t chunk_rows) {
@@ -66,11 +72,13 @@ void check_args(const at::Tensor& hidden, const at::Tensor& weight, const std::o
   TORCH_CHECK_VALUE(chunk_rows >= 0, "chunk_rows must be >= 0 (0: automatic), got ", chunk_rows);
 }
 
-// Returns (mean loss, d(mean loss)/d(hidden)); the gradient is [0, hidden_size] when compute_grad is false.
-std::tuple<at::Tensor, at::Tensor> linear_cross_entropy(const at::Tensor& hidden, const at::Tensor& weight,
-                                                        const std::optional<at::Tensor>& bias,
-                                                        const at::Tensor& labels, int64_t ignore_index,
-                                                        bool compute_grad, int64_t chunk_rows) {
+// Returns (mean loss, d/d(hidden), d/d(weight), d/d(bias)) of the mean loss. d/d(hidden) is in hidden's dtype,
+// [0, hidden_size] unless compute_grad; d/d(weight) and d/d(bias) are in the loss's dtype (float32, float64
+// for float64 input), [0, hidden_size] and [0] unless compute_head_grad (and, for the bias, one is given).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& labels, int64_t ignore_index, bool compute_grad, int64_t chunk_rows,
+    bool compute_head_grad) {
   check_args(hidden, weight, bias, labels, chunk_rows);
   const int64_t tokens = hidden.size(0), vocab = weight.size(0);
   const at::ScalarType acc = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -91,8 +99,18 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy(const at::Tensor& hidden
   at::Tensor loss_sum = at::zeros({}, hidden.options().dtype(acc));
   at::Tensor grad = compute_grad ? at::empty_like(hidden, at::MemoryFormat::Contiguous)
                                  : at::empty({0, hidden.size(1)}, hidden.options());
+  const auto acc_options = hidden.options().dtype(acc);
+  at::Tensor grad_weight = compute_head_grad ? at::zeros({vocab, hidden.size(1)}, acc_options)
+                                             : at::empty({0, hidden.size(1)}, acc_options);
+  at::Tensor grad_bias = compute_head_grad && bias.has_value() ? at::zeros({vocab}, acc_options)
+                                                               : at::empty({0}, acc_options);
+  // A 16-bit head's gradient: each chunk's product in the input dtype (the usual path's GEMM, accumulating in
+  // float32 inside), rounded once per chunk into this buffer and summed in float32.
+  at::Tensor partial;
+  if (compute_head_grad && hidden.scalar_type() != acc) partial = at::empty({vocab, hidden.size(1)}, hidden.options());
   const at::Tensor weight_t = weight.t();
-  const int64_t rows = chunk_rows > 0 ? chunk_rows : std::max<int64_t>(1, kChunkLogits / vocab);
+  int64_t rows = chunk_rows > 0 ? chunk_rows : std::max<int64_t>(1, kChunkLogits / vocab);
+  if (compute_head_grad && chunk_rows == 0) rows = std::max(rows, kMinHeadGradRows);
   for (int64_t r0 = 0; r0 < tokens; r0 += rows) {
     const int64_t n = std::min(rows, tokens - r0);
     const at::Tensor h = hidden.narrow(0, r0, n);
@@ -106,15 +124,27 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy(const at::Tensor& hidden
     const at::Tensor sum_exp = logits.sum(1, /*keepdim=*/true);
     // -log softmax[label] = log(sum exp(logit - max)) + max - logit[label]
     loss_sum.add_((sum_exp.log().add_(row_max).sub_(target)).mul_(valid_f.narrow(0, r0, n).unsqueeze(1)).sum());
-    if (compute_grad) {
+    if (compute_grad || compute_head_grad) {
       // d loss / d logits = (softmax - onehot(label)) / count, zero on ignored rows
       logits.mul_(scale / sum_exp);
       logits.scatter_add_(1, label, scale.neg());
-      at::Tensor grad_rows = grad.narrow(0, r0, n);  // contiguous rows: the GEMM writes them in place
-      at::mm_out(grad_rows, logits.to(hidden.scalar_type()), weight);
+      const at::Tensor grad_logits = logits.to(hidden.scalar_type());  // (no copy when already that dtype)
+      if (compute_grad) {
+        at::Tensor grad_rows = grad.narrow(0, r0, n);  // contiguous rows: the GEMM writes them in place
+        at::mm_out(grad_rows, grad_logits, weight);
+      }
+      if (compute_head_grad) {
+        if (partial.defined()) {
+          at::mm_out(partial, grad_logits.t(), h);
+          grad_weight.add_(partial);
+        } else {
+          grad_weight.addmm_(grad_logits.t(), h);
+        }
+        if (bias.has_value()) grad_bias.add_(logits.sum(0));
+      }
     }
   }
-  return {loss_sum / count, grad};
+  return {loss_sum / count, grad, grad_weight, grad_bias};
 }
 
 }  // namespace
@@ -122,11 +152,12 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy(const at::Tensor& hidden
 TORCH_LIBRARY_FRAGMENT(qlora_ext, m) {
   // Mean cross-entropy of softmax(hidden @ weight^T + bias) against labels, rows whose label is ignore_index
   // left out, without materializing the logits; with compute_grad, also its gradient with respect to hidden
-  // ([0, hidden_size] otherwise). hidden [tokens, hidden_size] float32/float64/float16/bfloat16, weight
-  // [vocab, hidden_size] and bias [vocab] of the same dtype, labels [tokens] int64; chunk_rows 0 picks
-  // the chunk size (rows per chunk) itself. No gradient for weight or bias.
+  // ([0, hidden_size] otherwise), and with compute_head_grad those with respect to weight and bias (in the
+  // loss's dtype; [0, hidden_size] and [0] otherwise). hidden [tokens, hidden_size]
+  // float32/float64/float16/bfloat16, weight [vocab, hidden_size] and bias [vocab] of the same dtype, labels
+  // [tokens] int64; chunk_rows 0 picks the chunk size (rows per chunk) itself.
   m.def("linear_cross_entropy(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, int ignore_index, "
-        "bool compute_grad, int chunk_rows=0) -> (Tensor, Tensor)");
+        "bool compute_grad, int chunk_rows=0, bool compute_head_grad=False) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(qlora_ext, CPU, m) { m.impl("linear_cross_entropy", &linear_cross_entropy); }

@@ -1,7 +1,8 @@
 """The trainer's next-token loss. For the causal-LM classes whose logits are a plain linear head over the
 decoder's last hidden states, the loss goes through qlora_ext.linear_cross_entropy (a chunk of tokens at a
-time: the [tokens, vocab] logits, their log-softmax and gradients never exist whole); any other model, or
-a head with trainable weights or an adapter, uses the model's own loss (model(input_ids, labels=...))."""
+time: the [tokens, vocab] logits, their log-softmax and gradients never exist whole), also when the head
+trains whole (modules_to_save); any other model, or a head with an adapter, uses the model's own loss
+(model(input_ids, labels=...))."""
 import contextlib
 from typing import Optional
 
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 from ..cross_entropy import linear_cross_entropy
+from ..modules_to_save import ModuleToSave
 
 # Transformers classes whose forward is exactly: hidden = self.model(...).last_hidden_state;
 # logits = self.lm_head(hidden); loss = mean cross-entropy of logits[:, :-1] against input_ids[:, 1:].
@@ -21,9 +23,9 @@ def fused_head(model: nn.Module):
     if type(model).__name__ not in PLAIN_HEAD_CLASSES:
         return None
     decoder, head = getattr(model, "model", None), getattr(model, "lm_head", None)
+    if isinstance(head, ModuleToSave):   # trained whole (or its frozen original, while adapters are disabled)
+        head = head.active()
     if decoder is None or type(head) is not nn.Linear:  # a LoRA-wrapped or quantized head: the model's own path
-        return None
-    if any(p.requires_grad for p in head.parameters()):
         return None
     return decoder, head
 
