@@ -340,11 +340,17 @@ class PagedAdamW8bit(PagedAdamW):
     (the same arithmetic as PagedAdamW), updates the parameter (a 16-bit one rounded once) and requantizes
     the block with its new absmax (nearest code; a value exactly between two codes takes the lower one).
     Parameters with fewer than min_8bit_size elements (biases, norms, small LoRA tensors) keep PagedAdamW's
-    float32 states, where quantization would save little and cost accuracy.
+    float32 states, where quantization would save little and cost accuracy, and so do those in
+    float_state_params.
 
     Args: as PagedAdamW, and
         min_8bit_size: parameters with at least this many elements get 8-bit states (bitsandbytes' default,
             4096).
+        float_state_params: parameters that keep float32 states whatever their size: token embeddings, whose
+            rows of rare tokens get rare, large updates that a block's shared absmax quantizes coarsely (Hugging
+            Face's Trainer keeps nn.Embedding weights at 32-bit states with bitsandbytes' 8-bit optimizers; the
+            trainer here does the same). Not part of the state dict: a state loaded for such a parameter is
+            dequantized.
 
     State (state_dict()): an 8-bit parameter has "step" (CPU float32 scalar), "state1" (uint8 codes of
     exp_avg, the parameter's shape), "absmax1" (float32 [ceil(numel / 256)]), "state2" / "absmax2" (the same
@@ -356,16 +362,21 @@ class PagedAdamW8bit(PagedAdamW):
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False, paged: bool = True,
-                 prefetch_every_step: bool = True, min_8bit_size: int = 4096):
+                 prefetch_every_step: bool = True, min_8bit_size: int = 4096, float_state_params: Iterable = ()):
         if int(min_8bit_size) < 1:
             raise ValueError(f"min_8bit_size must be >= 1, got {min_8bit_size}")
         self.min_8bit_size = int(min_8bit_size)
+        float_state_params = list(float_state_params)
+        bad = sorted({type(p).__name__ for p in float_state_params if not isinstance(p, torch.Tensor)})
+        if bad:
+            raise TypeError(f"float_state_params must be tensors (parameters), got {', '.join(bad)}")
+        self._float_state_ids = {id(p) for p in float_state_params}
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                          maximize=maximize, paged=paged, prefetch_every_step=prefetch_every_step)
 
     def is_8bit(self, p: torch.Tensor) -> bool:
         """Whether p gets (or has) 8-bit states."""
-        return p.numel() >= self.min_8bit_size
+        return p.numel() >= self.min_8bit_size and id(p) not in self._float_state_ids
 
     # ---- state storage ----------------------------------------------------------------------------
     def _slot(self, p: torch.Tensor):

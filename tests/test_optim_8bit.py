@@ -325,6 +325,33 @@ def test_small_params_use_32bit_states(device):
     assert all(opt.is_8bit(p) for g in opt.param_groups for p in g["params"])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_float_state_params_keep_float32_states_whatever_their_size(device):
+    """Token embeddings (the trainer's float_state_params) step exactly as PagedAdamW does; a state saved with
+    8-bit moments for such a parameter loads dequantized."""
+    params = make_params([(512, 64), (8192,)], torch.bfloat16, device)
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    ours = PagedAdamW8bit(params, lr=1e-2, float_state_params=[params[0]])
+    plain = PagedAdamW(twins[:1], lr=1e-2)
+    run(ours, params, 4)
+    run(plain, twins[:1], 4)
+    assert not ours.is_8bit(params[0]) and ours.is_8bit(params[1])
+    assert set(ours.state[params[0]]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert torch.equal(params[0], twins[0])
+    assert torch.equal(ours.state[params[0]]["exp_avg"], plain.state[twins[0]]["exp_avg"])
+    eight = PagedAdamW8bit([p.detach().clone().requires_grad_() for p in params], lr=1e-2)
+    run(eight, list(eight.param_groups[0]["params"]), 4)
+    sd = eight.state_dict()
+    assert "state1" in sd["state"][0]
+    reloaded = [p.detach().clone().requires_grad_() for p in params]
+    into = PagedAdamW8bit(reloaded, lr=1e-2, float_state_params=reloaded[:1])
+    into.load_state_dict(sd)
+    want = dequantize_state(sd["state"][0]["state1"], sd["state"][0]["absmax1"], True)
+    assert torch.equal(into.state[reloaded[0]]["exp_avg"], want.to(device))
+    with pytest.raises(TypeError, match="float_state_params must be tensors"):
+        PagedAdamW8bit(params, float_state_params=["embed_tokens.weight"])
+
+
 def test_state_bytes_per_parameter():
     n = 1 << 16
     p = torch.zeros(n, requires_grad=True)

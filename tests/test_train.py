@@ -725,6 +725,20 @@ def test_modules_to_save_run_trains_the_head_resumes_merges_and_exports(tiny, tm
     assert resumed.keys() == final.keys() and all(torch.equal(resumed[k], final[k]) for k in final)
 
 
+def test_paged_adamw8bit_keeps_float32_states_for_a_trained_embedding(tiny, tmp_path, monkeypatch):
+    """As Hugging Face's Trainer does with bitsandbytes' 8-bit optimizers: a token embedding trained whole
+    (--modules-to-save embed_tokens) keeps float32 states, the large adapters get 8-bit ones."""
+    from qlora_ext.optim import PagedAdamW8bit
+    monkeypatch.setitem(PagedAdamW8bit.__init__.__kwdefaults__, "min_8bit_size", 256)
+    t = Trainer(_cfg(tiny, tmp_path / "run", optimizer="paged_adamw8bit", modules_to_save=["embed_tokens"]),
+                log=lambda s: None)
+    t.setup()
+    embedding = t.model.get_input_embeddings().trained_module.weight
+    assert embedding.requires_grad and embedding.numel() >= 256
+    assert not t.optimizer.is_8bit(embedding)
+    assert any(t.optimizer.is_8bit(p) for p in t.params if p is not embedding)
+
+
 def test_save_total_limit_keeps_the_newest_checkpoints_and_resumes(tiny, tmp_path):
     out = tmp_path / "run"
     train(_cfg(tiny, out, steps=5, save_every=1, eval_every=5, save_total_limit=2), log=lambda s: None)

@@ -46,8 +46,10 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """torch.optim.AdamW, or qlora_ext.optim.PagedAdamW / PagedAdamW8bit (imported only when asked for)."""
+def make_optimizer(name: str, params, lr: float, weight_decay: float, embeddings=()) -> torch.optim.Optimizer:
+    """torch.optim.AdamW, or qlora_ext.optim.PagedAdamW / PagedAdamW8bit (imported only when asked for).
+    embeddings: trained token-embedding weights, which keep float32 states in PagedAdamW8bit (as Hugging Face's
+    Trainer keeps them at 32 bits with bitsandbytes' 8-bit optimizers)."""
     kwargs = dict(lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(params, **kwargs)
@@ -61,6 +63,8 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.o
         except (ImportError, AttributeError) as e:
             raise ConfigError(f"--optimizer {name} needs qlora_ext.optim.{classes[name]}, which this build of "
                               f"qlora_ext does not have ({e}); use --optimizer adamw") from e
+        if name == "paged_adamw8bit":
+            kwargs["float_state_params"] = list(embeddings)
         return cls(params, **kwargs)
     raise ConfigError(f"unknown optimizer {name!r}")
 
@@ -327,7 +331,9 @@ class Trainer:
         self.summary = model_summary(self.model)
         self.log(f"model: {self.model_dir}: {self.summary}")
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(cfg.optimizer, self.params, cfg.lr, cfg.weight_decay)
+        embeddings = [p for m in self.model.modules() if isinstance(m, torch.nn.Embedding)
+                      for p in m.parameters() if p.requires_grad]   # (a trained copy, --modules-to-save)
+        self.optimizer = make_optimizer(cfg.optimizer, self.params, cfg.lr, cfg.weight_decay, embeddings)
         self.setup_seconds = time.perf_counter() - t0
 
     def resumed_packing(self, files) -> str:
