@@ -739,6 +739,37 @@ def test_paged_adamw8bit_keeps_float32_states_for_a_trained_embedding(tiny, tmp_
     assert any(t.optimizer.is_8bit(p) for p in t.params if p is not embedding)
 
 
+def test_chat_template_lets_a_base_model_train_on_conversations(tiny, tmp_path, capsys):
+    """--chat-template chatml on a model whose tokenizer has none: the conversations train, the config keeps the
+    template's text, a resume given the same name continues (another template is refused), and the merged
+    model's tokenizer renders with it."""
+    from transformers import AutoTokenizer
+    from qlora_ext.train.chat_template import CHATML
+
+    chats = tmp_path / "chats.jsonl"
+    with open(chats, "w") as f:
+        for i in range(40):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"the king {i}?"},
+                                             {"role": "assistant", "content": _text(2, i)}]}) + "\n")
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match="need a tokenizer with a chat template"):
+        train(_cfg(tiny, out, data=[str(chats)], steps=2), log=lambda s: None)
+    notes = []
+    r = train(_cfg(tiny, out, data=[str(chats)], steps=4, chat_template="chatml", save_every=2, eval_every=2),
+              log=notes.append)
+    assert r["eval_after"]["loss"] < r["eval_before"]["loss"]
+    assert any("<|im_start|>, <|im_end|> are not a token" in n for n in notes)   # the tiny BPE spells them out
+    assert json.loads((out / "config.json").read_text())["chat_template"] == CHATML
+    rewind(out, 2)
+    capsys.readouterr()
+    assert cli_main(["--output-dir", str(out), "--resume", "--no-progress", "--chat-template", "chatml"]) == 0
+    assert cli_main(["--output-dir", str(out), "--resume", "--no-progress", "--chat-template",
+                     "{% for m in messages %}{{ m['content'] }}{% endfor %}"]) == 2
+    assert "--chat-template (saved" in capsys.readouterr().err
+    assert cli_main(["merge", "--output-dir", str(out), "--to", str(tmp_path / "merged")]) == 0
+    assert AutoTokenizer.from_pretrained(tmp_path / "merged").chat_template == CHATML
+
+
 def test_save_total_limit_keeps_the_newest_checkpoints_and_resumes(tiny, tmp_path):
     out = tmp_path / "run"
     train(_cfg(tiny, out, steps=5, save_every=1, eval_every=5, save_total_limit=2), log=lambda s: None)

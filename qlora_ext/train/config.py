@@ -55,6 +55,7 @@ class TrainConfig:
     loftq_iters: int = 1                # LoftQ's quantize / SVD alternations (with --init-lora-weights loftq)
     loftq_svd: str = "exact"            # exact | randomized (LoftQ's truncated SVD; randomized: 30-80x faster)
     init_adapter: Optional[str] = None  # start from a PEFT LoRA adapter folder (e.g. an earlier run's peft_adapter)
+    chat_template: Optional[str] = None  # the run's chat template: a .jinja file, tokenizer folder, chatml, or its text
     load_in_4bit: str = "auto"          # quantize as the checkpoint is read (no dense model held): auto (GPU)|on|off
     # data
     seq_len: int = 256
@@ -139,6 +140,9 @@ class TrainConfig:
                 check_patterns(getattr(self, name), _flag(name), integer=name == "rank_pattern")
             except ValueError as e:
                 raise ConfigError(str(e)) from e
+        from .chat_template import resolve_chat_template
+        # The config keeps the template's text (a name or path is read here), so the saved run renders without the file.
+        self.chat_template = resolve_chat_template(self.chat_template)
         return self
 
     def to_dict(self) -> dict:
@@ -299,6 +303,9 @@ def resume_config(output_dir: str, explicit: dict) -> TrainConfig:
         raise ConfigError(f"--resume: {path} does not exist (no run to resume in {output_dir!r})")
     with open(path) as f:
         saved = TrainConfig.from_dict(json.load(f))
+    if explicit.get("chat_template") is not None:   # a path or name given again: compare what it holds
+        from .chat_template import resolve_chat_template
+        explicit = dict(explicit, chat_template=resolve_chat_template(explicit["chat_template"]))
     changed = {k: (getattr(saved, k), v) for k, v in explicit.items()
                if k not in RESUME_MAY_CHANGE and _ordered(k, getattr(saved, k)) != _ordered(k, v)}
     if changed:

@@ -31,6 +31,7 @@ from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig
 from .data import IGNORE, TokenBlocks, batch_indices, find_text_files, resolve_packing, run_blocks
 from .loss import causal_lm_loss, packed_attention_problem, vocab_size
+from .chat_template import use_chat_template
 from .model import load_model_and_tokenizer, max_positions, resolve_model_dir
 from .neftune import input_embeddings, neftune
 from .run_log import RunLog, remove_run_logs, summary_writer_class
@@ -110,18 +111,22 @@ def resolve_load_in_4bit(cfg: TrainConfig, device: torch.device, model_dir: str,
 def load_for_run(cfg: TrainConfig, model_dir: str, dtype: torch.dtype, device: torch.device, quantize: bool,
                  log: Callable[[str], None]) -> Tuple[torch.nn.Module, object, str, bool]:
     """(model, tokenizer, model directory, whether the base was quantized as it loaded): the run's model loaded
-    dense, or with quantize (resolve_load_in_4bit's answer) through load_4bit with the run's settings. Under
+    dense, or with quantize (resolve_load_in_4bit's answer) through load_4bit with the run's settings; the
+    tokenizer with the run's --chat-template, if it has one. Under
     --load-in-4bit auto, a checkpoint load_4bit cannot read as it is (names transformers maps, float32 modules)
     loads dense, as it did before load_4bit existed, with a note; under on it is an error."""
     settings = dict(target_modules=cfg.target_modules, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
                     blocksize=cfg.blocksize, compute_dtype=compute_dtype_for(device)) if quantize else None
     try:
-        return (*load_model_and_tokenizer(model_dir, dtype, device, log, quantize=settings), quantize)
+        loaded = (*load_model_and_tokenizer(model_dir, dtype, device, log, quantize=settings), quantize)
     except ConfigError as e:
         if not quantize or cfg.load_in_4bit == "on" or is_4bit_checkpoint(model_dir):
             raise
         log(f"note: {e}; loading the dense model instead")
-        return (*load_model_and_tokenizer(model_dir, dtype, device, log), False)
+        loaded = (*load_model_and_tokenizer(model_dir, dtype, device, log), False)
+    if cfg.chat_template is not None:
+        use_chat_template(loaded[1], cfg.chat_template, log)
+    return loaded
 
 
 def packing_for(packing: str, files, model: torch.nn.Module, device: torch.device,
