@@ -770,6 +770,55 @@ def test_chat_template_lets_a_base_model_train_on_conversations(tiny, tmp_path, 
     assert AutoTokenizer.from_pretrained(tmp_path / "merged").chat_template == CHATML
 
 
+def test_observe_eval_keeps_the_best_and_counts_evals_without_improvement():
+    from qlora_ext.train.best_eval import observe_eval
+    state = {}
+    seen = [observe_eval(state, step, loss, patience=2, threshold=0.1)
+            for step, loss in ((2, 3.0), (4, 2.95), (6, float("nan")), (8, 2.5), (10, 2.6), (12, 2.9))]
+    # 2.95 is a new best but not a drop of more than 0.1: it counts toward the patience, as in transformers
+    assert seen == [(True, False), (True, False), (False, True), (True, False), (False, False), (False, True)]
+    assert state["best"] == {"step": 8, "loss": 2.5} and state["evals_without_improvement"] == 2
+    assert observe_eval({}, 2, 1.0, patience=0, threshold=0.0) == (True, False)
+
+
+def test_load_best_model_at_end_and_early_stopping(tiny, tmp_path, monkeypatch):
+    """Evals made to rise after step 4 (a scripted offset on the real eval loss): the run stops after two evals
+    without a lower loss, ends with step 4's adapters (those of its checkpoint), reports both, and a resume
+    from before the stop stops at the same step with the same adapters."""
+    from safetensors.torch import load_file
+    real_evaluate = Trainer.evaluate
+
+    def evaluate(self):   # the eval loss, 10 lower at step 4 and 5 higher after it
+        states = list(self.optimizer.state.values()) if hasattr(self, "optimizer") else []   # (dense base: none)
+        step = int(states[0]["step"]) if states else 0
+        return real_evaluate(self) + (-10.0 if step == 4 else 5.0 if step > 4 else 0.0)
+
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    out = tmp_path / "run"
+    cfg = _cfg(tiny, out, steps=12, eval_every=2, save_every=2, load_best_model_at_end=True,
+               early_stopping_patience=2)
+    r = train(cfg, log=lambda s: None)
+    assert r["steps"] == 8 and r["stopped_early_at"] == 8
+    assert r["best_eval"]["step"] == 4 and r["eval_after"] == r["best_eval"] | {"ppl": r["eval_after"]["ppl"]}
+    assert [e["step"] for e in r["evals"]] == [0, 2, 4, 6, 8]
+    final = load_file(str(out / "adapter.safetensors"))
+    at_best = load_file(str(out / "checkpoints" / "step-000004" / "adapter.safetensors"))
+    at_stop = load_file(str(out / "checkpoints" / "step-000008" / "adapter.safetensors"))
+    assert final.keys() == at_best.keys() and all(torch.equal(final[k], at_best[k]) for k in final)
+    assert not all(torch.equal(final[k], at_stop[k]) for k in final)
+    md = open(r["report"]["markdown"]).read()
+    assert "| stopped early | at step 8 of 12" in md and "the best eval's (step 4;" in md
+    # resumed from step 6: one more eval without improvement, the same stop and the same adapters
+    rewind(out, 6)
+    os.remove(out / "adapter.safetensors")
+    resumed = resume_adapters(out)
+    assert all(torch.equal(resumed[k], final[k]) for k in final)
+    report = json.loads((out / "report.json").read_text())
+    assert report["stopped_early_at"] == 8 and report["best_eval"]["step"] == 4
+    with pytest.raises(ConfigError, match="--early-stopping-patience must be >= 0"):
+        _cfg(tiny, out, early_stopping_patience=-1).validate()
+
+
 def test_save_total_limit_keeps_the_newest_checkpoints_and_resumes(tiny, tmp_path):
     out = tmp_path / "run"
     train(_cfg(tiny, out, steps=5, save_every=1, eval_every=5, save_total_limit=2), log=lambda s: None)

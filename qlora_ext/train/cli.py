@@ -62,8 +62,10 @@ def run_train(argv, demo: bool) -> int:
     print(f"report: {r['report']['markdown']} (also {r['report']['json']}"
           + (f", {r['report']['plot']}" if r['report']['plot'] else "") + ")")
     print(f"adapters: {r['adapter']} (PEFT format: {r['peft_adapter']})")
-    print(f"eval perplexity: before {before['ppl']:.2f} -> after {after['ppl']:.2f} "
-          f"({r['steps']} steps, {r['tokens_per_s']:.0f} tokens/s, {time.perf_counter() - t0:.0f} s)")
+    best = " (the best eval's adapters)" if cfg.load_best_model_at_end and r.get("best_eval") else ""
+    stopped = ", stopped early" if r.get("stopped_early_at") else ""
+    print(f"eval perplexity: before {before['ppl']:.2f} -> after {after['ppl']:.2f} at step {after['step']}{best} "
+          f"({r['steps']} steps{stopped}, {r['tokens_per_s']:.0f} tokens/s, {time.perf_counter() - t0:.0f} s)")
     return 0
 
 

@@ -83,6 +83,9 @@ class TrainConfig:
     eval_every: int = 50                # steps between evaluations (and one before training, one at the end)
     save_every: int = 50                # steps between resumable checkpoints (and one at the end)
     save_total_limit: int = 0           # keep only the newest N checkpoints (0: all of them)
+    load_best_model_at_end: bool = False   # end with the adapters of the lowest eval loss, not the last step's
+    early_stopping_patience: int = 0    # stop after N evals in a row without a lower eval loss (0: never)
+    early_stopping_threshold: float = 0.0  # the least drop of the eval loss that counts for early stopping
     device: str = "auto"                # auto: cuda when available, else cpu
     linear_backend: str = "auto"        # CUDA 4-bit GEMMs: auto | fused | fused_mma | dequant | tune (see README)
     resume: bool = False                # continue the run in output_dir from its latest checkpoint
@@ -124,7 +127,8 @@ class TrainConfig:
         need(self.seq_len >= 2, f"--seq-len must be at least 2 (a block's first token predicts the second), got "
                                 f"{self.seq_len}")
         for name in ("warmup_steps", "max_tokens", "weight_decay", "max_grad_norm", "epochs", "num_proc",
-                     "neftune_noise_alpha", "save_total_limit"):
+                     "neftune_noise_alpha", "save_total_limit", "early_stopping_patience",
+                     "early_stopping_threshold"):
             need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)

@@ -73,6 +73,13 @@ def markdown(r: dict) -> str:
         lines.append(f"| eval perplexity, before training | {before['ppl']:.2f} (loss {before['loss']:.4f}) |")
     if after:
         lines.append(f"| eval perplexity, after {after['step']} steps | {after['ppl']:.2f} (loss {after['loss']:.4f}) |")
+    if r.get("stopped_early_at"):
+        lines.append(f"| stopped early | at step {r['stopped_early_at']} of {c['steps']}: "
+                     f"{c['early_stopping_patience']} evals in a row without a lower eval loss |")
+    if c.get("load_best_model_at_end") and r.get("best_eval"):
+        last = r["evals"][-1]
+        lines.append(f"| adapters saved | the best eval's (step {r['best_eval']['step']}; the last eval, step "
+                     f"{last['step']}: perplexity {last['ppl']:.2f}) |")
     lines += ["", f"adapters: `{r['adapter']}`"]
     if r.get("peft_adapter"):
         lines += [f"PEFT adapter folder (`peft.PeftModel.from_pretrained(base, folder)`): `{r['peft_adapter']}`"]

@@ -31,6 +31,7 @@ from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig
 from .data import IGNORE, TokenBlocks, batch_indices, find_text_files, resolve_packing, run_blocks
 from .loss import causal_lm_loss, packed_attention_problem, vocab_size
+from .best_eval import best_adapter_path, observe_eval, save_best_adapters
 from .chat_template import use_chat_template
 from .model import load_model_and_tokenizer, max_positions, resolve_model_dir
 from .neftune import input_embeddings, neftune
@@ -400,12 +401,24 @@ class Trainer:
                 step = self._train(state, step, run_log, config)
         finally:
             run_log.close()
+        if cfg.load_best_model_at_end and state.get("best"):
+            self.load_best(state["best"])
         ckpt.save_adapters(os.path.join(cfg.output_dir, ckpt.ADAPTER_FILE), self.model, config)
         # the same adapters for PEFT and the tools that read its folders (peft.PeftModel.from_pretrained)
         # a PEFT adapter's base is the dense model (PEFT cannot load a 4-bit checkpoint): the one it was quantized from
         base = checkpoint_source(self.model_dir) if self.from_4bit_checkpoint else self.model_dir
         save_peft_adapter(self.model, os.path.join(cfg.output_dir, PEFT_DIR), base_model_name_or_path=base)
         return self.result(state, step)
+
+    def load_best(self, best: dict) -> None:
+        """Puts the best eval's adapters (kept in best_adapter_path as the run went) back into the model."""
+        path = best_adapter_path(self.cfg.output_dir)
+        saved = ckpt.read_adapter_config(path).get("best_step") if os.path.exists(path) else None
+        if saved != best["step"]:
+            raise ConfigError(f"--load-best-model-at-end: {path} should hold the adapters of step {best['step']} "
+                              f"(the best eval), and holds " + (f"step {saved}'s" if saved is not None else "none"))
+        ckpt.load_adapters(self.model, path)
+        self.log(f"the adapters of the best eval: step {best['step']}, eval loss {best['loss']:.4f}")
 
     def _train(self, state: dict, step: int, run_log: RunLog, config: dict) -> int:
         """The optimizer steps from `step` to --steps, with evaluations and checkpoints; returns the last step."""
@@ -420,7 +433,7 @@ class Trainer:
     def _steps(self, state: dict, step: int, run_log: RunLog, config: dict, bar) -> int:
         cfg, dev = self.cfg, self.device
         n_train = self.data.train.shape[0]
-        while step < cfg.steps:
+        while step < cfg.steps and not state.get("stopped_early_at"):
             t0 = time.perf_counter()
             lr = lr_at(step, cfg)
             for group in self.optimizer.param_groups:
@@ -481,8 +494,16 @@ class Trainer:
                 state["evals"].append({"step": step, "loss": ev, "ppl": math.exp(ev)})
                 run_log.evaluation(step, ev)
                 msg = f"step {step}: eval loss {ev:.4f}, perplexity {math.exp(ev):.2f}"
+                improved, stop = observe_eval(state, step, ev, cfg.early_stopping_patience,
+                                              cfg.early_stopping_threshold)
+                if improved and cfg.load_best_model_at_end:
+                    save_best_adapters(cfg.output_dir, self.model, config, step)
+                if stop:
+                    state["stopped_early_at"] = step
+                    msg += (f"; stopping early: {state['evals_without_improvement']} evals without a lower eval loss "
+                            f"than step {state['best']['step']}'s {state['best']['loss']:.4f}")
                 bar.write(msg) if bar is not None else self.log(msg)
-            if step % cfg.save_every == 0 or step == cfg.steps:
+            if step % cfg.save_every == 0 or step == cfg.steps or state.get("stopped_early_at") == step:
                 ckpt.save_checkpoint(cfg.output_dir, step, self.model, self.optimizer, state, config,
                                      keep=cfg.save_total_limit)
         return step
@@ -491,6 +512,10 @@ class Trainer:
         cfg = self.cfg
         evals = state["evals"]
         bits = base_bits_per_param(self.model)
+        best = state.get("best")
+        # the eval of the adapters the run ends with: the best one's with --load-best-model-at-end
+        final = next(e for e in evals if e["step"] == best["step"]) if cfg.load_best_model_at_end and best else \
+            (evals[-1] if evals else None)
         return {
             "config": cfg.to_dict(),
             "model_dir": os.path.abspath(self.model_dir),
@@ -520,8 +545,10 @@ class Trainer:
             "memory": memory_bytes(self.device, self.optimizer),
             "dense_eval_loss": state.get("dense_eval_loss"),
             "eval_before": evals[0] if evals else None,
-            "eval_after": evals[-1] if evals else None,
+            "eval_after": final,
             "evals": evals,
+            "best_eval": best,
+            "stopped_early_at": state.get("stopped_early_at"),
             "history": state["history"],
             "adapter": os.path.abspath(os.path.join(cfg.output_dir, ckpt.ADAPTER_FILE)),
             "peft_adapter": os.path.abspath(os.path.join(cfg.output_dir, PEFT_DIR)),
