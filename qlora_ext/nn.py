@@ -7,7 +7,7 @@ import contextlib
 import dataclasses
 import math
 import warnings
-from typing import Iterable, Iterator, Mapping, Optional
+from typing import Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -21,6 +21,8 @@ from .hf_quantization import forget_quantization
 from .linear import linear_4bit, lora_linear_4bit
 from .loftq import LOFTQ_SVDS, loftq_init
 from .modules_to_save import ModuleToSave, matches, unwrap_trained, wrap_modules_to_save
+from .trainable_tokens import (TiedTokensHead, TrainableTokens, plan_trainable_tokens, unwrap_trainable_tokens,
+                               wrap_trainable_tokens)
 from .quantize import QuantState, dequantize, quantize
 
 _QUANT_BUFFERS = ("weight_codes", "weight_absmax", "weight_absmax_scale", "weight_absmax_mean")
@@ -286,11 +288,12 @@ def _refresh_dora_weight_sq(layer: "LoRALinear", incompatible_keys) -> None:
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block, every LoRALinear of model computes its base alone (PEFT's `with model.disable_adapter()`):
-    the adapters' scaling is 0, so their product adds exactly zero, and each module trained whole
-    (modules_to_save) runs its original; restored on the way out."""
+    the adapters' scaling is 0, so their product adds exactly zero, each module trained whole
+    (modules_to_save) runs its original, and each embedding with trainable tokens its original rows; restored
+    on the way out."""
     layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
     saved = [m.scaling for m in layers]
-    whole = [m for m in model.modules() if isinstance(m, ModuleToSave)]
+    whole = [m for m in model.modules() if isinstance(m, (ModuleToSave, TrainableTokens))]
     enabled = [m.enabled for m in whole]
     try:
         for m in layers:
@@ -313,7 +316,8 @@ def merge_and_unload(model: nn.Module, dtype: Optional[torch.dtype] = None) -> n
     Linear4bit or bitsandbytes 4-bit layer an nn.Linear holding its dequantized weight. dtype: the weights' dtype
     (default: each layer's original dtype); biases follow it. Everything comes out frozen, on the layer's device.
     A transformers model loaded quantized (bitsandbytes) forgets that, so save_pretrained writes a dense model.
-    Each module trained whole (modules_to_save) becomes its trained copy. Returns model (a bare LoRALinear or
+    Each module trained whole (modules_to_save) becomes its trained copy, and each embedding with trainable
+    tokens the embedding with their trained rows written in. Returns model (a bare LoRALinear or
     Linear4bit is returned as its replacement). Raises ValueError, before
     changing anything, if a bitsandbytes 8-bit layer would stay quantized."""
     def dense(module: nn.Module) -> Optional[nn.Linear]:
@@ -335,6 +339,7 @@ def merge_and_unload(model: nn.Module, dtype: Optional[torch.dtype] = None) -> n
     if top is not None:
         return top
     unwrap_trained(model)   # modules_to_save: their trained copies (and the config untied where that unties)
+    unwrap_trainable_tokens(model)
     # LoRALinear first (its base goes with it), then the 4-bit layers left without an adapter
     for is_kind in (lambda m: isinstance(m, LoRALinear), lambda m: isinstance(m, Linear4bit), is_bnb_linear_4bit):
         for name, module in [(n, m) for n, m in model.named_modules() if is_kind(m)]:
@@ -428,9 +433,9 @@ def chosen_linears(model: nn.Module, target_modules: Optional[Iterable[str]] = N
 def _linear_names(model: nn.Module) -> dict:
     """The layers prepare_model can adapt, by name: nn.Linear (bitsandbytes' layers included) and bare Linear4bit,
     but not the frozen base of an existing adapter (a second prepare_model must not wrap it in another adapter)
-    nor a module trained whole (modules_to_save) or its original."""
+    nor a module trained whole (modules_to_save) or its original, nor an LM head tied to trainable tokens."""
     adapted = {name for name, m in model.named_modules() if isinstance(m, LoRALinear)}
-    whole = [name for name, m in model.named_modules() if isinstance(m, ModuleToSave)]
+    whole = [name for name, m in model.named_modules() if isinstance(m, (ModuleToSave, TiedTokensHead))]
     return {name: m for name, m in model.named_modules()
             if isinstance(m, (nn.Linear, Linear4bit)) and name.rpartition(".")[0] not in adapted
             and not any(name.startswith(w + ".") for w in whole)}
@@ -481,7 +486,9 @@ def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = No
                   init_lora_weights: str = "default", loftq_iters: int = 1, loftq_svd: str = "exact",
                   use_rslora: bool = False, use_dora: bool = False, rank_pattern: Optional[Mapping[str, int]] = None,
                   alpha_pattern: Optional[Mapping[str, float]] = None,
-                  modules_to_save: Optional[Iterable[str]] = None) -> nn.Module:
+                  modules_to_save: Optional[Iterable[str]] = None,
+                  trainable_token_indices: Optional[Union[Sequence[int], Mapping[str, Sequence[int]]]] = None,
+                  ) -> nn.Module:
     """Replaces matching nn.Linear layers of model (in place) with LoRALinear(Linear4bit(...)), or with
     LoRALinear(frozen nn.Linear) when quant_type is "none" (16-bit LoRA), and freezes everything else. Applied
     again, it adds adapters to the newly matching layers and leaves existing adapters (trainable) as they are.
@@ -501,7 +508,10 @@ def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = No
     selects none of the layers adapted here is warned about. modules_to_save: modules trained whole beside the
     adapters, PEFT's modules_to_save (module paths or their last components at a name boundary, e.g. ["lm_head",
     "embed_tokens"] or ["layers.0.mlp"]): each becomes a qlora_ext.modules_to_save.ModuleToSave, its original
-    frozen and a copy trained (an exclude no longer applies to it). Returns the model; model_summary(model) gives
+    frozen and a copy trained (an exclude no longer applies to it). trainable_token_indices: rows of a token
+    embedding trained on their own, PEFT's trainable_token_indices (a list of token ids: the input embedding's;
+    or {embedding name: ids}): the embedding becomes a qlora_ext.trainable_tokens.TrainableTokens, and an LM
+    head tied to it reads the same trained rows. Returns the model; model_summary(model) gives
     trainable/total parameters and bytes.
 
     Layers that are already 4-bit keep their format and values (quant_type, blocksize and double_quant apply
@@ -545,16 +555,23 @@ def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = No
     # Layers that are already 4-bit, converted before anything changes (a refusal leaves the model as it was).
     prequantized = {n: _quantized_base(n, linears[n], quant_type, init_lora_weights, compute_dtype) for n in chosen}
     kept_dense = [f"{n} ({why}; dequantized)" for n, (_, why) in prequantized.items() if why is not None]
+    # (checked before anything changes)
+    tokens = None if trainable_token_indices is None else plan_trainable_tokens(model, trainable_token_indices,
+                                                                                 matches, to_save)
     if to_save:   # (refuses, before anything changes, a name that selects nothing or an adapted module)
         wrap_modules_to_save(model, to_save, adapted)
+    if tokens:
+        wrap_trainable_tokens(model, tokens)
     for p in model.parameters():
         p.requires_grad_(False)
     for name in adapted:  # adapters of an earlier prepare_model keep training
         for p in model.get_submodule(name).adapter_parameters():
             p.requires_grad_(True)
-    for m in model.modules():   # and modules trained whole
+    for m in model.modules():   # and modules trained whole, and trainable tokens
         if isinstance(m, ModuleToSave):
             m.trained_module.requires_grad_(True)
+        elif isinstance(m, TrainableTokens):
+            m.trainable_tokens_delta.requires_grad_(True)
     mixed = sorted({(m.use_rslora, m.use_dora) for m in model.modules() if isinstance(m, LoRALinear)}
                    - {(bool(use_rslora), bool(use_dora))})
     if adapted and chosen and mixed:

@@ -8,7 +8,9 @@ module path P of the model is "base_model.model.P.lora_A.weight" [r, in] and "..
 same layouts and scaling (lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora) as LoRALinear's lora_A,
 lora_B, alpha and use_rslora. Layers with their own r or alpha are written and read as PEFT's rank_pattern and
 alpha_pattern (qlora_ext.lora_patterns), and modules trained whole (modules_to_save, qlora_ext.modules_to_save)
-as PEFT's modules_to_save: their trained copy's tensors under the module's path ("base_model.model.P.weight").
+as PEFT's modules_to_save: their trained copy's tensors under the module's path ("base_model.model.P.weight"),
+and embeddings with trainable tokens (qlora_ext.trainable_tokens) as PEFT's trainable_token_indices: the
+trained rows as "base_model.model.P.token_adapter.trainable_tokens_delta" [tokens, hidden].
 Only what both sides mean the same way is accepted: one dropout, one use_rslora and one use_dora (DoRA's
 magnitudes: "...P.lora_magnitude_vector" [out]) for all layers, no trained biases.
 
@@ -31,11 +33,13 @@ import torch
 from ._files import atomic_save_safetensors, atomic_write_text
 from .lora_patterns import as_patterns, check_patterns, unique_ending, value_for
 from .modules_to_save import ModuleToSave
+from .trainable_tokens import TrainableTokens
 from .nn import Dropout, LoRALinear, lora_init_of, unwrap_model
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
+_TOKENS_SUFFIX = ".token_adapter.trainable_tokens_delta"   # trainable_token_indices' rows
 
 
 # adapter_config.json keys that cannot change what the adapter computes, given the checks below (the others must
@@ -44,7 +48,7 @@ _HARMLESS_KEYS = {
     "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
     "r", "target_modules", "exclude_modules", "lora_alpha", "lora_dropout", "fan_in_fan_out", "bias", "use_rslora",
     "use_dora", "modules_to_save", "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern",
-    "alpha_pattern", "megatron_core", "runtime_config", "qalora_group_size", "eva_config",
+    "alpha_pattern", "megatron_core", "runtime_config", "qalora_group_size", "eva_config", "trainable_token_indices",
 }
 # PEFT starts that leave the base weights alone; PiSSA, OLoRA, CorDA and LoftQ change them (the adapter then only
 # fits the changed base, until PEFT converts it)
@@ -60,6 +64,48 @@ def _adapters(model: torch.nn.Module) -> Dict[str, LoRALinear]:
 
 def _modules_to_save(model: torch.nn.Module) -> Dict[str, ModuleToSave]:
     return {n: m for n, m in unwrap_model(model).named_modules() if isinstance(m, ModuleToSave)}
+
+
+def _trainable_tokens(model: torch.nn.Module) -> Dict[str, TrainableTokens]:
+    return {n: m for n, m in unwrap_model(model).named_modules() if isinstance(m, TrainableTokens)}
+
+
+def _token_indices_config(model: torch.nn.Module, tokens: Dict[str, TrainableTokens]):
+    """trainable_token_indices as PEFT reads it: a list for the input embedding alone (PEFT applies a list to
+    get_input_embeddings()), else {full path: ids} (PEFT matches the keys as suffixes of the paths)."""
+    inner = unwrap_model(model)
+    try:
+        inputs = inner.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        inputs = None
+    if len(tokens) == 1 and next(iter(tokens.values())) is inputs:
+        return next(iter(tokens.values())).indices()
+    return {n: m.indices() for n, m in tokens.items()}
+
+
+def _folder_tokens(model: torch.nn.Module, spec, where: str) -> Dict[str, list]:
+    """{path in model: ids} of a folder's trainable_token_indices (PEFT's reading: a list is the input
+    embedding's, a dict's keys are suffixes of module paths); ValueError for a key that names no embedding."""
+    if spec is None:
+        return {}
+    inner = unwrap_model(model)
+    if isinstance(spec, dict):
+        out = {}
+        for key, ids in spec.items():
+            found = [n for n, m in inner.named_modules()
+                     if isinstance(m, (TrainableTokens, torch.nn.Embedding)) and n.endswith(key)
+                     and not n.endswith(".base_layer")]
+            if len(found) != 1:
+                raise ValueError(f"{where}: trainable_token_indices key {key!r} selects {found or 'no embedding'} "
+                                 "of the model")
+            out[found[0]] = list(ids)
+        return out
+    try:
+        inputs = inner.get_input_embeddings()
+    except (AttributeError, NotImplementedError) as e:
+        raise ValueError(f"{where}: trainable_token_indices as a list needs a model with get_input_embeddings()") \
+            from e
+    return {next(n for n, m in inner.named_modules() if m is inputs): list(spec)}
 
 
 def _peft_paths(model: torch.nn.Module) -> list:
@@ -99,7 +145,7 @@ def modules_saved_whole(config: dict, tensor_names) -> List[str]:
     names = [names] if isinstance(names, str) else list(names)
     whole = set()
     for key in tensor_names:
-        if not key.startswith(_PREFIX) or ".lora_" in key:
+        if not key.startswith(_PREFIX) or ".lora_" in key or key.endswith(_TOKENS_SUFFIX):
             continue
         parts = key[len(_PREFIX):].split(".")
         whole.add(next((".".join(parts[:i]) for i in range(1, len(parts))
@@ -156,6 +202,10 @@ def save_peft_adapter(model: torch.nn.Module, directory: str, base_model_name_or
     for name, m in whole.items():   # the trained copies, under the module's own path (PEFT drops its wrapper's)
         tensors.update({f"{_PREFIX}{name}.{k}": t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype)
                         .contiguous() for k, t in m.trained_module.state_dict().items()})
+    tokens = _trainable_tokens(model)
+    for name, m in tokens.items():   # the trained rows, as PEFT's TrainableTokensWrapper holds them
+        tensors[f"{_PREFIX}{name}{_TOKENS_SUFFIX}"] = m.trainable_tokens_delta.detach().to(
+            "cpu", dtype).contiguous()
     # a LoftQ start's export is rank 2r: alpha grows with it so that the scaling stays
     rank_factor = 2 if from_start else 1
     alpha_factor = 1 if not from_start else math.sqrt(2) if use_rslora else 2
@@ -168,6 +218,7 @@ def save_peft_adapter(model: torch.nn.Module, directory: str, base_model_name_or
         "bias": "none", "fan_in_fan_out": False, "use_rslora": use_rslora, "use_dora": use_dora,
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
         "modules_to_save": _names_to_save(model, whole) if whole else None,
+        "trainable_token_indices": _token_indices_config(model, tokens) if tokens else None,
         "inference_mode": True, "init_lora_weights": True,
     }
     os.makedirs(directory, exist_ok=True)
@@ -205,6 +256,14 @@ def load_peft_adapter(model: torch.nn.Module, directory: str) -> None:
                          f"{sorted(selected) or 'no module'} trained whole), but the model trains "
                          f"{sorted(whole) or 'no module'} whole: prepare it with those modules "
                          "(prepare_model(modules_to_save=...), the trainer's --modules-to-save)")
+    tokens = _trainable_tokens(model)
+    folder_tokens = _folder_tokens(model, config.get("trainable_token_indices"), config_path)
+    model_tokens = {n: m.indices() for n, m in tokens.items()}
+    if folder_tokens != model_tokens:
+        raise ValueError(f"{config_path}: trainable_token_indices={config.get('trainable_token_indices')!r} (rows "
+                         f"{folder_tokens or 'none'}), but the model trains the rows {model_tokens or 'of none'}: "
+                         "prepare it with those tokens (prepare_model(trainable_token_indices=...), the trainer's "
+                         "--trainable-token-indices)")
     rank_pattern = check_patterns(config.get("rank_pattern"), f"{config_path}: rank_pattern", integer=True)
     alpha_pattern = check_patterns(config.get("alpha_pattern"), f"{config_path}: alpha_pattern", integer=False)
     for key, value in config.items():
@@ -236,6 +295,8 @@ def load_peft_adapter(model: torch.nn.Module, directory: str) -> None:
                    for n, a in adapters.items() if a.use_dora})
     wanted.update({f"{_PREFIX}{n}.{k}": t for n, m in whole.items()
                    for k, t in m.trained_module.state_dict(keep_vars=True).items()})
+    wanted.update({f"{_PREFIX}{n}{_TOKENS_SUFFIX}": m.trainable_tokens_delta
+                   for n, m in tokens.items()})
     missing, extra = sorted(set(wanted) - set(tensors)), sorted(set(tensors) - set(wanted))
     if missing or extra:
         raise ValueError(f"{weights_path} does not fit the model: {len(missing)} missing tensor(s) {missing[:2]}, "

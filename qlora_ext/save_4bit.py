@@ -28,6 +28,7 @@ from ._files import atomic_write_folder
 from ._ops import BLOCKSIZES, QUANT_TYPES
 from .bnb_io import is_bnb_linear_4bit, is_bnb_linear_8bit
 from .modules_to_save import ModuleToSave
+from .trainable_tokens import TiedTokensHead, TrainableTokens
 from .nn import Linear4bit, LoRALinear
 from .quantize import QuantState
 
@@ -43,10 +44,11 @@ WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16"
 
 def _base_tensors(model: nn.Module) -> Tuple[Dict[str, torch.Tensor], Dict[str, dict]]:
     """(the base model's tensors by checkpoint name, the 4-bit layers' formats by layer name): every LoRALinear
-    stands for its base under its own name, without its adapters, and every module trained whole (modules_to_save)
-    for its frozen original."""
+    stands for its base under its own name, without its adapters, every module trained whole (modules_to_save)
+    for its frozen original, and every embedding with trainable tokens (and a head tied to it) for its base."""
     adapters = {n for n, m in model.named_modules() if isinstance(m, LoRALinear)}
     wrappers = {n for n, m in model.named_modules() if isinstance(m, ModuleToSave)}
+    token_wrappers = {n for n, m in model.named_modules() if isinstance(m, (TrainableTokens, TiedTokensHead))}
     problems = [n for n, m in model.named_modules() if is_bnb_linear_4bit(m) or is_bnb_linear_8bit(m)]
     if problems:
         raise ValueError(f"{problems[:3]} are bitsandbytes layers, which this format does not hold: "
@@ -60,6 +62,8 @@ def _base_tensors(model: nn.Module) -> Tuple[Dict[str, torch.Tensor], Dict[str, 
                 return ".".join(parts[:i] + parts[i + 1:]) if parts[i] == "base" else None
             if ".".join(parts[:i]) in wrappers:  # the trained copy is left out
                 return ".".join(parts[:i] + parts[i + 1:]) if parts[i] == "original_module" else None
+            if ".".join(parts[:i]) in token_wrappers:  # the trained rows are left out
+                return ".".join(parts[:i] + parts[i + 1:]) if parts[i] == "base_layer" else None
         return name
 
     layers = {}
@@ -82,7 +86,8 @@ def embeddings_tied(model: nn.Module) -> bool:
         output, inputs = model.get_output_embeddings(), model.get_input_embeddings()
     except (AttributeError, NotImplementedError):
         return False
-    output, inputs = (m.original_module if isinstance(m, ModuleToSave) else m for m in (output, inputs))
+    output, inputs = (m.original_module if isinstance(m, ModuleToSave) else
+                      m.base_layer if isinstance(m, (TrainableTokens, TiedTokensHead)) else m for m in (output, inputs))
     return output is not None and inputs is not None and getattr(output, "weight", None) is inputs.weight
 
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..cross_entropy import linear_cross_entropy
 from ..modules_to_save import ModuleToSave
+from ..trainable_tokens import TiedTokensHead
 
 # Transformers classes whose forward is exactly: hidden = self.model(...).last_hidden_state;
 # logits = self.lm_head(hidden); loss = mean cross-entropy of logits[:, :-1] against input_ids[:, 1:].
@@ -25,8 +26,8 @@ def fused_head(model: nn.Module):
     decoder, head = getattr(model, "model", None), getattr(model, "lm_head", None)
     if isinstance(head, ModuleToSave):   # trained whole (or its frozen original, while adapters are disabled)
         head = head.active()
-    if decoder is None or type(head) is not nn.Linear:  # a LoRA-wrapped or quantized head: the model's own path
-        return None
+    if decoder is None or (type(head) is not nn.Linear and not isinstance(head, TiedTokensHead)):
+        return None   # a LoRA-wrapped or quantized head: the model's own path
     return decoder, head
 
 
@@ -43,7 +44,9 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: Optional[t
     decoder, head = parts
     hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
     # The last position predicts past the block (its label is ignored in the usual path): leave it out.
-    return linear_cross_entropy(hidden[:, :-1], head.weight, labels[:, 1:], bias=head.bias)
+    # (a head tied to trainable tokens computes with their trained rows: its merged weight)
+    weight = head.merged_weight() if isinstance(head, TiedTokensHead) else head.weight
+    return linear_cross_entropy(hidden[:, :-1], weight, labels[:, 1:], bias=head.bias)
 
 
 def vocab_size(model: nn.Module) -> int:
