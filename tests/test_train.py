@@ -819,6 +819,46 @@ def test_load_best_model_at_end_and_early_stopping(tiny, tmp_path, monkeypatch):
         _cfg(tiny, out, early_stopping_patience=-1).validate()
 
 
+def test_trainable_token_indices_run_trains_those_rows_resumes_merges_and_exports(tiny, tmp_path, capsys):
+    """--trainable-token-indices (ids or tokens): those input-embedding rows train with the adapters (in the adapter
+    file and, as PEFT's trainable_token_indices, the PEFT folder), a resume is bit-exact, the merged model computes
+    the run's eval loss, and --init-adapter takes the rows from the folder."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from qlora_ext.train.trainer import evaluate
+
+    eos = AutoTokenizer.from_pretrained(tiny[0]).eos_token_id
+    out = tmp_path / "run"
+    r = train(_cfg(tiny, out, steps=6, save_every=3, eval_every=3, trainable_token_indices=["</s>", "5"]),
+              log=lambda s: None)
+    assert r["eval_after"]["loss"] < r["eval_before"]["loss"]
+    final = load_file(str(out / "adapter.safetensors"))
+    rows = final["model.embed_tokens.trainable_tokens_delta"]
+    assert rows.shape == (2, 64) and len(final) == 2 * 14 + 1
+    assert "trained embedding rows: </s>,5".replace("|", "\\|") in open(r["report"]["markdown"]).read()
+    peft_dir = out / "peft_adapter"
+    assert json.loads((peft_dir / "adapter_config.json").read_text())["trainable_token_indices"] == [eos, 5]
+    assert cli_main(["merge", "--output-dir", str(out), "--to", str(tmp_path / "merged")]) == 0
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert torch.equal(dense.model.embed_tokens.weight[[eos, 5]], rows)
+    t = Trainer(_cfg(tiny, tmp_path / "data-only"), log=lambda s: None)
+    t.setup()
+    assert math.isclose(evaluate(dense, t.data.eval, 4, t.device), r["eval_after"]["loss"], rel_tol=1e-5)
+    rewind(out, 3)
+    os.remove(out / "adapter.safetensors")
+    resumed = resume_adapters(out)
+    assert resumed.keys() == final.keys() and all(torch.equal(resumed[k], final[k]) for k in final)
+    model_dir, data_dir = tiny
+    argv = ["--model", model_dir, "--data", data_dir, "--output-dir", str(tmp_path / "b"), "--seq-len", "32",
+            "--eval-blocks", "4", "--batch-size", "4", "--steps", "1", "--device", "cpu", "--no-progress",
+            "--init-adapter", str(peft_dir)]
+    capsys.readouterr()
+    assert cli_main(argv) == 0
+    assert f"--trainable-token-indices {eos},5" in capsys.readouterr().out
+    assert cli_main(argv[:-2] + ["--trainable-token-indices", "<|im_start|>"]) == 2
+    assert "['<|im_start|>'] are neither token ids nor tokens" in capsys.readouterr().err
+
+
 def test_save_total_limit_keeps_the_newest_checkpoints_and_resumes(tiny, tmp_path):
     out = tmp_path / "run"
     train(_cfg(tiny, out, steps=5, save_every=1, eval_every=5, save_total_limit=2), log=lambda s: None)

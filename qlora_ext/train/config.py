@@ -51,6 +51,7 @@ class TrainConfig:
     alpha_pattern: Dict[str, float] = dataclasses.field(default_factory=dict)  # JSON: alpha of the layers a key selects
     target_modules: Optional[List[str]] = None   # default (or all-linear): every nn.Linear except lm_head
     modules_to_save: Optional[List[str]] = None  # modules trained whole beside the adapters (PEFT's), e.g. lm_head
+    trainable_token_indices: Optional[List[str]] = None  # train these input-embedding rows alone: ids or tokens
     init_lora_weights: str = "default"  # default (A Kaiming, B zero) | loftq (start at each layer's quantization error)
     loftq_iters: int = 1                # LoftQ's quantize / SVD alternations (with --init-lora-weights loftq)
     loftq_svd: str = "exact"            # exact | randomized (LoftQ's truncated SVD; randomized: 30-80x faster)
@@ -189,10 +190,10 @@ def add_arguments(p: argparse.ArgumentParser, defaults: Optional[dict] = None) -
             p.add_argument(_flag(f.name), dest=f.name, type=_json_object, default=default,
                            help=f"{h}, e.g. '{example}': regular expressions matched against the end of each "
                                 f"layer's module path, the first match wins (PEFT's {f.name}) (default: none)")
-        elif f.name in ("data", "eval_data", "target_modules", "modules_to_save"):
+        elif f.name in ("data", "eval_data", "target_modules", "modules_to_save", "trainable_token_indices"):
             files = f.name in ("data", "eval_data")
-            shown = default or {"eval_data": "--eval-blocks of --data", "modules_to_save": "none"}.get(f.name,
-                                                                                                  "see above")
+            shown = default or {"eval_data": "--eval-blocks of --data", "modules_to_save": "none",
+                                "trainable_token_indices": "none"}.get(f.name, "see above")
             p.add_argument(_flag(f.name), dest=f.name, nargs="+" if files else None,
                            default=default, type=str if files else _comma_list,
                            help=f"{h} (default: {shown})" + ("" if files else "; comma-separated"))
@@ -237,10 +238,20 @@ ADAPTER_SETTINGS = {"r": "r", "alpha": "lora_alpha", "use_rslora": "use_rslora",
                     "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern"}
 
 
+def _token_indices_setting(value) -> Optional[List[str]]:
+    """A PEFT folder's trainable_token_indices as --trainable-token-indices (the input embedding's ids: a list,
+    or a dict of one embedding), else None (several embeddings: the command line cannot say that)."""
+    if isinstance(value, dict) and len(value) == 1:
+        value = next(iter(value.values()))
+    if isinstance(value, list) and value and all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+        return [str(i) for i in value]
+    return None
+
+
 def with_init_adapter_settings(cfg: TrainConfig, given: dict) -> tuple:
     """(cfg with the adapter settings of its --init-adapter folder where the command line (`given`) has none, the
     names of those taken), so that the folder alone says what the adapters are. r, alpha, rsLoRA, DoRA and the
-    patterns come from adapter_config.json; the layers adapted and those trained whole (modules_to_save) from the
+    patterns and the trainable token rows come from adapter_config.json; the layers adapted and those trained whole (modules_to_save) from the
     tensors' names, as full module paths: whatever way the folder selected them (suffixes, a regular expression,
     layers_to_transform, PEFT's character-suffix modules_to_save), those are the layers it holds. (The command
     line's business: the Python API takes a TrainConfig as given.)"""
@@ -263,6 +274,7 @@ def with_init_adapter_settings(cfg: TrainConfig, given: dict) -> tuple:
     found = {field: saved.get(key) for field, key in ADAPTER_SETTINGS.items()}
     found["target_modules"] = adapted_layers(keys) or None
     found["modules_to_save"] = modules_saved_whole(saved, keys) or None
+    found["trainable_token_indices"] = _token_indices_setting(saved.get("trainable_token_indices"))
     taken = {field: value for field, value in found.items()
              if field not in given and value is not None and value != getattr(cfg, field)}
     return dataclasses.replace(cfg, **taken).validate(), sorted(taken)

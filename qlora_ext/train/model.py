@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import time
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -117,6 +117,25 @@ def load_tokenizer(path: str):
         return AutoTokenizer.from_pretrained(path)
     except Exception as e:  # transformers raises many kinds here
         raise ConfigError(f"cannot load a tokenizer from {path!r}: {e}") from e
+
+
+def token_ids(tokenizer, items: Sequence[str], flag: str = "--trainable-token-indices") -> List[int]:
+    """The ids of items: each a token id ("32000") or a token of the tokenizer's vocabulary ("<|im_start|>");
+    ConfigError naming the flag for one that is neither (a token not in the vocabulary cannot be added here)."""
+    vocab = tokenizer.get_vocab()
+    ids, unknown = [], []
+    for item in items:
+        text = str(item).strip()
+        if text.isdigit():
+            ids.append(int(text))
+        elif text in vocab:
+            ids.append(int(vocab[text]))
+        else:
+            unknown.append(text)
+    if unknown:
+        raise ConfigError(f"{flag}: {unknown[:5]} are neither token ids nor tokens of the tokenizer's vocabulary "
+                          "(the trainer trains existing rows; it does not add tokens)")
+    return ids
 
 
 def load_model_and_tokenizer(model: str, dtype: torch.dtype = torch.float32, device="cpu",

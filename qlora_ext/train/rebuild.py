@@ -68,7 +68,7 @@ def rebuild_run(output_dir: str, device: Optional[str] = None, log=print) -> Reb
     model, tokenizer, model_dir, quantized_while_loading = load_for_run(
         cfg, model_dir, load_dtype, dev, resolve_load_in_4bit(cfg, dev, model_dir, auto_on_cpu=True), log)
     prequantized = holds_bnb_linear_4bit(model)
-    prepare_for_run(model, cfg, dev)
+    prepare_for_run(model, cfg, dev, tokenizer)
     load_adapters(model, adapter)
     model.eval()
     return RebuiltRun(model, tokenizer, cfg, model_dir, load_dtype, prequantized, quantized_while_loading)

@@ -27,6 +27,12 @@ def _names(names: list) -> str:
     return ",".join(names) if len(names) <= 8 else f"{','.join(names[:3])}, ... ({len(names)} modules)"
 
 
+def _trained_rows(c: dict) -> str:
+    tokens = c.get("trainable_token_indices")
+    # (a "|" in a token, as in "<|im_start|>", would end the table's cell)
+    return f"; trained embedding rows: {_names(tokens)}".replace("|", "\\|") if tokens else ""
+
+
 def _patterns(c: dict) -> str:
     # (a "|" in a pattern, as in "layers\\.(0|1)", would end the table's cell)
     return "".join(f"; {key} {json.dumps(c[key])}".replace("|", "\\|") for key in ("rank_pattern", "alpha_pattern")
@@ -48,7 +54,8 @@ def markdown(r: dict) -> str:
         f"{' (rsLoRA: alpha / sqrt(r))' if c.get('use_rslora') else ''}{_patterns(c)}, "
         f"dropout={c['dropout']}, targets "
         f"{_names(c['target_modules']) if c['target_modules'] else 'all linear but lm_head'}"
-        f"{'; trained whole: ' + _names(c['modules_to_save']) if c.get('modules_to_save') else ''} |",
+        f"{'; trained whole: ' + _names(c['modules_to_save']) if c.get('modules_to_save') else ''}"
+        f"{_trained_rows(c)} |",
         f"| trainable params | {r['trainable_params']:,} of {r['total_params']:,} "
         f"({100 * r['trainable_params'] / max(r['total_params'], 1):.2f}%) |",
         f"| data | {r['data']['files']} file(s), {r['data']['tokens']:,} tokens, {r['data']['train_blocks']} train / "

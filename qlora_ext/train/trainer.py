@@ -27,13 +27,14 @@ from ..load_4bit import is_4bit_checkpoint, load_4bit_problem
 from ..nn import Linear4bit
 from ..peft_io import load_peft_adapter, save_peft_adapter
 from ..save_4bit import checkpoint_source, checkpoint_spec
+from ..trainable_tokens import TrainableTokens
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig
 from .data import IGNORE, TokenBlocks, batch_indices, find_text_files, resolve_packing, run_blocks
 from .loss import causal_lm_loss, packed_attention_problem, vocab_size
 from .best_eval import best_adapter_path, observe_eval, save_best_adapters
 from .chat_template import use_chat_template
-from .model import load_model_and_tokenizer, max_positions, resolve_model_dir
+from .model import load_model_and_tokenizer, max_positions, resolve_model_dir, token_ids
 from .neftune import input_embeddings, neftune
 from .run_log import RunLog, remove_run_logs, summary_writer_class
 
@@ -76,15 +77,22 @@ def compute_dtype_for(device: torch.device) -> Optional[torch.dtype]:
     return torch.bfloat16 if device.type == "cuda" else None
 
 
-def prepare_for_run(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> None:
-    """prepare_model with the run's settings (the trainer, and `qlora-train merge` rebuilding a run's model)."""
+def prepare_for_run(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, tokenizer=None) -> None:
+    """prepare_model with the run's settings (the trainer, and `qlora-train merge` rebuilding a run's model);
+    the tokenizer gives --trainable-token-indices' tokens their ids."""
+    tokens = None
+    if cfg.trainable_token_indices:
+        if tokenizer is None:
+            raise ValueError("prepare_for_run: --trainable-token-indices needs the run's tokenizer")
+        tokens = token_ids(tokenizer, cfg.trainable_token_indices)
     try:
         prepare_model(model, target_modules=cfg.target_modules, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
                       quant_type=cfg.quant_type, double_quant=cfg.double_quant, blocksize=cfg.blocksize,
                       compute_dtype=compute_dtype_for(device),
                       init_lora_weights=cfg.init_lora_weights, loftq_iters=cfg.loftq_iters, loftq_svd=cfg.loftq_svd,
                       use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, rank_pattern=cfg.rank_pattern,
-                      alpha_pattern=cfg.alpha_pattern, modules_to_save=cfg.modules_to_save)
+                      alpha_pattern=cfg.alpha_pattern, modules_to_save=cfg.modules_to_save,
+                      trainable_token_indices=tokens)
     except ValueError as e:   # unknown target module, a layer that cannot be taken over, ...
         raise ConfigError(f"cannot prepare the model: {e}") from e
 
@@ -312,7 +320,7 @@ class Trainer:
         self.prequantized = holds_bnb_linear_4bit(self.model)
         if not cfg.resume and not self.prequantized and not self.loaded_4bit:
             self.dense_eval_loss = self.evaluate()
-        prepare_for_run(self.model, cfg, dev)
+        prepare_for_run(self.model, cfg, dev, self.tokenizer)
         if cfg.init_adapter and not cfg.resume:  # (a resumed run takes its checkpoint's adapters)
             try:
                 load_peft_adapter(self.model, cfg.init_adapter)
@@ -337,8 +345,8 @@ class Trainer:
         self.summary = model_summary(self.model)
         self.log(f"model: {self.model_dir}: {self.summary}")
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        embeddings = [p for m in self.model.modules() if isinstance(m, torch.nn.Embedding)
-                      for p in m.parameters() if p.requires_grad]   # (a trained copy, --modules-to-save)
+        embeddings = [p for m in self.model.modules() if isinstance(m, (torch.nn.Embedding, TrainableTokens))
+                      for p in m.parameters() if p.requires_grad]   # (a trained copy, --modules-to-save; trained rows)
         self.optimizer = make_optimizer(cfg.optimizer, self.params, cfg.lr, cfg.weight_decay, embeddings)
         self.setup_seconds = time.perf_counter() - t0
 
