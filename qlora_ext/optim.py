@@ -370,13 +370,18 @@ class PagedAdamW8bit(PagedAdamW):
         bad = sorted({type(p).__name__ for p in float_state_params if not isinstance(p, torch.Tensor)})
         if bad:
             raise TypeError(f"float_state_params must be tensors (parameters), got {', '.join(bad)}")
-        self._float_state_ids = {id(p) for p in float_state_params}
+        # by identity, holding the tensors (so that an id is never another tensor's)
+        self._float_state = {id(p): p for p in float_state_params}
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                          maximize=maximize, paged=paged, prefetch_every_step=prefetch_every_step)
+        members = {id(p) for g in self.param_groups for p in g["params"]}
+        if any(i not in members for i in self._float_state):
+            raise ValueError("float_state_params must be parameters this optimizer steps (the tensors themselves, "
+                             "not p.data or p.detach())")
 
     def is_8bit(self, p: torch.Tensor) -> bool:
         """Whether p gets (or has) 8-bit states."""
-        return p.numel() >= self.min_8bit_size and id(p) not in self._float_state_ids
+        return p.numel() >= self.min_8bit_size and self._float_state.get(id(p)) is not p
 
     # ---- state storage ----------------------------------------------------------------------------
     def _slot(self, p: torch.Tensor):

@@ -42,6 +42,14 @@ def test_names_texts_files_and_folders_resolve_to_the_template_text(tmp_path):
     assert resolve_chat_template(str(folder)) == CHATML
     (folder / "chat_template.jinja").write_text(LLAMA3_LIKE)   # transformers 5 saves the template on its own
     assert resolve_chat_template(str(folder)) == LLAMA3_LIKE
+    (tmp_path / "bom.jinja").write_bytes(b"\xef\xbb\xbf" + CHATML.encode())   # a byte-order mark is dropped
+    assert resolve_chat_template(str(tmp_path / "bom.jinja")) == CHATML
+    (tmp_path / "BOM.JSON").write_bytes(b"\xef\xbb\xbf" + json.dumps({"chat_template": CHATML}).encode())
+    assert resolve_chat_template(str(tmp_path / "BOM.JSON")) == CHATML
+    processor = tmp_path / "processor"
+    processor.mkdir()
+    (processor / "chat_template.json").write_text(json.dumps({"chat_template": LLAMA3_LIKE}))
+    assert resolve_chat_template(str(processor)) == LLAMA3_LIKE
     named = tmp_path / "named.json"
     named.write_text(json.dumps({"chat_template": [{"name": "tool_use", "template": "{{ 1 }}"},
                                                    {"name": "default", "template": CHATML}]}))
@@ -56,10 +64,10 @@ def test_what_is_not_a_template_is_an_error_naming_the_flag(tmp_path):
     with pytest.raises(ConfigError, match=r"--chat-template 'nope' is not a file, a folder, a template's text"):
         resolve_chat_template("nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ConfigError, match="has no chat_template.jinja and no tokenizer_config.json"):
+    with pytest.raises(ConfigError, match="has no chat_template.jinja, and no chat_template.json or tokenizer_config"):
         resolve_chat_template(str(tmp_path / "empty"))
     (tmp_path / "empty" / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
-    with pytest.raises(ConfigError, match="has no chat_template.jinja and no tokenizer_config.json"):
+    with pytest.raises(ConfigError, match="has no chat_template.jinja, and no chat_template.json or tokenizer_config"):
         resolve_chat_template(str(tmp_path / "empty"))
     (tmp_path / "c.json").write_text(json.dumps({"eos_token": "</s>"}))
     with pytest.raises(ConfigError, match='no "chat_template" entry'):
@@ -70,6 +78,10 @@ def test_what_is_not_a_template_is_an_error_naming_the_flag(tmp_path):
     (tmp_path / "n.json").write_text(json.dumps({"chat_template": [{"name": "tool_use", "template": CHATML}]}))
     with pytest.raises(ConfigError, match=r"named chat templates \['tool_use'\] and no \"default\""):
         resolve_chat_template(str(tmp_path / "n.json"))
+    for entry in ("", "chatml", 3):   # a JSON entry must be a template's text too (the config keeps the text)
+        (tmp_path / "e.json").write_text(json.dumps({"chat_template": entry}))
+        with pytest.raises(ConfigError, match="is not a Jinja template"):
+            resolve_chat_template(str(tmp_path / "e.json"))
     (tmp_path / "plain.txt").write_text("just words")
     with pytest.raises(ConfigError, match="holds no Jinja template"):
         resolve_chat_template(str(tmp_path / "plain.txt"))

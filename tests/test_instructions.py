@@ -423,6 +423,51 @@ def test_training_on_instruction_data_on_cuda(tiny, tmp_path):
     assert r["eval_after"]["loss"] < r["eval_before"]["loss"] - 0.2
 
 
+def test_generate_chat_reply_ends_at_the_end_of_turn_mark():
+    """A reply ends where the template ends an assistant turn: generation is told to stop at the mark, and a mark
+    spelled out of several tokens (ChatML on this tokenizer) is cut from the text with what follows it."""
+    import copy
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    from qlora_ext.train.generate import end_of_turn, generate_text
+    bpe = Tokenizer(models.BPE())   # byte-level, without ChatML's marks as tokens
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(["the king speaks"] * 5, trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["</s>"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>")
+    tok.chat_template = CHATML
+    assert len(tok("<|im_end|>", add_special_tokens=False).input_ids) > 1
+    assert end_of_turn(tok) == "<|im_end|>"
+    llama3 = copy.deepcopy(tok)
+    llama3.chat_template = ("{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+                            "{{ m['content'] }}<|eot_id|>{% endfor %}")
+    assert end_of_turn(llama3) == "<|eot_id|>"
+    bare = copy.deepcopy(tok)
+    bare.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert end_of_turn(bare) == ""
+
+    class Scripted(torch.nn.Module):   # "generates" a reply, its mark and a next turn
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.kwargs = None
+
+        def generate(self, ids, **kwargs):
+            self.kwargs = kwargs
+            more = tok("the king speaks<|im_end|>\n<|im_start|>user\nmore", add_special_tokens=False).input_ids
+            return torch.cat([ids, torch.tensor([more])], dim=1)
+
+    model = Scripted()
+    assert generate_text(model, tok, "who?", 20, temperature=0, chat=True) == "the king speaks"
+    (stop,) = model.kwargs["stopping_criteria"]
+    reply = tok("the king<|im_e", add_special_tokens=False).input_ids
+    start = stop.start
+    prompt = [0] * start
+    assert not stop(torch.tensor([prompt + reply]), None).item()
+    assert stop(torch.tensor([prompt + reply + tok("nd|>", add_special_tokens=False).input_ids]), None).item()
+
+
 def test_generate_chat_answers_a_user_message(tiny):
     """`qlora-train generate --chat`: the prompt goes in as a user message with the assistant's generation prompt,
     and the reply alone comes back (the tokens after the prompt)."""

@@ -350,6 +350,9 @@ def test_float_state_params_keep_float32_states_whatever_their_size(device):
     assert torch.equal(into.state[reloaded[0]]["exp_avg"], want.to(device))
     with pytest.raises(TypeError, match="float_state_params must be tensors"):
         PagedAdamW8bit(params, float_state_params=["embed_tokens.weight"])
+    for other in (params[0].detach(), torch.zeros(3, requires_grad=True)):   # not a parameter it steps
+        with pytest.raises(ValueError, match="float_state_params must be parameters this optimizer steps"):
+            PagedAdamW8bit(params, float_state_params=[other])
 
 
 def test_state_bytes_per_parameter():

@@ -31,15 +31,18 @@ def resolve_chat_template(value: Optional[str]) -> Optional[str]:
     if value in BUILTIN:
         return BUILTIN[value]
     flag = f"--chat-template {value!r}"
+    value = os.path.expanduser(value)
     if os.path.isdir(value):
-        for name in ("chat_template.jinja", "tokenizer_config.json"):
+        # transformers 5 saves chat_template.jinja; processors chat_template.json; older tokenizers keep it in
+        # tokenizer_config.json
+        for name in ("chat_template.jinja", "chat_template.json", "tokenizer_config.json"):
             path = os.path.join(value, name)
             if os.path.isfile(path):
                 text = _read_template(path, flag)
                 if text is not None:
                     return text
-        raise ConfigError(f"{flag}: the folder has no chat_template.jinja and no tokenizer_config.json with a "
-                          "chat_template")
+        raise ConfigError(f"{flag}: the folder has no chat_template.jinja, and no chat_template.json or "
+                          "tokenizer_config.json with a chat_template")
     if not os.path.isfile(value):
         raise ConfigError(f"{flag} is not a file, a folder, a template's text or one of {sorted(BUILTIN)}")
     text = _read_template(value, flag)
@@ -52,11 +55,11 @@ def _read_template(path: str, flag: str) -> Optional[str]:
     """The template in path: a .json file's "chat_template" (its "default" one where it holds named templates;
     None if it has none), else the file's text."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:   # (a byte-order mark is not part of the template)
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{flag}: cannot read {path}: {e}") from e
-    if not path.endswith(".json"):
+    if not path.lower().endswith(".json"):
         if not is_template_text(text):
             raise ConfigError(f"{flag}: {path} holds no Jinja template (no {{{{ }}}} or {{% %}})")
         return text
@@ -70,8 +73,9 @@ def _read_template(path: str, flag: str) -> Optional[str]:
         if entry is None:
             raise ConfigError(f"{flag}: {path} holds named chat templates {sorted(map(str, named))} and no "
                               "\"default\" one: give the template itself")
-    if entry is not None and not isinstance(entry, str):
-        raise ConfigError(f"{flag}: the chat_template of {path} is not a string")
+    if entry is not None and not (isinstance(entry, str) and is_template_text(entry)):
+        # (the config keeps the text, and reads a value that is not template text as a name or path again)
+        raise ConfigError(f"{flag}: the chat_template of {path} is not a Jinja template ({str(entry)[:60]!r})")
     return entry
 
 

@@ -303,6 +303,12 @@ RESUME_MAY_CHANGE = ("resume", "progress", "device", "linear_backend", "output_d
                      "report_to", "save_total_limit")
 
 
+def _shown(value, limit: int = 120) -> str:
+    """repr(value), a long one (a chat template's text) cut to its first `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _ordered(name: str, value):
     """A flag's value as compared on --resume: a mapping's order counts (the first pattern that matches wins), a
     module list's does not (the files' order does: it orders the data)."""
@@ -326,6 +332,6 @@ def resume_config(output_dir: str, explicit: dict) -> TrainConfig:
                if k not in RESUME_MAY_CHANGE and _ordered(k, getattr(saved, k)) != _ordered(k, v)}
     if changed:
         raise ConfigError("--resume continues the saved run; these flags differ from it: " + ", ".join(
-            f"{_flag(k)} (saved {a!r}, given {b!r})" for k, (a, b) in changed.items()))
+            f"{_flag(k)} (saved {_shown(a)}, given {_shown(b)})" for k, (a, b) in changed.items()))
     keep = {k: explicit[k] for k in RESUME_MAY_CHANGE if k in explicit and k != "resume"}
     return dataclasses.replace(saved, **keep, resume=True).validate()

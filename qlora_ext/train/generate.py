@@ -15,7 +15,7 @@ def generate_text(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens
     """prompt followed by up to max_new_tokens generated tokens (greedy when temperature is 0; else sampled with
     torch's generator seeded by seed, so the same call gives the same text). chat: the prompt is a user message
     rendered by the tokenizer's chat template with the assistant's generation prompt, and the reply alone is
-    returned (what a model trained on {"messages"} data answers)."""
+    returned (what a model trained on {"messages"} data answers), ending at the template's end-of-turn mark."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()   # no dropout
@@ -29,24 +29,60 @@ def generate_text(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens
 def _generate(model, tokenizer, prompt, max_new_tokens, temperature, top_p, seed, device, chat) -> str:
     from .trainer import autocast_for
 
+    stop = None
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigError("--chat needs a tokenizer with a chat template, and this model's has none")
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
         ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
+        stop = end_of_turn(tokenizer)
     else:
         ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
     if ids.shape[1] == 0:
         raise ConfigError("--prompt is empty after tokenization: give some text to continue")
     sample = temperature > 0
     kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p) if sample else dict(do_sample=False)
+    if stop and stop != tokenizer.eos_token:   # (the EOS stops generation anyway)
+        from transformers import StoppingCriteriaList
+        kwargs["stopping_criteria"] = StoppingCriteriaList([StopAtText(tokenizer, ids.shape[1], stop)])
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         with autocast_for(device):
             out = model.generate(ids, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id,
                                  use_cache=True, **kwargs)
-    return tokenizer.decode(out[0, ids.shape[1]:] if chat else out[0], skip_special_tokens=True)
+    if not chat:
+        return tokenizer.decode(out[0], skip_special_tokens=True)
+    reply = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    if stop and stop not in tokenizer.all_special_tokens:   # a mark spelled out of tokens (ChatML's on a base
+        reply = reply.split(stop)[0]                        # model's tokenizer) is text: the reply ends there
+    return reply
+
+
+class StopAtText:
+    """A transformers stopping criterion: done once the text generated after `start` holds `mark` (decoded, so a
+    mark spelled out of several tokens is seen too; transformers' stop_strings needs a tokenizer whose vocabulary
+    it can map to text, which not every one allows). A reply is short: decoding it at each step is cheap."""
+
+    def __init__(self, tokenizer, start: int, mark: str):
+        self.tokenizer, self.start, self.mark = tokenizer, start, mark
+
+    def __call__(self, input_ids: torch.Tensor, scores=None, **kwargs) -> torch.Tensor:
+        done = [self.mark in self.tokenizer.decode(row[self.start:]) for row in input_ids]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def end_of_turn(tokenizer) -> str:
+    """The mark the chat template writes after an assistant message's content (ChatML's "<|im_end|>", Llama 3's
+    "<|eot_id|>"), or "" where it writes none: what ends a reply."""
+    sentinel = "\u2063qlora-reply\u2063"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": sentinel}], tokenize=False)
+    except Exception:   # a template that refuses such a conversation: no mark known
+        return ""
+    after = text.split(sentinel)[-1] if sentinel in text else ""
+    return after.strip().split()[0] if after.strip() else ""
 
 
 def main(argv=None) -> int:
