@@ -178,6 +178,9 @@ def _linear_cross_entropy_setup_context(ctx, inputs, output):
     ctx.head_dtypes = inputs[1].dtype, None if inputs[2] is None else inputs[2].dtype
     ctx.mark_non_differentiable(*output[1:])
     ctx.save_for_backward(*output[1:])
+    # The gradients are outputs no one differentiates: without this, autograd would hand the backward a zero
+    # tensor for each, one of them the size of the head's weight in float32.
+    ctx.set_materialize_grads(False)
 
 
 def _scaled(grad: torch.Tensor, grad_loss: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -190,6 +193,8 @@ def _scaled(grad: torch.Tensor, grad_loss: torch.Tensor, dtype: torch.dtype) -> 
 
 
 def _linear_cross_entropy_backward(ctx, grad_loss, *_grads_of_grads):
+    if grad_loss is None:   # (grads are not materialized: no gradient reached the loss)
+        return (None,) * 8
     grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
     if (ctx.needs_input_grad[0] and not ctx.compute_grad) or \
             ((ctx.needs_input_grad[1] or ctx.needs_input_grad[2]) and not ctx.compute_head_grad):

@@ -57,6 +57,7 @@ def wrap_modules_to_save(model: nn.Module, names: Iterable[str], adapted: Iterab
     nothing, or a module with LoRA adapters or quantized weights in it (`adapted`: the adapters' paths)."""
     from .bnb_io import is_bnb_linear_4bit, is_bnb_linear_8bit
     from .nn import Linear4bit, LoRALinear
+    from .trainable_tokens import TiedTokensHead, TrainableTokens
 
     names, adapted = list(names), list(adapted)
     inside_wrapper = {n for n, m in model.named_modules() if isinstance(m, ModuleToSave)}
@@ -71,13 +72,14 @@ def wrap_modules_to_save(model: nn.Module, names: Iterable[str], adapted: Iterab
         if isinstance(module, ModuleToSave):
             continue
         inner = [f"{name}.{n}" if n else name for n, m in module.named_modules()
-                 if isinstance(m, (LoRALinear, Linear4bit, ModuleToSave)) or is_bnb_linear_4bit(m)
+                 if isinstance(m, (LoRALinear, Linear4bit, ModuleToSave, TrainableTokens, TiedTokensHead))
+                 or is_bnb_linear_4bit(m)
                  or is_bnb_linear_8bit(m)]
         inner += [a for a in adapted if a == name or a.startswith(name + ".")]
         if inner:
-            raise ValueError(f"modules_to_save: {name} holds LoRA adapters, quantized weights or a module trained "
-                             f"whole already ({inner[0]}): a module is either adapted (target_modules) or trained "
-                             "whole (modules_to_save), once")
+            raise ValueError(f"modules_to_save: {name} holds LoRA adapters, quantized weights, trainable tokens or a "
+                             f"module trained whole already ({inner[0]}): a module is either adapted (target_modules, "
+                             "trainable_token_indices) or trained whole (modules_to_save), once")
     owner = {}   # parameter -> the modules holding it (tied embeddings: two)
     for n, m in model.named_modules(remove_duplicate=False):
         for p in m.parameters(recurse=False):

@@ -21,8 +21,8 @@ from .hf_quantization import forget_quantization
 from .linear import linear_4bit, lora_linear_4bit
 from .loftq import LOFTQ_SVDS, loftq_init
 from .modules_to_save import ModuleToSave, matches, unwrap_trained, wrap_modules_to_save
-from .trainable_tokens import (TiedTokensHead, TrainableTokens, plan_trainable_tokens, unwrap_trainable_tokens,
-                               wrap_trainable_tokens)
+from .trainable_tokens import (TiedTokensHead, TrainableTokens, plan_trainable_tokens, tied_to,
+                               unwrap_trainable_tokens, wrap_trainable_tokens)
 from .quantize import QuantState, dequantize, quantize
 
 _QUANT_BUFFERS = ("weight_codes", "weight_absmax", "weight_absmax_scale", "weight_absmax_mean")
@@ -558,6 +558,10 @@ def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = No
     # (checked before anything changes)
     tokens = None if trainable_token_indices is None else plan_trainable_tokens(model, trainable_token_indices,
                                                                                  matches, to_save)
+    clash = tied_to(model, tokens or {}, {n: linears[n] for n in chosen})
+    if clash:
+        raise ValueError(f"{clash[0]} is tied to an embedding with trainable tokens (trainable_token_indices): its "
+                         "LoRA adapter's base would not read the trained rows; leave it out of target_modules")
     if to_save:   # (refuses, before anything changes, a name that selects nothing or an adapted module)
         wrap_modules_to_save(model, to_save, adapted)
     if tokens:

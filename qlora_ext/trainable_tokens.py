@@ -145,10 +145,26 @@ def plan_trainable_tokens(model: nn.Module, spec: Union[Sequence[int], Mapping[s
         if not isinstance(embedding, nn.Embedding):
             raise ValueError(f"trainable_token_indices: {path} is a {type(embedding).__name__}, not an nn.Embedding")
         ids = checked_indices(ids, embedding.num_embeddings, f"trainable_token_indices for {path}")
-        if isinstance(module, TrainableTokens) and module.indices() != ids:
-            raise ValueError(f"{path} already trains tokens {module.indices()}, not {ids}")
+        if isinstance(module, TrainableTokens):
+            if module.indices() != ids:
+                raise ValueError(f"{path} already trains tokens {module.indices()}, not {ids}")
+        else:
+            head = _output_embedding(model)
+            sharing = [n for n, m in model.named_modules() if m is not embedding
+                       and not (m is head and type(m) is nn.Linear)
+                       and any(p is embedding.weight for p in m.parameters(recurse=False))]
+            if sharing:
+                raise ValueError(f"{path}'s weight is also {sharing[0]}'s (tied), which would not read the trained "
+                                 "rows (a LoRA-adapted LM head): train the tokens before adapting it, or not both")
         planned[path] = ids
     return planned
+
+
+def tied_to(model: nn.Module, planned: Mapping[str, Sequence[int]], linears: Mapping[str, nn.Module]) -> list:
+    """The layers of `linears` (those about to get LoRA adapters) whose weight is that of an embedding in
+    `planned`: an adapter's base would compute with the embedding's rows as they were, not the trained ones."""
+    weights = {id(model.get_submodule(p).weight) for p in planned}
+    return [n for n, m in linears.items() if id(getattr(m, "weight", None)) in weights]
 
 
 def wrap_trainable_tokens(model: nn.Module, planned: Mapping[str, Sequence[int]]) -> None:

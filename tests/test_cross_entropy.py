@@ -425,11 +425,16 @@ def test_cuda_graph_capture_and_replay(rng):
 
 
 @pytest.mark.parametrize("tie", [True, False])
-def test_causal_lm_loss_with_a_trained_head_matches_transformers(tie):
-    # modules_to_save=["lm_head"]: the head trains whole and the loss still skips the logits
+def test_causal_lm_loss_with_a_trained_head_matches_transformers(tie, monkeypatch):
+    # modules_to_save=["lm_head"]: the head trains whole and the loss still skips the logits (for at least
+    # hidden_size tokens: below that the logits path needs less memory)
     pytest.importorskip("transformers")
     import warnings
+    from qlora_ext.train import loss as loss_module
     from qlora_ext.train.loss import causal_lm_loss, fused_head
+    calls = []
+    monkeypatch.setattr(loss_module, "linear_cross_entropy", lambda *a, **k: calls.append(1) or
+                        linear_cross_entropy(*a, **k))
     model = tiny_llama(tie)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # (tied: the trained copy is untied from the embeddings)
@@ -441,15 +446,19 @@ def test_causal_lm_loss_with_a_trained_head_matches_transformers(tie):
     for p in params:
         if p.abs().max() == 0:
             torch.nn.init.normal_(p, std=0.02)
-    ids = torch.randint(0, 301, (3, 17), generator=torch.Generator().manual_seed(5))
+    ids = torch.randint(0, 301, (3, 23), generator=torch.Generator().manual_seed(5))   # 66 tokens >= 64
     labels = ids.masked_fill(torch.rand(ids.shape, generator=torch.Generator().manual_seed(6)) < 0.3, -100)
     want = model(input_ids=ids, labels=labels, use_cache=False).loss
     want_grads = torch.autograd.grad(want, params)
     got = causal_lm_loss(model, ids, labels)
     got_grads = torch.autograd.grad(got, params)
+    assert calls == [1]
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7)
+    assert fused_head(model, tokens=63) is None and fused_head(model, tokens=64) is not None
+    causal_lm_loss(model, ids[:, :20], labels[:, :20])   # 57 tokens: the logits path
+    assert calls == [1]
     with qlora_ext.adapters_disabled(model):   # the frozen original runs, still without the logits
         assert fused_head(model)[1] is model.lm_head.original_module
         with torch.no_grad():

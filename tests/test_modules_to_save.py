@@ -213,8 +213,8 @@ def test_save_4bit_writes_the_originals_of_modules_trained_whole(tmp_path):
 
 def test_a_module_holding_a_module_trained_whole_is_refused():
     model = prepared(False, ["layers.1.mlp.down_proj"], target_modules=["q_proj"])
-    with pytest.raises(ValueError, match="model.layers.1.mlp holds LoRA adapters, quantized weights or a module "
-                                         "trained whole already"):
+    with pytest.raises(ValueError, match="model.layers.1.mlp holds LoRA adapters, quantized weights, trainable "
+                                         "tokens or a module trained whole already"):
         qlora_ext.prepare_model(model, target_modules=["k_proj"], quant_type="none", modules_to_save=["mlp"])
 
 

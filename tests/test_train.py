@@ -780,6 +780,7 @@ def test_observe_eval_keeps_the_best_and_counts_evals_without_improvement():
     assert seen == [(True, False), (True, False), (False, True), (True, False), (False, False), (False, True)]
     assert state["best"] == {"step": 8, "loss": 2.5} and state["evals_without_improvement"] == 2
     assert observe_eval({}, 2, 1.0, patience=0, threshold=0.0) == (True, False)
+    assert observe_eval({}, 2, float("nan"), patience=1, threshold=0.0) == (False, False)   # as transformers
 
 
 def test_load_best_model_at_end_and_early_stopping(tiny, tmp_path, monkeypatch):
@@ -858,6 +859,31 @@ def test_trainable_token_indices_run_trains_those_rows_resumes_merges_and_export
     assert f"--trainable-token-indices {eos},5" in capsys.readouterr().out
     assert cli_main(argv[:-2] + ["--trainable-token-indices", "<|im_start|>"]) == 2
     assert "['<|im_start|>'] are neither token ids nor tokens" in capsys.readouterr().err
+
+
+def test_best_adapters_resume_from_their_checkpoint_when_later_evals_differ(tiny, tmp_path, monkeypatch):
+    """A resumed run whose evals after its checkpoint come out otherwise than the first time (another device)
+    still ends with the adapters its own best eval names: each checkpoint holds a copy of the best it knows."""
+    from safetensors.torch import load_file
+    real_evaluate = Trainer.evaluate
+    lower_at = {"step": 6}
+
+    def evaluate(self):   # step 6 is the best the first time; not after the resume
+        states = list(self.optimizer.state.values()) if hasattr(self, "optimizer") else []
+        step = int(states[0]["step"]) if states else 0
+        return real_evaluate(self) + (-10.0 if step == lower_at["step"] else -5.0 if step == 4 else 0.0)
+
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    out = tmp_path / "run"
+    train(_cfg(tiny, out, steps=8, eval_every=2, save_every=4, load_best_model_at_end=True), log=lambda s: None)
+    at_4 = load_file(str(out / "checkpoints" / "step-000004" / "adapter.safetensors"))
+    assert sorted(p.name for p in (out / "checkpoints").glob("best*")) == ["best-step-000006.safetensors"]
+    rewind(out, 4)
+    os.remove(out / "adapter.safetensors")
+    lower_at["step"] = -1
+    resumed = resume_adapters(out)
+    assert all(torch.equal(resumed[k], at_4[k]) for k in at_4)
+    assert json.loads((out / "report.json").read_text())["best_eval"]["step"] == 4
 
 
 def test_save_total_limit_keeps_the_newest_checkpoints_and_resumes(tiny, tmp_path):

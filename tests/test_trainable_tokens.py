@@ -95,11 +95,12 @@ def test_the_trainer_loss_path_matches_transformers_with_trainable_tokens(tied):
     from qlora_ext.train.loss import causal_lm_loss, fused_head
     model = prepared(tied).train()
     set_rows(model)
-    assert fused_head(model) is not None   # the chunked loss, also with the tied head's merged weight
+    ids = torch.cat([IDS] * 5, dim=1)   # 88 predicted tokens: a trained (tied) head takes the chunked loss
+    assert fused_head(model, tokens=88) is not None   # also with the tied head's merged weight
     params = [p for p in model.parameters() if p.requires_grad]
-    want = model(input_ids=IDS, labels=IDS, use_cache=False).loss
+    want = model(input_ids=ids, labels=ids, use_cache=False).loss
     want_grads = torch.autograd.grad(want, params)
-    got = causal_lm_loss(model, IDS)
+    got = causal_lm_loss(model, ids)
     got_grads = torch.autograd.grad(got, params)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
     for g, w in zip(got_grads, want_grads):
@@ -191,6 +192,26 @@ def test_misuse_is_refused_before_anything_changes():
     assert model.model.embed_tokens.trainable_tokens_delta.requires_grad
     with pytest.raises(ValueError, match=re.escape("model.embed_tokens already trains tokens [1, 2], not [1]")):
         qlora_ext.prepare_model(model, quant_type="none", trainable_token_indices=[1])
+    # a second call may not train the embedding whole too
+    with pytest.raises(ValueError, match="model.embed_tokens holds LoRA adapters, quantized weights, trainable tokens"):
+        qlora_ext.prepare_model(model, quant_type="none", modules_to_save=["embed_tokens"])
+
+
+def test_a_lora_adapted_head_tied_to_trained_tokens_is_refused():
+    """Its adapter's base would compute with the rows as they were (and merging would write in the trained ones):
+    refused in one call and in either order over two."""
+    with pytest.raises(ValueError, match="lm_head is tied to an embedding with trainable tokens"):
+        qlora_ext.prepare_model(tiny_llama(True), quant_type="none", target_modules=["q_proj", "lm_head"], exclude=(),
+                                trainable_token_indices=[1])
+    adapted = qlora_ext.prepare_model(tiny_llama(True), quant_type="none", target_modules=["lm_head"], exclude=())
+    with pytest.raises(ValueError, match="model.embed_tokens's weight is also lm_head.base's \\(tied\\)"):
+        qlora_ext.prepare_model(adapted, quant_type="none", trainable_token_indices=[1])
+    tokens = prepared(True)
+    with pytest.raises(ValueError, match="target_modules \\['lm_head'\\] match no nn.Linear"):
+        qlora_ext.prepare_model(tokens, quant_type="none", target_modules=["lm_head"], exclude=())
+    untied = qlora_ext.prepare_model(tiny_llama(False), quant_type="none", target_modules=["q_proj", "lm_head"],
+                                     exclude=(), trainable_token_indices=[1])   # untied: no clash
+    assert isinstance(untied.lm_head, qlora_ext.LoRALinear)
 
 
 def test_save_4bit_writes_the_base_and_a_prepared_model_copies_and_pickles(tmp_path):

@@ -122,10 +122,10 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(output_dir: str, step: int, model, optimizer, trainer_state: dict, config: dict,
-                    keep: int = 0) -> str:
+                    keep: int = 0, extra_files: Optional[Dict[str, str]] = None) -> str:
     """Writes checkpoints/step-NNNNNN/ through a temporary folder, then points `latest` at it; with keep > 0,
     removes all but the newest `keep` checkpoints after that. A crash at any point leaves the previous
-    checkpoint usable."""
+    checkpoint usable. extra_files: {name in the checkpoint: file to copy there} (the best eval's adapters)."""
     root = os.path.join(output_dir, "checkpoints")
     os.makedirs(root, exist_ok=True)
     name = f"step-{step:06d}"
@@ -136,6 +136,8 @@ def save_checkpoint(output_dir: str, step: int, model, optimizer, trainer_state:
     state = dict(trainer_state, step=step, optimizer=optimizer.state_dict(), rng=rng_state())
     torch.save(state, os.path.join(tmp, STATE_FILE))
     atomic_write_text(os.path.join(tmp, CONFIG_FILE), json.dumps(config, indent=2) + "\n")
+    for name_in, source in (extra_files or {}).items():
+        shutil.copyfile(source, os.path.join(tmp, name_in))
     if os.path.exists(final):
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -126,7 +126,7 @@ def token_ids(tokenizer, items: Sequence[str], flag: str = "--trainable-token-in
     ids, unknown = [], []
     for item in items:
         text = str(item).strip()
-        if text.isdigit():
+        if text.isascii() and text.isdigit():   # (a token that is a number, such as "2024", is given by its id)
             ids.append(int(text))
         elif text in vocab:
             ids.append(int(vocab[text]))

@@ -32,7 +32,8 @@ from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig
 from .data import IGNORE, TokenBlocks, batch_indices, find_text_files, resolve_packing, run_blocks
 from .loss import causal_lm_loss, packed_attention_problem, vocab_size
-from .best_eval import best_adapter_path, observe_eval, save_best_adapters
+from .best_eval import (best_adapter_path, for_checkpoint, observe_eval, restore_from_checkpoint,
+                        save_best_adapters, saved_best_step)
 from .chat_template import use_chat_template
 from .model import load_model_and_tokenizer, max_positions, resolve_model_dir, token_ids
 from .neftune import input_embeddings, neftune
@@ -377,6 +378,7 @@ class Trainer:
             if path is None:
                 raise ConfigError(f"--resume: no checkpoint in {cfg.output_dir}/checkpoints")
             state = ckpt.load_checkpoint(path, self.model, self.optimizer)
+            restore_from_checkpoint(cfg.output_dir, path, state)
             step = state.pop("step")
             began = state.get("data_fingerprint")   # (None: a checkpoint from before fingerprints: adopt today's)
             if began is not None and began != self.data.fingerprint():
@@ -420,8 +422,8 @@ class Trainer:
 
     def load_best(self, best: dict) -> None:
         """Puts the best eval's adapters (kept in best_adapter_path as the run went) back into the model."""
-        path = best_adapter_path(self.cfg.output_dir)
-        saved = ckpt.read_adapter_config(path).get("best_step") if os.path.exists(path) else None
+        path = best_adapter_path(self.cfg.output_dir, best["step"])
+        saved = saved_best_step(path)
         if saved != best["step"]:
             raise ConfigError(f"--load-best-model-at-end: {path} should hold the adapters of step {best['step']} "
                               f"(the best eval), and holds " + (f"step {saved}'s" if saved is not None else "none"))
@@ -506,14 +508,16 @@ class Trainer:
                                               cfg.early_stopping_threshold)
                 if improved and cfg.load_best_model_at_end:
                     save_best_adapters(cfg.output_dir, self.model, config, step)
-                if stop:
+                if stop and step < cfg.steps:   # (at the last step the run ends anyway)
                     state["stopped_early_at"] = step
                     msg += (f"; stopping early: {state['evals_without_improvement']} evals without a lower eval loss "
                             f"than step {state['best']['step']}'s {state['best']['loss']:.4f}")
                 bar.write(msg) if bar is not None else self.log(msg)
             if step % cfg.save_every == 0 or step == cfg.steps or state.get("stopped_early_at") == step:
                 ckpt.save_checkpoint(cfg.output_dir, step, self.model, self.optimizer, state, config,
-                                     keep=cfg.save_total_limit)
+                                     keep=cfg.save_total_limit,
+                                     extra_files=for_checkpoint(cfg.output_dir, state)
+                                     if cfg.load_best_model_at_end else None)
         return step
 
     def result(self, state: dict, step: int) -> dict:
