@@ -138,7 +138,7 @@ def test_packed_examples_lose_what_each_loses_alone(tiny, tmp_path, head, monkey
     from qlora_ext.train import loss as loss_module
     from qlora_ext.train.trainer import Trainer, evaluate
     if head == "model":
-        monkeypatch.setattr(loss_module, "fused_head", lambda model: None)
+        monkeypatch.setattr(loss_module, "fused_head", lambda model, tokens=None: None)
     data = _examples_file(tmp_path / "d.jsonl")
     t = Trainer(_cfg(tiny, tmp_path / "run", data=[data], quant_type="none", eval_blocks=6), log=lambda s: None)
     t.setup()

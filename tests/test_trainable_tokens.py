@@ -237,3 +237,24 @@ def test_torch_compile_fullgraph():
     got = torch.autograd.grad(compiled(input_ids=IDS, labels=IDS).loss, params)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (torch.cuda.is_available() and qlora_ext.build_info()["cuda"]), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("tied", [False, True])
+def test_cuda_bf16_rows_train_through_the_chunked_loss(tied):
+    """On a GPU in bf16 (the trainer's setting): the float32 rows get the gradient of the plain path, within bf16
+    rounding, through the chunked loss (a tied head's merged weight included)."""
+    from qlora_ext.train.loss import causal_lm_loss
+    model = qlora_ext.prepare_model(tiny_llama(tied).to("cuda", torch.bfloat16), r=4, alpha=8.0, quant_type="nf4",
+                                    compute_dtype=torch.bfloat16, trainable_token_indices=TOKENS).train()
+    delta = model.model.embed_tokens.trainable_tokens_delta
+    assert delta.dtype == torch.float32 and delta.is_cuda
+    ids = torch.cat([IDS] * 5, dim=1).cuda()
+    want = model(input_ids=ids, labels=ids, use_cache=False).loss
+    (want_grad,) = torch.autograd.grad(want, [delta])
+    got = causal_lm_loss(model, ids)
+    (got_grad,) = torch.autograd.grad(got, [delta])
+    assert got.dtype == torch.float32 and torch.isfinite(got_grad).all()
+    torch.testing.assert_close(got, want.float(), rtol=2e-2, atol=2e-2)
+    assert float((got_grad - want_grad).norm() / want_grad.norm()) < 3e-2
