@@ -33,7 +33,7 @@ import torch
 from ._files import atomic_save_safetensors, atomic_write_text
 from .lora_patterns import as_patterns, check_patterns, unique_ending, value_for
 from .modules_to_save import ModuleToSave
-from .trainable_tokens import TrainableTokens
+from .trainable_tokens import TiedTokensHead, TrainableTokens
 from .nn import Dropout, LoRALinear, lora_init_of, unwrap_model
 
 CONFIG_FILE = "adapter_config.json"
@@ -91,10 +91,18 @@ def _folder_tokens(model: torch.nn.Module, spec, where: str) -> Dict[str, list]:
     inner = unwrap_model(model)
     if isinstance(spec, dict):
         out = {}
+        heads = [n for n, m in inner.named_modules() if isinstance(m, TiedTokensHead)]
         for key, ids in spec.items():
             found = [n for n, m in inner.named_modules()
                      if isinstance(m, (TrainableTokens, torch.nn.Embedding)) and n.endswith(key)
                      and not n.endswith(".base_layer")]
+            tied = [n for n in heads if n.endswith(key)]
+            if not found and len(tied) == 1:   # PEFT's dict may name a tied head too: it reads the embedding's rows
+                head = inner.get_submodule(tied[0])
+                if list(ids) != head.tokens.indices():
+                    raise ValueError(f"{where}: trainable_token_indices gives the tied {tied[0]} the rows {list(ids)}, "
+                                     f"its embedding {head.tokens.indices()}")
+                continue
             if len(found) != 1:
                 raise ValueError(f"{where}: trainable_token_indices key {key!r} selects {found or 'no embedding'} "
                                  "of the model")

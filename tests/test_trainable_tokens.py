@@ -158,6 +158,29 @@ def test_peft_loads_what_we_save_and_we_load_what_peft_saves(tmp_path, tied, qua
         load_peft_adapter(prepared(tied, [3, 40]), str(tmp_path / "peft"))
 
 
+def test_a_peft_folder_naming_the_tied_head_too_loads(tmp_path):
+    """PEFT's dict form may name both tied modules ({"embed_tokens": ids, "lm_head": ids}); the head reads the
+    embedding's rows, so the folder holds the embedding's alone."""
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM",
+                          trainable_token_indices={"embed_tokens": TOKENS, "lm_head": TOKENS})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(tiny_llama(True), cfg)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    theirs.save_pretrained(str(tmp_path / "peft"))
+    mine = prepared(True)
+    load_peft_adapter(mine, str(tmp_path / "peft"))
+    torch.testing.assert_close(logits(mine), logits(theirs.eval()), rtol=1e-5, atol=1e-5)
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    config["trainable_token_indices"]["lm_head"] = [3, 40]
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=re.escape("gives the tied lm_head the rows [3, 40], its embedding [3, 95, 40]")):
+        load_peft_adapter(prepared(True), str(tmp_path / "peft"))
+
+
 def test_an_embedding_named_in_a_dict_and_written_with_its_path(tmp_path):
     model = prepared(False, {"embed_tokens": [5, 6]})
     assert model.model.embed_tokens.indices() == [5, 6]
