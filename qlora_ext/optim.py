@@ -86,6 +86,23 @@ class PagedAdamW(torch.optim.Optimizer):
                         fused=None, decoupled_weight_decay=True)
         super().__init__(params, defaults)
 
+    # ---- copy.deepcopy and pickle ------------------------------------------------------------------------
+    def _settings(self) -> dict:
+        """The constructor's keyword arguments beyond the groups' hyperparameters."""
+        return {"paged": self.paged, "prefetch_every_step": self.prefetch_every_step}
+
+    def __getstate__(self) -> dict:
+        # torch.optim.Optimizer's keeps defaults, state and param_groups only, which misses this optimizer's own
+        # storage (slots, arenas): keep the groups, the settings and the state_dict, and build it again from them
+        return {"param_groups": self.param_groups, "settings": self._settings(), "state_dict": self.state_dict()}
+
+    def __setstate__(self, saved: dict) -> None:
+        if "settings" not in saved:   # torch's load_state_dict sets state and param_groups through here
+            super().__setstate__(saved)
+            return
+        type(self).__init__(self, [dict(g) for g in saved["param_groups"]], **saved["settings"])
+        self.load_state_dict(saved["state_dict"])
+
     # ---- parameters -------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -378,6 +395,10 @@ class PagedAdamW8bit(PagedAdamW):
         if any(i not in members for i in self._float_state):
             raise ValueError("float_state_params must be parameters this optimizer steps (the tensors themselves, "
                              "not p.data or p.detach())")
+
+    def _settings(self) -> dict:
+        return dict(super()._settings(), min_8bit_size=self.min_8bit_size,
+                    float_state_params=list(self._float_state.values()))
 
     def is_8bit(self, p: torch.Tensor) -> bool:
         """Whether p gets (or has) 8-bit states."""

@@ -500,3 +500,22 @@ def test_cuda_step_refuses_graph_capture(optimizer):
 
 def test_package_exports():
     assert qlora_ext.PagedAdamW is PagedAdamW
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copies_and_pickles_step_as_the_original(device, how):
+    """copy.deepcopy and pickle give an optimizer with its own storage (a new arena on CUDA) holding the same
+    states: the copy and the original, given the same gradients, step to the same parameters."""
+    import pickle
+    params = make_params([(300, 70), (97,)], torch.bfloat16, device)
+    opt = PagedAdamW(groups_of(params) if len(params) > 2 else params, lr=1e-2, weight_decay=0.1)
+    run_both(opt, opt, params, params, steps=2)   # (stepping one optimizer: states exist)
+    pair = copy.deepcopy((opt, params)) if how == "deepcopy" else pickle.loads(pickle.dumps((opt, params)))
+    other, other_params = pair
+    assert all(q is p for q, p in zip(other.param_groups[0]["params"], other_params))
+    assert other.paged == opt.paged and other.param_groups[0]["weight_decay"] == 0.1
+    run_both(opt, other, params, other_params, steps=3, start=2)
+    for a, b in zip(params, other_params):
+        assert torch.equal(a, b) and a is not b
+        assert torch.equal(opt.state[a]["exp_avg_sq"], other.state[b]["exp_avg_sq"])

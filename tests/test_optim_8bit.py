@@ -3,6 +3,7 @@ the quantization ops and the step against the NumPy reference (tests/reference_o
 and parameters bit for bit; 50 steps against torch.optim.AdamW within a measured bound; small parameters on
 float32 states; state_dict round trips (bit-exact resume) and cross-loading from torch.optim.AdamW and
 PagedAdamW; bad inputs; opcheck; on CUDA also bit-equality with the CPU kernel, paging, one managed arena."""
+import copy
 import gc
 import io
 
@@ -353,6 +354,24 @@ def test_float_state_params_keep_float32_states_whatever_their_size(device):
     for other in (params[0].detach(), torch.zeros(3, requires_grad=True)):   # not a parameter it steps
         with pytest.raises(ValueError, match="float_state_params must be parameters this optimizer steps"):
             PagedAdamW8bit(params, float_state_params=[other])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copies_and_pickles_keep_8bit_states_and_float_state_params(device, how):
+    import pickle
+    params = make_params([(512, 64), (8192,)], torch.bfloat16, device)
+    opt = PagedAdamW8bit(params, lr=1e-2, float_state_params=[params[0]], min_8bit_size=1000)
+    run(opt, params, 2)
+    pair = copy.deepcopy((opt, params)) if how == "deepcopy" else pickle.loads(pickle.dumps((opt, params)))
+    other, other_params = pair
+    assert other.min_8bit_size == 1000
+    assert not other.is_8bit(other_params[0]) and other.is_8bit(other_params[1])
+    run(opt, params, 2, start=2)
+    run(other, other_params, 2, start=2)
+    for a, b in zip(params, other_params):
+        assert torch.equal(a, b)
+    assert torch.equal(opt.state[params[1]]["state1"], other.state[other_params[1]]["state1"])
 
 
 def test_state_bytes_per_parameter():
