@@ -6,26 +6,14 @@ import pytest
 
 from qlora_ext.train.chat_template import CHATML, markers, resolve_chat_template, use_chat_template
 from qlora_ext.train.config import ConfigError, TrainConfig
+# a byte-level BPE tokenizer with ChatML's markers as tokens (and Llama 3's not), a template of its own
+from tests.test_instructions import tokenizer  # noqa: F401  (a fixture)
 
 pytest.importorskip("transformers")
 
 LLAMA3_LIKE = ("{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}"
                "<|eot_id|>{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>"
                "\n\n{% endif %}")
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    """A byte-level BPE tokenizer without a chat template, with ChatML's markers as tokens and Llama 3's not."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(["hello there, the king speaks"] * 10,
-                            trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                special_tokens=["</s>", "<|im_start|>", "<|im_end|>"]))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>")
 
 
 def test_names_texts_files_and_folders_resolve_to_the_template_text(tmp_path):
@@ -104,11 +92,12 @@ def test_the_tokenizer_takes_a_template_that_renders(tokenizer):
     use_chat_template(tok, LLAMA3_LIKE, notes.append)
     assert len(notes) == 1 and "<|start_header_id|>, <|end_header_id|>, <|eot_id|> are not a token" in notes[0]
     broken = copy.deepcopy(tokenizer)
+    before = broken.chat_template
     with pytest.raises(ConfigError, match="cannot render a user, assistant conversation: .*no loops here"):
         use_chat_template(broken, "{{ raise_exception('no loops here') }}", notes.append)
     with pytest.raises(ConfigError, match="cannot render"):
         use_chat_template(broken, "{% for m in messages %}{{ m.nope.deeper }}{% endfor %}", notes.append)
-    assert broken.chat_template is None     # a refused template is not set
+    assert broken.chat_template == before     # a refused template is not set
 
 
 def test_markers_are_listed_once_in_order():

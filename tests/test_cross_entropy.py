@@ -324,6 +324,19 @@ def test_head_torch_compile_fullgraph(rng):
 
 # ---- the trainer's loss on a real transformers model ----------------------------------------------------
 
+def assert_loss_matches_transformers(model, params, ids, labels=None):
+    """The trainer's causal_lm_loss and its gradients for params are transformers' own loss and gradients."""
+    from qlora_ext.train.loss import causal_lm_loss
+    labels = ids if labels is None else labels
+    want = model(input_ids=ids, labels=labels, use_cache=False).loss
+    want_grads = torch.autograd.grad(want, params)
+    got = causal_lm_loss(model, ids, labels)
+    got_grads = torch.autograd.grad(got, params)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7)
+
+
 def tiny_llama(tie=True):
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
@@ -337,7 +350,7 @@ def tiny_llama(tie=True):
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_causal_lm_loss_matches_transformers(tie, checkpointing):
     pytest.importorskip("transformers")
-    from qlora_ext.train.loss import causal_lm_loss, fused_head
+    from qlora_ext.train.loss import fused_head
     model = tiny_llama(tie)
     qlora_ext.prepare_model(model, r=4, alpha=8, dropout=0.0)
     if checkpointing:
@@ -349,13 +362,7 @@ def test_causal_lm_loss_matches_transformers(tie, checkpointing):
     for p in params:  # lora_B starts at zero: give it values so that every gradient is non-trivial
         if p.abs().max() == 0:
             torch.nn.init.normal_(p, std=0.02)
-    want = model(input_ids=ids, labels=ids, use_cache=False).loss
-    want_grads = torch.autograd.grad(want, params)
-    got = causal_lm_loss(model, ids)
-    got_grads = torch.autograd.grad(got, params)
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
-    for g, w in zip(got_grads, want_grads):
-        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7)
+    assert_loss_matches_transformers(model, params, ids)
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -448,14 +455,8 @@ def test_causal_lm_loss_with_a_trained_head_matches_transformers(tie, monkeypatc
             torch.nn.init.normal_(p, std=0.02)
     ids = torch.randint(0, 301, (3, 23), generator=torch.Generator().manual_seed(5))   # 66 tokens >= 64
     labels = ids.masked_fill(torch.rand(ids.shape, generator=torch.Generator().manual_seed(6)) < 0.3, -100)
-    want = model(input_ids=ids, labels=labels, use_cache=False).loss
-    want_grads = torch.autograd.grad(want, params)
-    got = causal_lm_loss(model, ids, labels)
-    got_grads = torch.autograd.grad(got, params)
+    assert_loss_matches_transformers(model, params, ids, labels)
     assert calls == [1]
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
-    for g, w in zip(got_grads, want_grads):
-        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7)
     assert fused_head(model, tokens=63) is None and fused_head(model, tokens=64) is not None
     causal_lm_loss(model, ids[:, :20], labels[:, :20])   # 57 tokens: the logits path
     assert calls == [1]

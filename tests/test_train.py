@@ -697,12 +697,27 @@ def test_an_adapter_file_from_before_layer_alphas_is_checked_against_its_run_s_a
         load_adapters(model(8.0, r=2), path)
 
 
+def merged_evaluates_and_resume_is_exact(tiny, tmp_path, out, r, final):
+    """`qlora-train merge` of the run in out gives a dense model computing the run's last eval loss, and a resume
+    from its step-3 checkpoint ends with the same adapters (final); returns the dense model."""
+    from transformers import AutoModelForCausalLM
+    from qlora_ext.train.trainer import evaluate
+    assert cli_main(["merge", "--output-dir", str(out), "--to", str(tmp_path / "merged")]) == 0
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    t = Trainer(_cfg(tiny, tmp_path / "data-only"), log=lambda s: None)
+    t.setup()
+    assert math.isclose(evaluate(dense, t.data.eval, 4, t.device), r["eval_after"]["loss"], rel_tol=1e-5)
+    rewind(out, 3)
+    os.remove(out / "adapter.safetensors")
+    resumed = resume_adapters(out)
+    assert resumed.keys() == final.keys() and all(torch.equal(resumed[k], final[k]) for k in final)
+    return dense
+
+
 def test_modules_to_save_run_trains_the_head_resumes_merges_and_exports(tiny, tmp_path):
     """--modules-to-save lm_head: the head's copy trains with the adapters (in the adapter file and the PEFT folder,
     under PEFT's name), a resume is bit-exact, and the merged model computes the run's eval loss."""
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
-    from qlora_ext.train.trainer import evaluate
 
     out = tmp_path / "run"
     r = train(_cfg(tiny, out, steps=6, save_every=3, eval_every=3, modules_to_save=["lm_head"]), log=lambda s: None)
@@ -714,15 +729,7 @@ def test_modules_to_save_run_trains_the_head_resumes_merges_and_exports(tiny, tm
     assert json.loads((peft_dir / "adapter_config.json").read_text())["modules_to_save"] == ["lm_head"]
     assert torch.equal(load_file(str(peft_dir / "adapter_model.safetensors"))["base_model.model.lm_head.weight"],
                        final["lm_head.trained_module.weight"])
-    assert cli_main(["merge", "--output-dir", str(out), "--to", str(tmp_path / "merged")]) == 0
-    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
-    t = Trainer(_cfg(tiny, tmp_path / "data-only"), log=lambda s: None)
-    t.setup()
-    assert math.isclose(evaluate(dense, t.data.eval, 4, t.device), r["eval_after"]["loss"], rel_tol=1e-5)
-    rewind(out, 3)
-    os.remove(out / "adapter.safetensors")
-    resumed = resume_adapters(out)
-    assert resumed.keys() == final.keys() and all(torch.equal(resumed[k], final[k]) for k in final)
+    merged_evaluates_and_resume_is_exact(tiny, tmp_path, out, r, final)
 
 
 def test_paged_adamw8bit_keeps_float32_states_for_a_trained_embedding(tiny, tmp_path, monkeypatch):
@@ -826,8 +833,7 @@ def test_trainable_token_indices_run_trains_those_rows_resumes_merges_and_export
     file and, as PEFT's trainable_token_indices, the PEFT folder), a resume is bit-exact, the merged model computes
     the run's eval loss, and --init-adapter takes the rows from the folder."""
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from qlora_ext.train.trainer import evaluate
+    from transformers import AutoTokenizer
 
     eos = AutoTokenizer.from_pretrained(tiny[0]).eos_token_id
     out = tmp_path / "run"
@@ -840,16 +846,8 @@ def test_trainable_token_indices_run_trains_those_rows_resumes_merges_and_export
     assert "trained embedding rows: </s>,5".replace("|", "\\|") in open(r["report"]["markdown"]).read()
     peft_dir = out / "peft_adapter"
     assert json.loads((peft_dir / "adapter_config.json").read_text())["trainable_token_indices"] == [eos, 5]
-    assert cli_main(["merge", "--output-dir", str(out), "--to", str(tmp_path / "merged")]) == 0
-    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    dense = merged_evaluates_and_resume_is_exact(tiny, tmp_path, out, r, final)
     assert torch.equal(dense.model.embed_tokens.weight[[eos, 5]], rows)
-    t = Trainer(_cfg(tiny, tmp_path / "data-only"), log=lambda s: None)
-    t.setup()
-    assert math.isclose(evaluate(dense, t.data.eval, 4, t.device), r["eval_after"]["loss"], rel_tol=1e-5)
-    rewind(out, 3)
-    os.remove(out / "adapter.safetensors")
-    resumed = resume_adapters(out)
-    assert resumed.keys() == final.keys() and all(torch.equal(resumed[k], final[k]) for k in final)
     model_dir, data_dir = tiny
     argv = ["--model", model_dir, "--data", data_dir, "--output-dir", str(tmp_path / "b"), "--seq-len", "32",
             "--eval-blocks", "4", "--batch-size", "4", "--steps", "1", "--device", "cpu", "--no-progress",

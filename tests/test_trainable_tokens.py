@@ -14,6 +14,8 @@ import torch
 import qlora_ext
 from qlora_ext.peft_io import load_peft_adapter, save_peft_adapter
 from qlora_ext.trainable_tokens import TiedTokensHead, TrainableTokens
+from tests import test_modules_to_save as modules_to_save_tests
+from tests.test_modules_to_save import tiny_llama
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -23,17 +25,8 @@ TOKENS = [3, 95, 40]
 IDS = torch.tensor([[3, 5, 95, 40, 7, 3, 11, 2, 40], [1, 95, 95, 6, 3, 8, 9, 10, 12]])
 
 
-def tiny_llama(tied: bool, seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   tie_word_embeddings=tied)
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
 def logits(model, ids=IDS):
-    with torch.no_grad():
-        return model(input_ids=ids).logits
+    return modules_to_save_tests.logits(model, ids)
 
 
 def prepared(tied, tokens=TOKENS, quant_type="none", **kw):
@@ -59,6 +52,20 @@ def by_hand(tied, rows, tokens=TOKENS):
     with torch.no_grad():
         model.model.embed_tokens.weight[torch.tensor(tokens)] = rows
     return model
+
+
+def peft_trained(tied, trainable_token_indices):
+    """PEFT's own LoRA model with trainable tokens, its trainable tensors changed a little (as if trained)."""
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM",
+                          trainable_token_indices=trainable_token_indices)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(tiny_llama(tied), cfg)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    return theirs
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -92,19 +99,13 @@ def test_only_the_chosen_rows_train_and_a_tied_head_reads_them(tied):
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_the_trainer_loss_path_matches_transformers_with_trainable_tokens(tied):
-    from qlora_ext.train.loss import causal_lm_loss, fused_head
+    from qlora_ext.train.loss import fused_head
+    from tests.test_cross_entropy import assert_loss_matches_transformers
     model = prepared(tied).train()
     set_rows(model)
     ids = torch.cat([IDS] * 5, dim=1)   # 88 predicted tokens: a trained (tied) head takes the chunked loss
     assert fused_head(model, tokens=88) is not None   # also with the tied head's merged weight
-    params = [p for p in model.parameters() if p.requires_grad]
-    want = model(input_ids=ids, labels=ids, use_cache=False).loss
-    want_grads = torch.autograd.grad(want, params)
-    got = causal_lm_loss(model, ids)
-    got_grads = torch.autograd.grad(got, params)
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
-    for g, w in zip(got_grads, want_grads):
-        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7)
+    assert_loss_matches_transformers(model, [p for p in model.parameters() if p.requires_grad], ids)
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -137,15 +138,7 @@ def test_peft_loads_what_we_save_and_we_load_what_peft_saves(tmp_path, tied, qua
         theirs = peft.PeftModel.from_pretrained(tiny_llama(tied), str(tmp_path / "ours")).eval()
     torch.testing.assert_close(logits(theirs), logits(ours), rtol=1e-5, atol=1e-5)
 
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", trainable_token_indices=TOKENS,
-                          task_type="CAUSAL_LM")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = peft.get_peft_model(tiny_llama(tied), cfg)
-    with torch.no_grad():
-        for p in theirs.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)
+    theirs = peft_trained(tied, TOKENS)
     theirs.save_pretrained(str(tmp_path / "peft"))
     mine = prepared(tied)
     load_peft_adapter(mine, str(tmp_path / "peft"))
@@ -161,15 +154,7 @@ def test_peft_loads_what_we_save_and_we_load_what_peft_saves(tmp_path, tied, qua
 def test_a_peft_folder_naming_the_tied_head_too_loads(tmp_path):
     """PEFT's dict form may name both tied modules ({"embed_tokens": ids, "lm_head": ids}); the head reads the
     embedding's rows, so the folder holds the embedding's alone."""
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM",
-                          trainable_token_indices={"embed_tokens": TOKENS, "lm_head": TOKENS})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = peft.get_peft_model(tiny_llama(True), cfg)
-    with torch.no_grad():
-        for p in theirs.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)
+    theirs = peft_trained(True, {"embed_tokens": TOKENS, "lm_head": TOKENS})
     theirs.save_pretrained(str(tmp_path / "peft"))
     mine = prepared(True)
     load_peft_adapter(mine, str(tmp_path / "peft"))
