@@ -200,15 +200,21 @@ def test_exported_names_select_the_same_modules_in_peft(tmp_path):
             load_peft_adapter(prepared(False, ["norm"], target_modules=["q_proj"]), str(tmp_path / "peft"))
 
 
+def assert_save_4bit_writes_the_base(model, folder, ids=IDS):
+    """save_4bit of a prepared tied model writes what it computes with its adapters disabled, still tied."""
+    with qlora_ext.adapters_disabled(model):
+        want = logits(model, ids)
+    qlora_ext.save_4bit(model, folder)
+    with open(f"{folder}/config.json") as f:
+        assert json.load(f)["tie_word_embeddings"] is True
+    again = qlora_ext.load_4bit(folder).eval()
+    torch.testing.assert_close(logits(again, ids), want, rtol=0, atol=0)
+
+
 def test_save_4bit_writes_the_originals_of_modules_trained_whole(tmp_path):
     model = prepared(True, ["lm_head"], quant_type="nf4")
     train_a_little(model)
-    with qlora_ext.adapters_disabled(model):
-        want = logits(model)
-    qlora_ext.save_4bit(model, str(tmp_path / "q4"))
-    assert json.loads((tmp_path / "q4" / "config.json").read_text())["tie_word_embeddings"] is True
-    again = qlora_ext.load_4bit(str(tmp_path / "q4")).eval()
-    torch.testing.assert_close(logits(again), want, rtol=0, atol=0)
+    assert_save_4bit_writes_the_base(model, str(tmp_path / "q4"))
 
 
 def test_a_module_holding_a_module_trained_whole_is_refused():

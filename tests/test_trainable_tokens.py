@@ -228,12 +228,7 @@ def test_save_4bit_writes_the_base_and_a_prepared_model_copies_and_pickles(tmp_p
     for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         torch.testing.assert_close(logits(other), logits(model), rtol=0, atol=0)
         assert other.lm_head.tokens is other.model.embed_tokens
-    with qlora_ext.adapters_disabled(model):
-        want = logits(model)
-    qlora_ext.save_4bit(model, str(tmp_path / "q4"))
-    assert json.loads((tmp_path / "q4" / "config.json").read_text())["tie_word_embeddings"] is True
-    again = qlora_ext.load_4bit(str(tmp_path / "q4")).eval()
-    torch.testing.assert_close(logits(again), want, rtol=0, atol=0)
+    modules_to_save_tests.assert_save_4bit_writes_the_base(model, str(tmp_path / "q4"), IDS)
 
 
 def test_torch_compile_fullgraph():
