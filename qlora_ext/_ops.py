@@ -167,15 +167,16 @@ def _linear_cross_entropy_fake(hidden, weight, bias, labels, ignore_index, compu
     torch._check(labels.dim() == 1 and labels.shape[0] == hidden.shape[0], lambda: "labels must be [tokens]")
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     grad_shape = hidden.shape if compute_grad else (0, hidden.shape[1])
+    grad_dtype = torch.float32 if hidden.dtype == torch.float16 else hidden.dtype   # (see the op's comment)
     weight_grad_shape = weight.shape if compute_head_grad else (0, hidden.shape[1])
     bias_grad_shape = (weight.shape[0],) if compute_head_grad and bias is not None else (0,)
-    return (hidden.new_empty((), dtype=acc), hidden.new_empty(grad_shape),
+    return (hidden.new_empty((), dtype=acc), hidden.new_empty(grad_shape, dtype=grad_dtype),
             hidden.new_empty(weight_grad_shape, dtype=acc), hidden.new_empty(bias_grad_shape, dtype=acc))
 
 
 def _linear_cross_entropy_setup_context(ctx, inputs, output):
     ctx.compute_grad, ctx.compute_head_grad = inputs[5], inputs[7]   # (defaults filled in by torch.library)
-    ctx.head_dtypes = inputs[1].dtype, None if inputs[2] is None else inputs[2].dtype
+    ctx.dtypes = inputs[0].dtype, inputs[1].dtype, None if inputs[2] is None else inputs[2].dtype
     ctx.mark_non_differentiable(*output[1:])
     ctx.save_for_backward(*output[1:])
     # The gradients are outputs no one differentiates: without this, autograd would hand the backward a zero
@@ -200,8 +201,8 @@ def _linear_cross_entropy_backward(ctx, grad_loss, *_grads_of_grads):
             ((ctx.needs_input_grad[1] or ctx.needs_input_grad[2]) and not ctx.compute_head_grad):
         raise RuntimeError("linear_cross_entropy was called with compute_grad=False or compute_head_grad=False: "
                            "it has no gradient to give for that input")
-    weight_dtype, bias_dtype = ctx.head_dtypes
-    return (_scaled(grad_hidden, grad_loss, grad_hidden.dtype) if ctx.needs_input_grad[0] else None,
+    hidden_dtype, weight_dtype, bias_dtype = ctx.dtypes
+    return (_scaled(grad_hidden, grad_loss, hidden_dtype) if ctx.needs_input_grad[0] else None,
             _scaled(grad_weight, grad_loss, weight_dtype) if ctx.needs_input_grad[1] else None,
             _scaled(grad_bias, grad_loss, bias_dtype) if ctx.needs_input_grad[2] else None,
             None, None, None, None, None)

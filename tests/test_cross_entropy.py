@@ -143,7 +143,7 @@ def test_autocast_casts_like_nn_linear(rng):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device, rng):
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
         h, w, b, labels = make_inputs(rng, 33, 16, 29, dtype, device, ignore_every=3, bias=True)
         torch.library.opcheck(ops.linear_cross_entropy, (h, w, b, labels, IGNORE, False, 0, False))
         torch.library.opcheck(ops.linear_cross_entropy, (h.requires_grad_(), w, None, labels, IGNORE, True, 8,
@@ -249,6 +249,28 @@ def test_half_precision_head_gradients_at_most_twice_the_usual_path_error(device
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_float16_with_a_gradient_scaler_loses_no_small_gradients(device, rng):
+    """GradScaler's recipe, (loss * S).backward(): the usual path's GEMMs see (softmax - onehot) * S / count, where
+    (softmax - onehot) / count alone is below float16's range for a large vocabulary and batch (here ~3e-8). The
+    op keeps the float16 gradients in float32 until the backward's scale: errors as the usual path's."""
+    h, w, _, labels = make_inputs(rng, 2048, 64, 16000, torch.float16, device)
+    w = w * 0.05
+    scale = 65536.0
+    ref = [t.detach().double().requires_grad_() for t in (h, w)]
+    F.cross_entropy(F.linear(*ref), labels).backward()
+
+    def scaled_grads(loss_of):
+        leaves = [t.detach().clone().requires_grad_() for t in (h, w)]
+        (loss_of(*leaves) * scale).backward()
+        return [t.grad.double().cpu() / scale for t in leaves]
+
+    usual = scaled_grads(lambda a, b: F.cross_entropy(F.linear(a, b).float(), labels))
+    ours = scaled_grads(lambda a, b: linear_cross_entropy(a, b, labels))
+    for u, o, r in zip(usual, ours, (ref[0].grad.cpu(), ref[1].grad.cpu())):
+        assert float((o - r).norm() / r.norm()) <= 2 * float((u - r).norm() / r.norm()) + 1e-6
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_head_gradcheck_float64(device, rng):
     h, w, b, labels = make_inputs(rng, 9, 8, 11, torch.float64, device, ignore_every=4, bias=True)
     inputs = tuple(t.requires_grad_() for t in (h, w, b))
@@ -298,7 +320,7 @@ def test_autocast_trains_a_float32_head_through_its_bf16_copy(rng):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_head_opcheck(device, rng):
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
         h, w, b, labels = make_inputs(rng, 33, 16, 29, dtype, device, ignore_every=3, bias=True)
         torch.library.opcheck(ops.linear_cross_entropy,
                               (h.requires_grad_(), w.requires_grad_(), b.requires_grad_(), labels, IGNORE, True, 8,

@@ -72,9 +72,16 @@ void check_args(const at::Tensor& hidden, const at::Tensor& weight, const std::o
   TORCH_CHECK_VALUE(chunk_rows >= 0, "chunk_rows must be >= 0 (0: automatic), got ", chunk_rows);
 }
 
-// Returns (mean loss, d/d(hidden), d/d(weight), d/d(bias)) of the mean loss. d/d(hidden) is in hidden's dtype,
-// [0, hidden_size] unless compute_grad; d/d(weight) and d/d(bias) are in the loss's dtype (float32, float64
-// for float64 input), [0, hidden_size] and [0] unless compute_head_grad (and, for the bias, one is given).
+// Returns (mean loss, d/d(hidden), d/d(weight), d/d(bias)) of the mean loss. d/d(hidden) is in hidden's dtype
+// (float32 for float16 hidden, below), [0, hidden_size] unless compute_grad; d/d(weight) and d/d(bias) are in
+// the loss's dtype (float32, float64 for float64 input), [0, hidden_size] and [0] unless compute_head_grad
+// (and, for the bias, one is given).
+//
+// float16: (softmax - onehot) / count is below float16's range for a large vocabulary and batch (3e-5 / 4096
+// flushes to zero), where the usual path's GEMMs see it multiplied by a GradScaler's scale first; here the
+// scale comes only in backward. So for float16 the GEMM inputs are (softmax - onehot) itself (|x| <= 1; the
+// products stay below 2 max|W|), the gradients are kept in float32 and divided by count there, and the
+// head's gradient is taken in float32 (its per-token sums could exceed float16's range).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& labels, int64_t ignore_index, bool compute_grad, int64_t chunk_rows,
@@ -95,10 +102,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy(
   // Every valid row's gradient is scaled by 1/count in float32, before the cast to the input dtype (as the
   // usual path does); with no valid label the loss is NaN (0/0, as torch's mean cross-entropy) and the
   // gradient zero.
-  const at::Tensor row_scale = valid_f * count.clamp_min(1).reciprocal();
+  const bool fp16 = hidden.scalar_type() == at::kHalf;
+  const at::Tensor inv_count = count.clamp_min(1).reciprocal();
+  const at::Tensor row_scale = fp16 ? valid_f : valid_f * inv_count;
   at::Tensor loss_sum = at::zeros({}, hidden.options().dtype(acc));
-  at::Tensor grad = compute_grad ? at::empty_like(hidden, at::MemoryFormat::Contiguous)
-                                 : at::empty({0, hidden.size(1)}, hidden.options());
+  const auto grad_options = fp16 ? hidden.options().dtype(acc) : hidden.options();
+  at::Tensor grad = compute_grad ? at::empty(hidden.sizes(), grad_options)
+                                 : at::empty({0, hidden.size(1)}, grad_options);
   const auto acc_options = hidden.options().dtype(acc);
   at::Tensor grad_weight = compute_head_grad ? at::zeros({vocab, hidden.size(1)}, acc_options)
                                              : at::empty({0, hidden.size(1)}, acc_options);
@@ -107,7 +117,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy(
   // A 16-bit head's gradient: each chunk's product in the input dtype (the usual path's GEMM, accumulating in
   // float32 inside), rounded once per chunk into this buffer and summed in float32.
   at::Tensor partial;
-  if (compute_head_grad && hidden.scalar_type() != acc) partial = at::empty({vocab, hidden.size(1)}, hidden.options());
+  if (compute_head_grad && hidden.scalar_type() != acc && !fp16) {
+    partial = at::empty({vocab, hidden.size(1)}, hidden.options());
+  }
   const at::Tensor weight_t = weight.t();
   int64_t rows = chunk_rows > 0 ? chunk_rows : std::max<int64_t>(1, kChunkLogits / vocab);
   if (compute_head_grad && chunk_rows == 0) rows = std::max(rows, kMinHeadGradRows);
@@ -125,23 +137,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy(
     // -log softmax[label] = log(sum exp(logit - max)) + max - logit[label]
     loss_sum.add_((sum_exp.log().add_(row_max).sub_(target)).mul_(valid_f.narrow(0, r0, n).unsqueeze(1)).sum());
     if (compute_grad || compute_head_grad) {
-      // d loss / d logits = (softmax - onehot(label)) / count, zero on ignored rows
+      // d loss / d logits = (softmax - onehot(label)) / count (float16: without the 1/count), zero on
+      // ignored rows
       logits.mul_(scale / sum_exp);
       logits.scatter_add_(1, label, scale.neg());
       const at::Tensor grad_logits = logits.to(hidden.scalar_type());  // (no copy when already that dtype)
       if (compute_grad) {
         at::Tensor grad_rows = grad.narrow(0, r0, n);  // contiguous rows: the GEMM writes them in place
-        at::mm_out(grad_rows, grad_logits, weight);
+        if (fp16) {
+          grad_rows.copy_(at::mm(grad_logits, weight));
+        } else {
+          at::mm_out(grad_rows, grad_logits, weight);
+        }
       }
       if (compute_head_grad) {
         if (partial.defined()) {
           at::mm_out(partial, grad_logits.t(), h);
           grad_weight.add_(partial);
         } else {
-          grad_weight.addmm_(grad_logits.t(), h);
+          grad_weight.addmm_(logits.t(), fp16 ? h.to(acc) : h);
         }
         if (bias.has_value()) grad_bias.add_(logits.sum(0));
       }
+    }
+  }
+  if (fp16) {   // the 1/count left out above, in float32
+    if (compute_grad) grad.mul_(inv_count);
+    if (compute_head_grad) {
+      grad_weight.mul_(inv_count);
+      grad_bias.mul_(inv_count);
     }
   }
   return {loss_sum / count, grad, grad_weight, grad_bias};
@@ -152,10 +176,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy(
 TORCH_LIBRARY_FRAGMENT(qlora_ext, m) {
   // Mean cross-entropy of softmax(hidden @ weight^T + bias) against labels, rows whose label is ignore_index
   // left out, without materializing the logits; with compute_grad, also its gradient with respect to hidden
-  // ([0, hidden_size] otherwise), and with compute_head_grad those with respect to weight and bias (in the
-  // loss's dtype; [0, hidden_size] and [0] otherwise). hidden [tokens, hidden_size]
-  // float32/float64/float16/bfloat16, weight [vocab, hidden_size] and bias [vocab] of the same dtype, labels
-  // [tokens] int64; chunk_rows 0 picks the chunk size (rows per chunk) itself.
+  // (in hidden's dtype, float32 for float16; [0, hidden_size] otherwise), and with compute_head_grad those with
+  // respect to weight and bias (in the loss's dtype; [0, hidden_size] and [0] otherwise). hidden
+  // [tokens, hidden_size] float32/float64/float16/bfloat16, weight [vocab, hidden_size] and bias [vocab] of the
+  // same dtype, labels [tokens] int64; chunk_rows 0 picks the chunk size (rows per chunk) itself.
   m.def("linear_cross_entropy(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, int ignore_index, "
         "bool compute_grad, int chunk_rows=0, bool compute_head_grad=False) -> (Tensor, Tensor, Tensor, Tensor)");
 }
