@@ -94,13 +94,15 @@ class PagedAdamW(torch.optim.Optimizer):
     def __getstate__(self) -> dict:
         # torch.optim.Optimizer's keeps defaults, state and param_groups only, which misses this optimizer's own
         # storage (slots, arenas): keep the groups, the settings and the state_dict, and build it again from them
-        return {"param_groups": self.param_groups, "settings": self._settings(), "state_dict": self.state_dict()}
+        return {"param_groups": self.param_groups, "settings": self._settings(), "state_dict": self.state_dict(),
+                "defaults": self.defaults}
 
     def __setstate__(self, saved: dict) -> None:
         if "settings" not in saved:   # torch's load_state_dict sets state and param_groups through here
             super().__setstate__(saved)
             return
         type(self).__init__(self, [dict(g) for g in saved["param_groups"]], **saved["settings"])
+        self.defaults = dict(saved["defaults"])   # (what a group added later takes; not the class's defaults)
         self.load_state_dict(saved["state_dict"])
 
     # ---- parameters -------------------------------------------------------------------------------

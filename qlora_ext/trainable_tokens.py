@@ -155,7 +155,9 @@ def plan_trainable_tokens(model: nn.Module, spec: Union[Sequence[int], Mapping[s
                        and any(p is embedding.weight for p in m.parameters(recurse=False))]
             if sharing:
                 raise ValueError(f"{path}'s weight is also {sharing[0]}'s (tied), which would not read the trained "
-                                 "rows (a LoRA-adapted LM head): train the tokens before adapting it, or not both")
+                                 "rows: the base of a LoRA-adapted LM head (which cannot be combined with trainable "
+                                 "tokens), or the frozen original of an LM head trained whole (give modules_to_save and "
+                                 "trainable_token_indices in one prepare_model call)")
         planned[path] = ids
     return planned
 

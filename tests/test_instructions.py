@@ -446,6 +446,9 @@ def test_generate_chat_reply_ends_at_the_end_of_turn_mark():
     bare = copy.deepcopy(tok)
     bare.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     assert end_of_turn(bare) == ""
+    glued = copy.deepcopy(tok)   # a mark with the EOS right after it: the mark
+    glued.chat_template = "{% for m in messages %}{{ m['content'] }}<|eot|></s>{% endfor %}"
+    assert end_of_turn(glued) == "<|eot|>"
 
     class Scripted(torch.nn.Module):   # "generates" a reply, its mark and a next turn
         def __init__(self):

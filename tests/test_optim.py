@@ -509,12 +509,13 @@ def test_copies_and_pickles_step_as_the_original(device, how):
     states: the copy and the original, given the same gradients, step to the same parameters."""
     import pickle
     params = make_params([(300, 70), (97,)], torch.bfloat16, device)
-    opt = PagedAdamW(groups_of(params) if len(params) > 2 else params, lr=1e-2, weight_decay=0.1)
+    opt = PagedAdamW(params, lr=1e-2, weight_decay=0.1, eps=1e-6)
     run_both(opt, opt, params, params, steps=2)   # (stepping one optimizer: states exist)
     pair = copy.deepcopy((opt, params)) if how == "deepcopy" else pickle.loads(pickle.dumps((opt, params)))
     other, other_params = pair
     assert all(q is p for q, p in zip(other.param_groups[0]["params"], other_params))
     assert other.paged == opt.paged and other.param_groups[0]["weight_decay"] == 0.1
+    assert other.defaults == opt.defaults and other.defaults["eps"] == 1e-6   # (what a group added later takes)
     run_both(opt, other, params, other_params, steps=3, start=2)
     for a, b in zip(params, other_params):
         assert torch.equal(a, b) and a is not b

@@ -773,7 +773,8 @@ def test_chat_template_lets_a_base_model_train_on_conversations(tiny, tmp_path, 
     assert cli_main(["--output-dir", str(out), "--resume", "--no-progress", "--chat-template",
                      "{% for m in messages %}{{ m['content'] }}{% endfor %}"]) == 2
     err = capsys.readouterr().err
-    assert "--chat-template (saved" in err and "characters)" in err and len(err) < 600   # long texts cut short
+    # long texts shown from where they differ
+    assert "--chat-template (196 and 53 characters, differing from character 8" in err and len(err) < 600
     assert cli_main(["merge", "--output-dir", str(out), "--to", str(tmp_path / "merged")]) == 0
     assert AutoTokenizer.from_pretrained(tmp_path / "merged").chat_template == CHATML
 
@@ -787,7 +788,11 @@ def test_observe_eval_keeps_the_best_and_counts_evals_without_improvement():
     assert seen == [(True, False), (True, False), (False, True), (True, False), (False, False), (False, True)]
     assert state["best"] == {"step": 8, "loss": 2.5} and state["evals_without_improvement"] == 2
     assert observe_eval({}, 2, 1.0, patience=0, threshold=0.0) == (True, False)
-    assert observe_eval({}, 2, float("nan"), patience=1, threshold=0.0) == (False, False)   # as transformers
+    assert observe_eval({}, 2, float("nan"), patience=1, threshold=0.0) == (False, True)   # it counts too
+    from qlora_ext.train.config import _token_indices_setting   # (a PEFT folder's setting for --init-adapter)
+    assert _token_indices_setting({"embed_tokens": [5, 7], "lm_head": [5, 7]}) == ["5", "7"]
+    assert _token_indices_setting({"embed_tokens": [5, 7], "lm_head": [5]}) is None
+    assert _token_indices_setting([3]) == ["3"]
 
 
 def test_load_best_model_at_end_and_early_stopping(tiny, tmp_path, monkeypatch):

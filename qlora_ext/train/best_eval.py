@@ -25,11 +25,12 @@ def observe_eval(state: dict, step: int, loss: float, patience: int, threshold: 
     and "evals_without_improvement"; returns (whether it is a new best, whether to stop now).
 
     As in transformers: the best is the lowest loss, and for early stopping an eval counts as an improvement
-    only when it is lower than the best before it by more than `threshold` (the first eval always counts);
-    `patience` evals in a row that are not stop the run (0: never). A non-finite loss is never the best."""
+    only when it is lower than the best before it by more than `threshold` (the first finite eval always
+    counts); `patience` evals in a row that are not stop the run (0: never). A non-finite loss is never the
+    best, and counts against the patience."""
     best = state.get("best")
     improved = math.isfinite(loss) and (best is None or loss < best["loss"])
-    counts = best is None or (improved and best["loss"] - loss > threshold)
+    counts = improved and (best is None or best["loss"] - loss > threshold)
     state["evals_without_improvement"] = 0 if counts else state.get("evals_without_improvement", 0) + 1
     if improved:
         state["best"] = {"step": step, "loss": loss}

@@ -240,8 +240,9 @@ ADAPTER_SETTINGS = {"r": "r", "alpha": "lora_alpha", "use_rslora": "use_rslora",
 
 def _token_indices_setting(value) -> Optional[List[str]]:
     """A PEFT folder's trainable_token_indices as --trainable-token-indices (the input embedding's ids: a list,
-    or a dict of one embedding), else None (several embeddings: the command line cannot say that)."""
-    if isinstance(value, dict) and len(value) == 1:
+    or a dict naming one embedding, or it and a head tied to it with the same ids), else None (several
+    embeddings with their own ids: the command line cannot say that)."""
+    if isinstance(value, dict) and value and all(v == next(iter(value.values())) for v in value.values()):
         value = next(iter(value.values()))
     if isinstance(value, list) and value and all(isinstance(i, int) and not isinstance(i, bool) for i in value):
         return [str(i) for i in value]
@@ -303,10 +304,14 @@ RESUME_MAY_CHANGE = ("resume", "progress", "device", "linear_backend", "output_d
                      "report_to", "save_total_limit")
 
 
-def _shown(value, limit: int = 120) -> str:
-    """repr(value), a long one (a chat template's text) cut to its first `limit` characters."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+def _difference(saved, given, limit: int = 120) -> str:
+    """"saved X, given Y"; two long texts (chat templates) from the first character where they differ."""
+    if isinstance(saved, str) and isinstance(given, str) and max(len(saved), len(given)) > limit:
+        at = next((i for i, (a, b) in enumerate(zip(saved, given)) if a != b), min(len(saved), len(given)))
+        start = max(0, at - 20)
+        return (f"{len(saved)} and {len(given)} characters, differing from character {at}: saved "
+                f"...{saved[start:start + 60]!r}, given ...{given[start:start + 60]!r}")
+    return f"saved {saved!r}, given {given!r}"
 
 
 def _ordered(name: str, value):
@@ -332,6 +337,6 @@ def resume_config(output_dir: str, explicit: dict) -> TrainConfig:
                if k not in RESUME_MAY_CHANGE and _ordered(k, getattr(saved, k)) != _ordered(k, v)}
     if changed:
         raise ConfigError("--resume continues the saved run; these flags differ from it: " + ", ".join(
-            f"{_flag(k)} (saved {_shown(a)}, given {_shown(b)})" for k, (a, b) in changed.items()))
+            f"{_flag(k)} ({_difference(a, b)})" for k, (a, b) in changed.items()))
     keep = {k: explicit[k] for k in RESUME_MAY_CHANGE if k in explicit and k != "resume"}
     return dataclasses.replace(saved, **keep, resume=True).validate()

@@ -43,7 +43,7 @@ def _generate(model, tokenizer, prompt, max_new_tokens, temperature, top_p, seed
         raise ConfigError("--prompt is empty after tokenization: give some text to continue")
     sample = temperature > 0
     kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p) if sample else dict(do_sample=False)
-    if stop and stop != tokenizer.eos_token:   # (the EOS stops generation anyway)
+    if stop:   # (also where it is the EOS: the model's generation config may not stop there)
         from transformers import StoppingCriteriaList
         kwargs["stopping_criteria"] = StoppingCriteriaList([StopAtText(tokenizer, ids.shape[1], stop)])
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -53,10 +53,12 @@ def _generate(model, tokenizer, prompt, max_new_tokens, temperature, top_p, seed
                                  use_cache=True, **kwargs)
     if not chat:
         return tokenizer.decode(out[0], skip_special_tokens=True)
-    reply = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-    if stop and stop not in tokenizer.all_special_tokens:   # a mark spelled out of tokens (ChatML's on a base
-        reply = reply.split(stop)[0]                        # model's tokenizer) is text: the reply ends there
-    return reply
+    new = out[0, ids.shape[1]:].tolist()
+    if stop:   # the reply is the tokens before the one that completes the mark, and the text before the mark
+        end = next((k for k in range(1, len(new) + 1) if stop in tokenizer.decode(new[:k])), len(new))
+        new = new[:end]
+    reply = tokenizer.decode(new, skip_special_tokens=True)
+    return reply.split(stop)[0] if stop else reply
 
 
 class StopAtText:
@@ -81,8 +83,18 @@ def end_of_turn(tokenizer) -> str:
                                               {"role": "assistant", "content": sentinel}], tokenize=False)
     except Exception:   # a template that refuses such a conversation: no mark known
         return ""
-    after = text.split(sentinel)[-1] if sentinel in text else ""
-    return after.strip().split()[0] if after.strip() else ""
+    after = (text.split(sentinel)[-1] if sentinel in text else "").strip()
+    if not after:
+        return ""
+    # a token of the tokenizer's own that starts it ("<|eot_id|>"), else its first word, up to an EOS glued to it
+    special = sorted(set(tokenizer.all_special_tokens) | set(getattr(tokenizer, "get_added_vocab", dict)()),
+                     key=len, reverse=True)
+    first = next((t for t in special if t and after.startswith(t)), None)
+    if first is not None:
+        return first
+    word = after.split()[0]
+    eos = tokenizer.eos_token
+    return word.split(eos)[0] if eos and eos in word[1:] else word
 
 
 def main(argv=None) -> int:
