@@ -1,8 +1,8 @@
 """The trainer's next-token loss. For the causal-LM classes whose logits are a plain linear head over the
 decoder's last hidden states, the loss goes through qlora_ext.linear_cross_entropy (a chunk of tokens at a
 time: the [tokens, vocab] logits, their log-softmax and gradients never exist whole), also when the head
-trains whole (modules_to_save); any other model, or a head with an adapter, uses the model's own loss
-(model(input_ids, labels=...))."""
+trains (modules_to_save, trainable tokens) on at least hidden_size tokens; any other model, a head with an
+adapter, or a trained head on fewer tokens uses the model's own loss (model(input_ids, labels=...))."""
 import contextlib
 from typing import Optional
 

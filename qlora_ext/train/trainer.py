@@ -29,12 +29,12 @@ from ..peft_io import load_peft_adapter, save_peft_adapter
 from ..save_4bit import checkpoint_source, checkpoint_spec
 from ..trainable_tokens import TrainableTokens
 from . import checkpoint as ckpt
-from .config import ConfigError, TrainConfig
-from .data import IGNORE, TokenBlocks, batch_indices, find_text_files, resolve_packing, run_blocks
-from .loss import causal_lm_loss, packed_attention_problem, vocab_size
 from .best_eval import (best_adapter_path, for_checkpoint, observe_eval, restore_from_checkpoint,
                         save_best_adapters, saved_best_step)
 from .chat_template import use_chat_template
+from .config import ConfigError, TrainConfig
+from .data import IGNORE, TokenBlocks, batch_indices, find_text_files, resolve_packing, run_blocks
+from .loss import causal_lm_loss, packed_attention_problem, vocab_size
 from .model import load_model_and_tokenizer, max_positions, resolve_model_dir, token_ids
 from .neftune import input_embeddings, neftune
 from .run_log import RunLog, remove_run_logs, summary_writer_class
