@@ -33,7 +33,7 @@ import torch
 from ._files import atomic_save_safetensors, atomic_write_text
 from .lora_patterns import as_patterns, check_patterns, unique_ending, value_for
 from .modules_to_save import ModuleToSave
-from .trainable_tokens import TiedTokensHead, TrainableTokens
+from .trainable_tokens import TiedTokensHead, TrainableTokens, input_embedding_path
 from .nn import Dropout, LoRALinear, lora_init_of, unwrap_model
 
 CONFIG_FILE = "adapter_config.json"
@@ -73,12 +73,7 @@ def _trainable_tokens(model: torch.nn.Module) -> Dict[str, TrainableTokens]:
 def _token_indices_config(model: torch.nn.Module, tokens: Dict[str, TrainableTokens]):
     """trainable_token_indices as PEFT reads it: a list for the input embedding alone (PEFT applies a list to
     get_input_embeddings()), else {full path: ids} (PEFT matches the keys as suffixes of the paths)."""
-    inner = unwrap_model(model)
-    try:
-        inputs = inner.get_input_embeddings()
-    except (AttributeError, NotImplementedError):
-        inputs = None
-    if len(tokens) == 1 and next(iter(tokens.values())) is inputs:
+    if len(tokens) == 1 and next(iter(tokens)) == input_embedding_path(unwrap_model(model)):
         return next(iter(tokens.values())).indices()
     return {n: m.indices() for n, m in tokens.items()}
 
@@ -108,12 +103,10 @@ def _folder_tokens(model: torch.nn.Module, spec, where: str) -> Dict[str, list]:
                                  "of the model")
             out[found[0]] = list(ids)
         return out
-    try:
-        inputs = inner.get_input_embeddings()
-    except (AttributeError, NotImplementedError) as e:
-        raise ValueError(f"{where}: trainable_token_indices as a list needs a model with get_input_embeddings()") \
-            from e
-    return {next(n for n, m in inner.named_modules() if m is inputs): list(spec)}
+    path = input_embedding_path(inner)
+    if path is None:
+        raise ValueError(f"{where}: trainable_token_indices as a list needs a model with get_input_embeddings()")
+    return {path: list(spec)}
 
 
 def _peft_paths(model: torch.nn.Module) -> list:

@@ -10,7 +10,7 @@ embeddings: SmolLM2, Llama 3.2), the head is wrapped in a TiedTokensHead that re
 does."""
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Mapping, Sequence, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -106,13 +106,14 @@ def checked_indices(token_indices, vocab: int, what: str) -> List[int]:
     return indices
 
 
-def _input_embedding_path(model: nn.Module) -> str:
+def input_embedding_path(model: nn.Module) -> Optional[str]:
+    """The path of model.get_input_embeddings() (transformers'), or None where the model has none: what PEFT
+    applies trainable_token_indices given as a list to."""
     try:
         embedding = model.get_input_embeddings()
-    except (AttributeError, NotImplementedError) as e:
-        raise ValueError("trainable_token_indices as a list needs a model with get_input_embeddings() (a "
-                         "transformers model); give {module name: [ids]} instead") from e
-    return next(n for n, m in model.named_modules() if m is embedding)
+    except (AttributeError, NotImplementedError):
+        return None
+    return next((n for n, m in model.named_modules() if m is embedding and embedding is not None), None)
 
 
 def plan_trainable_tokens(model: nn.Module, spec: Union[Sequence[int], Mapping[str, Sequence[int]]], matches,
@@ -134,7 +135,11 @@ def plan_trainable_tokens(model: nn.Module, spec: Union[Sequence[int], Mapping[s
                                  "nn.Embedding (its path, or its last components)")
             chosen[found[0]] = ids
     else:
-        chosen = {_input_embedding_path(model): spec}
+        path = input_embedding_path(model)
+        if path is None:
+            raise ValueError("trainable_token_indices as a list needs a model with get_input_embeddings() (a "
+                             "transformers model); give {module name: [ids]} instead")
+        chosen = {path: spec}
     planned = {}
     for path, ids in chosen.items():
         module = model.get_submodule(path)
@@ -177,10 +182,10 @@ def wrap_trainable_tokens(model: nn.Module, planned: Mapping[str, Sequence[int]]
         if isinstance(module, TrainableTokens):
             continue
         tokens = TrainableTokens(module, ids)
-        _replace(model, path, tokens)
+        model.set_submodule(path, tokens)
         head = _output_embedding(model)
         if type(head) is nn.Linear and head.weight is module.weight:   # tied embeddings
-            _replace(model, next(n for n, m in model.named_modules() if m is head), TiedTokensHead(head, tokens))
+            model.set_submodule(next(n for n, m in model.named_modules() if m is head), TiedTokensHead(head, tokens))
 
 
 def _output_embedding(model: nn.Module):
@@ -196,14 +201,9 @@ def unwrap_trainable_tokens(model: nn.Module) -> None:
     """Writes each TrainableTokens' trained rows into its embedding's weight and puts the embedding (and a tied
     head) back in its place, in place (merge_and_unload)."""
     for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, TiedTokensHead)]:
-        _replace(model, name, m.base_layer)
+        model.set_submodule(name, m.base_layer)
     for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, TrainableTokens)]:
         weight = m.base_layer.weight
         with torch.no_grad():
             weight.index_copy_(0, m.token_indices, m.trainable_tokens_delta.to(weight.dtype))
-        _replace(model, name, m.base_layer)
-
-
-def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
+        model.set_submodule(name, m.base_layer)
