@@ -103,3 +103,12 @@ def test_the_tokenizer_takes_a_template_that_renders(tokenizer):
 def test_markers_are_listed_once_in_order():
     assert markers(LLAMA3_LIKE) == ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
     assert markers(CHATML) == ["<|im_start|>", "<|im_end|>"]
+
+
+def test_markers_of_other_template_families():
+    """Gemma's <start_of_turn>, Qwen3's <think>, </s> and Mistral's [INST] are markers too; Llama 2's <<SYS>> and
+    comparisons inside Jinja tags are not."""
+    template = ("{{ bos_token }}{% if messages|length>1 and x<y %}<<SYS>>{% endif %}<start_of_turn>user\n"
+                "[INST] {{ m }} [/INST]<think>\n</think><end_of_turn></s><start_of_turn>")
+    assert markers(template) == ["<start_of_turn>", "[INST]", "[/INST]", "<think>", "</think>", "<end_of_turn>",
+                                 "</s>"]

@@ -423,20 +423,40 @@ def test_training_on_instruction_data_on_cuda(tiny, tmp_path):
     assert r["eval_after"]["loss"] < r["eval_before"]["loss"] - 0.2
 
 
-def test_generate_chat_reply_ends_at_the_end_of_turn_mark():
-    """A reply ends where the template ends an assistant turn: generation is told to stop at the mark, and a mark
-    spelled out of several tokens (ChatML on this tokenizer) is cut from the text with what follows it."""
-    import copy
+def _byte_level_tokenizer(template):
+    """A byte-level BPE tokenizer without ChatML's marks as tokens (EOS </s>), with chat template `template`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-    from qlora_ext.train.generate import end_of_turn, generate_text
-    bpe = Tokenizer(models.BPE())   # byte-level, without ChatML's marks as tokens
+    bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     bpe.train_from_iterator(["the king speaks"] * 5, trainers.BpeTrainer(
         vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["</s>"]))
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>")
-    tok.chat_template = CHATML
+    tok.chat_template = template
+    return tok
+
+
+class _Scripted(torch.nn.Module):
+    """A stand-in model whose generate() appends the tokens of a fixed text to the prompt."""
+
+    def __init__(self, tokenizer, text):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.more = tokenizer(text, add_special_tokens=False).input_ids
+        self.kwargs = None
+
+    def generate(self, ids, **kwargs):
+        self.kwargs = kwargs
+        return torch.cat([ids, torch.tensor([self.more])], dim=1)
+
+
+def test_generate_chat_reply_ends_at_the_end_of_turn_mark():
+    """A reply ends where the template ends an assistant turn: generation is told to stop at the mark, and a mark
+    spelled out of several tokens (ChatML on this tokenizer) is cut from the text with what follows it."""
+    import copy
+    from qlora_ext.train.generate import end_of_turn, generate_text
+    tok = _byte_level_tokenizer(CHATML)
     assert len(tok("<|im_end|>", add_special_tokens=False).input_ids) > 1
     assert end_of_turn(tok) == "<|im_end|>"
     llama3 = copy.deepcopy(tok)
@@ -450,18 +470,7 @@ def test_generate_chat_reply_ends_at_the_end_of_turn_mark():
     glued.chat_template = "{% for m in messages %}{{ m['content'] }}<|eot|></s>{% endfor %}"
     assert end_of_turn(glued) == "<|eot|>"
 
-    class Scripted(torch.nn.Module):   # "generates" a reply, its mark and a next turn
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(1))
-            self.kwargs = None
-
-        def generate(self, ids, **kwargs):
-            self.kwargs = kwargs
-            more = tok("the king speaks<|im_end|>\n<|im_start|>user\nmore", add_special_tokens=False).input_ids
-            return torch.cat([ids, torch.tensor([more])], dim=1)
-
-    model = Scripted()
+    model = _Scripted(tok, "the king speaks<|im_end|>\n<|im_start|>user\nmore")   # a reply, its mark, a next turn
     assert generate_text(model, tok, "who?", 20, temperature=0, chat=True) == "the king speaks"
     (stop,) = model.kwargs["stopping_criteria"]
     reply = tok("the king<|im_e", add_special_tokens=False).input_ids
@@ -469,6 +478,30 @@ def test_generate_chat_reply_ends_at_the_end_of_turn_mark():
     prompt = [0] * start
     assert not stop(torch.tensor([prompt + reply]), None).item()
     assert stop(torch.tensor([prompt + reply + tok("nd|>", add_special_tokens=False).input_ids]), None).item()
+
+
+def test_generate_chat_stops_at_a_mark_of_several_words_or_at_the_next_turn():
+    """A template ending turns with text of several words stops at all of it (not at its first word, which the
+    reply may hold); one ending them with whitespace alone stops where the model starts the next user turn."""
+    from qlora_ext.train.generate import end_of_turn, generate_text
+    words = _byte_level_tokenizer("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n### End of turn\n"
+                                  "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    assert end_of_turn(words) == "### End of turn"
+    model = _Scripted(words, "the ### king speaks\n### End of turn\nuser: more")
+    assert generate_text(model, words, "who?", 20, temperature=0, chat=True) == "the ### king speaks"
+    blank = _byte_level_tokenizer("{% for m in messages %}{{ m['role'].capitalize() }}: {{ m['content'] }}\n\n"
+                                  "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}")
+    assert end_of_turn(blank) == "User:"
+    model = _Scripted(blank, " the king speaks\n\nUser: and then?")
+    assert generate_text(model, blank, "who?", 20, temperature=0, chat=True) == " the king speaks"
+    (stop,) = model.kwargs["stopping_criteria"]
+    start = stop.start
+    assert not stop(torch.tensor([[0] * start + blank(" the king\n\nUse", add_special_tokens=False).input_ids]))
+    assert stop(torch.tensor([[0] * start + blank(" the king\n\nUser:", add_special_tokens=False).input_ids]))
+    eos_after = _byte_level_tokenizer("{% for m in messages %}{{ m['content'] }}\n</s>{% endfor %}")
+    assert end_of_turn(eos_after) == "</s>"   # the EOS itself, a token of the tokenizer's
+    no_header = _byte_level_tokenizer("{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
+    assert end_of_turn(no_header) == ""       # nothing tells a reply's end from a next turn
 
 
 def test_generate_chat_answers_a_user_message(tiny):

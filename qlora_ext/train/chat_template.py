@@ -81,9 +81,9 @@ def _read_template(path: str, flag: str) -> Optional[str]:
 
 def use_chat_template(tokenizer, template: str, log: Callable[[str], None] = print) -> None:
     """Gives tokenizer the template, after checking that it renders a short conversation (with and without the
-    generation prompt; no system message, which some templates refuse); notes the template's <|...|> markers that are not single tokens of this tokenizer
-    (they are then trained as the several tokens that spell them: adding them as tokens needs new embedding
-    rows, which this trainer does not do)."""
+    generation prompt; no system message, which some templates refuse); notes the template's markers that are
+    not single tokens of this tokenizer (they are then trained as the several tokens that spell them: adding
+    them as tokens needs new embedding rows, which this trainer does not do)."""
     probe = [{"role": "user", "content": "Hello?"}, {"role": "assistant", "content": "Hello."}]
     try:
         tokenizer.apply_chat_template(probe, tokenize=False, chat_template=template)
@@ -98,9 +98,15 @@ def use_chat_template(tokenizer, template: str, log: Callable[[str], None] = pri
             "this tokenizer; the text spells it out of several tokens")
 
 
+# What templates write as special tokens: <|...|> (ChatML's <|im_start|>, Llama 3's <|eot_id|>), <word> and
+# </word> (Gemma's <start_of_turn>, Qwen3's <think>, </s>) and [WORD] / [/WORD] (Mistral's [INST]); not Llama 2's
+# <<SYS>>, which is text by design, nor comparisons inside Jinja tags ("a<b and c>d" has spaces).
+_MARKER = re.compile(r"<\|[A-Za-z0-9_]+\|>|(?<!<)</?[A-Za-z][A-Za-z0-9_\-]*>(?!>)|\[/?[A-Z][A-Z_]*\]")
+
+
 def markers(template: str) -> List[str]:
-    """The <|...|> markers written in template (ChatML's <|im_start|>, Llama 3's <|eot_id|>), in order."""
-    return list(dict.fromkeys(re.findall(r"<\|[A-Za-z0-9_]+\|>", template)))
+    """The special-token-like markers written in template (_MARKER), once each, in order."""
+    return list(dict.fromkeys(_MARKER.findall(template)))
 
 
 def _single_token(tokenizer, text: str) -> bool:

@@ -58,7 +58,8 @@ def _generate(model, tokenizer, prompt, max_new_tokens, temperature, top_p, seed
         end = next((k for k in range(1, len(new) + 1) if stop in tokenizer.decode(new[:k])), len(new))
         new = new[:end]
     reply = tokenizer.decode(new, skip_special_tokens=True)
-    return reply.split(stop)[0] if stop else reply
+    # a mark that is text ("User:" after a blank line) is cut with the whitespace before it
+    return reply.split(stop)[0].rstrip() if stop and stop in reply else reply
 
 
 class StopAtText:
@@ -75,26 +76,39 @@ class StopAtText:
 
 
 def end_of_turn(tokenizer) -> str:
-    """The mark the chat template writes after an assistant message's content (ChatML's "<|im_end|>", Llama 3's
-    "<|eot_id|>"), or "" where it writes none: what ends a reply."""
-    sentinel = "\u2063qlora-reply\u2063"
-    try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"},
-                                              {"role": "assistant", "content": sentinel}], tokenize=False)
-    except Exception:   # a template that refuses such a conversation: no mark known
-        return ""
-    after = (text.split(sentinel)[-1] if sentinel in text else "").strip()
+    """What ends a reply: the mark the chat template writes after an assistant message's content (ChatML's
+    "<|im_end|>", Llama 3's "<|eot_id|>", "### End" whole), up to an EOS glued to it. Where the template ends
+    a turn with whitespace alone ("User: ...\n\nAssistant: ...\n\n"), the next user turn's header ("User:"):
+    the model starting that turn has finished its reply. "" where neither is known."""
+    sentinel, question = "\u2063qlora-reply\u2063", "\u2063qlora-question\u2063"
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": sentinel}]
+    after = _rendered_between(tokenizer, turns, sentinel, None).strip()
+    if not after:   # the next turn's header, from a conversation going on
+        after = _rendered_between(tokenizer, turns + [{"role": "user", "content": question}], sentinel,
+                                  question).strip()
     if not after:
         return ""
-    # a token of the tokenizer's own that starts it ("<|eot_id|>"), else its first word, up to an EOS glued to it
+    # a token of the tokenizer's own that starts it ("<|eot_id|>"), else the text, up to an EOS glued to it
     special = sorted(set(tokenizer.all_special_tokens) | set(getattr(tokenizer, "get_added_vocab", dict)()),
                      key=len, reverse=True)
     first = next((t for t in special if t and after.startswith(t)), None)
     if first is not None:
         return first
-    word = after.split()[0]
     eos = tokenizer.eos_token
-    return word.split(eos)[0] if eos and eos in word[1:] else word
+    return after[:after.index(eos, 1)].rstrip() if eos and eos in after[1:] else after
+
+
+def _rendered_between(tokenizer, conversation, start: str, end) -> str:
+    """The template's rendering of conversation between the texts start and end (end None: to the end); "" where
+    the template refuses the conversation or does not show them."""
+    try:
+        text = tokenizer.apply_chat_template(conversation, tokenize=False)
+    except Exception:   # a template that refuses such a conversation: no mark known
+        return ""
+    if start not in text:
+        return ""
+    rest = text.split(start)[-1]
+    return rest.split(end)[0] if end is not None and end in rest else ("" if end is not None else rest)
 
 
 def main(argv=None) -> int:

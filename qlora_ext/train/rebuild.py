@@ -66,7 +66,8 @@ def rebuild_run(output_dir: str, device: Optional[str] = None, log=print) -> Reb
     dev = torch.device(device)
     model_dir = resolve_model_dir(cfg.model, log)
     model, tokenizer, model_dir, quantized_while_loading = load_for_run(
-        cfg, model_dir, load_dtype, dev, resolve_load_in_4bit(cfg, dev, model_dir, auto_on_cpu=True), log)
+        cfg, model_dir, load_dtype, dev, resolve_load_in_4bit(cfg, dev, model_dir, auto_on_cpu=True), log,
+        template_notes=False)
     prequantized = holds_bnb_linear_4bit(model)
     prepare_for_run(model, cfg, dev, tokenizer)
     load_adapters(model, adapter)

@@ -119,10 +119,12 @@ def resolve_load_in_4bit(cfg: TrainConfig, device: torch.device, model_dir: str,
 
 
 def load_for_run(cfg: TrainConfig, model_dir: str, dtype: torch.dtype, device: torch.device, quantize: bool,
-                 log: Callable[[str], None]) -> Tuple[torch.nn.Module, object, str, bool]:
+                 log: Callable[[str], None],
+                 template_notes: bool = True) -> Tuple[torch.nn.Module, object, str, bool]:
     """(model, tokenizer, model directory, whether the base was quantized as it loaded): the run's model loaded
     dense, or with quantize (resolve_load_in_4bit's answer) through load_4bit with the run's settings; the
-    tokenizer with the run's --chat-template, if it has one. Under
+    tokenizer with the run's --chat-template, if it has one (its notes logged where template_notes: training
+    logged them once; merge, eval and generate need not again). Under
     --load-in-4bit auto, a checkpoint load_4bit cannot read as it is (names transformers maps, float32 modules)
     loads dense, as it did before load_4bit existed, with a note; under on it is an error."""
     settings = dict(target_modules=cfg.target_modules, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
@@ -135,7 +137,7 @@ def load_for_run(cfg: TrainConfig, model_dir: str, dtype: torch.dtype, device: t
         log(f"note: {e}; loading the dense model instead")
         loaded = (*load_model_and_tokenizer(model_dir, dtype, device, log), False)
     if cfg.chat_template is not None:
-        use_chat_template(loaded[1], cfg.chat_template, log)
+        use_chat_template(loaded[1], cfg.chat_template, log if template_notes else lambda s: None)
     return loaded
 
 
