@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import warnings
 from typing import Iterable, Iterator, Mapping, Optional, Sequence, Union
@@ -211,7 +212,12 @@ class LoRALinear(nn.Module):
             # the base; float32 whatever .to(dtype) says; not in the state_dict: it belongs to the base
             self.register_buffer("dora_weight_sq", dora.weight_row_norms_squared(base)
                                  if isinstance(base, Linear4bit) else None, persistent=False)
-            self.register_load_state_dict_post_hook(_refresh_dora_weight_sq)
+            if isinstance(base, Linear4bit):
+                # on the base, so that loading it alone refreshes them too (torch runs each submodule's post hooks:
+                # loading the layer or the model runs it as well); a partial, so that a deepcopy of the layer
+                # refreshes the copy
+                _drop_refresh_hooks(base)   # of an earlier layer on this base (which the hook would keep alive)
+                base.register_load_state_dict_post_hook(functools.partial(_refresh_dora_weight_sq, owner=self))
             # float32 whatever adapter_dtype is: a rounded magnitude would make a fresh layer differ from its base
             self.lora_magnitude_vector = nn.Parameter(dora.weight_norm(self))
 
@@ -278,11 +284,18 @@ class LoRALinear(nn.Module):
         return (w + (self.lora_B.float() @ self.lora_A.float()) * self.scaling).to(dtype)
 
 
-def _refresh_dora_weight_sq(layer: "LoRALinear", incompatible_keys) -> None:
-    """After load_state_dict: the base's weight may be another one now (a model built with placeholder weights,
-    then loaded), so its row norms are taken again."""
-    if layer.dora_weight_sq is not None:
-        layer.dora_weight_sq = dora.weight_row_norms_squared(layer.base)
+def _drop_refresh_hooks(base: nn.Module) -> None:
+    hooks = base._load_state_dict_post_hooks   # (torch keeps them there; a handle would have to live somewhere)
+    for key in [k for k, h in hooks.items() if getattr(h, "func", None) is _refresh_dora_weight_sq]:
+        del hooks[key]
+
+
+def _refresh_dora_weight_sq(base: "Linear4bit", incompatible_keys, owner: "LoRALinear") -> None:
+    """After load_state_dict into a DoRA layer's 4-bit base (alone, or as part of the layer or model): its weight
+    may be another one now (a model built with placeholder weights, then loaded), so its row norms are taken
+    again."""
+    if owner.base is base and owner.dora_weight_sq is not None:
+        owner.dora_weight_sq = dora.weight_row_norms_squared(base)
 
 
 @contextlib.contextmanager

@@ -149,6 +149,30 @@ def test_the_base_row_norms_follow_a_loaded_base_and_stay_float32():
     torch.testing.assert_close(layer(xh), layer.base(xh))
 
 
+def test_loading_the_4bit_base_alone_refreshes_the_row_norms_also_in_a_copy():
+    """The norms follow the base wherever load_state_dict fills it: the base loaded alone, a deepcopy's base (the
+    copy's norms, not the original's), and a layer built again on the same base (one refresh, by the new layer)."""
+    def make(seed):
+        torch.manual_seed(seed)
+        return prepare_model(nn.Sequential(nn.Linear(128, 64)), r=4, exclude=(), use_dora=True)[0]
+
+    x = torch.randn(3, 128)
+    a, b = make(0), make(1)
+    b_before = b.dora_weight_sq.clone()
+    copied = copy.deepcopy(b)
+    b.base.load_state_dict(a.base.state_dict())
+    torch.testing.assert_close(b.dora_weight_sq, a.dora_weight_sq, rtol=0, atol=0)
+    b.lora_magnitude_vector.data.copy_(a.lora_magnitude_vector)
+    assert torch.equal(b(x), a(x))
+    torch.testing.assert_close(copied.dora_weight_sq, b_before, rtol=0, atol=0)   # the copy's base is its own
+    copied.base.load_state_dict(a.base.state_dict())
+    torch.testing.assert_close(copied.dora_weight_sq, a.dora_weight_sq, rtol=0, atol=0)
+    again = LoRALinear(b.base, r=4, use_dora=True)
+    assert len(b.base._load_state_dict_post_hooks) == 1
+    b.base.load_state_dict(make(2).base.state_dict())
+    assert not torch.equal(again.dora_weight_sq, a.dora_weight_sq)
+
+
 def test_a_zero_row_computes_its_base_and_bf16_adapters_start_at_the_base():
     linear = nn.Linear(64, 8)
     with torch.no_grad():
