@@ -22,8 +22,8 @@ from .hf_quantization import forget_quantization
 from .linear import linear_4bit, lora_linear_4bit
 from .loftq import LOFTQ_SVDS, loftq_init
 from .modules_to_save import ModuleToSave, matches, unwrap_trained, wrap_modules_to_save
-from .trainable_tokens import (TiedTokensHead, TrainableTokens, plan_trainable_tokens, tied_to,
-                               unwrap_trainable_tokens, wrap_trainable_tokens)
+from .trainable_tokens import (TiedTokensHead, TrainableTokens, head_trained_whole_and_tied, plan_trainable_tokens,
+                               tied_to, unwrap_trainable_tokens, wrap_trainable_tokens)
 from .quantize import QuantState, dequantize, quantize
 
 _QUANT_BUFFERS = ("weight_codes", "weight_absmax", "weight_absmax_scale", "weight_absmax_mean")
@@ -575,6 +575,12 @@ def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = No
     if clash:
         raise ValueError(f"{clash[0]} is tied to an embedding with trainable tokens (trainable_token_indices): its "
                          "LoRA adapter's base would not read the trained rows; leave it out of target_modules")
+    head = None if not tokens else head_trained_whole_and_tied(model, tokens, lambda path: matches(path, to_save))
+    if head is not None:
+        warnings.warn(f"{head} is trained whole (modules_to_save) and tied to an embedding with trainable tokens: "
+                      "its trained copy computes with its own rows here, but PEFT (0.21) cannot run this setup, so "
+                      "its PEFT folder loads here only; train the head's rows through the tie (leave it out of "
+                      "modules_to_save) for a folder PEFT runs", stacklevel=2)
     if to_save:   # (refuses, before anything changes, a name that selects nothing or an adapted module)
         wrap_modules_to_save(model, to_save, adapted)
     if tokens:

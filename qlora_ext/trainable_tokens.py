@@ -174,6 +174,18 @@ def tied_to(model: nn.Module, planned: Mapping[str, Sequence[int]], linears: Map
     return [n for n, m in linears.items() if id(getattr(m, "weight", None)) in weights]
 
 
+def head_trained_whole_and_tied(model: nn.Module, planned: Mapping[str, Sequence[int]], saved) -> Optional[str]:
+    """The path of the model's LM head where it is tied to an embedding in `planned` and modules_to_save is about
+    to train it whole (`saved(path)`), else None. (Computed consistently here: the trained copy has its own
+    weight, untied; but PEFT 0.21 builds such a model and cannot run it. A head wrapped by an earlier call is
+    refused by plan_trainable_tokens.)"""
+    head = _output_embedding(model)
+    if head is None or not any(model.get_submodule(p).weight is getattr(head, "weight", None) for p in planned):
+        return None
+    path = next(n for n, m in model.named_modules() if m is head)
+    return path if saved(path) else None
+
+
 def wrap_trainable_tokens(model: nn.Module, planned: Mapping[str, Sequence[int]]) -> None:
     """Wraps the embeddings of `planned` (plan_trainable_tokens' answer) in TrainableTokens, in place, and an LM
     head tied to one of them in TiedTokensHead. An embedding already wrapped stays as it is."""

@@ -222,6 +222,20 @@ def test_a_lora_adapted_head_tied_to_trained_tokens_is_refused():
     assert isinstance(untied.lm_head, qlora_ext.LoRALinear)
 
 
+def test_a_head_trained_whole_and_tied_to_trained_tokens_is_warned_of():
+    """PEFT 0.21 builds a tied model with lm_head in modules_to_save and trainable tokens, and cannot run it (its
+    tied-tokens layer refuses the wrapped head): warned; not where the head is untied, or without tokens."""
+    import warnings
+    with pytest.warns(UserWarning, match="lm_head is trained whole .* PEFT \\(0.21\\) cannot run this setup"):
+        qlora_ext.prepare_model(tiny_llama(True), quant_type="none", modules_to_save=["lm_head"],
+                                trainable_token_indices=[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        qlora_ext.prepare_model(tiny_llama(False), quant_type="none", modules_to_save=["lm_head"],
+                                trainable_token_indices=[1])
+        qlora_ext.prepare_model(tiny_llama(True), quant_type="none", trainable_token_indices=[1])
+
+
 def test_save_4bit_writes_the_base_and_a_prepared_model_copies_and_pickles(tmp_path):
     model = prepared(True, quant_type="nf4")
     set_rows(model)
