@@ -79,6 +79,7 @@ class PagedAdamW(torch.optim.Optimizer):
         self._device: Optional[torch.device] = None
         self._arenas: list = []   # managed uint8 CUDA tensors, one per allocation (normally one)
         self._slots: dict = {}    # param -> (exp_avg, exp_avg_sq), allocated for every trainable param at once
+        self._used_slots: set = set()   # params whose slot a state has held (a state started again zeroes it)
         self._paged_out = False
         # The group keys of torch.optim.AdamW, with its defaults, so that checkpoints load either way.
         defaults = dict(lr=lr, betas=tuple(float(b) for b in betas), eps=eps, weight_decay=weight_decay,
@@ -171,6 +172,15 @@ class PagedAdamW(torch.optim.Optimizer):
         # Elements a state with q's strides covers (q's numel for dense q; at least 1 so views stay apart).
         return max(q.numel(), 1)
 
+    @staticmethod
+    def _zero_slot(slot) -> None:
+        if len(slot) == 4:   # 8-bit: the codes of 0.0, zero absmax
+            slot[0].fill_(_SIGNED_ZERO_CODE)
+            for t in slot[1:]:
+                t.zero_()
+        else:
+            PagedAdamW._zero_slot(slot)
+
     def state_bytes(self) -> int:
         """Bytes of optimizer state held (managed arenas, or the state tensors on CPU / unpaged CUDA)."""
         if self._arenas:
@@ -235,7 +245,22 @@ class PagedAdamW(torch.optim.Optimizer):
 
     def _init_state(self, p: torch.Tensor, state: dict) -> None:
         state["step"] = torch.tensor(0.0, dtype=torch.float32)  # torch.optim.AdamW's (non-fused) step count
-        state["exp_avg"], state["exp_avg_sq"] = self._slot(p)
+        state["exp_avg"], state["exp_avg_sq"] = self._fresh_slot(p)
+
+    def _fresh_slot(self, p: torch.Tensor):
+        """p's slot for a state starting at step 0: zero. The slot outlives the state it held (the storage is
+        allocated once), so where that state was dropped (a load_state_dict without it, opt.state.clear(), del
+        opt.state[p]) its moments are cleared, as torch.optim.AdamW starts from zeros."""
+        slot = self._slot(p)
+        if p in self._used_slots:
+            self._zero_slot(slot)
+        self._used_slots.add(p)
+        return slot
+
+    @staticmethod
+    def _zero_slot(slot) -> None:
+        for t in slot:
+            t.zero_()
 
     def _step_inputs(self, p: torch.Tensor):
         """(grad, state) of p for this step: the gradient checked and in p's memory layout (the kernels walk
@@ -298,6 +323,7 @@ class PagedAdamW(torch.optim.Optimizer):
                     raise ValueError(f"the {n} of parameter {k} has shape {tuple(s[n].shape)}, but the parameter "
                                      f"has shape {tuple(p.shape)}")
             exp_avg, exp_avg_sq = self._slot(p)
+            self._used_slots.add(p)
             exp_avg.copy_(s["exp_avg"])
             exp_avg_sq.copy_(s["exp_avg_sq"])
             step = s["step"]
@@ -462,6 +488,15 @@ class PagedAdamW8bit(PagedAdamW):
                 self._slots[q] = tuple(floats.as_strided(q.shape, stride, off // 4) for off in offsets)
         self._arenas.append(arena)
 
+    @staticmethod
+    def _zero_slot(slot) -> None:
+        if len(slot) == 4:   # 8-bit: the codes of 0.0, zero absmax
+            slot[0].fill_(_SIGNED_ZERO_CODE)
+            for t in slot[1:]:
+                t.zero_()
+        else:
+            PagedAdamW._zero_slot(slot)
+
     def state_bytes(self) -> int:
         """Bytes of optimizer state held (managed arenas, or the state tensors on CPU / unpaged CUDA)."""
         if self._arenas:
@@ -470,7 +505,7 @@ class PagedAdamW8bit(PagedAdamW):
 
     # ---- the step ----------------------------------------------------------------------------------
     def _init_state(self, p: torch.Tensor, state: dict) -> None:
-        slot = self._slot(p)
+        slot = self._fresh_slot(p)
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
         state.update(zip(_STATE_8BIT_KEYS if len(slot) == 4 else _STATE_32BIT_KEYS, slot))
 
@@ -556,6 +591,7 @@ class PagedAdamW8bit(PagedAdamW):
                         raise ValueError(f"the {n} of parameter {k} has shape {tuple(s[n].shape)}, but the parameter "
                                          f"has shape {tuple(p.shape)}")
             slot = self._slot(p)
+            self._used_slots.add(p)
             step = s["step"]
             step = float(step.item()) if isinstance(step, torch.Tensor) else float(step)
             state = {"step": torch.tensor(step, dtype=torch.float32)}

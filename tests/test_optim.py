@@ -520,3 +520,27 @@ def test_copies_and_pickles_step_as_the_original(device, how):
     for a, b in zip(params, other_params):
         assert torch.equal(a, b) and a is not b
         assert torch.equal(opt.state[a]["exp_avg_sq"], other.state[b]["exp_avg_sq"])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("how", ["load a state dict without it", "state.clear()", "del state[p]"])
+def test_a_dropped_state_starts_again_from_zero_moments(device, how):
+    """The moments' storage outlives a state: a state dropped (loading a state dict saved before the first step,
+    clearing or deleting opt.state) starts again at zero moments and step 0, as a fresh torch.optim.AdamW."""
+    params = make_params([(300, 70), (97,)], torch.float32, device)
+    opt = PagedAdamW(params, lr=1e-2, weight_decay=0.1)
+    before_any_step = opt.state_dict()
+    run_both(opt, opt, params, params, steps=3)
+    if how == "load a state dict without it":
+        opt.load_state_dict(before_any_step)
+    elif how == "state.clear()":
+        opt.state.clear()
+    else:
+        for p in params:
+            del opt.state[p]
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    fresh = torch.optim.AdamW(twins, lr=1e-2, weight_decay=0.1)
+    run_both(opt, fresh, params, twins, steps=2, start=3)
+    for p, q in zip(params, twins):
+        assert_close_fp32(p, q)
+        assert_close_fp32(opt.state[p]["exp_avg"], fresh.state[q]["exp_avg"])

@@ -724,3 +724,25 @@ def test_cuda_managed_memory_is_freed_and_load_fills_the_arena():
     gc.collect()
     torch.cuda.synchronize()
     assert _C.managed_live_bytes() == before
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("how", ["load a state dict without it", "state.clear()"])
+def test_a_dropped_state_starts_again_from_zero_states(device, how):
+    """8-bit and float32 states alike: a state dropped starts again as a fresh optimizer's, bit for bit."""
+    params = make_params([(300, 70), (97,)], torch.float32, device)
+    opt = PagedAdamW8bit(params, lr=1e-2)
+    before_any_step = opt.state_dict()
+    run(opt, params, steps=3)
+    if how == "state.clear()":
+        opt.state.clear()
+    else:
+        opt.load_state_dict(before_any_step)
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    fresh = PagedAdamW8bit(twins, lr=1e-2)
+    run(opt, params, steps=2, start=3)
+    run(fresh, twins, steps=2, start=3)
+    for p, q in zip(params, twins):
+        assert torch.equal(p, q)
+        for name, value in opt.state[p].items():
+            assert torch.equal(value, fresh.state[q][name]), name
