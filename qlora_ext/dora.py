@@ -84,10 +84,11 @@ def weight_norm(layer) -> torch.Tensor:
 
 def _base_and_direction(base, x: torch.Tensor, dropped: torch.Tensor):
     """(base(x), W dropped) with one GEMM over both (the 4-bit weight decoded once, not twice)."""
-    from .nn import Linear4bit
+    from .nn import Linear4bit, in_input_dtype
     both = torch.stack([x, dropped])
     if isinstance(base, Linear4bit):
-        both = linear_4bit(both if base.compute_dtype is None else both.to(base.compute_dtype), base.weight, None)
+        both = in_input_dtype(linear_4bit(both if base.compute_dtype is None else both.to(base.compute_dtype),
+                                          base.weight, None), both.dtype)
     else:
         both = F.linear(both, base.weight)
     y, direction = both[0], both[1]

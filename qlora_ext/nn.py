@@ -27,6 +27,16 @@ from .trainable_tokens import (TiedTokensHead, TrainableTokens, head_trained_who
 from .quantize import QuantState, dequantize, quantize
 
 _QUANT_BUFFERS = ("weight_codes", "weight_absmax", "weight_absmax_scale", "weight_absmax_mean")
+_DENSE_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)   # (what save_4bit records)
+
+
+def in_input_dtype(y: torch.Tensor, x_dtype: torch.dtype) -> torch.Tensor:
+    """A 4-bit layer's output in its input's dtype, as bitsandbytes' Linear4bit gives it: a compute_dtype
+    (bfloat16 for a float32 model) is the GEMM's dtype alone, so the next layers see the model's dtype. Under
+    autocast, the autocast dtype, as nn.Linear gives."""
+    if y.dtype == x_dtype or torch.is_autocast_enabled(y.device.type):
+        return y
+    return y.to(x_dtype)
 
 
 class Linear4bit(nn.Module):
@@ -36,7 +46,9 @@ class Linear4bit(nn.Module):
     weight_absmax (float32, or uint8 FP8 codes with double quantization), weight_absmax_scale and
     weight_absmax_mean (double quantization only). `.to(device)` moves them as they are; `.to(dtype)`
     and `.half()` leave them alone (they are a storage format, not values). compute_dtype, if set, is the
-    dtype x is cast to before the matmul (e.g. torch.bfloat16 for an fp32 model)."""
+    dtype x is cast to before the matmul (e.g. torch.bfloat16 for an fp32 model); the output has x's dtype.
+    weight_dtype is the dtype of the dense weight the layer stands for (what dequantized_weight and
+    merge_and_unload give): the dense weight's when quantized, then whatever .to(dtype) / .half() say."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, quant_type: str = "nf4",
                  blocksize: int = 64, double_quant: bool = True, compute_dtype: Optional[torch.dtype] = None,
@@ -105,12 +117,18 @@ class Linear4bit(nn.Module):
         return dequantize(self.weight, dtype or self.weight_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_dtype = x.dtype
         if self.compute_dtype is not None:
             x = x.to(self.compute_dtype)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return linear_4bit(x, self.weight, bias)
+        return in_input_dtype(linear_4bit(x, self.weight, bias), x_dtype)
 
     def _apply(self, fn, recurse=True):
+        # .to(dtype), .half(), .float(): the dense weight this layer stands for takes the new dtype, as an
+        # nn.Linear's would (dequantized_weight and merge_and_unload give it), asked of fn on an empty tensor
+        moved = fn(torch.empty(0, dtype=self.weight_dtype)).dtype
+        if moved in _DENSE_WEIGHT_DTYPES:
+            self.weight_dtype = moved
         # nn.Module.to(dtype) would cast the float32 constants of the format: move them, never cast them.
         kept = {n: self._buffers[n] for n in _QUANT_BUFFERS if self._buffers.get(n) is not None}
         super()._apply(fn, recurse)

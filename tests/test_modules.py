@@ -73,6 +73,47 @@ def test_to_dtype_keeps_the_format():
     for k, v in before.items():
         assert getattr(layer, k).dtype == v.dtype and torch.equal(getattr(layer, k), v)
     assert layer.bias.dtype == torch.float16
+    # the dense weight the layer stands for follows, as an nn.Linear's would; float64 (gradcheck) does not
+    assert layer.weight_dtype == torch.float16 and layer.dequantized_weight().dtype == torch.float16
+    layer.double()
+    assert layer.weight_dtype == torch.float16
+    layer.float()
+    assert layer.weight_dtype == torch.float32
+
+
+def test_compute_dtype_is_the_gemm_dtype_and_the_output_keeps_x_dtype():
+    """bitsandbytes' compute_dtype: an fp32 model whose 4-bit layers compute in bf16 stays fp32 between layers
+    (its attention and norms see fp32); under autocast the output has the autocast dtype, as nn.Linear's."""
+    lin = nn.Linear(128, 70)
+    layer = Linear4bit.from_linear(lin, compute_dtype=torch.bfloat16)
+    x = torch.randn(5, 128)
+    y = layer(x)
+    w = layer.dequantized_weight(torch.bfloat16)
+    want = (x.bfloat16().float() @ w.float().t() + lin.bias.detach().bfloat16().float())
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, want, rtol=2e-2, atol=2e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16
+    model = prepare_model(TinyLM(), r=4, compute_dtype=torch.bfloat16)
+    ids = torch.randint(0, 50, (2, 7))
+    out = model(ids)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    out.sum().backward()
+    assert model.layers[0].q_proj.lora_A.grad.dtype == torch.float32
+    dora = prepare_model(TinyLM(), r=4, compute_dtype=torch.bfloat16, use_dora=True)
+    dora.train()
+    assert dora(ids).dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_merging_a_prepared_model_cast_to_another_dtype_gives_that_dtype(dtype):
+    """prepare_model on an fp32 model, then .to(bf16): the merged model is a bf16 model that runs (PEFT's
+    merge keeps the base layer's dtype)."""
+    model = prepare_model(TinyLM(), r=4).to(dtype)
+    ids = torch.randint(0, 50, (2, 7))
+    merged = merge_and_unload(model)
+    assert {p.dtype for p in merged.parameters()} == {dtype}
+    assert torch.isfinite(merged(ids).float()).all()
 
 
 @pytest.mark.cuda

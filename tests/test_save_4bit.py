@@ -85,14 +85,16 @@ def test_round_trip_is_bit_exact(dense_dirs, tmp_path, fmt, dtype):
 
 
 def test_each_layer_keeps_the_weight_dtype_it_dequantizes_to(dense_dirs, tmp_path):
-    # a model loaded in float32 and cast to bfloat16: its 4-bit layers still dequantize to float32 (the format's
-    # constants are not cast), and so they do after the round trip
+    # a model loaded in float32 and cast to bfloat16: its 4-bit layers dequantize to bfloat16 (as the dense
+    # layers' weights were cast; the format's constants are not), and so they do after the round trip
     model = load_4bit(dense_dirs["untied"], dtype=torch.float32).to(torch.bfloat16)
-    assert model.model.layers[0].self_attn.q_proj.weight_dtype == torch.float32
+    assert model.model.layers[0].self_attn.q_proj.weight_dtype == torch.bfloat16
+    model.model.layers[1].self_attn.q_proj.float()   # one layer on its own
     save_4bit(model, str(tmp_path / "q"))
     back = load_4bit(str(tmp_path / "q"))
     assert back.model.embed_tokens.weight.dtype == torch.bfloat16
-    assert back.model.layers[0].self_attn.q_proj.weight_dtype == torch.float32
+    assert back.model.layers[0].self_attn.q_proj.weight_dtype == torch.bfloat16
+    assert back.model.layers[1].self_attn.q_proj.weight_dtype == torch.float32
     for name, layer in model.named_modules():
         if isinstance(layer, qlora_ext.Linear4bit):
             assert torch.equal(back.get_submodule(name).dequantized_weight(), layer.dequantized_weight()), name
