@@ -6,7 +6,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import math
+import numbers
+import re
 import warnings
 from typing import Iterable, Iterator, Mapping, Optional, Sequence, Union
 
@@ -15,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import dora, lora_patterns
-from ._ops import ops
+from ._ops import BLOCKSIZES, QUANT_TYPES, ops
 from .bnb_io import (bnb_dense_weight, bnb_state_bytes, bnb_takeover_problem, is_bnb_linear_4bit,
                      is_bnb_linear_8bit, is_quantized_bnb_linear_4bit, quant_state_from_bnb_module)
 from .hf_quantization import forget_quantization
@@ -28,6 +31,50 @@ from .quantize import QuantState, dequantize, quantize
 
 _QUANT_BUFFERS = ("weight_codes", "weight_absmax", "weight_absmax_scale", "weight_absmax_mean")
 _DENSE_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)   # (what save_4bit records)
+def checked_compute_dtype(value) -> Optional[torch.dtype]:
+    """compute_dtype as given (None, a floating torch.dtype, or its name: "bfloat16", as transformers'
+    bnb_4bit_compute_dtype takes it), as a torch.dtype; ValueError naming it otherwise."""
+    dtype = getattr(torch, value.removeprefix("torch."), None) if isinstance(value, str) else value
+    if value is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"compute_dtype must be None or a floating torch.dtype (torch.bfloat16, or its name "
+                         f"'bfloat16'), got {value!r}")
+    return dtype
+
+
+def check_adapter_settings(r, alpha, dropout) -> None:
+    """ValueError naming the first of r (a positive integer), alpha (a finite number) and dropout (a
+    probability) that is not."""
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r <= 0:
+        raise ValueError(f"r must be a positive integer, got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout <= 1.0:
+        raise ValueError(f"dropout must be a probability in [0, 1], got {dropout!r}")
+
+
+# The state_dict key saying what the codes mean (an nf4 and an fp4 weight have the same buffers, shapes and
+# dtypes): JSON in a uint8 tensor, as bitsandbytes keeps its quant state, so state dicts stay plain tensors.
+FORMAT_KEY = "weight_format"
+
+
+def _format_tensor(layer: "Linear4bit") -> torch.Tensor:
+    text = json.dumps({"quant_type": layer.quant_type, "blocksize": layer.blocksize,
+                       "double_quant": layer.double_quant,
+                       "weight_dtype": str(layer.weight_dtype).removeprefix("torch.")}, sort_keys=True)
+    return torch.tensor(list(text.encode()), dtype=torch.uint8)
+
+
+def _read_format(t) -> dict:
+    """The format a FORMAT_KEY tensor holds; ValueError if it is not one."""
+    try:
+        fmt = json.loads(bytes(t.detach().to("cpu", torch.uint8).flatten().tolist()).decode())
+        dtype = getattr(torch, fmt["weight_dtype"], None)
+        if (fmt["quant_type"] not in QUANT_TYPES or fmt["blocksize"] not in BLOCKSIZES
+                or type(fmt["double_quant"]) is not bool or dtype not in _DENSE_WEIGHT_DTYPES):
+            raise ValueError(fmt)
+    except Exception as e:   # (not JSON, not a mapping, a key missing or unknown)
+        raise ValueError(f"not a 4-bit weight format: {e}") from None
+    return dict(fmt, weight_dtype=dtype)
 
 
 def in_input_dtype(y: torch.Tensor, x_dtype: torch.dtype) -> torch.Tensor:
@@ -58,7 +105,7 @@ class Linear4bit(nn.Module):
             raise ValueError(f"in_features ({in_features}) must be a multiple of blocksize ({blocksize})")
         self.in_features, self.out_features = in_features, out_features
         self.quant_type, self.blocksize, self.double_quant = quant_type, blocksize, double_quant
-        self.compute_dtype, self.weight_dtype = compute_dtype, weight_dtype
+        self.compute_dtype, self.weight_dtype = checked_compute_dtype(compute_dtype), weight_dtype
         # Placeholder weights (zeros) until from_linear or load_state_dict fills them.
         q = quantize(torch.zeros(out_features, in_features, device=device), blocksize, quant_type, double_quant)
         self._set_quant_state(q)
@@ -85,7 +132,7 @@ class Linear4bit(nn.Module):
         nn.Module.__init__(m)
         m.out_features, m.in_features = q.shape
         m.quant_type, m.blocksize, m.double_quant = q.quant_type, q.blocksize, q.double_quant
-        m.compute_dtype, m.weight_dtype = compute_dtype, q.dtype
+        m.compute_dtype, m.weight_dtype = checked_compute_dtype(compute_dtype), q.dtype
         m._set_quant_state(q)
         m.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         return m
@@ -122,6 +169,35 @@ class Linear4bit(nn.Module):
             x = x.to(self.compute_dtype)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return in_input_dtype(linear_4bit(x, self.weight, bias), x_dtype)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + FORMAT_KEY] = _format_tensor(self)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """Takes the saved format's quant_type and weight_dtype (the codes mean what they meant where saved: an
+        fp4 state dict makes an nf4 placeholder an fp4 layer); another blocksize or double quantization (other
+        buffers) is an error. A state dict without the key (older, or built by hand) leaves the format as is."""
+        key = prefix + FORMAT_KEY
+        if key in state_dict:
+            try:
+                fmt = _read_format(state_dict[key])
+            except ValueError as e:
+                error_msgs.append(f"{key}: {e}")
+            else:
+                if (fmt["blocksize"], fmt["double_quant"]) != (self.blocksize, self.double_quant):
+                    error_msgs.append(
+                        f"{prefix.rstrip('.') or 'the layer'}: the state dict holds a 4-bit weight with blocksize "
+                        f"{fmt['blocksize']}, double_quant={fmt['double_quant']}, this layer has blocksize "
+                        f"{self.blocksize}, double_quant={self.double_quant}: build it with the saved settings "
+                        "(prepare_model's blocksize= and double_quant=)")
+                else:
+                    self.quant_type, self.weight_dtype = fmt["quant_type"], fmt["weight_dtype"]
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if key in unexpected_keys:
+            unexpected_keys.remove(key)
 
     def _apply(self, fn, recurse=True):
         # .to(dtype), .half(), .float(): the dense weight this layer stands for takes the new dtype, as an
@@ -203,18 +279,17 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                  adapter_dtype: torch.dtype = torch.float32, use_rslora: bool = False, use_dora: bool = False):
         super().__init__()
-        if r <= 0:
-            raise ValueError(f"r must be a positive integer, got {r}")
+        check_adapter_settings(r, alpha, dropout)
         if not isinstance(base, (nn.Linear, Linear4bit)):
             raise TypeError(f"base must be nn.Linear or Linear4bit, got {type(base).__name__}")
         self.base = base
         for p in base.parameters():
             p.requires_grad_(False)
-        self.r, self.alpha, self.use_rslora = r, alpha, bool(use_rslora)
+        self.r, self.alpha, self.use_rslora = int(r), alpha, bool(use_rslora)
         self.scaling = lora_scaling(r, alpha, self.use_rslora)
         device = base.weight_codes.device if isinstance(base, Linear4bit) else base.weight.device
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=device, dtype=adapter_dtype))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=device, dtype=adapter_dtype))
+        self.lora_A = nn.Parameter(torch.empty(self.r, base.in_features, device=device, dtype=adapter_dtype))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, self.r, device=device, dtype=adapter_dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
         # Where a non-zero initialisation (LoftQ) starts the adapters: the trained change of the layer is then
@@ -450,6 +525,8 @@ def chosen_linears(model: nn.Module, target_modules: Optional[Iterable[str]] = N
     if target_modules is None:
         return [n for n in linears if n.split(".")[-1] not in exclude and n not in exclude
                 and paths.get(n) not in exclude]
+    if isinstance(target_modules, str) and not re.fullmatch(r"[\w.\-]+", target_modules):
+        return _regex_chosen(target_modules, linears, paths)
     targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
     # a layer that already has an adapter is known (applying prepare_model again leaves it as it is)
     known = {n.split(".")[-1] for n in [*linears, *adapted]} | set(linears) | set(adapted) | {
@@ -459,6 +536,21 @@ def chosen_linears(model: nn.Module, target_modules: Optional[Iterable[str]] = N
         raise ValueError(f"target_modules {unknown} match no nn.Linear in the model; its linear layers are "
                          f"named {sorted({n.split('.')[-1] for n in linears})}")
     return [n for n in linears if n in targets or paths.get(n) in targets or n.split(".")[-1] in targets]
+
+
+def _regex_chosen(pattern: str, linears: dict, paths: dict) -> list:
+    """The layers whose whole module path (as PEFT sees it) the regular expression matches: PEFT's meaning of a
+    string target_modules (here a string that is not a plain name, e.g. r".*\.(q|v)_proj")."""
+    try:
+        regex = re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"target_modules {pattern!r} is not a regular expression: {e}") from None
+    chosen = [n for n in linears if regex.fullmatch(paths.get(n, n))]
+    if not chosen:
+        some = sorted(paths.get(n, n) for n in linears)[:3]
+        raise ValueError(f"target_modules {pattern!r} (a regular expression, matched against whole module paths "
+                         f"as PEFT does) matches no nn.Linear; their paths are like {some}")
+    return chosen
 
 
 def _linear_names(model: nn.Module) -> dict:
@@ -525,7 +617,9 @@ def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = No
     again, it adds adapters to the newly matching layers and leaves existing adapters (trainable) as they are.
 
     target_modules: names matched against the last component of each module's name (e.g. "q_proj"), or
-    full dotted names; default (or PEFT's "all-linear"): every nn.Linear except those named in `exclude`. A
+    full dotted names; a string that is not a plain name is a regular expression matched against whole module
+    paths, as PEFT's string target_modules (r".*\.(q|v)_proj"); default (or PEFT's "all-linear"): every
+    nn.Linear except those named in `exclude`. A
     chosen layer whose in_features is not a multiple of blocksize cannot be quantized (each weight row starts a
     block): it keeps its dense frozen weight and gets an adapter, with a warning naming it. init_lora_weights: "default"
     (A Kaiming-uniform, B zero: the model starts as the quantized base) or "loftq" (qlora_ext.loftq, with
@@ -553,6 +647,10 @@ def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = No
     refused."""
     if quant_type not in ("nf4", "fp4", "int4", "none"):
         raise ValueError(f"quant_type must be 'nf4', 'fp4', 'int4' or 'none', got {quant_type!r}")
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
+    check_adapter_settings(r, alpha, dropout)
+    compute_dtype = checked_compute_dtype(compute_dtype)
     if init_lora_weights not in ("default", "loftq"):
         raise ValueError(f"init_lora_weights must be 'default' or 'loftq', got {init_lora_weights!r}")
     if loftq_svd not in LOFTQ_SVDS:

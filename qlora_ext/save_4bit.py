@@ -29,7 +29,7 @@ from ._ops import BLOCKSIZES, QUANT_TYPES
 from .bnb_io import is_bnb_linear_4bit, is_bnb_linear_8bit
 from .modules_to_save import ModuleToSave
 from .trainable_tokens import TiedTokensHead, TrainableTokens
-from .nn import Linear4bit, LoRALinear
+from .nn import FORMAT_KEY, Linear4bit, LoRALinear
 from .quantize import QuantState
 
 QUANT_METHOD = "qlora_ext"
@@ -73,7 +73,10 @@ def _base_tensors(model: nn.Module) -> Tuple[Dict[str, torch.Tensor], Dict[str, 
                                         "double_quant": m.double_quant,
                                         "weight_dtype": str(m.weight_dtype).removeprefix("torch.")}
     tensors = {}
+    formats = {f"{n}.{FORMAT_KEY}" if n else FORMAT_KEY for n, m in model.named_modules() if isinstance(m, Linear4bit)}
     for key, t in model.state_dict().items():
+        if key in formats:   # (the layers' formats are in the metadata)
+            continue
         saved = saved_name(key)
         if saved is not None:
             tensors[saved] = t

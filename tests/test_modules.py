@@ -55,19 +55,46 @@ def test_state_dict_round_trip_and_safetensors(tmp_path):
 
     src = Linear4bit.from_linear(nn.Linear(128, 64), quant_type="fp4")
     sd = src.state_dict()
-    assert set(sd) == {"bias", "weight_codes", "weight_absmax", "weight_absmax_scale", "weight_absmax_mean"}
+    assert set(sd) == {"bias", "weight_codes", "weight_absmax", "weight_absmax_scale", "weight_absmax_mean",
+                       "weight_format"}
     save_file(sd, str(tmp_path / "layer.safetensors"))
-    dst = Linear4bit(128, 64, quant_type="fp4")
+    dst = Linear4bit(128, 64)   # an nf4 placeholder: the saved format says fp4
     dst.load_state_dict(load_file(str(tmp_path / "layer.safetensors")))
     x = torch.randn(3, 128)
     assert torch.equal(dst(x), src(x))
     for name, t in sd.items():
         assert torch.equal(dst.state_dict()[name], t)
+    assert dst.quant_type == "fp4"
+
+
+def test_a_state_dict_of_another_format_is_taken_or_refused_by_name():
+    """The codes mean what the saved format says: its quant_type and weight_dtype are taken (an nf4 model loading
+    an fp4 state dict strictly computed garbage before); another blocksize or double quantization is an error
+    naming the layer; a state dict without the format (older) loads as before."""
+    src = prepare_model(TinyLM(), r=4, quant_type="fp4").to(torch.bfloat16)
+    dst = prepare_model(TinyLM(), r=4)
+    dst.load_state_dict(src.state_dict())
+    ids = torch.randint(0, 50, (2, 7))
+    torch.testing.assert_close(dst.to(torch.bfloat16)(ids), src(ids), rtol=0, atol=0)
+    q = dst.layers[0].q_proj.base
+    assert (q.quant_type, q.weight_dtype) == ("fp4", torch.bfloat16)
+    other = prepare_model(TinyLM(), r=4, blocksize=128)
+    with pytest.raises(RuntimeError, match="layers.0.q_proj.base: the state dict holds a 4-bit weight with "
+                                           "blocksize 64, double_quant=True, this layer has blocksize 128"):
+        other.load_state_dict(src.state_dict(), strict=False)
+    older = {k: v for k, v in src.state_dict().items() if not k.endswith("weight_format")}
+    plain = prepare_model(TinyLM(), r=4)
+    assert not plain.load_state_dict(older).missing_keys
+    assert plain.layers[0].q_proj.base.quant_type == "nf4"
+    broken = dict(src.state_dict())
+    broken["layers.0.q_proj.base.weight_format"] = torch.tensor(list(b'{"quant_type": "nf5"}'), dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="layers.0.q_proj.base.weight_format: not a 4-bit weight format"):
+        plain.load_state_dict(broken)
 
 
 def test_to_dtype_keeps_the_format():
     layer = Linear4bit.from_linear(nn.Linear(128, 64))
-    before = {k: v.clone() for k, v in layer.state_dict().items() if k != "bias"}
+    before = {k: v.clone() for k, v in layer.state_dict().items() if k not in ("bias", "weight_format")}
     layer.to(torch.bfloat16)
     layer.half()
     for k, v in before.items():
@@ -228,6 +255,49 @@ def test_prepare_model_targets_and_errors():
         prepare_model(TinyLM(), quant_type="nf2")
     with pytest.raises(ValueError, match="r must be a positive integer"):
         prepare_model(TinyLM(), r=0)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(dropout=2.0), "dropout must be a probability in \\[0, 1\\], got 2.0"),
+    (dict(dropout=-0.1), "dropout must be a probability"),
+    (dict(r=2.5), "r must be a positive integer, got 2.5"),
+    (dict(alpha=float("nan")), "alpha must be a finite number"),
+    (dict(blocksize=32), "blocksize must be one of \\(64, 128, 256\\), got 32"),
+    (dict(blocksize=100), "blocksize must be one of"),
+    (dict(compute_dtype="bfloat17"), "compute_dtype must be None or a floating torch.dtype"),
+    (dict(compute_dtype=torch.int8), "compute_dtype must be None or a floating torch.dtype"),
+])
+def test_bad_settings_are_refused_before_the_model_changes(kwargs, message):
+    model = TinyLM()
+    before = {n: (type(m), tuple(p.requires_grad for p in m.parameters(recurse=False)))
+              for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match=message):
+        prepare_model(model, **kwargs)
+    assert before == {n: (type(m), tuple(p.requires_grad for p in m.parameters(recurse=False)))
+                      for n, m in model.named_modules()}
+    if "compute_dtype" not in kwargs and "blocksize" not in kwargs:
+        with pytest.raises(ValueError, match=message):
+            LoRALinear(nn.Linear(64, 32), **kwargs)
+
+
+def test_a_regular_expression_selects_whole_paths_as_in_peft():
+    """PEFT's string target_modules is a regular expression matched against whole module paths; a plain name
+    stays a name."""
+    model = prepare_model(TinyLM(), target_modules=r"layers\.0\..*_proj", r=2)
+    adapted = sorted(n for n, m in model.named_modules() if isinstance(m, LoRALinear))
+    assert adapted == [f"layers.0.{n}" for n in sorted(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                         "up_proj", "down_proj"))]
+    assert sum(isinstance(m, LoRALinear) for m in prepare_model(TinyLM(), target_modules="q_proj").modules()) == 2
+    with pytest.raises(ValueError, match="target_modules '.\\*qkv' \\(a regular expression.* paths are like"):
+        prepare_model(TinyLM(), target_modules=".*qkv")
+    with pytest.raises(ValueError, match="is not a regular expression"):
+        prepare_model(TinyLM(), target_modules="(q_proj")
+
+
+def test_compute_dtype_by_name():
+    model = prepare_model(TinyLM(), r=2, compute_dtype="bfloat16")
+    assert model.layers[0].q_proj.base.compute_dtype == torch.bfloat16
+    assert Linear4bit(64, 8, compute_dtype="torch.float16").compute_dtype == torch.float16
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "none"])
