@@ -144,6 +144,17 @@ def test_bad_checkpoints_and_targets_give_clear_errors(checkpoints, tmp_path):
             load_4bit(str(folder))
 
 
+def test_save_pretrained_of_a_prepared_model_is_refused_with_what_to_do_instead(checkpoints, tmp_path):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(checkpoints["safetensors"], dtype=torch.float32)
+    with pytest.warns(UserWarning, match="kept dense"):
+        qlora_ext.prepare_model(model, r=4)
+    model.save_pretrained(str(tmp_path / "prepared"))
+    with pytest.raises(ValueError, match="holds a prepared model's own modules .* save the 4-bit base with "
+                                         "qlora_ext.save_4bit and the adapters with save_peft_adapter"):
+        load_4bit(str(tmp_path / "prepared"))
+
+
 def test_tensors_that_are_not_the_models_are_skipped_as_from_pretrained_skips_them(checkpoints, tmp_path):
     # e.g. older Llama conversions' rotary inv_freq (a non-persistent buffer now) and a stray tensor
     from safetensors.torch import load_file, save_file
