@@ -540,7 +540,7 @@ def chosen_linears(model: nn.Module, target_modules: Optional[Iterable[str]] = N
 
 def _regex_chosen(pattern: str, linears: dict, paths: dict) -> list:
     """The layers whose whole module path (as PEFT sees it) the regular expression matches: PEFT's meaning of a
-    string target_modules (here a string that is not a plain name, e.g. r".*\.(q|v)_proj")."""
+    string target_modules (here a string that is not a plain name, e.g. r".*\\.(q|v)_proj")."""
     try:
         regex = re.compile(pattern)
     except re.error as e:
@@ -618,7 +618,7 @@ def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = No
 
     target_modules: names matched against the last component of each module's name (e.g. "q_proj"), or
     full dotted names; a string that is not a plain name is a regular expression matched against whole module
-    paths, as PEFT's string target_modules (r".*\.(q|v)_proj"); default (or PEFT's "all-linear"): every
+    paths, as PEFT's string target_modules (r".*\\.(q|v)_proj"); default (or PEFT's "all-linear"): every
     nn.Linear except those named in `exclude`. A
     chosen layer whose in_features is not a multiple of blocksize cannot be quantized (each weight row starts a
     block): it keeps its dense frozen weight and gets an adapter, with a warning naming it. init_lora_weights: "default"

@@ -423,16 +423,18 @@ def test_training_on_instruction_data_on_cuda(tiny, tmp_path):
     assert r["eval_after"]["loss"] < r["eval_before"]["loss"] - 0.2
 
 
-def _byte_level_tokenizer(template):
-    """A byte-level BPE tokenizer without ChatML's marks as tokens (EOS </s>), with chat template `template`."""
+def _byte_level_tokenizer(template, special=("</s>",)):
+    """A byte-level BPE tokenizer (EOS </s>; ChatML's marks are tokens only where `special` names them), with
+    chat template `template`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     bpe.train_from_iterator(["the king speaks"] * 5, trainers.BpeTrainer(
-        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["</s>"]))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>")
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=list(special)))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>",
+                                  additional_special_tokens=[t for t in special if t != "</s>"])
     tok.chat_template = template
     return tok
 
@@ -502,6 +504,30 @@ def test_generate_chat_stops_at_a_mark_of_several_words_or_at_the_next_turn():
     assert end_of_turn(eos_after) == "</s>"   # the EOS itself, a token of the tokenizer's
     no_header = _byte_level_tokenizer("{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
     assert end_of_turn(no_header) == ""       # nothing tells a reply's end from a next turn
+
+
+def test_a_merged_chat_run_stops_generating_at_the_templates_end_of_turn_token():
+    """TRL's setup_chat_format makes <|im_end|> the end token; merge adds the template's end-of-turn token to the
+    generation config's EOS ids where it is one token, and leaves a mark spelled out of several alone."""
+    from transformers import GenerationConfig
+    from qlora_ext.train.merge import stop_at_end_of_turn
+
+    class Stand(torch.nn.Module):
+        generation_config = None
+
+    tok = _byte_level_tokenizer(CHATML, special=("</s>", "<|im_end|>"))
+    model = Stand()
+    model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id)
+    notes = []
+    stop_at_end_of_turn(model, tok, notes.append)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert model.generation_config.eos_token_id == [tok.eos_token_id, im_end] and "'<|im_end|>'" in notes[0]
+    stop_at_end_of_turn(model, tok, notes.append)   # (once)
+    assert model.generation_config.eos_token_id == [tok.eos_token_id, im_end] and len(notes) == 1
+    spelled = _byte_level_tokenizer(CHATML)
+    model.generation_config = GenerationConfig(eos_token_id=spelled.eos_token_id)
+    stop_at_end_of_turn(model, spelled, notes.append)
+    assert model.generation_config.eos_token_id == spelled.eos_token_id
 
 
 def test_generate_chat_answers_a_user_message(tiny):

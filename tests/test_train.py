@@ -205,7 +205,7 @@ def test_init_adapter_continues_from_a_peft_folder(tiny, tmp_path, capsys):
     assert math.isclose(second["eval_before"]["loss"], first["eval_after"]["loss"], rel_tol=1e-6)
     capsys.readouterr()
     # another rank does not fit: a clear error, no traceback
-    assert cli_main(argv[:-2] + ["--r", "8", "--init-adapter", first["peft_adapter"]]) == 2
+    assert cli_main(argv[:-2] + ["--r", "8", "--init-adapter", first["peft_adapter"], "--overwrite-output-dir"]) == 2
     err = capsys.readouterr().err
     assert "--init-adapter:" in err and "has r=8" in err
     assert "the adapter has r=4, lora_alpha=8.0, use_rslora=False, use_dora=False for layer" in err
@@ -860,7 +860,7 @@ def test_trainable_token_indices_run_trains_those_rows_resumes_merges_and_export
     capsys.readouterr()
     assert cli_main(argv) == 0
     assert f"--trainable-token-indices {eos},5" in capsys.readouterr().out
-    assert cli_main(argv[:-2] + ["--trainable-token-indices", "<|im_start|>"]) == 2
+    assert cli_main(argv[:-2] + ["--trainable-token-indices", "<|im_start|>", "--overwrite-output-dir"]) == 2
     assert "['<|im_start|>'] are neither token ids nor tokens" in capsys.readouterr().err
 
 
@@ -1088,3 +1088,25 @@ def test_epochs_set_the_steps(tiny, tmp_path, capsys):
     assert "give --steps or --epochs, not both" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="--epochs must be >= 0"):
         TrainConfig(epochs=-1).validate()
+
+
+def test_resume_extends_a_constant_schedule_run_to_more_steps(tiny, tmp_path, capsys):
+    """--steps may grow on --resume where the learning rate is constant: the extended run ends with the adapters
+    of a run given the larger --steps from the start; a decaying schedule refuses (it decays over --steps)."""
+    from safetensors.torch import load_file
+    model_dir, data_dir = tiny
+    common = ["--model", model_dir, "--data", data_dir, "--seq-len", "32", "--eval-blocks", "4", "--batch-size", "4",
+              "--r", "4", "--alpha", "8", "--device", "cpu", "--no-progress", "--seed", "3", "--save-every", "4",
+              "--eval-every", "4", "--warmup-steps", "2"]
+    for out, steps in (("long", "8"), ("short", "4")):
+        assert cli_main(common + ["--output-dir", str(tmp_path / out), "--steps", steps,
+                                  "--schedule", "constant"]) == 0
+    assert cli_main(["--output-dir", str(tmp_path / "short"), "--resume", "--steps", "8", "--no-progress"]) == 0
+    a, b = (load_file(str(tmp_path / out / "adapter.safetensors")) for out in ("long", "short"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "short" / "config.json").read_text())["steps"] == 8
+    assert cli_main(["--output-dir", str(tmp_path / "short"), "--resume", "--steps", "2", "--no-progress"]) == 2
+    assert "--steps 2 is below the checkpoint's step 8" in capsys.readouterr().err
+    assert cli_main(common + ["--output-dir", str(tmp_path / "cosine"), "--steps", "2"]) == 0
+    assert cli_main(["--output-dir", str(tmp_path / "cosine"), "--resume", "--steps", "4", "--no-progress"]) == 2
+    assert "can change only under --schedule constant" in capsys.readouterr().err

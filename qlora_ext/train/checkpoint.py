@@ -16,7 +16,7 @@ import json
 import os
 import random
 import shutil
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -151,13 +151,25 @@ def save_checkpoint(output_dir: str, step: int, model, optimizer, trainer_state:
     return final
 
 
+def checkpoint_steps(output_dir: str) -> List[int]:
+    """The steps of the complete checkpoints in output_dir, ascending."""
+    root = os.path.join(output_dir, "checkpoints")
+    names = os.listdir(root) if os.path.isdir(root) else []
+    return sorted(int(d[5:]) for d in names if d.startswith("step-") and d[5:].isdigit()
+                  and os.path.exists(os.path.join(root, d, STATE_FILE)))
+
+
 def latest_checkpoint(output_dir: str) -> Optional[str]:
-    pointer = os.path.join(output_dir, "checkpoints", "latest")
-    if not os.path.exists(pointer):
-        return None
-    with open(pointer) as f:
-        path = os.path.join(output_dir, "checkpoints", f.read().strip())
-    return path if os.path.exists(os.path.join(path, STATE_FILE)) else None
+    """The checkpoint `latest` names, or where that one is gone (removed by hand), the newest complete one."""
+    root = os.path.join(output_dir, "checkpoints")
+    pointer = os.path.join(root, "latest")
+    if os.path.exists(pointer):
+        with open(pointer) as f:
+            path = os.path.join(root, f.read().strip())
+        if os.path.exists(os.path.join(path, STATE_FILE)):
+            return path
+    steps = checkpoint_steps(output_dir)
+    return os.path.join(root, f"step-{steps[-1]:06d}") if steps else None
 
 
 def saved_trainer_value(path: str, key: str):

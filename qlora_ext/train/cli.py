@@ -13,6 +13,7 @@ finished run into a dense model, generate text with it, evaluate it, or quantize
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -55,12 +56,20 @@ def run_train(argv, demo: bool) -> int:
     from .trainer import train
 
     t0 = time.perf_counter()
-    r = train(cfg, sample_prompt=DEMO_PROMPT if demo else None)
+    try:
+        r = train(cfg, sample_prompt=DEMO_PROMPT if demo else None)
+    except KeyboardInterrupt:   # (a line on where the run stands, not a page of traceback)
+        from .checkpoint import latest_checkpoint
+        last = latest_checkpoint(cfg.output_dir)
+        print("\nqlora-train: interrupted; " + (
+            f"the last checkpoint is {last}: `{prog} --output-dir {cfg.output_dir} --resume` continues from it"
+            if last else "no checkpoint was written yet"), file=sys.stderr)
+        return 130
     before, after = r["eval_before"], r["eval_after"]
     if demo:
         print(f"sample (qlora-train generate --output-dir {cfg.output_dir} --prompt ...):\n{r['sample']}\n")
-    print(f"report: {r['report']['markdown']} (also {r['report']['json']}"
-          + (f", {r['report']['plot']}" if r['report']['plot'] else "") + ")")
+    print(f"report: {os.path.abspath(r['report']['markdown'])} (also {os.path.abspath(r['report']['json'])}"
+          + (f", {os.path.abspath(r['report']['plot'])}" if r['report']['plot'] else "") + ")")
     print(f"adapters: {r['adapter']} (PEFT format: {r['peft_adapter']})")
     best = " (the best eval's adapters)" if cfg.load_best_model_at_end and r.get("best_eval") else ""
     stopped = ", stopped early" if r.get("stopped_early_at") else ""
@@ -72,6 +81,10 @@ def run_train(argv, demo: bool) -> int:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
+    if command == "train" and argv and not argv[0].startswith("-"):   # (training takes flags only)
+        print(f"qlora-train: error: unknown command {argv[0]!r}: give one of {', '.join(COMMANDS)}, or training "
+              "flags (qlora-train --help)", file=sys.stderr)
+        return 2
     try:
         if command == "study":
             from .study import main as study_main

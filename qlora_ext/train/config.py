@@ -40,11 +40,11 @@ class TrainConfig:
     output_dir: str = "runs/qlora"      # adapters, checkpoints and the report go here
     # quantization and LoRA
     quant_type: str = "nf4"             # nf4 | fp4 | int4 | none (16-bit LoRA on a dense base)
-    double_quant: bool = True
-    blocksize: int = 64
-    r: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.05
+    double_quant: bool = True           # quantize the absmax constants too (FP8): 4.127 instead of 4.5 bits/param
+    blocksize: int = 64                 # weights per absmax (64, 128 or 256)
+    r: int = 16                         # LoRA rank
+    alpha: float = 32.0                 # LoRA alpha: the adapters are scaled by alpha / r
+    dropout: float = 0.05               # LoRA dropout on the adapters' input
     use_rslora: bool = False            # rsLoRA: scale the adapters by alpha / sqrt(r), not alpha / r (PEFT's)
     use_dora: bool = False              # DoRA: a trained magnitude per output row (PEFT's use_dora)
     rank_pattern: Dict[str, int] = dataclasses.field(default_factory=dict)     # JSON: r of the layers a key selects
@@ -59,7 +59,7 @@ class TrainConfig:
     chat_template: Optional[str] = None  # the run's chat template: a .jinja file, tokenizer folder, chatml, or its text
     load_in_4bit: str = "auto"          # quantize as the checkpoint is read (no dense model held): auto (GPU)|on|off
     # data
-    seq_len: int = 256
+    seq_len: int = 256                  # tokens per block
     eval_blocks: int = 32               # held-out blocks of seq_len tokens (never trained on)
     eval_data: List[str] = dataclasses.field(default_factory=list)  # held-out files, all blocks (not --eval-blocks)
     max_tokens: int = 0                 # use only the first N tokens of the text (0: all of it)
@@ -67,19 +67,19 @@ class TrainConfig:
     add_bos: bool = True                # start texts and non-chat examples with the tokenizer's BOS (as tokenizer())
     num_proc: int = 0                   # processes tokenizing large record files (0: one per CPU core; same result)
     # optimization
-    batch_size: int = 4
-    grad_accum: int = 1
+    batch_size: int = 4                 # blocks per micro-batch
+    grad_accum: int = 1                 # micro-batches per optimizer step
     steps: int = 200                    # optimizer steps
     epochs: float = 0.0                 # passes over the train blocks; sets --steps (0: --steps says)
-    lr: float = 2e-4
-    warmup_steps: int = 10
+    lr: float = 2e-4                    # peak learning rate
+    warmup_steps: int = 10              # steps of linear warmup to --lr
     schedule: str = "cosine"            # cosine | linear (toward 0 at the last step) | constant, after warmup
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0           # AdamW's decoupled weight decay
     max_grad_norm: float = 1.0          # 0 disables clipping
     optimizer: str = "paged_adamw"      # paged_adamw | paged_adamw8bit (qlora_ext.PagedAdamW[8bit]) | adamw (torch)
     gradient_checkpointing: bool = True
     neftune_noise_alpha: float = 0.0    # NEFTune: noise of alpha / sqrt(L d) on the input embeddings in training
-    seed: int = 0
+    seed: int = 0                       # seeds the adapters, dropout, data order and held-out split
     # bookkeeping
     eval_every: int = 50                # steps between evaluations (and one before training, one at the end)
     save_every: int = 50                # steps between resumable checkpoints (and one at the end)
@@ -90,6 +90,7 @@ class TrainConfig:
     device: str = "auto"                # auto: cuda when available, else cpu
     linear_backend: str = "auto"        # CUDA 4-bit GEMMs: auto | fused | fused_mma | dequant | tune (see README)
     resume: bool = False                # continue the run in output_dir from its latest checkpoint
+    overwrite_output_dir: bool = False  # start a new run in an output_dir holding another (its files removed)
     progress: bool = True               # the tqdm bar
     report_to: str = "none"             # none | tensorboard: the live log (train_log.jsonl) as TensorBoard events too
 
@@ -135,6 +136,10 @@ class TrainConfig:
             value = getattr(self, f.name)
             need(not isinstance(value, float) or math.isfinite(value), f"{_flag(f.name)} must be finite, got {value}")
         need(self.lr > 0, f"--lr must be positive, got {self.lr}")
+        need(self.alpha != 0, "--alpha must not be 0: the adapters would be scaled by 0 and training would change "
+                              "nothing")
+        for name in ("target_modules", "modules_to_save", "trainable_token_indices"):
+            need(getattr(self, name) != [], f"{_flag(name)} is empty: name at least one, or leave the flag out")
         need(0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}")
         need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
              f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
@@ -145,6 +150,9 @@ class TrainConfig:
                 check_patterns(getattr(self, name), _flag(name), integer=name == "rank_pattern")
             except ValueError as e:
                 raise ConfigError(str(e)) from e
+        for name in PATH_FIELDS:   # absolute: the saved run is found from any working directory
+            if getattr(self, name) != DEFAULT_MODEL:
+                setattr(self, name, _absolute(getattr(self, name)))
         from .chat_template import resolve_chat_template
         # The config keeps the template's text (a name or path is read here), so the saved run renders without the file.
         self.chat_template = resolve_chat_template(self.chat_template)
@@ -166,8 +174,9 @@ class TrainConfig:
 
 
 # Presets: the demo must finish in <= 10 minutes on a 2-core CPU (measured: see README).
+# (The demo starts over in its folder when run again, --resume aside.)
 DEMO_OVERRIDES = dict(seq_len=128, batch_size=4, steps=60, warmup_steps=6, lr=3e-4, eval_blocks=24,
-                      eval_every=30, save_every=30, output_dir="runs/demo")
+                      eval_every=30, save_every=30, output_dir="runs/demo", overwrite_output_dir=True)
 
 
 def _flag(name: str) -> str:
@@ -301,7 +310,10 @@ def as_command_line(cfg: TrainConfig, names) -> str:
 # Flags that may differ on --resume: they do not change what is computed.
 # (load_in_4bit builds the same 4-bit base as loading the dense model and quantizing it, bit for bit.)
 RESUME_MAY_CHANGE = ("resume", "progress", "device", "linear_backend", "output_dir", "load_in_4bit", "num_proc",
-                     "report_to", "save_total_limit")
+                     "report_to", "save_total_limit", "overwrite_output_dir")
+# Flags naming files or folders: kept absolute (so eval, merge, generate and --resume work from anywhere) and
+# compared on --resume as the paths they name.
+PATH_FIELDS = ("model", "data", "eval_data", "init_adapter")
 
 
 def _difference(saved, given, limit: int = 120) -> str:
@@ -314,9 +326,20 @@ def _difference(saved, given, limit: int = 120) -> str:
     return f"saved {saved!r}, given {given!r}"
 
 
+def _absolute(value):
+    """A path flag's value with each path that exists made absolute (a name such as "smollm2" stays)."""
+    if isinstance(value, list):
+        return [_absolute(v) for v in value]
+    return os.path.abspath(value) if isinstance(value, str) and value and os.path.exists(value) else value
+
+
 def _ordered(name: str, value):
     """A flag's value as compared on --resume: a mapping's order counts (the first pattern that matches wins), a
-    module list's does not (the files' order does: it orders the data)."""
+    module list's does not (the files' order does: it orders the data); paths as the files they name."""
+    if name in PATH_FIELDS:
+        value = _absolute(value)
+        return [os.path.realpath(v) for v in value] if isinstance(value, list) else (
+            os.path.realpath(value) if isinstance(value, str) and os.path.isabs(value) else value)
     if isinstance(value, dict):
         return list(value.items())
     return sorted(value) if name in ("target_modules", "modules_to_save") and isinstance(value, list) else value
@@ -335,8 +358,18 @@ def resume_config(output_dir: str, explicit: dict) -> TrainConfig:
         explicit = dict(explicit, chat_template=resolve_chat_template(explicit["chat_template"]))
     changed = {k: (getattr(saved, k), v) for k, v in explicit.items()
                if k not in RESUME_MAY_CHANGE and _ordered(k, getattr(saved, k)) != _ordered(k, v)}
+    extended = "steps" in changed and saved.schedule == "constant" and not saved.epochs
+    if "steps" in changed and not extended:
+        raise ConfigError(f"--resume: --steps ({_difference(*changed['steps'])}) can change only under --schedule "
+                          f"constant set by --steps: this run's {saved.schedule} schedule "
+                          f"{'decays over its --steps' if saved.schedule != 'constant' else 'was set by --epochs'}, "
+                          "so another count would be another run; start a new one (--init-adapter "
+                          "<this run>/peft_adapter continues from its adapters)")
+    if extended:   # (a constant learning rate: more steps continue the same run)
+        changed.pop("steps")
     if changed:
         raise ConfigError("--resume continues the saved run; these flags differ from it: " + ", ".join(
             f"{_flag(k)} ({_difference(a, b)})" for k, (a, b) in changed.items()))
-    keep = {k: explicit[k] for k in RESUME_MAY_CHANGE if k in explicit and k != "resume"}
+    keep = {k: explicit[k] for k in (*RESUME_MAY_CHANGE, *(("steps",) if extended else ()))
+            if k in explicit and k != "resume"}
     return dataclasses.replace(saved, **keep, resume=True).validate()

@@ -67,10 +67,12 @@ def _dataset_shards_only(files: List[str]) -> List[str]:
     return out
 
 
-def find_text_files(paths: Sequence[str], flag: str = "--data") -> List[str]:
+def find_text_files(paths: Sequence[str], flag: str = "--data", skip_dir: Optional[str] = None) -> List[str]:
     """Files as given, folders searched recursively for *.txt, *.jsonl, *.parquet and *.arrow (sorted; a .json
     file of records is named on its own: folders hold other .json files); no paths: the default text. A folder
-    of datasets' DatasetDict (its splits in subfolders) is refused: one split's folder is the data."""
+    of datasets' DatasetDict (its splits in subfolders) is refused: one split's folder is the data. skip_dir:
+    a folder whose files a search leaves out (the run's --output-dir inside a --data folder: its own log is
+    .jsonl)."""
     if not paths:
         return default_text_files()
     files = []
@@ -88,7 +90,7 @@ def find_text_files(paths: Sequence[str], flag: str = "--data") -> List[str]:
                                   if splits else
                                   f"{flag} folder {p!r} holds a datasets DatasetDict: give one split's folder")
             found = _dataset_shards_only(sorted(f for f in glob.glob(os.path.join(p, "**", "*"), recursive=True)
-                                                if os.path.isfile(f) and
+                                                if os.path.isfile(f) and not _inside(f, skip_dir) and
                                                 f.lower().endswith((".txt",) + FOLDER_RECORD_SUFFIXES)))
             if not found:
                 raise ConfigError(f"{flag} folder {p!r} has no .txt, .jsonl, .parquet or .arrow files")
@@ -96,6 +98,13 @@ def find_text_files(paths: Sequence[str], flag: str = "--data") -> List[str]:
         else:
             raise ConfigError(f"{flag} path {p!r} does not exist")
     return files
+
+
+def _inside(path: str, folder: Optional[str]) -> bool:
+    if not folder:
+        return False
+    folder = os.path.realpath(folder)
+    return os.path.realpath(path).startswith(folder + os.sep)
 
 
 @dataclasses.dataclass

@@ -32,7 +32,8 @@ def _generate(model, tokenizer, prompt, max_new_tokens, temperature, top_p, seed
     stop = None
     if chat:
         if not getattr(tokenizer, "chat_template", None):
-            raise ConfigError("--chat needs a tokenizer with a chat template, and this model's has none")
+            raise ConfigError("--chat needs a tokenizer with a chat template, and this model's has none (train "
+                              "with --chat-template to give the run one)")
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
         ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids.to(device)

@@ -186,7 +186,8 @@ def _conversation(tokenizer, messages, where: str, first: int = 0,
     `first` on: those trained)."""
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError(f"{where}: \"messages\" need a tokenizer with a chat template, and this one has none "
-                          "(use {\"prompt\", \"completion\"} records instead)")
+                          "(give the run one: --chat-template chatml, a .jinja file or a tokenizer folder; or use "
+                          "{\"prompt\", \"completion\"} records instead)")
     if not isinstance(messages, list) or not messages:
         raise ConfigError(f"{where}: \"messages\" must be a non-empty list")
     messages = [_checked_message(m, where) for m in messages]

@@ -33,6 +33,25 @@ def untie_if_adapted(model: torch.nn.Module) -> None:
         config.tie_word_embeddings = False
 
 
+def stop_at_end_of_turn(model, tokenizer, log=print) -> None:
+    """A run trained on its own --chat-template: the merged model's generation config also stops at the template's
+    end-of-turn token (ChatML's <|im_end|> on a base model whose EOS is </s>), as TRL's setup_chat_format makes
+    it, so transformers, vLLM and the like end a reply where the model learned to. Not where the mark is spelled
+    out of several tokens (generation configs stop at tokens)."""
+    from .generate import end_of_turn
+
+    mark = end_of_turn(tokenizer)
+    ids = tokenizer(mark, add_special_tokens=False).input_ids if mark else []
+    if len(ids) != 1:
+        return
+    config = model.generation_config
+    eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
+    eos = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    if ids[0] not in eos:
+        config.eos_token_id = eos + ids
+        log(f"merged model: generation also stops at {mark!r} (token {ids[0]}), the chat template's end of turn")
+
+
 def merge_run(output_dir: str, target: str, dtype=None, log=print) -> str:
     """Writes the merged dense model of the run in output_dir (and its tokenizer) to the new folder target;
     returns target. dtype: the model's dtype (default: the dtype the run loaded the model in)."""
@@ -47,6 +66,8 @@ def merge_run(output_dir: str, target: str, dtype=None, log=print) -> str:
     model.to("cpu", dtype or load_dtype)  # embeddings and norms too: one dtype for the whole model
     model.config.dtype = dtype or load_dtype
     untie_if_adapted(model)
+    if cfg.chat_template is not None:
+        stop_at_end_of_turn(model, run.tokenizer, log)
     prequantized_note = "as bitsandbytes had quantized it (the checkpoint's own format)" if run.prequantized \
         else "as saved 4-bit by qlora_ext.save_4bit" if is_4bit_checkpoint(run.model_dir) \
         else f"as the run quantized it ({cfg.quant_type}, double quant {cfg.double_quant}, blocksize " \

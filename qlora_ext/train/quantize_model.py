@@ -31,9 +31,11 @@ def quantize_model(model: str, target: str, quant_type: str = "nf4", double_quan
     from ..nn import Linear4bit
     from ..save_4bit import save_4bit
     from .model import load_tokenizer, resolve_model_dir
+    from .output_dir import check_writable
 
     if os.path.exists(target) and (not os.path.isdir(target) or os.listdir(target)):
         raise ConfigError(f"--to {target!r} exists and is not an empty folder: the 4-bit model needs a new one")
+    check_writable(target, "--to")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {device}: no CUDA GPU is visible")
@@ -53,6 +55,8 @@ def quantize_model(model: str, target: str, quant_type: str = "nf4", double_quan
         save_4bit(net, target, tokenizer=tokenizer, max_shard_size=max_shard_size)
     except ValueError as e:   # a checkpoint load_4bit cannot read, a target that matches nothing, ...
         raise ConfigError(str(e)) from e
+    except OSError as e:   # (save_4bit writes through a temporary folder: nothing half-written is left)
+        raise ConfigError(f"cannot write the 4-bit model to {target!r}: {e}") from e
     nbytes = sum(os.path.getsize(os.path.join(target, f)) for f in os.listdir(target) if f.endswith(".safetensors"))
     log(f"4-bit model: {target} ({nbytes / 2**20:.1f} MiB of tensors, {quant_type}, double quant {double_quant}, "
         f"blocksize {blocksize}; {time.perf_counter() - t0:.0f} s)")

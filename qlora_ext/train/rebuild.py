@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from typing import Optional
 
 import torch
@@ -55,6 +56,8 @@ def rebuild_run(output_dir: str, device: Optional[str] = None, log=print) -> Reb
     run_device = run_device_type(output_dir)
     loftq_from_gpu = cfg.init_lora_weights == "loftq" and run_device == "cuda"
     device = device or ("cuda" if loftq_from_gpu else "cpu")
+    if device not in ("cpu", "cuda") and not re.fullmatch(r"cuda:\d+", device):
+        raise ConfigError(f"--device must be cpu or cuda[:N], got {device!r}")
     if loftq_from_gpu and not device.startswith("cuda"):
         raise ConfigError("this LoftQ run trained on a GPU: its base (quantized from the weight less LoftQ's float32 "
                           "SVD there) can only be rebuilt on a GPU")
@@ -64,7 +67,11 @@ def rebuild_run(output_dir: str, device: Optional[str] = None, log=print) -> Reb
     # The base quantized as the checkpoint is read where it can be (the same base, bit for bit, without the dense
     # model in memory: `generate` on a big run), unless the run said --load-in-4bit off.
     dev = torch.device(device)
-    model_dir = resolve_model_dir(cfg.model, log)
+    try:
+        model_dir = resolve_model_dir(cfg.model, log)
+    except ConfigError as e:   # (the user gave no --model here: say where it comes from)
+        raise ConfigError(f"the run's model, as its {CONFIG_FILE} names it: {e} (a run saved before paths were "
+                          "kept absolute names it relative to where it ran: run this from there)") from e
     model, tokenizer, model_dir, quantized_while_loading = load_for_run(
         cfg, model_dir, load_dtype, dev, resolve_load_in_4bit(cfg, dev, model_dir, auto_on_cpu=True), log,
         template_notes=False)

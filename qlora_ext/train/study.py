@@ -159,7 +159,8 @@ def item3_finetune(args, log) -> dict:
                           seq_len=args.seq_len, eval_blocks=args.eval_blocks, batch_size=args.batch_size,
                           steps=args.steps, lr=args.lr, warmup_steps=max(1, args.steps // 10),
                           eval_every=max(1, args.steps // 4), save_every=args.steps, seed=args.seed,
-                          device=args.device, progress=args.progress)
+                          device=args.device, progress=args.progress,
+                          overwrite_output_dir=True)   # (the study's own runs: a study run again redoes them)
         r = Trainer(cfg, log=lambda s: None).run()
         rows.append({"run": name, "quant_type": qt, "double_quant": dq, "init_lora_weights": init,
                      "eval_loss_before": r["eval_before"]["loss"],

@@ -11,11 +11,11 @@ import collections
 import contextlib
 import dataclasses
 import importlib
+import json
 import math
 import os
 import random
 import resource
-import shutil
 import time
 from typing import Callable, Dict, Optional, Tuple
 
@@ -37,9 +37,18 @@ from .data import IGNORE, TokenBlocks, batch_indices, find_text_files, resolve_p
 from .loss import causal_lm_loss, packed_attention_problem, vocab_size
 from .model import load_model_and_tokenizer, max_positions, resolve_model_dir, token_ids
 from .neftune import input_embeddings, neftune
-from .run_log import RunLog, remove_run_logs, summary_writer_class
+from .output_dir import PEFT_DIR, check_output_dir, clear_previous_run
+from .run_log import RunLog, summary_writer_class
 
-PEFT_DIR = "peft_adapter"  # <output_dir>/peft_adapter: the adapters in PEFT's format
+
+def extend_saved_steps(output_dir: str, steps: int) -> None:
+    """A resumed run given more --steps (a constant schedule: resume_config allows it) records them in its
+    config.json, so a later --resume, eval or merge knows the run's length (nothing else it was resumed with)."""
+    path = os.path.join(output_dir, ckpt.CONFIG_FILE)
+    with open(path) as f:
+        saved = TrainConfig.from_dict(json.load(f))
+    if saved.steps != steps:
+        dataclasses.replace(saved, steps=steps).save(path)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -269,6 +278,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, log: Callable[[str], None] = print):
         self.cfg = cfg.validate()
         self.log = log
+        check_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite_output_dir, cfg.model)   # before anything loads
         self.device = resolve_device(cfg.device)
         if self.device.type == "cuda":
             set_linear_backend(cfg.linear_backend)  # process-wide, as torch.backends switches are
@@ -280,14 +290,16 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         t0 = time.perf_counter()
         summary_writer_class(cfg.report_to)   # before the model loads: a missing package fails in a second
-        files = find_text_files(cfg.data)   # before the model loads: a wrong path fails in a second
-        eval_files = find_text_files(cfg.eval_data, "--eval-data") if cfg.eval_data else []
+        # (before the model loads: a wrong path fails in a second; a search leaves this run's own files out)
+        files = find_text_files(cfg.data, skip_dir=cfg.output_dir)
+        eval_files = find_text_files(cfg.eval_data, "--eval-data", cfg.output_dir) if cfg.eval_data else []
         self.files = [os.path.abspath(f) for f in files]
         self.eval_files = [os.path.abspath(f) for f in eval_files]
         both = sorted({os.path.realpath(f) for f in files} & {os.path.realpath(f) for f in eval_files})
         if both:
             raise ConfigError(f"--eval-data would evaluate on text the run trains on: {both[0]}"
-                              f"{f' and {len(both) - 1} more' if len(both) > 1 else ''} are in --data too")
+                              f"{f' and {len(both) - 1} more' if len(both) > 1 else ''} "
+                              f"{'are' if len(both) > 1 else 'is'} in --data too")
         dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
         model_dir = resolve_model_dir(cfg.model, self.log)
         self.model, self.tokenizer, self.model_dir, self.loaded_4bit = load_for_run(
@@ -369,6 +381,9 @@ class Trainer:
     def run(self) -> dict:
         self.setup()
         cfg, dev = self.cfg, self.device   # (after setup: --epochs sets the steps)
+        if cfg.warmup_steps >= cfg.steps:
+            self.log(f"note: --warmup-steps {cfg.warmup_steps} is not below the run's {cfg.steps} steps: the "
+                     "learning rate never reaches --lr")
         os.makedirs(cfg.output_dir, exist_ok=True)
         config = cfg.to_dict()
         state = {"micro_step": 0, "history": [], "evals": [], "train_seconds": 0.0, "tokens": 0,
@@ -382,6 +397,9 @@ class Trainer:
             state = ckpt.load_checkpoint(path, self.model, self.optimizer)
             restore_from_checkpoint(cfg.output_dir, path, state)
             step = state.pop("step")
+            if step > cfg.steps:
+                raise ConfigError(f"--resume: --steps {cfg.steps} is below the checkpoint's step {step}")
+            extend_saved_steps(cfg.output_dir, cfg.steps)
             began = state.get("data_fingerprint")   # (None: a checkpoint from before fingerprints: adopt today's)
             if began is not None and began != self.data.fingerprint():
                 data = ", ".join(cfg.data + cfg.eval_data) or "the default text"
@@ -391,11 +409,10 @@ class Trainer:
             state["data_fingerprint"] = self.data.fingerprint()
             self.log(f"resumed from {path} at step {step}")
         else:
-            old = os.path.join(cfg.output_dir, "checkpoints")
-            if os.path.isdir(old):   # a new run here: never let --resume mix it with an earlier one
-                self.log(f"new run in {cfg.output_dir}: removing the previous run's checkpoints")
-                shutil.rmtree(old)
-            remove_run_logs(cfg.output_dir)   # nor its logs pass for this run's
+            # a new run here (--overwrite-output-dir, checked in __init__): never let --resume mix it with an
+            # earlier one, nor eval or merge take that one's adapters, nor its logs pass for this run's
+            if clear_previous_run(cfg.output_dir):
+                self.log(f"new run in {cfg.output_dir}: removed the previous run's files (--overwrite-output-dir)")
             cfg.save(os.path.join(cfg.output_dir, ckpt.CONFIG_FILE))
             loss0 = self.evaluate()
             state["evals"].append({"step": 0, "loss": loss0, "ppl": math.exp(loss0)})

@@ -1,0 +1,124 @@
+"""--output-dir safety: a new run never lands on another run's files unless told to, never on a model's folder;
+a run told to start over removes the previous run's files (so eval and merge cannot take them for its own);
+paths are saved absolute; a run's own files are not data; --resume finds the newest checkpoint left."""
+import json
+import os
+
+import pytest
+import torch
+
+from qlora_ext.train.checkpoint import latest_checkpoint
+from qlora_ext.train.cli import main as cli_main
+from qlora_ext.train.config import ConfigError, TrainConfig, resume_config
+from qlora_ext.train.data import find_text_files
+from qlora_ext.train.output_dir import check_output_dir, check_writable, clear_previous_run, previous_run
+from qlora_ext.train.trainer import Trainer, train
+from tests.test_train import _cfg, tiny  # noqa: F401  (the tiny model fixture)
+
+
+def _fake_checkpoint(out, step):
+    folder = out / "checkpoints" / f"step-{step:06d}"
+    folder.mkdir(parents=True)
+    torch.save({"step": step}, folder / "trainer_state.pt")
+    return folder
+
+
+def test_a_new_run_refuses_a_folder_holding_a_run_and_overwrite_removes_that_runs_files(tiny, tmp_path):
+    out = tmp_path / "run"
+    first = train(_cfg(tiny, out, steps=2), log=lambda s: None)
+    with pytest.raises(ConfigError, match="holds a finished run: --overwrite-output-dir starts a new run there"):
+        Trainer(_cfg(tiny, out, steps=2))
+    # interrupted: the new run's config is written, the old adapters, report and PEFT folder are gone
+    (out / "notes.txt").write_text("mine")
+    logs = []
+
+    class Stop(Exception):
+        pass
+
+    trainer = Trainer(_cfg(tiny, out, steps=2, lr=3e-3, overwrite_output_dir=True), log=logs.append)
+    trainer._train = lambda *args: (_ for _ in ()).throw(Stop())   # stops before the first step
+    with pytest.raises(Stop):
+        trainer.run()
+    assert any("removed the previous run's files (--overwrite-output-dir)" in m for m in logs), logs
+    assert set(os.listdir(out)) <= {"config.json", "notes.txt", "train_log.jsonl"}
+    assert "notes.txt" in os.listdir(out)
+    assert json.loads((out / "config.json").read_text())["lr"] == 3e-3
+    assert not os.path.exists(first["peft_adapter"])
+    assert previous_run(str(out)) == "a run stopped before its first checkpoint"
+
+
+def test_an_interrupted_run_is_named_with_its_last_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    TrainConfig(output_dir=str(out)).save(str(_mkdir(out) / "config.json"))
+    for step in (10, 20):
+        _fake_checkpoint(out, step)
+    with pytest.raises(ConfigError, match="an interrupted run \\(its last checkpoint is step 20\\): --resume "
+                                          "continues it, --overwrite-output-dir"):
+        check_output_dir(str(out), resume=False, overwrite=False)
+    check_output_dir(str(out), resume=True, overwrite=False)
+    check_output_dir(str(out), resume=False, overwrite=True)
+    # `latest` names a checkpoint removed by hand: the newest one left
+    (out / "checkpoints" / "latest").write_text("step-000030\n")
+    assert latest_checkpoint(str(out)) == str(out / "checkpoints" / "step-000020")
+    assert clear_previous_run(str(out)) and not os.path.exists(out / "checkpoints")
+
+
+def _mkdir(path):
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def test_folders_a_run_must_not_write_to(tiny, tmp_path, monkeypatch):
+    model_dir, _ = tiny
+    with pytest.raises(ConfigError, match="is the --model folder"):
+        check_output_dir(model_dir, resume=False, overwrite=True, model=model_dir)
+    with pytest.raises(ConfigError, match="holds a config.json that is not a run's"):
+        check_output_dir(model_dir, resume=False, overwrite=True)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match="--output-dir .*afile is a file, not a folder"):
+        check_output_dir(str(tmp_path / "afile"), resume=False, overwrite=False)
+    with pytest.raises(ConfigError, match="--output-dir is empty"):
+        check_output_dir("", resume=False, overwrite=False)
+    monkeypatch.setattr(os, "access", lambda path, mode: False)   # (root may write anywhere: pretend)
+    with pytest.raises(ConfigError, match="--to .*new/deeper: cannot write in .*read-only file system"):
+        check_writable(str(tmp_path / "new" / "deeper"), "--to")
+
+
+def test_the_runs_own_files_are_not_data_and_paths_are_saved_absolute(tiny, tmp_path, monkeypatch):
+    model_dir, data_dir = tiny
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.txt").write_text("the king speaks " * 50)
+    (data / "run").mkdir()
+    (data / "run" / "train_log.jsonl").write_text('{"step": 1}\n')
+    assert find_text_files([str(data)], skip_dir=str(data / "run")) == [str(data / "a.txt")]
+    assert len(find_text_files([str(data)])) == 2
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainConfig(model=os.path.relpath(model_dir), data=["data"], output_dir="out").validate()
+    assert cfg.model == os.path.abspath(model_dir) and cfg.data == [str(data)]
+    assert TrainConfig().validate().model == "smollm2"
+    cfg.save(str(_mkdir(tmp_path / "out") / "config.json"))
+    # --resume compares the paths named, however spelled
+    resume_config("out", {"data": ["./data/"], "model": os.path.abspath(model_dir)})
+    with pytest.raises(ConfigError, match="--data"):
+        resume_config("out", {"data": [str(tmp_path)]})
+
+
+def test_command_line_mistakes_and_an_interrupt_get_a_line_not_a_traceback(tiny, tmp_path, capsys, monkeypatch):
+    assert cli_main(["evaluate", "--output-dir", "x"]) == 2
+    assert "unknown command 'evaluate': give one of train, demo" in capsys.readouterr().err
+    model_dir, data_dir = tiny
+    argv = ["--model", model_dir, "--data", data_dir, "--output-dir", str(tmp_path / "run"), "--device", "cpu"]
+    assert cli_main(argv + ["--alpha", "0"]) == 2
+    assert "--alpha must not be 0" in capsys.readouterr().err
+    assert cli_main(argv + ["--trainable-token-indices", " , "]) == 2
+    assert "--trainable-token-indices is empty" in capsys.readouterr().err
+
+    def interrupted(cfg, **kwargs):
+        _fake_checkpoint(_mkdir(tmp_path / "run"), 50)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("qlora_ext.train.trainer.train", interrupted)
+    assert cli_main(argv) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; the last checkpoint is" in err and "step-000050" in err and "--resume` continues" in err
