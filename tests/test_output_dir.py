@@ -107,6 +107,9 @@ def test_the_runs_own_files_are_not_data_and_paths_are_saved_absolute(tiny, tmp_
 def test_command_line_mistakes_and_an_interrupt_get_a_line_not_a_traceback(tiny, tmp_path, capsys, monkeypatch):
     assert cli_main(["evaluate", "--output-dir", "x"]) == 2
     assert "unknown command 'evaluate': give one of train, demo" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["--output_dir", "x"])   # Hugging Face's spelling
+    assert "(did you mean: --output_dir -> --output-dir?)" in capsys.readouterr().err
     model_dir, data_dir = tiny
     argv = ["--model", model_dir, "--data", data_dir, "--output-dir", str(tmp_path / "run"), "--device", "cpu"]
     assert cli_main(argv + ["--alpha", "0"]) == 2
