@@ -125,3 +125,11 @@ def test_command_line_mistakes_and_an_interrupt_get_a_line_not_a_traceback(tiny,
     assert cli_main(argv) == 130
     err = capsys.readouterr().err
     assert "interrupted; the last checkpoint is" in err and "step-000050" in err and "--resume` continues" in err
+
+
+def test_a_file_given_twice_is_noted(tiny, tmp_path):
+    model_dir, data_dir = tiny
+    one = sorted(os.listdir(data_dir))[0]
+    logs = []
+    Trainer(_cfg(tiny, tmp_path / "run", data=[data_dir, os.path.join(data_dir, one)]), log=logs.append).setup()
+    assert any(f"{one} is in --data more than once, and trained on as often" in m for m in logs), logs

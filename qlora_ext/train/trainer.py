@@ -293,6 +293,10 @@ class Trainer:
         # (before the model loads: a wrong path fails in a second; a search leaves this run's own files out)
         files = find_text_files(cfg.data, skip_dir=cfg.output_dir)
         eval_files = find_text_files(cfg.eval_data, "--eval-data", cfg.output_dir) if cfg.eval_data else []
+        twice = sorted(f for f, n in collections.Counter(os.path.realpath(f) for f in files).items() if n > 1)
+        if twice:   # (as datasets would: each time given, trained on)
+            self.log(f"note: {twice[0]}{f' and {len(twice) - 1} more' if len(twice) > 1 else ''} "
+                     f"{'are' if len(twice) > 1 else 'is'} in --data more than once, and trained on as often")
         self.files = [os.path.abspath(f) for f in files]
         self.eval_files = [os.path.abspath(f) for f in eval_files]
         both = sorted({os.path.realpath(f) for f in files} & {os.path.realpath(f) for f in eval_files})
