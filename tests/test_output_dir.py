@@ -2,6 +2,7 @@
 a run told to start over removes the previous run's files (so eval and merge cannot take them for its own);
 paths are saved absolute; a run's own files are not data; --resume finds the newest checkpoint left."""
 import json
+import math
 import os
 
 import pytest
@@ -133,3 +134,29 @@ def test_a_file_given_twice_is_noted(tiny, tmp_path):
     logs = []
     Trainer(_cfg(tiny, tmp_path / "run", data=[data_dir, os.path.join(data_dir, one)]), log=logs.append).setup()
     assert any(f"{one} is in --data more than once, and trained on as often" in m for m in logs), logs
+
+
+def test_an_interrupted_run_is_evaluated_sampled_and_merged_at_a_checkpoint(tiny, tmp_path, capsys):
+    """eval, generate and merge take --checkpoint: a run whose report and final adapters are not there yet (an
+    interrupted one) is rebuilt with that checkpoint's adapters; its held-out blocks come from the checkpoint."""
+    import shutil
+    from qlora_ext.train.eval_run import evaluate_run
+    out = tmp_path / "run"
+    r = train(_cfg(tiny, out, steps=8, save_every=4, eval_every=4, dropout=0.0), log=lambda s: None)
+    evals = {e["step"]: e["loss"] for e in json.loads((out / "report.json").read_text())["evals"]}
+    for name in ("adapter.safetensors", "report.json", "report.md", "loss.png"):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "peft_adapter")
+    with pytest.raises(ConfigError, match="the run has not finished .*give --checkpoint; its checkpoints: "
+                                          "steps 4, 8"):
+        evaluate_run(str(out))
+    for spelling in ("4", "step-000004", str(out / "checkpoints" / "step-000004")):
+        result = evaluate_run(str(out), checkpoint=spelling)
+        assert math.isclose(result["loss"], evals[4], rel_tol=1e-6) and "at step-000004" in result["what"]
+    with pytest.raises(ConfigError, match="--checkpoint 5: no adapter.safetensors"):
+        evaluate_run(str(out), checkpoint="5")
+    assert cli_main(["generate", "--output-dir", str(out), "--checkpoint", "latest", "--max-new-tokens", "3",
+                     "--temperature", "0"]) == 0
+    assert cli_main(["merge", "--output-dir", str(out), "--checkpoint", "8", "--to", str(tmp_path / "m")]) == 0
+    assert "adapters of " in (tmp_path / "m" / "MERGED_FROM.txt").read_text()
+    assert r["steps"] == 8

@@ -13,6 +13,7 @@ import os
 import sys
 
 from .config import PACKINGS, ConfigError
+from .rebuild import CHECKPOINT_HELP
 
 
 def main(argv=None) -> int:
@@ -31,6 +32,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None,
                    help="cpu or cuda[:N] (default: the CPU, or the GPU for a LoftQ run that trained on one)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a sentence")
+    p.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
     args = p.parse_args(argv)
     if args.seq_len is not None and args.seq_len < 2:
         raise ConfigError(f"--seq-len must be at least 2 (a block's first token predicts the second), got "
@@ -43,7 +45,7 @@ def main(argv=None) -> int:
         raise ConfigError("--max-tokens applies to --data (the run's held-out blocks are what the run held out)")
     result = evaluate_run(args.output_dir, data=args.data, seq_len=args.seq_len, packing=args.packing,
                           max_tokens=args.max_tokens, batch_size=args.batch_size, base=args.base,
-                          device=args.device, log=lambda s: print(s, file=sys.stderr))
+                          device=args.device, log=lambda s: print(s, file=sys.stderr), checkpoint=args.checkpoint)
     if args.json:
         print(json.dumps(result))
     else:
@@ -54,7 +56,7 @@ def main(argv=None) -> int:
 
 
 def evaluate_run(output_dir: str, data=None, seq_len=None, packing=None, max_tokens: int = 0, batch_size=None,
-                 base: bool = False, device=None, log=lambda s: None) -> dict:
+                 base: bool = False, device=None, log=lambda s: None, checkpoint=None) -> dict:
     """The numbers `qlora-train eval` prints (see the module's docstring), as a dict. Notes (a packing that falls
     back, what --base leaves out) go to log."""
     from ..nn import adapters_disabled
@@ -64,7 +66,7 @@ def evaluate_run(output_dir: str, data=None, seq_len=None, packing=None, max_tok
     from .rebuild import rebuild_run
     from .trainer import evaluate, packing_for
 
-    run = rebuild_run(output_dir, device, log=lambda s: None)
+    run = rebuild_run(output_dir, device, log=lambda s: None, checkpoint=checkpoint)
     cfg = run.cfg
     dev = next(run.model.parameters()).device
     seq_len = seq_len or cfg.seq_len
@@ -88,7 +90,8 @@ def evaluate_run(output_dir: str, data=None, seq_len=None, packing=None, max_tok
     with adapters_disabled(run.model) if base else contextlib.nullcontext():
         loss = evaluate(run.model, blocks, batch_size or cfg.batch_size, dev, labels, positions)
     predicted = blocks.shape[0] * (blocks.shape[1] - 1) if labels is None else int((labels[:, 1:] != IGNORE).sum())
-    return {"what": ("base without adapters" if base else "run") + f" on {what}", "loss": loss,
+    at = "" if run.checkpoint is None else f" at {os.path.basename(run.checkpoint)}"
+    return {"what": ("base without adapters" if base else "run" + at) + f" on {what}", "loss": loss,
             "ppl": math.exp(loss), "predicted_tokens": predicted, "blocks": int(blocks.shape[0]), "seq_len": seq_len,
             "packing": packed, "base_only": base, "output_dir": output_dir}
 
@@ -100,13 +103,21 @@ def _held_out(run, output_dir: str, seq_len: int, packing):
     from .loss import vocab_size
 
     cfg = run.cfg
-    with open(os.path.join(output_dir, "report.json")) as f:
-        recorded = json.load(f).get("data", {})
+    report = os.path.join(output_dir, "report.json")
+    recorded = {}
+    if os.path.exists(report):
+        with open(report) as f:
+            recorded = json.load(f).get("data", {})
+    if run.checkpoint is not None:   # (an interrupted run has no report: its checkpoint knows the blocks)
+        from .checkpoint import saved_trainer_value
+        recorded.update({k: v for k, v in (("packing", saved_trainer_value(run.checkpoint, "packing")),
+                                           ("fingerprint", saved_trainer_value(run.checkpoint, "data_fingerprint")))
+                         if v is not None})
     files, eval_files = recorded.get("file_paths"), recorded.get("eval_file_paths")
-    try:   # a report from before file_paths: the config's --data, relative to where the run ran
-        files = find_text_files(cfg.data) if files is None else files
+    try:   # a report from before file_paths (or none): the config's --data, relative to where older runs ran
+        files = find_text_files(cfg.data, skip_dir=output_dir) if files is None else files
         if eval_files is None:
-            eval_files = find_text_files(cfg.eval_data, "--eval-data") if cfg.eval_data else []
+            eval_files = find_text_files(cfg.eval_data, "--eval-data", output_dir) if cfg.eval_data else []
     except ConfigError as e:
         raise ConfigError(f"{e} (the run's --data, as it was given where the run ran: evaluate from there, or "
                           "give --data)") from e

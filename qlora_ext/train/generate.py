@@ -8,6 +8,7 @@ import argparse
 import torch
 
 from .config import ConfigError
+from .rebuild import CHECKPOINT_HELP, rebuild_run
 
 
 def generate_text(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: int = 60,
@@ -126,12 +127,11 @@ def main(argv=None) -> int:
                         "reply (for a model trained on chat data)")
     p.add_argument("--device", default=None,
                    help="cpu or cuda[:N] (default: the CPU, or the GPU for a LoftQ run that trained on one)")
+    p.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
     args = p.parse_args(argv)
     if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
         raise ConfigError("--max-new-tokens must be positive, --temperature >= 0 and --top-p in (0, 1]")
-    from .rebuild import rebuild_run
-
-    run = rebuild_run(args.output_dir, args.device, log=lambda s: None)
+    run = rebuild_run(args.output_dir, args.device, log=lambda s: None, checkpoint=args.checkpoint)
     print(generate_text(run.model, run.tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_p,
                         args.seed, args.chat))
     return 0

@@ -17,6 +17,7 @@ import torch
 from .._files import atomic_write_folder
 from ..load_4bit import is_4bit_checkpoint
 from .config import ConfigError
+from .rebuild import CHECKPOINT_HELP
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -52,7 +53,7 @@ def stop_at_end_of_turn(model, tokenizer, log=print) -> None:
         log(f"merged model: generation also stops at {mark!r} (token {ids[0]}), the chat template's end of turn")
 
 
-def merge_run(output_dir: str, target: str, dtype=None, log=print) -> str:
+def merge_run(output_dir: str, target: str, dtype=None, log=print, checkpoint=None) -> str:
     """Writes the merged dense model of the run in output_dir (and its tokenizer) to the new folder target;
     returns target. dtype: the model's dtype (default: the dtype the run loaded the model in)."""
     from .. import merge_and_unload
@@ -60,7 +61,7 @@ def merge_run(output_dir: str, target: str, dtype=None, log=print) -> str:
 
     if os.path.exists(target) and (not os.path.isdir(target) or os.listdir(target)):
         raise ConfigError(f"--to {target!r} exists and is not an empty folder: the merged model needs a new one")
-    run = rebuild_run(output_dir, log=log)
+    run = rebuild_run(output_dir, log=log, checkpoint=checkpoint)
     model, cfg, load_dtype = run.model, run.cfg, run.load_dtype
     merge_and_unload(model, dtype or load_dtype)   # also forgets a bitsandbytes load: the model is dense now
     model.to("cpu", dtype or load_dtype)  # embeddings and norms too: one dtype for the whole model
@@ -73,12 +74,14 @@ def merge_run(output_dir: str, target: str, dtype=None, log=print) -> str:
         else f"as the run quantized it ({cfg.quant_type}, double quant {cfg.double_quant}, blocksize " \
         f"{cfg.blocksize})"
 
+    at = "" if run.checkpoint is None else f" of {run.checkpoint}"
+
     def write(folder: str) -> None:
         model.save_pretrained(folder, safe_serialization=True)
         run.tokenizer.save_pretrained(folder)
         with open(os.path.join(folder, "MERGED_FROM.txt"), "w") as f:
             f.write(f"Merged by qlora_ext from the run in {os.path.abspath(output_dir)}: the base {run.model_dir} "
-                    f"{prequantized_note}, dequantized, plus its LoRA adapters (r={cfg.r}, alpha={cfg.alpha}"
+                    f"{prequantized_note}, dequantized, plus its LoRA adapters{at} (r={cfg.r}, alpha={cfg.alpha}"
                     f"{', rsLoRA scaling alpha / sqrt(r)' if cfg.use_rslora else ''}"
                     f"{f', rank_pattern {json.dumps(cfg.rank_pattern)}' if cfg.rank_pattern else ''}"
                     f"{f', alpha_pattern {json.dumps(cfg.alpha_pattern)}' if cfg.alpha_pattern else ''}"
@@ -100,6 +103,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="the merged model's dtype (default: the dtype the run loaded the model in: "
                         "float32 for a run on the CPU, bfloat16 on a GPU)")
+    p.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
     args = p.parse_args(argv)
-    merge_run(args.output_dir, args.to, DTYPES[args.dtype] if args.dtype else None)
+    merge_run(args.output_dir, args.to, DTYPES[args.dtype] if args.dtype else None, checkpoint=args.checkpoint)
     return 0

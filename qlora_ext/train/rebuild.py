@@ -25,6 +25,7 @@ class RebuiltRun:
     load_dtype: torch.dtype      # what the run loaded the weights in: bf16 on a GPU, fp32 on the CPU
     prequantized: bool           # the base was loaded 4-bit by bitsandbytes (not quantized by the run)
     quantized_while_loading: bool  # the base was quantized as the checkpoint was read (qlora_ext.load_4bit)
+    checkpoint: Optional[str] = None   # the checkpoint folder whose adapters were loaded (None: the final ones)
 
 
 def run_device_type(output_dir: str) -> str:
@@ -37,11 +38,56 @@ def run_device_type(output_dir: str) -> str:
     return "cuda" if device.startswith("cuda") else "cpu"
 
 
-def rebuild_run(output_dir: str, device: Optional[str] = None, log=print) -> RebuiltRun:
+def _trained_on(output_dir: str, cfg: TrainConfig, checkpoint: Optional[str]) -> str:
+    """"cuda" or "cpu", where the run trained (what it loaded the weights in follows): its report's, else (an
+    interrupted run) its checkpoint's, else its --device where that names one."""
+    from .checkpoint import saved_trainer_value
+    if os.path.exists(os.path.join(output_dir, "report.json")) or checkpoint is None:
+        return run_device_type(output_dir)
+    device = saved_trainer_value(checkpoint, "device") or (cfg.device if cfg.device != "auto" else None)
+    if device is None:
+        raise ConfigError(f"the run stopped before its report, and neither its checkpoint (older than this version) "
+                          "nor its --device auto says where it trained: resume it to its end first")
+    return "cuda" if device.startswith("cuda") else "cpu"
+
+
+CHECKPOINT_HELP = ("the adapters of a checkpoint instead of the finished run's: its step (50), folder name "
+                   "(step-000050, latest) or path; a run that has not finished needs one")
+
+
+def adapter_file(output_dir: str, checkpoint: Optional[str] = None) -> str:
+    """The adapters to load: the finished run's, or with checkpoint (a step number, a checkpoint's folder name
+    such as step-000050 or latest, or a folder) that checkpoint's, so an interrupted run can be evaluated,
+    sampled or merged too."""
+    from .checkpoint import ADAPTER_FILE, checkpoint_steps, latest_checkpoint
+    steps = checkpoint_steps(output_dir)
+    have = f"its checkpoints: steps {', '.join(map(str, steps))}" if steps else "it has no checkpoint"
+    if checkpoint is None:
+        path = os.path.join(output_dir, ADAPTER_FILE)
+        if not os.path.exists(path):
+            raise ConfigError(f"{path!r} does not exist: the run has not finished (resume it first, or give "
+                              f"--checkpoint; {have})")
+        return path
+    root = os.path.join(output_dir, "checkpoints")
+    if checkpoint == "latest":
+        folder = latest_checkpoint(output_dir) or os.path.join(root, "latest")
+    elif checkpoint.isdigit():
+        folder = os.path.join(root, f"step-{int(checkpoint):06d}")
+    else:
+        folder = checkpoint if os.path.isdir(checkpoint) else os.path.join(root, checkpoint)
+    path = os.path.join(folder, ADAPTER_FILE)
+    if not os.path.isfile(path):
+        raise ConfigError(f"--checkpoint {checkpoint}: no {ADAPTER_FILE} in {folder} ({have})")
+    return path
+
+
+def rebuild_run(output_dir: str, device: Optional[str] = None, log=print,
+                checkpoint: Optional[str] = None) -> RebuiltRun:
     """The model of the finished run in output_dir on device ("cpu", or "cuda[:N]" where one is visible; default:
-    the CPU, but the GPU for a LoftQ run that trained on one)."""
+    the CPU, but the GPU for a LoftQ run that trained on one), with its final adapters, or a checkpoint's
+    (adapter_file)."""
     from ..bnb_io import holds_bnb_linear_4bit
-    from .checkpoint import ADAPTER_FILE, CONFIG_FILE, load_adapters
+    from .checkpoint import CONFIG_FILE, load_adapters
     from .model import resolve_model_dir
     from .trainer import load_for_run, prepare_for_run, resolve_load_in_4bit
 
@@ -50,10 +96,8 @@ def rebuild_run(output_dir: str, device: Optional[str] = None, log=print) -> Reb
             cfg = TrainConfig.from_dict(json.load(f))
     except OSError as e:
         raise ConfigError(f"--output-dir {output_dir!r} holds no run ({CONFIG_FILE}: {e.strerror})") from e
-    adapter = os.path.join(output_dir, ADAPTER_FILE)
-    if not os.path.exists(adapter):
-        raise ConfigError(f"{adapter!r} does not exist: the run has not finished (resume it first)")
-    run_device = run_device_type(output_dir)
+    adapter = adapter_file(output_dir, checkpoint)
+    run_device = _trained_on(output_dir, cfg, None if checkpoint is None else os.path.dirname(adapter))
     loftq_from_gpu = cfg.init_lora_weights == "loftq" and run_device == "cuda"
     device = device or ("cuda" if loftq_from_gpu else "cpu")
     if device not in ("cpu", "cuda") and not re.fullmatch(r"cuda:\d+", device):
@@ -79,4 +123,5 @@ def rebuild_run(output_dir: str, device: Optional[str] = None, log=print) -> Reb
     prepare_for_run(model, cfg, dev, tokenizer)
     load_adapters(model, adapter)
     model.eval()
-    return RebuiltRun(model, tokenizer, cfg, model_dir, load_dtype, prequantized, quantized_while_loading)
+    return RebuiltRun(model, tokenizer, cfg, model_dir, load_dtype, prequantized, quantized_while_loading,
+                      None if checkpoint is None else os.path.dirname(adapter))

@@ -392,7 +392,7 @@ class Trainer:
         config = cfg.to_dict()
         state = {"micro_step": 0, "history": [], "evals": [], "train_seconds": 0.0, "tokens": 0,
                  "dense_eval_loss": self.dense_eval_loss, "data_fingerprint": self.data.fingerprint(),
-                 "packing": self.packing}
+                 "packing": self.packing, "device": dev.type}   # (where it trained: how `eval` rebuilds it)
         step = 0
         if cfg.resume:
             path = ckpt.latest_checkpoint(cfg.output_dir)
@@ -411,6 +411,7 @@ class Trainer:
                                   "(files edited, added or removed since, or another tokenizers or torch version): "
                                   "a resumed run would be another run; start a new one in another --output-dir")
             state["data_fingerprint"] = self.data.fingerprint()
+            state["device"] = dev.type
             self.log(f"resumed from {path} at step {step}")
         else:
             # a new run here (--overwrite-output-dir, checked in __init__): never let --resume mix it with an
