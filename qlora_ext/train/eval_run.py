@@ -19,7 +19,7 @@ from .rebuild import CHECKPOINT_HELP
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="qlora-train eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output-dir", required=True, help="the finished run's folder (as given to qlora-train)")
+    p.add_argument("--output-dir", required=True, help="the run's folder (as given to qlora-train)")
     p.add_argument("--data", nargs="+", default=None,
                    help=".txt / .jsonl / .json / .parquet / .arrow files or folders, every block of which is evaluated "
                         "(default: the run's held-out blocks of its own data)")

@@ -116,12 +116,12 @@ def _rendered_between(tokenizer, conversation, start: str, end) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="qlora-train generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output-dir", required=True, help="the finished run's folder (as given to qlora-train)")
+    p.add_argument("--output-dir", required=True, help="the run's folder (as given to qlora-train)")
     p.add_argument("--prompt", default="To be, or not to be", help="the text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=60)
+    p.add_argument("--max-new-tokens", type=int, default=60, help="at most this many tokens (default 60)")
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy (default 0.8)")
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling's mass (default 0.95)")
+    p.add_argument("--seed", type=int, default=0, help="the sampling seed: the same seed, the same text (default 0)")
     p.add_argument("--chat", action="store_true",
                    help="send the prompt as a user message through the tokenizer's chat template and print the "
                         "reply (for a model trained on chat data)")

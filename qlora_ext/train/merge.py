@@ -98,7 +98,7 @@ def merge_run(output_dir: str, target: str, dtype=None, log=print, checkpoint=No
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="qlora-train merge", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output-dir", required=True, help="the finished run's folder (as given to qlora-train)")
+    p.add_argument("--output-dir", required=True, help="the run's folder (as given to qlora-train)")
     p.add_argument("--to", required=True, help="a new folder for the merged Hugging Face model")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="the merged model's dtype (default: the dtype the run loaded the model in: "

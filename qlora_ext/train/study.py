@@ -404,7 +404,8 @@ def main(argv=None) -> int:
     p.add_argument("--items", default="0,1,2,3,4,5", help="which items to run (default: all)")
     p.add_argument("--model", default="smollm2", help="model for items 1-3 (default: the embedded SmolLM2)")
     p.add_argument("--data", nargs="+", default=[], help="text for items 2-3 (default: Shakespeare)")
-    p.add_argument("--out", default="runs/study", help="output folder (default: runs/study)")
+    p.add_argument("--output-dir", "--out", dest="out", default="runs/study",
+                   help="output folder (default: runs/study)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--eval-blocks", type=int, default=24)
