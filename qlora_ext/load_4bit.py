@@ -265,11 +265,11 @@ def load_4bit(path: str, target_modules: Optional[Iterable[str]] = None, quant_t
         model.tie_weights()
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     missing += [f"{n}.bias" for n in lacking_bias]
-    if missing and any(".lora_A." in k or k.endswith(".base.weight_codes") for k in unexpected):
-        raise ValueError(f"{path!r} holds a prepared model's own modules (e.g. {unexpected[:2]}): save_pretrained "
-                         "of a model after prepare_model, which no loader reads back; save the 4-bit base with "
-                         "qlora_ext.save_4bit and the adapters with save_peft_adapter (load a state dict of the same "
-                         "prepared model with load_state_dict)")
+    if missing and any(k.rpartition(".")[2] in ("lora_A", "lora_B", "weight_codes") for k in unexpected):
+        raise ValueError(f"{path!r} holds qlora_ext's own modules (4-bit layers or LoRA adapters, e.g. "
+                         f"{unexpected[:2]}): save_pretrained of a model after load_4bit or prepare_model, which no "
+                         "loader reads back; save the 4-bit base with qlora_ext.save_4bit and the adapters with "
+                         "save_peft_adapter (a state dict of the same prepared model loads with load_state_dict)")
     if missing:
         raise ValueError(f"{path!r} lacks {len(missing)} tensor(s) of the model, e.g. {missing[:3]}" + (
             f", and holds {len(unexpected)} it does not have, e.g. {unexpected[:3]}: names transformers maps at "

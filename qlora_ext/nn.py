@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import math
 import numbers
 import re
 import warnings
+import weakref
 from typing import Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
@@ -31,12 +31,16 @@ from .quantize import QuantState, dequantize, quantize
 
 _QUANT_BUFFERS = ("weight_codes", "weight_absmax", "weight_absmax_scale", "weight_absmax_mean")
 _DENSE_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)   # (what save_4bit records)
+_WEIGHT_DTYPES = (*_DENSE_WEIGHT_DTYPES, torch.float64)                   # (float64: gradcheck on the CPU)
+_COMPUTE_DTYPES = _WEIGHT_DTYPES
+
+
 def checked_compute_dtype(value) -> Optional[torch.dtype]:
     """compute_dtype as given (None, a floating torch.dtype, or its name: "bfloat16", as transformers'
     bnb_4bit_compute_dtype takes it), as a torch.dtype; ValueError naming it otherwise."""
     dtype = getattr(torch, value.removeprefix("torch."), None) if isinstance(value, str) else value
-    if value is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise ValueError(f"compute_dtype must be None or a floating torch.dtype (torch.bfloat16, or its name "
+    if value is not None and dtype not in _COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be None or one of {[str(d) for d in _COMPUTE_DTYPES]} (or its name, "
                          f"'bfloat16'), got {value!r}")
     return dtype
 
@@ -52,16 +56,19 @@ def check_adapter_settings(r, alpha, dropout) -> None:
         raise ValueError(f"dropout must be a probability in [0, 1], got {dropout!r}")
 
 
-# The state_dict key saying what the codes mean (an nf4 and an fp4 weight have the same buffers, shapes and
-# dtypes): JSON in a uint8 tensor, as bitsandbytes keeps its quant state, so state dicts stay plain tensors.
+# A buffer saying what the codes mean (an nf4 and an fp4 weight have the same buffers, shapes and dtypes): JSON
+# in a uint8 tensor, as bitsandbytes keeps its quant state, so state dicts stay plain tensors; a real buffer of
+# a fixed size (space-padded), so that tools setting state dict entries one tensor at a time (accelerate's
+# device_map loading, torch.distributed.checkpoint) find it.
 FORMAT_KEY = "weight_format"
+_FORMAT_BYTES = 128
 
 
 def _format_tensor(layer: "Linear4bit") -> torch.Tensor:
     text = json.dumps({"quant_type": layer.quant_type, "blocksize": layer.blocksize,
                        "double_quant": layer.double_quant,
                        "weight_dtype": str(layer.weight_dtype).removeprefix("torch.")}, sort_keys=True)
-    return torch.tensor(list(text.encode()), dtype=torch.uint8)
+    return torch.tensor(list(text.ljust(_FORMAT_BYTES).encode()), dtype=torch.uint8)
 
 
 def _read_format(t) -> dict:
@@ -70,7 +77,7 @@ def _read_format(t) -> dict:
         fmt = json.loads(bytes(t.detach().to("cpu", torch.uint8).flatten().tolist()).decode())
         dtype = getattr(torch, fmt["weight_dtype"], None)
         if (fmt["quant_type"] not in QUANT_TYPES or fmt["blocksize"] not in BLOCKSIZES
-                or type(fmt["double_quant"]) is not bool or dtype not in _DENSE_WEIGHT_DTYPES):
+                or type(fmt["double_quant"]) is not bool or dtype not in _WEIGHT_DTYPES):
             raise ValueError(fmt)
     except Exception as e:   # (not JSON, not a mapping, a key missing or unknown)
         raise ValueError(f"not a 4-bit weight format: {e}") from None
@@ -150,8 +157,18 @@ class Linear4bit(nn.Module):
         return cls.from_quantized(quant_state_from_bnb_module(layer, double_quant), layer.bias, compute_dtype)
 
     def _set_quant_state(self, q: QuantState) -> None:
+        if self.weight_dtype not in _WEIGHT_DTYPES:
+            raise ValueError(f"weight_dtype must be one of {[str(d) for d in _WEIGHT_DTYPES]}, got "
+                             f"{self.weight_dtype}")
         for name, t in zip(_QUANT_BUFFERS, (q.codes, q.absmax, q.absmax_scale, q.absmax_mean)):
             self.register_buffer(name, t)
+        self.register_buffer(FORMAT_KEY, _format_tensor(self).to(q.codes.device))
+
+    def _sync_format(self) -> None:
+        """The format buffer says the layer's current quant_type and weight_dtype."""
+        buffer = self._buffers.get(FORMAT_KEY)
+        if buffer is not None:
+            self._buffers[FORMAT_KEY] = _format_tensor(self).to(buffer.device)
 
     @property
     def weight(self) -> QuantState:
@@ -171,8 +188,8 @@ class Linear4bit(nn.Module):
         return in_input_dtype(linear_4bit(x, self.weight, bias), x_dtype)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self._sync_format()   # (quant_type or weight_dtype may have been set by hand)
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + FORMAT_KEY] = _format_tensor(self)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -196,8 +213,8 @@ class Linear4bit(nn.Module):
                     self.quant_type, self.weight_dtype = fmt["quant_type"], fmt["weight_dtype"]
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        if key in unexpected_keys:
-            unexpected_keys.remove(key)
+        if key in missing_keys:   # (an older state dict: the layer's own format stands)
+            missing_keys.remove(key)
 
     def _apply(self, fn, recurse=True):
         # .to(dtype), .half(), .float(): the dense weight this layer stands for takes the new dtype, as an
@@ -212,6 +229,7 @@ class Linear4bit(nn.Module):
             new = self._buffers[name]
             if new.dtype != old.dtype:
                 self._buffers[name] = old.to(new.device)
+        self._sync_format()
         return self
 
     def extra_repr(self) -> str:
@@ -307,10 +325,9 @@ class LoRALinear(nn.Module):
                                  if isinstance(base, Linear4bit) else None, persistent=False)
             if isinstance(base, Linear4bit):
                 # on the base, so that loading it alone refreshes them too (torch runs each submodule's post hooks:
-                # loading the layer or the model runs it as well); a partial, so that a deepcopy of the layer
-                # refreshes the copy
-                _drop_refresh_hooks(base)   # of an earlier layer on this base (which the hook would keep alive)
-                base.register_load_state_dict_post_hook(functools.partial(_refresh_dora_weight_sq, owner=self))
+                # loading the layer or the model runs it as well)
+                _drop_refresh_hooks(base)   # of an earlier layer on this base
+                base.register_load_state_dict_post_hook(_RefreshDoraNorms(self))
             # float32 whatever adapter_dtype is: a rounded magnitude would make a fresh layer differ from its base
             self.lora_magnitude_vector = nn.Parameter(dora.weight_norm(self))
 
@@ -379,16 +396,41 @@ class LoRALinear(nn.Module):
 
 def _drop_refresh_hooks(base: nn.Module) -> None:
     hooks = base._load_state_dict_post_hooks   # (torch keeps them there; a handle would have to live somewhere)
-    for key in [k for k, h in hooks.items() if getattr(h, "func", None) is _refresh_dora_weight_sq]:
+    for key in [k for k, h in hooks.items() if isinstance(h, _RefreshDoraNorms)]:
         del hooks[key]
 
 
-def _refresh_dora_weight_sq(base: "Linear4bit", incompatible_keys, owner: "LoRALinear") -> None:
-    """After load_state_dict into a DoRA layer's 4-bit base (alone, or as part of the layer or model): its weight
-    may be another one now (a model built with placeholder weights, then loaded), so its row norms are taken
-    again."""
-    if owner.base is base and owner.dora_weight_sq is not None:
-        owner.dora_weight_sq = dora.weight_row_norms_squared(base)
+class _RefreshDoraNorms:
+    """A load_state_dict post hook on a DoRA layer's 4-bit base: the base's weight may be another one now (a model
+    built with placeholder weights, then loaded), so the layer takes its row norms again. It holds the layer
+    weakly (base -> hook -> layer -> base would be a cycle that only the garbage collector frees: GPU memory
+    kept after `del model`); a deepcopy of the layer gets a hook on its copy (the layer is in the deepcopy's
+    memo before its base is copied), a copy of the base alone one that refreshes nothing; pickles keep the
+    layer (pickle resolves the cycle)."""
+
+    def __init__(self, layer: Optional["LoRALinear"]):
+        self._layer = (lambda: None) if layer is None else weakref.ref(layer)
+
+    def __call__(self, base: nn.Module, incompatible_keys) -> None:
+        layer = self._layer()
+        if layer is not None and layer.base is base and layer.dora_weight_sq is not None:
+            layer.dora_weight_sq = dora.weight_row_norms_squared(base)
+
+    def __deepcopy__(self, memo):
+        layer = self._layer()
+        return _RefreshDoraNorms(None if layer is None else memo.get(id(layer)))
+
+    def __getstate__(self):
+        return {"layer": self._layer()}
+
+    def __setstate__(self, state):
+        self.__init__(state["layer"])
+
+
+def _refresh_dora_weight_sq(layer: "LoRALinear", incompatible_keys) -> None:
+    """The hook of DoRA layers pickled before it moved onto the base (torch.load finds it by this name)."""
+    if layer.dora_weight_sq is not None:
+        layer.dora_weight_sq = dora.weight_row_norms_squared(layer.base)
 
 
 @contextlib.contextmanager
@@ -526,7 +568,7 @@ def chosen_linears(model: nn.Module, target_modules: Optional[Iterable[str]] = N
         return [n for n in linears if n.split(".")[-1] not in exclude and n not in exclude
                 and paths.get(n) not in exclude]
     if isinstance(target_modules, str) and not re.fullmatch(r"[\w.\-]+", target_modules):
-        return _regex_chosen(target_modules, linears, paths)
+        return _regex_chosen(target_modules, linears, adapted, paths)
     targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
     # a layer that already has an adapter is known (applying prepare_model again leaves it as it is)
     known = {n.split(".")[-1] for n in [*linears, *adapted]} | set(linears) | set(adapted) | {
@@ -538,15 +580,16 @@ def chosen_linears(model: nn.Module, target_modules: Optional[Iterable[str]] = N
     return [n for n in linears if n in targets or paths.get(n) in targets or n.split(".")[-1] in targets]
 
 
-def _regex_chosen(pattern: str, linears: dict, paths: dict) -> list:
+def _regex_chosen(pattern: str, linears: dict, adapted: list, paths: dict) -> list:
     """The layers whose whole module path (as PEFT sees it) the regular expression matches: PEFT's meaning of a
-    string target_modules (here a string that is not a plain name, e.g. r".*\\.(q|v)_proj")."""
+    string target_modules (here a string that is not a plain name, e.g. r".*\\.(q|v)_proj"). One that matches
+    layers adapted already (prepare_model again) only chooses nothing new."""
     try:
         regex = re.compile(pattern)
     except re.error as e:
         raise ValueError(f"target_modules {pattern!r} is not a regular expression: {e}") from None
     chosen = [n for n in linears if regex.fullmatch(paths.get(n, n))]
-    if not chosen:
+    if not chosen and not any(regex.fullmatch(paths.get(n, n)) for n in adapted):
         some = sorted(paths.get(n, n) for n in linears)[:3]
         raise ValueError(f"target_modules {pattern!r} (a regular expression, matched against whole module paths "
                          f"as PEFT does) matches no nn.Linear; their paths are like {some}")

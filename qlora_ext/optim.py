@@ -172,15 +172,6 @@ class PagedAdamW(torch.optim.Optimizer):
         # Elements a state with q's strides covers (q's numel for dense q; at least 1 so views stay apart).
         return max(q.numel(), 1)
 
-    @staticmethod
-    def _zero_slot(slot) -> None:
-        if len(slot) == 4:   # 8-bit: the codes of 0.0, zero absmax
-            slot[0].fill_(_SIGNED_ZERO_CODE)
-            for t in slot[1:]:
-                t.zero_()
-        else:
-            PagedAdamW._zero_slot(slot)
-
     def state_bytes(self) -> int:
         """Bytes of optimizer state held (managed arenas, or the state tensors on CPU / unpaged CUDA)."""
         if self._arenas:

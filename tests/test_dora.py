@@ -3,6 +3,7 @@ of the formula on the (dequantized) weight, the row norms taken from the 4-bit w
 PEFT's own DoRA both ways, dropout, merging, disabling, torch.compile, and what is refused."""
 import copy
 import json
+import pickle
 
 import pytest
 import torch
@@ -171,6 +172,32 @@ def test_loading_the_4bit_base_alone_refreshes_the_row_norms_also_in_a_copy():
     assert len(b.base._load_state_dict_post_hooks) == 1
     b.base.load_state_dict(make(2).base.state_dict())
     assert not torch.equal(again.dora_weight_sq, a.dora_weight_sq)
+
+
+def test_the_refresh_hook_makes_no_reference_cycle_and_old_pickles_still_load():
+    """A DoRA layer on a 4-bit base is freed by reference counting (no base -> hook -> layer cycle keeping GPU
+    memory until the garbage collector runs); a copy of the base alone does not drag the layer along; a layer
+    pickled with the hook on the layer itself (before it moved to the base) still loads state dicts."""
+    import gc
+    import weakref
+    from qlora_ext.nn import _refresh_dora_weight_sq
+    layer = prepare_model(nn.Sequential(nn.Linear(128, 64)), r=4, exclude=(), use_dora=True)[0]
+    codes = weakref.ref(layer.base.weight_codes)
+    lone = copy.deepcopy(layer.base)
+    lone.load_state_dict(layer.base.state_dict())   # (its hook has no layer: nothing to refresh)
+    gc.disable()
+    try:
+        del layer
+        assert codes() is None
+    finally:
+        gc.enable()
+    old = prepare_model(nn.Sequential(nn.Linear(128, 64)), r=4, exclude=(), use_dora=True)[0]
+    old.base._load_state_dict_post_hooks.clear()
+    old.register_load_state_dict_post_hook(_refresh_dora_weight_sq)   # as layers pickled before
+    old = pickle.loads(pickle.dumps(old))
+    other = prepare_model(nn.Sequential(nn.Linear(128, 64)), r=4, exclude=(), use_dora=True)[0]
+    old.load_state_dict(other.state_dict())
+    torch.testing.assert_close(old.dora_weight_sq, other.dora_weight_sq, rtol=0, atol=0)
 
 
 def test_a_zero_row_computes_its_base_and_bf16_adapters_start_at_the_base():

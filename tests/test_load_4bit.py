@@ -150,9 +150,13 @@ def test_save_pretrained_of_a_prepared_model_is_refused_with_what_to_do_instead(
     with pytest.warns(UserWarning, match="kept dense"):
         qlora_ext.prepare_model(model, r=4)
     model.save_pretrained(str(tmp_path / "prepared"))
-    with pytest.raises(ValueError, match="holds a prepared model's own modules .* save the 4-bit base with "
-                                         "qlora_ext.save_4bit and the adapters with save_peft_adapter"):
-        load_4bit(str(tmp_path / "prepared"))
+    dense = AutoModelForCausalLM.from_pretrained(checkpoints["safetensors"], dtype=torch.float32)
+    qlora_ext.prepare_model(dense, r=4, quant_type="none").save_pretrained(str(tmp_path / "dense"))
+    load_4bit(checkpoints["safetensors"]).save_pretrained(str(tmp_path / "bare"))
+    for folder in ("prepared", "dense", "bare"):
+        with pytest.raises(ValueError, match="holds qlora_ext's own modules .* save the 4-bit base with "
+                                             "qlora_ext.save_4bit and the adapters with save_peft_adapter"):
+            load_4bit(str(tmp_path / folder))
 
 
 def test_tensors_that_are_not_the_models_are_skipped_as_from_pretrained_skips_them(checkpoints, tmp_path):

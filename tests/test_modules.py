@@ -264,8 +264,9 @@ def test_prepare_model_targets_and_errors():
     (dict(alpha=float("nan")), "alpha must be a finite number"),
     (dict(blocksize=32), "blocksize must be one of \\(64, 128, 256\\), got 32"),
     (dict(blocksize=100), "blocksize must be one of"),
-    (dict(compute_dtype="bfloat17"), "compute_dtype must be None or a floating torch.dtype"),
-    (dict(compute_dtype=torch.int8), "compute_dtype must be None or a floating torch.dtype"),
+    (dict(compute_dtype="bfloat17"), "compute_dtype must be None or one of \\['torch.float32'"),
+    (dict(compute_dtype=torch.int8), "compute_dtype must be None or one of"),
+    (dict(compute_dtype=torch.float8_e4m3fn), "compute_dtype must be None or one of"),
 ])
 def test_bad_settings_are_refused_before_the_model_changes(kwargs, message):
     model = TinyLM()
@@ -292,6 +293,34 @@ def test_a_regular_expression_selects_whole_paths_as_in_peft():
         prepare_model(TinyLM(), target_modules=".*qkv")
     with pytest.raises(ValueError, match="is not a regular expression"):
         prepare_model(TinyLM(), target_modules="(q_proj")
+
+
+def test_a_regular_expression_target_again_adds_nothing_and_fails_nothing():
+    model = prepare_model(TinyLM(), target_modules=r".*\.(q|v)_proj", r=2)
+    again = prepare_model(model, target_modules=r".*\.(q|v)_proj", r=2)
+    assert sum(isinstance(m, LoRALinear) for m in again.modules()) == 4
+
+
+def test_state_dict_tools_that_set_one_tensor_at_a_time_find_the_format_buffer(tmp_path):
+    """accelerate's device_map loading and torch.distributed.checkpoint's state dict helpers set or read each
+    state dict entry as a module attribute: the format is a real buffer of a fixed size."""
+    from accelerate.utils import load_checkpoint_in_model
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+    torch.manual_seed(0)
+    src = prepare_model(TinyLM(), r=2).to(torch.bfloat16)
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "m.safetensors"))
+    dst = prepare_model(TinyLM(), r=2).to(torch.bfloat16)
+    load_checkpoint_in_model(dst, str(tmp_path / "m.safetensors"), device_map={"": "cpu"})
+    ids = torch.randint(0, 50, (2, 7))
+    assert torch.equal(dst(ids), src(ids))
+    state = get_model_state_dict(dst)
+    assert "layers.0.q_proj.base.weight_format" in state
+    set_model_state_dict(dst, src.state_dict())
+    fp4 = Linear4bit(128, 64, quant_type="fp4", weight_dtype=torch.bfloat16)
+    assert fp4.weight_format.shape == Linear4bit(128, 64).weight_format.shape   # (one size for every format)
+    with pytest.raises(ValueError, match="weight_dtype must be one of"):
+        Linear4bit(128, 64, weight_dtype=torch.int8)
 
 
 def test_compute_dtype_by_name():
