@@ -12,7 +12,8 @@ from qlora_ext.train.checkpoint import latest_checkpoint
 from qlora_ext.train.cli import main as cli_main
 from qlora_ext.train.config import ConfigError, TrainConfig, resume_config
 from qlora_ext.train.data import find_text_files
-from qlora_ext.train.output_dir import check_output_dir, check_writable, clear_previous_run, previous_run
+from qlora_ext.train.output_dir import (check_output_dir, check_writable, clear_previous_run, own_paths,
+                                       previous_run)
 from qlora_ext.train.trainer import Trainer, train
 from tests.test_train import _cfg, tiny  # noqa: F401  (the tiny model fixture)
 
@@ -80,8 +81,11 @@ def test_folders_a_run_must_not_write_to(tiny, tmp_path, monkeypatch):
         check_output_dir(str(tmp_path / "afile"), resume=False, overwrite=False)
     with pytest.raises(ConfigError, match="--output-dir is empty"):
         check_output_dir("", resume=False, overwrite=False)
-    monkeypatch.setattr(os, "access", lambda path, mode: False)   # (root may write anywhere: pretend)
-    with pytest.raises(ConfigError, match="--to .*new/deeper: cannot write in .*read-only file system"):
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr("tempfile.TemporaryFile", read_only)   # (root may write anywhere: pretend)
+    with pytest.raises(ConfigError, match="--to .*new/deeper: cannot write in .*Read-only file system"):
         check_writable(str(tmp_path / "new" / "deeper"), "--to")
 
 
@@ -92,8 +96,12 @@ def test_the_runs_own_files_are_not_data_and_paths_are_saved_absolute(tiny, tmp_
     (data / "a.txt").write_text("the king speaks " * 50)
     (data / "run").mkdir()
     (data / "run" / "train_log.jsonl").write_text('{"step": 1}\n')
-    assert find_text_files([str(data)], skip_dir=str(data / "run")) == [str(data / "a.txt")]
-    assert len(find_text_files([str(data)])) == 2
+    (data / "run" / "notes.txt").write_text("the queen answers " * 50)
+    assert find_text_files([str(data)], skip=own_paths(str(data / "run"))) == [str(data / "a.txt"),
+                                                                               str(data / "run" / "notes.txt")]
+    assert len(find_text_files([str(data)])) == 3
+    # the run's folder holding the data folder: the data is read (only the run's own files are left out)
+    assert find_text_files([str(data)], skip=own_paths(str(tmp_path))) == find_text_files([str(data)])
     monkeypatch.chdir(tmp_path)
     cfg = TrainConfig(model=os.path.relpath(model_dir), data=["data"], output_dir="out").validate()
     assert cfg.model == os.path.abspath(model_dir) and cfg.data == [str(data)]
@@ -160,3 +168,49 @@ def test_an_interrupted_run_is_evaluated_sampled_and_merged_at_a_checkpoint(tiny
     assert cli_main(["merge", "--output-dir", str(out), "--checkpoint", "8", "--to", str(tmp_path / "m")]) == 0
     assert "adapters of " in (tmp_path / "m" / "MERGED_FROM.txt").read_text()
     assert r["steps"] == 8
+
+
+def test_starting_over_removes_the_runs_own_files_only(tmp_path):
+    """A link among the run's files goes as the link (its target stays), another tool's entries in checkpoints/
+    stay, a user's log or TensorBoard folder is not replaced without --overwrite-output-dir, and the run's own
+    inputs inside what would be removed are refused."""
+    out = _mkdir(tmp_path / "run")
+    TrainConfig(output_dir=str(out)).save(str(out / "config.json"))
+    elsewhere = _mkdir(tmp_path / "elsewhere")
+    _fake_checkpoint(elsewhere, 8)
+    os.symlink(elsewhere / "checkpoints", out / "checkpoints")
+    _mkdir(out / "peft_adapter")
+    check_output_dir(str(out), resume=False, overwrite=True)
+    with pytest.raises(ConfigError, match="peft_adapter is inside the files of the run .* copy it elsewhere"):
+        check_output_dir(str(out), resume=False, overwrite=True, inputs=[str(out / "peft_adapter"), None])
+    assert clear_previous_run(str(out))
+    assert not os.path.lexists(out / "checkpoints") and os.path.isdir(elsewhere / "checkpoints" / "step-000008")
+    _fake_checkpoint(out, 4)
+    _mkdir(out / "checkpoints" / "checkpoint-500")   # another tool's
+    clear_previous_run(str(out))
+    assert os.listdir(out / "checkpoints") == ["checkpoint-500"]
+    user = _mkdir(tmp_path / "user")
+    _mkdir(user / "tensorboard" / "other_project")
+    with pytest.raises(ConfigError, match="holds tensorboard, which the run would replace"):
+        check_output_dir(str(user), resume=False, overwrite=False)
+    (_mkdir(tmp_path / "bad") / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="is not a run's config"):
+        resume_config(str(tmp_path / "bad"), {})
+
+
+def test_more_steps_are_refused_where_the_longer_run_would_differ(tiny, tmp_path, capsys):
+    """The old run's last eval fed the best-model and early-stopping decisions (--steps not a multiple of
+    --eval-every): refused; a run that stopped early would train nothing more: refused."""
+    model_dir, data_dir = tiny
+    common = ["--model", model_dir, "--data", data_dir, "--seq-len", "32", "--eval-blocks", "4", "--batch-size", "4",
+              "--r", "4", "--alpha", "8", "--device", "cpu", "--no-progress", "--schedule", "constant"]
+    out = str(tmp_path / "best")
+    assert cli_main(common + ["--output-dir", out, "--steps", "3", "--eval-every", "2",
+                              "--load-best-model-at-end"]) == 0
+    assert cli_main(["--output-dir", out, "--resume", "--steps", "6", "--no-progress"]) == 2
+    assert "best-model and early-stopping decisions" in capsys.readouterr().err
+    out = str(tmp_path / "stopped")
+    assert cli_main(common + ["--output-dir", out, "--steps", "6", "--eval-every", "1", "--lr", "1.0",
+                              "--early-stopping-patience", "1", "--early-stopping-threshold", "100"]) == 0
+    assert cli_main(["--output-dir", out, "--resume", "--steps", "12", "--no-progress"]) == 2
+    assert "the run stopped early at step" in capsys.readouterr().err

@@ -326,6 +326,10 @@ def _difference(saved, given, limit: int = 120) -> str:
     return f"saved {saved!r}, given {given!r}"
 
 
+def _listed(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
 def _absolute(value):
     """A path flag's value with each path that exists made absolute (a name such as "smollm2" stays)."""
     if isinstance(value, list):
@@ -351,25 +355,36 @@ def resume_config(output_dir: str, explicit: dict) -> TrainConfig:
     path = os.path.join(output_dir, "config.json")
     if not os.path.exists(path):
         raise ConfigError(f"--resume: {path} does not exist (no run to resume in {output_dir!r})")
-    with open(path) as f:
-        saved = TrainConfig.from_dict(json.load(f))
+    try:
+        with open(path) as f:
+            saved = TrainConfig.from_dict(json.load(f))
+    except (OSError, ValueError, TypeError) as e:   # (ConfigError is a ValueError: unknown keys say so)
+        raise ConfigError(f"--resume: {path} is not a run's config ({e})") from e
     if explicit.get("chat_template") is not None:   # a path or name given again: compare what it holds
         from .chat_template import resolve_chat_template
         explicit = dict(explicit, chat_template=resolve_chat_template(explicit["chat_template"]))
     changed = {k: (getattr(saved, k), v) for k, v in explicit.items()
                if k not in RESUME_MAY_CHANGE and _ordered(k, getattr(saved, k)) != _ordered(k, v)}
-    extended = "steps" in changed and saved.schedule == "constant" and not saved.epochs
+    # The longer run is the one given those steps from the start where the learning rate does not depend on
+    # them and no decision was taken on the last step's eval (best model, patience) that the longer run lacks.
+    end_eval = (saved.load_best_model_at_end or saved.early_stopping_patience) and saved.steps % saved.eval_every
+    why = ("decays over its --steps" if saved.schedule != "constant" else "was set by --epochs" if saved.epochs
+           else "ends with an eval that best-model and early-stopping decisions took, which a run given the steps "
+                "from the start does not make (--steps not a multiple of --eval-every)" if end_eval else None)
+    extended = "steps" in changed and why is None
     if "steps" in changed and not extended:
         raise ConfigError(f"--resume: --steps ({_difference(*changed['steps'])}) can change only under --schedule "
-                          f"constant set by --steps: this run's {saved.schedule} schedule "
-                          f"{'decays over its --steps' if saved.schedule != 'constant' else 'was set by --epochs'}, "
-                          "so another count would be another run; start a new one (--init-adapter "
-                          "<this run>/peft_adapter continues from its adapters)")
+                          f"constant set by --steps: this run {why}, so another count would be another run; start a "
+                          "new one (--init-adapter <this run>/peft_adapter continues from its adapters)")
     if extended:   # (a constant learning rate: more steps continue the same run)
         changed.pop("steps")
     if changed:
+        relative = [k for k in changed if k in PATH_FIELDS and any(
+            isinstance(v, str) and v != DEFAULT_MODEL and not os.path.isabs(v) for v in _listed(getattr(saved, k)))]
         raise ConfigError("--resume continues the saved run; these flags differ from it: " + ", ".join(
-            f"{_flag(k)} ({_difference(a, b)})" for k, (a, b) in changed.items()))
+            f"{_flag(k)} ({_difference(a, b)})" for k, (a, b) in changed.items()) + (
+            f" ({', '.join(map(_flag, relative))} saved relative to where the run began, by a version that did not "
+            "keep paths absolute: resume from there)" if relative else ""))
     keep = {k: explicit[k] for k in (*RESUME_MAY_CHANGE, *(("steps",) if extended else ()))
             if k in explicit and k != "resume"}
     return dataclasses.replace(saved, **keep, resume=True).validate()

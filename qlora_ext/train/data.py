@@ -67,12 +67,12 @@ def _dataset_shards_only(files: List[str]) -> List[str]:
     return out
 
 
-def find_text_files(paths: Sequence[str], flag: str = "--data", skip_dir: Optional[str] = None) -> List[str]:
+def find_text_files(paths: Sequence[str], flag: str = "--data", skip: Sequence[str] = ()) -> List[str]:
     """Files as given, folders searched recursively for *.txt, *.jsonl, *.parquet and *.arrow (sorted; a .json
     file of records is named on its own: folders hold other .json files); no paths: the default text. A folder
-    of datasets' DatasetDict (its splits in subfolders) is refused: one split's folder is the data. skip_dir:
-    a folder whose files a search leaves out (the run's --output-dir inside a --data folder: its own log is
-    .jsonl)."""
+    of datasets' DatasetDict (its splits in subfolders) is refused: one split's folder is the data. skip:
+    files and folders a search leaves out (a run's own files, output_dir.own_paths, where its --output-dir is
+    inside a --data folder: its log is .jsonl)."""
     if not paths:
         return default_text_files()
     files = []
@@ -90,7 +90,7 @@ def find_text_files(paths: Sequence[str], flag: str = "--data", skip_dir: Option
                                   if splits else
                                   f"{flag} folder {p!r} holds a datasets DatasetDict: give one split's folder")
             found = _dataset_shards_only(sorted(f for f in glob.glob(os.path.join(p, "**", "*"), recursive=True)
-                                                if os.path.isfile(f) and not _inside(f, skip_dir) and
+                                                if os.path.isfile(f) and not _inside(f, skip) and
                                                 f.lower().endswith((".txt",) + FOLDER_RECORD_SUFFIXES)))
             if not found:
                 raise ConfigError(f"{flag} folder {p!r} has no .txt, .jsonl, .parquet or .arrow files")
@@ -100,11 +100,10 @@ def find_text_files(paths: Sequence[str], flag: str = "--data", skip_dir: Option
     return files
 
 
-def _inside(path: str, folder: Optional[str]) -> bool:
-    if not folder:
-        return False
-    folder = os.path.realpath(folder)
-    return os.path.realpath(path).startswith(folder + os.sep)
+def _inside(path: str, skip: Sequence[str]) -> bool:
+    """Whether path is one of `skip` or inside one."""
+    path = os.path.realpath(path)
+    return any(path == s or path.startswith(s.rstrip(os.sep) + os.sep) for s in map(os.path.realpath, skip))
 
 
 @dataclasses.dataclass

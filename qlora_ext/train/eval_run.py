@@ -101,6 +101,7 @@ def _held_out(run, output_dir: str, seq_len: int, packing):
     records (older reports: its config's), checked against the report's fingerprint of its blocks."""
     from .data import find_text_files, resolve_packing, run_blocks
     from .loss import vocab_size
+    from .output_dir import own_paths
 
     cfg = run.cfg
     report = os.path.join(output_dir, "report.json")
@@ -115,9 +116,9 @@ def _held_out(run, output_dir: str, seq_len: int, packing):
                          if v is not None})
     files, eval_files = recorded.get("file_paths"), recorded.get("eval_file_paths")
     try:   # a report from before file_paths (or none): the config's --data, relative to where older runs ran
-        files = find_text_files(cfg.data, skip_dir=output_dir) if files is None else files
+        files = find_text_files(cfg.data, skip=own_paths(output_dir)) if files is None else files
         if eval_files is None:
-            eval_files = find_text_files(cfg.eval_data, "--eval-data", output_dir) if cfg.eval_data else []
+            eval_files = find_text_files(cfg.eval_data, "--eval-data", own_paths(output_dir)) if cfg.eval_data else []
     except ConfigError as e:
         raise ConfigError(f"{e} (the run's --data, as it was given where the run ran: evaluate from there, or "
                           "give --data)") from e

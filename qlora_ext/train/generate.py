@@ -56,12 +56,13 @@ def _generate(model, tokenizer, prompt, max_new_tokens, temperature, top_p, seed
     if not chat:
         return tokenizer.decode(out[0], skip_special_tokens=True)
     new = out[0, ids.shape[1]:].tolist()
+    ended = False
     if stop:   # the reply is the tokens before the one that completes the mark, and the text before the mark
-        end = next((k for k in range(1, len(new) + 1) if stop in tokenizer.decode(new[:k])), len(new))
-        new = new[:end]
+        end = next((k for k in range(1, len(new) + 1) if stop in tokenizer.decode(new[:k])), None)
+        ended, new = end is not None, new[:end]
     reply = tokenizer.decode(new, skip_special_tokens=True)
-    # a mark that is text ("User:" after a blank line) is cut with the whitespace before it
-    return reply.split(stop)[0].rstrip() if stop and stop in reply else reply
+    # a reply that ended at the mark is cut there, with the whitespace before it (the template's, not the reply's)
+    return reply.split(stop)[0].rstrip() if ended else reply
 
 
 class StopAtText:

@@ -1,19 +1,37 @@
 """--output-dir: what a run may do with the folder, checked before the model loads. A new run never lands on
 another run's files unless told to (--overwrite-output-dir), never on a model's folder, and a folder that
-cannot be written is said so by name; a new run told to start over removes the previous run's files, so that
-eval, merge and generate never take that run's adapters for this one's."""
+cannot be written is said so by name; a new run told to start over removes the previous run's files (its
+own names only: other files and folders stay), so that eval, merge and generate never take that run's
+adapters for this one's."""
 import json
 import os
 import shutil
-from typing import Optional
+import tempfile
+from typing import Iterable, List, Optional
 
 from .checkpoint import ADAPTER_FILE, CONFIG_FILE, checkpoint_steps
 from .config import ConfigError
-from .run_log import remove_run_logs
+from .run_log import LOG_FILE, TENSORBOARD_DIR
 
 PEFT_DIR = "peft_adapter"   # <output_dir>/peft_adapter: the adapters in PEFT's format
 REPORT_FILES = ("report.json", "report.md", "loss.png")
 CHECKPOINTS_DIR = "checkpoints"
+
+
+def own_paths(output_dir: str) -> List[str]:
+    """What a run writes in output_dir (files and folders): what a --data folder search leaves out, and what a
+    run started over removes (of checkpoints/, only the entries a run writes there: checkpoint_entries)."""
+    names = (CONFIG_FILE, ADAPTER_FILE, PEFT_DIR, LOG_FILE, TENSORBOARD_DIR, CHECKPOINTS_DIR, *REPORT_FILES)
+    return [os.path.join(output_dir, n) for n in names]
+
+
+def _checkpoint_entries(output_dir: str) -> List[str]:
+    """The entries of checkpoints/ that runs write: step-N folders (and their temporary names), `latest`, the
+    best eval's adapters."""
+    root = os.path.join(output_dir, CHECKPOINTS_DIR)
+    names = os.listdir(root) if os.path.isdir(root) and not os.path.islink(root) else []
+    return [os.path.join(root, d) for d in names
+            if d.startswith(("step-", ".step-", "best-step-")) or d in ("latest", "best.safetensors")]
 
 
 def _run_config(output_dir: str) -> Optional[dict]:
@@ -48,16 +66,30 @@ def _nearest_existing(path: str) -> str:
 
 
 def check_writable(path: str, flag: str) -> None:
-    """ConfigError where the folder `path` (or the nearest existing folder above it) cannot be written."""
+    """ConfigError where the folder `path` (or the nearest existing folder above it) cannot be written: a file is
+    made there and removed (permissions alone say nothing to root, nor of read-only or pseudo file systems)."""
     existing = _nearest_existing(path)
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{flag} {path}: cannot write in {existing} (permissions, or a read-only file system)")
+    try:
+        if not os.path.isdir(existing):
+            raise NotADirectoryError(f"{existing} is a file")
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: cannot write in {existing} ({e.strerror or e}: permissions, or a "
+                          "read-only file system)") from None
 
 
-def check_output_dir(output_dir: str, resume: bool, overwrite: bool, model: Optional[str] = None) -> None:
+def _inside(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_output_dir(output_dir: str, resume: bool, overwrite: bool, model: Optional[str] = None,
+                     inputs: Iterable[Optional[str]] = ()) -> None:
     """ConfigError where --output-dir cannot take this run: empty, a file, not writable, a model's folder (its
-    config.json would be overwritten), or a folder holding another run without --resume or
-    --overwrite-output-dir."""
+    config.json would be overwritten), a folder holding another run (or its logs) without --resume or
+    --overwrite-output-dir, or, with --overwrite-output-dir, one whose run files hold the run's own inputs
+    (`inputs`: --init-adapter, --data)."""
     if not output_dir:
         raise ConfigError("--output-dir is empty: give the folder the run writes to")
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
@@ -73,24 +105,42 @@ def check_output_dir(output_dir: str, resume: bool, overwrite: bool, model: Opti
         raise ConfigError(f"--output-dir {output_dir} holds a config.json that is not a run's (a model's?), which "
                           "the run would replace; give another --output-dir")
     run = previous_run(output_dir)
-    if run is not None and not overwrite:
-        hint = "--resume continues it, " if run.startswith("an interrupted") else ""
-        raise ConfigError(f"--output-dir {output_dir} holds {run}: {hint}--overwrite-output-dir starts a new run "
+    present = [os.path.basename(p) for p in own_paths(output_dir) if os.path.lexists(p)]
+    if present and not overwrite:
+        what = run or f"{', '.join(present)}, which the run would replace"
+        hint = "--resume continues it, " if run and run.startswith("an interrupted") else ""
+        raise ConfigError(f"--output-dir {output_dir} holds {what}: {hint}--overwrite-output-dir starts a new run "
                           "there (removing that run's checkpoints, adapters, logs and report), or give another "
                           "--output-dir")
+    if overwrite:
+        cleared = [p for p in own_paths(output_dir) if os.path.lexists(p)]
+        for given in (p for p in inputs if p):
+            if any(_inside(given, p) for p in cleared):
+                raise ConfigError(f"{given} is inside the files of the run in --output-dir {output_dir}, which "
+                                  "--overwrite-output-dir removes before the run reads it: copy it elsewhere first")
+
+
+def _remove(path: str) -> None:
+    """path gone: a link itself (never what it points at), a file, or a folder."""
+    try:
+        if os.path.islink(path) or os.path.isfile(path):
+            os.unlink(path)
+        elif os.path.isdir(path):
+            shutil.rmtree(path)
+    except OSError as e:
+        raise ConfigError(f"--overwrite-output-dir: cannot remove the previous run's {path}: {e}") from e
 
 
 def clear_previous_run(output_dir: str) -> bool:
-    """Removes a previous run's files from output_dir (its checkpoints, adapters, PEFT folder, logs and report;
-    nothing else); whether there was one."""
-    if previous_run(output_dir) is None:
-        remove_run_logs(output_dir)   # (logs of a run that never got further)
-        return False
-    shutil.rmtree(os.path.join(output_dir, CHECKPOINTS_DIR), ignore_errors=True)
-    shutil.rmtree(os.path.join(output_dir, PEFT_DIR), ignore_errors=True)
-    for name in (ADAPTER_FILE, CONFIG_FILE, *REPORT_FILES):
-        path = os.path.join(output_dir, name)
-        if os.path.isfile(path):
-            os.remove(path)
-    remove_run_logs(output_dir)
-    return True
+    """Removes a previous run's files from output_dir (its checkpoints, adapters, PEFT folder, logs and report,
+    by the names a run writes; nothing else), a link among them as the link; whether there was a run."""
+    had_run = previous_run(output_dir) is not None
+    for path in own_paths(output_dir):
+        if os.path.basename(path) == CHECKPOINTS_DIR and not os.path.islink(path):
+            for entry in _checkpoint_entries(output_dir):
+                _remove(entry)
+            if os.path.isdir(path) and not os.listdir(path):
+                os.rmdir(path)
+        else:
+            _remove(path)
+    return had_run

@@ -96,6 +96,8 @@ def rebuild_run(output_dir: str, device: Optional[str] = None, log=print,
             cfg = TrainConfig.from_dict(json.load(f))
     except OSError as e:
         raise ConfigError(f"--output-dir {output_dir!r} holds no run ({CONFIG_FILE}: {e.strerror})") from e
+    except (ValueError, TypeError) as e:   # (not JSON, or not a run's keys)
+        raise ConfigError(f"--output-dir {output_dir!r}: its {CONFIG_FILE} is not a run's config ({e})") from e
     adapter = adapter_file(output_dir, checkpoint)
     run_device = _trained_on(output_dir, cfg, None if checkpoint is None else os.path.dirname(adapter))
     loftq_from_gpu = cfg.init_lora_weights == "loftq" and run_device == "cuda"

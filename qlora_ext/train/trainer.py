@@ -37,17 +37,21 @@ from .data import IGNORE, TokenBlocks, batch_indices, find_text_files, resolve_p
 from .loss import causal_lm_loss, packed_attention_problem, vocab_size
 from .model import load_model_and_tokenizer, max_positions, resolve_model_dir, token_ids
 from .neftune import input_embeddings, neftune
-from .output_dir import PEFT_DIR, check_output_dir, clear_previous_run
+from .output_dir import PEFT_DIR, check_output_dir, clear_previous_run, own_paths
 from .run_log import RunLog, summary_writer_class
 
 
-def extend_saved_steps(output_dir: str, steps: int) -> None:
+def extend_saved_steps(output_dir: str, steps: int, stopped_early_at: Optional[int]) -> None:
     """A resumed run given more --steps (a constant schedule: resume_config allows it) records them in its
-    config.json, so a later --resume, eval or merge knows the run's length (nothing else it was resumed with)."""
+    config.json, so a later --resume, eval or merge knows the run's length (nothing else it was resumed with).
+    A run that stopped early refuses: it would train nothing more."""
     path = os.path.join(output_dir, ckpt.CONFIG_FILE)
     with open(path) as f:
         saved = TrainConfig.from_dict(json.load(f))
     if saved.steps != steps:
+        if stopped_early_at is not None:
+            raise ConfigError(f"--resume: the run stopped early at step {stopped_early_at} (--early-stopping-patience):"
+                              f" --steps {steps} would train nothing more")
         dataclasses.replace(saved, steps=steps).save(path)
 
 
@@ -278,7 +282,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, log: Callable[[str], None] = print):
         self.cfg = cfg.validate()
         self.log = log
-        check_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite_output_dir, cfg.model)   # before anything loads
+        check_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite_output_dir, cfg.model,   # before anything loads
+                         [cfg.init_adapter, *cfg.data, *cfg.eval_data])
         self.device = resolve_device(cfg.device)
         if self.device.type == "cuda":
             set_linear_backend(cfg.linear_backend)  # process-wide, as torch.backends switches are
@@ -291,8 +296,8 @@ class Trainer:
         t0 = time.perf_counter()
         summary_writer_class(cfg.report_to)   # before the model loads: a missing package fails in a second
         # (before the model loads: a wrong path fails in a second; a search leaves this run's own files out)
-        files = find_text_files(cfg.data, skip_dir=cfg.output_dir)
-        eval_files = find_text_files(cfg.eval_data, "--eval-data", cfg.output_dir) if cfg.eval_data else []
+        files = find_text_files(cfg.data, skip=own_paths(cfg.output_dir))
+        eval_files = find_text_files(cfg.eval_data, "--eval-data", own_paths(cfg.output_dir)) if cfg.eval_data else []
         twice = sorted(f for f, n in collections.Counter(os.path.realpath(f) for f in files).items() if n > 1)
         if twice:   # (as datasets would: each time given, trained on)
             self.log(f"note: {twice[0]}{f' and {len(twice) - 1} more' if len(twice) > 1 else ''} "
@@ -385,8 +390,8 @@ class Trainer:
     def run(self) -> dict:
         self.setup()
         cfg, dev = self.cfg, self.device   # (after setup: --epochs sets the steps)
-        if cfg.warmup_steps >= cfg.steps:
-            self.log(f"note: --warmup-steps {cfg.warmup_steps} is not below the run's {cfg.steps} steps: the "
+        if cfg.warmup_steps > cfg.steps:
+            self.log(f"note: --warmup-steps {cfg.warmup_steps} is more than the run's {cfg.steps} steps: the "
                      "learning rate never reaches --lr")
         os.makedirs(cfg.output_dir, exist_ok=True)
         config = cfg.to_dict()
@@ -403,7 +408,7 @@ class Trainer:
             step = state.pop("step")
             if step > cfg.steps:
                 raise ConfigError(f"--resume: --steps {cfg.steps} is below the checkpoint's step {step}")
-            extend_saved_steps(cfg.output_dir, cfg.steps)
+            extend_saved_steps(cfg.output_dir, cfg.steps, state.get("stopped_early_at"))
             began = state.get("data_fingerprint")   # (None: a checkpoint from before fingerprints: adopt today's)
             if began is not None and began != self.data.fingerprint():
                 data = ", ".join(cfg.data + cfg.eval_data) or "the default text"
