@@ -59,7 +59,9 @@ def check_adapter_settings(r, alpha, dropout) -> None:
 # A buffer saying what the codes mean (an nf4 and an fp4 weight have the same buffers, shapes and dtypes): JSON
 # in a uint8 tensor, as bitsandbytes keeps its quant state, so state dicts stay plain tensors; a real buffer of
 # a fixed size (space-padded), so that tools setting state dict entries one tensor at a time (accelerate's
-# device_map loading, torch.distributed.checkpoint) find it.
+# device_map loading, torch.distributed.checkpoint) find it. state_dict() writes the layer's format under the
+# key and load_state_dict reads it from there; the buffer's own bytes are a placeholder (accelerate, which sets
+# tensors without load_state_dict, does not make the layer take a saved format).
 FORMAT_KEY = "weight_format"
 _FORMAT_BYTES = 128
 
@@ -164,12 +166,6 @@ class Linear4bit(nn.Module):
             self.register_buffer(name, t)
         self.register_buffer(FORMAT_KEY, _format_tensor(self).to(q.codes.device))
 
-    def _sync_format(self) -> None:
-        """The format buffer says the layer's current quant_type and weight_dtype."""
-        buffer = self._buffers.get(FORMAT_KEY)
-        if buffer is not None:
-            self._buffers[FORMAT_KEY] = _format_tensor(self).to(buffer.device)
-
     @property
     def weight(self) -> QuantState:
         """The quantized weight (a view of the buffers, not a copy)."""
@@ -188,18 +184,23 @@ class Linear4bit(nn.Module):
         return in_input_dtype(linear_4bit(x, self.weight, bias), x_dtype)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        self._sync_format()   # (quant_type or weight_dtype may have been set by hand)
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        # the format the layer has now (the buffer itself is a placeholder of the right size: .half() and a load
+        # change the format without writing to it, so a state_dict() never modifies the module)
+        buffer = self._buffers.get(FORMAT_KEY)
+        destination[prefix + FORMAT_KEY] = _format_tensor(self).to(
+            buffer.device if buffer is not None and not buffer.is_meta else self.weight_codes.device)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         """Takes the saved format's quant_type and weight_dtype (the codes mean what they meant where saved: an
         fp4 state dict makes an nf4 placeholder an fp4 layer); another blocksize or double quantization (other
-        buffers) is an error. A state dict without the key (older, or built by hand) leaves the format as is."""
+        buffers) is an error. A state dict without the key (older, or built by hand) leaves the format as is.
+        The key is read here, not copied into the buffer (any length is read)."""
         key = prefix + FORMAT_KEY
         if key in state_dict:
             try:
-                fmt = _read_format(state_dict[key])
+                fmt = _read_format(state_dict.pop(key))   # (torch hands each module its own dict)
             except ValueError as e:
                 error_msgs.append(f"{key}: {e}")
             else:
@@ -213,8 +214,11 @@ class Linear4bit(nn.Module):
                     self.quant_type, self.weight_dtype = fmt["quant_type"], fmt["weight_dtype"]
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        if key in missing_keys:   # (an older state dict: the layer's own format stands)
+        if key in missing_keys:   # (read above, or an older state dict: the layer's own format stands)
             missing_keys.remove(key)
+        buffer = self._buffers.get(FORMAT_KEY)
+        if buffer is None or buffer.device != self.weight_codes.device:   # (a meta model loaded with assign=True)
+            self._buffers[FORMAT_KEY] = _format_tensor(self).to(self.weight_codes.device)
 
     def _apply(self, fn, recurse=True):
         # .to(dtype), .half(), .float(): the dense weight this layer stands for takes the new dtype, as an
@@ -229,7 +233,6 @@ class Linear4bit(nn.Module):
             new = self._buffers[name]
             if new.dtype != old.dtype:
                 self._buffers[name] = old.to(new.device)
-        self._sync_format()
         return self
 
     def extra_repr(self) -> str:
@@ -427,8 +430,10 @@ class _RefreshDoraNorms:
         self.__init__(state["layer"])
 
 
-def _refresh_dora_weight_sq(layer: "LoRALinear", incompatible_keys) -> None:
-    """The hook of DoRA layers pickled before it moved onto the base (torch.load finds it by this name)."""
+def _refresh_dora_weight_sq(module: nn.Module, incompatible_keys, owner: Optional["LoRALinear"] = None) -> None:
+    """The hook of DoRA layers pickled by earlier versions (torch.load finds it by this name): on the layer
+    itself, or on its base naming the layer as owner."""
+    layer = module if owner is None else owner
     if layer.dora_weight_sq is not None:
         layer.dora_weight_sq = dora.weight_row_norms_squared(layer.base)
 

@@ -323,6 +323,21 @@ def test_state_dict_tools_that_set_one_tensor_at_a_time_find_the_format_buffer(t
         Linear4bit(128, 64, weight_dtype=torch.int8)
 
 
+def test_the_format_key_is_read_at_any_length_and_state_dict_leaves_the_module_alone():
+    src = prepare_model(TinyLM(), r=2, quant_type="fp4")
+    sd = src.state_dict()
+    short = b'{"blocksize": 64, "double_quant": true, "quant_type": "fp4", "weight_dtype": "float32"}'
+    sd = {k: torch.tensor(list(short), dtype=torch.uint8) if k.endswith("weight_format") else v for k, v in sd.items()}
+    dst = prepare_model(TinyLM(), r=2)
+    dst.load_state_dict(sd)
+    assert dst.layers[0].q_proj.base.quant_type == "fp4"
+    buffers = {n: b for n, b in dst.named_buffers()}
+    with torch.inference_mode():
+        dst.state_dict()
+    assert all(b is buffers[n] for n, b in dst.named_buffers())   # (no buffer replaced, none an inference tensor)
+    dst.load_state_dict(src.state_dict())
+
+
 def test_compute_dtype_by_name():
     model = prepare_model(TinyLM(), r=2, compute_dtype="bfloat16")
     assert model.layers[0].q_proj.base.compute_dtype == torch.bfloat16

@@ -189,6 +189,11 @@ def test_starting_over_removes_the_runs_own_files_only(tmp_path):
     _mkdir(out / "checkpoints" / "checkpoint-500")   # another tool's
     clear_previous_run(str(out))
     assert os.listdir(out / "checkpoints") == ["checkpoint-500"]
+    # another tool's checkpoints/ in a fresh folder is no run's; an input the clearing keeps is no problem
+    other = _mkdir(tmp_path / "other")
+    _mkdir(other / "checkpoints" / "checkpoint-500")
+    check_output_dir(str(other), resume=False, overwrite=False)
+    check_output_dir(str(out), resume=False, overwrite=True, inputs=[str(out / "checkpoints" / "checkpoint-500")])
     user = _mkdir(tmp_path / "user")
     _mkdir(user / "tensorboard" / "other_project")
     with pytest.raises(ConfigError, match="holds tensorboard, which the run would replace"):
@@ -213,4 +218,4 @@ def test_more_steps_are_refused_where_the_longer_run_would_differ(tiny, tmp_path
     assert cli_main(common + ["--output-dir", out, "--steps", "6", "--eval-every", "1", "--lr", "1.0",
                               "--early-stopping-patience", "1", "--early-stopping-threshold", "100"]) == 0
     assert cli_main(["--output-dir", out, "--resume", "--steps", "12", "--no-progress"]) == 2
-    assert "the run stopped early at step" in capsys.readouterr().err
+    assert "the run's patience ran out" in capsys.readouterr().err

@@ -19,10 +19,23 @@ CHECKPOINTS_DIR = "checkpoints"
 
 
 def own_paths(output_dir: str) -> List[str]:
-    """What a run writes in output_dir (files and folders): what a --data folder search leaves out, and what a
-    run started over removes (of checkpoints/, only the entries a run writes there: checkpoint_entries)."""
+    """What a run writes in output_dir (files and folders): what a --data folder search leaves out (of
+    checkpoints/, a run writes only some entries: _removed_paths)."""
     names = (CONFIG_FILE, ADAPTER_FILE, PEFT_DIR, LOG_FILE, TENSORBOARD_DIR, CHECKPOINTS_DIR, *REPORT_FILES)
     return [os.path.join(output_dir, n) for n in names]
+
+
+def _removed_paths(output_dir: str) -> List[str]:
+    """What starting over in output_dir removes, as it exists now: the run's files, folders and links (a link
+    as the link), and of a checkpoints/ folder only the entries runs write there (the folder too when that
+    leaves it empty)."""
+    paths = []
+    for path in own_paths(output_dir):
+        if os.path.basename(path) == CHECKPOINTS_DIR and os.path.isdir(path) and not os.path.islink(path):
+            paths += _checkpoint_entries(output_dir)
+        elif os.path.lexists(path):
+            paths.append(path)
+    return paths
 
 
 def _checkpoint_entries(output_dir: str) -> List[str]:
@@ -79,9 +92,11 @@ def check_writable(path: str, flag: str) -> None:
                           "read-only file system)") from None
 
 
-def _inside(path: str, folder: str) -> bool:
-    path, folder = os.path.realpath(path), os.path.realpath(folder)
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+def _inside(path: str, removed: str) -> bool:
+    """Whether path is the removed path or inside it (a removed link takes only the paths through the link)."""
+    path = os.path.abspath(path) if os.path.islink(removed) else os.path.realpath(path)
+    removed = os.path.abspath(removed) if os.path.islink(removed) else os.path.realpath(removed)
+    return path == removed or path.startswith(removed.rstrip(os.sep) + os.sep)
 
 
 def check_output_dir(output_dir: str, resume: bool, overwrite: bool, model: Optional[str] = None,
@@ -105,7 +120,8 @@ def check_output_dir(output_dir: str, resume: bool, overwrite: bool, model: Opti
         raise ConfigError(f"--output-dir {output_dir} holds a config.json that is not a run's (a model's?), which "
                           "the run would replace; give another --output-dir")
     run = previous_run(output_dir)
-    present = [os.path.basename(p) for p in own_paths(output_dir) if os.path.lexists(p)]
+    removed = _removed_paths(output_dir)
+    present = sorted({os.path.relpath(p, output_dir).split(os.sep)[0] for p in removed})
     if present and not overwrite:
         what = run or f"{', '.join(present)}, which the run would replace"
         hint = "--resume continues it, " if run and run.startswith("an interrupted") else ""
@@ -113,9 +129,8 @@ def check_output_dir(output_dir: str, resume: bool, overwrite: bool, model: Opti
                           "there (removing that run's checkpoints, adapters, logs and report), or give another "
                           "--output-dir")
     if overwrite:
-        cleared = [p for p in own_paths(output_dir) if os.path.lexists(p)]
         for given in (p for p in inputs if p):
-            if any(_inside(given, p) for p in cleared):
+            if any(_inside(given, p) for p in removed):
                 raise ConfigError(f"{given} is inside the files of the run in --output-dir {output_dir}, which "
                                   "--overwrite-output-dir removes before the run reads it: copy it elsewhere first")
 
@@ -135,12 +150,9 @@ def clear_previous_run(output_dir: str) -> bool:
     """Removes a previous run's files from output_dir (its checkpoints, adapters, PEFT folder, logs and report,
     by the names a run writes; nothing else), a link among them as the link; whether there was a run."""
     had_run = previous_run(output_dir) is not None
-    for path in own_paths(output_dir):
-        if os.path.basename(path) == CHECKPOINTS_DIR and not os.path.islink(path):
-            for entry in _checkpoint_entries(output_dir):
-                _remove(entry)
-            if os.path.isdir(path) and not os.listdir(path):
-                os.rmdir(path)
-        else:
-            _remove(path)
+    for path in _removed_paths(output_dir):
+        _remove(path)
+    checkpoints = os.path.join(output_dir, CHECKPOINTS_DIR)
+    if os.path.isdir(checkpoints) and not os.path.islink(checkpoints) and not os.listdir(checkpoints):
+        os.rmdir(checkpoints)
     return had_run

@@ -41,18 +41,22 @@ from .output_dir import PEFT_DIR, check_output_dir, clear_previous_run, own_path
 from .run_log import RunLog, summary_writer_class
 
 
-def extend_saved_steps(output_dir: str, steps: int, stopped_early_at: Optional[int]) -> None:
+def extend_saved_steps(cfg: TrainConfig, state: dict) -> None:
     """A resumed run given more --steps (a constant schedule: resume_config allows it) records them in its
     config.json, so a later --resume, eval or merge knows the run's length (nothing else it was resumed with).
-    A run that stopped early refuses: it would train nothing more."""
-    path = os.path.join(output_dir, ckpt.CONFIG_FILE)
+    A run whose patience ran out (stopped early, or at its last eval) refuses: a run given the steps from the
+    start stops there."""
+    path = os.path.join(cfg.output_dir, ckpt.CONFIG_FILE)
     with open(path) as f:
         saved = TrainConfig.from_dict(json.load(f))
-    if saved.steps != steps:
-        if stopped_early_at is not None:
-            raise ConfigError(f"--resume: the run stopped early at step {stopped_early_at} (--early-stopping-patience):"
-                              f" --steps {steps} would train nothing more")
-        dataclasses.replace(saved, steps=steps).save(path)
+    if saved.steps == cfg.steps:
+        return
+    out_of_patience = cfg.early_stopping_patience and \
+        state.get("evals_without_improvement", 0) >= cfg.early_stopping_patience
+    if state.get("stopped_early_at") is not None or out_of_patience:
+        raise ConfigError(f"--resume: the run's patience ran out (--early-stopping-patience "
+                          f"{cfg.early_stopping_patience}): --steps {cfg.steps} would train nothing more")
+    dataclasses.replace(saved, steps=cfg.steps).save(path)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -408,7 +412,7 @@ class Trainer:
             step = state.pop("step")
             if step > cfg.steps:
                 raise ConfigError(f"--resume: --steps {cfg.steps} is below the checkpoint's step {step}")
-            extend_saved_steps(cfg.output_dir, cfg.steps, state.get("stopped_early_at"))
+            extend_saved_steps(cfg, state)
             began = state.get("data_fingerprint")   # (None: a checkpoint from before fingerprints: adopt today's)
             if began is not None and began != self.data.fingerprint():
                 data = ", ".join(cfg.data + cfg.eval_data) or "the default text"
