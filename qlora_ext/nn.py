@@ -30,8 +30,8 @@ from .trainable_tokens import (TiedTokensHead, TrainableTokens, head_trained_who
 from .quantize import QuantState, dequantize, quantize
 
 _QUANT_BUFFERS = ("weight_codes", "weight_absmax", "weight_absmax_scale", "weight_absmax_mean")
-_DENSE_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)   # (what save_4bit records)
-_WEIGHT_DTYPES = (*_DENSE_WEIGHT_DTYPES, torch.float64)                   # (float64: gradcheck on the CPU)
+DENSE_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)   # (what save_4bit records)
+_WEIGHT_DTYPES = (*DENSE_WEIGHT_DTYPES, torch.float64)                   # (float64: gradcheck on the CPU)
 _COMPUTE_DTYPES = _WEIGHT_DTYPES
 
 
@@ -224,7 +224,7 @@ class Linear4bit(nn.Module):
         # .to(dtype), .half(), .float(): the dense weight this layer stands for takes the new dtype, as an
         # nn.Linear's would (dequantized_weight and merge_and_unload give it), asked of fn on an empty tensor
         moved = fn(torch.empty(0, dtype=self.weight_dtype)).dtype
-        if moved in _DENSE_WEIGHT_DTYPES:
+        if moved in DENSE_WEIGHT_DTYPES:
             self.weight_dtype = moved
         # nn.Module.to(dtype) would cast the float32 constants of the format: move them, never cast them.
         kept = {n: self._buffers[n] for n in _QUANT_BUFFERS if self._buffers.get(n) is not None}

@@ -29,7 +29,7 @@ from ._ops import BLOCKSIZES, QUANT_TYPES
 from .bnb_io import is_bnb_linear_4bit, is_bnb_linear_8bit
 from .modules_to_save import ModuleToSave
 from .trainable_tokens import TiedTokensHead, TrainableTokens
-from .nn import FORMAT_KEY, Linear4bit, LoRALinear
+from .nn import DENSE_WEIGHT_DTYPES, FORMAT_KEY, Linear4bit, LoRALinear
 from .quantize import QuantState
 
 QUANT_METHOD = "qlora_ext"
@@ -39,7 +39,7 @@ FORMAT_VERSION = 1
 WEIGHTS_PATTERN = "qlora_ext_4bit{suffix}.safetensors"
 WEIGHTS_INDEX = "qlora_ext_4bit.safetensors.index.json"
 _LAYER_KEYS = ("quant_type", "blocksize", "double_quant", "weight_dtype")
-WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WEIGHT_DTYPES = {str(d).removeprefix("torch."): d for d in DENSE_WEIGHT_DTYPES}
 
 
 def _base_tensors(model: nn.Module) -> Tuple[Dict[str, torch.Tensor], Dict[str, dict]]:

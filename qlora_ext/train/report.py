@@ -7,6 +7,7 @@ import math
 import os
 
 from .._files import atomic_write, atomic_write_text
+from .output_dir import REPORT_FILES
 
 
 def _packing(data: dict) -> str:
@@ -130,8 +131,7 @@ def plot_loss(r: dict, path: str) -> None:
 
 def write_report(r: dict, output_dir: str) -> dict:
     """Writes report.json, report.md and loss.png; returns their paths."""
-    paths = {k: os.path.join(output_dir, f) for k, f in
-             (("json", "report.json"), ("markdown", "report.md"), ("plot", "loss.png"))}
+    paths = {k: os.path.join(output_dir, f) for k, f in zip(("json", "markdown", "plot"), REPORT_FILES)}
     atomic_write_text(paths["json"], json.dumps(r, indent=2) + "\n")
     atomic_write_text(paths["markdown"], markdown(r))
     try:
