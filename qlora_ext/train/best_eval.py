@@ -12,12 +12,14 @@ import os
 import shutil
 from typing import Optional, Tuple
 
+from .checkpoint import checkpoint_dir
+
 IN_CHECKPOINT = "best.safetensors"
 
 
 def best_adapter_path(output_dir: str, step: int) -> str:
     # under checkpoints/, so that a new run in the same folder removes them with the checkpoints
-    return os.path.join(output_dir, "checkpoints", f"best-step-{step:06d}.safetensors")
+    return os.path.join(checkpoint_dir(output_dir), f"best-step-{step:06d}.safetensors")
 
 
 def observe_eval(state: dict, step: int, loss: float, patience: int, threshold: float) -> Tuple[bool, bool]:
@@ -52,7 +54,7 @@ def for_checkpoint(output_dir: str, state: dict) -> dict:
     if not best:
         return {}
     keep = best_adapter_path(output_dir, best["step"])
-    for path in glob.glob(os.path.join(output_dir, "checkpoints", "best-step-*.safetensors")):
+    for path in glob.glob(os.path.join(checkpoint_dir(output_dir), "best-step-*.safetensors")):
         if os.path.abspath(path) != os.path.abspath(keep):
             os.remove(path)
     return {IN_CHECKPOINT: keep} if os.path.exists(keep) else {}

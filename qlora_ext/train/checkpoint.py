@@ -27,6 +27,13 @@ from .config import ConfigError
 ADAPTER_FILE = "adapter.safetensors"
 STATE_FILE = "trainer_state.pt"
 CONFIG_FILE = "config.json"
+CHECKPOINTS_DIR = "checkpoints"   # <output_dir>/checkpoints/step-NNNNNN/, `latest`, the best eval's adapters
+
+
+def checkpoint_dir(output_dir: str, step: Optional[int] = None) -> str:
+    """<output_dir>/checkpoints, or with step the folder of that step's checkpoint."""
+    root = os.path.join(output_dir, CHECKPOINTS_DIR)
+    return root if step is None else os.path.join(root, f"step-{step:06d}")
 
 
 def adapter_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
@@ -126,9 +133,9 @@ def save_checkpoint(output_dir: str, step: int, model, optimizer, trainer_state:
     """Writes checkpoints/step-NNNNNN/ through a temporary folder, then points `latest` at it; with keep > 0,
     removes all but the newest `keep` checkpoints after that. A crash at any point leaves the previous
     checkpoint usable. extra_files: {name in the checkpoint: file to copy there} (the best eval's adapters)."""
-    root = os.path.join(output_dir, "checkpoints")
+    root = checkpoint_dir(output_dir)
     os.makedirs(root, exist_ok=True)
-    name = f"step-{step:06d}"
+    name = os.path.basename(checkpoint_dir(output_dir, step))
     final, tmp = os.path.join(root, name), os.path.join(root, f".{name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -153,7 +160,7 @@ def save_checkpoint(output_dir: str, step: int, model, optimizer, trainer_state:
 
 def checkpoint_steps(output_dir: str) -> List[int]:
     """The steps of the complete checkpoints in output_dir, ascending."""
-    root = os.path.join(output_dir, "checkpoints")
+    root = checkpoint_dir(output_dir)
     names = os.listdir(root) if os.path.isdir(root) else []
     return sorted(int(d[5:]) for d in names if d.startswith("step-") and d[5:].isdigit()
                   and os.path.exists(os.path.join(root, d, STATE_FILE)))
@@ -161,7 +168,7 @@ def checkpoint_steps(output_dir: str) -> List[int]:
 
 def latest_checkpoint(output_dir: str) -> Optional[str]:
     """The checkpoint `latest` names, or where that one is gone (removed by hand), the newest complete one."""
-    root = os.path.join(output_dir, "checkpoints")
+    root = checkpoint_dir(output_dir)
     pointer = os.path.join(root, "latest")
     if os.path.exists(pointer):
         with open(pointer) as f:
@@ -169,7 +176,7 @@ def latest_checkpoint(output_dir: str) -> Optional[str]:
         if os.path.exists(os.path.join(path, STATE_FILE)):
             return path
     steps = checkpoint_steps(output_dir)
-    return os.path.join(root, f"step-{steps[-1]:06d}") if steps else None
+    return checkpoint_dir(output_dir, steps[-1]) if steps else None
 
 
 def saved_trainer_value(path: str, key: str):

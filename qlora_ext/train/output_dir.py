@@ -9,13 +9,13 @@ import shutil
 import tempfile
 from typing import Iterable, List, Optional
 
-from .checkpoint import ADAPTER_FILE, CONFIG_FILE, checkpoint_steps
+from .best_eval import IN_CHECKPOINT
+from .checkpoint import ADAPTER_FILE, CHECKPOINTS_DIR, CONFIG_FILE, checkpoint_steps
 from .config import ConfigError
 from .run_log import LOG_FILE, TENSORBOARD_DIR
 
 PEFT_DIR = "peft_adapter"   # <output_dir>/peft_adapter: the adapters in PEFT's format
 REPORT_FILES = ("report.json", "report.md", "loss.png")
-CHECKPOINTS_DIR = "checkpoints"
 
 
 def own_paths(output_dir: str) -> List[str]:
@@ -44,7 +44,7 @@ def _checkpoint_entries(output_dir: str) -> List[str]:
     root = os.path.join(output_dir, CHECKPOINTS_DIR)
     names = os.listdir(root) if os.path.isdir(root) and not os.path.islink(root) else []
     return [os.path.join(root, d) for d in names
-            if d.startswith(("step-", ".step-", "best-step-")) or d in ("latest", "best.safetensors")]
+            if d.startswith(("step-", ".step-", "best-step-")) or d in ("latest", IN_CHECKPOINT)]
 
 
 def _run_config(output_dir: str) -> Optional[dict]:

@@ -46,7 +46,7 @@ def _trained_on(output_dir: str, cfg: TrainConfig, checkpoint: Optional[str]) ->
         return run_device_type(output_dir)
     device = saved_trainer_value(checkpoint, "device") or (cfg.device if cfg.device != "auto" else None)
     if device is None:
-        raise ConfigError(f"the run stopped before its report, and neither its checkpoint (older than this version) "
+        raise ConfigError("the run stopped before its report, and neither its checkpoint (older than this version) "
                           "nor its --device auto says where it trained: resume it to its end first")
     return "cuda" if device.startswith("cuda") else "cpu"
 
@@ -59,7 +59,7 @@ def adapter_file(output_dir: str, checkpoint: Optional[str] = None) -> str:
     """The adapters to load: the finished run's, or with checkpoint (a step number, a checkpoint's folder name
     such as step-000050 or latest, or a folder) that checkpoint's, so an interrupted run can be evaluated,
     sampled or merged too."""
-    from .checkpoint import ADAPTER_FILE, checkpoint_steps, latest_checkpoint
+    from .checkpoint import ADAPTER_FILE, checkpoint_dir, checkpoint_steps, latest_checkpoint
     steps = checkpoint_steps(output_dir)
     have = f"its checkpoints: steps {', '.join(map(str, steps))}" if steps else "it has no checkpoint"
     if checkpoint is None:
@@ -68,11 +68,11 @@ def adapter_file(output_dir: str, checkpoint: Optional[str] = None) -> str:
             raise ConfigError(f"{path!r} does not exist: the run has not finished (resume it first, or give "
                               f"--checkpoint; {have})")
         return path
-    root = os.path.join(output_dir, "checkpoints")
+    root = checkpoint_dir(output_dir)
     if checkpoint == "latest":
         folder = latest_checkpoint(output_dir) or os.path.join(root, "latest")
     elif checkpoint.isdigit():
-        folder = os.path.join(root, f"step-{int(checkpoint):06d}")
+        folder = checkpoint_dir(output_dir, int(checkpoint))
     else:
         folder = checkpoint if os.path.isdir(checkpoint) else os.path.join(root, checkpoint)
     path = os.path.join(folder, ADAPTER_FILE)

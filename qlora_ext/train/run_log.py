@@ -9,7 +9,6 @@ checkpoint's history (the steps after it were not kept and will be trained again
 resume's), then continued. A value that is not a finite number is written as null."""
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -30,13 +29,6 @@ def _json_line(record: dict) -> str:
     """One line of strict JSON: a value that is not a finite number (an overflowed perplexity) is null."""
     return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
                        for k, v in record.items()}, allow_nan=False) + "\n"
-
-
-def remove_run_logs(output_dir: str) -> None:
-    """An earlier run's logs, removed when a new run starts in its folder."""
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(os.path.join(output_dir, LOG_FILE))
-    shutil.rmtree(os.path.join(output_dir, TENSORBOARD_DIR), ignore_errors=True)
 
 
 def summary_writer_class(report_to: str):
