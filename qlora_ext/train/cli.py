@@ -13,35 +13,20 @@ finished run into a dense model, generate text with it, evaluate it, or quantize
 from __future__ import annotations
 
 import argparse
-import difflib
 import os
 import sys
 import time
 
 from .config import (DEMO_OVERRIDES, ConfigError, add_arguments, as_command_line, config_from_args,
                      resume_config, with_init_adapter_settings)
+from .flags import Parser
 
 COMMANDS = ("train", "demo", "study", "merge", "generate", "eval", "quantize")
 DEMO_PROMPT = "KING.\nWhat news, my lord?"  # the trained model continues it in the demo's last lines
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, whose "unrecognized arguments" names the flags meant (Hugging Face's --output_dir is
-    --output-dir here)."""
-
-    def error(self, message):
-        if message.startswith("unrecognized arguments:"):
-            known = [o for a in self._actions for o in a.option_strings]
-            meant = {w: difflib.get_close_matches(w.split("=")[0].replace("_", "-"), known, n=1)
-                     for w in message.split(":", 1)[1].split() if w.startswith("--")}
-            hints = [f"{w} -> {m[0]}" for w, m in meant.items() if m]
-            if hints:
-                message += f" (did you mean: {', '.join(hints)}?)"
-        super().error(message)
-
-
 def _train_parser(prog: str, defaults=None, description=None) -> argparse.ArgumentParser:
-    p = _Parser(prog=prog, description=description or __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog=prog, description=description or __doc__)
     add_arguments(p, defaults)
     return p
 

@@ -12,6 +12,7 @@ from typing import Dict, List, Optional
 from .._files import atomic_write_text
 from ..loftq import LOFTQ_SVDS
 from ..lora_patterns import check_patterns
+from .flags import BoolFlag
 
 DEFAULT_MODEL = "smollm2"          # the embedded SmolLM2-135M-Instruct (see qlora_ext.train.model)
 QUANT_TYPES = ("nf4", "fp4", "int4", "none")
@@ -183,15 +184,26 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+# The same settings under the names of transformers' TrainingArguments and artidoro/qlora's qlora.py, so that their
+# commands carry over (their underscore spellings too: flags.Parser). Only where the meaning is the same: HF's
+# --lr_scheduler_type constant has no warmup, --schedule constant has --warmup-steps, so it is not one of them.
+HF_ALIASES = {"model": "--model-name-or-path", "lr": "--learning-rate", "steps": "--max-steps",
+              "epochs": "--num-train-epochs", "batch_size": "--per-device-train-batch-size",
+              "grad_accum": "--gradient-accumulation-steps", "eval_every": "--eval-steps",
+              "save_every": "--save-steps", "r": "--lora-r", "alpha": "--lora-alpha", "dropout": "--lora-dropout"}
+
+
 def add_arguments(p: argparse.ArgumentParser, defaults: Optional[dict] = None) -> None:
-    """One flag per TrainConfig field (booleans get --x/--no-x), help text from the field's comment."""
+    """One flag per TrainConfig field (booleans: flags.BoolFlag), help text from the field's comment; HF_ALIASES
+    name some twice."""
     defaults = defaults or {}
     helps = _field_help()
     for f in dataclasses.fields(TrainConfig):
         default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
         h = helps.get(f.name, "")
+        flags = (_flag(f.name),) + ((HF_ALIASES[f.name],) if f.name in HF_ALIASES else ())
         if f.type in ("bool", bool):
-            p.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+            p.add_argument(*flags, dest=f.name, action=BoolFlag, default=default,
                            help=f"{h} (default: {default})")
         elif f.name in ("rank_pattern", "alpha_pattern"):
             example = '{"q_proj": 64, "model.layers.0.mlp.down_proj": 8}' if f.name == "rank_pattern" else \
@@ -203,12 +215,12 @@ def add_arguments(p: argparse.ArgumentParser, defaults: Optional[dict] = None) -
             files = f.name in ("data", "eval_data")
             shown = default or {"eval_data": "--eval-blocks of --data", "modules_to_save": "none",
                                 "trainable_token_indices": "none"}.get(f.name, "see above")
-            p.add_argument(_flag(f.name), dest=f.name, nargs="+" if files else None,
+            p.add_argument(*flags, dest=f.name, nargs="+" if files else None,
                            default=default, type=str if files else _comma_list,
                            help=f"{h} (default: {shown})" + ("" if files else "; comma-separated"))
         else:
             typ = {"int": int, "float": float, "str": str, "Optional[str]": str}[str(f.type).split(".")[-1].strip("'")]
-            p.add_argument(_flag(f.name), dest=f.name, type=typ, default=default, help=f"{h} (default: {default})")
+            p.add_argument(*flags, dest=f.name, type=typ, default=default, help=f"{h} (default: {default})")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

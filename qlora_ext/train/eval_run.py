@@ -5,7 +5,6 @@ packs its data unless --packing says otherwise). The loss is the mean over the p
 on, as the trainer's eval is."""
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -13,12 +12,12 @@ import os
 import sys
 
 from .config import PACKINGS, ConfigError
+from .flags import Parser
 from .rebuild import CHECKPOINT_HELP
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="qlora-train eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="qlora-train eval", description=__doc__)
     p.add_argument("--output-dir", required=True, help="the run's folder (as given to qlora-train)")
     p.add_argument("--data", nargs="+", default=None,
                    help=".txt / .jsonl / .json / .parquet / .arrow files or folders, every block of which is evaluated "

@@ -3,11 +3,11 @@ training did. The model is rebuilt as the run built it (rebuild.py); on the CPU,
 linear_4bit's decode-sized path (W decoded in registers)."""
 from __future__ import annotations
 
-import argparse
 
 import torch
 
 from .config import ConfigError
+from .flags import Parser
 from .rebuild import CHECKPOINT_HELP, rebuild_run
 
 
@@ -115,8 +115,7 @@ def _rendered_between(tokenizer, conversation, start: str, end) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="qlora-train generate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="qlora-train generate", description=__doc__)
     p.add_argument("--output-dir", required=True, help="the run's folder (as given to qlora-train)")
     p.add_argument("--prompt", default="To be, or not to be", help="the text to continue")
     p.add_argument("--max-new-tokens", type=int, default=60, help="at most this many tokens (default 60)")

@@ -8,7 +8,6 @@ temporary name and renamed.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
@@ -17,6 +16,7 @@ import torch
 from .._files import atomic_write_folder
 from ..load_4bit import is_4bit_checkpoint
 from .config import ConfigError
+from .flags import Parser
 from .rebuild import CHECKPOINT_HELP
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -96,8 +96,7 @@ def merge_run(output_dir: str, target: str, dtype=None, log=print, checkpoint=No
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="qlora-train merge", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="qlora-train merge", description=__doc__)
     p.add_argument("--output-dir", required=True, help="the run's folder (as given to qlora-train)")
     p.add_argument("--to", required=True, help="a new folder for the merged Hugging Face model")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,

@@ -9,13 +9,13 @@ the same settings and load dtype computes, bit for bit.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
 import torch
 
 from .config import DEFAULT_MODEL, ConfigError
+from .flags import BoolFlag, Parser
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -64,13 +64,12 @@ def quantize_model(model: str, target: str, quant_type: str = "nf4", double_quan
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="qlora-train quantize", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="qlora-train quantize", description=__doc__)
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"a Hugging Face model directory, or {DEFAULT_MODEL!r} for the embedded default")
     p.add_argument("--to", required=True, help="a new folder for the 4-bit model")
     p.add_argument("--quant-type", choices=("nf4", "fp4", "int4"), default="nf4")
-    p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--double-quant", action=BoolFlag, default=True)
     p.add_argument("--blocksize", type=int, choices=(64, 128, 256), default=64)
     p.add_argument("--target-modules", default=None,
                    help="comma-separated layer names (default: every linear layer except lm_head)")

@@ -13,7 +13,6 @@ measured one stands. Results: <out>/study.json and <out>/study.md.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -28,6 +27,7 @@ from ..nn import Linear4bit
 from ..quantize import code_table
 from .._files import atomic_write_text
 from .config import ConfigError, TrainConfig
+from .flags import BoolFlag, Parser
 
 PAPER = {
     "bits_dq": 4.127, "bits_no_dq": 4.5, "saving_bits": 0.373, "saving_65b_gb": 3.0,
@@ -399,8 +399,7 @@ def markdown(results: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="qlora-train study", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="qlora-train study", description=__doc__)
     p.add_argument("--items", default="0,1,2,3,4,5", help="which items to run (default: all)")
     p.add_argument("--model", default="smollm2", help="model for items 1-3 (default: the embedded SmolLM2)")
     p.add_argument("--data", nargs="+", default=[], help="text for items 2-3 (default: Shakespeare)")
@@ -416,7 +415,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gpu-shapes", default="7B,65B", help="item 5's LLaMA shapes (default: 7B,65B)")
     p.add_argument("--optimizer", default="paged_adamw", help="item 5's optimizer (default: paged_adamw)")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--progress", action=BoolFlag, default=True)
     args = p.parse_args(argv)
     args.gpu_shapes = [s.strip() for s in args.gpu_shapes.split(",") if s.strip()]
     unknown = [s for s in args.gpu_shapes if s not in {x.name for x in LLAMA_SHAPES}]
