@@ -5,6 +5,7 @@ prefix (--add-bos), and runs saved before these flags resuming as they began."""
 import json
 import math
 import random
+import warnings
 
 import pytest
 import torch
@@ -321,6 +322,18 @@ def test_a_text_that_has_its_bos_or_eos_gets_it_once(bos_tokenizer):
     # runs from before --add-bos (prefix None) keep their framing: no BOS, the end always added
     ids, _ = tokenize_record(tok, {"text": "the king</s>"}, "x", None)
     assert ids.count(eos) == 2 and bos not in ids
+
+
+def test_a_text_that_is_not_utf8_is_read_as_latin1_with_a_warning(bos_tokenizer, tmp_path):
+    tok = bos_tokenizer
+    (tmp_path / "u.txt").write_text("the king's caf\u00e9", encoding="utf-8")
+    (tmp_path / "l.txt").write_bytes("the king's caf\u00e9".encode("latin-1"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        utf8 = tokenize_data([str(tmp_path / "u.txt")], tok).ids
+    with pytest.warns(UserWarning, match=r"l\.txt is not UTF-8 \(byte 0xe9 at offset 14\): read as Latin-1"):
+        latin1 = tokenize_data([str(tmp_path / "l.txt")], tok).ids
+    assert latin1 == utf8   # the same text
 
 
 def test_special_prefix_tries_another_probe_where_the_vocabulary_cannot_spell_one():

@@ -20,6 +20,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import warnings
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -216,7 +217,10 @@ def text_documents(files: Sequence[str], tokenizer, prefix: Optional[Sequence[in
             raw = fh.read()
         try:
             texts.append(raw.decode("utf-8"))
-        except UnicodeDecodeError:
+        except UnicodeDecodeError as e:   # (every byte is a Latin-1 character: never an error, maybe not the text)
+            warnings.warn(f"{f} is not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}): read as Latin-1; "
+                          "if it is another encoding (Windows' cp1252 quotes come out as control characters), "
+                          "convert it first, e.g. iconv -f cp1252 -t utf-8", stacklevel=2)
             texts.append(raw.decode("latin-1"))
     texts = [t for t in texts if t.strip()]
     if not texts and allow_empty:
