@@ -1110,3 +1110,32 @@ def test_resume_extends_a_constant_schedule_run_to_more_steps(tiny, tmp_path, ca
     assert cli_main(common + ["--output-dir", str(tmp_path / "cosine"), "--steps", "2"]) == 0
     assert cli_main(["--output-dir", str(tmp_path / "cosine"), "--resume", "--steps", "4", "--no-progress"]) == 2
     assert "can change only under --schedule constant" in capsys.readouterr().err
+
+
+def test_resume_may_checkpoint_and_evaluate_at_other_steps(tiny, tmp_path, capsys):
+    """--save-every and --eval-every may change on --resume (recorded in config.json from there on): the run
+    trains the same adapters, bit for bit, with the evals and checkpoints where the new flags put them. Where the
+    evals decide the best model or an early stop, --eval-every stays."""
+    from safetensors.torch import load_file
+    straight = train(_cfg(tiny, tmp_path / "straight", steps=8), log=lambda s: None)
+    train(_cfg(tiny, tmp_path / "run", steps=8), log=lambda s: None)
+    rewind(tmp_path / "run", 4)
+    assert cli_main(["--output-dir", str(tmp_path / "run"), "--resume", "--no-progress", "--save_every", "1",
+                     "--eval-steps", "3"]) == 0
+    a, b = (load_file(str(tmp_path / out / "adapter.safetensors")) for out in ("straight", "run"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert [e["step"] for e in report["evals"]] == [0, 4, 6, 8]
+    assert [e["loss"] for e in report["evals"] if e["step"] in (0, 4, 8)] == \
+        [e["loss"] for e in straight["evals"]]   # the same model at the same steps: the same evals
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*")) == \
+        [f"step-{s:06d}" for s in (4, 5, 6, 7, 8)]
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (saved["save_every"], saved["eval_every"]) == (1, 3)
+    # decisions rest on the evals: --eval-every stays (--save-every may still change)
+    train(_cfg(tiny, tmp_path / "best", steps=8, load_best_model_at_end=True), log=lambda s: None)
+    rewind(tmp_path / "best", 4)
+    assert cli_main(["--output-dir", str(tmp_path / "best"), "--resume", "--eval-every", "2"]) == 2
+    assert "--eval-every (saved 4, given 2) cannot change in a run whose evals decide the best model" in \
+        capsys.readouterr().err
+    assert cli_main(["--output-dir", str(tmp_path / "best"), "--resume", "--no-progress", "--save-every", "2"]) == 0

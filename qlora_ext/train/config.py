@@ -323,6 +323,10 @@ def as_command_line(cfg: TrainConfig, names) -> str:
 # (load_in_4bit builds the same 4-bit base as loading the dense model and quantizing it, bit for bit.)
 RESUME_MAY_CHANGE = ("resume", "progress", "device", "linear_backend", "output_dir", "load_in_4bit", "num_proc",
                      "report_to", "save_total_limit", "overwrite_output_dir")
+# Flags that may differ on --resume and are then the run's from there on (config.json records them): when to
+# checkpoint, and when to evaluate where no decision (best model, early stopping) rests on the evals. Neither
+# changes the training (an eval draws no random numbers and leaves the model as it was; tested bit for bit).
+RESUME_RESCHEDULES = ("save_every", "eval_every")
 # Flags naming files or folders: kept absolute (so eval, merge, generate and --resume work from anywhere) and
 # compared on --resume as the paths they name.
 PATH_FIELDS = ("model", "data", "eval_data", "init_adapter")
@@ -390,6 +394,11 @@ def resume_config(output_dir: str, explicit: dict) -> TrainConfig:
                           "new one (--init-adapter <this run>/peft_adapter continues from its adapters)")
     if extended:   # (a constant learning rate: more steps continue the same run)
         changed.pop("steps")
+    if "eval_every" in changed and (saved.load_best_model_at_end or saved.early_stopping_patience):
+        raise ConfigError(f"--resume: --eval-every ({_difference(*changed['eval_every'])}) cannot change in a run "
+                          "whose evals decide " + ("the best model" if saved.load_best_model_at_end else
+                                                   "when to stop early") + ": other evals would be another run")
+    rescheduled = [k for k in RESUME_RESCHEDULES if changed.pop(k, None) is not None]
     if changed:
         relative = [k for k in changed if k in PATH_FIELDS and any(
             isinstance(v, str) and v != DEFAULT_MODEL and not os.path.isabs(v) for v in _listed(getattr(saved, k)))]
@@ -397,6 +406,6 @@ def resume_config(output_dir: str, explicit: dict) -> TrainConfig:
             f"{_flag(k)} ({_difference(a, b)})" for k, (a, b) in changed.items()) + (
             f" ({', '.join(map(_flag, relative))} saved relative to where the run began, by a version that did not "
             "keep paths absolute: resume from there)" if relative else ""))
-    keep = {k: explicit[k] for k in (*RESUME_MAY_CHANGE, *(("steps",) if extended else ()))
+    keep = {k: explicit[k] for k in (*RESUME_MAY_CHANGE, *rescheduled, *(("steps",) if extended else ()))
             if k in explicit and k != "resume"}
     return dataclasses.replace(saved, **keep, resume=True).validate()

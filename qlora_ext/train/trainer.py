@@ -32,7 +32,7 @@ from . import checkpoint as ckpt
 from .best_eval import (best_adapter_path, for_checkpoint, observe_eval, restore_from_checkpoint,
                         save_best_adapters, saved_best_step)
 from .chat_template import use_chat_template
-from .config import ConfigError, TrainConfig
+from .config import RESUME_RESCHEDULES, ConfigError, TrainConfig
 from .data import IGNORE, TokenBlocks, batch_indices, find_text_files, resolve_packing, run_blocks
 from .loss import causal_lm_loss, packed_attention_problem, vocab_size
 from .model import load_model_and_tokenizer, max_positions, resolve_model_dir, token_ids
@@ -41,22 +41,23 @@ from .output_dir import PEFT_DIR, check_output_dir, clear_previous_run, own_path
 from .run_log import RunLog, summary_writer_class
 
 
-def extend_saved_steps(cfg: TrainConfig, state: dict) -> None:
-    """A resumed run given more --steps (a constant schedule: resume_config allows it) records them in its
-    config.json, so a later --resume, eval or merge knows the run's length (nothing else it was resumed with).
-    A run whose patience ran out (stopped early, or at its last eval) refuses: a run given the steps from the
-    start stops there."""
+def record_resumed_settings(cfg: TrainConfig, state: dict) -> None:
+    """A resumed run given more --steps (a constant schedule: resume_config allows it) or another --save-every or
+    --eval-every (RESUME_RESCHEDULES) records them in its config.json, so a later --resume, eval or merge knows
+    them (nothing else it was resumed with). A run whose patience ran out (stopped early, or at its last eval)
+    refuses more steps: a run given the steps from the start stops there."""
     path = os.path.join(cfg.output_dir, ckpt.CONFIG_FILE)
     with open(path) as f:
         saved = TrainConfig.from_dict(json.load(f))
-    if saved.steps == cfg.steps:
+    now = {k: getattr(cfg, k) for k in ("steps", *RESUME_RESCHEDULES) if getattr(saved, k) != getattr(cfg, k)}
+    if not now:
         return
     out_of_patience = cfg.early_stopping_patience and \
         state.get("evals_without_improvement", 0) >= cfg.early_stopping_patience
-    if state.get("stopped_early_at") is not None or out_of_patience:
+    if "steps" in now and (state.get("stopped_early_at") is not None or out_of_patience):
         raise ConfigError(f"--resume: the run's patience ran out (--early-stopping-patience "
                           f"{cfg.early_stopping_patience}): --steps {cfg.steps} would train nothing more")
-    dataclasses.replace(saved, steps=cfg.steps).save(path)
+    dataclasses.replace(saved, **now).save(path)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -412,7 +413,7 @@ class Trainer:
             step = state.pop("step")
             if step > cfg.steps:
                 raise ConfigError(f"--resume: --steps {cfg.steps} is below the checkpoint's step {step}")
-            extend_saved_steps(cfg, state)
+            record_resumed_settings(cfg, state)
             began = state.get("data_fingerprint")   # (None: a checkpoint from before fingerprints: adopt today's)
             if began is not None and began != self.data.fingerprint():
                 data = ", ".join(cfg.data + cfg.eval_data) or "the default text"
