@@ -19,8 +19,9 @@ from torch.nn import functional as F
 
 from . import dora, lora_patterns
 from ._ops import BLOCKSIZES, QUANT_TYPES, ops
-from .bnb_io import (bnb_dense_weight, bnb_state_bytes, bnb_takeover_problem, is_bnb_linear_4bit,
-                     is_bnb_linear_8bit, is_quantized_bnb_linear_4bit, quant_state_from_bnb_module)
+from .bnb_io import (bnb_dense_weight, bnb_state_bytes, bnb_takeover_problem, holds_bnb_linear_4bit,
+                     is_bnb_linear_4bit, is_bnb_linear_8bit, is_quantized_bnb_linear_4bit,
+                     quant_state_from_bnb_module)
 from .hf_quantization import forget_quantization
 from .linear import linear_4bit, lora_linear_4bit
 from .loftq import LOFTQ_SVDS, loftq_init
@@ -581,7 +582,7 @@ def chosen_linears(model: nn.Module, target_modules: Optional[Iterable[str]] = N
     unknown = [t for t in targets if t not in known]
     if unknown:
         raise ValueError(f"target_modules {unknown} match no nn.Linear in the model; its linear layers are "
-                         f"named {sorted({n.split('.')[-1] for n in linears})}")
+                         f"named {sorted({n.split('.')[-1] for n in linears})}{_conv1d_note(model)}")
     return [n for n in linears if n in targets or paths.get(n) in targets or n.split(".")[-1] in targets]
 
 
@@ -599,6 +600,15 @@ def _regex_chosen(pattern: str, linears: dict, adapted: list, paths: dict) -> li
         raise ValueError(f"target_modules {pattern!r} (a regular expression, matched against whole module paths "
                          f"as PEFT does) matches no nn.Linear; their paths are like {some}")
     return chosen
+
+
+def _conv1d_note(model: nn.Module) -> str:
+    """For an error: the model's transformers Conv1D layers (GPT-2's c_attn, c_proj, c_fc: a linear layer
+    storing its weight transposed), which prepare_model does not adapt."""
+    names = sorted({n.split(".")[-1] for n, m in model.named_modules()
+                    if type(m).__name__ == "Conv1D" and hasattr(m, "nf") and hasattr(m, "weight")})
+    return (f"; {names} are transformers Conv1D layers (GPT-2's: the weight stored [in, out]), which qlora_ext "
+            "does not adapt or quantize" if names else "")
 
 
 def _linear_names(model: nn.Module) -> dict:
@@ -729,6 +739,10 @@ def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = No
         warnings.warn(f"{' and '.join(idle)} select none of the {len(chosen)} layer(s) adapted here (keys are "
                       "regular expressions matched against the end of a module path, e.g. 'q_proj' or "
                       "'model.layers.0.mlp.down_proj')", stacklevel=2)
+    if not (chosen or adapted or to_save or trainable_token_indices is not None):
+        raise ValueError("prepare_model: nothing to train: the model has no nn.Linear layer to adapt (besides "
+                         f"exclude={sorted(set(exclude))}){_conv1d_note(model)}")
+    bnb_before = holds_bnb_linear_4bit(model)
     # Layers that are already 4-bit, converted before anything changes (a refusal leaves the model as it was).
     prequantized = {n: _quantized_base(n, linears[n], quant_type, init_lora_weights, compute_dtype) for n in chosen}
     kept_dense = [f"{n} ({why}; dequantized)" for n, (_, why) in prequantized.items() if why is not None]
@@ -794,6 +808,11 @@ def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = No
         warnings.warn(f"{len(kept_dense)} linear layer(s) kept dense (frozen, with LoRA), not 4-bit: "
                       f"{', '.join(kept_dense[:5])}"
                       f"{' ...' if len(kept_dense) > 5 else ''}", stacklevel=2)
+    if bnb_before and not any(is_bnb_linear_4bit(m) or is_bnb_linear_8bit(m) for m in model.modules()):
+        # every bitsandbytes layer taken over: to transformers this is no longer a bitsandbytes model (its Trainer
+        # refuses to train "purely quantized" models it believes have no adapters, save_pretrained would write
+        # bitsandbytes' quantization_config over qlora_ext's tensors)
+        forget_quantization(model)
     if verbose:
         print(model_summary(model))
     return model

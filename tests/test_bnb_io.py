@@ -337,3 +337,21 @@ def test_cuda_layer_converts_on_the_gpu(nested):
     reference = x.float() @ w_bnb.float().T + layer.bias.float()
     plain_error = (x @ w_bnb.T + layer.bias - reference).abs().max()
     assert (ours(x).float() - reference).abs().max() <= 2 * plain_error + 1e-6
+
+
+def test_a_model_whose_bitsandbytes_layers_are_all_taken_over_trains_in_transformers_trainer(tmp_path):
+    """transformers' Trainer refuses a model it loaded with BitsAndBytesConfig unless PEFT adapted it; once
+    prepare_model has taken over every bitsandbytes layer the model is no longer a bitsandbytes model to it (no
+    quantizer, no quantization_config saved), as after merge_and_unload. With a bitsandbytes layer left, it is."""
+    pytest.importorskip("transformers")
+    from transformers.trainer_utils import validate_quantization_for_training
+    model = _tiny_llama_in_bnb(tmp_path, "nf4", seed=10)
+    with pytest.raises(ValueError, match="purely quantized"):
+        validate_quantization_for_training(model)
+    prepare_model(model, r=2)
+    validate_quantization_for_training(model)
+    assert not model.is_quantized and model.hf_quantizer is None
+    assert not hasattr(model.config, "quantization_config")
+    partly = _tiny_llama_in_bnb(tmp_path / "partly", "nf4", seed=10)
+    prepare_model(partly, r=2, target_modules=["q_proj"])
+    assert partly.is_quantized and partly.config.quantization_config.load_in_4bit

@@ -257,6 +257,24 @@ def test_prepare_model_targets_and_errors():
         prepare_model(TinyLM(), r=0)
 
 
+def test_a_model_with_nothing_to_adapt_is_refused_unchanged_and_gpt2_conv1d_is_named():
+    """GPT-2's linear layers are transformers Conv1D modules (not nn.Linear): a prepare_model that would adapt
+    nothing says so (and why, for Conv1D) instead of freezing every parameter."""
+    transformers = pytest.importorskip("transformers")
+    with pytest.raises(ValueError, match=r"nothing to train: the model has no nn.Linear layer to adapt \(besides "
+                                         r"exclude=\['2'\]\)$"):
+        prepare_model(nn.Sequential(nn.Embedding(8, 4), nn.LayerNorm(4), nn.Linear(4, 8)), exclude=["2"])
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50,
+                                                                n_positions=16))
+    with pytest.raises(ValueError, match=r"nothing to train.*\['c_attn', 'c_fc', 'c_proj'\] are transformers "
+                                         r"Conv1D layers \(GPT-2's"):
+        prepare_model(gpt2)
+    assert all(p.requires_grad for p in gpt2.parameters())   # refused before anything changed
+    with pytest.raises(ValueError, match=r"\['c_attn'\] match no nn.Linear.*\['c_attn', 'c_fc', 'c_proj'\] are "
+                                         r"transformers Conv1D layers"):
+        prepare_model(gpt2, target_modules=["c_attn"])
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(dropout=2.0), "dropout must be a probability in \\[0, 1\\], got 2.0"),
     (dict(dropout=-0.1), "dropout must be a probability"),
