@@ -602,6 +602,21 @@ def _regex_chosen(pattern: str, linears: dict, adapted: list, paths: dict) -> li
     return chosen
 
 
+def _keep_4bit_bases_out_of_ddp_broadcasts(model: nn.Module) -> None:
+    """DistributedDataParallel broadcasts every buffer from rank 0 before each training forward
+    (broadcast_buffers=True, the default, also in transformers' Trainer): the 4-bit bases are buffers, frozen, so
+    that would send the whole base model (3.9 GB for LLaMA-7B) every micro-batch. Names them in the model's
+    list of what DDP leaves alone (torch's _set_params_and_buffers_to_ignore_for_model), keeping what was there.
+    DDP then never sends them, at construction either: every rank must build the same base (the same checkpoint,
+    or a random model from the same seed); the adapters and the other parameters are synchronised as usual."""
+    bases = [f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, Linear4bit)
+             for b, _ in m.named_buffers(recurse=False)]
+    if bases:
+        kept = list(getattr(model, "_ddp_params_and_buffers_to_ignore", None) or [])
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            model, kept + [n for n in bases if n not in set(kept)])
+
+
 def _conv1d_note(model: nn.Module) -> str:
     """For an error: the model's transformers Conv1D layers (GPT-2's c_attn, c_proj, c_fc: a linear layer
     storing its weight transposed), which prepare_model does not adapt."""
@@ -808,6 +823,7 @@ def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = No
         warnings.warn(f"{len(kept_dense)} linear layer(s) kept dense (frozen, with LoRA), not 4-bit: "
                       f"{', '.join(kept_dense[:5])}"
                       f"{' ...' if len(kept_dense) > 5 else ''}", stacklevel=2)
+    _keep_4bit_bases_out_of_ddp_broadcasts(model)
     if bnb_before and not any(is_bnb_linear_4bit(m) or is_bnb_linear_8bit(m) for m in model.modules()):
         # every bitsandbytes layer taken over: to transformers this is no longer a bitsandbytes model (its Trainer
         # refuses to train "purely quantized" models it believes have no adapters, save_pretrained would write
