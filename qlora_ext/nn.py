@@ -366,6 +366,27 @@ class LoRALinear(nn.Module):
     def out_features(self) -> int:
         return self.base.out_features
 
+    # weight and bias are the base's, as PEFT's LoRA layers forward their base layer's: model code that reads
+    # `self.o_proj.weight.dtype` to cast its input (several transformers models do, in forward) runs, and tools
+    # probing a layer's dtype, device or shape find them. A 4-bit base's weight is its QuantState (dtype: the dense
+    # weight's, device, shape). Not parameters of this module (its state_dict has them under base.).
+    @property
+    def weight(self):
+        return self.base.weight
+
+    @property
+    def bias(self):
+        return self.base.bias
+
+    def __setattr__(self, name, value):
+        if name in ("weight", "bias") and "base" in self.__dict__.get("_modules", {}):
+            # (transformers' tie_weights sets lm_head.weight = the embedding's: a dense base takes it)
+            if isinstance(self.base, Linear4bit):
+                raise AttributeError(f"cannot set the {name} of a LoRA layer on a 4-bit base (tied to an embedding, "
+                                     "or resized?): change the model before prepare_model, or merge it first")
+            return setattr(self.base, name, value)
+        super().__setattr__(name, value)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_dora:
             return dora.dora_forward(self, x)
@@ -384,6 +405,11 @@ class LoRALinear(nn.Module):
         if y.dtype == t.dtype:  # add B's product into y inside the GEMM (no separate pass over y)
             return torch.addmm(y.reshape(-1, y.shape[-1]), t.reshape(-1, self.r), self.lora_B.t()).view(y.shape)
         return y + F.linear(t, self.lora_B).to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}" + (", use_rslora=True" if self.use_rslora
+                                                                                  else "") +
+                (", use_dora=True" if self.use_dora else "") + (", LoftQ start" if self.lora_A_init is not None else ""))
 
     @torch.no_grad()
     def merged_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

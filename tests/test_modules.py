@@ -390,3 +390,42 @@ def test_prepare_model_keeps_layers_with_odd_in_features_dense_with_a_warning():
     y.sum().backward()
     assert model[2].lora_A.grad is not None
     assert model_summary(model).quantized_layers == 2
+
+
+def test_lora_layers_forward_their_bases_weight_and_bias_as_peft_layers_do():
+    """Model code reads `self.o_proj.weight.dtype` (to cast its input) and tools probe layers: a LoRALinear
+    answers with its base's weight (a 4-bit base: its QuantState, with the dense weight's dtype) and bias, and is
+    shown with its r / alpha / scaling. transformers' tie_weights hands a dense base the embedding's weight; a
+    4-bit one refuses clearly."""
+    transformers = pytest.importorskip("transformers")
+
+    class ReadsItsWeightsDtype(nn.Module):   # as some transformers models' forward do
+        def __init__(self):
+            super().__init__()
+            self.o_proj = nn.Linear(64, 64)
+
+        def forward(self, x):
+            return self.o_proj(x.to(self.o_proj.weight.dtype))
+
+    model = prepare_model(ReadsItsWeightsDtype(), r=2, alpha=4)
+    layer = model.o_proj
+    assert layer.weight.dtype == torch.float32 and layer.weight.shape == (64, 64) and layer.weight.device.type == "cpu"
+    assert layer.bias is layer.base.bias and layer.weight.codes is layer.base.weight_codes
+    model.to(torch.bfloat16)
+    assert model(torch.randn(3, 64)).dtype == torch.bfloat16 and layer.weight.dtype == torch.bfloat16
+    assert "r=2, alpha=4, scaling=2" in repr(layer)
+    assert "weight" not in dict(layer.named_parameters(recurse=False)) and set(layer.state_dict()) >= {
+        "base.weight_codes", "base.bias", "lora_A", "lora_B"}
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    dense = prepare_model(transformers.LlamaForCausalLM(cfg), r=2, quant_type="none", exclude=())
+    embedding, head = dense.model.embed_tokens.weight, dense.lm_head
+    assert isinstance(head, LoRALinear) and head.weight is embedding
+    count = len(list(dense.parameters()))
+    dense.tie_weights()
+    assert head.base.weight is embedding and len(list(dense.parameters())) == count   # no stray parameter
+    quantized = prepare_model(transformers.LlamaForCausalLM(cfg), r=2, exclude=())
+    with pytest.raises(AttributeError, match="cannot set the weight of a LoRA layer on a 4-bit base"):
+        quantized.tie_weights()
