@@ -850,6 +850,12 @@ def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = No
                       f"{', '.join(kept_dense[:5])}"
                       f"{' ...' if len(kept_dense) > 5 else ''}", stacklevel=2)
     _keep_4bit_bases_out_of_ddp_broadcasts(model)
+    config = getattr(model, "config", None)
+    if config is not None and any(isinstance(m, Linear4bit) for m in model.modules()):
+        # transformers' mark of a quantized model (bitsandbytes' loads set it): its flash-attention path then casts
+        # float32 queries to the config's dtype instead of looking for an nn.Linear in the attention module, which
+        # a 4-bit attention has none of (StopIteration)
+        config._is_quantized = True
     if bnb_before and not any(is_bnb_linear_4bit(m) or is_bnb_linear_8bit(m) for m in model.modules()):
         # every bitsandbytes layer taken over: to transformers this is no longer a bitsandbytes model (its Trainer
         # refuses to train "purely quantized" models it believes have no adapters, save_pretrained would write

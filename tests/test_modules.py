@@ -429,3 +429,17 @@ def test_lora_layers_forward_their_bases_weight_and_bias_as_peft_layers_do():
     quantized = prepare_model(transformers.LlamaForCausalLM(cfg), r=2, exclude=())
     with pytest.raises(AttributeError, match="cannot set the weight of a LoRA layer on a 4-bit base"):
         quantized.tie_weights()
+
+
+def test_transformers_flash_attention_finds_the_dtype_of_a_4bit_attention():
+    """transformers' flash-attention path casts float32 queries to a dtype it finds in the attention module's
+    first nn.Linear, or (for quantized models) in the config: a prepared model is marked quantized as a
+    bitsandbytes load is, so it gets the config's dtype instead of StopIteration."""
+    transformers = pytest.importorskip("transformers")
+    flash = pytest.importorskip("transformers.integrations.flash_attention")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, dtype=torch.bfloat16)
+    model = prepare_model(transformers.LlamaForCausalLM(cfg).to(torch.bfloat16), r=2)   # (as from_pretrained)
+    attention = model.model.layers[0].self_attn
+    assert flash.get_target_dtype(torch.zeros(1, dtype=torch.float32), attention) == torch.bfloat16
+    assert "_is_quantized" not in model.config.to_dict()   # (transformers never saves the mark)
