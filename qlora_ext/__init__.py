@@ -6,7 +6,7 @@ LoRA modules and a paged AdamW optimizer, as CPU and CUDA ops registered under t
 from . import _ops  # noqa: F401  (registers the native ops and their fake implementations)
 from ._C import build_info
 from .cross_entropy import linear_cross_entropy
-from .linear import fused_large_kernel, linear_4bit, linear_backend, set_linear_backend
+from .linear import fused_large_kernel, linear_4bit, linear_backend, lora_linear_4bit, set_linear_backend
 from .load_4bit import load_4bit
 from .nn import Linear4bit, LoRALinear, adapters_disabled, merge_and_unload, model_summary, prepare_model
 from .optim import PagedAdamW, PagedAdamW8bit
@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 set_auto_routing()  # the measured routing of "auto" (qlora_ext/auto_routing.json, or QLORA_AUTO_ROUTING)
 __all__ = ["Linear4bit", "LoRALinear", "PagedAdamW", "PagedAdamW8bit", "QuantState", "adapters_disabled",
            "auto_routing", "build_info", "code_table", "dequantize", "fused_large_kernel", "linear_4bit",
-           "linear_backend", "linear_cross_entropy", "load_4bit", "load_peft_adapter", "merge_and_unload",
+           "linear_backend", "linear_cross_entropy", "load_4bit", "load_peft_adapter", "lora_linear_4bit",
+           "merge_and_unload",
            "model_summary", "prepare_model", "quantize", "save_4bit", "save_peft_adapter", "set_auto_routing",
            "set_linear_backend"]

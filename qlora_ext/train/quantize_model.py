@@ -68,9 +68,11 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"a Hugging Face model directory, or {DEFAULT_MODEL!r} for the embedded default")
     p.add_argument("--to", required=True, help="a new folder for the 4-bit model")
-    p.add_argument("--quant-type", choices=("nf4", "fp4", "int4"), default="nf4")
-    p.add_argument("--double-quant", action=BoolFlag, default=True)
-    p.add_argument("--blocksize", type=int, choices=(64, 128, 256), default=64)
+    p.add_argument("--quant-type", choices=("nf4", "fp4", "int4"), default="nf4", help="the 4-bit code (default: nf4)")
+    p.add_argument("--double-quant", action=BoolFlag, default=True,
+                   help="FP8 absmax constants: 4.127 instead of 4.5 bits/param (default: true)")
+    p.add_argument("--blocksize", type=int, choices=(64, 128, 256), default=64,
+                   help="weights per absmax (default: 64)")
     p.add_argument("--target-modules", default=None,
                    help="comma-separated layer names (default: every linear layer except lm_head)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,

@@ -405,17 +405,18 @@ def main(argv=None) -> int:
     p.add_argument("--data", nargs="+", default=[], help="text for items 2-3 (default: Shakespeare)")
     p.add_argument("--output-dir", "--out", dest="out", default="runs/study",
                    help="output folder (default: runs/study)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--eval-blocks", type=int, default=24)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per block, items 2-3 (default: 128)")
+    p.add_argument("--eval-blocks", type=int, default=24, help="held-out blocks, items 2-3 (default: 24)")
+    p.add_argument("--batch-size", type=int, default=4, help="blocks per batch, items 2-3 (default: 4)")
     p.add_argument("--steps", type=int, default=40, help="finetuning steps per run in item 3 (default: 40)")
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--r", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=3e-4, help="item 3's learning rate (default: 3e-4)")
+    p.add_argument("--r", type=int, default=16, help="item 3's LoRA rank (default: 16)")
+    p.add_argument("--seed", type=int, default=0, help="item 3's seed (default: 0)")
     p.add_argument("--gpu-shapes", default="7B,65B", help="item 5's LLaMA shapes (default: 7B,65B)")
     p.add_argument("--optimizer", default="paged_adamw", help="item 5's optimizer (default: paged_adamw)")
-    p.add_argument("--progress", action=BoolFlag, default=True)
+    p.add_argument("--progress", action=BoolFlag, default=True, help="the tqdm bars (default: true)")
     args = p.parse_args(argv)
     args.gpu_shapes = [s.strip() for s in args.gpu_shapes.split(",") if s.strip()]
     unknown = [s for s in args.gpu_shapes if s not in {x.name for x in LLAMA_SHAPES}]
