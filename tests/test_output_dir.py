@@ -117,8 +117,8 @@ def test_command_line_mistakes_and_an_interrupt_get_a_line_not_a_traceback(tiny,
     assert cli_main(["evaluate", "--output-dir", "x"]) == 2
     assert "unknown command 'evaluate': give one of train, demo" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        cli_main(["--output_dir", "x"])   # Hugging Face's spelling
-    assert "(did you mean: --output_dir -> --output-dir?)" in capsys.readouterr().err
+        cli_main(["--output_dri", "x"])   # (Hugging Face's --output_dir is --output-dir: tests/test_flags.py)
+    assert "(did you mean: --output_dri -> --output-dir?)" in capsys.readouterr().err
     model_dir, data_dir = tiny
     argv = ["--model", model_dir, "--data", data_dir, "--output-dir", str(tmp_path / "run"), "--device", "cpu"]
     assert cli_main(argv + ["--alpha", "0"]) == 2
