@@ -24,3 +24,18 @@ def forget_quantization(model: nn.Module) -> None:
             delattr(model, name)
     if "is_quantized" in vars(model):   # set by the quantizer; .half() and .float() refuse while it is True
         model.is_quantized = False
+
+
+def mark_quantized(model: nn.Module, quantized: bool) -> None:
+    """Sets (or removes) transformers' mark of a quantized model, `config._is_quantized`, on the config of the model
+    and of every model inside it (a composite model's language model has its own), as transformers' quantizers
+    do. transformers never saves it; its flash-attention path then casts float32 queries to the config's dtype
+    instead of looking for an nn.Linear in the attention module, which a 4-bit attention has none of."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is None or not hasattr(config, "to_dict"):   # (a transformers config)
+            continue
+        if quantized:
+            config._is_quantized = True
+        elif "_is_quantized" in vars(config):
+            del config._is_quantized

@@ -22,7 +22,7 @@ from ._ops import BLOCKSIZES, QUANT_TYPES, ops
 from .bnb_io import (bnb_dense_weight, bnb_state_bytes, bnb_takeover_problem, holds_bnb_linear_4bit,
                      is_bnb_linear_4bit, is_bnb_linear_8bit, is_quantized_bnb_linear_4bit,
                      quant_state_from_bnb_module)
-from .hf_quantization import forget_quantization
+from .hf_quantization import forget_quantization, mark_quantized
 from .linear import linear_4bit, lora_linear_4bit
 from .loftq import LOFTQ_SVDS, loftq_init
 from .modules_to_save import ModuleToSave, matches, unwrap_trained, wrap_modules_to_save
@@ -286,6 +286,51 @@ def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
+class BaseWeight:
+    """What LoRALinear.weight gives for a dense base: the weight's dtype, device and shape (what model code and
+    tools read of a layer's weight), not the tensor. Computing with it fails, naming the reason: code that takes
+    `layer.weight` into its own matmul (Mamba's dt_proj, fused kernels given the weights) would compute without the
+    adapter, silently, where this layer is adapted."""
+
+    __slots__ = ("dtype", "device", "shape", "requires_grad")   # (_WHY: a class attribute)
+
+    def __init__(self, weight: torch.Tensor):
+        self.dtype, self.device, self.shape, self.requires_grad = weight.dtype, weight.device, weight.shape, False
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def size(self, dim: Optional[int] = None):
+        return self.shape if dim is None else self.shape[dim]
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def __repr__(self) -> str:
+        return f"BaseWeight(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})"
+
+    _WHY = ("a LoRALinear's .weight gives its base weight's dtype, device and shape only: code computing with the "
+            "weight directly (not calling the layer, as Mamba's dt_proj) would skip the LoRA adapter; leave that "
+            "layer out of target_modules, or merge_and_unload first")
+
+    @staticmethod
+    def _refuse(*args, **kwargs):
+        raise TypeError(BaseWeight._WHY)
+
+    __matmul__ = __rmatmul__ = __mul__ = __rmul__ = __add__ = __radd__ = __getitem__ = _refuse
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls._refuse()
+
+    def __getattr__(self, name):   # (an AttributeError: hasattr(layer.weight, "quant_state") is False)
+        raise AttributeError(name if name.startswith("__") else f"BaseWeight has no {name!r}: {BaseWeight._WHY}")
+
+
 class LoRALinear(nn.Module):
     """base(x) + dropout(x) @ A^T @ B^T * scaling, with the base frozen; scaling = alpha / r, or alpha / sqrt(r)
     with use_rslora (lora_scaling). With use_dora, DoRA (qlora_ext.dora): a trained magnitude per output row,
@@ -366,13 +411,15 @@ class LoRALinear(nn.Module):
     def out_features(self) -> int:
         return self.base.out_features
 
-    # weight and bias are the base's, as PEFT's LoRA layers forward their base layer's: model code that reads
+    # weight and bias describe the base's, as PEFT's LoRA layers forward their base layer's: model code that reads
     # `self.o_proj.weight.dtype` to cast its input (several transformers models do, in forward) runs, and tools
-    # probing a layer's dtype, device or shape find them. A 4-bit base's weight is its QuantState (dtype: the dense
-    # weight's, device, shape). Not parameters of this module (its state_dict has them under base.).
+    # probing a layer's dtype, device or shape find them. Not the dense tensor itself: model code computing with
+    # `layer.weight` directly (Mamba's dt_proj) would skip the adapter, so that is an error (BaseWeight). A 4-bit
+    # base's weight is its QuantState (the dense weight's dtype, device, shape). Not parameters of this module (its
+    # state_dict has them under base.).
     @property
     def weight(self):
-        return self.base.weight
+        return self.base.weight if isinstance(self.base, Linear4bit) else BaseWeight(self.base.weight)
 
     @property
     def bias(self):
@@ -526,6 +573,7 @@ def merge_and_unload(model: nn.Module, dtype: Optional[torch.dtype] = None) -> n
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, dense(module))
     forget_quantization(model)
+    mark_quantized(model, False)
     return model
 
 
@@ -850,17 +898,13 @@ def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = No
                       f"{', '.join(kept_dense[:5])}"
                       f"{' ...' if len(kept_dense) > 5 else ''}", stacklevel=2)
     _keep_4bit_bases_out_of_ddp_broadcasts(model)
-    config = getattr(model, "config", None)
-    if config is not None and any(isinstance(m, Linear4bit) for m in model.modules()):
-        # transformers' mark of a quantized model (bitsandbytes' loads set it): its flash-attention path then casts
-        # float32 queries to the config's dtype instead of looking for an nn.Linear in the attention module, which
-        # a 4-bit attention has none of (StopIteration)
-        config._is_quantized = True
     if bnb_before and not any(is_bnb_linear_4bit(m) or is_bnb_linear_8bit(m) for m in model.modules()):
         # every bitsandbytes layer taken over: to transformers this is no longer a bitsandbytes model (its Trainer
         # refuses to train "purely quantized" models it believes have no adapters, save_pretrained would write
         # bitsandbytes' quantization_config over qlora_ext's tensors)
         forget_quantization(model)
+    if any(isinstance(m, Linear4bit) for m in model.modules()):
+        mark_quantized(model, True)   # (as bitsandbytes' loads are: transformers' flash attention needs it)
     if verbose:
         print(model_summary(model))
     return model

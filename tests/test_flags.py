@@ -91,3 +91,11 @@ def test_subcommands_take_the_same_spellings(command, argv, message, capsys):
     except SystemExit as e:
         code = e.code
     assert code == 2 and message in capsys.readouterr().err
+
+
+def test_flags_are_spelled_out(capsys):
+    # argparse's prefix matching would make --num mean --num-proc until another flag starts alike
+    with pytest.raises(SystemExit):
+        parse(["--num", "2"])
+    assert "unrecognized arguments: --num 2" in capsys.readouterr().err
+    assert parse(["--num-proc", "2"]).num_proc == 2

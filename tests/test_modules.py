@@ -422,13 +422,35 @@ def test_lora_layers_forward_their_bases_weight_and_bias_as_peft_layers_do():
     torch.manual_seed(0)
     dense = prepare_model(transformers.LlamaForCausalLM(cfg), r=2, quant_type="none", exclude=())
     embedding, head = dense.model.embed_tokens.weight, dense.lm_head
-    assert isinstance(head, LoRALinear) and head.weight is embedding
+    assert isinstance(head, LoRALinear) and head.base.weight is embedding
+    assert (head.weight.dtype, head.weight.shape, head.weight.ndim) == (torch.float32, (64, 64), 2)
+    assert not hasattr(head.weight, "quant_state")   # (what transformers and bitsandbytes probe)
     count = len(list(dense.parameters()))
     dense.tie_weights()
     assert head.base.weight is embedding and len(list(dense.parameters())) == count   # no stray parameter
     quantized = prepare_model(transformers.LlamaForCausalLM(cfg), r=2, exclude=())
     with pytest.raises(AttributeError, match="cannot set the weight of a LoRA layer on a 4-bit base"):
         quantized.tie_weights()
+
+
+def test_model_code_computing_with_an_adapted_layers_weight_fails_instead_of_skipping_the_adapter():
+    """Mamba's mixer computes `self.dt_proj.weight @ ...` (not dt_proj(...)): with the dense weight in hand it would
+    run without dt_proj's adapter, silently; LoRALinear.weight gives dtype, device and shape only, so it fails,
+    naming the way out."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.MambaConfig(vocab_size=64, hidden_size=64, state_size=8, num_hidden_layers=1, expand=2)
+    with pytest.warns(UserWarning, match="dt_proj .in_features 4 is not a multiple of blocksize 64"):
+        model = prepare_model(transformers.MambaForCausalLM(cfg), r=2)
+    with pytest.raises(TypeError, match="would skip the LoRA adapter; leave that layer out of target_modules"):
+        model(torch.randint(0, 64, (1, 5)))
+    model = prepare_model(transformers.MambaForCausalLM(cfg), r=2, exclude=("lm_head", "dt_proj"))
+    model(torch.randint(0, 64, (1, 5))).logits.sum().backward()
+    weight = model.backbone.layers[0].mixer.in_proj.weight   # a 4-bit base: its QuantState, math fails too
+    with pytest.raises(TypeError):
+        weight @ torch.randn(64)
+    for probe in (lambda w: w.t(), lambda w: torch.matmul(torch.randn(2, 64), w), lambda w: w * 2):
+        with pytest.raises((TypeError, AttributeError), match="skip the LoRA adapter"):
+            probe(prepare_model(nn.Sequential(nn.Linear(64, 64)), quant_type="none")[0].weight)
 
 
 def test_transformers_flash_attention_finds_the_dtype_of_a_4bit_attention():
@@ -443,3 +465,6 @@ def test_transformers_flash_attention_finds_the_dtype_of_a_4bit_attention():
     attention = model.model.layers[0].self_attn
     assert flash.get_target_dtype(torch.zeros(1, dtype=torch.float32), attention) == torch.bfloat16
     assert "_is_quantized" not in model.config.to_dict()   # (transformers never saves the mark)
+    merge_and_unload(model)   # dense again: its layers' dtype, found in the attention's nn.Linear
+    assert not hasattr(model.config, "_is_quantized")
+    assert flash.get_target_dtype(torch.zeros(1, dtype=torch.float32), attention) == torch.bfloat16

@@ -1139,3 +1139,15 @@ def test_resume_may_checkpoint_and_evaluate_at_other_steps(tiny, tmp_path, capsy
     assert "--eval-every (saved 4, given 2) cannot change in a run whose evals decide the best model" in \
         capsys.readouterr().err
     assert cli_main(["--output-dir", str(tmp_path / "best"), "--resume", "--no-progress", "--save-every", "2"]) == 0
+
+
+def test_a_refused_resume_leaves_the_runs_settings_as_they_were(tiny, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(tiny[1], data)
+    train(_cfg(tiny, tmp_path / "run", data=[str(data)], steps=4), log=lambda s: None)
+    saved = (tmp_path / "run" / "config.json").read_text()
+    (data / "a.txt").write_text((data / "a.txt").read_text() + " and more")
+    assert cli_main(["--output-dir", str(tmp_path / "run"), "--resume", "--no-progress", "--eval-every", "1",
+                     "--save-every", "2"]) == 2
+    assert "no longer packs into the blocks the run began with" in capsys.readouterr().err
+    assert (tmp_path / "run" / "config.json").read_text() == saved

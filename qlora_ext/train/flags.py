@@ -4,7 +4,9 @@ user types as well as its own.
 - `--output_dir` is `--output-dir` (transformers' and artidoro/qlora's scripts spell flags with underscores);
 - a boolean flag takes `--x`, `--no-x`, and also `--x true` / `--x false` (HfArgumentParser's form, copied from
   TrainingArguments commands);
-- a flag that is still unknown gets the closest real one named in the error.
+- a flag that is still unknown gets the closest real one named in the error;
+- no abbreviations (argparse's prefix matching): `--eval` or `--num` would be one flag today and ambiguous once a
+  flag or alias sharing the prefix is added, so flags are spelled out.
 """
 from __future__ import annotations
 
@@ -51,6 +53,7 @@ class Parser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", _HelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
     def parse_known_args(self, args=None, namespace=None):

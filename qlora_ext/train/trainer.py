@@ -413,7 +413,6 @@ class Trainer:
             step = state.pop("step")
             if step > cfg.steps:
                 raise ConfigError(f"--resume: --steps {cfg.steps} is below the checkpoint's step {step}")
-            record_resumed_settings(cfg, state)
             began = state.get("data_fingerprint")   # (None: a checkpoint from before fingerprints: adopt today's)
             if began is not None and began != self.data.fingerprint():
                 data = ", ".join(cfg.data + cfg.eval_data) or "the default text"
@@ -422,6 +421,7 @@ class Trainer:
                                   "a resumed run would be another run; start a new one in another --output-dir")
             state["data_fingerprint"] = self.data.fingerprint()
             state["device"] = dev.type
+            record_resumed_settings(cfg, state)   # (last: a refused resume leaves config.json as it was)
             self.log(f"resumed from {path} at step {step}")
         else:
             # a new run here (--overwrite-output-dir, checked in __init__): never let --resume mix it with an
