@@ -18,6 +18,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
+from .hf_quantization import mark_quantized
 from .nn import _QUANT_BUFFERS, Linear4bit, chosen_linears
 from .quantize import quantize
 from .save_4bit import (QUANT_METHOD, WEIGHTS_INDEX, WEIGHTS_PATTERN, is_4bit_checkpoint, quant_state_of,
@@ -283,4 +284,9 @@ def load_4bit(path: str, target_modules: Optional[Iterable[str]] = None, quant_t
     except OSError:  # no generation_config.json: from_config's default stays
         pass
     model.eval()
+    # what transformers' quantized loads say of their models: quantized (its Trainer refuses to train one that
+    # has no adapters yet, where it would train the embeddings and norms; prepare_model clears it), and the mark
+    # its flash-attention path reads
+    model.is_quantized = True
+    mark_quantized(model, True)
     return model

@@ -180,7 +180,13 @@ def _task_type(model: torch.nn.Module) -> Optional[str]:
 def save_peft_adapter(model: torch.nn.Module, directory: str, base_model_name_or_path: Optional[str] = None,
                       dtype: torch.dtype = torch.float32) -> str:
     """Writes the model's LoRA adapters as a PEFT adapter folder (created if missing; each file written
-    atomically). `base_model_name_or_path` goes into the config for PEFT's users. Returns the folder."""
+    atomically). `base_model_name_or_path` goes into the config for PEFT's users (AutoPeftModelForCausalLM loads
+    the base from it); default: the path or hub name the model was loaded from (transformers' name_or_path), as
+    PEFT writes it. Returns the folder."""
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(unwrap_model(model), "name_or_path", None) or None
+        if not isinstance(base_model_name_or_path, str):
+            base_model_name_or_path = None
     adapters = _adapters(model)
     dropout = _one({n: a.dropout.p if isinstance(a.dropout, Dropout) else 0.0 for n, a in adapters.items()},
                    "lora_dropout")

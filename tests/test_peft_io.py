@@ -363,3 +363,19 @@ def test_other_models_wrappers_and_names_that_peft_would_misread(tmp_path):
                                     quant_type="none")
     load_peft_adapter(torch.nn.DataParallel(again), str(tmp_path / "a"))
     assert torch.equal(again.body["gate"].lora_B, ours.body["gate"].lora_B)
+
+
+def test_the_adapter_names_the_folder_its_base_was_loaded_from(tmp_path):
+    """As PEFT writes base_model_name_or_path: AutoPeftModelForCausalLM then loads base and adapter from the adapter
+    folder alone (offline: no hub lookup of a missing name)."""
+    tiny_llama().save_pretrained(tmp_path / "base")
+    ours = qlora_ext.prepare_model(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base"), r=4,
+                                   quant_type="none").eval()
+    randomize_adapters(ours)
+    folder = save_peft_adapter(ours, str(tmp_path / "adapter"))
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tmp_path / "base")
+    theirs = peft.AutoPeftModelForCausalLM.from_pretrained(folder).eval()
+    torch.testing.assert_close(logits(theirs, IDS), logits(ours, IDS), rtol=1e-5, atol=1e-5)
+    assert json.loads(open(save_peft_adapter(ours, str(tmp_path / "named"), base_model_name_or_path="org/model") +
+                           "/adapter_config.json").read())["base_model_name_or_path"] == "org/model"
