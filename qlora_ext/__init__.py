@@ -11,6 +11,7 @@ from .load_4bit import load_4bit
 from .nn import Linear4bit, LoRALinear, adapters_disabled, merge_and_unload, model_summary, prepare_model
 from .optim import PagedAdamW, PagedAdamW8bit
 from .peft_io import load_peft_adapter, save_peft_adapter
+from .peft_layers import register_peft_layers
 from .quantize import QuantState, code_table, dequantize, quantize
 from .save_4bit import save_4bit
 from .routing import auto_routing, set_auto_routing
@@ -20,6 +21,5 @@ set_auto_routing()  # the measured routing of "auto" (qlora_ext/auto_routing.jso
 __all__ = ["Linear4bit", "LoRALinear", "PagedAdamW", "PagedAdamW8bit", "QuantState", "adapters_disabled",
            "auto_routing", "build_info", "code_table", "dequantize", "fused_large_kernel", "linear_4bit",
            "linear_backend", "linear_cross_entropy", "load_4bit", "load_peft_adapter", "lora_linear_4bit",
-           "merge_and_unload",
-           "model_summary", "prepare_model", "quantize", "save_4bit", "save_peft_adapter", "set_auto_routing",
-           "set_linear_backend"]
+           "merge_and_unload", "model_summary", "prepare_model", "quantize", "register_peft_layers", "save_4bit",
+           "save_peft_adapter", "set_auto_routing", "set_linear_backend"]

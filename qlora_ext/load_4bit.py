@@ -284,9 +284,8 @@ def load_4bit(path: str, target_modules: Optional[Iterable[str]] = None, quant_t
     except OSError:  # no generation_config.json: from_config's default stays
         pass
     model.eval()
-    # what transformers' quantized loads say of their models: quantized (its Trainer refuses to train one that
-    # has no adapters yet, where it would train the embeddings and norms; prepare_model clears it), and the mark
-    # its flash-attention path reads
-    model.is_quantized = True
+    # transformers' mark of a quantized model, which its flash-attention path reads. (Not model.is_quantized, which
+    # would make its Trainer refuse the model without adapters as it refuses a bitsandbytes load: a PEFT model over
+    # it (register_peft_layers) would then fail its check, which expects transformers' own quantizer.)
     mark_quantized(model, True)
     return model

@@ -905,9 +905,6 @@ def prepare_model(model: nn.Module, target_modules: Optional[Iterable[str]] = No
         forget_quantization(model)
     if any(isinstance(m, Linear4bit) for m in model.modules()):
         mark_quantized(model, True)   # (as bitsandbytes' loads are: transformers' flash attention needs it)
-    if vars(model).get("is_quantized") and getattr(model, "hf_quantizer", None) is None:
-        # load_4bit's mark, which makes transformers' Trainer refuse the model until it has adapters: it has now
-        model.is_quantized = False
     if verbose:
         print(model_summary(model))
     return model
