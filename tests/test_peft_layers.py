@@ -2,7 +2,6 @@
 what prepare_model's LoRALinear computes on the same base and adapters, trains only the adapters, saves a PEFT
 folder that both PEFT and load_peft_adapter read back, merges into a requantized base, and refuses what it does not
 do."""
-import copy
 
 import pytest
 import torch
