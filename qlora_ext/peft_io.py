@@ -177,16 +177,20 @@ def _task_type(model: torch.nn.Module) -> Optional[str]:
     return "CAUSAL_LM" if type(unwrap_model(model)).__name__.endswith("ForCausalLM") else None
 
 
-def save_peft_adapter(model: torch.nn.Module, directory: str, base_model_name_or_path: Optional[str] = None,
+_FROM_MODEL = "<the dense model the model was loaded from>"
+
+
+def save_peft_adapter(model: torch.nn.Module, directory: str, base_model_name_or_path: Optional[str] = _FROM_MODEL,
                       dtype: torch.dtype = torch.float32) -> str:
     """Writes the model's LoRA adapters as a PEFT adapter folder (created if missing; each file written
     atomically). `base_model_name_or_path` goes into the config for PEFT's users (AutoPeftModelForCausalLM loads
-    the base from it); default: the path or hub name the model was loaded from (transformers' name_or_path), as
-    PEFT writes it. Returns the folder."""
-    if base_model_name_or_path is None:
-        base_model_name_or_path = getattr(unwrap_model(model), "name_or_path", None) or None
-        if not isinstance(base_model_name_or_path, str):
-            base_model_name_or_path = None
+    the base from it); by default the dense model the model was loaded from, as PEFT writes it: the folder
+    (absolute) or hub name of transformers' name_or_path, and for a model from a save_4bit folder the dense model
+    that folder records (PEFT cannot load a 4-bit checkpoint); None writes none. Returns the folder."""
+    if base_model_name_or_path is _FROM_MODEL:
+        from .save_4bit import source_of
+        config = getattr(unwrap_model(model), "config", None)
+        base_model_name_or_path = source_of(config) if config is not None else None
     adapters = _adapters(model)
     dropout = _one({n: a.dropout.p if isinstance(a.dropout, Dropout) else 0.0 for n, a in adapters.items()},
                    "lora_dropout")

@@ -62,6 +62,15 @@ class QuantState:
             n *= d
         return n
 
+    def __matmul__(self, other):
+        # (model code that computes with `layer.weight` directly, as Mamba's dt_proj: on an adapted layer that would
+        # also skip its LoRA adapter)
+        raise TypeError("a QuantState is a 4-bit weight, not a tensor: call its layer (a model computing with "
+                        "`layer.weight` directly would also skip a LoRA adapter on it; leave that layer out of "
+                        "target_modules), or qlora_ext.dequantize(q) for the dense weight")
+
+    __rmatmul__ = __matmul__
+
     def tensors(self) -> dict:
         """The buffers that hold the data (plain tensors, safetensors-friendly)."""
         out = {"codes": self.codes, "absmax": self.absmax}

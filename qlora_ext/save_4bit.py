@@ -90,7 +90,8 @@ def embeddings_tied(model: nn.Module) -> bool:
     except (AttributeError, NotImplementedError):
         return False
     output, inputs = (m.original_module if isinstance(m, ModuleToSave) else
-                      m.base_layer if isinstance(m, (TrainableTokens, TiedTokensHead)) else m for m in (output, inputs))
+                      m.base_layer if isinstance(m, (TrainableTokens, TiedTokensHead)) else
+                      m.base if isinstance(m, LoRALinear) else m for m in (output, inputs))
     return output is not None and inputs is not None and getattr(output, "weight", None) is inputs.weight
 
 
@@ -102,7 +103,7 @@ def untie_word_embeddings(config) -> None:
             c.tie_word_embeddings = False
 
 
-def _source_of(config) -> Optional[str]:
+def source_of(config) -> Optional[str]:
     """The dense model's folder a model came from (transformers' _name_or_path; through a save_4bit folder, the
     one it records), for PEFT adapters trained on it, whose base must be the dense model."""
     path = getattr(config, "_name_or_path", "") or None
@@ -160,7 +161,7 @@ def save_4bit(model: nn.Module, path: str, tokenizer=None, max_shard_size: str |
         seen.setdefault(ident, key)
     config = copy.deepcopy(config)
     config.quantization_config = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,
-                                  "layers": dict(sorted(layers.items())), "source": _source_of(config)}
+                                  "layers": dict(sorted(layers.items())), "source": source_of(config)}
     if not embeddings_tied(model):
         untie_word_embeddings(config)   # an lm_head with a weight of its own: a loader must not tie it again
     floats = [t.dtype for t in tensors.values() if t.is_floating_point()]

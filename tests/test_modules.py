@@ -446,8 +446,9 @@ def test_model_code_computing_with_an_adapted_layers_weight_fails_instead_of_ski
     model = prepare_model(transformers.MambaForCausalLM(cfg), r=2, exclude=("lm_head", "dt_proj"))
     model(torch.randint(0, 64, (1, 5))).logits.sum().backward()
     weight = model.backbone.layers[0].mixer.in_proj.weight   # a 4-bit base: its QuantState, math fails too
-    with pytest.raises(TypeError):
-        weight @ torch.randn(64)
+    for product in (lambda: weight @ torch.randn(64), lambda: torch.randn(2, 64) @ weight):
+        with pytest.raises(TypeError, match="a QuantState is a 4-bit weight, not a tensor: call its layer"):
+            product()
     for probe in (lambda w: w.t(), lambda w: torch.matmul(torch.randn(2, 64), w), lambda w: w * 2):
         with pytest.raises((TypeError, AttributeError), match="skip the LoRA adapter"):
             probe(prepare_model(nn.Sequential(nn.Linear(64, 64)), quant_type="none")[0].weight)

@@ -377,5 +377,11 @@ def test_the_adapter_names_the_folder_its_base_was_loaded_from(tmp_path):
     assert config["base_model_name_or_path"] == str(tmp_path / "base")
     theirs = peft.AutoPeftModelForCausalLM.from_pretrained(folder).eval()
     torch.testing.assert_close(logits(theirs, IDS), logits(ours, IDS), rtol=1e-5, atol=1e-5)
-    assert json.loads(open(save_peft_adapter(ours, str(tmp_path / "named"), base_model_name_or_path="org/model") +
-                           "/adapter_config.json").read())["base_model_name_or_path"] == "org/model"
+    for given, written in (("org/model", "org/model"), (None, None)):
+        saved = save_peft_adapter(ours, str(tmp_path / "named"), base_model_name_or_path=given)
+        assert json.loads(open(saved + "/adapter_config.json").read())["base_model_name_or_path"] == written
+    # a model read from a save_4bit folder names the dense model that folder was made from (PEFT loads that)
+    qlora_ext.save_4bit(qlora_ext.load_4bit(str(tmp_path / "base")), str(tmp_path / "base4"))
+    four = qlora_ext.prepare_model(qlora_ext.load_4bit(str(tmp_path / "base4")), r=4)
+    config = json.loads(open(save_peft_adapter(four, str(tmp_path / "four")) + "/adapter_config.json").read())
+    assert config["base_model_name_or_path"] == str(tmp_path / "base")
