@@ -146,6 +146,14 @@ def test_tied_embeddings(dense_dirs, tmp_path):
     ids = _ids()
     with torch.no_grad():
         assert torch.equal(back(ids).logits, model(ids).logits)
+    # lm_head adapted on a dense base that is still the embedding's weight (a second prepare_model, 16-bit): tied
+    model = load_4bit(dense_dirs["tied"], dtype=torch.float32, target_modules=["q_proj"])
+    qlora_ext.prepare_model(model, r=4, target_modules=["q_proj"])
+    qlora_ext.prepare_model(model, r=4, target_modules=["lm_head"], exclude=(), quant_type="none")
+    assert model.lm_head.base.weight is model.model.embed_tokens.weight
+    save_4bit(model, str(tmp_path / "adapted_head"))
+    back = load_4bit(str(tmp_path / "adapted_head"), dtype=torch.float32)
+    assert back.config.tie_word_embeddings is True and back.lm_head.weight is back.model.embed_tokens.weight
 
 
 def test_a_config_that_says_tied_with_two_different_weights_keeps_both(tmp_path):
