@@ -559,6 +559,12 @@ def merge_and_unload(model: nn.Module, dtype: Optional[torch.dtype] = None) -> n
             return _frozen_linear(weight.to(dtype or weight.dtype), module.bias)
         return None
 
+    peft_layers = [n for n, m in model.named_modules()
+                   if hasattr(m, "base_layer") and isinstance(getattr(m, "lora_A", None), nn.ModuleDict)]
+    if peft_layers:
+        raise ValueError(f"{peft_layers[0]} is a PEFT LoRA layer: merge a PEFT model with its own merge_and_unload() "
+                         "(into 4 bits again), or exactly on the dense model: "
+                         "PeftModel.from_pretrained(dense_model, adapter_folder).merge_and_unload()")
     eight_bit = [n for n, m in model.named_modules() if is_bnb_linear_8bit(m)]
     if eight_bit:
         raise ValueError(f"bitsandbytes 8-bit layers cannot be merged into a dense model here: {eight_bit[:5]}")

@@ -83,28 +83,69 @@ def test_the_peft_folder_reads_back_in_peft_and_in_qlora_ext(checkpoint, tmp_pat
     torch.testing.assert_close(_logits(fresh), want, rtol=1e-6, atol=1e-6)
 
 
-def test_merging_requantizes_the_merged_weight_in_the_layers_format(checkpoint):
+def test_merging_requantizes_the_merged_weight_and_unmerging_restores_the_base_exactly(checkpoint):
     model = _peft_model(checkpoint)
     ours = qlora_ext.prepare_model(qlora_ext.load_4bit(checkpoint), r=4, alpha=8, target_modules=TARGETS)
     _same_adapters(model, ours)
     layer = model.base_model.model.model.layers[1].mlp.up_proj
     base = layer.base_layer
+    codes = base.weight_codes.clone()
+    plain = _logits(model.eval())
+    with model.disable_adapter():
+        unadapted = _logits(model)
     expected = qlora_ext.dequantize(qlora_ext.quantize(
         base.dequantized_weight(torch.float32) + layer.get_delta_weight("default"), base.blocksize, base.quant_type,
         base.double_quant), torch.float32)
-    merged = model.merge_and_unload()
+    with pytest.warns(UserWarning, match="quantizes W \\+ delta again"):
+        model.merge_adapter()
+    assert torch.equal(layer.base_layer.dequantized_weight(torch.float32), expected)
+    model.unmerge_adapter()   # the base as it was, not a second rounding
+    assert layer.base_layer is base and torch.equal(base.weight_codes, codes)
+    torch.testing.assert_close(_logits(model), plain, rtol=0, atol=0)
+    with pytest.warns(UserWarning):
+        model.merge_adapter()
+    with model.disable_adapter():   # (unmerges)
+        torch.testing.assert_close(_logits(model), unadapted, rtol=0, atol=0)
+    with pytest.warns(UserWarning):
+        merged = model.merge_and_unload()
     up = merged.model.layers[1].mlp.up_proj
     assert isinstance(up, qlora_ext.Linear4bit) and (up.quant_type, up.double_quant) == (base.quant_type, True)
     assert torch.equal(up.dequantized_weight(torch.float32), expected)
-    # what the merged 4-bit model computes: the adapted model, but for one more 4-bit rounding of each weight:
-    # nearer to it than the model without adapters is
-    adapted, plain = _logits(ours.eval()).float(), _logits(qlora_ext.load_4bit(checkpoint)).float()
-    error = (_logits(merged).float() - adapted).norm()
-    assert 0 < error < 0.5 * (plain - adapted).norm()
 
 
-def test_what_it_does_not_do_is_refused():
+def test_two_adapters_merge_in_one_rounding(checkpoint):
+    model = _peft_model(checkpoint)
+    model.add_adapter("other", register_peft_layers(peft.LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS)))
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    layer = model.base_model.model.model.layers[0].self_attn.v_proj
+    base = layer.base_layer
+    both = base.dequantized_weight(torch.float32) + layer.get_delta_weight("default") + \
+        layer.get_delta_weight("other")
+    with pytest.warns(UserWarning):
+        layer.merge(adapter_names=["default", "other"])
+    assert torch.equal(layer.base_layer.dequantized_weight(torch.float32), qlora_ext.dequantize(
+        qlora_ext.quantize(both, base.blocksize, base.quant_type, base.double_quant), torch.float32))
+
+
+def test_what_it_does_not_do_is_refused(checkpoint):
     with pytest.raises(ValueError, match="DoRA on qlora_ext's 4-bit layers is not supported"):
         register_peft_layers(peft.LoraConfig(use_dora=True))
     with pytest.raises(TypeError, match="takes a peft.LoraConfig"):
         register_peft_layers({"r": 4})
+    for init, extra in (("pissa", {}), ("pissa_niter_4", {}), ("olora", {}),
+                        ("loftq", {"loftq_config": peft.LoftQConfig(loftq_bits=4)})):
+        with pytest.raises(ValueError, match=f"init_lora_weights='{init}' reads the dense base weight"):
+            register_peft_layers(peft.LoraConfig(init_lora_weights=init, **extra))
+    # one kind of adapter per model: PEFT on prepare_model's layers
+    prepared = qlora_ext.prepare_model(qlora_ext.load_4bit(checkpoint), r=2, target_modules=["q_proj"])
+    with pytest.raises(ValueError, match="has qlora_ext's own LoRA adapter"):
+        peft.get_peft_model(prepared, register_peft_layers(peft.LoraConfig(r=2, target_modules=["q_proj"])))
+    # qlora_ext's dense merge does not half-convert a PEFT model
+    model = _peft_model(checkpoint)
+    with pytest.raises(ValueError, match="is a PEFT LoRA layer: merge a PEFT model with its own merge_and_unload"):
+        qlora_ext.merge_and_unload(model)
+    assert isinstance(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer, qlora_ext.Linear4bit)
